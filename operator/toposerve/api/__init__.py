@@ -1,0 +1,1 @@
+"""The LLMDeployment API: pydantic models (the single source of truth), CRD generation and catalogs."""

@@ -1,0 +1,1 @@
+"""Implementations of the offline CLI subcommands (thin: parse, call the pure core, print)."""
