@@ -43,6 +43,12 @@ def _cmd_mock_engine(args: argparse.Namespace) -> int:
     return mock_cli.run(args)
 
 
+def _cmd_router(args: argparse.Namespace) -> int:
+    from toposerve.router import cli as router_cli
+
+    return router_cli.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="toposerve", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"toposerve {__version__}")
@@ -70,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     mock_cli.add_arguments(sm)
     sm.set_defaults(func=_cmd_mock_engine)
+
+    so = sub.add_parser("router", help="run the token/prefix/session/GPU-aware OpenAI-compatible router")
+    from toposerve.router import cli as router_cli
+
+    router_cli.add_arguments(so)
+    so.set_defaults(func=_cmd_router)
     return p
 
 

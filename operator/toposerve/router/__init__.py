@@ -1,0 +1,1 @@
+"""The LLM-aware router: routing strategies (pure) and the streaming proxy (placeholder)."""
