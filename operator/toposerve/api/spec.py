@@ -1,0 +1,444 @@
+"""The LLMDeployment spec: the single source of truth for the API.
+
+These pydantic models validate manifests in the CLI and the operator, and ``toposerve crd``
+generates the CustomResourceDefinition from them (descriptions, defaults, enums, bounds and the
+CEL rules attached here as ``x-kubernetes-validations``), so ``kubectl explain`` and the API
+server teach and enforce exactly what the code accepts. Field names are camelCase on the wire.
+Rules the API server cannot know (the model catalog, the GPU catalog, what fits in memory) are
+checked by the planner and reported in status instead.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic.alias_generators import to_camel
+
+Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
+KVCacheDtype = Literal["bf16", "fp16", "fp8"]
+Engine = Literal["auto", "vllm", "mock"]
+Tier = Literal["latency-critical", "throughput", "long-context", "batch"]
+Strategy = Literal[
+    "auto", "round-robin", "least-request", "token-aware", "prefix-aware", "session", "gpu-weighted"
+]
+
+# Bytes per element, the only property of a dtype the memory model needs.
+DTYPE_BYTES: dict[str, float] = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1.0, "int4": 0.5}
+
+GPU_TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,18}[a-z0-9])?$"
+
+
+def _positive_or_auto(v: int | str) -> int | str:
+    if isinstance(v, int) and v < 1:
+        raise ValueError("must be a positive integer or 'auto'")
+    return v
+
+
+# An integer or the string "auto": int-or-string in the CRD, with a CEL rule for the value.
+IntOrAuto = Annotated[
+    int | Literal["auto"],
+    AfterValidator(_positive_or_auto),
+    WithJsonSchema(
+        {
+            "x-kubernetes-int-or-string": True,
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "x-kubernetes-validations": [
+                {
+                    "rule": "type(self) == int ? self >= 1 : self == 'auto'",
+                    "message": "must be a positive integer or 'auto'",
+                }
+            ],
+        }
+    ),
+]
+
+GPUTypeName = Annotated[str, Field(pattern=GPU_TYPE_PATTERN, max_length=63)]
+
+
+class _Model(BaseModel):
+    """Base: camelCase on the wire, unknown fields rejected, no silent type coercion."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", strict=True, frozen=True
+    )
+
+
+class Architecture(_Model):
+    """What the memory model needs to know about a model; built in for well-known models."""
+
+    parameters: float = Field(
+        gt=0, le=100000, description="Total parameter count in billions (e.g. 70.6 for Llama-3.1-70B)."
+    )
+    layers: int = Field(ge=1, le=1000, description="Number of transformer layers (num_hidden_layers).")
+    attention_heads: int = Field(ge=1, le=1024, description="Query attention heads (num_attention_heads).")
+    kv_heads: int = Field(ge=1, le=1024, description="Key/value heads (num_key_value_heads; GQA/MQA).")
+    head_dim: int = Field(ge=1, le=4096, description="Dimension of one attention head.")
+    experts: int = Field(
+        default=0, ge=0, le=4096, description="Routed experts of a mixture-of-experts model; 0 for dense."
+    )
+    max_position_embeddings: int | None = Field(
+        default=None, ge=1, description="Native context length; the default for model.maxContextLength."
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.kvHeads <= self.attentionHeads",
+                    "message": "kvHeads must not exceed attentionHeads",
+                    "fieldPath": ".kvHeads",
+                }
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _kv_le_heads(self) -> Architecture:
+        if self.kv_heads > self.attention_heads:
+            raise ValueError("kvHeads must not exceed attentionHeads")
+        return self
+
+
+class ModelSpec(_Model):
+    """Which model to serve and at what precision and context length."""
+
+    name: str = Field(
+        min_length=1,
+        max_length=253,
+        description="Hugging Face model id, e.g. meta-llama/Llama-3.1-70B-Instruct. Well-known ids have "
+        "built-in architectures; others need model.architecture.",
+    )
+    dtype: Dtype = Field(
+        default="bf16",
+        description="Weight precision. fp8 uses vLLM's fp8 quantization; int8/int4 need quantized weights "
+        "(see model.quantization).",
+    )
+    kv_cache_dtype: KVCacheDtype = Field(default="bf16", description="KV cache precision.")
+    quantization: str | None = Field(
+        default=None,
+        max_length=63,
+        description="vLLM --quantization method (awq, gptq, fp8, compressed-tensors, bitsandbytes, mxfp4, ...). "
+        "Default: fp8 for dtype fp8, bitsandbytes (in-flight) for int8/int4, none otherwise.",
+    )
+    max_context_length: int | None = Field(
+        default=None,
+        ge=1,
+        le=10_485_760,
+        description="Longest sequence (prompt + output) in tokens a replica must hold; vLLM --max-model-len. "
+        "Default: the model's native context length.",
+    )
+    served_name: str | None = Field(
+        default=None,
+        max_length=253,
+        description="Name clients use in the OpenAI 'model' field; default: model.name.",
+    )
+    architecture: Architecture | None = Field(
+        default=None, description="Explicit architecture; required for models missing from the built-in catalog."
+    )
+
+
+class ParallelismSpec(_Model):
+    """Parallelism per replica. 'auto' lets the planner choose the smallest layout that fits."""
+
+    tensor: IntOrAuto = Field(
+        default="auto", description="Tensor parallel size (GPUs sharing every layer, inside one NVLink domain)."
+    )
+    pipeline: IntOrAuto = Field(default="auto", description="Pipeline parallel size (stages of layers).")
+    context: IntOrAuto = Field(
+        default="auto",
+        description="Prefill context parallel size (sequence sharded across GPU groups); 'auto' uses it only "
+        "for the long-context tier when it avoids pipeline stages.",
+    )
+    expert: IntOrAuto = Field(
+        default="auto",
+        description="Expert parallelism for mixture-of-experts models; vLLM's EP size equals tensor x data, "
+        "so an explicit value must match. 'auto' enables it for MoE models on more than one GPU.",
+    )
+    data: IntOrAuto = Field(
+        default="auto", description="Data parallel ranks inside one replica (vLLM --data-parallel-size); auto = 1."
+    )
+
+
+class Toleration(_Model):
+    """A Kubernetes toleration, passed through to the pods."""
+
+    key: str | None = Field(default=None, max_length=316, description="Taint key; empty matches all keys.")
+    operator: Literal["Exists", "Equal"] = Field(default="Equal", description="Exists or Equal.")
+    value: str | None = Field(default=None, max_length=63, description="Taint value for Equal.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = Field(
+        default=None, description="Taint effect; empty matches all effects."
+    )
+    toleration_seconds: int | None = Field(default=None, description="For NoExecute: how long to stay bound.")
+
+
+class PlacementSpec(_Model):
+    """Where replicas may run: acceptable GPU types in fallback order, tier, spot, node constraints."""
+
+    gpu_types: list[GPUTypeName] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Acceptable GPU types in order of preference (= fallback order), e.g. [H100, A100-80GB]. "
+        "Empty: the tier chooses the order.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    tier: Tier = Field(
+        default="latency-critical",
+        description="Workload tier: latency-critical prefers the newest GPUs with older ones as overflow; "
+        "throughput prefers A100-80GB; long-context needs the most memory; batch the cheapest per token.",
+    )
+    spot: bool = Field(default=False, description="Allow spot/preemptible nodes.")
+    node_selector: dict[str, str] = Field(
+        default_factory=dict, description="Extra node labels every serving pod requires."
+    )
+    tolerations: list[Toleration] = Field(
+        default_factory=list, max_length=32, description="Extra tolerations for serving pods."
+    )
+    topology_key: str = Field(
+        default="nvidia.com/gpu.clique",
+        max_length=316,
+        description="Node label whose value names an NVLink/rack domain; all nodes of a multi-node replica "
+        "share one domain.",
+    )
+    fallback_topology_key: str = Field(
+        default="topology.kubernetes.io/zone",
+        max_length=316,
+        description="Topology key used when nodes of the GPU type lack topologyKey.",
+    )
+    gpus_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=72,
+        description="GPUs per node for planning; default: from the cluster's nvidia.com/gpu.count labels, else 8.",
+    )
+
+
+class PoolSpec(_Model):
+    """One concurrent pool of replicas on its own GPU types, e.g. H100 bf16 beside A100-40GB int4."""
+
+    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=20, description="Pool name (DNS label, <= 20).")
+    gpu_types: list[GPUTypeName] = Field(
+        min_length=1,
+        max_length=16,
+        description="Acceptable GPU types for this pool, in fallback order.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    dtype: Dtype | None = Field(default=None, description="Override of model.dtype for this pool.")
+    kv_cache_dtype: KVCacheDtype | None = Field(default=None, description="Override of model.kvCacheDtype.")
+    quantization: str | None = Field(default=None, max_length=63, description="Override of model.quantization.")
+    parallelism: ParallelismSpec | None = Field(default=None, description="Override of spec.parallelism.")
+    weight: int = Field(default=1, ge=0, le=1000, description="Share of spec.replicas this pool receives.")
+    spot: bool | None = Field(default=None, description="Override of placement.spot.")
+
+
+class ScalingPolicy(_Model):
+    """One HPA-style scaling policy: at most `value` pods or percent per `periodSeconds`."""
+
+    type: Literal["Pods", "Percent"] = Field(description="Pods or Percent.")
+    value: int = Field(ge=1, le=1000, description="Pods or percent allowed per period.")
+    period_seconds: int = Field(ge=1, le=1800, description="Length of the period.")
+
+
+def _pods(value: int, period: int) -> ScalingPolicy:
+    return ScalingPolicy(type="Pods", value=value, period_seconds=period)
+
+
+class ScalingRules(_Model):
+    """Scale-up or scale-down behaviour, as in the HorizontalPodAutoscaler behavior API."""
+
+    stabilization_window_seconds: int = Field(
+        default=0, ge=0, le=3600, description="Look-back window; the most conservative recommendation wins."
+    )
+    policies: list[ScalingPolicy] = Field(default_factory=list, max_length=8, description="Rate limits.")
+    select_policy: Literal["Max", "Min", "Disabled"] = Field(
+        default="Max", description="Which policy applies when several do; Disabled forbids this direction."
+    )
+
+
+def _default_scale_up() -> ScalingRules:
+    return ScalingRules(stabilization_window_seconds=60, policies=[_pods(2, 120)])
+
+
+def _default_scale_down() -> ScalingRules:
+    return ScalingRules(stabilization_window_seconds=300, policies=[_pods(1, 300)])
+
+
+class AutoscalingSpec(_Model):
+    """KV-cache-pressure autoscaling; it writes spec.replicas only through the scale subresource."""
+
+    enabled: bool = Field(default=False, description="Let toposerve's autoscaler drive spec.replicas.")
+    min_replicas: int = Field(default=1, ge=0, le=1000, description="Lower bound.")
+    max_replicas: int = Field(default=4, ge=1, le=1000, description="Upper bound.")
+    target_kv_cache_utilization: float = Field(
+        alias="targetKVCacheUtilization",
+        default=0.70, gt=0, le=1, description="Target mean vllm:kv_cache_usage_perc across ready replicas."
+    )
+    scale_up: ScalingRules = Field(
+        default_factory=_default_scale_up, description="Scale-up behaviour (default: 60 s window, 2 pods/120 s)."
+    )
+    scale_down: ScalingRules = Field(
+        default_factory=_default_scale_down,
+        description="Scale-down behaviour (default: 300 s window, 1 pod/300 s).",
+    )
+    warm_standby: int = Field(
+        default=0, ge=0, le=100, description="Extra loaded replicas kept out of rotation for fast scale-up."
+    )
+    startup_grace_seconds: int = Field(
+        default=600,
+        ge=0,
+        le=7200,
+        description="How long a starting replica is expected to take to load; pending starts count as "
+        "capacity so slow start-up does not trigger more scale-up.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.minReplicas <= self.maxReplicas",
+                    "message": "minReplicas must be <= maxReplicas",
+                    "fieldPath": ".minReplicas",
+                }
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must be <= maxReplicas")
+        return self
+
+
+class RoutingSpec(_Model):
+    """How toposerve's router spreads requests over replicas."""
+
+    enabled: bool = Field(default=True, description="Deploy the router in front of the replicas.")
+    strategy: Strategy = Field(
+        default="auto",
+        description="auto (prefix affinity + load + KV usage + queue, weighted), round-robin, least-request, "
+        "token-aware, prefix-aware, session or gpu-weighted.",
+    )
+    session_header: str = Field(
+        default="x-session-id", max_length=128, description="Header carrying the session id for stickiness."
+    )
+    session_ttl_seconds: int = Field(alias="sessionTTLSeconds", default=600, ge=1, le=86400, description="Idle time before a session expires.")
+    bounded_load_factor: float = Field(
+        default=1.25,
+        ge=1.0,
+        le=10.0,
+        description="A replica gets prefix/session affinity only while its load <= factor x mean load.",
+    )
+    long_context_threshold: int | None = Field(
+        default=None,
+        ge=1,
+        description="Prompts with more tokens than this go to the pool planned for long context.",
+    )
+    gpu_weighting: bool = Field(
+        default=True, description="Divide load by the GPU type's throughput weight (H100 ~1.6 x A100)."
+    )
+    replicas: int = Field(default=1, ge=1, le=50, description="Router pods.")
+
+
+class CostSpec(_Model):
+    """Prices for the cost report; cluster defaults come from the operator's config."""
+
+    hourly_per_gpu: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        alias="hourlyPerGPU",
+        default_factory=dict, description="USD per GPU-hour by GPU type, e.g. {H100: 2.49}."
+    )
+    spot_hourly_per_gpu: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        alias="spotHourlyPerGPU",
+        default_factory=dict, description="Spot USD per GPU-hour by GPU type."
+    )
+
+
+class ServingSpec(_Model):
+    """Engine runtime knobs that shape memory planning and the pods."""
+
+    gpu_memory_utilization: float = Field(
+        default=0.90, gt=0, le=0.99, description="Fraction of GPU memory vLLM may use (--gpu-memory-utilization)."
+    )
+    runtime_reserve_gib: float = Field(
+        alias="runtimeReserveGiB",
+        default=2.0, ge=0, le=64, description="GiB per GPU kept for CUDA context, activations and graphs."
+    )
+    min_concurrent_sequences: int = Field(
+        default=1,
+        ge=1,
+        le=4096,
+        description="A replica must hold this many sequences of maxContextLength in KV cache to fit.",
+    )
+    image: str | None = Field(default=None, max_length=512, description="Engine image override.")
+    extra_args: list[Annotated[str, Field(max_length=1024)]] = Field(
+        default_factory=list, max_length=64, description="Extra engine arguments, appended verbatim."
+    )
+    hf_token_secret: str | None = Field(
+        default=None, max_length=253, description="Secret with key HF_TOKEN for gated models."
+    )
+
+
+def _nested_default() -> dict[str, Any]:
+    return {"default": {}}
+
+
+class LLMDeploymentSpec(_Model):
+    """Desired state of an LLMDeployment. Written by users (and spec.replicas by one autoscaler)."""
+
+    model: ModelSpec = Field(description="The model to serve.")
+    engine: Engine = Field(
+        default="auto", description="vllm, mock (CPU look-alike for clusters without GPUs) or auto (mock "
+        "when the cluster has no GPU nodes)."
+    )
+    replicas: int = Field(
+        default=1, ge=0, le=1000, description="Total replicas over all pools (the scale subresource)."
+    )
+    parallelism: ParallelismSpec = Field(
+        default_factory=ParallelismSpec, description="Parallelism per replica.", json_schema_extra=_nested_default()
+    )
+    pools: list[PoolSpec] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Concurrent pools for heterogeneous fleets; empty: one pool named 'default' from placement.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
+    placement: PlacementSpec = Field(
+        default_factory=PlacementSpec, description="Where replicas may run.", json_schema_extra=_nested_default()
+    )
+    autoscaling: AutoscalingSpec = Field(
+        default_factory=AutoscalingSpec, description="KV-cache autoscaling.", json_schema_extra=_nested_default()
+    )
+    routing: RoutingSpec = Field(
+        default_factory=RoutingSpec, description="Request routing.", json_schema_extra=_nested_default()
+    )
+    cost: CostSpec = Field(
+        default_factory=CostSpec, description="Price overrides.", json_schema_extra=_nested_default()
+    )
+    serving: ServingSpec = Field(
+        default_factory=ServingSpec, description="Engine runtime knobs.", json_schema_extra=_nested_default()
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.pools) || size(self.pools) == 0 || !has(self.placement) || "
+                    "!has(self.placement.gpuTypes) || size(self.placement.gpuTypes) == 0",
+                    "message": "set GPU types either in placement.gpuTypes or per pool in pools[].gpuTypes, not both",
+                    "fieldPath": ".pools",
+                }
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _pools_xor_gpu_types(self) -> LLMDeploymentSpec:
+        if self.pools and self.placement.gpu_types:
+            raise ValueError(
+                "set GPU types either in placement.gpuTypes or per pool in pools[].gpuTypes, not both"
+            )
+        names = [p.name for p in self.pools]
+        if len(names) != len(set(names)):
+            raise ValueError("pool names must be unique")
+        return self

@@ -1,0 +1,70 @@
+"""The LLMDeployment status, written only by the operator.
+
+Kubernetes API conventions: conditions (type, status, CamelCase reason, message,
+observedGeneration) instead of a phase string; ``replicas`` and ``selector`` back the scale
+subresource; a few flattened strings (``gpuTypes``, ``parallelism``) exist for printer columns.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+
+class _Status(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+
+class Condition(_Status):
+    """A standard Kubernetes condition (metav1.Condition)."""
+
+    type: str = Field(max_length=316, description="Ready, Progressing, Degraded or Schedulable.")
+    status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
+    reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
+    message: str = Field(default="", max_length=32768, description="Human-readable details.")
+    last_transition_time: str = Field(description="When status last changed (RFC 3339).")
+    observed_generation: int | None = Field(default=None, ge=0, description="Generation this was computed for.")
+
+
+class PoolStatus(_Status):
+    """What one pool was planned to and how far it got."""
+
+    name: str = Field(description="Pool name.")
+    gpu_type: str | None = Field(default=None, description="GPU type the pool is placed on now.")
+    fits: bool = Field(default=True, description="Whether any acceptable GPU type fits the model.")
+    tensor_parallel: int | None = Field(default=None, description="TP size.")
+    pipeline_parallel: int | None = Field(default=None, description="PP size (nodes per replica when >1 node).")
+    context_parallel: int | None = Field(default=None, description="Prefill context parallel size.")
+    gpus_per_replica: int | None = Field(default=None, description="GPUs one replica uses.")
+    nodes_per_replica: int | None = Field(default=None, description="Nodes one replica spans.")
+    replicas: int = Field(default=0, description="Desired replicas of this pool.")
+    ready_replicas: int = Field(default=0, description="Ready replicas of this pool.")
+    pending_reason: str | None = Field(default=None, description="Why replicas are not placed, if any.")
+    cost_per_hour: float | None = Field(default=None, description="USD per hour for the desired replicas.")
+
+
+class LLMDeploymentStatus(_Status):
+    """Observed state of an LLMDeployment."""
+
+    observed_generation: int | None = Field(default=None, description="Generation last reconciled.")
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        description="Ready, Progressing, Degraded, Schedulable.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    replicas: int = Field(default=0, description="Total desired replicas (scale subresource).")
+    ready_replicas: int = Field(default=0, description="Ready replicas over all pools.")
+    selector: str | None = Field(default=None, description="Label selector of the serving pods (scale subresource).")
+    engine: str | None = Field(default=None, description="Engine in use (vllm or mock) and why, if chosen by auto.")
+    endpoint: str | None = Field(default=None, description="URL of the serving Service (the router when enabled).")
+    gpu_types: str | None = Field(default=None, description="GPU types in use, e.g. 'H100,A100-40GB'.")
+    parallelism: str | None = Field(default=None, description="TP/PP of the first pool, e.g. '4/1'.")
+    pools: list[PoolStatus] = Field(default_factory=list, description="Per-pool plan and progress.")
+    cost_per_hour: float | None = Field(default=None, description="USD per hour for all desired replicas.")
+    kopf: dict[str, Any] | None = Field(
+        default=None,
+        description="Operator framework bookkeeping.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )

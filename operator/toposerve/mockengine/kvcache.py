@@ -1,0 +1,156 @@
+"""Paged KV-cache blocks with vLLM-style automatic prefix caching.
+
+Why it matters: prefix-aware routing only pays off if the engine behind it reuses a cached
+prefix, and KV-cache-based autoscaling only works if usage rises and falls like vLLM's. So the
+mock keeps the same bookkeeping as vLLM v1's block pool:
+
+* a prompt is hashed per *full* block, each hash chained to its parent's, so a block hit means
+  the whole prefix up to it matches;
+* blocks whose reference count drops to zero go to a free queue but keep their hash, so a later
+  request can revive them; allocation evicts from the front of that queue (least recently
+  freed first), and a sequence's tail blocks are freed first so they are evicted first;
+* usage counts only referenced blocks (cached-but-free blocks are reclaimable), like
+  ``vllm:kv_cache_usage_perc``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+_ROOT_HASH = 0
+
+
+def _chain(parent: int, tokens: Sequence[int]) -> int:
+    h = hashlib.blake2b(digest_size=8)
+    h.update(parent.to_bytes(8, "little"))
+    h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in tokens))
+    return int.from_bytes(h.digest(), "little")
+
+
+def block_hashes(tokens: Sequence[int], block_size: int, known: Sequence[int] = ()) -> list[int]:
+    """Chained hashes of every full block of ``tokens``; reuses the ``known`` leading hashes."""
+    hashes = list(known)
+    for i in range(len(hashes), len(tokens) // block_size):
+        parent = hashes[-1] if hashes else _ROOT_HASH
+        hashes.append(_chain(parent, tokens[i * block_size : (i + 1) * block_size]))
+    return hashes
+
+
+@dataclass
+class _Block:
+    ref_count: int = 0
+    hash: int | None = None
+
+
+class BlockManager:
+    """The block pool: allocation, reference counts, the prefix-cache map and its LRU free queue."""
+
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        if num_blocks <= 0 or block_size <= 0:
+            raise ValueError("num_blocks and block_size must be positive")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self._blocks = [_Block() for _ in range(num_blocks)]
+        # ref_count == 0 blocks in eviction order (front is evicted first).
+        self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
+        self._cached: dict[int, int] = {}  # block hash -> block id
+
+    # -- queries -------------------------------------------------------------------------------
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def usage(self) -> float:
+        """Fraction of blocks referenced by live sequences (0..1)."""
+        return self.num_used / self.num_blocks
+
+    @property
+    def num_cached(self) -> int:
+        return len(self._cached)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def computed_blocks(self, hashes: Sequence[int], num_tokens: int) -> list[int]:
+        """Block ids of the longest cached prefix, leaving at least one token to compute.
+
+        vLLM must run the model on at least the last prompt token to produce logits, so a fully
+        cached, block-aligned prompt still recomputes its last block.
+        """
+        if not self.enable_prefix_caching:
+            return []
+        limit = (num_tokens - 1) // self.block_size
+        hit: list[int] = []
+        for h in hashes[:limit]:
+            bid = self._cached.get(h)
+            if bid is None:
+                break
+            hit.append(bid)
+        return hit
+
+    # -- mutations -----------------------------------------------------------------------------
+    def allocate(self, owned: list[int], hit: Sequence[int], num_tokens: int) -> bool:
+        """Grow ``owned`` (in place) to cover ``num_tokens``, first taking the ``hit`` blocks.
+
+        All or nothing: returns False and changes nothing when there are not enough free blocks.
+        """
+        need = self.blocks_for(num_tokens) - len(owned) - len(hit)
+        revived = sum(1 for b in hit if self._blocks[b].ref_count == 0)
+        if max(need, 0) + revived > len(self._free):
+            return False
+        for b in hit:
+            blk = self._blocks[b]
+            if blk.ref_count == 0:
+                del self._free[b]
+            blk.ref_count += 1
+            owned.append(b)
+        for _ in range(max(need, 0)):
+            b = self._pop_free()
+            self._blocks[b].ref_count = 1
+            owned.append(b)
+        return True
+
+    def cache_blocks(self, owned: Sequence[int], hashes: Sequence[int]) -> None:
+        """Publish the hashes of full blocks so later requests can hit them."""
+        if not self.enable_prefix_caching:
+            return
+        for bid, h in zip(owned, hashes, strict=False):
+            blk = self._blocks[bid]
+            if blk.hash is not None:
+                continue
+            blk.hash = h
+            self._cached.setdefault(h, bid)
+
+    def free(self, owned: Sequence[int]) -> None:
+        """Drop a sequence's references; tail blocks go first so they are evicted first."""
+        for b in reversed(owned):
+            blk = self._blocks[b]
+            blk.ref_count -= 1
+            if blk.ref_count == 0:
+                self._free[b] = None
+                if blk.hash is None:  # nothing worth keeping: reuse it before cached blocks
+                    self._free.move_to_end(b, last=False)
+
+    def reset_prefix_cache(self) -> None:
+        for h, b in list(self._cached.items()):
+            if self._blocks[b].ref_count == 0:
+                self._blocks[b].hash = None
+                del self._cached[h]
+
+    def _pop_free(self) -> int:
+        b, _ = self._free.popitem(last=False)
+        blk = self._blocks[b]
+        if blk.hash is not None:
+            if self._cached.get(blk.hash) == b:
+                del self._cached[blk.hash]
+            blk.hash = None
+        return b
