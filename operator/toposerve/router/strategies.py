@@ -269,11 +269,9 @@ class SessionTable:
         return len(self._map)
 
     def get(self, session_id: str, now: float) -> str | None:
+        """The live binding, if any. A pure read: expired entries age out through the LRU bound."""
         item = self._map.get(session_id)
-        if item is None:
-            return None
-        if item[1] <= now:
-            del self._map[session_id]
+        if item is None or item[1] <= now:
             return None
         return item[0]
 
