@@ -1,15 +1,265 @@
-"""`toposerve mock-engine` arguments and entry point (placeholder until the mock engine lands)."""
+"""`toposerve mock-engine`: flags and entry point of the CPU mock of the vLLM OpenAI server.
+
+Only the standard library is imported at module level: ``toposerve.cli`` imports this module to
+build its parser, and ``toposerve plan`` must not pay for aiohttp. Flag names follow vLLM's
+where vLLM has one, so the renderer can pass the same arguments to either engine.
+"""
 
 from __future__ import annotations
 
 import argparse
 
 
+def _rate(v: str) -> float:
+    f = float(v)
+    if not 0.0 <= f <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be within [0, 1], got {v}")
+    return f
+
+
+def _positive_int(v: str) -> int:
+    i = int(v)
+    if i < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return i
+
+
+def _non_negative(v: str) -> float:
+    f = float(v)
+    if f < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return f
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--model", default="mock")
+    g = p.add_argument_group("server")
+    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    g.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
+    g.add_argument(
+        "--model", default="mock-model", help="model name (served under it unless --served-model-name)"
+    )
+    g.add_argument(
+        "--served-model-name",
+        nargs="+",
+        default=None,
+        metavar="NAME",
+        help="names the API accepts (first one labels the metrics)",
+    )
+    g.add_argument(
+        "--shutdown-grace",
+        type=_non_negative,
+        default=30.0,
+        metavar="S",
+        help="seconds in-flight requests get to finish after SIGTERM (default: 30)",
+    )
+    g.add_argument(
+        "--max-waiting",
+        type=_positive_int,
+        default=4096,
+        help="waiting-queue bound; beyond it requests get 503 (default: 4096)",
+    )
+    g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    e = p.add_argument_group("engine (vLLM flag names)")
+    e.add_argument(
+        "--gpu-type",
+        default="H100",
+        help="GPU type from the catalog; scales speed and KV memory (default: H100)",
+    )
+    e.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1)
+    e.add_argument(
+        "--max-num-seqs", type=_positive_int, default=256, help="running-batch limit (default: 256)"
+    )
+    e.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive_int,
+        default=8192,
+        help="token budget per step, chunked prefill (default: 8192)",
+    )
+    e.add_argument(
+        "--num-gpu-blocks",
+        "--num-gpu-blocks-override",
+        dest="num_gpu_blocks",
+        type=_positive_int,
+        default=None,
+        help="KV-cache blocks (default: derived from GPU memory, 8B bf16 model)",
+    )
+    e.add_argument("--block-size", type=_positive_int, default=16, help="tokens per KV block (default: 16)")
+    e.add_argument("--max-model-len", type=_positive_int, default=8192, help="context limit (default: 8192)")
+    e.add_argument(
+        "--no-enable-prefix-caching",
+        dest="enable_prefix_caching",
+        action="store_false",
+        help="disable automatic prefix caching",
+    )
+    e.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True)
+    e.add_argument(
+        "--enable-deprecated-gpu-cache-metric",
+        action="store_true",
+        help="also export vllm:gpu_cache_usage_perc for older routers",
+    )
+    e.add_argument("--seed", type=int, default=0, help="seed for generated text and fault draws (default: 0)")
+    e.add_argument(
+        "--output-len-range",
+        nargs=2,
+        type=_positive_int,
+        default=[16, 256],
+        metavar=("MIN", "MAX"),
+        help="output length when a request sets no max_tokens (default: 16 256)",
+    )
+
+    t = p.add_argument_group("timing model (seconds at speed 1.0 = one A100-80GB)")
+    t.add_argument(
+        "--time-scale",
+        type=_non_negative,
+        default=1.0,
+        help="multiply simulated step times by this for real sleeping; 0 = as fast as possible",
+    )
+    t.add_argument(
+        "--decode-base",
+        type=_non_negative,
+        default=0.012,
+        metavar="S",
+        help="fixed cost of every step (default: 0.012)",
+    )
+    t.add_argument(
+        "--decode-per-seq",
+        type=_non_negative,
+        default=0.0002,
+        metavar="S",
+        help="added step cost per decoding sequence (default: 0.0002)",
+    )
+    t.add_argument(
+        "--per-context-token",
+        type=_non_negative,
+        default=6e-8,
+        metavar="S",
+        help="added step cost per KV token read by the batch (default: 6e-8)",
+    )
+    t.add_argument(
+        "--prefill-per-token",
+        type=_non_negative,
+        default=5e-5,
+        metavar="S",
+        help="added step cost per prefilled (uncached) token (default: 5e-5)",
+    )
+    t.add_argument(
+        "--tp-efficiency",
+        type=_rate,
+        default=0.75,
+        help="speedup per extra tensor-parallel GPU, 1 + (tp-1)*eff (default: 0.75)",
+    )
+
+    f = p.add_argument_group("fault injection (also at runtime: POST /admin/faults)")
+    f.add_argument("--fail-rate", type=_rate, default=0.0, help="fraction of requests answered with an error")
+    f.add_argument(
+        "--fail-status", type=int, default=500, help="HTTP status of injected failures (default: 500)"
+    )
+    f.add_argument(
+        "--hang-rate", type=_rate, default=0.0, help="fraction of requests that never get an answer"
+    )
+    f.add_argument(
+        "--die-rate",
+        type=_rate,
+        default=0.0,
+        help="fraction of requests whose connection is cut mid-response",
+    )
+    f.add_argument("--die-after-tokens", type=int, default=1, help="tokens sent before the cut (default: 1)")
+    f.add_argument("--unready", action="store_true", help="start with /health failing (503)")
+    f.add_argument(
+        "--slowdown",
+        type=float,
+        default=1.0,
+        help="multiply every step time (thermal throttling; default: 1.0)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> object:
+    """Build an EngineConfig (imports the engine, so only call it when actually serving)."""
+    from toposerve.mockengine.faults import FaultConfig
+    from toposerve.mockengine.server import EngineConfig
+
+    lo, hi = args.output_len_range
+    return EngineConfig(
+        model=args.model,
+        served_model_names=list(args.served_model_name or []),
+        gpu_type=args.gpu_type,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        num_gpu_blocks=args.num_gpu_blocks,
+        block_size=args.block_size,
+        max_model_len=args.max_model_len,
+        enable_prefix_caching=args.enable_prefix_caching,
+        time_scale=args.time_scale,
+        seed=args.seed,
+        max_waiting=args.max_waiting,
+        default_output_range=(min(lo, hi), max(lo, hi)),
+        tp_efficiency=args.tp_efficiency,
+        decode_base_s=args.decode_base,
+        decode_s_per_seq=args.decode_per_seq,
+        s_per_context_token=args.per_context_token,
+        prefill_s_per_token=args.prefill_per_token,
+        deprecated_gpu_cache_metric=args.enable_deprecated_gpu_cache_metric,
+        faults=FaultConfig(
+            fail_rate=args.fail_rate,
+            fail_status=args.fail_status,
+            hang_rate=args.hang_rate,
+            die_rate=args.die_rate,
+            die_after_tokens=args.die_after_tokens,
+            unready=args.unready,
+            slowdown=args.slowdown,
+        ),
+        shutdown_grace_s=args.shutdown_grace,
+    )
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("mock-engine: not implemented yet")
+    import asyncio
+    import logging
+    import signal
+    import sys
+
+    from toposerve.mockengine.server import EngineConfig, MockServer
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    log = logging.getLogger("toposerve.mockengine")
+    try:
+        cfg = config_from_args(args)
+    except ValueError as e:
+        print(f"mock-engine: {e}", file=sys.stderr)
+        return 2
+    assert isinstance(cfg, EngineConfig)
+
+    async def serve() -> int:
+        server = MockServer(cfg, args.host, args.port)
+        await server.start()
+        assert server.engine is not None
+        e = server.engine
+        log.info(
+            "mock engine serving %s on %s (gpu=%s tp=%d speed=%.2f blocks=%d x %d "
+            "max_model_len=%d time_scale=%g)",
+            ",".join(cfg.names),
+            server.url,
+            cfg.gpu_type,
+            cfg.tensor_parallel_size,
+            e.timing.speed,
+            e.sched_config.num_gpu_blocks,
+            cfg.block_size,
+            e.max_model_len,
+            cfg.time_scale,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        log.info("signal received: draining (grace %.0fs, %d in flight)", cfg.shutdown_grace_s, e.inflight)
+        left = await server.drain(cfg.shutdown_grace_s)
+        if left:
+            log.warning("grace period over with %d requests still in flight", left)
+        return 0
+
+    return asyncio.run(serve())

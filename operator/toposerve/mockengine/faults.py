@@ -36,7 +36,7 @@ class FaultConfig:
             v = getattr(self, name)
             if not 0.0 <= v <= 1.0:
                 raise ValueError(f"{name} must be within [0, 1], got {v}")
-        if self.slowdown < 1.0 and self.slowdown <= 0:
+        if self.slowdown <= 0:
             raise ValueError("slowdown must be positive")
         if not 400 <= self.fail_status <= 599:
             raise ValueError("fail_status must be an HTTP error status (400-599)")

@@ -16,17 +16,73 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from toposerve.mockengine.scheduler import Scheduler, StepStats
 
 TTFT_BUCKETS = (
-    0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0,
-    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0,
-)  # fmt: skip
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+)
 ITL_BUCKETS = (
-    0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0,
-    2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0,
-)  # fmt: skip
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 REQUEST_LATENCY_BUCKETS = (
-    0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-    60.0, 120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
-)  # fmt: skip
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+)
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -43,43 +99,84 @@ class EngineMetrics:
         self.registry = CollectorRegistry(auto_describe=True)
         r, lbl = self.registry, ["model_name"]
         self.model_name = model_name
-        self.running = Gauge("vllm:num_requests_running", "Number of requests in model execution batches.",
-                             lbl, registry=r)  # fmt: skip
-        self.waiting = Gauge("vllm:num_requests_waiting", "Number of requests waiting to be processed.",
-                             lbl, registry=r)  # fmt: skip
-        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
-                              lbl, registry=r)  # fmt: skip
+        self.running = Gauge(
+            "vllm:num_requests_running", "Number of requests in model execution batches.", lbl, registry=r
+        )
+        self.waiting = Gauge(
+            "vllm:num_requests_waiting", "Number of requests waiting to be processed.", lbl, registry=r
+        )
+        self.kv_usage = Gauge(
+            "vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.", lbl, registry=r
+        )
         self.gpu_cache_usage: Gauge | None = None
         if deprecated_gpu_cache_metric:
-            self.gpu_cache_usage = Gauge("vllm:gpu_cache_usage_perc",
-                                         "GPU KV-cache usage. 1 means 100 percent usage (deprecated).",
-                                         lbl, registry=r)  # fmt: skip
-        self.prefix_queries = Counter("vllm:prefix_cache_queries",
-                                      "Prefix cache queries, in terms of number of queried tokens.",
-                                      lbl, registry=r)  # fmt: skip
-        self.prefix_hits = Counter("vllm:prefix_cache_hits",
-                                   "Prefix cache hits, in terms of number of cached tokens.",
-                                   lbl, registry=r)  # fmt: skip
-        self.prompt_tokens = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.",
-                                     lbl, registry=r)  # fmt: skip
-        self.generation_tokens = Counter("vllm:generation_tokens", "Number of generation tokens processed.",
-                                         lbl, registry=r)  # fmt: skip
-        self.preemptions = Counter("vllm:num_preemptions", "Cumulative number of preemption from the engine.",
-                                   lbl, registry=r)  # fmt: skip
-        self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
-                               [*lbl, "finished_reason"], registry=r)  # fmt: skip
-        self.ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
-                              lbl, buckets=TTFT_BUCKETS, registry=r)  # fmt: skip
-        self.itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
-                             lbl, buckets=ITL_BUCKETS, registry=r)  # fmt: skip
-        self.e2e = Histogram("vllm:e2e_request_latency_seconds",
-                             "Histogram of e2e request latency in seconds.",
-                             lbl, buckets=REQUEST_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        self.queue = Histogram("vllm:request_queue_time_seconds",
-                               "Histogram of time spent in WAITING phase for request.",
-                               lbl, buckets=REQUEST_LATENCY_BUCKETS, registry=r)  # fmt: skip
-        info = Gauge("vllm:cache_config_info", "Information of the LLMEngine CacheConfig",
-                     sorted(cache_config), registry=r)  # fmt: skip
+            self.gpu_cache_usage = Gauge(
+                "vllm:gpu_cache_usage_perc",
+                "GPU KV-cache usage. 1 means 100 percent usage (deprecated).",
+                lbl,
+                registry=r,
+            )
+        self.prefix_queries = Counter(
+            "vllm:prefix_cache_queries",
+            "Prefix cache queries, in terms of number of queried tokens.",
+            lbl,
+            registry=r,
+        )
+        self.prefix_hits = Counter(
+            "vllm:prefix_cache_hits",
+            "Prefix cache hits, in terms of number of cached tokens.",
+            lbl,
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "vllm:prompt_tokens", "Number of prefill tokens processed.", lbl, registry=r
+        )
+        self.generation_tokens = Counter(
+            "vllm:generation_tokens", "Number of generation tokens processed.", lbl, registry=r
+        )
+        self.preemptions = Counter(
+            "vllm:num_preemptions", "Cumulative number of preemption from the engine.", lbl, registry=r
+        )
+        self.success = Counter(
+            "vllm:request_success",
+            "Count of successfully processed requests.",
+            [*lbl, "finished_reason"],
+            registry=r,
+        )
+        self.ttft = Histogram(
+            "vllm:time_to_first_token_seconds",
+            "Histogram of time to first token in seconds.",
+            lbl,
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "vllm:inter_token_latency_seconds",
+            "Histogram of inter-token latency in seconds.",
+            lbl,
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "vllm:e2e_request_latency_seconds",
+            "Histogram of e2e request latency in seconds.",
+            lbl,
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue = Histogram(
+            "vllm:request_queue_time_seconds",
+            "Histogram of time spent in WAITING phase for request.",
+            lbl,
+            buckets=REQUEST_LATENCY_BUCKETS,
+            registry=r,
+        )
+        info = Gauge(
+            "vllm:cache_config_info",
+            "Information of the LLMEngine CacheConfig",
+            sorted(cache_config),
+            registry=r,
+        )
         info.labels(**{k: str(v) for k, v in cache_config.items()}).set(1)
         # Pre-create the children so every series exists (at zero) before the first request.
         m = model_name
@@ -88,8 +185,11 @@ class EngineMetrics:
         self._prompt, self._gen = self.prompt_tokens.labels(m), self.generation_tokens.labels(m)
         self._preempt = self.preemptions.labels(m)
         self._ttft, self._itl, self._e2e, self._queue = (
-            self.ttft.labels(m), self.itl.labels(m), self.e2e.labels(m), self.queue.labels(m),
-        )  # fmt: skip
+            self.ttft.labels(m),
+            self.itl.labels(m),
+            self.e2e.labels(m),
+            self.queue.labels(m),
+        )
         for reason in ("stop", "length", "abort"):
             self.success.labels(m, reason)
 

@@ -196,9 +196,7 @@ class Scheduler:
             scheduled.append((req, n))
             budget -= n
 
-        while (
-            self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs
-        ):
+        while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
             req.hashes = block_hashes(req.all_ids(), self.config.block_size, req.hashes)
             hit = self.blocks.computed_blocks(req.hashes, req.num_tokens)
@@ -226,7 +224,9 @@ class Scheduler:
             else:
                 stats.prefill_tokens += n
             context += req.num_computed
-        stats.duration = self.timing.step_time(stats.prefill_tokens, stats.decode_seqs, context) * self.slowdown
+        stats.duration = (
+            self.timing.step_time(stats.prefill_tokens, stats.decode_seqs, context) * self.slowdown
+        )
         end = stats.end
 
         for req, n in scheduled:

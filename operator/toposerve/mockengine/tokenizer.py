@@ -19,11 +19,15 @@ _TOKEN_RE = re.compile(r"\s*(?:\w+|[^\w\s])|\s+")
 
 # Words the generator emits; fixed so that output text is identical across processes and versions.
 _WORDS: tuple[str, ...] = tuple(
-    """the of and to in is that for it as with was on be by this are from at or an have not which
-    but all they were one their there has been more can will when would who about if out so what
-    them up into some time than only other its two then also these could may first any new like
-    model token cache batch kernel tensor memory latency request stream router replica cluster
-    node pool prefix decode prefill block queue engine serving throughput bandwidth scale""".split()
+    " ".join(
+        (
+            "the of and to in is that for it as with was on be by this are from at or an have not which",
+            "but all they were one their there has been more can will when would who about if out so what",
+            "them up into some time than only other its two then also these could may first any new like",
+            "model token cache batch kernel tensor memory latency request stream router replica cluster",
+            "node pool prefix decode prefill block queue engine serving throughput bandwidth scale",
+        )
+    ).split(" ")
 )
 
 

@@ -1,0 +1,571 @@
+"""The aiohttp shell around the pure core: HTTP routes, the engine loop, faults and shutdown.
+
+The engine loop runs the scheduler step by step, sleeping ``duration * time_scale`` per step,
+then makes that step's tokens visible to the request handlers. The simulated clock advances by
+step durations while busy (so metrics are in simulated seconds and do not depend on how busy
+this CPU is) and catches up with wall time / time_scale when idle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from toposerve.mockengine.faults import Fate, FaultConfig, FaultInjector
+from toposerve.mockengine.metrics import CONTENT_TYPE, EngineMetrics
+from toposerve.mockengine.protocol import (
+    DONE,
+    APIError,
+    ChunkFormatter,
+    GenerationParams,
+    completion_body,
+    dumps,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+from toposerve.mockengine.scheduler import Request, Scheduler, SchedulerConfig
+from toposerve.mockengine.timing import TimingModel, default_num_gpu_blocks, gpu_weight_for
+from toposerve.mockengine.tokenizer import MockTokenizer, TextGenerator, render_chat
+
+log = logging.getLogger("toposerve.mockengine")
+VERSION = "0.1.0-mock"
+
+
+@dataclass
+class EngineConfig:
+    """Everything the mock engine can be told; defaults model one H100 serving an 8B model."""
+
+    model: str = "mock-model"
+    served_model_names: list[str] = field(default_factory=list)
+    gpu_type: str = "H100"
+    tensor_parallel_size: int = 1
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    num_gpu_blocks: int | None = None  # None: derived from the GPU's memory
+    block_size: int = 16
+    max_model_len: int = 8192
+    enable_prefix_caching: bool = True
+    time_scale: float = 1.0
+    seed: int = 0
+    max_waiting: int = 4096
+    default_output_range: tuple[int, int] = (16, 256)
+    tp_efficiency: float = 0.75
+    decode_base_s: float = 0.012
+    decode_s_per_seq: float = 0.0002
+    s_per_context_token: float = 6e-8
+    prefill_s_per_token: float = 5e-5
+    deprecated_gpu_cache_metric: bool = False
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    shutdown_grace_s: float = 30.0
+
+    @property
+    def names(self) -> list[str]:
+        return self.served_model_names or [self.model]
+
+
+@dataclass(eq=False)
+class _Handle:
+    req: Request
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    visible: int = 0
+    done: bool = False
+
+
+class Engine:
+    """Scheduler + metrics + faults, driven by an asyncio loop; the HTTP routes talk to this."""
+
+    def __init__(self, cfg: EngineConfig, clock: Callable[[], float] = time.monotonic) -> None:
+        weight, known = gpu_weight_for(cfg.gpu_type)
+        if not known:
+            log.warning("unknown GPU type %r: timing with throughput weight 1.0", cfg.gpu_type)
+        self.cfg = cfg
+        blocks = cfg.num_gpu_blocks or default_num_gpu_blocks(
+            cfg.gpu_type, cfg.tensor_parallel_size, cfg.block_size
+        )
+        self.max_model_len = min(cfg.max_model_len, blocks * cfg.block_size)
+        if self.max_model_len < cfg.max_model_len:
+            log.warning(
+                "max_model_len lowered to %d: the KV cache holds only %d blocks", self.max_model_len, blocks
+            )
+        self.timing = TimingModel(
+            gpu_weight=weight,
+            tensor_parallel_size=cfg.tensor_parallel_size,
+            tp_efficiency=cfg.tp_efficiency,
+            decode_base_s=cfg.decode_base_s,
+            decode_s_per_seq=cfg.decode_s_per_seq,
+            s_per_context_token=cfg.s_per_context_token,
+            prefill_s_per_token=cfg.prefill_s_per_token,
+        )
+        self.sched_config = SchedulerConfig(
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=max(cfg.max_num_batched_tokens, cfg.block_size),
+            num_gpu_blocks=blocks,
+            block_size=cfg.block_size,
+            max_model_len=self.max_model_len,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+        )
+        self.tokenizer = MockTokenizer()
+        self.generator = TextGenerator(cfg.seed)
+        self.scheduler = Scheduler(self.sched_config, self.timing, self.tokenizer)
+        self.scheduler.slowdown = cfg.faults.slowdown
+        self.faults = FaultInjector(cfg.faults, cfg.seed)
+        cache_info = {
+            "block_size": cfg.block_size,
+            "num_gpu_blocks": blocks,
+            "num_cpu_blocks": 0,
+            "cache_dtype": "auto",
+            "enable_prefix_caching": cfg.enable_prefix_caching,
+            "gpu_memory_utilization": 0.9,
+            "prefix_caching_hash_algo": "blake2b",
+        }
+        self.metrics = EngineMetrics(cfg.names[0], cache_info, cfg.deprecated_gpu_cache_metric)
+        self.metrics.observe_state(self.scheduler)
+        self._clock = clock
+        self._t0 = clock()
+        self.sim_now = 0.0
+        self._wake = asyncio.Event()
+        self._release = asyncio.Event()  # frees hung requests (fault cleared or shutdown)
+        self._handles: dict[str, _Handle] = {}
+        self._ids = itertools.count()
+        self.draining = False
+        self.inflight = 0
+        self.steps = 0
+
+    # -- the loop ------------------------------------------------------------------------------
+    def _catch_up(self) -> None:
+        """While idle, simulated time follows wall time (scaled); while busy, only steps move it."""
+        if self.cfg.time_scale > 0 and not self.scheduler.has_work:
+            self.sim_now = max(self.sim_now, (self._clock() - self._t0) / self.cfg.time_scale)
+
+    async def run(self) -> None:
+        sched = self.scheduler
+        while True:
+            if not sched.has_work:
+                self._wake.clear()
+                await self._wake.wait()
+                continue
+            stats = sched.step(self.sim_now)
+            self.steps += 1
+            self.sim_now = stats.end
+            delay = stats.duration * self.cfg.time_scale
+            await asyncio.sleep(delay if delay > 0 else 0)
+            for req in stats.updated:
+                h = self._handles.get(req.req_id)
+                if h is not None:
+                    h.visible = len(req.output_pieces)
+                    h.done = req.finished
+                    h.event.set()
+            self.metrics.observe_step(stats)
+            self.metrics.observe_state(sched)
+            if stats.duration == 0 and sched.has_work:
+                # Nothing fits (e.g. every block pinned): wait for an arrival or abort instead of spinning.
+                self._wake.clear()
+                await self._wake.wait()
+
+    def submit(self, params: GenerationParams) -> _Handle:
+        if self.draining:
+            raise APIError(503, "the engine is shutting down")
+        if len(self.scheduler.waiting) >= self.cfg.max_waiting:
+            raise APIError(503, f"overloaded: {len(self.scheduler.waiting)} requests waiting")
+        ids = (
+            params.prompt_ids
+            if params.prompt_ids is not None
+            else self.tokenizer.encode(params.prompt_text or "")
+        )
+        if not ids:
+            raise APIError(400, "the prompt is empty", param="prompt")
+        limit = self.max_model_len
+        wanted = len(ids) + (params.max_tokens or 0)
+        if len(ids) >= limit or wanted > limit:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {limit} tokens. However, you requested {wanted} "
+                f"tokens ({len(ids)} in the messages, {params.max_tokens or 0} in the completion). "
+                "Please reduce the length of the messages or completion.",
+                param="messages" if params.prompt_text is not None else "prompt",
+            )
+        req_id = f"{next(self._ids)}-{uuid.uuid4().hex[:12]}"
+        req = self.scheduler.make_request(
+            req_id, ids, params.max_tokens, self.generator, params.seed, self.cfg.default_output_range
+        )
+        self._catch_up()
+        self.scheduler.add(req, self.sim_now)
+        h = _Handle(req)
+        self._handles[req_id] = h
+        self.metrics.observe_state(self.scheduler)
+        self._wake.set()
+        return h
+
+    def release(self, h: _Handle) -> None:
+        """Forget a handle; abort its request if it is still in the scheduler (client went away)."""
+        self._handles.pop(h.req.req_id, None)
+        if not h.req.finished:
+            self.scheduler.abort(h.req.req_id, self.sim_now)
+            self.metrics.observe_state(self.scheduler)
+            self._wake.set()
+
+    def set_faults(self, cfg: FaultConfig) -> None:
+        self.faults.config = cfg
+        self.scheduler.slowdown = cfg.slowdown
+        if cfg.hang_rate == 0:
+            self._release.set()
+            self._release = asyncio.Event()
+
+    async def hang(self) -> None:
+        await self._release.wait()
+
+    def stop_hangs(self) -> None:
+        self._release.set()
+
+
+# -- HTTP ----------------------------------------------------------------------------------------
+ENGINE_KEY = web.AppKey("engine", Engine)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(e: APIError) -> web.Response:
+    return web.json_response(e.body(), status=e.status, dumps=dumps)
+
+
+@web.middleware
+async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        return await handler(request)
+    except APIError as e:
+        return _error(e)
+
+
+async def _json(request: web.Request) -> Any:
+    try:
+        return await request.json()
+    except ValueError:
+        raise APIError(400, "request body is not valid JSON") from None
+
+
+def _check_model(engine: Engine, model: str | None) -> str:
+    if model is None:
+        return engine.cfg.names[0]
+    if model not in engine.cfg.names:
+        raise APIError(404, f"The model `{model}` does not exist.", param="model")
+    return model
+
+
+async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
+    engine = request.app[ENGINE_KEY]
+    body = await _json(request)
+    params = parse_chat(body, render_chat) if chat else parse_completion(body)
+    model = _check_model(engine, params.model)
+    fate = engine.faults.fate()
+    if fate is Fate.FAIL:
+        raise APIError(engine.faults.config.fail_status, "injected failure")
+    if fate is Fate.HANG:
+        await engine.hang()
+        raise APIError(503, "injected hang released")
+    h = engine.submit(params)
+    engine.inflight += 1
+    try:
+        if params.stream:
+            return await _stream(request, engine, h, params, chat, model, fate)
+        return await _unary(request, engine, h, chat, model, fate)
+    finally:
+        engine.inflight -= 1
+        engine.release(h)
+
+
+def _req_id(chat: bool, h: _Handle) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + h.req.req_id
+
+
+def _kill_connection(request: web.Request) -> None:
+    if request.transport is not None:
+        request.transport.abort()
+
+
+async def _unary(
+    request: web.Request, engine: Engine, h: _Handle, chat: bool, model: str, fate: Fate
+) -> web.StreamResponse:
+    while not h.done:
+        await h.event.wait()
+        h.event.clear()
+        if fate is Fate.DIE and h.visible >= engine.faults.config.die_after_tokens:
+            _kill_connection(request)
+            raise asyncio.CancelledError  # the connection is gone; nothing to send
+    req = h.req
+    u = usage(len(req.prompt_ids), len(req.output_ids), max(req.num_cached_tokens, 0))
+    body = completion_body(
+        chat,
+        _req_id(chat, h),
+        int(time.time()),
+        model,
+        "".join(req.output_pieces),
+        req.finish_reason or "stop",
+        u,
+    )
+    return web.json_response(body, dumps=dumps)
+
+
+async def _stream(
+    request: web.Request,
+    engine: Engine,
+    h: _Handle,
+    params: GenerationParams,
+    chat: bool,
+    model: str,
+    fate: Fate,
+) -> web.StreamResponse:
+    resp = web.StreamResponse(
+        headers={"Content-Type": "text/event-stream; charset=utf-8", "Cache-Control": "no-cache"}
+    )
+    await resp.prepare(request)
+    fmt = ChunkFormatter(chat, _req_id(chat, h), int(time.time()), model, params.include_usage)
+    if chat:
+        await resp.write(fmt.role())
+    sent = 0
+    die_at = engine.faults.config.die_after_tokens if fate is Fate.DIE else -1
+    req = h.req
+    while True:
+        await h.event.wait()
+        h.event.clear()
+        upto = h.visible
+        if die_at >= 0 and upto >= die_at:
+            upto = die_at
+        if upto > sent:
+            await resp.write("".join(fmt.token(p) for p in req.output_pieces[sent:upto]).encode())
+            sent = upto
+        if die_at >= 0 and sent >= die_at:
+            _kill_connection(request)
+            raise asyncio.CancelledError
+        if h.done:
+            break
+    tail = fmt.finish(req.finish_reason or "stop")
+    if params.include_usage:
+        tail += fmt.usage(len(req.prompt_ids), len(req.output_ids), max(req.num_cached_tokens, 0))
+    await resp.write(tail + DONE)
+    await resp.write_eof()
+    return resp
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=False)
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _generate(request, chat=True)
+
+
+async def models(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    created = int(time.time())
+    data = [
+        {
+            "id": name,
+            "object": "model",
+            "created": created,
+            "owned_by": "vllm",
+            "root": engine.cfg.model,
+            "parent": None,
+            "max_model_len": engine.max_model_len,
+        }
+        for name in engine.cfg.names
+    ]
+    return web.json_response({"object": "list", "data": data}, dumps=dumps)
+
+
+async def health(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    if engine.draining or engine.faults.config.unready:
+        return web.Response(status=503)
+    return web.Response(status=200)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    _check_model(engine, body.get("model"))
+    if "messages" in body:
+        text = parse_chat(body, render_chat).prompt_text or ""
+    elif isinstance(body.get("prompt"), str):
+        text = body["prompt"]
+    else:
+        raise APIError(400, "prompt (string) or messages is required", param="prompt")
+    ids = engine.tokenizer.encode(text)
+    return web.json_response(
+        {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": None},
+        dumps=dumps,
+    )
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    body = await _json(request)
+    tokens = body.get("tokens") if isinstance(body, dict) else None
+    if not isinstance(tokens, list) or not all(isinstance(t, int) for t in tokens):
+        raise APIError(400, "tokens must be a list of integers", param="tokens")
+    return web.json_response({"prompt": engine.tokenizer.decode(tokens)}, dumps=dumps)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    engine.metrics.observe_state(engine.scheduler)
+    return web.Response(body=engine.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+async def version(request: web.Request) -> web.Response:
+    return web.json_response({"version": VERSION}, dumps=dumps)
+
+
+async def get_faults(request: web.Request) -> web.Response:
+    return web.json_response(request.app[ENGINE_KEY].faults.config.as_dict(), dumps=dumps)
+
+
+async def post_faults(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise APIError(400, "request body must be a JSON object")
+    try:
+        cfg = engine.faults.config.updated(body)
+    except (ValueError, TypeError) as e:
+        raise APIError(400, str(e)) from None
+    engine.set_faults(cfg)
+    return web.json_response(cfg.as_dict(), dumps=dumps)
+
+
+async def delete_faults(request: web.Request) -> web.Response:
+    engine = request.app[ENGINE_KEY]
+    engine.set_faults(FaultConfig())
+    return web.json_response(engine.faults.config.as_dict(), dumps=dumps)
+
+
+async def admin_state(request: web.Request) -> web.Response:
+    """Debug view: scheduler state and whether this very connection has TCP_NODELAY set."""
+    engine = request.app[ENGINE_KEY]
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    nodelay = bool(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)) if sock is not None else None
+    s = engine.scheduler
+    return web.json_response(
+        {
+            "running": len(s.running),
+            "waiting": len(s.waiting),
+            "kv_cache_usage": s.blocks.usage,
+            "num_gpu_blocks": s.blocks.num_blocks,
+            "cached_blocks": s.blocks.num_cached,
+            "sim_time": engine.sim_now,
+            "steps": engine.steps,
+            "inflight": engine.inflight,
+            "draining": engine.draining,
+            "tcp_nodelay": nodelay,
+            "gpu_type": engine.cfg.gpu_type,
+            "speed": engine.timing.speed,
+            "max_model_len": engine.max_model_len,
+        },
+        dumps=dumps,
+    )
+
+
+async def reset_prefix_cache(request: web.Request) -> web.Response:
+    request.app[ENGINE_KEY].scheduler.blocks.reset_prefix_cache()
+    return web.Response(status=200)
+
+
+def build_app(engine: Engine) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=64 * 1024**2)
+    app[ENGINE_KEY] = engine
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_get("/health", health)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/version", version)
+    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
+    app.router.add_get("/admin/faults", get_faults)
+    app.router.add_post("/admin/faults", post_faults)
+    app.router.add_delete("/admin/faults", delete_faults)
+    app.router.add_get("/admin/state", admin_state)
+
+    async def _loop(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(engine.run())
+        yield
+        engine.stop_hangs()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    app.cleanup_ctx.append(_loop)
+    return app
+
+
+class MockServer:
+    """A running mock engine on host:port (port 0 picks a free one); used by the CLI and tests."""
+
+    def __init__(self, cfg: EngineConfig, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.cfg = cfg
+        self.host = host
+        self.port = port
+        self.engine: Engine | None = None
+        self._runner: web.AppRunner | None = None
+        self._site: web.TCPSite | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> MockServer:
+        self.engine = Engine(self.cfg)
+        self._runner = web.AppRunner(build_app(self.engine), access_log=None, shutdown_timeout=1.0)
+        await self._runner.setup()
+        self._site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        await self._site.start()
+        server = self._site._server
+        if self.port == 0 and server is not None:
+            sockets = getattr(server, "sockets", None) or []
+            self.port = int(sockets[0].getsockname()[1])
+        return self
+
+    async def drain(self, grace_s: float) -> int:
+        """Graceful stop: refuse new work, stop listening, let in-flight requests finish.
+
+        Returns how many requests were still in flight when the grace period ran out.
+        """
+        assert self.engine is not None
+        self.engine.draining = True
+        self.engine.stop_hangs()
+        if self._site is not None:
+            await self._site.stop()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace_s
+        while self.engine.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        left = self.engine.inflight
+        await self.stop()
+        return left
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> MockServer:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
