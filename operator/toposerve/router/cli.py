@@ -1,14 +1,140 @@
-"""`toposerve router` arguments and entry point (placeholder until the router lands)."""
+"""`toposerve router` arguments and entry point.
+
+Only the standard library at module level: `toposerve.cli` imports this eagerly to build its
+parser, and `toposerve plan` must not pay for aiohttp or the Kubernetes client.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+
+STRATEGY_NAMES = (
+    "round-robin",
+    "least-request",
+    "token-aware",
+    "gpu-weighted",
+    "prefix-aware",
+    "session",
+    "auto",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--host", default=os.environ.get("TOPOSERVE_ROUTER_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("TOPOSERVE_ROUTER_PORT", "8080")))
+    p.add_argument(
+        "--backends",
+        default=os.environ.get("TOPOSERVE_ROUTER_BACKENDS", ""),
+        help="static backends, comma-separated: http://host:port[#gpu=H100&pool=NAME&long-context=true]",
+    )
+    p.add_argument(
+        "--strategy",
+        default=os.environ.get("TOPOSERVE_ROUTER_STRATEGY", "auto"),
+        choices=STRATEGY_NAMES,
+        help="default strategy (a request may override it with the x-toposerve-strategy header)",
+    )
+    g = p.add_argument_group("EndpointSlice discovery (used when --backends is empty)")
+    g.add_argument(
+        "--namespace", default=os.environ.get("TOPOSERVE_NAMESPACE") or os.environ.get("POD_NAMESPACE")
+    )
+    g.add_argument(
+        "--llmdeployment",
+        default=os.environ.get("TOPOSERVE_LLMDEPLOYMENT"),
+        help="watch the EndpointSlices labelled toposerve.io/llmdeployment=NAME",
+    )
+    g.add_argument(
+        "--selector", default=os.environ.get("TOPOSERVE_ROUTER_SELECTOR"), help="label selector override"
+    )
+    g.add_argument("--endpoint-port-name", default="http", help="EndpointSlice port name of the engine")
+    t = p.add_argument_group("tuning")
+    t.add_argument(
+        "--probe-interval", type=float, default=1.0, help="seconds between /health + /metrics probes"
+    )
+    t.add_argument(
+        "--queue-timeout", type=float, default=5.0, help="seconds a request waits when all are saturated"
+    )
+    t.add_argument("--max-queue", type=int, default=1024)
+    t.add_argument(
+        "--max-in-flight", type=int, default=512, help="per backend, before it counts as saturated"
+    )
+    t.add_argument(
+        "--max-waiting", type=int, default=256, help="engine queue length that counts as saturated"
+    )
+    t.add_argument("--long-context-threshold", type=int, default=16384, help="prompt tokens")
+    t.add_argument("--bounded-load-factor", type=float, default=1.25)
+    t.add_argument("--session-ttl", type=float, default=300.0)
+    t.add_argument("--default-max-tokens", type=int, default=256)
+    t.add_argument("--log-level", default=os.environ.get("TOPOSERVE_LOG_LEVEL", "INFO"))
 
 
 def run(args: argparse.Namespace) -> int:
-    raise SystemExit("router: not implemented yet")
+    import asyncio
+    import logging
+    import signal
+
+    from toposerve.router import strategies as st
+    from toposerve.router.endpoints import DEPLOYMENT_LABEL, parse_backends
+    from toposerve.router.proxy import Router, RouterConfig, serve
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        backends = parse_backends(args.backends)
+    except ValueError as e:
+        raise SystemExit(f"toposerve router: error: {e}") from None
+    selector = args.selector or (f"{DEPLOYMENT_LABEL}={args.llmdeployment}" if args.llmdeployment else None)
+    if not backends and not (selector and args.namespace):
+        raise SystemExit(
+            "toposerve router: error: give --backends, or --namespace with --llmdeployment "
+            "(or --selector) for EndpointSlice discovery"
+        )
+    cfg = RouterConfig(
+        strategy=args.strategy,
+        routing=st.Config(
+            bounded_load_factor=args.bounded_load_factor,
+            long_context_threshold=args.long_context_threshold,
+            max_in_flight=args.max_in_flight,
+            max_waiting=args.max_waiting,
+            session_ttl_s=args.session_ttl,
+        ),
+        default_max_tokens=args.default_max_tokens,
+        probe_interval_s=args.probe_interval,
+        queue_timeout_s=args.queue_timeout,
+        max_queue=args.max_queue,
+    )
+
+    async def main() -> None:
+        router = Router(backends, cfg)
+        runner = await serve(router, args.host, args.port)
+        watcher = None
+        if not backends:
+            from toposerve.router.discovery import SliceWatcher
+
+            watcher = SliceWatcher(
+                args.namespace,
+                selector or "",
+                router.reconcile,
+                asyncio.get_running_loop(),
+                args.endpoint_port_name,
+            )
+            watcher.start()
+        logging.getLogger("toposerve.router").info(
+            "listening on %s:%d, strategy %s, %s",
+            args.host,
+            args.port,
+            cfg.strategy,
+            f"{len(backends)} static backends" if backends else f"discovery {args.namespace}/{selector}",
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        if watcher is not None:
+            watcher.stop()
+        await runner.cleanup()  # stops accepting, lets in-flight handlers finish (aiohttp shutdown_timeout)
+
+    asyncio.run(main())
+    return 0

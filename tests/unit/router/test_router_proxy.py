@@ -1,0 +1,412 @@
+"""The streaming proxy against real in-process upstream servers on 127.0.0.1.
+
+Upstreams are small aiohttp apps that speak just enough of the vLLM OpenAI API, with knobs for
+failure modes. No assertion depends on timing: "eventually" loops poll a condition a bounded
+number of times and the gating events make ordering deterministic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from toposerve.router import strategies as st
+from toposerve.router.endpoints import BackendSpec
+from toposerve.router.proxy import Router, RouterConfig, parse_engine_metrics, serve
+
+
+@dataclass
+class Upstream:
+    """A fake engine. `mode`: ok | error500 | break | gate (stream waits on `gate` after one chunk)."""
+
+    mode: str = "ok"
+    health: int = 200
+    tokens: int = 5
+    kv: float = 0.25
+    waiting: int = 3
+    gate: asyncio.Event = field(default_factory=asyncio.Event)
+    received: list[dict[str, Any]] = field(default_factory=list)
+    cancelled: int = 0
+    url: str = ""
+
+    async def completion(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.received.append(body)
+        if self.mode == "error500":
+            return web.json_response({"error": "boom"}, status=500)
+        prompt_tokens = 40
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    "choices": [{"message": {"role": "assistant", "content": "hi"}}],
+                    "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 2},
+                }
+            )
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for i in range(self.tokens):
+                await resp.write(f'data: {{"choices":[{{"delta":{{"content":"t{i}"}}}}]}}\n\n'.encode())
+                if i == 0 and self.mode in ("gate", "break"):
+                    await self.gate.wait()
+                    if self.mode == "break":
+                        assert request.transport is not None
+                        request.transport.abort()
+                        return resp
+            usage = {
+                "choices": [],
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": self.tokens},
+            }
+            await resp.write(f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n".encode())
+            await resp.write_eof()
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        return resp
+
+    async def health_h(self, request: web.Request) -> web.Response:
+        return web.Response(status=self.health)
+
+    async def metrics_h(self, request: web.Request) -> web.Response:
+        text = (
+            "# HELP vllm:kv_cache_usage_perc KV-cache usage.\n# TYPE vllm:kv_cache_usage_perc gauge\n"
+            f'vllm:kv_cache_usage_perc{{engine="0",model_name="m"}} {self.kv}\n'
+            f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {self.waiting}\n'
+            'vllm:num_requests_running{model_name="m"} 1.0\n'
+        )
+        return web.Response(text=text)
+
+    async def models_h(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "m", "object": "model"}]})
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.completion)
+        app.router.add_post("/v1/completions", self.completion)
+        app.router.add_get("/health", self.health_h)
+        app.router.add_get("/metrics", self.metrics_h)
+        app.router.add_get("/v1/models", self.models_h)
+        return app
+
+
+Harness = Callable[..., Awaitable[tuple[Router, str, list[Upstream]]]]
+
+
+@pytest.fixture
+async def harness() -> AsyncIterator[Harness]:
+    runners: list[web.AppRunner] = []
+
+    async def start(
+        n: int = 2, cfg: RouterConfig | None = None, extra_urls: tuple[str, ...] = (), **up: Any
+    ) -> tuple[Router, str, list[Upstream]]:
+        ups = []
+        for _ in range(n):
+            u = Upstream(**up)
+            r = web.AppRunner(u.app(), handler_cancellation=True)
+            await r.setup()
+            site = web.TCPSite(r, "127.0.0.1", 0)
+            await site.start()
+            runners.append(r)
+            u.url = f"http://127.0.0.1:{r.addresses[0][1]}"
+            ups.append(u)
+        specs = [BackendSpec(u.url) for u in ups] + [BackendSpec(x) for x in extra_urls]
+        router = Router(specs, cfg or RouterConfig(strategy=st.ROUND_ROBIN))
+        rr = await serve(router, "127.0.0.1", 0, probe=False)
+        runners.append(rr)
+        return router, f"http://127.0.0.1:{rr.addresses[0][1]}", ups
+
+    yield start
+    for r in reversed(runners):
+        await r.cleanup()
+
+
+async def eventually(cond: Callable[[], bool], rounds: int = 500) -> None:
+    for _ in range(rounds):
+        if cond():
+            return
+        await asyncio.sleep(0.01)
+    assert cond()
+
+
+def chat(text: str = "hello", stream: bool = False, **kw: Any) -> dict[str, Any]:
+    return {"model": "m", "messages": [{"role": "user", "content": text}], "stream": stream, **kw}
+
+
+def ledger_idle(router: Router) -> bool:
+    return router.ledger.backends() == []
+
+
+async def test_streams_are_relayed_chunk_by_chunk(harness: Harness) -> None:
+    router, url, ups = await harness(1, mode="gate")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url + "/v1/chat/completions", json=chat(stream=True, max_tokens=10)) as r,
+    ):
+        assert r.status == 200 and r.headers["x-toposerve-backend"] == ups[0].url
+        # a buffering proxy would block here forever (the upstream waits on the gate): fail, not hang
+        first = await asyncio.wait_for(r.content.readuntil(b"\n\n"), 60)
+        # the upstream is still blocked after its first chunk: the router did not buffer
+        assert b"t0" in first and not ups[0].gate.is_set()
+        assert router.ledger.in_flight(ups[0].url) == 1
+        assert router.ledger.pending(ups[0].url) <= 10  # prompt part released at first byte
+        ups[0].gate.set()
+        rest = await r.read()
+    assert b"[DONE]" in rest and b"t4" in rest
+    await eventually(lambda: ledger_idle(router))
+    # the usage in the last event taught the estimator: "user\nhello\n" is 12 chars for 40 tokens
+    assert router.estimator.chars_per_token < 4.0
+
+
+async def test_non_streaming_response_and_headers(harness: Harness) -> None:
+    router, url, ups = await harness(2)
+    async with aiohttp.ClientSession() as s:
+        seen = set()
+        for _ in range(4):
+            async with s.post(url + "/v1/chat/completions", json=chat()) as r:
+                assert r.status == 200
+                body = await r.json()
+                assert body["usage"]["prompt_tokens"] == 40
+                assert r.headers["x-toposerve-route-reason"] == st.R_ROUND_ROBIN
+                seen.add(r.headers["x-toposerve-backend"])
+        assert seen == {u.url for u in ups}
+        async with s.post(url + "/v1/completions", json={"model": "m", "prompt": [1, 2, 3]}) as r:
+            assert r.status == 200
+    assert ledger_idle(router)
+
+
+async def test_retry_once_on_5xx_before_first_byte(harness: Harness) -> None:
+    router, url, ups = await harness(2)
+    ups[0].mode = "error500"
+    async with aiohttp.ClientSession() as s:
+        for _ in range(4):
+            async with s.post(url + "/v1/chat/completions", json=chat()) as r:
+                assert r.status == 200
+                assert r.headers["x-toposerve-backend"] == ups[1].url
+    assert ups[0].received, "the failing backend was tried"
+    text = (await _get(url + "/metrics"))[1]
+    assert "toposerve_router_retries_total" in text
+    assert ledger_idle(router)
+
+
+async def test_both_fail_gives_clean_502(harness: Harness) -> None:
+    router, url, ups = await harness(2, mode="error500")
+    status, text = await _post(url + "/v1/chat/completions", chat())
+    assert status == 500 and json.loads(text)["error"]["type"] == "upstream"
+    assert len(ups[0].received) + len(ups[1].received) == 2  # exactly one retry
+    assert ledger_idle(router)
+
+
+async def test_connect_failure_is_retried_and_ejects(harness: Harness) -> None:
+    # a port with nothing listening: bind, note the port, close
+    probe = web.AppRunner(web.Application())
+    await probe.setup()
+    site = web.TCPSite(probe, "127.0.0.1", 0)
+    await site.start()
+    dead = f"http://127.0.0.1:{probe.addresses[0][1]}"
+    await probe.cleanup()
+    router, url, ups = await harness(1, extra_urls=(dead,))
+    for _ in range(3):
+        status, _ = await _post(url + "/v1/chat/completions", chat())
+        assert status == 200
+    assert not router.backends[dead].healthy(time.monotonic())  # ejected after the first refusal
+    assert len(ups[0].received) == 3
+
+
+async def test_stream_broken_mid_way_ends_with_clean_error(harness: Harness) -> None:
+    router, url, ups = await harness(1, mode="break")
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(url + "/v1/chat/completions", json=chat(stream=True)) as r,
+    ):
+        assert r.status == 200
+        first = await r.content.readuntil(b"\n\n")
+        assert b"t0" in first
+        ups[0].gate.set()
+        rest = await r.read()
+    events = [e for e in rest.split(b"\n\n") if e.strip()]
+    last = json.loads(events[-1].removeprefix(b"data: "))
+    assert last["error"]["type"] == "upstream_error"
+    await eventually(lambda: ledger_idle(router))
+
+
+async def test_client_disconnect_cancels_upstream_and_releases_load(harness: Harness) -> None:
+    router, url, ups = await harness(1, mode="gate")
+    s = aiohttp.ClientSession()
+    r = await s.post(url + "/v1/chat/completions", json=chat(stream=True))
+    await r.content.readuntil(b"\n\n")
+    assert router.ledger.in_flight(ups[0].url) == 1
+    r.close()
+    await s.close()
+    await eventually(lambda: ledger_idle(router) and ups[0].cancelled == 1)
+
+
+async def test_saturated_gives_429_and_no_backend_gives_503(harness: Harness) -> None:
+    cfg = RouterConfig(strategy=st.LEAST_REQUEST, routing=st.Config(max_in_flight=1), queue_timeout_s=0.0)
+    router, url, ups = await harness(1, cfg=cfg, mode="gate")
+    async with aiohttp.ClientSession() as s:
+        held = await s.post(url + "/v1/chat/completions", json=chat(stream=True))
+        await held.content.readuntil(b"\n\n")
+        async with s.post(url + "/v1/chat/completions", json=chat()) as r:
+            assert r.status == 429 and r.headers["Retry-After"] == "1"
+        ups[0].gate.set()
+        await held.read()
+        held.close()
+    await eventually(lambda: ledger_idle(router))
+    ups[0].health = 503
+    await router.probe_all()
+    status, _ = await _post(url + "/v1/chat/completions", chat())
+    assert status == 503
+    assert (await _get(url + "/health"))[0] == 503
+
+
+async def test_queued_request_proceeds_when_capacity_frees(harness: Harness) -> None:
+    cfg = RouterConfig(strategy=st.AUTO, routing=st.Config(max_in_flight=1), queue_timeout_s=30.0)
+    router, url, ups = await harness(1, cfg=cfg, mode="gate")
+    async with aiohttp.ClientSession() as s:
+        held = await s.post(url + "/v1/chat/completions", json=chat(stream=True))
+        await held.content.readuntil(b"\n\n")
+        queued = asyncio.create_task(_post(url + "/v1/chat/completions", chat()))
+        await eventually(lambda: len(router._waiters) == 1)
+        assert not queued.done()
+        ups[0].gate.set()
+        await held.read()
+        held.close()
+        status, _ = await queued
+    assert status == 200
+
+
+async def test_strategy_override_header_and_bad_requests(harness: Harness) -> None:
+    _router, url, _ups = await harness(2, cfg=RouterConfig(strategy=st.AUTO))
+    async with aiohttp.ClientSession() as s:
+        h = {"x-toposerve-strategy": "round-robin"}
+        async with s.post(url + "/v1/chat/completions", json=chat(), headers=h) as r:
+            assert r.headers["x-toposerve-route-reason"] == st.R_ROUND_ROBIN
+        async with s.post(url + "/v1/chat/completions", json=chat()) as r:
+            assert r.headers["x-toposerve-route-reason"].startswith("auto_")
+        async with s.post(
+            url + "/v1/chat/completions", json=chat(), headers={"x-toposerve-strategy": "x"}
+        ) as r:
+            assert r.status == 400
+        async with s.post(url + "/v1/chat/completions", data=b"{not json") as r:
+            assert r.status == 400
+
+
+async def test_session_sticks_through_the_proxy(harness: Harness) -> None:
+    _router, url, _ups = await harness(3, cfg=RouterConfig(strategy=st.SESSION))
+    async with aiohttp.ClientSession() as s:
+        backends = set()
+        for i in range(5):
+            async with s.post(
+                url + "/v1/chat/completions", json=chat(f"turn {i}"), headers={"x-session-id": "abc"}
+            ) as r:
+                backends.add(r.headers["x-toposerve-backend"])
+        assert len(backends) == 1
+        # the `user` field works as a session id too
+        users = set()
+        for i in range(3):
+            async with s.post(url + "/v1/chat/completions", json=chat(f"q {i}", user="u-7")) as r:
+                users.add(r.headers["x-toposerve-backend"])
+        assert len(users) == 1
+
+
+async def test_prefix_affinity_through_the_proxy(harness: Harness) -> None:
+    _router, url, _ups = await harness(3, cfg=RouterConfig(strategy=st.PREFIX_AWARE))
+    system = "You are a careful assistant that answers briefly. " * 30
+    async with aiohttp.ClientSession() as s:
+        seen = []
+        for i in range(4):
+            body = {
+                "model": "m",
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"q{i}"}],
+            }
+            async with s.post(url + "/v1/chat/completions", json=body) as r:
+                seen.append((r.headers["x-toposerve-backend"], r.headers["x-toposerve-route-reason"]))
+    assert len({b for b, _ in seen}) == 1
+    assert [reason for _, reason in seen[1:]] == [st.R_PREFIX_HIT] * 3
+
+
+async def test_probes_scrape_engine_metrics_and_models_health_metrics(harness: Harness) -> None:
+    router, url, ups = await harness(2)
+    await router.probe_all()
+    b = router.backends[ups[0].url]
+    assert (b.kv_usage, b.waiting) == (0.25, 3)
+    status, text = await _get(url + "/v1/models")
+    assert status == 200 and json.loads(text)["data"][0]["id"] == "m"
+    assert (await _get(url + "/health"))[0] == 200
+    await _post(url + "/v1/chat/completions", chat())
+    status, text = await _get(url + "/metrics")
+    for name in (
+        "toposerve_router_requests_total",
+        "toposerve_router_ttft_seconds_bucket",
+        "toposerve_router_e2e_seconds_count",
+        "toposerve_router_decisions_total",
+        "toposerve_router_backend_kv_cache_usage",
+        "toposerve_router_backend_in_flight",
+    ):
+        assert name in text, name
+
+
+async def test_concurrent_mix_returns_load_to_zero(harness: Harness) -> None:
+    router, url, ups = await harness(3, cfg=RouterConfig(strategy=st.AUTO))
+    ups[2].mode = "error500"
+
+    async def one(i: int) -> int:
+        status, _ = await _post(url + "/v1/chat/completions", chat(f"conv {i % 5} " * 30, stream=bool(i % 2)))
+        return status
+
+    statuses = await asyncio.gather(*(one(i) for i in range(30)))
+    assert set(statuses) == {200}
+    await eventually(lambda: ledger_idle(router))
+
+
+async def test_discovery_updates_add_and_drain_without_restart(harness: Harness) -> None:
+    router, url, ups = await harness(2, mode="gate")
+    a, b = ups[0].url, ups[1].url
+    router.reconcile({a: (BackendSpec(a), False)})
+    assert b not in router.backends  # idle and gone: dropped at once
+    async with aiohttp.ClientSession() as s:
+        held = await s.post(url + "/v1/chat/completions", json=chat(stream=True))
+        await held.content.readuntil(b"\n\n")
+        # a disappears while a request is in flight; b comes (back) as a new endpoint
+        router.reconcile({b: (BackendSpec(b), False)})
+        assert router.backends[a].draining and router.backends[a].removed
+        ups[1].mode = "ok"
+        async with s.post(url + "/v1/chat/completions", json=chat()) as r:
+            assert r.headers["x-toposerve-backend"] == b
+        ups[0].gate.set()
+        assert b"[DONE]" in await held.read()
+        held.close()
+    await eventually(lambda: a not in router.backends)
+
+
+def test_parse_engine_metrics() -> None:
+    text = (
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        'vllm:kv_cache_usage_perc{model_name="m",engine="0"} 0.5\n'
+        'vllm:kv_cache_usage_perc{model_name="m",engine="1"} 0.7\n'
+        'vllm:num_requests_waiting{model_name="a b"} 2.0 1700000000\n'
+        "vllm:num_requests_waiting 3\n"
+        "vllm:broken{x} notanumber\n"
+        "other_metric 5\n"
+    )
+    assert parse_engine_metrics(text) == (0.7, 5)
+    assert parse_engine_metrics('vllm:gpu_cache_usage_perc{a="b"} 0.1\n') == (0.1, None)
+    assert parse_engine_metrics("") == (None, None)
+
+
+async def _post(url: str, body: dict[str, Any]) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.post(url, json=body) as r:
+        return r.status, await r.text()
+
+
+async def _get(url: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as s, s.get(url) as r:
+        return r.status, await r.text()
