@@ -9,6 +9,7 @@ and watch timeouts are always set, because a silent watch can otherwise stall fo
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import threading
 import time
@@ -55,8 +56,10 @@ class SliceWatcher:
         self.loop.call_soon_threadsafe(self.on_change, desired)
 
     def _run(self) -> None:  # pragma: no cover - exercised by the cluster tests
-        from kubernetes import client, config, watch
-
+        # Typed as Any: the client is untyped, and this shell only passes its objects through.
+        client: Any = importlib.import_module("kubernetes.client")
+        config: Any = importlib.import_module("kubernetes.config")
+        watch: Any = importlib.import_module("kubernetes.watch")
         try:
             config.load_incluster_config()
         except config.ConfigException:
