@@ -332,30 +332,33 @@ async def _stream(
     )
     await resp.prepare(request)
     fmt = ChunkFormatter(chat, _req_id(chat, h), int(time.time()), model, params.include_usage)
-    if chat:
-        await resp.write(fmt.role())
-    sent = 0
-    die_at = engine.faults.config.die_after_tokens if fate is Fate.DIE else -1
-    req = h.req
-    while True:
-        await h.event.wait()
-        h.event.clear()
-        upto = h.visible
-        if die_at >= 0 and upto >= die_at:
-            upto = die_at
-        if upto > sent:
-            await resp.write("".join(fmt.token(p) for p in req.output_pieces[sent:upto]).encode())
-            sent = upto
-        if die_at >= 0 and sent >= die_at:
-            _kill_connection(request)
-            raise asyncio.CancelledError
-        if h.done:
-            break
-    tail = fmt.finish(req.finish_reason or "stop")
-    if params.include_usage:
-        tail += fmt.usage(len(req.prompt_ids), len(req.output_ids), max(req.num_cached_tokens, 0))
-    await resp.write(tail + DONE)
-    await resp.write_eof()
+    try:
+        if chat:
+            await resp.write(fmt.role())
+        sent = 0
+        die_at = engine.faults.config.die_after_tokens if fate is Fate.DIE else -1
+        req = h.req
+        while True:
+            await h.event.wait()
+            h.event.clear()
+            upto = h.visible
+            if die_at >= 0 and upto >= die_at:
+                upto = die_at
+            if upto > sent:
+                await resp.write("".join(fmt.token(p) for p in req.output_pieces[sent:upto]).encode())
+                sent = upto
+            if die_at >= 0 and sent >= die_at:
+                _kill_connection(request)
+                raise asyncio.CancelledError
+            if h.done:
+                break
+        tail = fmt.finish(req.finish_reason or "stop")
+        if params.include_usage:
+            tail += fmt.usage(len(req.prompt_ids), len(req.output_ids), max(req.num_cached_tokens, 0))
+        await resp.write(tail + DONE)
+        await resp.write_eof()
+    except ConnectionResetError:  # the client hung up: the caller aborts the request
+        log.debug("client went away mid-stream: %s", h.req.req_id)
     return resp
 
 
