@@ -1,0 +1,9 @@
+# Pinned versions of everything the local cluster runs; sourced by the cluster scripts.
+# Kubernetes v1.35 builds with the installed Go 1.26 and is supported by kwok v0.8.
+K8S_VERSION=v1.35.4
+ETCD_VERSION=v3.6.16
+KWOK_VERSION=v0.8.0
+HELM_VERSION=v3.22.0
+LWS_VERSION=v0.8.0
+TOPOSERVE_CACHE=${TOPOSERVE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/toposerve}
+CLUSTER_BIN=${CLUSTER_BIN:-$TOPOSERVE_CACHE/k8s-$K8S_VERSION/bin}

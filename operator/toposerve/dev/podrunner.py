@@ -1,0 +1,496 @@
+"""The local pod runner: really runs the project's own pods on the simulated (kwok) nodes.
+
+kwok only fakes pod status, but the router and autoscaler need engines that answer HTTP on their
+pod IPs. This runner watches pods whose container image is the project's own
+(``ghcr.io/toposerve/toposerve``), and for each one starts the container's ``command`` + ``args``
+as a local process inside the cluster's pod-network namespace, on the pod IP kwok assigned (the
+runner adds that address to the namespace). It probes the readiness probe and reports the result
+in the ``toposerve.dev/runner-ready`` annotation, which kwok Stages (hack/cluster/stages.yaml)
+turn into the pod's Ready condition; a failing liveness probe or an exited process restarts the
+process. When the pod goes away the process is stopped and the address removed.
+
+Everything else about the pod stays simulated: no image is pulled, no volumes are mounted, no
+resource limits apply. The process sees the container's ``env`` (``valueFrom.fieldRef`` resolved,
+``$(VAR)`` expanded like Kubernetes does), ``PATH`` with the project's virtualenv first, and
+``KUBECONFIG`` pointing at a kubeconfig that reaches the API server from inside the namespace.
+
+Usage: ``python -m toposerve.dev.podrunner --kubeconfig .cluster/kubeconfig --netns toposerve-pods``
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("toposerve.podrunner")
+
+RUNNER_IMAGE = "ghcr.io/toposerve/toposerve"
+READY_ANNOTATION = "toposerve.dev/runner-ready"
+DEFAULT_ENTRYPOINT = ["toposerve"]
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def image_repository(image: str) -> str:
+    """The repository part of an image reference (no tag, no digest)."""
+    repo = image.split("@", 1)[0]
+    slash = repo.rfind("/")
+    colon = repo.rfind(":")
+    return repo[:colon] if colon > slash else repo
+
+
+def is_runner_image(image: str) -> bool:
+    return image_repository(image) == RUNNER_IMAGE
+
+
+_VAR = re.compile(r"\$\$|\$\(([-._a-zA-Z][-._a-zA-Z0-9]*)\)")
+
+
+def expand(value: str, env: Mapping[str, str]) -> str:
+    """Kubernetes ``$(VAR)`` expansion: defined names are replaced, ``$$`` escapes, the rest is kept."""
+
+    def sub(m: re.Match[str]) -> str:
+        if m.group(0) == "$$":
+            return "$"
+        name = m.group(1)
+        return env[name] if name in env else m.group(0)
+
+    return _VAR.sub(sub, value)
+
+
+_SUBSCRIPT = re.compile(r"^metadata\.(labels|annotations)\['(.+)'\]$")
+
+
+def field_ref(pod: Mapping[str, Any], path: str) -> str:
+    """Resolve a downward-API ``fieldRef.fieldPath`` against a pod (as a plain dict)."""
+    meta = pod.get("metadata") or {}
+    spec = pod.get("spec") or {}
+    status = pod.get("status") or {}
+    simple = {
+        "metadata.name": meta.get("name"),
+        "metadata.namespace": meta.get("namespace"),
+        "metadata.uid": meta.get("uid"),
+        "spec.nodeName": spec.get("nodeName"),
+        "spec.serviceAccountName": spec.get("serviceAccountName"),
+        "status.podIP": status.get("podIP"),
+        "status.hostIP": status.get("hostIP"),
+        "status.podIPs": ",".join(i["ip"] for i in status.get("podIPs") or []),
+        "status.hostIPs": ",".join(i["ip"] for i in status.get("hostIPs") or []),
+    }
+    if path in simple:
+        return str(simple[path] or "")
+    if m := _SUBSCRIPT.match(path):
+        return str((meta.get(m.group(1)) or {}).get(m.group(2), ""))
+    raise ValueError(f"unsupported fieldRef {path!r}")
+
+
+def container_env(pod: Mapping[str, Any], container: Mapping[str, Any], lookup: Any = None) -> dict[str, str]:
+    """The container's environment as the kubelet would build it (fieldRef, config maps, expansion).
+
+    ``lookup(kind, namespace, name, key)`` resolves configMapKeyRef/secretKeyRef (``kind`` is
+    ``configMap`` or ``secret``, ``key`` None for a whole envFrom source) and may be None.
+    """
+    ns = (pod.get("metadata") or {}).get("namespace", "default")
+    env: dict[str, str] = {}
+    for src in container.get("envFrom") or []:
+        for kind in ("configMap", "secret"):
+            ref = src.get(f"{kind}Ref")
+            if ref and lookup:
+                data = lookup(kind, ns, ref["name"], None) or {}
+                env |= {src.get("prefix", "") + k: v for k, v in data.items()}
+    for item in container.get("env") or []:
+        name = item["name"]
+        if "valueFrom" not in item:
+            env[name] = expand(item.get("value", ""), env)
+            continue
+        vf = item["valueFrom"]
+        if "fieldRef" in vf:
+            env[name] = field_ref(pod, vf["fieldRef"]["fieldPath"])
+        elif "resourceFieldRef" in vf:
+            res = vf["resourceFieldRef"]["resource"]
+            kind, _, rname = res.partition(".")
+            env[name] = str(((container.get("resources") or {}).get(kind) or {}).get(rname, "0"))
+        else:
+            for kind in ("configMap", "secret"):
+                ref = vf.get(f"{kind}KeyRef")
+                if ref and lookup:
+                    value = lookup(kind, ns, ref["name"], ref["key"])
+                    if value is not None:
+                        env[name] = value
+    return env
+
+
+def probe_ok(ip: str, probe: Mapping[str, Any] | None, ports: Mapping[str, int]) -> bool:
+    """One readiness/liveness probe attempt against the pod IP; no probe counts as success."""
+    if not probe:
+        return True
+    timeout = float(probe.get("timeoutSeconds", 1))
+    if "httpGet" in probe:
+        hg = probe["httpGet"]
+        port = hg["port"] if isinstance(hg["port"], int) else ports.get(hg["port"], hg["port"])
+        path = hg.get("path", "/")
+        try:
+            with _NO_PROXY.open(f"http://{ip}:{port}{path}", timeout=timeout) as r:
+                return 200 <= int(r.status) < 400
+        except (OSError, urllib.error.URLError, ValueError):
+            return False
+    if "tcpSocket" in probe:
+        ts = probe["tcpSocket"]
+        port = ts["port"] if isinstance(ts["port"], int) else ports.get(ts["port"], ts["port"])
+        try:
+            with socket.create_connection((ip, int(port)), timeout=timeout):
+                return True
+        except (OSError, ValueError):
+            return False
+    return True  # exec and grpc probes are not simulated: treat as passing
+
+
+@dataclass
+class Managed:
+    """One running container process of one pod."""
+
+    uid: str
+    namespace: str
+    name: str
+    container: str
+    ip: str
+    spec: dict[str, Any]
+    proc: subprocess.Popen[bytes] | None = None
+    started: float = 0.0
+    ready: bool | None = None
+    next_probe: float = 0.0
+    live_failures: int = 0
+    ready_failures: int = 0
+    restarts: int = 0
+    grace: float = 5.0
+    log_path: Path = field(default_factory=Path)
+
+
+class PodRunner:
+    """Keeps one local process per project-image container of every live pod."""
+
+    def __init__(
+        self,
+        api: Any,
+        netns: str | None,
+        workdir: Path,
+        bin_dir: Path,
+        pod_kubeconfig: Path | None,
+    ) -> None:
+        self.api = api
+        self.netns = netns
+        self.workdir = workdir
+        self.bin_dir = bin_dir
+        self.pod_kubeconfig = pod_kubeconfig
+        self.procs: dict[tuple[str, str], Managed] = {}
+        self.ip_users: dict[str, int] = {}
+        self._pods: dict[str, dict[str, Any]] = {}
+        self.lock = threading.RLock()
+        self.stopping = threading.Event()
+
+    # -- addresses -------------------------------------------------------------------------
+    def _ip(self, action: str, ip: str) -> None:
+        if not self.netns:
+            return
+        cmd = ["ip", "-n", self.netns, "addr", action, f"{ip}/32", "dev", "lo"]
+        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
+        if r.returncode and "File exists" not in r.stderr and "Cannot assign" not in r.stderr:
+            log.warning("%s: %s", " ".join(cmd), r.stderr.strip())
+
+    def _acquire_ip(self, ip: str) -> None:
+        if self.ip_users.get(ip, 0) == 0:
+            self._ip("add", ip)
+        self.ip_users[ip] = self.ip_users.get(ip, 0) + 1
+
+    def _release_ip(self, ip: str) -> None:
+        self.ip_users[ip] -= 1
+        if self.ip_users[ip] <= 0:
+            del self.ip_users[ip]
+            self._ip("del", ip)
+
+    # -- API helpers -----------------------------------------------------------------------
+    def _lookup(self, kind: str, ns: str, name: str, key: str | None) -> Any:
+        import base64
+
+        try:
+            if kind == "configMap":
+                data = self.api.read_namespaced_config_map(name, ns).data or {}
+            else:
+                raw = self.api.read_namespaced_secret(name, ns).data or {}
+                data = {k: base64.b64decode(v).decode() for k, v in raw.items()}
+        except Exception as e:
+            log.warning("%s %s/%s: %s", kind, ns, name, e)
+            return None
+        return data if key is None else data.get(key)
+
+    def _annotate(self, m: Managed, ready: bool) -> None:
+        body = {"metadata": {"annotations": {READY_ANNOTATION: "true" if ready else "false"}}}
+        try:
+            self.api.patch_namespaced_pod(m.name, m.namespace, body)
+        except Exception as e:  # the pod may be gone already
+            log.info("annotate %s/%s: %s", m.namespace, m.name, e)
+
+    # -- processes -------------------------------------------------------------------------
+    def _start(self, m: Managed, pod: Mapping[str, Any]) -> None:
+        c = m.spec
+        env = container_env(pod, c, self._lookup)
+        argv = [expand(a, env) for a in (c.get("command") or DEFAULT_ENTRYPOINT)]
+        argv += [expand(a, env) for a in c.get("args") or []]
+        base = {
+            "PATH": f"{self.bin_dir}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "HOME": os.environ.get("HOME", "/root"),
+            "LANG": os.environ.get("LANG", "C.UTF-8"),
+            "HOSTNAME": m.name,
+            "PYTHONUNBUFFERED": "1",
+            "TOPOSERVE_POD_RUNNER": "1",
+        }
+        if self.pod_kubeconfig:
+            base["KUBECONFIG"] = str(self.pod_kubeconfig)
+        full_env = base | env
+        cwd = Path(c.get("workingDir") or self.workdir)
+        if not cwd.is_dir():
+            cwd = self.workdir
+        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        m.log_path = self.workdir / f"{m.namespace}_{m.name}_{m.container}.log"
+        with open(m.log_path, "ab") as out:
+            out.write(f"--- start {argv!r} on {m.ip} (restart {m.restarts})\n".encode())
+            out.flush()
+            m.proc = subprocess.Popen(
+                prefix + argv,
+                env=full_env,
+                cwd=cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        m.started = time.monotonic()
+        m.next_probe = m.started + float((c.get("readinessProbe") or {}).get("initialDelaySeconds", 0))
+        m.live_failures = m.ready_failures = 0
+        log.info(
+            "started %s/%s[%s] pid %d on %s: %s", m.namespace, m.name, m.container, m.proc.pid, m.ip, argv
+        )
+
+    def _kill(self, m: Managed) -> None:
+        p = m.proc
+        m.proc = None
+        if p is None or p.poll() is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(p.pid, signal.SIGTERM)
+        try:
+            p.wait(timeout=m.grace)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+
+    def _stop(self, key: tuple[str, str]) -> None:
+        m = self.procs.pop(key)
+        self._kill(m)
+        self._release_ip(m.ip)
+        log.info("stopped %s/%s[%s]", m.namespace, m.name, m.container)
+
+    # -- reconcile -------------------------------------------------------------------------
+    def handle(self, event: str, pod: dict[str, Any]) -> None:
+        """Bring the local processes of one pod in line with its latest state."""
+        meta = pod.get("metadata") or {}
+        uid = meta.get("uid", "")
+        spec = pod.get("spec") or {}
+        status = pod.get("status") or {}
+        ip = status.get("podIP")
+        gone = (
+            event == "DELETED"
+            or meta.get("deletionTimestamp")
+            or status.get("phase") in ("Succeeded", "Failed")
+        )
+        with self.lock:
+            wanted = (
+                {}
+                if gone or not ip or not spec.get("nodeName")
+                else {
+                    c["name"]: c for c in spec.get("containers") or [] if is_runner_image(c.get("image", ""))
+                }
+            )
+            for key in [k for k in self.procs if k[0] == uid and k[1] not in wanted]:
+                self._stop(key)
+            for cname, c in wanted.items():
+                key = (uid, cname)
+                if key in self.procs:
+                    continue
+                m = Managed(
+                    uid=uid,
+                    namespace=meta["namespace"],
+                    name=meta["name"],
+                    container=cname,
+                    ip=str(ip),
+                    spec=c,
+                    grace=min(float(spec.get("terminationGracePeriodSeconds") or 5), 10.0),
+                )
+                self.procs[key] = m
+                self._pods[uid] = pod
+                self._acquire_ip(m.ip)
+                try:
+                    self._start(m, pod)
+                except OSError as e:
+                    log.error("cannot start %s/%s[%s]: %s", m.namespace, m.name, cname, e)
+                    m.proc = None
+                    self._annotate(m, False)
+            if wanted:
+                self._pods[uid] = pod
+            else:
+                self._pods.pop(uid, None)
+
+    def tick(self) -> None:
+        """Probe readiness and liveness; restart exited or unhealthy processes."""
+        now = time.monotonic()
+        with self.lock:
+            items = list(self.procs.values())
+        for m in items:
+            if m.proc is not None and m.proc.poll() is not None:
+                log.warning("%s/%s[%s] exited with %s", m.namespace, m.name, m.container, m.proc.returncode)
+                m.proc = None
+            if m.proc is None:
+                if m.ready is not False:
+                    m.ready = False
+                    self._annotate(m, False)
+                backoff = min(2.0 ** min(m.restarts, 5), 30.0)
+                if now - m.started >= backoff and (pod := self._pods.get(m.uid)):
+                    m.restarts += 1
+                    with self.lock:
+                        if (m.uid, m.container) in self.procs:
+                            try:
+                                self._start(m, pod)
+                            except OSError as e:
+                                log.error("restart %s/%s: %s", m.namespace, m.name, e)
+                                m.started = now
+                continue
+            if now < m.next_probe:
+                continue
+            ports = {p["name"]: p["containerPort"] for p in m.spec.get("ports") or [] if p.get("name")}
+            rp = m.spec.get("readinessProbe")
+            ok = probe_ok(m.ip, rp, ports)
+            period = float((rp or {}).get("periodSeconds", 10))
+            if ok:
+                m.ready_failures = 0
+                if m.ready is not True:
+                    m.ready = True
+                    log.info("%s/%s ready", m.namespace, m.name)
+                    self._annotate(m, True)
+            else:
+                m.ready_failures += 1
+                if m.ready is True and m.ready_failures >= int((rp or {}).get("failureThreshold", 3)):
+                    m.ready = False
+                    self._annotate(m, False)
+            lp = m.spec.get("livenessProbe")
+            if lp and now - m.started >= float(lp.get("initialDelaySeconds", 0)):
+                if probe_ok(m.ip, lp, ports):
+                    m.live_failures = 0
+                else:
+                    m.live_failures += 1
+                    if m.live_failures >= int(lp.get("failureThreshold", 3)) and m.ready is not None:
+                        log.warning("%s/%s failed liveness; restarting", m.namespace, m.name)
+                        self._kill(m)
+                        continue
+            # Poll fast until first ready so tests and the demo do not wait a whole period.
+            m.next_probe = now + (min(period, 1.0) if m.ready is not True else min(period, 5.0))
+
+    def stop_all(self) -> None:
+        with self.lock:
+            for key in list(self.procs):
+                self._stop(key)
+
+
+def _kube() -> Any:
+    """The kubernetes client package, imported lazily and typed loosely (it ships no types)."""
+    import importlib
+
+    return importlib.import_module("kubernetes")
+
+
+def _watch(runner: PodRunner, api: Any) -> None:
+    watch = _kube().watch
+
+    while not runner.stopping.is_set():
+        try:
+            pods = api.list_pod_for_all_namespaces()
+            rv = pods.metadata.resource_version
+            live = set()
+            for p in pods.items:
+                d = api.api_client.sanitize_for_serialization(p)
+                live.add(d["metadata"]["uid"])
+                runner.handle("ADDED", d)
+            with runner.lock:
+                for key in [k for k in runner.procs if k[0] not in live]:
+                    runner._stop(key)
+            w = watch.Watch()
+            for ev in w.stream(
+                api.list_pod_for_all_namespaces, resource_version=rv, timeout_seconds=60, _request_timeout=90
+            ):
+                if runner.stopping.is_set():
+                    w.stop()
+                    break
+                runner.handle(ev["type"], api.api_client.sanitize_for_serialization(ev["object"]))
+        except Exception as e:
+            if runner.stopping.is_set():
+                break
+            log.warning("watch: %s; relisting", e)
+            runner.stopping.wait(1.0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--kubeconfig", required=True)
+    p.add_argument("--netns", default=None, help="pod-network namespace (none: run on the host)")
+    p.add_argument("--pod-kubeconfig", default=None, help="kubeconfig handed to pods (KUBECONFIG)")
+    p.add_argument("--workdir", default=".cluster/pods", help="working dir and per-container logs")
+    p.add_argument("--bin-dir", default=str(Path(sys.executable).parent), help="put first on PATH")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+
+    kube = _kube()
+    kube.config.load_kube_config(config_file=args.kubeconfig)
+    api = kube.client.CoreV1Api()
+    workdir = Path(args.workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    runner = PodRunner(
+        api,
+        args.netns,
+        workdir,
+        Path(args.bin_dir).absolute(),
+        Path(args.pod_kubeconfig).resolve() if args.pod_kubeconfig else None,
+    )
+
+    def on_signal(signum: int, _frame: object) -> None:
+        runner.stopping.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    threading.Thread(target=_watch, args=(runner, api), daemon=True, name="watch").start()
+    log.info("pod runner up (netns=%s, bin=%s)", args.netns, args.bin_dir)
+    while not runner.stopping.wait(0.25):
+        try:
+            runner.tick()
+        except Exception:
+            log.exception("tick")
+    runner.stop_all()
+    log.info("pod runner stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
