@@ -87,7 +87,11 @@ def test_shared_text_prefix_gives_shared_id_prefix() -> None:
 def test_generator_is_seeded() -> None:
     ids = MockTokenizer().encode("same prompt")
     g1, g2, g3 = TextGenerator(1), TextGenerator(1), TextGenerator(2)
-    seq = lambda g: [TextGenerator.next_piece(r, i) for r in [g.rng_for(ids)] for i in range(20)]  # noqa: E731
+
+    def seq(g: TextGenerator) -> list[str]:
+        rng = g.rng_for(ids)
+        return [TextGenerator.next_piece(rng, i) for i in range(20)]
+
     assert seq(g1) == seq(g2)
     assert seq(g1) != seq(g3)
     # every generated piece is exactly one token, so echoed output re-counts the same

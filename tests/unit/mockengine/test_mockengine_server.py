@@ -511,3 +511,31 @@ async def test_openai_sdk_chat_stream_and_completions() -> None:
                 await client.completions.create(model="llama", prompt="x " * 9000, max_tokens=1)
         finally:
             await client.close()
+
+
+# -- CLI contract -------------------------------------------------------------------------------------------
+
+
+def test_cli_accepts_the_renderer_flags_and_defaults_model_an_h100_8b() -> None:
+    from toposerve.cli import build_parser
+    from toposerve.mockengine.cli import config_from_args
+
+    argv = ["mock-engine", "--host", "10.1.2.3", "--port", "8000", "--model", "llama-8b", "--gpu-type",
+            "A100-80GB", "--tensor-parallel-size", "2", "--max-model-len", "16384"]  # fmt: skip
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert isinstance(cfg, EngineConfig)
+    assert (cfg.gpu_type, cfg.tensor_parallel_size, cfg.max_model_len, cfg.names) == (
+        "A100-80GB", 2, 16384, ["llama-8b"]
+    )  # fmt: skip
+    d = config_from_args(build_parser().parse_args(["mock-engine", "--fail-rate", "0.1", "--slowdown", "2"]))
+    assert isinstance(d, EngineConfig)
+    assert (d.gpu_type, d.block_size, d.max_num_seqs, d.num_gpu_blocks, d.time_scale) == (
+        "H100",
+        16,
+        256,
+        None,
+        1.0,
+    )
+    assert d.faults == FaultConfig(fail_rate=0.1, slowdown=2.0)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["mock-engine", "--fail-rate", "1.5"])
