@@ -12,6 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from toposerve import __version__
+from toposerve.api.errors import SpecError
 
 
 class UserError(Exception):
@@ -58,10 +59,14 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("-f", "--filename", required=True, help="YAML file with LLMDeployment(s); - for stdin")
     sp.add_argument("-o", "--output", choices=["table", "json"], default="table")
     sp.add_argument("--config", help="operator config YAML (GPU catalog extensions, prices, defaults)")
-    sp.add_argument("--inventory", help="node inventory YAML/JSON (kubectl get nodes -o yaml) to plan against")
+    sp.add_argument(
+        "--inventory", help="node inventory YAML/JSON (kubectl get nodes -o yaml) to plan against"
+    )
     sp.set_defaults(func=_cmd_plan)
 
-    sr = sub.add_parser("render", help="render the Kubernetes objects for LLMDeployments (like helm template)")
+    sr = sub.add_parser(
+        "render", help="render the Kubernetes objects for LLMDeployments (like helm template)"
+    )
     sr.add_argument("-f", "--filename", required=True, help="YAML file with LLMDeployment(s); - for stdin")
     sr.add_argument("--config", help="operator config YAML")
     sr.add_argument("--inventory", help="node inventory YAML/JSON to plan against")
@@ -91,11 +96,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)
-    except UserError as e:
+    except (UserError, SpecError) as e:
         print(f"toposerve {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `toposerve plan ... | head` is not an error
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ from __future__ import annotations
 from toposerve.api.spec import Architecture
 
 
-def _a(params_b: float, layers: int, heads: int, kv: int, hd: int, ctx: int, experts: int = 0) -> Architecture:
+def _a(
+    params_b: float, layers: int, heads: int, kv: int, hd: int, ctx: int, experts: int = 0
+) -> Architecture:
     return Architecture(
         parameters=params_b,
         layers=layers,

@@ -135,7 +135,8 @@ class ModelSpec(_Model):
         description="Name clients use in the OpenAI 'model' field; default: model.name.",
     )
     architecture: Architecture | None = Field(
-        default=None, description="Explicit architecture; required for models missing from the built-in catalog."
+        default=None,
+        description="Explicit architecture; required for models missing from the built-in catalog.",
     )
 
 
@@ -143,7 +144,8 @@ class ParallelismSpec(_Model):
     """Parallelism per replica. 'auto' lets the planner choose the smallest layout that fits."""
 
     tensor: IntOrAuto = Field(
-        default="auto", description="Tensor parallel size (GPUs sharing every layer, inside one NVLink domain)."
+        default="auto",
+        description="Tensor parallel size (GPUs sharing every layer, inside one NVLink domain).",
     )
     pipeline: IntOrAuto = Field(default="auto", description="Pipeline parallel size (stages of layers).")
     context: IntOrAuto = Field(
@@ -157,7 +159,8 @@ class ParallelismSpec(_Model):
         "so an explicit value must match. 'auto' enables it for MoE models on more than one GPU.",
     )
     data: IntOrAuto = Field(
-        default="auto", description="Data parallel ranks inside one replica (vLLM --data-parallel-size); auto = 1."
+        default="auto",
+        description="Data parallel ranks inside one replica (vLLM --data-parallel-size); auto = 1.",
     )
 
 
@@ -226,7 +229,9 @@ class PoolSpec(_Model):
     )
     dtype: Dtype | None = Field(default=None, description="Override of model.dtype for this pool.")
     kv_cache_dtype: KVCacheDtype | None = Field(default=None, description="Override of model.kvCacheDtype.")
-    quantization: str | None = Field(default=None, max_length=63, description="Override of model.quantization.")
+    quantization: str | None = Field(
+        default=None, max_length=63, description="Override of model.quantization."
+    )
     parallelism: ParallelismSpec | None = Field(default=None, description="Override of spec.parallelism.")
     weight: int = Field(default=1, ge=0, le=1000, description="Share of spec.replicas this pool receives.")
     spot: bool | None = Field(default=None, description="Override of placement.spot.")
@@ -272,10 +277,14 @@ class AutoscalingSpec(_Model):
     max_replicas: int = Field(default=4, ge=1, le=1000, description="Upper bound.")
     target_kv_cache_utilization: float = Field(
         alias="targetKVCacheUtilization",
-        default=0.70, gt=0, le=1, description="Target mean vllm:kv_cache_usage_perc across ready replicas."
+        default=0.70,
+        gt=0,
+        le=1,
+        description="Target mean vllm:kv_cache_usage_perc across ready replicas.",
     )
     scale_up: ScalingRules = Field(
-        default_factory=_default_scale_up, description="Scale-up behaviour (default: 60 s window, 2 pods/120 s)."
+        default_factory=_default_scale_up,
+        description="Scale-up behaviour (default: 60 s window, 2 pods/120 s).",
     )
     scale_down: ScalingRules = Field(
         default_factory=_default_scale_down,
@@ -323,7 +332,13 @@ class RoutingSpec(_Model):
     session_header: str = Field(
         default="x-session-id", max_length=128, description="Header carrying the session id for stickiness."
     )
-    session_ttl_seconds: int = Field(alias="sessionTTLSeconds", default=600, ge=1, le=86400, description="Idle time before a session expires.")
+    session_ttl_seconds: int = Field(
+        alias="sessionTTLSeconds",
+        default=600,
+        ge=1,
+        le=86400,
+        description="Idle time before a session expires.",
+    )
     bounded_load_factor: float = Field(
         default=1.25,
         ge=1.0,
@@ -346,11 +361,11 @@ class CostSpec(_Model):
 
     hourly_per_gpu: dict[str, Annotated[float, Field(ge=0)]] = Field(
         alias="hourlyPerGPU",
-        default_factory=dict, description="USD per GPU-hour by GPU type, e.g. {H100: 2.49}."
+        default_factory=dict,
+        description="USD per GPU-hour by GPU type, e.g. {H100: 2.49}.",
     )
     spot_hourly_per_gpu: dict[str, Annotated[float, Field(ge=0)]] = Field(
-        alias="spotHourlyPerGPU",
-        default_factory=dict, description="Spot USD per GPU-hour by GPU type."
+        alias="spotHourlyPerGPU", default_factory=dict, description="Spot USD per GPU-hour by GPU type."
     )
 
 
@@ -358,11 +373,17 @@ class ServingSpec(_Model):
     """Engine runtime knobs that shape memory planning and the pods."""
 
     gpu_memory_utilization: float = Field(
-        default=0.90, gt=0, le=0.99, description="Fraction of GPU memory vLLM may use (--gpu-memory-utilization)."
+        default=0.90,
+        gt=0,
+        le=0.99,
+        description="Fraction of GPU memory vLLM may use (--gpu-memory-utilization).",
     )
     runtime_reserve_gib: float = Field(
         alias="runtimeReserveGiB",
-        default=2.0, ge=0, le=64, description="GiB per GPU kept for CUDA context, activations and graphs."
+        default=2.0,
+        ge=0,
+        le=64,
+        description="GiB per GPU kept for CUDA context, activations and graphs.",
     )
     min_concurrent_sequences: int = Field(
         default=1,
@@ -388,14 +409,17 @@ class LLMDeploymentSpec(_Model):
 
     model: ModelSpec = Field(description="The model to serve.")
     engine: Engine = Field(
-        default="auto", description="vllm, mock (CPU look-alike for clusters without GPUs) or auto (mock "
-        "when the cluster has no GPU nodes)."
+        default="auto",
+        description="vllm, mock (CPU look-alike for clusters without GPUs) or auto (mock "
+        "when the cluster has no GPU nodes).",
     )
     replicas: int = Field(
         default=1, ge=0, le=1000, description="Total replicas over all pools (the scale subresource)."
     )
     parallelism: ParallelismSpec = Field(
-        default_factory=ParallelismSpec, description="Parallelism per replica.", json_schema_extra=_nested_default()
+        default_factory=ParallelismSpec,
+        description="Parallelism per replica.",
+        json_schema_extra=_nested_default(),
     )
     pools: list[PoolSpec] = Field(
         default_factory=list,
@@ -404,10 +428,14 @@ class LLMDeploymentSpec(_Model):
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
     placement: PlacementSpec = Field(
-        default_factory=PlacementSpec, description="Where replicas may run.", json_schema_extra=_nested_default()
+        default_factory=PlacementSpec,
+        description="Where replicas may run.",
+        json_schema_extra=_nested_default(),
     )
     autoscaling: AutoscalingSpec = Field(
-        default_factory=AutoscalingSpec, description="KV-cache autoscaling.", json_schema_extra=_nested_default()
+        default_factory=AutoscalingSpec,
+        description="KV-cache autoscaling.",
+        json_schema_extra=_nested_default(),
     )
     routing: RoutingSpec = Field(
         default_factory=RoutingSpec, description="Request routing.", json_schema_extra=_nested_default()

@@ -25,7 +25,9 @@ class Condition(_Status):
     reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
     message: str = Field(default="", max_length=32768, description="Human-readable details.")
     last_transition_time: str = Field(description="When status last changed (RFC 3339).")
-    observed_generation: int | None = Field(default=None, ge=0, description="Generation this was computed for.")
+    observed_generation: int | None = Field(
+        default=None, ge=0, description="Generation this was computed for."
+    )
 
 
 class PoolStatus(_Status):
@@ -35,7 +37,9 @@ class PoolStatus(_Status):
     gpu_type: str | None = Field(default=None, description="GPU type the pool is placed on now.")
     fits: bool = Field(default=True, description="Whether any acceptable GPU type fits the model.")
     tensor_parallel: int | None = Field(default=None, description="TP size.")
-    pipeline_parallel: int | None = Field(default=None, description="PP size (nodes per replica when >1 node).")
+    pipeline_parallel: int | None = Field(
+        default=None, description="PP size (nodes per replica when >1 node)."
+    )
     context_parallel: int | None = Field(default=None, description="Prefill context parallel size.")
     gpus_per_replica: int | None = Field(default=None, description="GPUs one replica uses.")
     nodes_per_replica: int | None = Field(default=None, description="Nodes one replica spans.")
@@ -56,9 +60,15 @@ class LLMDeploymentStatus(_Status):
     )
     replicas: int = Field(default=0, description="Total desired replicas (scale subresource).")
     ready_replicas: int = Field(default=0, description="Ready replicas over all pools.")
-    selector: str | None = Field(default=None, description="Label selector of the serving pods (scale subresource).")
-    engine: str | None = Field(default=None, description="Engine in use (vllm or mock) and why, if chosen by auto.")
-    endpoint: str | None = Field(default=None, description="URL of the serving Service (the router when enabled).")
+    selector: str | None = Field(
+        default=None, description="Label selector of the serving pods (scale subresource)."
+    )
+    engine: str | None = Field(
+        default=None, description="Engine in use (vllm or mock) and why, if chosen by auto."
+    )
+    endpoint: str | None = Field(
+        default=None, description="URL of the serving Service (the router when enabled)."
+    )
     gpu_types: str | None = Field(default=None, description="GPU types in use, e.g. 'H100,A100-40GB'.")
     parallelism: str | None = Field(default=None, description="TP/PP of the first pool, e.g. '4/1'.")
     pools: list[PoolStatus] = Field(default_factory=list, description="Per-pool plan and progress.")

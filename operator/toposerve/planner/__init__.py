@@ -1,0 +1,1 @@
+"""The planner: pure functions from spec + catalogs (+ node inventory) to a plan per GPU pool."""

@@ -1,0 +1,1 @@
+"""The renderer: plan + spec -> Kubernetes objects (pure), from jinja2 templates."""

@@ -1,0 +1,292 @@
+"""Plan + spec -> Kubernetes objects, from jinja2 templates a platform engineer can read.
+
+Templates (``templates/*.yaml.j2``) hold the shape; this module computes the values (names, labels,
+resources, arguments) and parses the rendered YAML back into dicts. Rendering is pure: the same
+inputs give the same objects, which is what lets the controller server-side apply them on every
+reconcile without churn. StrictUndefined turns a missing value into an error, not an empty field.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import yaml
+
+from toposerve import API_GROUP, API_VERSION
+from toposerve.api.config import OperatorConfig
+from toposerve.api.errors import SpecError
+from toposerve.api.spec import LLMDeploymentSpec
+from toposerve.planner.plan import DeploymentPlan, PoolPlan
+
+ENGINE_PORT = 8000
+MAX_NAME = 42  # children are named <name>-<pool> and must stay valid label values / DNS-1035 names
+LABEL_DEPLOYMENT = "toposerve.io/deployment"
+LABEL_POOL = "toposerve.io/pool"
+LABEL_GPU_TYPE = "toposerve.io/gpu-type"
+LABEL_ENGINE = "toposerve.io/engine"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+ANNOTATION_PLAN = "toposerve.io/plan"
+LWS_EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/exclusive-topology"
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
+    undefined=jinja2.StrictUndefined,
+    keep_trailing_newline=True,
+    autoescape=False,
+)
+_ENV.policies["json.dumps_kwargs"] = {"sort_keys": False}
+_ENV.filters["tojson"] = lambda v: json.dumps(v)
+
+
+@dataclass
+class Owner:
+    """The LLMDeployment that owns the children (for garbage collection)."""
+
+    name: str
+    uid: str
+
+    def reference(self) -> dict[str, Any]:
+        return {
+            "apiVersion": f"{API_GROUP}/{API_VERSION}",
+            "kind": "LLMDeployment",
+            "name": self.name,
+            "uid": self.uid,
+            "controller": True,
+            "blockOwnerDeletion": True,
+        }
+
+
+@dataclass
+class _Ctx:
+    """Values one template needs; a dataclass so a typo is an AttributeError, not a silent blank."""
+
+    object_name: str
+    namespace: str
+    labels: dict[str, str]
+    annotations: dict[str, str] = field(default_factory=dict)
+    owner_refs: list[dict[str, Any]] = field(default_factory=list)
+    selector: dict[str, str] = field(default_factory=dict)
+    port: int = ENGINE_PORT
+    replicas: int = 0
+    gpu_type: str = ""
+    gpu_product: str = ""
+    gpu_requests: bool = True
+    gpus_per_pod: int = 0
+    nodes: int = 1
+    spot: bool = False
+    capacity_label: str = ""
+    node_selector: dict[str, str] = field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = field(default_factory=list)
+    image: str = ""
+    command: list[str] = field(default_factory=list)
+    leader_args: list[str] = field(default_factory=list)
+    worker_args: list[str] = field(default_factory=list)
+    requests: dict[str, str] = field(default_factory=dict)
+    limits: dict[str, str] = field(default_factory=dict)
+    pod_labels: dict[str, str] = field(default_factory=dict)
+    worker_labels: dict[str, str] = field(default_factory=dict)
+    pod_annotations: dict[str, str] = field(default_factory=dict)
+    lws_annotations: dict[str, str] = field(default_factory=dict)
+    topology_key: str = ""
+    hf_token_secret: str | None = None
+    grace_seconds: int = 120
+    startup_failure_threshold: int = 180
+    shm_size: str = "16Gi"
+
+
+def _render(template: str, ctx: _Ctx) -> dict[str, Any]:
+    text = _ENV.get_template(template).render(c=ctx)
+    obj = yaml.safe_load(text)
+    if not isinstance(obj, dict):
+        raise ValueError(f"template {template} did not render a mapping")
+    return obj
+
+
+def common_labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "llmdeployment",
+        "app.kubernetes.io/instance": name,
+        "app.kubernetes.io/managed-by": "toposerve",
+        "app.kubernetes.io/part-of": "toposerve",
+        LABEL_DEPLOYMENT: name,
+    }
+
+
+def engine_selector(name: str) -> dict[str, str]:
+    """Labels of every serving pod of a deployment (the scale subresource's selector)."""
+    return {LABEL_DEPLOYMENT: name, LABEL_COMPONENT: "engine"}
+
+
+def selector_string(name: str) -> str:
+    return ",".join(f"{k}={v}" for k, v in engine_selector(name).items())
+
+
+def engine_service_name(name: str) -> str:
+    return f"{name}-engine"
+
+
+def _tolerations(spec: LLMDeploymentSpec, plan: PoolPlan, config: OperatorConfig) -> list[dict[str, Any]]:
+    tols: list[dict[str, Any]] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    if plan.spot:
+        tols.append(
+            {"key": config.capacity_type_label, "operator": "Equal", "value": "spot", "effect": "NoSchedule"}
+        )
+    for t in spec.placement.tolerations:
+        tols.append(t.model_dump(by_alias=True, exclude_none=True))
+    return tols
+
+
+def _vllm_leader(plan: PoolPlan) -> tuple[list[str], list[str], list[str]]:
+    """(command, leader args, worker args) for vLLM; multi-node replicas start a Ray cluster first."""
+    serve = ["vllm", "serve", *plan.vllm_args, "--port", str(ENGINE_PORT)]
+    if plan.nodes_per_replica <= 1:
+        return ["vllm", "serve"], serve[2:], []
+    leader = f"ray start --head --port=6379 && exec {shlex.join(serve)}"
+    worker = "exec ray start --address=$(LWS_LEADER_ADDRESS):6379 --block"
+    return ["/bin/bash", "-c"], [leader], [worker]
+
+
+def _mock_args(plan: PoolPlan, served: str) -> list[str]:
+    assert plan.gpu_type is not None
+    return [
+        "--host", "$(POD_IP)",
+        "--port", str(ENGINE_PORT),
+        "--model", served,
+        "--gpu-type", plan.gpu_type,
+        "--tensor-parallel-size", str(plan.tensor_parallel),
+        "--max-model-len", str(plan.max_context_length),
+    ]  # fmt: skip
+
+
+def plan_summary(plan: PoolPlan) -> str:
+    """A compact, stable JSON of what was decided, stored as an annotation for `kubectl describe`."""
+    keep = ("gpu_type", "tensor_parallel", "pipeline_parallel", "context_parallel", "expert_parallel",
+            "gpus_per_replica", "nodes_per_replica", "kv_cache_tokens_per_replica", "max_context_length")  # fmt: skip
+    return json.dumps(plan.model_dump(include=set(keep), by_alias=True), sort_keys=True)
+
+
+def render_pool(
+    name: str,
+    namespace: str,
+    spec: LLMDeploymentSpec,
+    dplan: DeploymentPlan,
+    plan: PoolPlan,
+    config: OperatorConfig,
+    owner: Owner | None = None,
+) -> list[dict[str, Any]]:
+    """The workload (Deployment or LeaderWorkerSet) and PodDisruptionBudget of one pool."""
+    if not plan.fits or plan.gpu_type is None:
+        return []
+    catalog = config.catalog()
+    gpu = catalog.get(plan.gpu_type)
+    mock = dplan.engine == "mock"
+    base = common_labels(name)
+    pool_sel = {LABEL_DEPLOYMENT: name, LABEL_POOL: plan.name}
+    labels = {**base, LABEL_POOL: plan.name, LABEL_GPU_TYPE: plan.gpu_type, LABEL_ENGINE: dplan.engine}
+    pod_labels = {**labels, LABEL_COMPONENT: "engine"}
+    # The mock engine simulates a whole replica in one process, so it never needs a LeaderWorkerSet.
+    multi = plan.nodes_per_replica > 1 and not mock
+    worker_args: list[str]
+    if mock:
+        image = config.toposerve_image
+        command, leader_args, worker_args = (
+            ["toposerve", "mock-engine"],
+            _mock_args(plan, dplan.served_name),
+            [],
+        )
+        requests = {"cpu": config.mock_cpu, "memory": config.mock_memory}
+        limits = {"memory": "1Gi"}
+    else:
+        image = spec.serving.image or config.vllm_image
+        command, leader_args, worker_args = _vllm_leader(plan)
+        gpus = str(plan.gpus_per_pod)
+        requests = {
+            "cpu": str(int(float(config.cpu_per_gpu) * plan.gpus_per_pod)),
+            "memory": _scale_quantity(config.memory_per_gpu, plan.gpus_per_pod),
+            "nvidia.com/gpu": gpus,
+        }
+        limits = {"nvidia.com/gpu": gpus}
+    ctx = _Ctx(
+        object_name=f"{name}-{plan.name}",
+        namespace=namespace,
+        labels=labels,
+        annotations={ANNOTATION_PLAN: plan_summary(plan)},
+        owner_refs=[owner.reference()] if owner else [],
+        selector=pool_sel,
+        replicas=plan.replicas,
+        gpu_type=plan.gpu_type,
+        gpu_product=gpu.product,
+        gpu_requests=not mock,
+        gpus_per_pod=plan.gpus_per_pod,
+        nodes=plan.nodes_per_replica,
+        spot=plan.spot,
+        capacity_label=config.capacity_type_label,
+        node_selector=dict(spec.placement.node_selector),
+        tolerations=_tolerations(spec, plan, config),
+        image=image,
+        command=command,
+        leader_args=leader_args,
+        worker_args=worker_args,
+        requests=requests,
+        limits=limits,
+        pod_labels=pod_labels,
+        worker_labels={**labels, LABEL_COMPONENT: "worker"},
+        pod_annotations={
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(ENGINE_PORT),
+            "prometheus.io/path": "/metrics",
+        },
+        lws_annotations={
+            ANNOTATION_PLAN: plan_summary(plan),
+            LWS_EXCLUSIVE_TOPOLOGY: spec.placement.topology_key,
+        },
+        topology_key=spec.placement.topology_key,
+        hf_token_secret=spec.serving.hf_token_secret,
+        grace_seconds=30 if mock else 120,
+        startup_failure_threshold=30 if mock else 180,
+        shm_size="64Mi" if mock else "16Gi",
+    )
+    workload = _render("leaderworkerset.yaml.j2" if multi else "deployment.yaml.j2", ctx)
+    pdb_ctx = _Ctx(
+        object_name=ctx.object_name, namespace=namespace, labels=labels, owner_refs=ctx.owner_refs,
+        selector={**pool_sel, LABEL_COMPONENT: "engine"},
+    )  # fmt: skip
+    return [workload, _render("pdb.yaml.j2", pdb_ctx)]
+
+
+def _scale_quantity(q: str, n: int) -> str:
+    for suffix in ("Ki", "Mi", "Gi", "Ti"):
+        if q.endswith(suffix):
+            return f"{int(float(q[: -len(suffix)]) * n)}{suffix}"
+    return str(int(float(q) * n))
+
+
+def render_deployment(
+    name: str,
+    namespace: str,
+    spec: LLMDeploymentSpec,
+    plan: DeploymentPlan,
+    config: OperatorConfig | None = None,
+    owner: Owner | None = None,
+) -> list[dict[str, Any]]:
+    """Every child object of one LLMDeployment, in apply order."""
+    config = config or OperatorConfig()
+    if len(name) > MAX_NAME:
+        raise SpecError(
+            "metadata.name", f"must be at most {MAX_NAME} characters (children are <name>-<pool>)"
+        )
+    objects: list[dict[str, Any]] = []
+    for pool in plan.pools:
+        objects += render_pool(name, namespace, spec, plan, pool, config, owner)
+    svc = _Ctx(
+        object_name=engine_service_name(name), namespace=namespace,
+        labels={**common_labels(name), LABEL_COMPONENT: "engine"},
+        owner_refs=[owner.reference()] if owner else [], selector=engine_selector(name),
+    )  # fmt: skip
+    objects.append(_render("service.yaml.j2", svc))
+    return objects

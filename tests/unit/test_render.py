@@ -1,0 +1,153 @@
+"""Rendered objects: GPU requests, affinity, vLLM args, LWS for multi-node, mock engine, validity."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import kubernetes_validate
+import pytest
+
+from toposerve.api.errors import SpecError
+from toposerve.planner.plan import plan_deployment
+from toposerve.render.objects import Owner, render_deployment
+
+from .conftest import make_spec
+
+L70 = "meta-llama/Llama-3.1-70B-Instruct"
+L405 = "meta-llama/Llama-3.1-405B-Instruct"
+
+
+def render(spec: Any, name: str = "llm", owner: Owner | None = None) -> list[dict[str, Any]]:
+    return render_deployment(name, "ns1", spec, plan_deployment(name, spec), owner=owner)
+
+
+def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    return [o for o in objs if o["kind"] == kind]
+
+
+def match_expressions(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    return {e["key"]: e for e in terms[0]["matchExpressions"]}
+
+
+def test_single_node_pool_is_a_deployment_with_gpu_requests_and_affinity() -> None:
+    objs = render(make_spec(L70, 131072, ["H100", "A100-80GB"], replicas=3))
+    (dep,) = by_kind(objs, "Deployment")
+    assert dep["metadata"]["name"] == "llm-default" and dep["metadata"]["namespace"] == "ns1"
+    assert dep["spec"]["replicas"] == 3
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    exprs = match_expressions(pod)
+    assert exprs["nvidia.com/gpu.product"]["values"] == ["NVIDIA-H100-80GB-HBM3"]
+    assert exprs["nvidia.com/gpu.count"] == {"key": "nvidia.com/gpu.count", "operator": "Gt", "values": ["3"]}
+    assert exprs["toposerve.io/capacity-type"]["operator"] == "NotIn"
+    args = c["args"]
+    assert args[args.index("--tensor-parallel-size") + 1] == "4"
+    assert args[args.index("--max-model-len") + 1] == "131072"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/health"
+    assert any(v["emptyDir"].get("medium") == "Memory" for v in pod["volumes"])
+    labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert labels["toposerve.io/gpu-type"] == "H100" and labels["toposerve.io/pool"] == "default"
+    assert labels["app.kubernetes.io/component"] == "engine"
+
+
+def test_spot_pool_tolerates_spot_and_drops_the_on_demand_constraint() -> None:
+    objs = render(make_spec(L70, 8192, ["H100"], placement={"spot": True}))
+    pod = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]
+    assert "toposerve.io/capacity-type" not in match_expressions(pod)
+    assert {
+        "key": "toposerve.io/capacity-type",
+        "operator": "Equal",
+        "value": "spot",
+        "effect": "NoSchedule",
+    } in pod["tolerations"]
+
+
+def test_multi_node_pool_is_a_leaderworkerset_in_one_nvlink_domain() -> None:
+    objs = render(make_spec(L405, 131072, ["H100"], placement={"topologyKey": "nvidia.com/gpu.clique"}))
+    assert not by_kind(objs, "Deployment")
+    (lws,) = by_kind(objs, "LeaderWorkerSet")
+    assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
+    assert (
+        lws["metadata"]["annotations"]["leaderworkerset.sigs.k8s.io/exclusive-topology"]
+        == "nvidia.com/gpu.clique"
+    )
+    tmpl = lws["spec"]["leaderWorkerTemplate"]
+    assert tmpl["size"] == 2
+    leader = tmpl["leaderTemplate"]["spec"]["containers"][0]
+    worker = tmpl["workerTemplate"]["spec"]["containers"][0]
+    assert (
+        leader["resources"]["limits"]["nvidia.com/gpu"]
+        == "8"
+        == worker["resources"]["limits"]["nvidia.com/gpu"]
+    )
+    assert "ray start --head" in leader["args"][0] and "--pipeline-parallel-size 2" in leader["args"][0]
+    assert "LWS_LEADER_ADDRESS" in worker["args"][0]
+    assert "readinessProbe" in leader and "readinessProbe" not in worker
+
+
+def test_mock_engine_renders_the_same_objects_without_gpus() -> None:
+    objs = render(make_spec(L70, 8192, ["H100"], engine="mock"))
+    dep = by_kind(objs, "Deployment")[0]
+    pod = dep["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    assert c["image"].startswith("ghcr.io/toposerve/toposerve:")
+    assert c["command"] == ["toposerve", "mock-engine"]
+    assert (
+        "nvidia.com/gpu" not in c["resources"]["requests"]
+        and "nvidia.com/gpu" not in c["resources"]["limits"]
+    )
+    assert c["args"][c["args"].index("--gpu-type") + 1] == "H100"
+    assert c["args"][c["args"].index("--host") + 1] == "$(POD_IP)"
+    assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["nodeAffinity"]
+    assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+
+
+def test_heterogeneous_pools_render_one_workload_each_and_one_service() -> None:
+    spec = make_spec(
+        L70, 32768, replicas=3,
+        pools=[{"name": "h100", "gpuTypes": ["H100"], "weight": 2},
+               {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "weight": 1}],
+    )  # fmt: skip
+    objs = render(spec)
+    deps = {d["metadata"]["name"]: d for d in by_kind(objs, "Deployment")}
+    assert set(deps) == {"llm-h100", "llm-a100"}
+    assert deps["llm-h100"]["spec"]["replicas"] == 2 and deps["llm-a100"]["spec"]["replicas"] == 1
+    (svc,) = by_kind(objs, "Service")
+    assert svc["spec"]["selector"] == {
+        "toposerve.io/deployment": "llm",
+        "app.kubernetes.io/component": "engine",
+    }
+    assert len(by_kind(objs, "PodDisruptionBudget")) == 2
+
+
+def test_owner_references_on_every_child() -> None:
+    objs = render(make_spec(L70, 8192, ["H100"]), owner=Owner(name="llm", uid="1234"))
+    for o in objs:
+        (ref,) = o["metadata"]["ownerReferences"]
+        assert ref["uid"] == "1234" and ref["kind"] == "LLMDeployment" and ref["controller"] is True
+
+
+def test_names_too_long_for_children_are_rejected() -> None:
+    with pytest.raises(SpecError) as e:
+        render(make_spec(L70, 8192, ["H100"]), name="x" * 43)
+    assert e.value.field == "metadata.name"
+
+
+def test_rendering_is_deterministic() -> None:
+    spec = make_spec(L70, 8192, ["H100"])
+    assert render(spec) == render(spec)
+
+
+@pytest.mark.parametrize("engine", ["vllm", "mock"])
+def test_rendered_core_objects_validate_against_the_kubernetes_schema(engine: str) -> None:
+    spec = make_spec(
+        L70, 32768, engine=engine,
+        pools=[{"name": "h100", "gpuTypes": ["H100"]}, {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4"}],
+        placement={"tolerations": [{"key": "team", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]},
+    )  # fmt: skip
+    for obj in render(spec, owner=Owner(name="llm", uid="u")):
+        kubernetes_validate.validate(obj, "1.32", strict=True)
