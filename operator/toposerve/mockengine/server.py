@@ -139,6 +139,7 @@ class Engine:
         self._handles: dict[str, _Handle] = {}
         self._ids = itertools.count()
         self.draining = False
+        self.crashed = False
         self.inflight = 0
         self.steps = 0
 
@@ -149,6 +150,17 @@ class Engine:
             self.sim_now = max(self.sim_now, (self._clock() - self._t0) / self.cfg.time_scale)
 
     async def run(self) -> None:
+        """The engine loop; if it ever crashes the engine turns unready, like a dead vLLM worker."""
+        try:
+            await self._loop()
+        except Exception:
+            log.exception("engine loop crashed; reporting unready")
+            self.crashed = True
+            for h in self._handles.values():
+                h.done = True
+                h.event.set()
+
+    async def _loop(self) -> None:
         sched = self.scheduler
         while True:
             if not sched.has_work:
@@ -174,6 +186,8 @@ class Engine:
                 await self._wake.wait()
 
     def submit(self, params: GenerationParams) -> _Handle:
+        if self.crashed:
+            raise APIError(500, "the engine loop has crashed")
         if self.draining:
             raise APIError(503, "the engine is shutting down")
         if len(self.scheduler.waiting) >= self.cfg.max_waiting:
@@ -305,6 +319,8 @@ async def _unary(
             _kill_connection(request)
             raise asyncio.CancelledError  # the connection is gone; nothing to send
     req = h.req
+    if not req.finished:  # the engine loop crashed under it
+        raise APIError(500, "the engine loop has crashed")
     u = usage(len(req.prompt_ids), len(req.output_ids), max(req.num_cached_tokens, 0))
     body = completion_body(
         chat,
@@ -351,6 +367,9 @@ async def _stream(
                 _kill_connection(request)
                 raise asyncio.CancelledError
             if h.done:
+                if not req.finished:  # the engine loop crashed: end the stream without [DONE]
+                    _kill_connection(request)
+                    raise asyncio.CancelledError
                 break
         tail = fmt.finish(req.finish_reason or "stop")
         if params.include_usage:
@@ -390,7 +409,7 @@ async def models(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    if engine.draining or engine.faults.config.unready:
+    if engine.draining or engine.crashed or engine.faults.config.unready:
         return web.Response(status=503)
     return web.Response(status=200)
 

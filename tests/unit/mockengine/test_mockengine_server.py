@@ -539,3 +539,17 @@ def test_cli_accepts_the_renderer_flags_and_defaults_model_an_h100_8b() -> None:
     assert d.faults == FaultConfig(fail_rate=0.1, slowdown=2.0)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["mock-engine", "--fail-rate", "1.5"])
+
+
+async def test_engine_loop_crash_turns_the_engine_unready(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serve() as srv, aiohttp.ClientSession() as s:
+        assert srv.engine is not None
+
+        def boom(now: float) -> Any:
+            raise RuntimeError("simulated engine bug")
+
+        monkeypatch.setattr(srv.engine.scheduler, "step", boom)
+        st, b = await post(s, srv.url + "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert_error(st, b, 500, "InternalServerError")
+        async with s.get(srv.url + "/health") as r:
+            assert r.status == 503
