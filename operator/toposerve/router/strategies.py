@@ -58,7 +58,7 @@ R_AUTO_PREFIX = "auto_prefix"
 R_AUTO_SESSION = "auto_session"
 R_AUTO_LOAD = "auto_load"
 
-DEFAULT_BLOCK_CHARS = 64  # ~16 tokens: fine enough to find a shared system prompt, cheap to hash
+DEFAULT_BLOCK_CHARS = 128  # ~25-30 tokens: fine enough for routing, cheap to hash on the hot path
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,22 +229,21 @@ class PrefixIndex:
         """Number of leading blocks of `hashes` each backend is believed to hold."""
         result = dict.fromkeys(backends, 0)
         alive = set(backends)
+        m = self._map
         for i, h in enumerate(hashes):
-            entry = self._map.get(h)
+            entry = m.get(h)
             if entry is None:
-                break
-            still = {b for b in alive if b in entry}
-            for b in alive - still:
-                result[b] = i
-            alive = still
-            if not alive:
-                break
-        else:
-            for b in alive:
-                result[b] = len(hashes)
-            return result
+                for b in alive:
+                    result[b] = i
+                return result
+            if not entry.keys() >= alive:  # the common case (nobody drops out) stays in C
+                for b in alive - entry.keys():
+                    result[b] = i
+                alive &= entry.keys()
+                if not alive:
+                    return result
         for b in alive:
-            result[b] = i
+            result[b] = len(hashes)
         return result
 
     def forget(self, backend: str) -> None:
@@ -342,18 +341,37 @@ def _session(cands: Sequence[BackendState], req: Request, mem: RoutingMemory, no
 
 
 def auto_scores(
-    cands: Sequence[BackendState], req: Request, mem: RoutingMemory, cfg: Config, now: float
+    cands: Sequence[BackendState],
+    req: Request,
+    mem: RoutingMemory,
+    cfg: Config,
+    now: float,
+    matches: Mapping[str, int] | None = None,
 ) -> dict[str, float]:
-    """The `auto` scorer: each signal normalised to [0, 1] across candidates, then weighted."""
+    """The `auto` scorer: each signal normalised to [0, 1] across candidates, then weighted.
+
+    Prefix affinity is scored by the prefill work it saves (prompt tokens a backend would not
+    have to recompute, relative to the worst candidate), not by the matched fraction: with a
+    shared system prompt every backend matches most of the prompt, and what matters is the
+    conversation history only one of them holds. The same uncached estimate feeds the load term.
+    """
     n_blocks = len(req.block_hashes)
-    matches = mem.prefix.match(req.block_hashes, [b.id for b in cands]) if n_blocks else {}
-    loads = {b.id: _weighted_token_load(b, req) for b in cands}
+    if matches is None:
+        matches = mem.prefix.match(req.block_hashes, [b.id for b in cands]) if n_blocks else {}
+    uncached = {
+        b.id: req.prompt_tokens * (1.0 - matches.get(b.id, 0) / n_blocks)
+        if n_blocks
+        else float(req.prompt_tokens)
+        for b in cands
+    }
+    worst = max(uncached.values(), default=0.0)
+    loads = {b.id: (b.pending_tokens + uncached[b.id] + req.max_tokens) / max(b.weight, 1e-9) for b in cands}
     max_load = max(loads.values(), default=0.0)
     max_wait = max((b.waiting for b in cands), default=0)
     bound = mem.sessions.get(req.session_id, now) if req.session_id else None
     scores: dict[str, float] = {}
     for b in cands:
-        prefix = matches.get(b.id, 0) / n_blocks if n_blocks else 0.0
+        prefix = (worst - uncached[b.id]) / worst if worst > 0 else 0.0
         load = 1.0 - loads[b.id] / max_load if max_load > 0 else 1.0
         kv = 1.0 - min(max(b.kv_usage, 0.0), 1.0)
         queue = 1.0 - b.waiting / max_wait if max_wait > 0 else 1.0
@@ -373,9 +391,10 @@ def _auto(
 ) -> Decision:
     caps = bounded_caps(cands, cfg)
     under = [b for b in cands if b.in_flight + 1 <= caps[b.id]]
-    scores = auto_scores(under, req, mem, cfg, now)
+    matches = mem.prefix.match(req.block_hashes, [b.id for b in under]) if req.block_hashes else {}
+    scores = auto_scores(under, req, mem, cfg, now, matches)
     chosen = _argmin(under, {k: -v for k, v in scores.items()}, mem.counter)
-    matched = mem.prefix.match(req.block_hashes, [chosen.id])[chosen.id] if req.block_hashes else 0
+    matched = matches.get(chosen.id, 0)
     bound = mem.sessions.get(req.session_id, now) if req.session_id else None
     if bound == chosen.id:
         reason = R_AUTO_SESSION

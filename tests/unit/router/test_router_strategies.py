@@ -70,6 +70,29 @@ def test_prefix_index_is_lru_bounded() -> None:
     assert idx.match(h, ["b"]) == {"b": 0}
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    inserts=st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 3), st.integers(0, 12)), max_size=20),
+    query=st.tuples(st.integers(0, 3), st.integers(0, 12)),
+    capacity=st.integers(1, 40),
+)
+def test_prefix_match_equals_brute_force(
+    inserts: list[tuple[str, int, int]], query: tuple[int, int], capacity: int
+) -> None:
+    """The optimised scan agrees with the definition: leading blocks whose entry holds the backend."""
+    chains = [s.block_hashes(f"{k}" * 64 * 12 + "z" * 64 * k, 64) for k in range(4)]
+    idx = s.PrefixIndex(capacity=capacity)
+    for backend, chain, length in inserts:
+        idx.insert(chains[chain][:length], backend, 0.0)
+    hashes = chains[query[0]][: query[1]]
+    got = idx.match(hashes, ["a", "b", "c"])
+    for b in "abc":
+        n = 0
+        while n < len(hashes) and b in idx._map.get(hashes[n], {}):
+            n += 1
+        assert got[b] == n
+
+
 def test_session_table_ttl_and_bound() -> None:
     t = s.SessionTable(max_sessions=2)
     t.bind("u1", "b1", now=0.0, ttl=10)
@@ -173,7 +196,7 @@ def test_prefix_aware_longer_match_beats_shorter() -> None:
     mem.prefix.insert(s.block_hashes(system), "a", 0)
     mem.prefix.insert(s.block_hashes(system + "H" * 640), "b", 0)
     d = s.choose(s.PREFIX_AWARE, req(text=system + "H" * 640 + "new turn"), bs, mem, CFG, 0)
-    assert d is not None and d.backend == "b" and d.matched_blocks == 20
+    assert d is not None and d.backend == "b" and d.matched_blocks == len(s.block_hashes(system + "H" * 640))
 
 
 def test_prefix_aware_hot_prefix_spills_when_over_bounded_load() -> None:
