@@ -44,6 +44,12 @@ def _cmd_mock_engine(args: argparse.Namespace) -> int:
     return mock_cli.run(args)
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    from toposerve.commands import run
+
+    return run.run(args)
+
+
 def _cmd_router(args: argparse.Namespace) -> int:
     from toposerve.router import cli as router_cli
 
@@ -75,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     sc = sub.add_parser("crd", help="print the LLMDeployment CustomResourceDefinition (generated)")
     sc.set_defaults(func=_cmd_crd)
+
+    sr2 = sub.add_parser("run", help="run the operator (kopf) against the current cluster")
+    from toposerve.commands import run as run_cmd
+
+    run_cmd.add_arguments(sr2)
+    sr2.set_defaults(func=_cmd_run)
 
     sm = sub.add_parser("mock-engine", help="run the CPU mock of the vLLM OpenAI server")
     from toposerve.mockengine import cli as mock_cli

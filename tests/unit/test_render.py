@@ -9,7 +9,7 @@ import pytest
 
 from toposerve.api.errors import SpecError
 from toposerve.planner.plan import plan_deployment
-from toposerve.render.objects import Owner, render_deployment
+from toposerve.render.objects import Owner, render_deployment, workload_name
 
 from .conftest import make_spec
 
@@ -35,7 +35,7 @@ def match_expressions(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def test_single_node_pool_is_a_deployment_with_gpu_requests_and_affinity() -> None:
     objs = render(make_spec(L70, 131072, ["H100", "A100-80GB"], replicas=3))
     (dep,) = by_kind(objs, "Deployment")
-    assert dep["metadata"]["name"] == "llm-default" and dep["metadata"]["namespace"] == "ns1"
+    assert dep["metadata"]["name"] == "llm-default-h100" and dep["metadata"]["namespace"] == "ns1"
     assert dep["spec"]["replicas"] == 3
     pod = dep["spec"]["template"]["spec"]
     (c,) = pod["containers"]
@@ -114,8 +114,10 @@ def test_heterogeneous_pools_render_one_workload_each_and_one_service() -> None:
     )  # fmt: skip
     objs = render(spec)
     deps = {d["metadata"]["name"]: d for d in by_kind(objs, "Deployment")}
-    assert set(deps) == {"llm-h100", "llm-a100"}
-    assert deps["llm-h100"]["spec"]["replicas"] == 2 and deps["llm-a100"]["spec"]["replicas"] == 1
+    assert set(deps) == {"llm-h100-h100", "llm-a100-a100-40gb"}
+    assert (
+        deps["llm-h100-h100"]["spec"]["replicas"] == 2 and deps["llm-a100-a100-40gb"]["spec"]["replicas"] == 1
+    )
     (svc,) = by_kind(objs, "Service")
     assert svc["spec"]["selector"] == {
         "toposerve.io/deployment": "llm",
@@ -135,6 +137,15 @@ def test_names_too_long_for_children_are_rejected() -> None:
     with pytest.raises(SpecError) as e:
         render(make_spec(L70, 8192, ["H100"]), name="x" * 43)
     assert e.value.field == "metadata.name"
+
+
+def test_workload_names_stay_short_and_unique() -> None:
+    a, b = (
+        workload_name("x" * 42, "p" * 20, "A100-80GB"),
+        workload_name("x" * 42, "p" * 19 + "q", "A100-80GB"),
+    )
+    assert len(a) <= 52 and len(b) <= 52 and a != b
+    assert workload_name("llm", "default", "A100-80GB") == "llm-default-a100-80gb"
 
 
 def test_rendering_is_deterministic() -> None:

@@ -30,6 +30,14 @@ class Condition(_Status):
     )
 
 
+class Placement(_Status):
+    """Replicas of a pool on one GPU type (more than one while GPU fallback is active)."""
+
+    gpu_type: str = Field(description="GPU type.")
+    replicas: int = Field(default=0, description="Desired replicas on this GPU type.")
+    ready_replicas: int = Field(default=0, description="Ready replicas on this GPU type.")
+
+
 class PoolStatus(_Status):
     """What one pool was planned to and how far it got."""
 
@@ -47,6 +55,9 @@ class PoolStatus(_Status):
     ready_replicas: int = Field(default=0, description="Ready replicas of this pool.")
     pending_reason: str | None = Field(default=None, description="Why replicas are not placed, if any.")
     cost_per_hour: float | None = Field(default=None, description="USD per hour for the desired replicas.")
+    placements: list[Placement] = Field(
+        default_factory=list, description="Replicas per GPU type, preferred first (fallback splits a pool)."
+    )
 
 
 class LLMDeploymentStatus(_Status):
@@ -63,8 +74,9 @@ class LLMDeploymentStatus(_Status):
     selector: str | None = Field(
         default=None, description="Label selector of the serving pods (scale subresource)."
     )
-    engine: str | None = Field(
-        default=None, description="Engine in use (vllm or mock) and why, if chosen by auto."
+    engine: str | None = Field(default=None, description="Engine in use: vllm or mock.")
+    engine_reason: str | None = Field(
+        default=None, description="Why this engine (engine auto decides by the cluster's GPU nodes)."
     )
     endpoint: str | None = Field(
         default=None, description="URL of the serving Service (the router when enabled)."

@@ -8,6 +8,7 @@ reconcile without churn. StrictUndefined turns a missing value into an error, no
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 from dataclasses import dataclass, field
@@ -130,6 +131,19 @@ def engine_service_name(name: str) -> str:
     return f"{name}-engine"
 
 
+def workload_name(name: str, pool: str, gpu_type: str) -> str:
+    """``<name>-<pool>-<gpu>``, one workload per GPU type so fallback can split a pool.
+
+    Kept <= 52 characters (LeaderWorkerSet puts the name in labels and pod hostnames, which must stay
+    <= 63 with its suffixes); longer names are cut and made unique with a short hash.
+    """
+    slug = gpu_type.lower().replace(".", "-").replace("_", "-")
+    base = f"{name}-{pool}-{slug}"
+    if len(base) <= 52:
+        return base
+    return f"{base[:46].rstrip('-')}-{hashlib.sha1(base.encode()).hexdigest()[:5]}"
+
+
 def _tolerations(spec: LLMDeploymentSpec, plan: PoolPlan, config: OperatorConfig) -> list[dict[str, Any]]:
     tols: list[dict[str, Any]] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if plan.spot:
@@ -186,7 +200,7 @@ def render_pool(
     gpu = catalog.get(plan.gpu_type)
     mock = dplan.engine == "mock"
     base = common_labels(name)
-    pool_sel = {LABEL_DEPLOYMENT: name, LABEL_POOL: plan.name}
+    pool_sel = {LABEL_DEPLOYMENT: name, LABEL_POOL: plan.name, LABEL_GPU_TYPE: plan.gpu_type}
     labels = {**base, LABEL_POOL: plan.name, LABEL_GPU_TYPE: plan.gpu_type, LABEL_ENGINE: dplan.engine}
     pod_labels = {**labels, LABEL_COMPONENT: "engine"}
     # The mock engine simulates a whole replica in one process, so it never needs a LeaderWorkerSet.
@@ -212,7 +226,7 @@ def render_pool(
         }
         limits = {"nvidia.com/gpu": gpus}
     ctx = _Ctx(
-        object_name=f"{name}-{plan.name}",
+        object_name=workload_name(name, plan.name, plan.gpu_type),
         namespace=namespace,
         labels=labels,
         annotations={ANNOTATION_PLAN: plan_summary(plan)},

@@ -1,0 +1,202 @@
+"""Compute an LLMDeployment's status from what was planned and what was observed (pure).
+
+Conditions follow the Kubernetes conventions: Ready, Progressing, Degraded, Schedulable, each with
+a CamelCase reason, a human message and its own observedGeneration; lastTransitionTime only moves
+when the status value flips, so writing the same status twice is a no-op for the API server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from toposerve.api.status import Condition, LLMDeploymentStatus, Placement, PoolStatus
+
+
+@dataclass(frozen=True)
+class PlacementObs:
+    gpu_type: str
+    replicas: int
+    ready: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    context_parallel: int
+    gpus_per_replica: int
+    nodes_per_replica: int
+    cost_per_hour_per_replica: float
+
+
+@dataclass(frozen=True)
+class PoolObs:
+    name: str
+    fits: bool
+    reason: str | None = None  # why it does not fit
+    placements: Sequence[PlacementObs] = ()
+    unschedulable: Sequence[str] = ()  # scheduler messages
+    stuck: int = 0
+    blocked: str | None = None  # e.g. LeaderWorkerSet missing
+
+
+@dataclass(frozen=True)
+class Observation:
+    generation: int
+    replicas: int
+    selector: str
+    endpoint: str | None
+    engine: str
+    engine_reason: str
+    pools: Sequence[PoolObs] = ()
+    invalid: str | None = None  # SpecError text
+    moves: Sequence[str] = field(default_factory=tuple)
+
+
+def _cond(
+    kind: str, ok: bool, reason: str, message: str, gen: int, now: str, previous: dict[str, dict[str, Any]]
+) -> Condition:
+    status = "True" if ok else "False"
+    prev = previous.get(kind)
+    since = prev.get("lastTransitionTime") if prev and prev.get("status") == status else None
+    return Condition(
+        type=kind,
+        status=status,
+        reason=reason,
+        message=message,
+        last_transition_time=since or now,
+        observed_generation=gen,
+    )
+
+
+def compute_status(
+    obs: Observation, previous_conditions: Sequence[dict[str, Any]], now: str
+) -> LLMDeploymentStatus:
+    """The full status for one observation; ``now`` is an RFC 3339 timestamp."""
+    prev = {str(c.get("type")): dict(c) for c in previous_conditions}
+    gen = obs.generation
+    conds: list[Condition]
+    if obs.invalid:
+        msg = obs.invalid
+        conds = [
+            _cond("Ready", False, "InvalidSpec", msg, gen, now, prev),
+            _cond("Progressing", False, "InvalidSpec", "fix the spec to continue", gen, now, prev),
+            _cond("Degraded", True, "InvalidSpec", msg, gen, now, prev),
+            _cond("Schedulable", False, "InvalidSpec", msg, gen, now, prev),
+        ]
+        return LLMDeploymentStatus(
+            observed_generation=gen,
+            conditions=conds,
+            replicas=obs.replicas,
+            ready_replicas=0,
+            selector=obs.selector,
+        )
+    pools: list[PoolStatus] = []
+    ready_total = 0
+    for p in obs.pools:
+        desired = sum(pl.replicas for pl in p.placements)
+        ready = sum(min(pl.ready, pl.replicas) for pl in p.placements)
+        ready_total += ready
+        primary = next(
+            (pl for pl in p.placements if pl.replicas > 0), p.placements[0] if p.placements else None
+        )
+        pending = None
+        if p.blocked:
+            pending = p.blocked
+        elif not p.fits:
+            pending = p.reason
+        elif p.unschedulable:
+            pending = p.unschedulable[0]
+        pools.append(
+            PoolStatus(
+                name=p.name,
+                gpu_type=primary.gpu_type if primary else None,
+                fits=p.fits,
+                tensor_parallel=primary.tensor_parallel if primary else None,
+                pipeline_parallel=primary.pipeline_parallel if primary else None,
+                context_parallel=primary.context_parallel if primary else None,
+                gpus_per_replica=primary.gpus_per_replica if primary else None,
+                nodes_per_replica=primary.nodes_per_replica if primary else None,
+                replicas=desired,
+                ready_replicas=ready,
+                pending_reason=pending,
+                cost_per_hour=round(
+                    sum(pl.cost_per_hour_per_replica * pl.replicas for pl in p.placements), 4
+                ),
+                placements=[
+                    Placement(
+                        gpu_type=pl.gpu_type, replicas=pl.replicas, ready_replicas=min(pl.ready, pl.replicas)
+                    )
+                    for pl in p.placements
+                    if pl.replicas > 0 or pl.ready > 0
+                ],
+            )
+        )
+    unfit = [p for p in obs.pools if not p.fits]
+    blocked = [p for p in obs.pools if p.blocked]
+    unsched = [m for p in obs.pools for m in p.unschedulable]
+    fallback = [
+        p.name
+        for p in obs.pools
+        if p.placements and p.placements[0].replicas < sum(x.replicas for x in p.placements)
+    ]
+    total = obs.replicas
+    if unfit and len(unfit) == len(obs.pools):
+        ready_c = _cond("Ready", False, "DoesNotFit", unfit[0].reason or "no GPU type fits", gen, now, prev)
+    elif blocked and len(blocked) == len(obs.pools):
+        ready_c = _cond("Ready", False, "LeaderWorkerSetRequired", blocked[0].blocked or "", gen, now, prev)
+    elif total == 0:
+        ready_c = _cond("Ready", True, "ScaledToZero", "spec.replicas is 0", gen, now, prev)
+    elif ready_total >= total:
+        ready_c = _cond(
+            "Ready", True, "AllReplicasReady", f"{ready_total}/{total} replicas ready", gen, now, prev
+        )
+    else:
+        ready_c = _cond(
+            "Ready", False, "ReplicasNotReady", f"{ready_total}/{total} replicas ready", gen, now, prev
+        )
+    settling = ready_total < total and not (unfit or blocked) and not any(p.stuck for p in obs.pools)
+    if settling:
+        prog = _cond(
+            "Progressing", True, "ReplicasStarting", f"{ready_total}/{total} replicas ready", gen, now, prev
+        )
+    elif unsched:
+        prog = _cond("Progressing", False, "Unschedulable", unsched[0], gen, now, prev)
+    else:
+        prog = _cond("Progressing", False, "Reconciled", "children match the plan", gen, now, prev)
+    problems = []
+    if unfit:
+        problems.append(("DoesNotFit", "; ".join(f"pool {p.name}: {p.reason}" for p in unfit)))
+    if blocked:
+        problems.append(
+            ("LeaderWorkerSetRequired", "; ".join(f"pool {p.name}: {p.blocked}" for p in blocked))
+        )
+    if fallback:
+        problems.append(("FallbackActive", f"pools on a fallback GPU type: {', '.join(fallback)}"))
+    if problems:
+        degraded = _cond("Degraded", True, problems[0][0], "; ".join(m for _, m in problems), gen, now, prev)
+    else:
+        degraded = _cond(
+            "Degraded", False, "AsPlanned", "every pool runs on its preferred GPU type", gen, now, prev
+        )
+    if unsched:
+        sched = _cond("Schedulable", False, "Unschedulable", unsched[0], gen, now, prev)
+    else:
+        sched = _cond(
+            "Schedulable", True, "Scheduled", "no serving pod is waiting for capacity", gen, now, prev
+        )
+    placed = [pl for p in pools for pl in p.placements if pl.replicas > 0]
+    gpu_types = ",".join(dict.fromkeys(pl.gpu_type for pl in placed)) or None
+    first = next((p for p in pools if p.tensor_parallel), None)
+    return LLMDeploymentStatus(
+        observed_generation=gen,
+        conditions=[ready_c, prog, degraded, sched],
+        replicas=total,
+        ready_replicas=ready_total,
+        selector=obs.selector,
+        engine=obs.engine,
+        engine_reason=obs.engine_reason,
+        endpoint=obs.endpoint,
+        gpu_types=gpu_types,
+        parallelism=f"{first.tensor_parallel}/{first.pipeline_parallel}" if first else None,
+        pools=pools,
+        cost_per_hour=round(sum(p.cost_per_hour or 0 for p in pools), 4),
+    )

@@ -1,0 +1,192 @@
+"""A thin Kubernetes client for the operator: server-side apply, list, delete, status, events.
+
+Built on the official client's ``ApiClient.call_api`` so one code path serves every kind by URL
+(no per-kind API classes), and server-side apply is a plain PATCH with
+``application/apply-patch+yaml``, one field manager, forced: the operator owns the fields it sets
+and nobody else's. The client is synchronous; callers run it in a thread (``asyncio.to_thread``).
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from toposerve import API_GROUP, API_VERSION
+
+FIELD_MANAGER = "toposerve"
+LLMD_PLURAL = "llmdeployments"
+
+# (apiVersion, kind) -> plural, for every kind the operator writes or reads.
+PLURALS: dict[tuple[str, str], str] = {
+    ("apps/v1", "Deployment"): "deployments",
+    ("v1", "Service"): "services",
+    ("v1", "Pod"): "pods",
+    ("v1", "Node"): "nodes",
+    ("v1", "Event"): "events",
+    ("policy/v1", "PodDisruptionBudget"): "poddisruptionbudgets",
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkersets",
+    (f"{API_GROUP}/{API_VERSION}", "LLMDeployment"): LLMD_PLURAL,
+    ("coordination.k8s.io/v1", "Lease"): "leases",
+}
+CHILD_KINDS: list[tuple[str, str]] = [
+    ("apps/v1", "Deployment"),
+    ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"),
+    ("policy/v1", "PodDisruptionBudget"),
+    ("v1", "Service"),
+]
+LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
+
+
+def path(api_version: str, kind: str, namespace: str | None, name: str | None = None, sub: str = "") -> str:
+    plural = PLURALS[(api_version, kind)]
+    root = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    p = f"{root}/namespaces/{namespace}/{plural}" if namespace else f"{root}/{plural}"
+    if name:
+        p += f"/{name}"
+    if sub:
+        p += f"/{sub}"
+    return p
+
+
+def load_client(kubeconfig: str | None = None) -> client.ApiClient:
+    """In-cluster config when running in a pod, else the kubeconfig (KUBECONFIG or ~/.kube/config)."""
+    try:
+        config.load_incluster_config()  # type: ignore[no-untyped-call]
+        return client.ApiClient()
+    except config.ConfigException:
+        api: client.ApiClient = config.new_client_from_config(config_file=kubeconfig)  # type: ignore[no-untyped-call]
+        return api
+
+
+class Kube:
+    """Generic verbs over the REST paths above."""
+
+    def __init__(self, api: client.ApiClient, timeout: float = 30.0) -> None:
+        self.api = api
+        self.timeout = timeout
+        self.identity = socket.gethostname()
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        body: Any = None,
+        content_type: str = "application/json",
+        query: list[tuple[str, Any]] | None = None,
+    ) -> Any:
+        """One REST call; the JSON answer as plain data, or ApiException for a non-2xx status."""
+        headers = {"Accept": "application/json", "Content-Type": content_type}
+        if body is not None and content_type.endswith("+yaml"):
+            body = json.dumps(body)  # JSON is YAML: the client then sends the text as is
+        method, full_url, headers, body, _ = self.api.param_serialize(
+            method=method,
+            resource_path=url,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api.call_api(
+            method, full_url, header_params=headers, body=body, _request_timeout=self.timeout
+        )
+        data = resp.read()  # type: ignore[no-untyped-call]
+        text = data.decode() if isinstance(data, bytes) else (data or "")
+        if not 200 <= resp.status < 300:
+            raise ApiException.from_response(http_resp=resp, body=text, data=None)
+        return json.loads(text) if text else {}
+
+    def get(self, api_version: str, kind: str, namespace: str | None, name: str) -> dict[str, Any] | None:
+        try:
+            return dict(self.request("GET", path(api_version, kind, namespace, name)))
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def list(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        selector: str | None = None,
+        fields: str | None = None,
+    ) -> list[dict[str, Any]]:
+        query: list[tuple[str, Any]] = []
+        if selector:
+            query.append(("labelSelector", selector))
+        if fields:
+            query.append(("fieldSelector", fields))
+        try:
+            out = self.request("GET", path(api_version, kind, namespace), query=query)
+        except ApiException as e:
+            if e.status == 404:  # kind not served (e.g. LeaderWorkerSet CRD absent)
+                return []
+            raise
+        return list(out.get("items") or [])
+
+    def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
+        meta = obj["metadata"]
+        url = path(obj["apiVersion"], obj["kind"], meta.get("namespace"), meta["name"])
+        query = [("fieldManager", FIELD_MANAGER), ("force", "true")]
+        return dict(
+            self.request(
+                "PATCH", url, body=dict(obj), content_type="application/apply-patch+yaml", query=query
+            )
+        )
+
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
+        body = {"propagationPolicy": "Background"}
+        try:
+            self.request("DELETE", path(api_version, kind, namespace, name), body=body)
+        except ApiException as e:
+            if e.status != 404:
+                raise
+
+    def patch_status(
+        self, api_version: str, kind: str, namespace: str, name: str, status: Mapping[str, Any]
+    ) -> None:
+        url = path(api_version, kind, namespace, name, "status")
+        self.request("PATCH", url, body={"status": dict(status)}, content_type="application/merge-patch+json")
+
+    def has_crd(self, name: str) -> bool:
+        try:
+            self.request("GET", f"/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}")
+            return True
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+
+    def event(self, involved: Mapping[str, Any], reason: str, message: str, warning: bool = False) -> None:
+        """A core/v1 Event on ``involved`` (what `kubectl describe` shows)."""
+        meta = involved["metadata"]
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": involved["apiVersion"],
+                "kind": involved["kind"],
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta.get("uid"),
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "reason": reason,
+            "message": message[:1024],
+            "type": "Warning" if warning else "Normal",
+            "source": {"component": "toposerve"},
+            "reportingComponent": "toposerve",
+            "reportingInstance": self.identity,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.request("POST", path("v1", "Event", meta["namespace"]), body=body)

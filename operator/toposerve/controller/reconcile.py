@@ -1,0 +1,319 @@
+"""One level-triggered, idempotent reconcile of one LLMDeployment.
+
+read the world -> plan (pure) -> allocate replicas over GPU types (pure) -> render (pure)
+-> server-side apply every child, delete children no longer wanted -> compute status (pure)
+-> write status only when it changed, Events only for transitions.
+
+Safe to run any number of times, from any state, after any crash: every decision is recomputed
+from the spec and the observed children (the current fallback split is read back from the
+workloads' replica counts), and the operator never writes the spec.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from toposerve import API_GROUP, API_VERSION
+from toposerve.api.config import OperatorConfig
+from toposerve.api.errors import SpecError
+from toposerve.api.manifest import parse_spec
+from toposerve.api.spec import LLMDeploymentSpec
+from toposerve.controller import metrics
+from toposerve.controller.allocation import TypeState, allocate
+from toposerve.controller.conditions import Observation, PlacementObs, PoolObs, compute_status
+from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
+from toposerve.controller.observe import summarize
+from toposerve.planner.inventory import GPU_RESOURCE, Inventory, inventory_from_nodes
+from toposerve.planner.plan import DeploymentPlan, PoolPlan, plan_deployment
+from toposerve.render.objects import (
+    ENGINE_PORT,
+    LABEL_DEPLOYMENT,
+    Owner,
+    engine_service_name,
+    render_deployment,
+    render_pool,
+    selector_string,
+)
+
+log = logging.getLogger("toposerve.reconcile")
+API = f"{API_GROUP}/{API_VERSION}"
+
+
+@dataclass
+class Settings:
+    """Operator knobs that are not part of any spec."""
+
+    fallback_after_seconds: float = 60.0  # patience before unschedulable replicas move to the next GPU type
+    inventory_ttl_seconds: float = 5.0
+    settle_requeue_seconds: float = 5.0
+    resync_seconds: float = 30.0
+
+
+@dataclass
+class Context:
+    kube: Kube
+    config: OperatorConfig = field(default_factory=OperatorConfig)
+    settings: Settings = field(default_factory=Settings)
+    _inventory: tuple[float, Inventory] | None = None
+    _lws: tuple[float, bool] | None = None
+
+    def inventory(self) -> Inventory:
+        """Nodes plus GPUs already requested by scheduled pods, cached for a few seconds."""
+        now = time.monotonic()
+        if self._inventory and now - self._inventory[0] < self.settings.inventory_ttl_seconds:
+            return self._inventory[1]
+        nodes = self.kube.list("v1", "Node", None)
+        used: dict[str, int] = {}
+        pods = self.kube.list("v1", "Pod", None, fields="status.phase!=Succeeded,status.phase!=Failed")
+        for pod in pods:
+            node = (pod.get("spec") or {}).get("nodeName")
+            if not node:
+                continue
+            for c in (pod.get("spec") or {}).get("containers") or []:
+                req = ((c.get("resources") or {}).get("requests") or {}).get(GPU_RESOURCE)
+                if req:
+                    used[node] = used.get(node, 0) + int(req)
+        inv = inventory_from_nodes(nodes, self.config.catalog(), self.config.capacity_type_label, used)
+        self._inventory = (now, inv)
+        return inv
+
+    def invalidate_inventory(self) -> None:
+        self._inventory = None
+
+    def has_lws(self) -> bool:
+        now = time.monotonic()
+        if self._lws and now - self._lws[0] < 60:
+            return self._lws[1]
+        present = self.kube.has_crd(LWS_CRD)
+        self._lws = (now, present)
+        return present
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _rfc3339(t: datetime) -> str:
+    return t.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _type_plans(
+    name: str, spec: LLMDeploymentSpec, pool: PoolPlan, ctx: Context, inv: Inventory
+) -> list[PoolPlan]:
+    """The plan for each acceptable type from the planner's choice onwards (fallback candidates)."""
+    if not pool.fits or pool.gpu_type is None:
+        return []
+    plans = [pool]
+    start = pool.candidates.index(pool.gpu_type) + 1
+    for gpu in pool.candidates[start:]:
+        alt = plan_deployment(name, spec, ctx.config, inv, pool_overrides={pool.name: [gpu]})
+        p = next(x for x in alt.pools if x.name == pool.name)
+        if p.fits:
+            plans.append(p)
+    return plans
+
+
+def _owned(obj: Mapping[str, Any], uid: str) -> bool:
+    return any(r.get("uid") == uid for r in (obj.get("metadata") or {}).get("ownerReferences") or [])
+
+
+def _status_view(status: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {k: v for k, v in (status or {}).items() if k != "kopf"}
+
+
+@dataclass
+class Result:
+    requeue_after: float | None = None
+    applied: int = 0
+    deleted: int = 0
+
+
+def reconcile(ctx: Context, namespace: str, name: str) -> Result:
+    """Reconcile one LLMDeployment; returns when to look again (None: on the next event/resync)."""
+    kube = ctx.kube
+    body = kube.get(API, "LLMDeployment", namespace, name)
+    if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        return Result()  # garbage collection removes the children through their owner references
+    meta = body["metadata"]
+    uid, gen = meta["uid"], int(meta.get("generation") or 0)
+    previous = body.get("status") or {}
+    now = _now()
+    raw_spec = body.get("spec") or {}
+    selector = selector_string(name)
+    replicas = int(raw_spec.get("replicas") or 0) if isinstance(raw_spec.get("replicas"), int) else 0
+    try:
+        spec = parse_spec(raw_spec)
+        inv = ctx.inventory()
+        dplan = plan_deployment(name, spec, ctx.config, inv)
+    except SpecError as e:
+        # Keep the children as they are: bad input never loses what is serving.
+        obs = Observation(gen, replicas, selector, None, "", "", invalid=str(e))
+        _write_status(ctx, body, obs, previous, now)
+        return Result()
+    result = Result()
+    owner = Owner(name=name, uid=uid)
+    pods = kube.list("v1", "Pod", namespace, selector=f"{LABEL_DEPLOYMENT}={name}")
+    facts = summarize(pods, now, ctx.settings.fallback_after_seconds)
+    current: dict[tuple[str, str], int] = {}
+    for api_version, kind in CHILD_KINDS[:2]:
+        for w in kube.list(api_version, kind, namespace, selector=f"{LABEL_DEPLOYMENT}={name}"):
+            labels = w["metadata"].get("labels") or {}
+            key = (labels.get("toposerve.io/pool", ""), labels.get("toposerve.io/gpu-type", ""))
+            current[key] = current.get(key, 0) + int((w.get("spec") or {}).get("replicas") or 0)
+    desired: list[dict[str, Any]] = []
+    pool_obs: list[PoolObs] = []
+    events: list[tuple[str, str, bool]] = []
+    lws_ok: bool | None = None
+    for pool in dplan.pools:
+        plans = _type_plans(name, spec, pool, ctx, inv)
+        if not plans:
+            pool_obs.append(PoolObs(name=pool.name, fits=False, reason=pool.reason))
+            continue
+        if dplan.engine == "mock":
+            plans = plans[:1]  # the mock engine needs no GPUs, so there is nothing to fall back from
+        order = [p.gpu_type or "" for p in plans]
+        world = {}
+        for p in plans:
+            f = facts.get((pool.name, p.gpu_type or ""))
+            cap = inv.placeable_replicas(p.gpu_type or "", p.gpus_per_pod, p.nodes_per_replica, p.spot)
+            world[p.gpu_type or ""] = TypeState(
+                replicas=current.get((pool.name, p.gpu_type or ""), 0),
+                stuck=f.stuck if f else 0,
+                pending=f.pending if f else 0,
+                capacity=cap if dplan.engine == "vllm" else 0,
+            )
+        alloc = allocate(order, pool.replicas, world)
+        for mv in alloc.moves:
+            if mv.reason == "Unschedulable":
+                msg = (
+                    f"pool {pool.name}: {mv.replicas} replica(s) unschedulable on {mv.source} for "
+                    f"{ctx.settings.fallback_after_seconds:.0f}s; moving them to {mv.target}"
+                )
+                events.append(("GPUFallback", msg, True))
+            else:
+                msg = f"pool {pool.name}: capacity returned on {mv.target}; moving 1 replica back from {mv.source}"
+                events.append(("GPUFallbackReturn", msg, False))
+        placements: list[PlacementObs] = []
+        blocked = None
+        messages: list[str] = []
+        stuck = 0
+        for p in plans:
+            n = alloc.replicas.get(p.gpu_type or "", 0)
+            f = facts.get((pool.name, p.gpu_type or ""))
+            if f:
+                messages += f.messages
+                stuck += f.stuck
+            multi = p.nodes_per_replica > 1 and dplan.engine == "vllm"
+            if multi and n > 0:
+                if lws_ok is None:
+                    lws_ok = ctx.has_lws()
+                if not lws_ok:
+                    blocked = (
+                        f"{p.gpu_type}: a replica spans {p.nodes_per_replica} nodes, which needs the "
+                        f"LeaderWorkerSet controller ({LWS_CRD}); install it or choose a larger GPU"
+                    )
+                    continue
+            if n > 0:
+                desired += render_pool(
+                    name, namespace, spec, dplan, p.model_copy(update={"replicas": n}), ctx.config, owner
+                )
+            placements.append(
+                PlacementObs(
+                    gpu_type=p.gpu_type or "",
+                    replicas=n,
+                    ready=f.ready if f else 0,
+                    tensor_parallel=p.tensor_parallel,
+                    pipeline_parallel=p.pipeline_parallel,
+                    context_parallel=p.context_parallel,
+                    gpus_per_replica=p.gpus_per_replica,
+                    nodes_per_replica=p.nodes_per_replica,
+                    cost_per_hour_per_replica=p.cost_per_hour_per_replica,
+                )
+            )
+        pool_obs.append(
+            PoolObs(
+                name=pool.name,
+                fits=True,
+                placements=placements,
+                unschedulable=messages,
+                stuck=stuck,
+                blocked=blocked,
+            )
+        )
+    # The Service (and any other deployment-wide object) comes from the same renderer.
+    desired += render_deployment(name, namespace, spec, _no_pools(dplan), ctx.config, owner)
+    for obj in desired:
+        kube.apply(obj)
+        metrics.CHILDREN_APPLIED.labels(obj["kind"]).inc()
+        result.applied += 1
+    wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
+    for api_version, kind in CHILD_KINDS:
+        if kind == "LeaderWorkerSet" and lws_ok is False:
+            continue
+        for child in kube.list(api_version, kind, namespace, selector=f"{LABEL_DEPLOYMENT}={name}"):
+            ident = (api_version, kind, child["metadata"]["name"])
+            if ident not in wanted and _owned(child, uid):
+                kube.delete(api_version, kind, namespace, child["metadata"]["name"])
+                result.deleted += 1
+    if result.deleted or events:
+        ctx.invalidate_inventory()
+    for reason, msg, warning in events:
+        log.info("%s/%s: %s", namespace, name, msg)
+        kube.event(body, reason, msg, warning)
+    endpoint = f"http://{engine_service_name(name)}.{namespace}.svc:{ENGINE_PORT}/v1"
+    obs = Observation(
+        generation=gen,
+        replicas=spec.replicas,
+        selector=selector,
+        endpoint=endpoint,
+        engine=dplan.engine,
+        engine_reason=dplan.engine_reason,
+        pools=pool_obs,
+    )
+    status = _write_status(ctx, body, obs, previous, now)
+    pending = any(f.pending for f in facts.values())
+    starting = status.get("readyReplicas", 0) < status.get("replicas", 0)
+    fallback_active = any(sum(pl.replicas for pl in p.placements[1:]) > 0 for p in pool_obs)
+    if pending:
+        result.requeue_after = min(
+            ctx.settings.settle_requeue_seconds * 2, ctx.settings.fallback_after_seconds / 2
+        )
+    elif starting:
+        result.requeue_after = ctx.settings.settle_requeue_seconds
+    elif fallback_active:
+        result.requeue_after = ctx.settings.resync_seconds / 2
+    return result
+
+
+def _no_pools(plan: DeploymentPlan) -> DeploymentPlan:
+    return plan.model_copy(update={"pools": []})
+
+
+def _write_status(
+    ctx: Context, body: Mapping[str, Any], obs: Observation, previous: Mapping[str, Any], now: datetime
+) -> dict[str, Any]:
+    """Write status only when it differs; emit an Event when Ready flips or its reason changes."""
+    meta = body["metadata"]
+    status = compute_status(obs, previous.get("conditions") or [], _rfc3339(now))
+    new = status.model_dump(by_alias=True, mode="json", exclude={"kopf"})
+    old = _status_view(previous)
+    if {k: v for k, v in new.items() if v is not None} != {k: v for k, v in old.items() if v is not None}:
+        ctx.kube.patch_status(API, "LLMDeployment", meta["namespace"], meta["name"], new)
+        metrics.STATUS_WRITES.inc()
+    prev_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), None)
+    ready = next(c for c in new["conditions"] if c["type"] == "Ready")
+    if not prev_ready or (prev_ready.get("status"), prev_ready.get("reason"), prev_ready.get("message")) != (
+        ready["status"],
+        ready["reason"],
+        ready["message"],
+    ):
+        if ready["reason"] in ("InvalidSpec", "DoesNotFit", "LeaderWorkerSetRequired"):
+            ctx.kube.event(body, ready["reason"], ready["message"], warning=True)
+        elif ready["status"] == "True" and (not prev_ready or prev_ready.get("status") != "True"):
+            ctx.kube.event(body, "Ready", ready["message"])
+    return new
