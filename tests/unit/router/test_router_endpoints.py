@@ -142,3 +142,25 @@ def test_cli_parser_and_argument_errors() -> None:
     from toposerve.router import strategies
 
     assert cli.STRATEGY_NAMES == strategies.STRATEGIES
+
+
+async def test_slice_watcher_hands_desired_backends_to_the_loop() -> None:
+    import asyncio
+
+    from toposerve.router.discovery import SliceWatcher
+
+    got: list[dict[str, tuple[BackendSpec, bool]]] = []
+    w = SliceWatcher(
+        "ns", "toposerve.io/llmdeployment=x", lambda d: got.append(dict(d)), asyncio.get_running_loop()
+    )
+    slices = ep.apply_event({}, "ADDED", slice_("a", [e("10.0.0.1"), e("10.0.0.2", ready=False)], H100))
+    await asyncio.to_thread(w._emit, slices)  # called from the watch thread in production
+    for _ in range(100):
+        if got:
+            break
+        await asyncio.sleep(0.01)
+    assert got == [ep.desired_backends(slices)]
+    assert {u: d for u, (_, d) in got[0].items()} == {
+        "http://10.0.0.1:8000": False,
+        "http://10.0.0.2:8000": True,
+    }

@@ -410,3 +410,24 @@ async def _post(url: str, body: dict[str, Any]) -> tuple[int, str]:
 async def _get(url: str) -> tuple[int, str]:
     async with aiohttp.ClientSession() as s, s.get(url) as r:
         return r.status, await r.text()
+
+
+async def test_openai_sdk_streams_through_and_sees_a_broken_stream_as_an_error(harness: Harness) -> None:
+    openai = pytest.importorskip("openai")
+    router, url, ups = await harness(1, mode="ok")
+    client = openai.AsyncOpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    stream = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert text == "t0t1t2t3t4"
+    ups[0].mode = "break"
+    ups[0].gate.set()
+    stream = await client.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    with pytest.raises(openai.APIError, match="broke mid-way"):
+        async for _ in stream:
+            pass
+    await client.close()
+    await eventually(lambda: ledger_idle(router))
