@@ -246,6 +246,9 @@ def test_engine_auto_uses_mock_without_gpu_nodes() -> None:
     gpu = inventory_from_nodes([node("h", "NVIDIA-H100-80GB-HBM3", 8)], DEFAULT_CATALOG)
     assert plan_deployment("x", spec, inventory=gpu).engine == "vllm"
     assert plan_deployment("x", make_spec(L8, 8192, ["H100"], engine="mock"), inventory=gpu).engine == "mock"
+    simulated = OperatorConfig(auto_engine="mock")
+    d = plan_deployment("x", spec, config=simulated, inventory=gpu)
+    assert d.engine == "mock" and "autoEngine" in d.engine_reason
 
 
 def test_pool_override_replans_on_the_fallback_type() -> None:

@@ -7,6 +7,7 @@ an empty file is a valid config.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -27,6 +28,11 @@ class OperatorConfig(BaseModel):
     )
     spot_hourly_per_gpu: dict[str, float] = Field(
         default_factory=dict, alias="spotHourlyPerGPU", description="Cluster spot prices."
+    )
+    auto_engine: Literal["detect", "vllm", "mock"] = Field(
+        default="detect",
+        description="What engine 'auto' means: detect (vLLM when the cluster has GPU nodes, else the mock "
+        "engine), or always vllm / always mock (e.g. a simulated GPU fleet for demos and CI).",
     )
     default_gpus_per_node: int = Field(default=8, ge=1, description="When neither spec nor inventory says.")
     max_pipeline_parallel: int = Field(

@@ -101,6 +101,12 @@ def openapi_schema() -> dict[str, Any]:
         "description": "LLMDeployment serves one model on a GPU cluster with planned parallelism, "
         "topology-aware placement, LLM-aware routing and KV-cache autoscaling.",
         "required": ["spec"],
+        "x-kubernetes-validations": [
+            {
+                "rule": "size(self.metadata.name) <= 42",
+                "message": "metadata.name must be at most 42 characters (children are named <name>-<pool>-<gpu>)",
+            }
+        ],
         "properties": {
             "apiVersion": {"type": "string", "description": "API version of this object."},
             "kind": {"type": "string", "description": "Kind of this object."},

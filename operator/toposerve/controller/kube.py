@@ -152,7 +152,10 @@ class Kube:
         self, api_version: str, kind: str, namespace: str, name: str, status: Mapping[str, Any]
     ) -> None:
         url = path(api_version, kind, namespace, name, "status")
-        self.request("PATCH", url, body={"status": dict(status)}, content_type="application/merge-patch+json")
+        query = [("fieldManager", FIELD_MANAGER)]
+        self.request(
+            "PATCH", url, body={"status": dict(status)}, content_type="application/merge-patch+json", query=query
+        )
 
     def has_crd(self, name: str) -> bool:
         try:

@@ -209,7 +209,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 messages += f.messages
                 stuck += f.stuck
             multi = p.nodes_per_replica > 1 and dplan.engine == "vllm"
-            if multi and n > 0:
+            keep = n > 0 or p is plans[0]  # the preferred type's workload stays, even scaled to zero
+            if multi and keep:
                 if lws_ok is None:
                     lws_ok = ctx.has_lws()
                 if not lws_ok:
@@ -218,7 +219,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                         f"LeaderWorkerSet controller ({LWS_CRD}); install it or choose a larger GPU"
                     )
                     continue
-            if n > 0:
+            if keep:
                 desired += render_pool(
                     name, namespace, spec, dplan, p.model_copy(update={"replicas": n}), ctx.config, owner
                 )

@@ -396,10 +396,14 @@ def plan_pool(
     )  # fmt: skip
 
 
-def resolve_engine(spec: LLMDeploymentSpec, inventory: Inventory | None) -> tuple[str, str]:
+def resolve_engine(
+    spec: LLMDeploymentSpec, inventory: Inventory | None, auto: str = "detect"
+) -> tuple[str, str]:
     """(engine, why): ``auto`` means vLLM on GPU clusters and the mock engine on clusters without GPUs."""
     if spec.engine != "auto":
         return spec.engine, f"spec.engine is {spec.engine}"
+    if auto != "detect":
+        return auto, f"engine auto: the operator config sets autoEngine to {auto}"
     if inventory is None:
         return "vllm", "engine auto without a node inventory: assuming a GPU cluster"
     if inventory.has_gpus:
@@ -424,7 +428,7 @@ def plan_deployment(
     catalog = config.catalog()
     arch = resolve_architecture(spec)
     ctx = context_length(spec, arch, config)
-    engine, why = resolve_engine(spec, inventory)
+    engine, why = resolve_engine(spec, inventory, config.auto_engine)
     need_gpus = engine == "vllm"
     plans: list[PoolPlan] = []
     for i, pool in enumerate(_pools(spec)):
