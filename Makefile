@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: all venv lint typecheck fmt test test-unit crds verify demo clean
+.PHONY: all venv lint typecheck fmt test test-unit crds verify demo demo-down clean
 
 all: test
 
@@ -46,6 +46,11 @@ test: venv lint typecheck test-unit test-cluster
 
 demo: venv
 	@bash hack/demo.sh
+
+## Stop the demo's operator and the local cluster.
+demo-down:
+	-@test -f .cluster/operator.pid && kill $$(cat .cluster/operator.pid) 2>/dev/null; rm -f .cluster/operator.pid
+	@$(MAKE) --no-print-directory cluster-down
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,32 +1,96 @@
 #!/usr/bin/env bash
-# `make demo`: the main job on a fresh machine. Today it is the offline part: plan every example
-# for the default heterogeneous fleet, print where each replica goes and why, and render every
-# Kubernetes object to .demo/. (The operator issue grows this into a live demo on the local cluster.)
+# `make demo`: the main job on a fresh machine.
+#   1. plan every example offline and against the simulated fleet (why each GPU type was chosen);
+#   2. bring up the local cluster (real control plane + kwok GPU fleet; binaries build the first time);
+#   3. run the operator, apply the quickstart, the heterogeneous example and a simulated-vLLM 70B;
+#   4. wait for Ready, send chat completions to the serving pods, print where every replica landed.
+# The cluster's GPUs are simulated, so the operator runs with autoEngine: mock (hack/demo-config.yaml):
+# engine auto serves the CPU mock engine, placed on nodes of the planned GPU type. The 70B example is
+# forced to engine vllm: its pods request real nvidia.com/gpu from the scheduler and kwok runs them.
+# DEMO_OFFLINE=1 stops after step 1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=.venv/bin
-OUT=.demo
+ROOT=$PWD
+BIN=$ROOT/.venv/bin
+OUT=$ROOT/.demo
+NS=demo
 mkdir -p "$OUT"
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-echo "== toposerve $($BIN/toposerve --version | cut -d' ' -f2): planning the examples =="
-echo
+say "toposerve $($BIN/toposerve --version | cut -d' ' -f2): the plan of every example (no cluster needed)"
+$BIN/python -m toposerve.dev.fleet hack/cluster/fleet.yaml --profile gpu > "$OUT/fleet-nodes.yaml"
+$BIN/toposerve plan -f examples/quickstart.yaml | head -1
 for f in examples/*.yaml; do
-  echo "--- $f"
-  $BIN/toposerve plan -f "$f"
-  $BIN/toposerve render -f "$f" > "$OUT/$(basename "$f" .yaml).rendered.yaml"
-  echo
+  $BIN/toposerve plan -f "$f" --inventory "$OUT/fleet-nodes.yaml" > "$OUT/plan.txt"
+  sed -n '2,$p' "$OUT/plan.txt"
+  $BIN/toposerve render -f "$f" --inventory "$OUT/fleet-nodes.yaml" > "$OUT/$(basename "$f" .yaml).rendered.yaml"
+done
+echo "(rendered objects: $OUT/*.rendered.yaml; reasons for skipped GPU types: toposerve plan -f FILE)"
+[[ "${DEMO_OFFLINE:-0}" == 1 ]] && exit 0
+
+say "local cluster (first run builds Kubernetes from Go modules: expect tens of minutes on 2 cores)"
+make --no-print-directory cluster-up
+export KUBECONFIG=$ROOT/.cluster/kubeconfig
+source hack/cluster/versions.sh
+KC="$CLUSTER_BIN/kubectl"
+
+say "operator: toposerve run (log: .cluster/operator.log)"
+$KC apply --server-side --force-conflicts -f crds/ >/dev/null
+$KC wait --for=condition=Established crd/llmdeployments.toposerve.io --timeout=60s >/dev/null
+if [[ -f .cluster/operator.pid ]] && kill -0 "$(cat .cluster/operator.pid)" 2>/dev/null; then
+  echo "already running (pid $(cat .cluster/operator.pid))"
+else
+  nohup $BIN/toposerve run --config hack/demo-config.yaml --metrics-port 0 --fallback-after 20 \
+    >> .cluster/operator.log 2>&1 &
+  echo $! > .cluster/operator.pid
+  echo "started (pid $!)"
+fi
+
+say "apply: quickstart, heterogeneous (mock engines that serve) and llama-70b (simulated vLLM on H100)"
+$KC create namespace $NS --dry-run=client -o yaml | $KC apply -f - >/dev/null
+$KC apply -n $NS -f examples/quickstart.yaml -f examples/heterogeneous.yaml
+sed 's/^spec:/spec:\n  engine: vllm/' examples/llama-70b-h100.yaml | $KC apply -n $NS -f -
+
+say "waiting for Ready"
+$KC wait -n $NS --for=condition=Ready llmd --all --timeout=300s
+$KC get llmd -n $NS
+
+say "chat completions, straight to each serving pod (pod IPs from the Services' EndpointSlices)"
+for d in quickstart llama-70b-mixed; do
+  model=$($KC get llmd $d -n $NS -o jsonpath='{.spec.model.name}')
+  for ip in $($KC get endpointslices -n $NS -l kubernetes.io/service-name=$d-engine \
+      -o jsonpath='{range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]}{"\n"}{end}'); do
+    body=$(printf '{"model":"%s","messages":[{"role":"user","content":"Say hello"}],"max_tokens":12}' "$model")
+    reply=$(curl -sS --noproxy '*' -m 20 "http://$ip:8000/v1/chat/completions" -H 'content-type: application/json' -d "$body")
+    $BIN/python -c 'import json,sys; r=json.loads(sys.argv[3]); print(f"{sys.argv[1]:16} {sys.argv[2]:13} -> {r[\"choices\"][0][\"message\"][\"content\"][:48]!r}  usage={r[\"usage\"][\"prompt_tokens\"]}+{r[\"usage\"][\"completion_tokens\"]} tokens")' "$d" "$ip" "$reply"
+  done
 done
 
-echo "== The same examples planned against the local cluster's simulated fleet (hack/cluster/fleet.yaml) =="
-$BIN/python -m toposerve.dev.fleet hack/cluster/fleet.yaml --profile gpu > "$OUT/fleet-nodes.yaml"
-if [ -s "$OUT/fleet-nodes.yaml" ]; then
-  for f in examples/*.yaml; do
-    $BIN/toposerve plan -f "$f" --inventory "$OUT/fleet-nodes.yaml" | sed -n '2,$p'
-  done
-else
-  echo "(fleet inventory not available yet; skipped)"
-fi
+say "where every replica landed, and why"
+printf '%-36s %-10s %-9s %-16s %-12s %s\n' POD POOL GPU-TYPE NODE NODE-GPU ENGINE
+$KC get pods -n $NS -l app.kubernetes.io/component=engine -o json | $BIN/python -c '
+import json, subprocess, sys
+pods = json.load(sys.stdin)["items"]
+nodes = {n["metadata"]["name"]: n["metadata"]["labels"] for n in json.loads(subprocess.check_output(
+    [sys.argv[1], "get", "nodes", "-o", "json"]))["items"]}
+for p in pods:
+    l = p["metadata"]["labels"]; node = p["spec"].get("nodeName", "-")
+    gpu = nodes.get(node, {}).get("nvidia.com/gpu.product", "-")
+    print(f"{p[\"metadata\"][\"name\"][:36]:36} {l[\"toposerve.io/pool\"]:10} {l[\"toposerve.io/gpu-type\"]:9} {node:16} {gpu:12.12} {l[\"toposerve.io/engine\"]}")
+' "$KC"
 echo
-echo "Rendered objects: $OUT/*.rendered.yaml   (kubectl apply --dry-run=client -f them, or read them)"
-echo "CRD:              crds/toposerve.io_llmdeployments.yaml   (toposerve crd)"
-echo "Next:             toposerve plan -f examples/heterogeneous.yaml -o json | less"
+for d in quickstart llama-70b-mixed llama-70b; do
+  $KC get llmd $d -n $NS -o jsonpath='{.metadata.name}: engine {.status.engine} ({.status.engineReason}); pools:{range .status.pools[*]} {.name}={.gpuType} TP{.tensorParallel}/PP{.pipelineParallel}{end}; ${.status.costPerHour}/h{"\n"}'
+done
+echo "The skipped GPU types and their reasons: toposerve plan -f examples/<file> --inventory .demo/fleet-nodes.yaml"
+
+say "explore"
+cat <<EOF
+  export KUBECONFIG=$KUBECONFIG
+  $KC get llmd -A                      # printer columns: model, GPU, TP/PP, ready, desired, endpoint
+  $KC describe llmd llama-70b -n $NS   # conditions and Events
+  $KC scale llmd quickstart -n $NS --replicas=3
+  $KC explain llmd.spec --recursive
+  tail -f .cluster/operator.log
+Tear down:  make demo-down   (stops the operator and the cluster, leaves nothing behind)
+EOF
