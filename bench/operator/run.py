@@ -1,0 +1,143 @@
+"""Operator scale benchmark on the local cluster (not a test: it prints and saves numbers).
+
+1. time from one `kubectl apply` of N LLMDeployments to every one having its children applied and
+   its status written for the current generation;
+2. the operator's CPU and RSS at rest with M LLMDeployments (after convergence, sampled from /proc).
+
+The deployments use replicas 0 (their workloads exist, scaled to zero) so the simulated GPU fleet's
+capacity does not limit the control-plane work measured here.
+
+Usage: make cluster-up && .venv/bin/python bench/operator/run.py [--n 200] [--m 1000] [--rest 60]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+KUBECONFIG = ROOT / ".cluster" / "kubeconfig"
+NS = "bench-operator"
+
+
+def kubectl_path() -> str:
+    out = subprocess.run(["bash", "-c", f"source {ROOT}/hack/cluster/versions.sh; echo $CLUSTER_BIN/kubectl"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    return out.stdout.strip()
+
+
+KC = kubectl_path()
+
+
+def kc(*args: str, stdin: str | None = None, check: bool = True) -> str:
+    env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
+    res = subprocess.run([KC, *args], input=stdin, capture_output=True, text=True, env=env, check=False)
+    if check and res.returncode != 0:
+        raise SystemExit(f"kubectl {' '.join(args)}: {res.stderr}")
+    return res.stdout
+
+
+def manifest(i: int) -> dict[str, Any]:
+    gpus = [["H100", "A100-80GB"], ["A100-80GB"], ["L4", "A100-40GB"], ["B200", "H100"]][i % 4]
+    return {
+        "apiVersion": "toposerve.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": f"b{i:04d}"},
+        "spec": {"model": {"name": "Qwen/Qwen2.5-7B-Instruct", "maxContextLength": 8192},
+                 "engine": "vllm", "replicas": 0, "placement": {"gpuTypes": gpus}},
+    }  # fmt: skip
+
+
+def converged(n: int) -> tuple[int, int]:
+    llmds = json.loads(kc("get", "llmd", "-n", NS, "-o", "json"))["items"]
+    done = sum(
+        1 for o in llmds if (o.get("status") or {}).get("observedGeneration") == o["metadata"]["generation"]
+    )
+    deps = len(json.loads(kc("get", "deployments", "-n", NS, "-o", "json"))["items"])
+    return done, deps
+
+
+def wait_converged(n: int, timeout: float) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        done, deps = converged(n)
+        if done >= n and deps >= n:
+            return time.monotonic() - t0
+        time.sleep(1)
+    raise SystemExit(f"not converged after {timeout}s: {converged(n)}")
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=200)
+    ap.add_argument("--m", type=int, default=1000)
+    ap.add_argument("--rest", type=float, default=60.0, help="seconds to sample at rest")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "operator" / "results"))
+    args = ap.parse_args()
+    kc("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    kc("delete", "namespace", NS, "--ignore-not-found", "--wait=true")
+    kc("create", "namespace", NS)
+    log = open(Path(args.out).parent / "operator.log", "w")  # noqa: SIM115
+    env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
+    op = subprocess.Popen([sys.executable, "-m", "toposerve.cli", "run", "--metrics-port", "0", "-n", NS],
+                          env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        time.sleep(3)
+        docs = yaml.safe_dump_all([manifest(i) for i in range(args.n)])
+        t0 = time.monotonic()
+        kc("apply", "-n", NS, "-f", "-", stdin=docs)
+        t_apply = time.monotonic() - t0
+        t_conv = wait_converged(args.n, 900) + t_apply
+        print(
+            f"{args.n} LLMDeployments: kubectl apply {t_apply:.1f}s, all children applied + status written {t_conv:.1f}s"
+        )
+        more = yaml.safe_dump_all([manifest(i) for i in range(args.n, args.m)])
+        kc("apply", "-n", NS, "-f", "-", stdin=more)
+        wait_converged(args.m, 1800)
+        time.sleep(10)  # let the last requeues drain
+        c0, w0 = proc_cpu_seconds(op.pid), time.monotonic()
+        rss = []
+        while time.monotonic() - w0 < args.rest:
+            time.sleep(5)
+            rss.append(proc_rss_mib(op.pid))
+        cpu = (proc_cpu_seconds(op.pid) - c0) / (time.monotonic() - w0)
+        result = {
+            "n": args.n, "apply_seconds": round(t_apply, 2), "converge_seconds": round(t_conv, 2),
+            "m": args.m, "rest_seconds": args.rest, "rest_cpu_cores": round(cpu, 4),
+            "rest_rss_mib_max": round(max(rss), 1), "resync_seconds": 30,
+            "command": " ".join(sys.argv),
+        }  # fmt: skip
+        print(f"{args.m} LLMDeployments at rest: CPU {cpu * 100:.1f}% of a core, RSS max {max(rss):.0f} MiB")
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "operator-scale.json").write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps(result, indent=2))
+    finally:
+        op.terminate()
+        op.wait(20)
+        kc("delete", "namespace", NS, "--wait=false", check=False)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
