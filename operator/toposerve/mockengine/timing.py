@@ -65,9 +65,18 @@ class TimingModel:
         return self.step_time(0, batch, context_tokens)
 
 
+def canonical_gpu(name: str, catalog: GPUCatalog = DEFAULT_CATALOG) -> str | None:
+    """The catalog name for a short name or a GFD product label (``NVIDIA-H100-80GB-HBM3``)."""
+    if name in catalog:
+        return name
+    g = catalog.by_product(name)
+    return g.name if g is not None else None
+
+
 def gpu_weight_for(name: str, catalog: GPUCatalog = DEFAULT_CATALOG) -> tuple[float, bool]:
     """(relative decode speed, known?) for a GPU type; unknown names count as 1.0."""
-    return throughput_weight(name, catalog), name in catalog
+    canon = canonical_gpu(name, catalog)
+    return (throughput_weight(canon, catalog), True) if canon else (1.0, False)
 
 
 def default_num_gpu_blocks(
@@ -85,7 +94,8 @@ def default_num_gpu_blocks(
     Never below 64 blocks, so a mis-sized config still serves small requests.
     """
     tp = max(1, tensor_parallel_size)
-    mem_gib = catalog.get(gpu_type).memory_gib if gpu_type in catalog else FALLBACK_GPU_MEMORY_GIB
+    canon = canonical_gpu(gpu_type, catalog)
+    mem_gib = catalog.get(canon).memory_gib if canon else FALLBACK_GPU_MEMORY_GIB
     usable = mem_gib * gpu_memory_utilization * tp - params_b * 2 * 1e9 / 2**30
     usable -= DEFAULT_ACTIVATION_RESERVE_GIB * tp
     blocks = math.floor(usable * 2**30 / (kv_bytes_per_token * block_size))

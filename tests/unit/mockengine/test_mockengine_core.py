@@ -174,6 +174,7 @@ def test_gpu_lookup_and_block_defaults() -> None:
     assert gpu_weight_for("H100") == (1.6, True)
     assert gpu_weight_for("A100-80GB") == (1.0, True)
     assert gpu_weight_for("TPU-v9") == (1.0, False)
+    assert gpu_weight_for("NVIDIA-H100-80GB-HBM3") == (1.6, True)  # a GFD product label works too
     h100 = default_num_gpu_blocks("H100")
     assert 20_000 < h100 < 40_000  # ~55 GiB of KV for an 8B bf16 model: ~450k tokens
     assert default_num_gpu_blocks("A100-40GB") < h100 < default_num_gpu_blocks("H200")

@@ -220,6 +220,26 @@ async def test_metrics_have_vllm_names_and_model_label() -> None:
         assert not any(k[0] == "vllm:gpu_cache_usage_perc" for k in m)
 
 
+async def test_h100_mock_reports_faster_decode_than_a100_mock() -> None:
+    """End to end through /metrics: same settings and request, only --gpu-type differs.
+
+    With time_scale 0 the simulated clock moves only by modelled step times, so the metric
+    values are exact model quantities, not wall-clock measurements.
+    """
+    body = {"model": MODEL, "prompt": "benchmark me " * 50, "max_tokens": 33}
+    itl, ttft = {}, {}
+    for gpu in ("H100", "A100-80GB"):
+        async with serve(gpu_type=gpu) as srv, aiohttp.ClientSession() as s:
+            st, _ = await post(s, srv.url + "/v1/completions", body)
+            assert st == 200
+            m = await scrape(s, srv.url)
+            itl[gpu] = metric(m, "vllm:inter_token_latency_seconds_sum") / 32
+            ttft[gpu] = metric(m, "vllm:time_to_first_token_seconds_sum")
+    assert itl["A100-80GB"] / itl["H100"] == pytest.approx(1.6)
+    assert ttft["A100-80GB"] / ttft["H100"] == pytest.approx(1.6)
+    assert 0.005 < itl["H100"] < 0.010  # ~7.6 ms per decode step for one sequence on an H100
+
+
 async def test_deprecated_gpu_cache_metric_behind_flag() -> None:
     async with serve(deprecated_gpu_cache_metric=True) as srv, aiohttp.ClientSession() as s:
         m = await scrape(s, srv.url)
