@@ -214,6 +214,10 @@ class EngineMetrics:
         for req in s.finished:
             self.success.labels(self.model_name, req.finish_reason or "stop").inc()
 
+    def observe_abort(self) -> None:
+        """A request dropped before finishing (client hung up, injected death)."""
+        self.success.labels(self.model_name, "abort").inc()
+
     def observe_state(self, sched: Scheduler) -> None:
         running, waiting, kv = self._children
         running.set(len(sched.running))

@@ -224,8 +224,8 @@ class Engine:
     def release(self, h: _Handle) -> None:
         """Forget a handle; abort its request if it is still in the scheduler (client went away)."""
         self._handles.pop(h.req.req_id, None)
-        if not h.req.finished:
-            self.scheduler.abort(h.req.req_id, self.sim_now)
+        if not h.req.finished and self.scheduler.abort(h.req.req_id, self.sim_now) is not None:
+            self.metrics.observe_abort()
             self.metrics.observe_state(self.scheduler)
             self._wake.set()
 

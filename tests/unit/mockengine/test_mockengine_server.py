@@ -403,6 +403,8 @@ async def test_die_mid_stream_cuts_the_connection() -> None:
         await wait_for(lambda: _idle(srv), "aborted requests leave the scheduler")
         m = await scrape(s, srv.url)
         assert metric(m, "vllm:kv_cache_usage_perc") == 0
+        assert metric(m, "vllm:request_success_total", finished_reason="abort") == 2
+        assert metric(m, "vllm:request_success_total", finished_reason="length") == 0
 
 
 async def _idle(srv: MockServer) -> bool:
