@@ -84,12 +84,16 @@ async def one_stream(
     return tokens, ttft, time.perf_counter() - t0, tail.endswith(b"data: [DONE]\n\n")
 
 
-async def run_level(base: str, pid: int, concurrency: int, max_tokens: int) -> dict[str, Any]:
+async def run_level(
+    base: str, pid: int, concurrency: int, max_tokens: int, prompt_words: int = 0
+) -> dict[str, Any]:
     url = base + "/v1/completions"
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=600)) as s:
         cpu0, client0, t0 = cpu_seconds(pid), time.process_time(), time.perf_counter()
-        results = await asyncio.gather(*(one_stream(s, url, max_tokens, i, t0) for i in range(concurrency)))
+        results = await asyncio.gather(
+            *(one_stream(s, url, max_tokens, i, t0, prompt_words) for i in range(concurrency))
+        )
         wall, cpu = time.perf_counter() - t0, cpu_seconds(pid) - cpu0
         client_cpu = time.process_time() - client0
     tokens = sum(r[0] for r in results)
@@ -102,6 +106,7 @@ async def run_level(base: str, pid: int, concurrency: int, max_tokens: int) -> d
     return {
         "concurrency": concurrency,
         "max_tokens": max_tokens,
+        "prompt_words": prompt_words,
         "completed_streams": sum(1 for r in results if r[3] and r[0] == max_tokens),
         "streamed_tokens": tokens,
         "wall_s": round(wall, 3),
@@ -130,7 +135,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         levels = []
         for c in args.concurrency:
             for rep in range(args.repeat):
-                r = await run_level(base, pid, c, args.max_tokens)
+                r = await run_level(base, pid, c, args.max_tokens, args.prompt_words)
                 r["repeat"] = rep
                 levels.append(r)
                 print(json.dumps(r), flush=True)
@@ -155,6 +160,7 @@ def main() -> int:
     p.add_argument("--concurrency", type=int, nargs="+", default=[50, 200])
     p.add_argument("--max-tokens", type=int, default=256)
     p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--prompt-words", type=int, default=0, help="extra prompt words (long-context runs)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--port", type=int, default=18931)
     p.add_argument("--no-pin", action="store_true", help="do not pin mock and client to separate cores")

@@ -21,7 +21,21 @@ def corpus() -> list[str]:
     try:
         from faker import Faker
     except ImportError:
-        words = "the quick brown fox jumps over a lazy dog while models stream tokens".split()
+        words = [
+            "the",
+            "quick",
+            "brown",
+            "fox",
+            "jumps",
+            "over",
+            "a",
+            "lazy",
+            "dog",
+            "while",
+            "models",
+            "stream",
+            "tokens",
+        ]
         return [" ".join(words[(i + j) % len(words)] for j in range(50)) for i in range(2000)]
     fake = Faker()
     fake.seed_instance(0)

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 _ROOT_HASH = 0
 
 
-def _chain(parent: int, tokens: Sequence[int]) -> int:
+def chain_hash(parent: int, tokens: Sequence[int]) -> int:
+    """Hash of one block given its parent block's hash (the root's parent is 0)."""
     h = hashlib.blake2b(digest_size=8)
     h.update(parent.to_bytes(8, "little"))
     h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in tokens))
@@ -35,7 +36,7 @@ def block_hashes(tokens: Sequence[int], block_size: int, known: Sequence[int] = 
     hashes = list(known)
     for i in range(len(hashes), len(tokens) // block_size):
         parent = hashes[-1] if hashes else _ROOT_HASH
-        hashes.append(_chain(parent, tokens[i * block_size : (i + 1) * block_size]))
+        hashes.append(chain_hash(parent, tokens[i * block_size : (i + 1) * block_size]))
     return hashes
 
 

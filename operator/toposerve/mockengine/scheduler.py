@@ -23,7 +23,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from toposerve.mockengine.kvcache import BlockManager, block_hashes
+from toposerve.mockengine.kvcache import BlockManager, chain_hash
 from toposerve.mockengine.timing import TimingModel
 from toposerve.mockengine.tokenizer import MockTokenizer, TextGenerator
 
@@ -52,6 +52,7 @@ class Request:
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache at first admission
     blocks: list[int] = field(default_factory=list)
     hashes: list[int] = field(default_factory=list)
+    num_published: int = 0  # leading blocks whose hashes are in the prefix cache
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
@@ -69,6 +70,21 @@ class Request:
 
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def tokens(self, start: int, stop: int) -> list[int]:
+        """ids[start:stop] of prompt + output, without copying the whole sequence."""
+        n = len(self.prompt_ids)
+        if stop <= n:
+            return self.prompt_ids[start:stop]
+        if start >= n:
+            return self.output_ids[start - n : stop - n]
+        return self.prompt_ids[start:] + self.output_ids[: stop - n]
+
+    def extend_hashes(self, block_size: int) -> None:
+        """Hash newly completed full blocks only: O(block) per block, not O(sequence) per token."""
+        for i in range(len(self.hashes), self.num_tokens // block_size):
+            block = self.tokens(i * block_size, (i + 1) * block_size)
+            self.hashes.append(chain_hash(self.hashes[-1] if self.hashes else 0, block))
 
     @property
     def finished(self) -> bool:
@@ -198,7 +214,7 @@ class Scheduler:
 
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            req.hashes = block_hashes(req.all_ids(), self.config.block_size, req.hashes)
+            req.extend_hashes(self.config.block_size)
             hit = self.blocks.computed_blocks(req.hashes, req.num_tokens)
             cached = len(hit) * self.config.block_size
             n = min(req.num_tokens - cached, budget)
@@ -208,6 +224,7 @@ class Scheduler:
             stats.prefix_queries += req.num_tokens
             stats.prefix_hits += cached
             req.num_computed = cached
+            req.num_published = len(hit)
             req.status = Status.RUNNING
             if req.num_cached_tokens < 0:
                 req.num_cached_tokens = min(cached, len(req.prompt_ids))
@@ -234,8 +251,12 @@ class Scheduler:
             if req.num_computed < req.num_tokens:
                 continue  # still prefilling (chunked)
             self._sample(req, end, stats)
-            req.hashes = block_hashes(req.all_ids(), self.config.block_size, req.hashes)
-            self.blocks.cache_blocks(req.blocks, req.hashes[: req.num_computed // self.config.block_size])
+            full = req.num_computed // self.config.block_size
+            if full > req.num_published:  # publish blocks the moment they are full and computed
+                req.extend_hashes(self.config.block_size)
+                start = req.num_published
+                self.blocks.cache_blocks(req.blocks[start:full], req.hashes[start:full])
+                req.num_published = full
             if len(req.output_ids) >= req.target_len:
                 self._finish(req, req.stop_reason, end, stats)
         return stats
@@ -243,8 +264,7 @@ class Scheduler:
     # -- helpers -------------------------------------------------------------------------------
     def _sample(self, req: Request, t: float, stats: StepStats) -> None:
         piece = TextGenerator.next_piece(req.rng, len(req.output_ids))
-        ids = self.tokenizer.encode(piece)
-        req.output_ids.append(ids[0])
+        req.output_ids.append(self.tokenizer.piece_id(piece))
         req.output_pieces.append(piece)
         stats.generation_tokens += 1
         if req.first_token_time is None:
@@ -273,6 +293,7 @@ class Scheduler:
         self.blocks.free(req.blocks)
         req.blocks = []
         req.num_computed = 0
+        req.num_published = 0
         req.status = Status.WAITING
         req.num_preemptions += 1
         self.waiting.appendleft(req)

@@ -41,6 +41,7 @@ class MockTokenizer:
 
     def __init__(self) -> None:
         self._pieces: dict[int, str] = {}
+        self._piece_ids: dict[str, int] = {}
 
     def pieces(self, text: str) -> list[str]:
         return _TOKEN_RE.findall(text)
@@ -52,6 +53,13 @@ class MockTokenizer:
             self._pieces.setdefault(tid, piece)
             ids.append(tid)
         return ids
+
+    def piece_id(self, piece: str) -> int:
+        """Id of a single-token piece, memoised: the generator emits from a small fixed set."""
+        tid = self._piece_ids.get(piece)
+        if tid is None:
+            tid = self._piece_ids[piece] = self.encode(piece)[0]
+        return tid
 
     def decode(self, ids: Sequence[int]) -> str:
         return "".join(self._pieces.get(i, f"<{i}>") for i in ids)

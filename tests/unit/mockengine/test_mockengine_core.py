@@ -400,3 +400,14 @@ def test_fault_config_updates_validate() -> None:
     for bad in ({"fail_rate": 2}, {"nope": 1}, {"unready": "yes"}, {"fail_status": 200}, {"slowdown": 0}):
         with pytest.raises(ValueError):
             FaultConfig().updated(bad)
+
+
+def test_incremental_hashes_match_batch_hashes() -> None:
+    """The scheduler hashes blocks as they fill; that must equal hashing the whole sequence."""
+    sched, gen, _ = make(block_size=16)
+    r = submit(sched, gen, "a", prompt(37), 60)
+    run_until_idle(sched)
+    r.extend_hashes(16)
+    assert r.hashes == block_hashes(r.all_ids(), 16)
+    assert r.tokens(30, 50) == r.all_ids()[30:50]
+    assert r.tokens(0, 10) == r.prompt_ids[:10] and r.tokens(40, 45) == r.output_ids[3:8]
