@@ -66,10 +66,10 @@ async def wait_ready(base: str, timeout_s: float = 30.0) -> None:
 
 
 async def one_stream(
-    s: aiohttp.ClientSession, url: str, max_tokens: int, i: int, t0: float
+    s: aiohttp.ClientSession, url: str, max_tokens: int, i: int, t0: float, prompt_words: int
 ) -> tuple[int, float, float, bool]:
-    body = {"model": "bench", "prompt": f"request {i}: tell me a long story", "max_tokens": max_tokens,
-            "stream": True, "ignore_eos": True}  # fmt: skip
+    prompt = f"request {i}: tell me a long story" + " about GPUs" * (prompt_words // 2)
+    body = {"model": "bench", "prompt": prompt, "max_tokens": max_tokens, "stream": True, "ignore_eos": True}
     events, ttft, carry, tail = 0, -1.0, b"", b""
     async with s.post(url, json=body) as r:
         r.raise_for_status()
