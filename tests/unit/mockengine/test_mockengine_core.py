@@ -411,3 +411,19 @@ def test_incremental_hashes_match_batch_hashes() -> None:
     assert r.hashes == block_hashes(r.all_ids(), 16)
     assert r.tokens(30, 50) == r.all_ids()[30:50]
     assert r.tokens(0, 10) == r.prompt_ids[:10] and r.tokens(40, 45) == r.output_ids[3:8]
+
+
+def test_core_modules_do_no_io_imports() -> None:
+    """The core stays pure: importing it must not pull in the HTTP stack."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import toposerve.mockengine.scheduler, toposerve.mockengine.kvcache, toposerve.mockengine.timing\n"
+        "import toposerve.mockengine.tokenizer, toposerve.mockengine.faults, toposerve.mockengine.protocol\n"
+        "import toposerve.mockengine.metrics, toposerve.mockengine.cli\n"
+        "bad = [m for m in ('aiohttp', 'kopf', 'kubernetes', 'httpx') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
