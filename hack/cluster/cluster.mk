@@ -1,14 +1,30 @@
-# Local cluster targets (owned by the local-cluster work; see hack/cluster/).
-.PHONY: cluster-bin cluster-up cluster-down test-cluster
+# Local Kubernetes cluster (real control plane + kwok GPU fleet + local pod runner + Prometheus).
+# Included by the top-level Makefile, which defines PY and BIN. See docs/local-cluster.md.
+CLUSTER_SCRIPTS := hack/cluster
+CLUSTER_ENV = PY=$(abspath $(PY))
 
+.PHONY: cluster-bin cluster-deps cluster-up cluster-down cluster-status test-cluster
+
+## Build kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, kwokctl,
+## helm (and the LeaderWorkerSet controller) into ~/.cache/toposerve/k8s-<version>/bin.
 cluster-bin:
-	@echo "cluster-bin: not built yet"
+	@bash $(CLUSTER_SCRIPTS)/build.sh
 
-cluster-up:
-	@echo "cluster-up: not built yet"
+## Debian packages (iproute2, prometheus) when missing, then cluster-bin.
+cluster-deps:
+	@bash $(CLUSTER_SCRIPTS)/deps.sh
 
+## Start the cluster (a fast no-op when it runs); CLUSTER_PROFILE=gpu|nogpu.
+cluster-up: venv cluster-deps
+	@$(CLUSTER_ENV) bash $(CLUSTER_SCRIPTS)/up.sh
+
+## Stop the cluster and remove everything it made.
 cluster-down:
-	@echo "cluster-down: not built yet"
+	@$(CLUSTER_ENV) bash $(CLUSTER_SCRIPTS)/down.sh
 
-test-cluster:
-	@echo "test-cluster: no cluster tests yet"
+cluster-status:
+	@$(CLUSTER_ENV) bash $(CLUSTER_SCRIPTS)/status.sh
+
+## The cluster tests (pytest -m cluster tests/cluster); TOPOSERVE_SKIP_CLUSTER=1 skips them loudly.
+test-cluster: venv
+	@$(CLUSTER_ENV) bash $(CLUSTER_SCRIPTS)/test.sh

@@ -14,6 +14,11 @@ resource limits apply. The process sees the container's ``env`` (``valueFrom.fie
 ``$(VAR)`` expanded like Kubernetes does), ``PATH`` with the project's virtualenv first, and
 ``KUBECONFIG`` pointing at a kubeconfig that reaches the API server from inside the namespace.
 
+The runner also serves Prometheus service discovery (``--sd-listen``): Debian's ``prometheus``
+is built without ``kubernetes_sd_configs``, so the runner, which already watches every pod
+through the API server, answers ``http_sd_configs`` with the scrapable pods and the same
+``__meta_kubernetes_pod_*`` labels Kubernetes discovery would give (see ``sd_targets``).
+
 Usage: ``python -m toposerve.dev.podrunner --kubeconfig .cluster/kubeconfig --netns toposerve-pods``
 """
 
@@ -32,7 +37,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +164,66 @@ def probe_ok(ip: str, probe: Mapping[str, Any] | None, ports: Mapping[str, int])
     return True  # exec and grpc probes are not simulated: treat as passing
 
 
+def _label_name(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+def sd_targets(pods: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Prometheus http_sd groups for live pods with an IP, labelled like kubernetes_sd role=pod.
+
+    Filtering on ``prometheus.io/*`` annotations is left to the scrape config's relabelling, as
+    with real Kubernetes discovery.
+    """
+    groups: list[dict[str, Any]] = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        status = pod.get("status") or {}
+        ip = status.get("podIP")
+        if not ip or meta.get("deletionTimestamp") or status.get("phase") != "Running":
+            continue
+        ready = any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
+        )
+        labels = {
+            "__meta_kubernetes_namespace": meta.get("namespace", ""),
+            "__meta_kubernetes_pod_name": meta.get("name", ""),
+            "__meta_kubernetes_pod_uid": meta.get("uid", ""),
+            "__meta_kubernetes_pod_ip": ip,
+            "__meta_kubernetes_pod_node_name": (pod.get("spec") or {}).get("nodeName", ""),
+            "__meta_kubernetes_pod_phase": status.get("phase", ""),
+            "__meta_kubernetes_pod_ready": "true" if ready else "false",
+        }
+        for k, v in (meta.get("labels") or {}).items():
+            labels[f"__meta_kubernetes_pod_label_{_label_name(k)}"] = v
+        for k, v in (meta.get("annotations") or {}).items():
+            labels[f"__meta_kubernetes_pod_annotation_{_label_name(k)}"] = v
+        groups.append({"targets": [ip], "labels": labels})
+    return groups
+
+
+def serve_sd(runner: PodRunner, listen: str) -> None:
+    """Serve ``GET /targets`` (Prometheus http_sd) from the runner's view of all pods."""
+    import json
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            with runner.lock:
+                body = json.dumps(sd_targets(list(runner.all_pods.values()))).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    host, _, port = listen.rpartition(":")
+    server = ThreadingHTTPServer((host, int(port)), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True, name="sd").start()
+
+
 @dataclass
 class Managed:
     """One running container process of one pod."""
@@ -199,6 +264,7 @@ class PodRunner:
         self.procs: dict[tuple[str, str], Managed] = {}
         self.ip_users: dict[str, int] = {}
         self._pods: dict[str, dict[str, Any]] = {}
+        self.all_pods: dict[str, dict[str, Any]] = {}
         self.lock = threading.RLock()
         self.stopping = threading.Event()
 
@@ -319,6 +385,10 @@ class PodRunner:
             or status.get("phase") in ("Succeeded", "Failed")
         )
         with self.lock:
+            if gone:
+                self.all_pods.pop(uid, None)
+            else:
+                self.all_pods[uid] = pod
             wanted = (
                 {}
                 if gone or not ip or not spec.get("nodeName")
@@ -437,6 +507,8 @@ def _watch(runner: PodRunner, api: Any) -> None:
             with runner.lock:
                 for key in [k for k in runner.procs if k[0] not in live]:
                     runner._stop(key)
+                for uid in [u for u in runner.all_pods if u not in live]:
+                    del runner.all_pods[uid]
             w = watch.Watch()
             for ev in w.stream(
                 api.list_pod_for_all_namespaces, resource_version=rv, timeout_seconds=60, _request_timeout=90
@@ -459,6 +531,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pod-kubeconfig", default=None, help="kubeconfig handed to pods (KUBECONFIG)")
     p.add_argument("--workdir", default=".cluster/pods", help="working dir and per-container logs")
     p.add_argument("--bin-dir", default=str(Path(sys.executable).parent), help="put first on PATH")
+    p.add_argument("--sd-listen", default=None, help="serve Prometheus http_sd on HOST:PORT")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
@@ -481,6 +554,8 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     threading.Thread(target=_watch, args=(runner, api), daemon=True, name="watch").start()
+    if args.sd_listen:
+        serve_sd(runner, args.sd_listen)
     log.info("pod runner up (netns=%s, bin=%s)", args.netns, args.bin_dir)
     while not runner.stopping.wait(0.25):
         try:

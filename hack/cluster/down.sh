@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# Stops the local cluster and removes everything it made: Prometheus, the pod runner and its
+# processes, the kwokctl cluster (etcd, control plane, kwok), the pod network namespace and veth,
+# and the .cluster/ state folder. Safe to run when nothing is running.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+stop_pidfile "$STATE/prometheus.pid" 10
+stop_pidfile "$STATE/lws.pid" 10
+# The runner stops its pods' processes and removes their addresses on SIGTERM.
+stop_pidfile "$STATE/podrunner.pid" 30
+if [[ -x "$CLUSTER_BIN/kwokctl" && -d "$KWOK_WORKDIR/clusters/$CLUSTER_NAME" ]]; then
+  log "deleting kwokctl cluster $CLUSTER_NAME"
+  "$CLUSTER_BIN/kwokctl" delete cluster --name "$CLUSTER_NAME" >/dev/null 2>&1 || true
+fi
+if ip netns list 2>/dev/null | grep -qw "$NETNS"; then
+  # Anything still in the namespace was started by this project's runner: end it by its id.
+  for pid in $(ip netns pids "$NETNS" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+  ip netns delete "$NETNS"
+  log "removed netns $NETNS"
+fi
+# Deleting the namespace removes the veth pair and its route; this covers a half-made one.
+ip link show "$VETH_HOST" >/dev/null 2>&1 && ip link delete "$VETH_HOST"
+rm -rf "$STATE"
+log "cluster down"
