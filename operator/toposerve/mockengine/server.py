@@ -261,6 +261,10 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except APIError as e:
         return _error(e)
+    except web.HTTPException as e:  # unknown route or method: still an OpenAI-shaped body
+        if e.status < 400:
+            raise
+        return _error(APIError(e.status, f"{e.reason}: {request.method} {request.path}"))
 
 
 async def _json(request: web.Request) -> Any:

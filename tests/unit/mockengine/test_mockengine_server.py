@@ -335,6 +335,10 @@ async def test_openai_shaped_errors() -> None:
         assert_error(st, b, 400, "BadRequestError")
         async with s.post(url, data=b"{not json", headers={"Content-Type": "application/json"}) as r:
             assert_error(r.status, await r.json(), 400, "BadRequestError")
+        async with s.get(srv.url + "/v1/embeddings") as r:
+            assert_error(r.status, await r.json(), 404, "NotFoundError")
+        async with s.get(url) as r:
+            assert_error(r.status, await r.json(), 405, "APIError")
 
 
 async def test_503_when_waiting_queue_exceeds_bound() -> None:
