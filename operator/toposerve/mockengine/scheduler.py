@@ -248,15 +248,15 @@ class Scheduler:
 
         for req, n in scheduled:
             req.num_computed += n
-            if req.num_computed < req.num_tokens:
-                continue  # still prefilling (chunked)
-            self._sample(req, end, stats)
             full = req.num_computed // self.config.block_size
-            if full > req.num_published:  # publish blocks the moment they are full and computed
+            if full > req.num_published:  # publish blocks as soon as they are full and computed
                 req.extend_hashes(self.config.block_size)
                 start = req.num_published
                 self.blocks.cache_blocks(req.blocks[start:full], req.hashes[start:full])
                 req.num_published = full
+            if req.num_computed < req.num_tokens:
+                continue  # still prefilling (chunked)
+            self._sample(req, end, stats)
             if len(req.output_ids) >= req.target_len:
                 self._finish(req, req.stop_reason, end, stats)
         return stats

@@ -427,3 +427,15 @@ def test_core_modules_do_no_io_imports() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_blocks_are_published_during_chunked_prefill() -> None:
+    """A second request with the same long prefix hits blocks the first is still prefilling."""
+    sched, gen, _ = make(max_num_batched_tokens=512, block_size=16)
+    ids = prompt(2000)
+    first = submit(sched, gen, "a", ids, 2)
+    sched.step(0.0)  # 512 tokens of the first prompt computed
+    second = submit(sched, gen, "b", ids, 2)
+    run_until_idle(sched)
+    assert first.num_cached_tokens == 0
+    assert second.num_cached_tokens >= 512
