@@ -24,14 +24,14 @@ def main(path: str) -> int:
         ("output_tok_s", "output tok/s"),
     ]
     fig, axes = plt.subplots(
-        len(wls), len(metrics), figsize=(6 * len(metrics), 3.6 * len(wls)), squeeze=False
+        len(wls), len(metrics), figsize=(5 * len(metrics), 3.6 * len(wls)), squeeze=False
     )
     for i, w in enumerate(wls):
         rows = data["workloads"][w]
         names = list(rows)
         for j, (key, label) in enumerate(metrics):
             ax = axes[i][j]
-            vals = [rows[n][key] for n in names]
+            vals = [rows[n].get(key, 0.0) for n in names]
             colors = ["tab:blue" if n.startswith("toposerve") else "tab:orange" for n in names]
             ax.barh(names, vals, color=colors)
             ax.invert_yaxis()

@@ -439,55 +439,67 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-async def closed_loop(url: str, msg: list[dict[str, str]], conc: int, n: int) -> dict[str, float]:
+async def closed_loop(url: str, msg: list[dict[str, str]], conc: int, n: int) -> list[Result]:
     """`n` identical short streaming requests from `conc` concurrent clients."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-        await asyncio.gather(*(one_request(s, url, msg, 4, None) for _ in range(min(conc, 20))))
+        await asyncio.gather(*(one_request(s, url, msg, 2, None) for _ in range(min(conc, 20))))
         left = [n]
         results: list[Result] = []
 
         async def worker() -> None:
             while left[0] > 0:
                 left[0] -= 1
-                r, _ = await one_request(s, url, msg, 16, None)
+                r, _ = await one_request(s, url, msg, 8, None)
                 results.append(r)
 
-        t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(conc)))
-        return summarise(results, time.perf_counter() - t0)
+        return results
 
 
 async def overhead(
     args: argparse.Namespace, procs: Procs, engine: tuple[str, str], rvenv: Path
 ) -> dict[str, Any]:
-    """Added latency of each proxy vs direct access to one engine, same short streaming request."""
-    res: dict[str, Any] = {}
-    cands = [Policy("direct", "direct", ""), Policy("toposerve", "toposerve", "round-robin")]
+    """Added latency of each proxy vs direct access to one engine, same short streaming request.
+
+    All proxies run at once in front of the same engine and the targets are measured in
+    alternating rounds (order rotated each round), so slow drifts of this shared machine's load
+    hit every target alike; the added latency is the target's p50 minus direct's p50.
+    """
+    cands = [Policy("toposerve", "toposerve", "round-robin")]
     if (rvenv / "bin" / "vllm-router").exists():
         cands.append(Policy("vllm-router", "vllm-router", "round_robin"))
     if (rvenv / "bin" / "sglang-router").exists():
         cands.append(Policy("sglang-router", "sglang-router", "round_robin"))
+    targets = {"direct": engine[0]}
     port = 27400
-    msg = [{"role": "user", "content": "Say something short."}]
     for p in cands:
         port += 2
-        proc = None
-        url = engine[0]
-        if p.kind != "direct":
-            proc = procs.start(f"overhead-{p.kind}", router_argv(p, [engine], port, rvenv))
-            url = f"http://{HOST}:{port}"
-            if not await wait_ready(url):
-                res[p.name] = "router did not become ready"
-                procs.stop(proc)
-                continue
-        res[p.name] = {}
-        for conc in (1, 50, 200):
-            n = max(60, conc * 2)
-            res[p.name][str(conc)] = await closed_loop(url, msg, conc, n)
-            print(f"overhead {p.name:15s} c={conc:<4d} ttft_p50={res[p.name][str(conc)]['ttft_p50_ms']:.2f}ms "
-                  f"e2e_p50={res[p.name][str(conc)]['e2e_p50_ms']:.2f}ms", flush=True)  # fmt: skip
-        if proc is not None:
-            procs.stop(proc)
+        procs.start(f"overhead-{p.kind}", router_argv(p, [engine], port, rvenv))
+        url = f"http://{HOST}:{port}"
+        if await wait_ready(url):
+            targets[p.name] = url
+    msg = [{"role": "user", "content": "Say something short."}]
+    res: dict[str, Any] = {"rounds": args.overhead_rounds, "max_tokens": 8}
+    for conc, n in ((1, 40), (50, 150), (200, 400)):
+        samples: dict[str, list[Result]] = {t: [] for t in targets}
+        names = list(targets)
+        for r in range(args.overhead_rounds):
+            order = names[r % len(names) :] + names[: r % len(names)]
+            for t in order:
+                samples[t] += await closed_loop(targets[t], msg, conc, n)
+        level: dict[str, Any] = {}
+        for t, rs in samples.items():
+            summ = summarise(rs, 0.0)
+            level[t] = {
+                k: summ[k] for k in ("requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms")
+            }
+        for t in names:
+            level[t]["added_ttft_p50_ms"] = level[t]["ttft_p50_ms"] - level["direct"]["ttft_p50_ms"]
+            level[t]["added_e2e_p50_ms"] = level[t]["e2e_p50_ms"] - level["direct"]["e2e_p50_ms"]
+            print(f"overhead c={conc:<4d} {t:14s} ttft_p50={level[t]['ttft_p50_ms']:.2f}ms "
+                  f"(+{level[t]['added_ttft_p50_ms']:.2f}) e2e_p50={level[t]['e2e_p50_ms']:.2f}ms "
+                  f"(+{level[t]['added_e2e_p50_ms']:.2f})", flush=True)  # fmt: skip
+        res[str(conc)] = level
     return res
 
 
@@ -506,6 +518,7 @@ def main() -> int:
                     "session,auto")  # fmt: skip
     ap.add_argument("--vllm-policies", default="cache_aware,power_of_two")
     ap.add_argument("--sglang-policies", default="cache_aware,power_of_two")
+    ap.add_argument("--overhead-rounds", type=int, default=3)
     ap.add_argument("--only", default="", help="subset of workloads by letter: a, b, c, o (overhead)")
     args = ap.parse_args()
     report = asyncio.run(bench(args))

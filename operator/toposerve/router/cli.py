@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--llmdeployment",
         default=os.environ.get("TOPOSERVE_LLMDEPLOYMENT"),
-        help="watch the EndpointSlices labelled toposerve.io/llmdeployment=NAME",
+        help="watch the EndpointSlices labelled toposerve.io/deployment=NAME",
     )
     g.add_argument(
         "--selector", default=os.environ.get("TOPOSERVE_ROUTER_SELECTOR"), help="label selector override"
@@ -63,7 +63,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--long-context-threshold", type=int, default=16384, help="prompt tokens")
     t.add_argument("--bounded-load-factor", type=float, default=1.25)
-    t.add_argument("--session-ttl", type=float, default=300.0)
+    t.add_argument(
+        "--session-ttl", type=float, default=300.0, help="seconds (spec.routing.sessionTTLSeconds)"
+    )
+    t.add_argument(
+        "--session-header", default="x-session-id", help="header naming the session (or the `user` field)"
+    )
+    t.add_argument(
+        "--no-gpu-weighting",
+        dest="gpu_weighting",
+        action="store_false",
+        help="treat every GPU type alike (spec.routing.gpuWeighting: false)",
+    )
     t.add_argument("--default-max-tokens", type=int, default=256)
     t.add_argument("--log-level", default=os.environ.get("TOPOSERVE_LOG_LEVEL", "INFO"))
 
@@ -100,6 +111,8 @@ def run(args: argparse.Namespace) -> int:
             session_ttl_s=args.session_ttl,
         ),
         default_max_tokens=args.default_max_tokens,
+        session_header=args.session_header.lower(),
+        gpu_weighting=args.gpu_weighting,
         probe_interval_s=args.probe_interval,
         queue_timeout_s=args.queue_timeout,
         max_queue=args.max_queue,

@@ -24,7 +24,7 @@ from toposerve.api.gpus import throughput_weight
 POOL_LABEL = "toposerve.io/pool"
 GPU_LABEL = "toposerve.io/gpu-type"
 LONG_CONTEXT_LABEL = "toposerve.io/long-context"
-DEPLOYMENT_LABEL = "toposerve.io/llmdeployment"
+DEPLOYMENT_LABEL = "toposerve.io/deployment"  # what the renderer puts on every child object
 
 
 @dataclass(frozen=True)
@@ -130,13 +130,21 @@ def from_list(
 
 
 def desired_backends(slices: Slices) -> dict[str, tuple[BackendSpec, bool]]:
-    """url -> (spec, draining); an address in several slices (a split) is ready if any says so."""
+    """url -> (spec, draining) over all slices.
+
+    An address can sit in several slices: a slice split, or a pod behind both the all-engines
+    Service and its pool's Service. It is ready if any slice says so, and it keeps the GPU/pool
+    tags of whichever slice has them (the all-engines Service carries no pool labels).
+    """
     out: dict[str, tuple[BackendSpec, bool]] = {}
     for name in sorted(slices):
         for ep in slices[name]:
             prev = out.get(ep.spec.url)
-            if prev is None or (prev[1] and not ep.draining):
+            if prev is None:
                 out[ep.spec.url] = (ep.spec, ep.draining)
+                continue
+            spec = prev[0] if prev[0].gpu_type or not ep.spec.gpu_type else ep.spec
+            out[ep.spec.url] = (spec, prev[1] and ep.draining)
     return out
 
 

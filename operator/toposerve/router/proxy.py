@@ -98,6 +98,8 @@ class RouterConfig:
     queue_timeout_s: float = 5.0
     max_queue: int = 1024
     retry_after_s: int = 1
+    session_header: str = SESSION_HEADER
+    gpu_weighting: bool = True  # off: every backend weighs 1.0 whatever its GPU
 
 
 @dataclass
@@ -144,7 +146,7 @@ def parse_request(
     if isinstance(n, int) and n > 1:
         max_tokens *= n
     user = body.get("user")
-    session = headers.get(SESSION_HEADER) or (user if isinstance(user, str) and user else None)
+    session = headers.get(cfg.session_header) or (user if isinstance(user, str) and user else None)
     prompt_tokens = exact if exact is not None else est.estimate(len(text))
     hashes = st.block_hashes(text, cfg.block_chars) if need_hashes else ()
     req = st.Request(prompt_tokens, max_tokens, hashes, session)
@@ -315,7 +317,7 @@ class Router:
             out.append(
                 st.BackendState(
                     id=url,
-                    weight=s.weight,
+                    weight=s.weight if self.cfg.gpu_weighting else 1.0,
                     in_flight=self.ledger.in_flight(url),
                     pending_tokens=self.ledger.pending(url),
                     kv_usage=b.kv_usage,
@@ -593,7 +595,7 @@ class Router:
         t0: float,
     ) -> None:
         first = True
-        tail = b""
+        prev = tail = b""
         keep_body = not parsed.stream and upstream.status == 200
         body_parts: list[bytes] = []
         try:
@@ -604,7 +606,7 @@ class Router:
                     self.ledger.first_token(ticket)
                 if parsed.stream:
                     self.ledger.output_tokens(ticket, chunk.count(b"data: "))
-                    tail = (tail + chunk)[-16384:]
+                    prev, tail = tail, chunk  # usage sits in the last event or the one before [DONE]
                 elif keep_body and sum(map(len, body_parts)) < 4 << 20:
                     body_parts.append(chunk)
                 await out.write(chunk)
@@ -633,7 +635,7 @@ class Router:
                     request.transport.abort()
             return
         await out.write_eof()
-        self._learn_usage(parsed, tail if parsed.stream else b"".join(body_parts))
+        self._learn_usage(parsed, prev + tail if parsed.stream else b"".join(body_parts))
 
     def _learn_usage(self, parsed: _Parsed, data: bytes) -> None:
         """Correct the chars-per-token estimate from the engine's reported prompt tokens."""

@@ -164,3 +164,36 @@ async def test_slice_watcher_hands_desired_backends_to_the_loop() -> None:
         "http://10.0.0.1:8000": False,
         "http://10.0.0.2:8000": True,
     }
+
+
+def test_untagged_all_engines_slice_does_not_erase_pool_tags() -> None:
+    """A pod behind the all-engines Service and its pool Service keeps the pool's GPU tags."""
+    slices = ep.from_list(
+        [
+            slice_("all-engines-abc", [e("10.0.0.1"), e("10.0.0.9", ready=False)]),
+            slice_("pool-h100-xyz", [e("10.0.0.1", ready=False)], H100),
+        ]
+    )
+    d = ep.desired_backends(slices)
+    spec, draining = d["http://10.0.0.1:8000"]
+    assert (spec.gpu_type, spec.pool, draining) == ("H100", "fast", False)
+    assert d["http://10.0.0.9:8000"][1] is True
+
+
+def test_cli_routing_spec_flags() -> None:
+    from toposerve.cli import build_parser
+
+    args = build_parser().parse_args(
+        [
+            "router",
+            "--llmdeployment",
+            "x",
+            "--session-header",
+            "X-Conv",
+            "--no-gpu-weighting",
+            "--session-ttl",
+            "600",
+        ]
+    )
+    assert (args.session_header, args.gpu_weighting, args.session_ttl) == ("X-Conv", False, 600.0)
+    assert build_parser().parse_args(["router"]).gpu_weighting is True

@@ -431,3 +431,21 @@ async def test_openai_sdk_streams_through_and_sees_a_broken_stream_as_an_error(h
             pass
     await client.close()
     await eventually(lambda: ledger_idle(router))
+
+
+async def test_custom_session_header_and_gpu_weighting_switch(harness: Harness) -> None:
+    cfg = RouterConfig(strategy=st.SESSION, session_header="x-conv", gpu_weighting=False)
+    router, url, _ = await harness(3, cfg=cfg)
+    router.backends[next(iter(router.backends))].spec = BackendSpec(
+        next(iter(router.backends)), gpu_type="B200"
+    )
+    assert {b.weight for b in router.snapshot()} == {1.0}
+    async with aiohttp.ClientSession() as s:
+        seen = set()
+        for i in range(4):
+            async with s.post(
+                url + "/v1/chat/completions", json=chat(f"t{i}"), headers={"x-conv": "c1"}
+            ) as r:
+                seen.add(r.headers["x-toposerve-backend"])
+                assert r.headers["x-toposerve-route-reason"] in (st.R_SESSION_NEW, st.R_SESSION_HIT)
+    assert len(seen) == 1
