@@ -149,5 +149,10 @@ def run(args: argparse.Namespace) -> int:
             watcher.stop()
         await runner.cleanup()  # stops accepting, lets in-flight handlers finish (aiohttp shutdown_timeout)
 
-    asyncio.run(main())
+    try:  # optional: a faster event loop when installed (not a dependency)
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
     return 0
