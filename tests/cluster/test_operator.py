@@ -277,3 +277,58 @@ def test_gpu_fallback_and_return(cluster: Cluster, namespace: str, operator: Ope
     assert len(back) >= 2 and all("1 replica" in e["message"] for e in back)  # gradual: one per move
     obj = wait_condition(cluster, namespace, "llama-70b", "Degraded", "False", timeout=120)
     delete_and_wait_gone(cluster, namespace, "llama-70b")
+
+
+def cpu_filler(namespace: str, replicas: int) -> dict[str, Any]:
+    """Pods that take nearly all CPU of the on-demand H100 nodes but no GPU: a shortage the planner's
+    GPU capacity view does not model, so only the scheduler can tell."""
+    d = filler(namespace, replicas)
+    d["metadata"]["name"] = "cpu-filler"
+    pod = d["spec"]["template"]["spec"]
+    pod["containers"][0]["resources"] = {"requests": {"cpu": "190"}}
+    pod["topologySpreadConstraints"] = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                         "whenUnsatisfiable": "DoNotSchedule",
+                                         "labelSelector": {"matchLabels": {"app": "filler"}}}]  # fmt: skip
+    return d
+
+
+def test_replicas_stuck_unschedulable_fall_back_after_patience(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """The scheduler refuses (Insufficient cpu), the pod stays Pending, and after the patience
+    window (--fallback-after 5 here) the stuck replica moves to the next GPU type."""
+    from tests.cluster.operator_harness import install_crd
+
+    install_crd(cluster)
+    op = Operator(cluster, tmp_path / "operator.log", "--fallback-after", "5", "--resync", "5",
+                  "--return-cooldown", "600")  # fmt: skip
+    op.start()
+    try:
+        sel = "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3,toposerve.io/capacity-type!=spot"
+        nodes = json.loads(kubectl(cluster, "get", "nodes", "-l", sel, "-o", "json").stdout)["items"]
+        kubectl(cluster, "apply", "-f", "-", stdin=yaml.safe_dump(cpu_filler(namespace, len(nodes))))
+
+        def filled() -> bool:
+            pods = cluster.core.list_namespaced_pod(namespace, label_selector="app=filler").items
+            return len([p for p in pods if p.spec.node_name]) == len(nodes)
+
+        wait_for(filled, "cpu filler pods on every on-demand H100 node")
+        manifest = load(ROOT / "examples" / "llama-70b-h100.yaml")
+        manifest["spec"]["model"]["maxContextLength"] = 8192
+        assert apply(cluster, namespace, manifest).returncode == 0
+
+        def moved() -> list[dict[str, Any]] | None:
+            evs = [e for e in events(cluster, namespace, "llama-70b") if e["reason"] == "GPUFallback"]
+            return evs or None
+
+        (ev,) = wait_for(moved, "a GPUFallback event", timeout=120)
+        assert "unschedulable on H100" in ev["message"] and "A100-80GB" in ev["message"]
+        obj = wait_condition(cluster, namespace, "llama-70b", "Ready", "True", timeout=120)
+        assert obj["status"]["gpuTypes"] == "A100-80GB"
+        sched = condition(obj, "Schedulable")
+        assert sched and sched["status"] == "True"
+        degraded = condition(obj, "Degraded")
+        assert degraded and degraded["reason"] == "FallbackActive"
+        delete_and_wait_gone(cluster, namespace, "llama-70b")
+    finally:
+        op.stop()

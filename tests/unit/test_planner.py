@@ -255,3 +255,20 @@ def test_pool_override_replans_on_the_fallback_type() -> None:
     spec = make_spec(L70, 131072, ["H100", "A100-80GB"])
     d = plan_deployment("x", spec, pool_overrides={"default": ["A100-80GB"]})
     assert d.pools[0].gpu_type == "A100-80GB"
+
+
+def test_capacity_respects_taints_and_node_selectors() -> None:
+    n = node("h", "NVIDIA-H100-80GB-HBM3", 8)
+    tainted = {**n, "spec": {"taints": [{"key": "maintenance", "value": "x", "effect": "NoSchedule"}]}}
+    inv = inventory_from_nodes([n, {**tainted, "metadata": {**n["metadata"], "name": "t"}}], DEFAULT_CATALOG)
+    gpu_tol = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert inv.placeable_replicas("H100", 4, 1, False, {}, gpu_tol) == 2  # only the untainted node
+    assert (
+        inv.placeable_replicas(
+            "H100", 4, 1, False, {}, [*gpu_tol, {"key": "maintenance", "operator": "Exists"}]
+        )
+        == 4
+    )
+    assert inv.placeable_replicas("H100", 4, 1, False, {"zone": "nowhere"}, gpu_tol) == 0
+    soft = {**n, "spec": {"taints": [{"key": "k", "effect": "PreferNoSchedule"}]}}
+    assert inventory_from_nodes([soft], DEFAULT_CATALOG).placeable_replicas("H100", 8, 1, False) == 1

@@ -305,7 +305,7 @@ class AutoscalingSpec(_Model):
         json_schema_extra={
             "x-kubernetes-validations": [
                 {
-                    "rule": "self.minReplicas <= self.maxReplicas",
+                    "rule": "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
                     "message": "minReplicas must be <= maxReplicas",
                     "fieldPath": ".minReplicas",
                 }

@@ -22,6 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fallback-after", type=float, default=60.0,
                    help="seconds a replica may stay unschedulable before it moves to the next GPU type")  # fmt: skip
     p.add_argument("--resync", type=float, default=30.0, help="seconds between full resyncs")
+    p.add_argument("--return-cooldown", type=float, default=120.0,
+                   help="seconds after a GPU fallback before replicas may move back")  # fmt: skip
     p.add_argument(
         "--leader-elect", action="store_true", help="run several replicas; one holds a Lease and acts"
     )
@@ -39,7 +41,11 @@ def run(args: argparse.Namespace) -> int:
     ctx = Context(
         kube=Kube(load_client(args.kubeconfig)),
         config=config,
-        settings=Settings(fallback_after_seconds=args.fallback_after, resync_seconds=args.resync),
+        settings=Settings(
+            fallback_after_seconds=args.fallback_after,
+            resync_seconds=args.resync,
+            return_cooldown_seconds=args.return_cooldown,
+        ),
     )
     rt = operator.Runtime(
         ctx=ctx,

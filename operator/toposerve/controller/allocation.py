@@ -4,7 +4,8 @@ Pure and level-triggered. The current split is read back from the world (each pe
 ``spec.replicas``), so an operator restart resumes exactly where it was. Each reconcile:
 
 1. brings the total to the desired count: additions go to the most preferred type with free
-   capacity for a replica (else the most preferred type), removals come from the least preferred;
+   capacity for a replica (else the most preferred type: the scheduler decides, and step 2 moves
+   what stays unschedulable), removals come from the least preferred;
 2. moves replicas whose pods have stayed unschedulable longer than the patience window to the
    next type in the order (only the unplaced ones: running replicas stay where they are);
 3. moves back gradually: when a more preferred type has room for a whole replica and nothing of
@@ -34,7 +35,7 @@ class Move:
     source: str
     target: str
     replicas: int
-    reason: str  # "Unschedulable" or "CapacityReturned"
+    reason: str  # "NoCapacity" (new replicas), "Unschedulable" (stuck ones) or "CapacityReturned"
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,14 @@ class Allocation:
     moves: list[Move] = field(default_factory=list)
 
 
-def allocate(order: Sequence[str], total: int, world: Mapping[str, TypeState]) -> Allocation:
-    """The split of ``total`` replicas over ``order`` (most preferred first) given the world."""
+def allocate(
+    order: Sequence[str], total: int, world: Mapping[str, TypeState], allow_return: bool = True
+) -> Allocation:
+    """The split of ``total`` replicas over ``order`` (most preferred first) given the world.
+
+    ``allow_return=False`` holds replicas where they are (the shell uses it as a cool-down after a
+    fallback, so a constraint the capacity view cannot see does not make a pool flap).
+    """
     if not order:
         return Allocation({})
     state = {t: world.get(t, TypeState()) for t in order}
@@ -54,7 +61,10 @@ def allocate(order: Sequence[str], total: int, world: Mapping[str, TypeState]) -
     diff = total - sum(alloc.values())
     if diff > 0:
         with_room = [t for t in order if state[t].capacity > 0 and state[t].stuck == 0]
-        alloc[with_room[0] if with_room else order[0]] += diff
+        target = with_room[0] if with_room else order[0]
+        alloc[target] += diff
+        if target != order[0]:
+            moves.append(Move(order[0], target, diff, "NoCapacity"))
     elif diff < 0:
         for t in reversed(order):
             take = min(alloc[t], -diff)
@@ -70,10 +80,10 @@ def allocate(order: Sequence[str], total: int, world: Mapping[str, TypeState]) -
             alloc[t] -= stuck
             alloc[nxt] += stuck
             moves.append(Move(t, nxt, stuck, "Unschedulable"))
-    if moves:
+    if any(m.reason == "Unschedulable" for m in moves):
         return Allocation(alloc, moves)
     # 3. move back, one replica per reconcile, once the pool is settled.
-    if any(s.pending for s in state.values()):
+    if not allow_return or any(s.pending for s in state.values()):
         return Allocation(alloc, moves)
     for i, preferred in enumerate(order):
         lower = [t for t in order[i + 1 :] if alloc[t] > 0]

@@ -154,7 +154,11 @@ class Kube:
         url = path(api_version, kind, namespace, name, "status")
         query = [("fieldManager", FIELD_MANAGER)]
         self.request(
-            "PATCH", url, body={"status": dict(status)}, content_type="application/merge-patch+json", query=query
+            "PATCH",
+            url,
+            body={"status": dict(status)},
+            content_type="application/merge-patch+json",
+            query=query,
         )
 
     def has_crd(self, name: str) -> bool:

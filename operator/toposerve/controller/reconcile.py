@@ -27,7 +27,7 @@ from toposerve.controller import metrics
 from toposerve.controller.allocation import TypeState, allocate
 from toposerve.controller.conditions import Observation, PlacementObs, PoolObs, compute_status
 from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
-from toposerve.controller.observe import summarize
+from toposerve.controller.observe import parse_time, summarize
 from toposerve.planner.inventory import GPU_RESOURCE, Inventory, inventory_from_nodes
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, plan_deployment
 from toposerve.render.objects import (
@@ -35,6 +35,7 @@ from toposerve.render.objects import (
     LABEL_DEPLOYMENT,
     Owner,
     engine_service_name,
+    pod_tolerations,
     render_deployment,
     render_pool,
     selector_string,
@@ -52,6 +53,7 @@ class Settings:
     inventory_ttl_seconds: float = 5.0
     settle_requeue_seconds: float = 5.0
     resync_seconds: float = 30.0
+    return_cooldown_seconds: float = 120.0  # no move back this soon after a fallback (anti-flap)
 
 
 @dataclass
@@ -169,6 +171,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     pool_obs: list[PoolObs] = []
     events: list[tuple[str, str, bool]] = []
     lws_ok: bool | None = None
+    returns_allowed = _cooled_down(previous, now, ctx.settings.return_cooldown_seconds)
     for pool in dplan.pools:
         plans = _type_plans(name, spec, pool, ctx, inv)
         if not plans:
@@ -180,16 +183,29 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         world = {}
         for p in plans:
             f = facts.get((pool.name, p.gpu_type or ""))
-            cap = inv.placeable_replicas(p.gpu_type or "", p.gpus_per_pod, p.nodes_per_replica, p.spot)
+            cap = inv.placeable_replicas(
+                p.gpu_type or "",
+                p.gpus_per_pod,
+                p.nodes_per_replica,
+                p.spot,
+                spec.placement.node_selector,
+                pod_tolerations(spec, p, ctx.config),
+            )
             world[p.gpu_type or ""] = TypeState(
                 replicas=current.get((pool.name, p.gpu_type or ""), 0),
                 stuck=f.stuck if f else 0,
                 pending=f.pending if f else 0,
                 capacity=cap if dplan.engine == "vllm" else 0,
             )
-        alloc = allocate(order, pool.replicas, world)
+        alloc = allocate(order, pool.replicas, world, allow_return=returns_allowed)
         for mv in alloc.moves:
-            if mv.reason == "Unschedulable":
+            if mv.reason == "NoCapacity":
+                msg = (
+                    f"pool {pool.name}: no free {mv.source} capacity for {mv.replicas} new replica(s); "
+                    f"placing them on {mv.target}"
+                )
+                events.append(("GPUFallback", msg, True))
+            elif mv.reason == "Unschedulable":
                 msg = (
                     f"pool {pool.name}: {mv.replicas} replica(s) unschedulable on {mv.source} for "
                     f"{ctx.settings.fallback_after_seconds:.0f}s; moving them to {mv.target}"
@@ -289,6 +305,15 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     elif fallback_active:
         result.requeue_after = ctx.settings.resync_seconds / 2
     return result
+
+
+def _cooled_down(previous: Mapping[str, Any], now: datetime, cooldown: float) -> bool:
+    """False for ``cooldown`` seconds after the deployment went into fallback (Degraded/FallbackActive)."""
+    for c in previous.get("conditions") or []:
+        if c.get("type") == "Degraded" and c.get("status") == "True" and c.get("reason") == "FallbackActive":
+            since = parse_time(c.get("lastTransitionTime"))
+            return since is None or (now - since).total_seconds() >= cooldown
+    return True
 
 
 def _no_pools(plan: DeploymentPlan) -> DeploymentPlan:

@@ -21,6 +21,27 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 
 @dataclass(frozen=True)
+class Taint:
+    key: str
+    value: str
+    effect: str
+
+
+def tolerates(tolerations: Iterable[Mapping[str, Any]], taint: Taint) -> bool:
+    """Whether any toleration matches the taint (the scheduler's rule, for NoSchedule/NoExecute)."""
+    for t in tolerations:
+        if t.get("effect") and t["effect"] != taint.effect:
+            continue
+        key = t.get("key")
+        if t.get("operator", "Equal") == "Exists":
+            if not key or key == taint.key:
+                return True
+        elif key == taint.key and (t.get("value") or "") == taint.value:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     name: str
     gpu_type: str | None
@@ -30,6 +51,14 @@ class NodeInfo:
     spot: bool = False
     schedulable: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
+    taints: tuple[Taint, ...] = ()
+
+    def admits(self, node_selector: Mapping[str, str], tolerations: Iterable[Mapping[str, Any]]) -> bool:
+        """Whether a pod with this node selector and these tolerations may be scheduled here."""
+        if any(self.labels.get(k) != v for k, v in node_selector.items()):
+            return False
+        tols = list(tolerations)
+        return all(tolerates(tols, t) for t in self.taints if t.effect in ("NoSchedule", "NoExecute"))
 
     @property
     def free_gpus(self) -> int:
@@ -57,9 +86,20 @@ class Inventory:
     def free_gpus(self, gpu_type: str, spot_allowed: bool = True) -> int:
         return sum(n.free_gpus for n in self.nodes_of(gpu_type, spot_allowed))
 
-    def placeable_replicas(self, gpu_type: str, gpus_per_pod: int, pods: int, spot_allowed: bool) -> int:
-        """How many more replicas of ``pods`` pods x ``gpus_per_pod`` GPUs fit in free capacity (first fit)."""
-        slots = sum(n.free_gpus // gpus_per_pod for n in self.nodes_of(gpu_type, spot_allowed))
+    def placeable_replicas(
+        self,
+        gpu_type: str,
+        gpus_per_pod: int,
+        pods: int,
+        spot_allowed: bool,
+        node_selector: Mapping[str, str] | None = None,
+        tolerations: Iterable[Mapping[str, Any]] = (),
+    ) -> int:
+        """How many more replicas of ``pods`` pods x ``gpus_per_pod`` GPUs fit in free capacity, on
+        nodes the pods may use (node selector, taints)."""
+        tols = list(tolerations)
+        nodes = [n for n in self.nodes_of(gpu_type, spot_allowed) if n.admits(node_selector or {}, tols)]
+        slots = sum(n.free_gpus // max(1, gpus_per_pod) for n in nodes)
         return slots // max(1, pods)
 
 
@@ -82,7 +122,12 @@ def node_info(node: Mapping[str, Any], catalog: GPUCatalog, capacity_label: str,
     ready = any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
     ) or not status.get("conditions")
+    taints = tuple(
+        Taint(str(t.get("key", "")), str(t.get("value") or ""), str(t.get("effect", "")))
+        for t in spec.get("taints") or []
+    )
     return NodeInfo(
+        taints=taints,
         name=str(meta.get("name", "")),
         gpu_type=gpu.name if gpu else None,
         gpu_count=count,

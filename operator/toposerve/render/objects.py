@@ -144,7 +144,8 @@ def workload_name(name: str, pool: str, gpu_type: str) -> str:
     return f"{base[:46].rstrip('-')}-{hashlib.sha1(base.encode()).hexdigest()[:5]}"
 
 
-def _tolerations(spec: LLMDeploymentSpec, plan: PoolPlan, config: OperatorConfig) -> list[dict[str, Any]]:
+def pod_tolerations(spec: LLMDeploymentSpec, plan: PoolPlan, config: OperatorConfig) -> list[dict[str, Any]]:
+    """Tolerations of a serving pod: GPU nodes' taint, spot (when allowed) and the user's."""
     tols: list[dict[str, Any]] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     if plan.spot:
         tols.append(
@@ -241,7 +242,7 @@ def render_pool(
         spot=plan.spot,
         capacity_label=config.capacity_type_label,
         node_selector=dict(spec.placement.node_selector),
-        tolerations=_tolerations(spec, plan, config),
+        tolerations=pod_tolerations(spec, plan, config),
         image=image,
         command=command,
         leader_args=leader_args,

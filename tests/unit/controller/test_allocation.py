@@ -17,7 +17,16 @@ def test_fresh_pool_starts_on_the_preferred_type() -> None:
 
 def test_new_replicas_go_where_there_is_room() -> None:
     world = {"H100": TypeState(replicas=2, capacity=0), "A100-80GB": TypeState(capacity=4)}
-    assert allocate(ORDER, 4, world).replicas == {"H100": 2, "A100-80GB": 2, "A100-40GB": 0}
+    a = allocate(ORDER, 4, world)
+    assert a.replicas == {"H100": 2, "A100-80GB": 2, "A100-40GB": 0}
+    assert [(m.source, m.target, m.replicas, m.reason) for m in a.moves] == [
+        ("H100", "A100-80GB", 2, "NoCapacity")
+    ]
+
+
+def test_without_capacity_anywhere_new_replicas_try_the_preferred_type() -> None:
+    a = allocate(ORDER, 2, {"H100": TypeState(capacity=0), "A100-80GB": TypeState(capacity=0)})
+    assert a.replicas["H100"] == 2 and not a.moves
 
 
 def test_only_stuck_replicas_fall_back_one_step() -> None:
@@ -90,3 +99,9 @@ def test_allocation_always_sums_to_the_desired_total(total: int, world: dict[str
     assert set(a.replicas) == set(ORDER)
     back = [m for m in a.moves if m.reason == "CapacityReturned"]
     assert len(back) <= 1 and all(m.replicas == 1 for m in back)
+
+
+def test_cool_down_holds_replicas_on_the_fallback_type() -> None:
+    world = {"H100": TypeState(replicas=0, capacity=5), "A100-80GB": TypeState(replicas=2)}
+    held = allocate(ORDER, 2, world, allow_return=False)
+    assert held.replicas == {"H100": 0, "A100-80GB": 2, "A100-40GB": 0} and not held.moves
