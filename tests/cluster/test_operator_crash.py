@@ -76,10 +76,8 @@ def test_operator_killed_mid_reconcile_converges(cluster: Cluster, namespace: st
         op.stop()
         print(op.tail())
     # Exactly one Service and one PDB per deployment, each owned by its LLMDeployment.
-    llmds = {
-        o["metadata"]["name"]: o
-        for o in json.loads(kubectl(cluster, "get", "llmd", "-n", namespace, "-o", "json").stdout)["items"]
-    }
+    out = kubectl(cluster, "get", "llmd", "-n", namespace, "-o", "json", "--show-managed-fields").stdout
+    llmds = {o["metadata"]["name"]: o for o in json.loads(out)["items"]}
     for kind in ("services", "poddisruptionbudgets", "deployments"):
         items = json.loads(kubectl(cluster, "get", kind, "-n", namespace, "-o", "json").stdout)["items"]
         owners = [i["metadata"]["ownerReferences"][0] for i in items]
