@@ -66,7 +66,16 @@ def install_crd(cluster: Cluster) -> None:
 @pytest.fixture
 def operator(cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
     install_crd(cluster)
-    op = Operator(cluster, tmp_path / "operator.log", "--fallback-after", "5", "--resync", "5", "--return-cooldown", "10")
+    op = Operator(
+        cluster,
+        tmp_path / "operator.log",
+        "--fallback-after",
+        "5",
+        "--resync",
+        "5",
+        "--return-cooldown",
+        "10",
+    )
     op.start()
     yield op
     op.stop()
