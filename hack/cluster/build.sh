@@ -10,6 +10,9 @@ source "$HERE/versions.sh"
 export GOFLAGS="${GOFLAGS:--trimpath}"
 export CGO_ENABLED=0
 mkdir -p "$CLUSTER_BIN"
+# One build at a time per cache (two checkouts, or make and a hand run, share it).
+exec 9>"$CLUSTER_BIN/.build.lock"
+flock 9
 STAMP=$(date +%s)
 
 log() { printf '[cluster-bin %4ss] %s\n' "$(($(date +%s) - STAMP))" "$*"; }
@@ -36,7 +39,11 @@ build() {
   log "$name: building $pkg"
   local t0
   t0=$(date +%s)
-  (cd "$dir" && go build -ldflags "$ldflags" -o "$CLUSTER_BIN/$name.tmp" "$pkg")
+  if ! (cd "$dir" && go build -ldflags "$ldflags" -o "$CLUSTER_BIN/$name.tmp" "$pkg"); then
+    rm -f "$CLUSTER_BIN/$name.tmp"
+    log "$name: BUILD FAILED"
+    return 1
+  fi
   mv "$CLUSTER_BIN/$name.tmp" "$CLUSTER_BIN/$name"
   log "$name: built in $(($(date +%s) - t0))s"
 }
@@ -52,7 +59,11 @@ install() {
   local t0 tmp
   t0=$(date +%s)
   tmp=$(mktemp -d)
-  GOBIN="$tmp" go install -ldflags "-s -w" "$target"
+  if ! GOBIN="$tmp" go install -ldflags "-s -w" "$target"; then
+    rm -rf "$tmp"
+    log "$name: BUILD FAILED"
+    return 1
+  fi
   mv "$tmp"/* "$CLUSTER_BIN/$name"
   rmdir "$tmp"
   log "$name: built in $(($(date +%s) - t0))s"
@@ -69,8 +80,8 @@ for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   sel "$c" && build "$c" "$HERE/gomod/k8s" "k8s.io/kubernetes/cmd/$c" "$(k8s_ldflags)"
 done
 sel helm && install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
-if sel lws; then
+if sel lws-controller; then
   # Optional: the LeaderWorkerSet controller. A failure is reported, not fatal.
-  install lws-controller "sigs.k8s.io/lws/cmd@$LWS_VERSION" || log "lws-controller: BUILD FAILED (optional)"
+  build lws-controller "$HERE/gomod/lws" sigs.k8s.io/lws/cmd || log "lws-controller is optional: continuing"
 fi
 log "done: $(ls "$CLUSTER_BIN" | tr '\n' ' ')"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import subprocess
 import time
 import uuid
@@ -89,7 +90,7 @@ def cluster() -> Iterator[Cluster]:
 @pytest.fixture
 def namespace(cluster: Cluster, request: pytest.FixtureRequest) -> Iterator[str]:
     """A fresh namespace for one test (the ServiceAccount admission needs its default SA first)."""
-    base = request.node.name.lower().replace("_", "-")[:40].strip("-")
+    base = re.sub(r"[^a-z0-9-]+", "-", request.node.name.lower().replace("_", "-"))[:40].strip("-")
     name = f"{base}-{uuid.uuid4().hex[:6]}"
     cluster.core.create_namespace({"metadata": {"name": name, "labels": {"toposerve.dev/test": "true"}}})
 

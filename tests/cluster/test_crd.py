@@ -3,6 +3,7 @@ schema and CEL rules (the operator never sees an invalid spec)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -45,12 +46,15 @@ def create(cluster: Cluster, namespace: str, body: dict[str, Any]) -> Any:
 
 
 def rejection(cluster: Cluster, namespace: str, body: dict[str, Any]) -> str:
+    """The API server's 422 for ``body``, as "field: message" lines of its causes."""
     from kubernetes.client.exceptions import ApiException
 
     with pytest.raises(ApiException) as e:
         create(cluster, namespace, body)
     assert e.value.status == 422, e.value.body
-    return str(e.value.body)
+    status = json.loads(e.value.body)
+    causes = status.get("details", {}).get("causes", [])
+    return "\n".join(f"{c.get('field')}: {c.get('message')}" for c in causes) or status["message"]
 
 
 def test_valid_llmdeployment_is_accepted_with_defaults(cluster: Cluster, crd: Any, namespace: str) -> None:
@@ -60,11 +64,12 @@ def test_valid_llmdeployment_is_accepted_with_defaults(cluster: Cluster, crd: An
 
 def test_cel_rule_rejects_min_replicas_above_max(cluster: Cluster, crd: Any, namespace: str) -> None:
     body = llmd("bad-autoscaling", autoscaling={"enabled": True, "minReplicas": 5, "maxReplicas": 2})
-    assert "minReplicas must be <= maxReplicas" in rejection(cluster, namespace, body)
+    assert "spec.autoscaling.minReplicas: Invalid value: minReplicas must be <= maxReplicas" in rejection(
+        cluster, namespace, body
+    )
 
 
 def test_schema_rejects_unknown_dtype(cluster: Cluster, crd: Any, namespace: str) -> None:
     body = llmd("bad-dtype", model={"name": "Qwen/Qwen2.5-0.5B-Instruct", "dtype": "fp64"})
     message = rejection(cluster, namespace, body)
-    assert "spec.model.dtype" in message
-    assert "Unsupported value" in message
+    assert 'spec.model.dtype: Unsupported value: "fp64"' in message

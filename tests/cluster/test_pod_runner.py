@@ -68,3 +68,45 @@ def test_deleting_the_pod_stops_its_process(cluster: Cluster, namespace: str) ->
         return False
 
     wait_for(old_gone, "the deleted pod's process to stop answering")
+
+
+# Runs inside the pod network with the runner's KUBECONFIG; serves HTTP only if the API answered.
+API_PROBE = """
+import http.server, os, kubernetes
+kubernetes.config.load_kube_config()
+v1 = kubernetes.client.CoreV1Api()
+me = v1.read_namespaced_pod(os.environ["POD_NAME"], os.environ["POD_NAMESPACE"])
+assert me.status.pod_ip == os.environ["POD_IP"]
+http.server.HTTPServer((os.environ["POD_IP"], 8000), http.server.SimpleHTTPRequestHandler).serve_forever()
+"""
+
+
+def test_pod_processes_reach_the_api_server(cluster: Cluster, namespace: str) -> None:
+    field = {"status.podIP": "POD_IP", "metadata.name": "POD_NAME", "metadata.namespace": "POD_NAMESPACE"}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "api-client"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "ghcr.io/toposerve/toposerve:dev",
+                    "command": ["python", "-c", API_PROBE],
+                    "env": [
+                        {"name": v, "valueFrom": {"fieldRef": {"fieldPath": f}}} for f, v in field.items()
+                    ],
+                    "readinessProbe": {"tcpSocket": {"port": 8000}},
+                }
+            ]
+        },
+    }
+    cluster.core.create_namespaced_pod(namespace, pod)
+
+    def ready() -> Any:
+        p = cluster.core.read_namespaced_pod("api-client", namespace)
+        return p if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []) else None
+
+    p = wait_for(ready, "the pod that lists itself through the API server to be Ready")
+    status, _ = http_get(f"http://{p.status.pod_ip}:8000/")
+    assert status == 200

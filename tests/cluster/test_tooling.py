@@ -11,7 +11,7 @@ import pytest
 
 from tests.cluster.conftest import ROOT
 from toposerve.dev import fleet
-from toposerve.dev.podrunner import container_env, expand, field_ref, is_runner_image
+from toposerve.dev.podrunner import container_env, expand, field_ref, is_runner_image, sd_targets
 
 pytestmark = pytest.mark.cluster
 
@@ -83,3 +83,29 @@ def test_env_and_argument_expansion_follow_kubernetes() -> None:
     assert field_ref(pod, "metadata.namespace") == "ns"
     with pytest.raises(ValueError):
         field_ref(pod, "spec.unknown")
+
+
+def test_sd_targets_look_like_kubernetes_sd() -> None:
+    running = {
+        "metadata": {
+            "name": "m",
+            "namespace": "ns",
+            "uid": "u",
+            "labels": {"app.kubernetes.io/name": "x"},
+            "annotations": {"prometheus.io/scrape": "true"},
+        },
+        "spec": {"nodeName": "cpu-0"},
+        "status": {
+            "phase": "Running",
+            "podIP": "10.244.16.3",
+            "conditions": [{"type": "Ready", "status": "True"}],
+        },
+    }
+    pending = {"metadata": {"name": "p", "namespace": "ns"}, "status": {"phase": "Pending"}}
+    (group,) = sd_targets([running, pending])
+    assert group["targets"] == ["10.244.16.3"]
+    labels = group["labels"]
+    assert labels["__meta_kubernetes_pod_annotation_prometheus_io_scrape"] == "true"
+    assert labels["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == "x"
+    assert labels["__meta_kubernetes_pod_ready"] == "true"
+    assert labels["__meta_kubernetes_pod_node_name"] == "cpu-0"
