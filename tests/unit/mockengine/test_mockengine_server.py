@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -459,6 +460,8 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Any) -> None:
         "'--gpu-type', 'SomeFutureGPU', '--time-scale', '0.02', '--num-gpu-blocks', '128']))"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(60, proc.kill)  # a wedged child must not hang the suite
+    watchdog.start()
     try:
         assert proc.stderr is not None
         port = None
@@ -484,6 +487,7 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Any) -> None:
         assert data.endswith(b"data: [DONE]\n\n") and data.count(b'"text":') == 26
         assert proc.wait(timeout=30) == 0
     finally:
+        watchdog.cancel()
         if proc.poll() is None:
             proc.kill()
             proc.wait()
