@@ -102,6 +102,8 @@ def test_mock_engine_renders_the_same_objects_without_gpus() -> None:
     )
     assert c["args"][c["args"].index("--gpu-type") + 1] == "H100"
     assert c["args"][c["args"].index("--host") + 1] == "$(POD_IP)"
+    plan = plan_deployment("llm", make_spec(L70, 8192, ["H100"], engine="mock")).pools[0]
+    assert c["args"][c["args"].index("--num-gpu-blocks") + 1] == str(plan.kv_cache_tokens_per_replica // 16)
     assert "requiredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["nodeAffinity"]
     assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 

@@ -175,6 +175,8 @@ def _mock_args(plan: PoolPlan, served: str) -> list[str]:
         "--gpu-type", plan.gpu_type,
         "--tensor-parallel-size", str(plan.tensor_parallel),
         "--max-model-len", str(plan.max_context_length),
+        # The KV cache the plan gives a replica, in vLLM's default 16-token blocks.
+        "--num-gpu-blocks", str(max(1, plan.kv_cache_tokens_per_replica // 16)),
     ]  # fmt: skip
 
 
