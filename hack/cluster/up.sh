@@ -92,18 +92,31 @@ if [[ -x "$CLUSTER_BIN/lws-controller" && "${TOPOSERVE_LWS:-1}" == 1 ]]; then
   lws_dir=$(go env GOMODCACHE)/sigs.k8s.io/lws@$LWS_VERSION
   [[ -d "$lws_dir" ]] || (cd / && go mod download "sigs.k8s.io/lws@$LWS_VERSION")
   mkdir -p "$STATE/lws"
-  kc kustomize "$lws_dir/config/default" |
+  kc kustomize "$lws_dir/config/default" 2>"$STATE/lws/kustomize.log" |
     "$PY" -m toposerve.dev.lws --host "$HOST_ADDR" --config-out "$STATE/lws/config.yaml" \
       --cert-dir "$STATE/lws/certs" >"$STATE/lws/manifests.yaml"
-  kc apply --server-side -f "$STATE/lws/manifests.yaml" >/dev/null
+  kc apply --server-side -f "$STATE/lws/manifests.yaml" >/dev/null 2>"$STATE/lws/apply.log"
   kc wait --for=condition=Established crd/leaderworkersets.leaderworkerset.x-k8s.io --timeout=60s >/dev/null
   nohup "$CLUSTER_BIN/lws-controller" --kubeconfig "$KUBECONFIG_OUT" --config "$STATE/lws/config.yaml" \
     >"$STATE/lws/controller.log" 2>&1 </dev/null &
   echo $! >"$STATE/lws.pid"
+  # In a pod the kubelet mounts the webhook Secret the controller fills; here we copy it out.
+  mkdir -p "$STATE/lws/certs"
   for _ in $(seq 120); do
-    curl -sf --noproxy '*' http://127.0.0.1:18081/readyz >/dev/null && break
+    crt=$(kc -n lws-system get secret lws-webhook-server-cert -o jsonpath='{.data.tls\.crt}' 2>/dev/null || true)
+    [[ -n "$crt" ]] && break
     sleep 0.5
   done
+  for f in tls.crt tls.key ca.crt; do
+    kc -n lws-system get secret lws-webhook-server-cert -o jsonpath="{.data.${f//./\\.}}" |
+      base64 -d >"$STATE/lws/certs/$f"
+  done
+  for _ in $(seq 120); do
+    curl -sk --noproxy '*' -o /dev/null "https://$HOST_ADDR:9443/" && break
+    sleep 0.5
+  done
+  curl -sk --noproxy '*' -o /dev/null "https://$HOST_ADDR:9443/" ||
+    { tail -n 20 "$STATE/lws/controller.log" >&2; echo "up.sh: LWS webhook not serving" >&2; exit 1; }
 fi
 
 log "prometheus on 127.0.0.1:$PROM_PORT"
