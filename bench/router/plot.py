@@ -19,8 +19,9 @@ def main(path: str) -> int:
     data = json.loads(Path(path).read_text())
     wls = list(data["workloads"])
     metrics = [
-        ("ttft_p50_ms", "TTFT p50 (ms)"),
-        ("ttft_p99_ms", "TTFT p99 (ms)"),
+        ("ttft_p50_ms", "client TTFT p50 (ms)"),
+        ("ttft_p99_ms", "client TTFT p99 (ms)"),
+        ("engine_ttft_mean_ms", "engine TTFT mean (simulated ms)"),
         ("output_tok_s", "output tok/s"),
     ]
     fig, axes = plt.subplots(
@@ -40,11 +41,13 @@ def main(path: str) -> int:
             for k, v in enumerate(vals):
                 ax.text(v, k, f" {v:.0f}", va="center", fontsize=6)
     fig.suptitle(
-        f"router benchmark (mock engines {data.get('fleet')}, time scale {data.get('time_scale')})",
+        f"router benchmark: mock engines {[g for g, _ in data.get('fleet', [])]}, time scale "
+        f"{data.get('time_scale')}" + (f", median of {data['runs']} runs" if data.get("runs") else ""),
         fontsize=10,
     )
     fig.tight_layout()
-    out = Path(path).with_name("router.png")
+    stem = Path(path).stem  # results.json -> router.png, results-median.json -> router-median.png
+    out = Path(path).with_name("router" + stem.removeprefix("results") + ".png")
     fig.savefig(out, dpi=110)
     print(f"wrote {out}")
     return 0
