@@ -48,9 +48,9 @@ build() {
   log "$name: built in $(($(date +%s) - t0))s"
 }
 
-# install NAME PKG@VERSION: modules without replace directives build with plain `go install`.
+# install NAME PKG@VERSION [LDFLAGS]: modules without replace directives build with `go install`.
 install() {
-  local name=$1 target=$2
+  local name=$1 target=$2 ldflags=${3:--s -w}
   if [[ -x "$CLUSTER_BIN/$name" ]]; then
     log "$name: already built"
     return
@@ -59,7 +59,7 @@ install() {
   local t0 tmp
   t0=$(date +%s)
   tmp=$(mktemp -d)
-  if ! GOBIN="$tmp" go install -ldflags "-s -w" "$target"; then
+  if ! GOBIN="$tmp" go install -ldflags "$ldflags" "$target"; then
     rm -rf "$tmp"
     log "$name: BUILD FAILED"
     return 1
@@ -79,9 +79,10 @@ sel etcd && build etcd "$HERE/gomod/etcd" go.etcd.io/etcd/server/v3
 for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
   sel "$c" && build "$c" "$HERE/gomod/k8s" "k8s.io/kubernetes/cmd/$c" "$(k8s_ldflags)"
 done
-sel helm && install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION"
+sel helm && install helm "helm.sh/helm/v3/cmd/helm@$HELM_VERSION" \
+  "-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION"
 if sel lws-controller; then
   # Optional: the LeaderWorkerSet controller. A failure is reported, not fatal.
   build lws-controller "$HERE/gomod/lws" sigs.k8s.io/lws/cmd || log "lws-controller is optional: continuing"
 fi
-log "done: $(ls "$CLUSTER_BIN" | tr '\n' ' ')"
+log "done: $(cd "$CLUSTER_BIN" && echo *)"

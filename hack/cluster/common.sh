@@ -1,4 +1,5 @@
 # Shared settings of the local cluster scripts (sourced, not run).
+# shellcheck disable=SC2034  # the variables are used by the scripts that source this file
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 # shellcheck source=versions.sh

@@ -20,6 +20,7 @@ else
   "$HERE/up.sh"
   started=1
 fi
+# shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
   if [[ $started == 1 && "${TOPOSERVE_KEEP_CLUSTER:-}" != 1 ]]; then "$HERE/down.sh"; fi
 }

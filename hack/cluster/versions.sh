@@ -1,4 +1,5 @@
 # Pinned versions of everything the local cluster runs; sourced by the cluster scripts.
+# shellcheck disable=SC2034  # the variables are used by the scripts that source this file
 # Kubernetes v1.35 builds with the installed Go 1.26 and is supported by kwok v0.8.
 K8S_VERSION=v1.35.4
 ETCD_VERSION=v3.6.16
