@@ -24,6 +24,9 @@ HOST_ADDR=10.243.0.1
 NS_ADDR=10.243.0.2
 POD_NETWORK=10.244.0.0/16
 
+# The netns is machine-wide: this file names the checkout whose cluster made it.
+OWNER_FILE=/run/toposerve/$NETNS.owner
+
 export KWOK_WORKDIR=$STATE/kwok
 
 log() { printf '[cluster %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
@@ -51,4 +54,16 @@ cluster_healthy() {
     pid_alive "$STATE/podrunner.pid" && pid_alive "$STATE/prometheus.pid" &&
     { [[ ! -f "$STATE/lws.pid" ]] || pid_alive "$STATE/lws.pid"; } &&
     ip netns list 2>/dev/null | grep -qw "$NETNS"
+}
+
+# Fail if another checkout's cluster is alive on this machine (its netns and ports would clash);
+# a dead one (say, from a stopped session) is fair game and gets cleaned up.
+check_owner() {
+  local owner
+  [[ -f "$OWNER_FILE" ]] || return 0
+  owner=$(cat "$OWNER_FILE")
+  if [[ "$owner" != "$STATE" ]] && pid_alive "$owner/podrunner.pid"; then
+    echo "another local cluster is running from $owner: stop it there (make cluster-down) first" >&2
+    return 1
+  fi
 }

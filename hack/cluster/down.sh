@@ -13,13 +13,18 @@ if [[ -x "$CLUSTER_BIN/kwokctl" && -d "$KWOK_WORKDIR/clusters/$CLUSTER_NAME" ]];
   log "deleting kwokctl cluster $CLUSTER_NAME"
   "$CLUSTER_BIN/kwokctl" delete cluster --name "$CLUSTER_NAME" >/dev/null 2>&1 || true
 fi
-if ip netns list 2>/dev/null | grep -qw "$NETNS"; then
+if ! check_owner; then
+  log "leaving the pod network alone: it belongs to another checkout's running cluster"
+elif ip netns list 2>/dev/null | grep -qw "$NETNS"; then
   # Anything still in the namespace was started by this project's runner: end it by its id.
   for pid in $(ip netns pids "$NETNS" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
   ip netns delete "$NETNS"
   log "removed netns $NETNS"
 fi
 # Deleting the namespace removes the veth pair and its route; this covers a half-made one.
-ip link show "$VETH_HOST" >/dev/null 2>&1 && ip link delete "$VETH_HOST"
+if check_owner 2>/dev/null; then
+  if ip link show "$VETH_HOST" >/dev/null 2>&1; then ip link delete "$VETH_HOST"; fi
+  rm -f "$OWNER_FILE"
+fi
 rm -rf "$STATE"
 log "cluster down"

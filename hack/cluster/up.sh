@@ -18,6 +18,7 @@ for b in kube-apiserver kube-controller-manager kube-scheduler kubectl etcd kwok
 done
 command -v prometheus >/dev/null || { echo "up.sh: prometheus missing: run hack/cluster/deps.sh" >&2; exit 1; }
 
+check_owner
 # A half-started or stale cluster (say, from a killed run) is removed first.
 if [[ -d "$STATE" ]] || ip netns list | grep -qw "$NETNS"; then
   log "removing a stale cluster first"
@@ -25,6 +26,8 @@ if [[ -d "$STATE" ]] || ip netns list | grep -qw "$NETNS"; then
 fi
 mkdir -p "$STATE"
 
+mkdir -p "$(dirname "$OWNER_FILE")"
+echo "$STATE" >"$OWNER_FILE"
 log "pod network: netns $NETNS, $POD_NETWORK via $VETH_HOST ($HOST_ADDR)"
 ip netns add "$NETNS"
 ip link add "$VETH_HOST" type veth peer name "$VETH_NS" netns "$NETNS"
@@ -76,6 +79,7 @@ chmod 600 "$POD_KUBECONFIG"
 
 log "fleet: profile $CLUSTER_PROFILE from hack/cluster/fleet.yaml"
 "$PY" -m toposerve.dev.fleet "$HERE/fleet.yaml" --profile "$CLUSTER_PROFILE" >"$STATE/nodes.yaml"
+echo "$CLUSTER_PROFILE" >"$STATE/profile"
 kc apply -f "$STATE/nodes.yaml" >/dev/null
 kc wait --for=condition=Ready node --all --timeout=180s >/dev/null
 for _ in $(seq 120); do kc get serviceaccount default >/dev/null 2>&1 && break; sleep 0.5; done

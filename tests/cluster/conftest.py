@@ -47,6 +47,7 @@ class Cluster:
 
     kubeconfig: Path
     prometheus_url: str
+    profile: str  # fleet profile (hack/cluster/fleet.yaml): gpu or nogpu
     api: Any  # kubernetes.client.ApiClient
     core: Any  # CoreV1Api
     apps: Any  # AppsV1Api
@@ -75,6 +76,7 @@ def cluster() -> Iterator[Cluster]:
     yield Cluster(
         kubeconfig=kubeconfig,
         prometheus_url=(STATE / "prometheus-url").read_text().strip(),
+        profile=(STATE / "profile").read_text().strip() if (STATE / "profile").exists() else "gpu",
         api=api,
         core=kube.client.CoreV1Api(api),
         apps=kube.client.AppsV1Api(api),
@@ -121,3 +123,11 @@ def kubectl(
         text=True,
         check=check,
     )
+
+
+@pytest.fixture
+def gpu_cluster(cluster: Cluster) -> Cluster:
+    """The cluster, for tests that need the GPU fleet (skipped, saying why, on the nogpu profile)."""
+    if cluster.profile != "gpu":
+        pytest.skip(f"needs the gpu fleet profile; the running cluster has {cluster.profile!r}")
+    return cluster

@@ -42,7 +42,8 @@ def gpu_pod(name: str, gpus: int, product: str | None = None) -> dict[str, Any]:
     return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": spec}
 
 
-def test_nodes_carry_gfd_labels_and_gpu_capacity(cluster: Cluster) -> None:
+def test_nodes_carry_gfd_labels_and_gpu_capacity(gpu_cluster: Cluster) -> None:
+    cluster = gpu_cluster
     nodes = cluster.core.list_node().items
     by_product: dict[str, list[Any]] = {}
     for n in nodes:
@@ -67,7 +68,8 @@ def test_nodes_carry_gfd_labels_and_gpu_capacity(cluster: Cluster) -> None:
         assert "nvidia.com/gpu" not in (n.status.capacity or {})
 
 
-def test_scheduler_places_gpu_pods_by_product_and_count(cluster: Cluster, namespace: str) -> None:
+def test_scheduler_places_gpu_pods_by_product_and_count(gpu_cluster: Cluster, namespace: str) -> None:
+    cluster = gpu_cluster
     cluster.core.create_namespaced_pod(namespace, gpu_pod("four-h100", 4, H100))
     cluster.core.create_namespaced_pod(namespace, gpu_pod("sixteen", 16))
 

@@ -31,7 +31,8 @@ def template(role: str) -> dict[str, Any]:
     }
 
 
-def test_leaderworkerset_creates_a_placed_group(cluster: Cluster, namespace: str) -> None:
+def test_leaderworkerset_creates_a_placed_group(gpu_cluster: Cluster, namespace: str) -> None:
+    cluster = gpu_cluster
     if not cluster.extensions.list_custom_resource_definition(
         field_selector=f"metadata.name={PLURAL}.{GROUP}"
     ).items:
