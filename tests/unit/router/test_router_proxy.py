@@ -190,7 +190,10 @@ async def test_retry_once_on_5xx_before_first_byte(harness: Harness) -> None:
             async with s.post(url + "/v1/chat/completions", json=chat()) as r:
                 assert r.status == 200
                 assert r.headers["x-toposerve-backend"] == ups[1].url
-    assert ups[0].received, "the failing backend was tried"
+    # three consecutive 5xx eject the backend (passive outlier detection): the 4th request skips it
+    assert len(ups[0].received) == router.cfg.eject_after == 3
+    assert not router.backends[ups[0].url].healthy(time.monotonic())
+    assert router.backends[ups[1].url].healthy(time.monotonic())
     text = (await _get(url + "/metrics"))[1]
     assert "toposerve_router_retries_total" in text
     assert ledger_idle(router)
@@ -265,6 +268,9 @@ async def test_saturated_gives_429_and_no_backend_gives_503(harness: Harness) ->
     status, _ = await _post(url + "/v1/chat/completions", chat())
     assert status == 503
     assert (await _get(url + "/health"))[0] == 503
+    ups[0].health = 200  # the active probe brings it back
+    await router.probe_all()
+    assert (await _post(url + "/v1/chat/completions", chat()))[0] == 200
 
 
 async def test_queued_request_proceeds_when_capacity_frees(harness: Harness) -> None:
