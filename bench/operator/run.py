@@ -97,7 +97,8 @@ def main() -> int:
     kc("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
     kc("delete", "namespace", NS, "--ignore-not-found", "--wait=true")
     kc("create", "namespace", NS)
-    log = open(Path(args.out).parent / "operator.log", "w")  # noqa: SIM115
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    log = open(Path(args.out) / "operator.log", "w")  # noqa: SIM115
     env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
     op = subprocess.Popen([sys.executable, "-m", "toposerve.cli", "run", "--metrics-port", "0", "-n", NS],
                           env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
