@@ -41,7 +41,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--llmdeployment",
         default=os.environ.get("TOPOSERVE_LLMDEPLOYMENT"),
-        help="watch the EndpointSlices labelled toposerve.io/deployment=NAME",
+        help="watch the EndpointSlices labelled toposerve.io/deployment=NAME,app.kubernetes.io/component=engine",
     )
     g.add_argument(
         "--selector", default=os.environ.get("TOPOSERVE_ROUTER_SELECTOR"), help="label selector override"
@@ -85,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
 
     from toposerve.router import strategies as st
-    from toposerve.router.endpoints import DEPLOYMENT_LABEL, parse_backends
+    from toposerve.router.endpoints import engine_selector, parse_backends
     from toposerve.router.proxy import Router, RouterConfig, serve
 
     logging.basicConfig(
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         backends = parse_backends(args.backends)
     except ValueError as e:
         raise SystemExit(f"toposerve router: error: {e}") from None
-    selector = args.selector or (f"{DEPLOYMENT_LABEL}={args.llmdeployment}" if args.llmdeployment else None)
+    selector = args.selector or (engine_selector(args.llmdeployment) if args.llmdeployment else None)
     if not backends and not (selector and args.namespace):
         raise SystemExit(
             "toposerve router: error: give --backends, or --namespace with --llmdeployment "

@@ -25,6 +25,12 @@ POOL_LABEL = "toposerve.io/pool"
 GPU_LABEL = "toposerve.io/gpu-type"
 LONG_CONTEXT_LABEL = "toposerve.io/long-context"
 DEPLOYMENT_LABEL = "toposerve.io/deployment"  # what the renderer puts on every child object
+COMPONENT_LABEL = "app.kubernetes.io/component"
+
+
+def engine_selector(deployment: str) -> str:
+    """Slices of the deployment's engine Services only: never the router's own Service."""
+    return f"{DEPLOYMENT_LABEL}={deployment},{COMPONENT_LABEL}=engine"
 
 
 @dataclass(frozen=True)

@@ -197,3 +197,7 @@ def test_cli_routing_spec_flags() -> None:
     )
     assert (args.session_header, args.gpu_weighting, args.session_ttl) == ("X-Conv", False, 600.0)
     assert build_parser().parse_args(["router"]).gpu_weighting is True
+
+
+def test_engine_selector_excludes_the_router_service() -> None:
+    assert ep.engine_selector("llama") == "toposerve.io/deployment=llama,app.kubernetes.io/component=engine"
