@@ -60,15 +60,17 @@ class SliceWatcher:
         client: Any = importlib.import_module("kubernetes.client")
         config: Any = importlib.import_module("kubernetes.config")
         watch: Any = importlib.import_module("kubernetes.watch")
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        api = client.DiscoveryV1Api()
+        api: Any = None
         to_dict: Callable[[Any], dict[str, Any]] = client.ApiClient().sanitize_for_serialization
         backoff = 1.0
         while not self._stop.is_set():
             try:
+                if api is None:  # in a pod: the service account; elsewhere: kubeconfig
+                    try:
+                        config.load_incluster_config()
+                    except config.ConfigException:
+                        config.load_kube_config()
+                    api = client.DiscoveryV1Api()
                 lst = api.list_namespaced_endpoint_slice(
                     self.namespace, label_selector=self.selector, _request_timeout=30
                 )
@@ -92,7 +94,7 @@ class SliceWatcher:
                     slices = ep.apply_event(slices, event["type"], raw, self.port_name)
                     self._emit(slices)
                 backoff = 1.0
-            except Exception as e:  # re-list on anything: 410 Gone, network, API restarts
-                log.warning("endpointslice watch failed (%r); re-listing in %.0fs", e, backoff)
+            except Exception as e:  # retry on anything: no config yet, 410 Gone, network, API restarts
+                log.warning("endpointslice watch failed (%s); retrying in %.0fs", e, backoff)
                 time.sleep(backoff)
                 backoff = min(backoff * 2, 30.0)
