@@ -201,3 +201,29 @@ def test_cli_routing_spec_flags() -> None:
 
 def test_engine_selector_excludes_the_router_service() -> None:
     assert ep.engine_selector("llama") == "toposerve.io/deployment=llama,app.kubernetes.io/component=engine"
+
+
+@pytest.mark.parametrize(
+    ("module", "allowed"),
+    [
+        ("strategies", set()),
+        ("endpoints", {"toposerve"}),
+        ("cli", set()),  # toposerve.cli imports it eagerly: module level must stay stdlib-only
+    ],
+)
+def test_pure_modules_import_no_io_libraries(module: str, allowed: set[str]) -> None:
+    """The decision code never imports aiohttp, kubernetes or prometheus (design rule)."""
+    import ast
+    import sys
+    from pathlib import Path
+
+    import toposerve.router as pkg
+
+    tree = ast.parse(Path(pkg.__path__[0], f"{module}.py").read_text())
+    top = set()
+    for node in tree.body:  # module level only: run() may import heavy things lazily
+        if isinstance(node, ast.Import):
+            top |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            top.add(node.module.split(".")[0])
+    assert top - {"__future__"} <= set(sys.stdlib_module_names) | allowed, top
