@@ -380,8 +380,8 @@ def router_argv(p: Policy, engines: list[tuple[str, str]], port: int, rvenv: Pat
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    logdir = out / "logs"
-    logdir.mkdir(exist_ok=True)
+    logdir = Path(args.logs)  # outside the repository: per-process logs are not results
+    logdir.mkdir(parents=True, exist_ok=True)
     rvenv = Path(args.rvenv)
     procs = Procs(logdir)
     fleet = [("H100", 27101), ("H100", 27102), ("A100-40GB", 27103), ("A100-40GB", 27104)]
@@ -509,6 +509,7 @@ def main() -> int:
         "--rvenv", default="/tmp/rvenv", help="virtualenv with vllm-router, sglang-router, matplotlib"
     )
     ap.add_argument("--out", default=str(ROOT / "bench" / "router" / "results"))
+    ap.add_argument("--logs", default="/tmp/toposerve-bench-router-logs", help="engine and router logs")
     ap.add_argument("--time-scale", type=float, default=1.0)
     ap.add_argument(
         "--scale", type=float, default=1.0, help="multiply request counts (0.25 for a quick look)"
