@@ -18,7 +18,9 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
         return int(r.status), r.read().decode()
 
 
-def deploy_mock_engine(cluster: Cluster, namespace: str, name: str = "mock", replicas: int = 1) -> None:
+def deploy_mock_engine(
+    cluster: Cluster, namespace: str, name: str = "mock", replicas: int = 1, liveness: bool = True
+) -> None:
     labels = {"app": name}
     container = {
         "name": "engine",
@@ -77,6 +79,8 @@ def deploy_mock_engine(cluster: Cluster, namespace: str, name: str = "mock", rep
         "metadata": {"name": name},
         "spec": {"selector": labels, "ports": [{"name": "http", "port": PORT, "targetPort": "http"}]},
     }
+    if not liveness:
+        del container["livenessProbe"]
     cluster.apps.create_namespaced_deployment(namespace, deployment)
     cluster.core.create_namespaced_service(namespace, service)
 
@@ -100,3 +104,13 @@ def ready_pods(cluster: Cluster, namespace: str, name: str = "mock", count: int 
 def in_node_cidr(cluster: Cluster, pod: Any) -> bool:
     node = cluster.core.read_node(pod.spec.node_name)
     return ipaddress.ip_address(pod.status.pod_ip) in ipaddress.ip_network(node.spec.pod_cidr)
+
+
+def http_send(method: str, url: str, body: dict[str, Any] | None = None, timeout: float = 5.0) -> int:
+    """Send a JSON request; return the status."""
+    import json
+
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    with _NO_PROXY.open(req, timeout=timeout) as r:
+        return int(r.status)

@@ -4,12 +4,16 @@ EndpointSlice for the Service (what the router and autoscaler build on)."""
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.cluster.conftest import Cluster, wait_for
-from tests.cluster.mock import PORT, deploy_mock_engine, http_get, in_node_cidr, ready_pods
+from tests.cluster.mock import PORT, deploy_mock_engine, http_get, http_send, in_node_cidr, ready_pods
 
 pytestmark = pytest.mark.cluster
 
@@ -109,4 +113,66 @@ def test_pod_processes_reach_the_api_server(cluster: Cluster, namespace: str) ->
 
     p = wait_for(ready, "the pod that lists itself through the API server to be Ready")
     status, _ = http_get(f"http://{p.status.pod_ip}:8000/")
+    assert status == 200
+
+
+def endpoint_ready(cluster: Cluster, namespace: str, ip: str) -> bool | None:
+    """The Service's EndpointSlice readiness of ``ip`` (None while it is not listed)."""
+    for s in cluster.discovery.list_namespaced_endpoint_slice(
+        namespace, label_selector="kubernetes.io/service-name=mock"
+    ).items:
+        for e in s.endpoints or []:
+            if ip in e.addresses:
+                return bool(e.conditions and e.conditions.ready)
+    return None
+
+
+def test_failing_readiness_probe_makes_the_pod_unready_and_back(cluster: Cluster, namespace: str) -> None:
+    deploy_mock_engine(cluster, namespace, liveness=False)
+    (pod,) = ready_pods(cluster, namespace)
+    ip, name = pod.status.pod_ip, pod.metadata.name
+    wait_for(lambda: endpoint_ready(cluster, namespace, ip), "the endpoint to be ready")
+
+    assert http_send("POST", f"http://{ip}:{PORT}/admin/faults", {"unready": True}) == 200
+
+    def pod_ready() -> bool:
+        p = cluster.core.read_namespaced_pod(name, namespace)
+        return any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or [])
+
+    wait_for(lambda: not pod_ready(), "the pod to turn NotReady after its probe fails")
+    wait_for(lambda: endpoint_ready(cluster, namespace, ip) is False, "the endpoint to turn not ready")
+
+    assert http_send("DELETE", f"http://{ip}:{PORT}/admin/faults") in (200, 204)
+    wait_for(pod_ready, "the pod to be Ready again")
+    wait_for(lambda: endpoint_ready(cluster, namespace, ip), "the endpoint to be ready again")
+    after = cluster.core.read_namespaced_pod(name, namespace)
+    assert after.metadata.annotations["toposerve.dev/runner-restarts"] == "0"
+
+
+def test_an_exited_process_is_restarted_on_the_same_pod_ip(cluster: Cluster, namespace: str) -> None:
+    deploy_mock_engine(cluster, namespace)
+    (pod,) = ready_pods(cluster, namespace)
+    ip, name = pod.status.pod_ip, pod.metadata.name
+    netns = "toposerve-pods"
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=True).stdout
+    mine = [
+        int(p)
+        for p in pids.split()
+        if ip in Path(f"/proc/{p}/cmdline").read_text(errors="replace").split("\0")
+    ]
+    assert len(mine) == 1, mine
+    os.kill(mine[0], signal.SIGKILL)
+
+    def restarted() -> Any:
+        p = cluster.core.read_namespaced_pod(name, namespace)
+        notes = p.metadata.annotations or {}
+        ok = (
+            notes.get("toposerve.dev/runner-restarts") == "1"
+            and notes.get("toposerve.dev/runner-ready") == "true"
+        )
+        return p if ok else None
+
+    p = wait_for(restarted, "the runner to restart the killed process and report it ready")
+    assert p.metadata.uid == pod.metadata.uid
+    status, _ = http_get(f"http://{ip}:{PORT}/health")
     assert status == 200

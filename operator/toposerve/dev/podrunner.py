@@ -7,7 +7,7 @@ as a local process inside the cluster's pod-network namespace, on the pod IP kwo
 runner adds that address to the namespace). It probes the readiness probe and reports the result
 in the ``toposerve.dev/runner-ready`` annotation, which kwok Stages (hack/cluster/stages.yaml)
 turn into the pod's Ready condition; a failing liveness probe or an exited process restarts the
-process. When the pod goes away the process is stopped and the address removed.
+process (counted in ``toposerve.dev/runner-restarts``). When the pod goes away the process is stopped and the address removed.
 
 Everything else about the pod stays simulated: no image is pulled, no volumes are mounted, no
 resource limits apply. The process sees the container's ``env`` (``valueFrom.fieldRef`` resolved,
@@ -46,6 +46,8 @@ log = logging.getLogger("toposerve.podrunner")
 
 RUNNER_IMAGE = "ghcr.io/toposerve/toposerve"
 READY_ANNOTATION = "toposerve.dev/runner-ready"
+# How often the runner restarted the pod's process (exited, or failed its liveness probe).
+RESTARTS_ANNOTATION = "toposerve.dev/runner-restarts"
 DEFAULT_ENTRYPOINT = ["toposerve"]
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -304,7 +306,8 @@ class PodRunner:
         return data if key is None else data.get(key)
 
     def _annotate(self, m: Managed, ready: bool) -> None:
-        body = {"metadata": {"annotations": {READY_ANNOTATION: "true" if ready else "false"}}}
+        notes = {READY_ANNOTATION: "true" if ready else "false", RESTARTS_ANNOTATION: str(m.restarts)}
+        body = {"metadata": {"annotations": notes}}
         try:
             self.api.patch_namespaced_pod(m.name, m.namespace, body)
         except Exception as e:  # the pod may be gone already
