@@ -4,8 +4,8 @@
    its status written for the current generation;
 2. the operator's CPU and RSS at rest with M LLMDeployments (after convergence, sampled from /proc).
 
-The deployments use replicas 0 (their workloads exist, scaled to zero) so the simulated GPU fleet's
-capacity does not limit the control-plane work measured here.
+The deployments use replicas 0 (their workloads exist, scaled to zero) and no router, so neither
+the simulated GPU fleet's capacity nor 1,000 router processes limit the control-plane work measured.
 
 Usage: make cluster-up && .venv/bin/python bench/operator/run.py [--n 200] [--m 1000] [--rest 60]
 """
@@ -52,7 +52,8 @@ def manifest(i: int) -> dict[str, Any]:
         "kind": "LLMDeployment",
         "metadata": {"name": f"b{i:04d}"},
         "spec": {"model": {"name": "Qwen/Qwen2.5-7B-Instruct", "maxContextLength": 8192},
-                 "engine": "vllm", "replicas": 0, "placement": {"gpuTypes": gpus}},
+                 "engine": "vllm", "replicas": 0, "placement": {"gpuTypes": gpus},
+                 "routing": {"enabled": False}},
     }  # fmt: skip
 
 

@@ -112,7 +112,10 @@ def test_example_converges_to_its_plan(
             args = " ".join(c["args"])
             assert f"--tensor-parallel-size {pool.tensor_parallel}" in args
             assert f"--pipeline-parallel-size {pool.pipeline_parallel}" in args
-    assert [s["metadata"]["name"] for s in kids["services"]] == [f"{name}-engine"]
+    svc_names = {s["metadata"]["name"] for s in kids["services"]}
+    assert f"{name}-engine" in svc_names and (name in svc_names) == manifest["spec"].get("routing", {}).get(
+        "enabled", True
+    )
     # The real scheduler put every scheduled serving pod on a node of the planned GPU type.
     if plan.engine == "vllm":
         expected = {p.name: p for p in plan.pools}

@@ -21,8 +21,13 @@ def render(spec: Any, name: str = "llm", owner: Owner | None = None) -> list[dic
     return render_deployment(name, "ns1", spec, plan_deployment(name, spec), owner=owner)
 
 
-def by_kind(objs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
-    return [o for o in objs if o["kind"] == kind]
+def by_kind(objs: list[dict[str, Any]], kind: str, component: str = "engine") -> list[dict[str, Any]]:
+    return [
+        o
+        for o in objs
+        if o["kind"] == kind
+        and o["metadata"]["labels"].get("app.kubernetes.io/component", "engine") == component
+    ]
 
 
 def match_expressions(pod: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -120,12 +125,42 @@ def test_heterogeneous_pools_render_one_workload_each_and_one_service() -> None:
     assert (
         deps["llm-h100-h100"]["spec"]["replicas"] == 2 and deps["llm-a100-a100-40gb"]["spec"]["replicas"] == 1
     )
-    (svc,) = by_kind(objs, "Service")
-    assert svc["spec"]["selector"] == {
+    svcs = {s["metadata"]["name"]: s for s in by_kind(objs, "Service")}
+    assert set(svcs) == {"llm-engine", "llm-h100-h100", "llm-a100-a100-40gb"}
+    assert svcs["llm-engine"]["spec"]["selector"] == {
         "toposerve.io/deployment": "llm",
         "app.kubernetes.io/component": "engine",
     }
+    # Per-pool Services carry the pool and GPU type on their EndpointSlices for the router.
+    a100 = svcs["llm-a100-a100-40gb"]["metadata"]["labels"]
+    assert a100["toposerve.io/pool"] == "a100" and a100["toposerve.io/gpu-type"] == "A100-40GB"
+    assert svcs["llm-a100-a100-40gb"]["spec"]["selector"]["toposerve.io/gpu-type"] == "A100-40GB"
     assert len(by_kind(objs, "PodDisruptionBudget")) == 2
+
+
+def test_router_is_rendered_with_discovery_rbac_and_routing_knobs() -> None:
+    spec = make_spec(
+        L70, 8192, ["H100"], routing={"strategy": "prefix-aware", "replicas": 2, "gpuWeighting": False}
+    )
+    objs = render(spec)
+    (dep,) = by_kind(objs, "Deployment", "router")
+    assert dep["metadata"]["name"] == "llm-router" and dep["spec"]["replicas"] == 2
+    pod = dep["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    assert pod["containers"][0]["command"] == ["toposerve", "router"]
+    assert (
+        args[args.index("--llmdeployment") + 1] == "llm"
+        and args[args.index("--strategy") + 1] == "prefix-aware"
+    )
+    assert "--no-gpu-weighting" in args and pod["serviceAccountName"] == "llm-router"
+    (role,) = by_kind(objs, "Role", "router")
+    assert role["rules"][0]["resources"] == ["endpointslices"] and "watch" in role["rules"][0]["verbs"]
+    (svc,) = by_kind(objs, "Service", "router")
+    assert svc["metadata"]["name"] == "llm" and svc["spec"]["ports"][0]["port"] == 8000
+    assert svc["spec"]["selector"]["app.kubernetes.io/component"] == "router"
+    assert not by_kind(
+        render(make_spec(L70, 8192, ["H100"], routing={"enabled": False})), "Deployment", "router"
+    )
 
 
 def test_owner_references_on_every_child() -> None:

@@ -33,12 +33,18 @@ PLURALS: dict[tuple[str, str], str] = {
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"): "leaderworkersets",
     (f"{API_GROUP}/{API_VERSION}", "LLMDeployment"): LLMD_PLURAL,
     ("coordination.k8s.io/v1", "Lease"): "leases",
+    ("v1", "ServiceAccount"): "serviceaccounts",
+    ("rbac.authorization.k8s.io/v1", "Role"): "roles",
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
 }
 CHILD_KINDS: list[tuple[str, str]] = [
     ("apps/v1", "Deployment"),
     ("leaderworkerset.x-k8s.io/v1", "LeaderWorkerSet"),
     ("policy/v1", "PodDisruptionBudget"),
     ("v1", "Service"),
+    ("v1", "ServiceAccount"),
+    ("rbac.authorization.k8s.io/v1", "Role"),
+    ("rbac.authorization.k8s.io/v1", "RoleBinding"),
 ]
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 

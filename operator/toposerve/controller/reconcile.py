@@ -31,10 +31,9 @@ from toposerve.controller.observe import parse_time, summarize
 from toposerve.planner.inventory import GPU_RESOURCE, Inventory, inventory_from_nodes
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, plan_deployment
 from toposerve.render.objects import (
-    ENGINE_PORT,
     LABEL_DEPLOYMENT,
     Owner,
-    engine_service_name,
+    endpoint_url,
     pod_tolerations,
     render_deployment,
     render_pool,
@@ -282,7 +281,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     for reason, msg, warning in events:
         log.info("%s/%s: %s", namespace, name, msg)
         kube.event(body, reason, msg, warning)
-    endpoint = f"http://{engine_service_name(name)}.{namespace}.svc:{ENGINE_PORT}/v1"
+    endpoint = endpoint_url(name, namespace, spec)
     obs = Observation(
         generation=gen,
         replicas=spec.replicas,

@@ -25,6 +25,8 @@ from toposerve.api.spec import LLMDeploymentSpec
 from toposerve.planner.plan import DeploymentPlan, PoolPlan
 
 ENGINE_PORT = 8000
+ROUTER_PORT = 8080
+LABEL_LONG_CONTEXT = "toposerve.io/long-context"
 MAX_NAME = 42  # children are named <name>-<pool> and must stay valid label values / DNS-1035 names
 LABEL_DEPLOYMENT = "toposerve.io/deployment"
 LABEL_POOL = "toposerve.io/pool"
@@ -98,6 +100,8 @@ class _Ctx:
     grace_seconds: int = 120
     startup_failure_threshold: int = 180
     shm_size: str = "16Gi"
+    service_name: str = ""
+    service_port: int = ENGINE_PORT
 
 
 def _render(template: str, ctx: _Ctx) -> dict[str, Any]:
@@ -196,7 +200,8 @@ def render_pool(
     config: OperatorConfig,
     owner: Owner | None = None,
 ) -> list[dict[str, Any]]:
-    """The workload (Deployment or LeaderWorkerSet) and PodDisruptionBudget of one pool."""
+    """The workload (Deployment or LeaderWorkerSet), PodDisruptionBudget and Service of one pool on
+    one GPU type."""
     if not plan.fits or plan.gpu_type is None:
         return []
     catalog = config.catalog()
@@ -273,7 +278,14 @@ def render_pool(
         object_name=ctx.object_name, namespace=namespace, labels=labels, owner_refs=ctx.owner_refs,
         selector={**pool_sel, LABEL_COMPONENT: "engine"},
     )  # fmt: skip
-    return [workload, _render("pdb.yaml.j2", pdb_ctx)]
+    svc_labels = {**labels, LABEL_COMPONENT: "engine"}
+    if plan.context_parallel > 1:
+        svc_labels[LABEL_LONG_CONTEXT] = "true"
+    svc_ctx = _Ctx(
+        object_name=ctx.object_name, namespace=namespace, labels=svc_labels, owner_refs=ctx.owner_refs,
+        selector={**pool_sel, LABEL_COMPONENT: "engine"},
+    )  # fmt: skip
+    return [workload, _render("pdb.yaml.j2", pdb_ctx), _render("service.yaml.j2", svc_ctx)]
 
 
 def _scale_quantity(q: str, n: int) -> str:
@@ -306,4 +318,67 @@ def render_deployment(
         owner_refs=[owner.reference()] if owner else [], selector=engine_selector(name),
     )  # fmt: skip
     objects.append(_render("service.yaml.j2", svc))
+    if spec.routing.enabled:
+        objects += render_router(name, namespace, spec, config, owner)
     return objects
+
+
+def router_name(name: str) -> str:
+    return f"{name}-router"
+
+
+def endpoint_url(name: str, namespace: str, spec: LLMDeploymentSpec) -> str:
+    """The OpenAI base URL clients use: the router's Service, or the engines' when routing is off."""
+    if spec.routing.enabled:
+        return f"http://{name}.{namespace}.svc:{ENGINE_PORT}/v1"
+    return f"http://{engine_service_name(name)}.{namespace}.svc:{ENGINE_PORT}/v1"
+
+
+def router_args(name: str, spec: LLMDeploymentSpec) -> list[str]:
+    r = spec.routing
+    args = [
+        "--host", "$(POD_IP)",
+        "--port", str(ROUTER_PORT),
+        "--llmdeployment", name,
+        "--strategy", r.strategy,
+        "--session-header", r.session_header,
+        "--session-ttl", str(r.session_ttl_seconds),
+        "--bounded-load-factor", f"{r.bounded_load_factor:g}",
+    ]  # fmt: skip
+    if r.long_context_threshold:
+        args += ["--long-context-threshold", str(r.long_context_threshold)]
+    if not r.gpu_weighting:
+        args.append("--no-gpu-weighting")
+    return args
+
+
+def render_router(
+    name: str, namespace: str, spec: LLMDeploymentSpec, config: OperatorConfig, owner: Owner | None = None
+) -> list[dict[str, Any]]:
+    """ServiceAccount, Role, RoleBinding, Deployment and Service of the deployment's router."""
+    labels = {**common_labels(name), LABEL_COMPONENT: "router"}
+    ctx = _Ctx(
+        object_name=router_name(name),
+        namespace=namespace,
+        labels=labels,
+        owner_refs=[owner.reference()] if owner else [],
+        selector={LABEL_DEPLOYMENT: name, LABEL_COMPONENT: "router"},
+        replicas=spec.routing.replicas,
+        image=config.toposerve_image,
+        command=["toposerve", "router"],
+        leader_args=router_args(name, spec),
+        requests={"cpu": "250m", "memory": "128Mi"},
+        limits={"memory": "1Gi"},
+        pod_labels=labels,
+        pod_annotations={
+            "prometheus.io/scrape": "true",
+            "prometheus.io/port": str(ROUTER_PORT),
+            "prometheus.io/path": "/metrics",
+        },
+        node_selector={},
+        port=ROUTER_PORT,
+        service_name=name,
+        service_port=ENGINE_PORT,
+    )
+    text = _ENV.get_template("router.yaml.j2").render(c=ctx)
+    return [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
