@@ -6,5 +6,7 @@ ETCD_VERSION=v3.6.16
 KWOK_VERSION=v0.8.0
 HELM_VERSION=v3.22.0
 LWS_VERSION=v0.8.0
+# CI may run without HOME; Go and the cache below need it.
+export HOME=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
 TOPOSERVE_CACHE=${TOPOSERVE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/toposerve}
 CLUSTER_BIN=${CLUSTER_BIN:-$TOPOSERVE_CACHE/k8s-$K8S_VERSION/bin}

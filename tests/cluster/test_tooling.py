@@ -6,6 +6,7 @@ They need no cluster, but live here because they test hack/cluster's contract.
 from __future__ import annotations
 
 import ipaddress
+import re
 
 import pytest
 
@@ -109,3 +110,20 @@ def test_sd_targets_look_like_kubernetes_sd() -> None:
     assert labels["__meta_kubernetes_pod_label_app_kubernetes_io_name"] == "x"
     assert labels["__meta_kubernetes_pod_ready"] == "true"
     assert labels["__meta_kubernetes_pod_node_name"] == "cpu-0"
+
+
+def test_pinned_versions_agree_with_the_go_modules() -> None:
+    """versions.sh (used to find caches and manifests) must name what gomod/*/go.mod builds."""
+    here = ROOT / "hack" / "cluster"
+    pins = dict(
+        line.split("=", 1) for line in (here / "versions.sh").read_text().splitlines() if "_VERSION=" in line
+    )
+    mods = {
+        "K8S_VERSION": ("k8s", "k8s.io/kubernetes"),
+        "ETCD_VERSION": ("etcd", "go.etcd.io/etcd/server/v3"),
+        "LWS_VERSION": ("lws", "sigs.k8s.io/lws"),
+    }
+    for var, (folder, module) in mods.items():
+        gomod = (here / "gomod" / folder / "go.mod").read_text()
+        pattern = rf"^\s*(require )?{re.escape(module)} {re.escape(pins[var])}( // indirect)?$"
+        assert re.search(pattern, gomod, re.MULTILINE), f"{var}={pins[var]} is not what gomod/{folder} builds"
