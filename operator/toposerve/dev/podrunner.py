@@ -237,6 +237,7 @@ class Managed:
     ip: str
     spec: dict[str, Any]
     proc: subprocess.Popen[bytes] | None = None
+    pid: int = 0  # process group of the latest start, for a last-resort kill
     started: float = 0.0
     ready: bool | None = None
     next_probe: float = 0.0
@@ -267,6 +268,8 @@ class PodRunner:
         self.ip_users: dict[str, int] = {}
         self._pods: dict[str, dict[str, Any]] = {}
         self.all_pods: dict[str, dict[str, Any]] = {}
+        # Pods being deleted: their processes get their grace period in a thread each.
+        self.dying: dict[str, list[Managed]] = {}
         self.lock = threading.RLock()
         self.stopping = threading.Event()
 
@@ -347,6 +350,7 @@ class PodRunner:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
+        m.pid = m.proc.pid
         m.started = time.monotonic()
         m.next_probe = m.started + float((c.get("readinessProbe") or {}).get("initialDelaySeconds", 0))
         m.live_failures = m.ready_failures = 0
@@ -374,6 +378,38 @@ class PodRunner:
         self._release_ip(m.ip)
         log.info("stopped %s/%s[%s]", m.namespace, m.name, m.container)
 
+    def _finish_pod(self, uid: str, namespace: str, name: str) -> None:
+        """Like the kubelet: SIGTERM, wait out the grace period, then delete the pod for good."""
+        managed = self.dying.get(uid, [])
+        for m in managed:
+            self._kill(m)
+            log.info("stopped %s/%s[%s] (pod deleted)", m.namespace, m.name, m.container)
+        with self.lock:
+            for m in managed:
+                self._release_ip(m.ip)
+            self.dying.pop(uid, None)
+        try:
+            self.api.delete_namespaced_pod(
+                name, namespace, grace_period_seconds=0, body={"preconditions": {"uid": uid}}
+            )
+        except Exception as e:  # already gone
+            log.debug("final delete %s/%s: %s", namespace, name, e)
+
+    def _begin_termination(self, pod: Mapping[str, Any]) -> None:
+        meta = pod["metadata"]
+        uid = meta["uid"]
+        grace = meta.get("deletionGracePeriodSeconds")
+        if grace is None:
+            grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
+        managed = [self.procs.pop(k) for k in [k for k in self.procs if k[0] == uid]]
+        for m in managed:
+            m.grace = float(30 if grace is None else grace)
+        self.dying[uid] = managed
+        self._pods.pop(uid, None)
+        threading.Thread(
+            target=self._finish_pod, args=(uid, meta["namespace"], meta["name"]), daemon=True
+        ).start()
+
     # -- reconcile -------------------------------------------------------------------------
     def handle(self, event: str, pod: dict[str, Any]) -> None:
         """Bring the local processes of one pod in line with its latest state."""
@@ -392,6 +428,11 @@ class PodRunner:
                 self.all_pods.pop(uid, None)
             else:
                 self.all_pods[uid] = pod
+            runs_here = any(is_runner_image(c.get("image", "")) for c in spec.get("containers") or [])
+            if event != "DELETED" and meta.get("deletionTimestamp") and runs_here:
+                if uid not in self.dying:
+                    self._begin_termination(pod)
+                return
             wanted = (
                 {}
                 if gone or not ip or not spec.get("nodeName")
@@ -486,6 +527,11 @@ class PodRunner:
         with self.lock:
             for key in list(self.procs):
                 self._stop(key)
+            for managed in list(self.dying.values()):
+                for m in managed:
+                    if m.pid:
+                        with contextlib.suppress(ProcessLookupError, PermissionError):
+                            os.killpg(m.pid, signal.SIGKILL)
 
 
 def _kube() -> Any:
