@@ -23,7 +23,7 @@ elif ip netns list 2>/dev/null | grep -qw "$NETNS"; then
 fi
 # Deleting the namespace removes the veth pair and its route; this covers a half-made one.
 if check_owner 2>/dev/null; then
-  if ip link show "$VETH_HOST" >/dev/null 2>&1; then ip link delete "$VETH_HOST"; fi
+  ip link delete "$VETH_HOST" 2>/dev/null || true
   rm -f "$OWNER_FILE"
 fi
 rm -rf "$STATE"
