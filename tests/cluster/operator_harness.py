@@ -124,12 +124,19 @@ def wait_condition(
     return wait_for(done, f"{kind}={status} on {namespace}/{name}", timeout=timeout)
 
 
+def _component(obj: dict[str, Any]) -> str:
+    return str((obj["metadata"].get("labels") or {}).get("app.kubernetes.io/component", ""))
+
+
 def children(cluster: Cluster, namespace: str, name: str) -> dict[str, list[dict[str, Any]]]:
     sel = f"toposerve.io/deployment={name}"
     out = {}
     for kind in ("deployments", "services", "poddisruptionbudgets", "pods"):
         res = kubectl(cluster, "get", kind, "-n", namespace, "-l", sel, "-o", "json")
         out[kind] = json.loads(res.stdout)["items"]
+    # The router's Deployment is listed apart, so "deployments" are the serving workloads only.
+    out["routers"] = [d for d in out["deployments"] if _component(d) == "router"]
+    out["deployments"] = [d for d in out["deployments"] if _component(d) != "router"]
     lws = kubectl(cluster, "get", "leaderworkersets", "-n", namespace, "-l", sel, "-o", "json", check=False)
     out["leaderworkersets"] = json.loads(lws.stdout)["items"] if lws.returncode == 0 else []
     return out

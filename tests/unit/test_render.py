@@ -126,15 +126,15 @@ def test_heterogeneous_pools_render_one_workload_each_and_one_service() -> None:
         deps["llm-h100-h100"]["spec"]["replicas"] == 2 and deps["llm-a100-a100-40gb"]["spec"]["replicas"] == 1
     )
     svcs = {s["metadata"]["name"]: s for s in by_kind(objs, "Service")}
-    assert set(svcs) == {"llm-engine", "llm-h100-h100", "llm-a100-a100-40gb"}
+    assert set(svcs) == {"llm-engine", "llm-h100-h100-http", "llm-a100-a100-40gb-http"}
     assert svcs["llm-engine"]["spec"]["selector"] == {
         "toposerve.io/deployment": "llm",
         "app.kubernetes.io/component": "engine",
     }
     # Per-pool Services carry the pool and GPU type on their EndpointSlices for the router.
-    a100 = svcs["llm-a100-a100-40gb"]["metadata"]["labels"]
+    a100 = svcs["llm-a100-a100-40gb-http"]["metadata"]["labels"]
     assert a100["toposerve.io/pool"] == "a100" and a100["toposerve.io/gpu-type"] == "A100-40GB"
-    assert svcs["llm-a100-a100-40gb"]["spec"]["selector"]["toposerve.io/gpu-type"] == "A100-40GB"
+    assert svcs["llm-a100-a100-40gb-http"]["spec"]["selector"]["toposerve.io/gpu-type"] == "A100-40GB"
     assert len(by_kind(objs, "PodDisruptionBudget")) == 2
 
 

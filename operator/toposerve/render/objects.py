@@ -281,8 +281,9 @@ def render_pool(
     svc_labels = {**labels, LABEL_COMPONENT: "engine"}
     if plan.context_parallel > 1:
         svc_labels[LABEL_LONG_CONTEXT] = "true"
+    # "<workload>-http": LeaderWorkerSet owns a headless Service named after the workload itself.
     svc_ctx = _Ctx(
-        object_name=ctx.object_name, namespace=namespace, labels=svc_labels, owner_refs=ctx.owner_refs,
+        object_name=f"{ctx.object_name}-http", namespace=namespace, labels=svc_labels, owner_refs=ctx.owner_refs,
         selector={**pool_sel, LABEL_COMPONENT: "engine"},
     )  # fmt: skip
     return [workload, _render("pdb.yaml.j2", pdb_ctx), _render("service.yaml.j2", svc_ctx)]
