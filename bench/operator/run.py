@@ -93,6 +93,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--m", type=int, default=1000)
     ap.add_argument("--rest", type=float, default=60.0, help="seconds to sample at rest")
+    ap.add_argument("--resync", type=float, default=300.0, help="the operator's --resync")
     ap.add_argument("--out", default=str(ROOT / "bench" / "operator" / "results"))
     args = ap.parse_args()
     kc("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
@@ -101,7 +102,8 @@ def main() -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     log = open(Path(args.out) / "operator.log", "w")  # noqa: SIM115
     env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
-    op = subprocess.Popen([sys.executable, "-m", "toposerve.cli", "run", "--metrics-port", "0", "-n", NS],
+    op = subprocess.Popen([sys.executable, "-m", "toposerve.cli", "run", "--metrics-port", "0", "-n", NS,
+                           "--resync", str(args.resync)],
                           env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         time.sleep(3)
@@ -126,7 +128,7 @@ def main() -> int:
         result = {
             "n": args.n, "apply_seconds": round(t_apply, 2), "converge_seconds": round(t_conv, 2),
             "m": args.m, "rest_seconds": args.rest, "rest_cpu_cores": round(cpu, 4),
-            "rest_rss_mib_max": round(max(rss), 1), "resync_seconds": 30,
+            "rest_rss_mib_max": round(max(rss), 1), "resync_seconds": args.resync,
             "command": " ".join(sys.argv),
         }  # fmt: skip
         print(f"{args.m} LLMDeployments at rest: CPU {cpu * 100:.1f}% of a core, RSS max {max(rss):.0f} MiB")

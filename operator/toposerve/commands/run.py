@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--fallback-after", type=float, default=60.0,
                    help="seconds a replica may stay unschedulable before it moves to the next GPU type")  # fmt: skip
-    p.add_argument("--resync", type=float, default=30.0, help="seconds between full resyncs")
+    p.add_argument("--resync", type=float, default=300.0,
+                   help="seconds between full resyncs (a safety net: watch events drive reconciles)")  # fmt: skip
     p.add_argument("--return-cooldown", type=float, default=120.0,
                    help="seconds after a GPU fallback before replicas may move back")  # fmt: skip
     p.add_argument(

@@ -5,8 +5,8 @@ process lifecycle. The handlers only *enqueue* the LLMDeployment that an event c
 workers drain the queue with the level-triggered ``reconcile``. There are no create/update
 handlers, so kopf keeps no progress or diff-base annotations on users' objects and adds no
 finalizers: deletion is plain garbage collection through owner references, and an operator that
-is down never blocks it. A periodic resync catches what no event announces (capacity returning
-on a preferred GPU type). With ``--leader-elect`` several replicas can run and exactly one, the
+is down never blocks it. A deployment in GPU fallback requeues itself to look for capacity coming
+back; a slow periodic resync is only a safety net. With ``--leader-elect`` several replicas can run and exactly one, the
 holder of a coordination.k8s.io Lease, reconciles; the others watch and wait.
 """
 

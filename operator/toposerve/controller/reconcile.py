@@ -51,7 +51,8 @@ class Settings:
     fallback_after_seconds: float = 60.0  # patience before unschedulable replicas move to the next GPU type
     inventory_ttl_seconds: float = 5.0
     settle_requeue_seconds: float = 5.0
-    resync_seconds: float = 30.0
+    resync_seconds: float = 300.0  # safety net only: events drive reconciles
+    fallback_recheck_seconds: float = 15.0  # how often a pool in fallback looks for capacity to return
     return_cooldown_seconds: float = 120.0  # no move back this soon after a fallback (anti-flap)
 
 
@@ -302,7 +303,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     elif starting:
         result.requeue_after = ctx.settings.settle_requeue_seconds
     elif fallback_active:
-        result.requeue_after = ctx.settings.resync_seconds / 2
+        result.requeue_after = ctx.settings.fallback_recheck_seconds
     return result
 
 
