@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 lint: venv
 	$(BIN)/ruff check operator tests bench hack
 	$(BIN)/ruff format --check operator tests bench hack
+	$(BIN)/lint-imports   # .importlinter: the pure core imports no I/O layer
 
 typecheck: venv
 	$(BIN)/mypy

@@ -47,13 +47,14 @@ def manifest(name: str) -> dict[str, object]:
     }  # fmt: skip
 
 
-def test_one_leader_reconciles_and_a_standby_takes_over(cluster: Cluster, namespace: str, tmp_path: Path) -> None:
+def test_one_leader_reconciles_and_a_standby_takes_over(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
     install_crd(cluster)
     ports = [free_port(), free_port()]
+    flags = ["--leader-elect", "--lease-namespace", namespace, "--resync", "5"]
     ops = [
-        Operator(cluster, tmp_path / f"op{i}.log", "--leader-elect", "--lease-namespace", namespace,
-                 "--metrics-port", str(ports[i]), "--resync", "5")  # fmt: skip
-        for i in range(2)
+        Operator(cluster, tmp_path / f"op{i}.log", *flags, "--metrics-port", str(ports[i])) for i in range(2)
     ]
     try:
         for op in ops:
