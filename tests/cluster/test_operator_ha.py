@@ -72,6 +72,14 @@ def test_one_leader_reconciles_and_a_standby_takes_over(
         wait_observed(cluster, namespace, "first")
         assert (metric(ports[leader], "toposerve_reconcile_total") or 0) > 0
         assert not metric(ports[standby], "toposerve_reconcile_total")
+        # An idle, converged object costs no writes: resyncs (every 5 s here) reconcile it again, but
+        # the status they compute equals the stored one, so nothing is patched.
+        reconciles = metric(ports[leader], "toposerve_reconcile_total") or 0
+        writes = metric(ports[leader], "toposerve_status_writes_total")
+        wait_for(
+            lambda: (metric(ports[leader], "toposerve_reconcile_total") or 0) >= reconciles + 2, "two resyncs"
+        )
+        assert metric(ports[leader], "toposerve_status_writes_total") == writes
         ops[leader].kill()
         assert apply(cluster, namespace, manifest("second")).returncode == 0
         # The Lease expires (15 s) and the standby takes over, resyncs and reconciles.

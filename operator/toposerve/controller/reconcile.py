@@ -320,6 +320,20 @@ def _no_pools(plan: DeploymentPlan) -> DeploymentPlan:
     return plan.model_copy(update={"pools": []})
 
 
+def strip_none(value: Any) -> Any:
+    """``value`` without None anywhere: the API server drops nulls, so they must not count as changes."""
+    if isinstance(value, dict):
+        return {k: strip_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [strip_none(v) for v in value]
+    return value
+
+
+def status_changed(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
+    """Whether writing ``new`` would change the stored status (so an idle object costs no writes)."""
+    return bool(strip_none(dict(new)) != strip_none(dict(old)))
+
+
 def _write_status(
     ctx: Context, body: Mapping[str, Any], obs: Observation, previous: Mapping[str, Any], now: datetime
 ) -> dict[str, Any]:
@@ -327,9 +341,10 @@ def _write_status(
     meta = body["metadata"]
     status = compute_status(obs, previous.get("conditions") or [], _rfc3339(now))
     new = status.model_dump(by_alias=True, mode="json", exclude={"kopf"})
-    old = _status_view(previous)
-    if {k: v for k, v in new.items() if v is not None} != {k: v for k, v in old.items() if v is not None}:
-        ctx.kube.patch_status(API, "LLMDeployment", meta["namespace"], meta["name"], new)
+    if status_changed(new, _status_view(previous)):
+        # Top-level nulls delete fields in a merge patch; nested ones would only be noise.
+        patch = {k: (strip_none(v) if v is not None else None) for k, v in new.items()}
+        ctx.kube.patch_status(API, "LLMDeployment", meta["namespace"], meta["name"], patch)
         metrics.STATUS_WRITES.inc()
     prev_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), None)
     ready = next(c for c in new["conditions"] if c["type"] == "Ready")

@@ -97,3 +97,15 @@ def test_transition_time_moves_only_when_status_flips() -> None:
     down = [PoolObs("default", True, placements=[placement("H100", 2, 1)])]
     flipped = compute_status(obs(pools=down), first, "T2")
     assert cond(flipped, "Ready")["lastTransitionTime"] == "T2"
+
+
+def test_status_round_trip_through_the_api_server_is_not_a_change() -> None:
+    from toposerve.controller.reconcile import status_changed, strip_none
+
+    pools = [PoolObs("default", True, placements=[placement("H100", 2, 2)])]
+    new = compute_status(obs(pools=pools), [], "T0").model_dump(by_alias=True, mode="json", exclude={"kopf"})
+    assert new["pools"][0]["pendingReason"] is None  # a nested null...
+    stored = strip_none(new)  # ...which the API server drops when it stores the merge patch
+    assert not status_changed(new, stored)
+    stored["readyReplicas"] = 1
+    assert status_changed(new, stored)
