@@ -18,6 +18,7 @@ import os
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,30 @@ def wait_converged(n: int, timeout: float) -> float:
     raise SystemExit(f"not converged after {timeout}s: {converged(n)}")
 
 
+METRICS_PORT = 18093
+
+
+def reconciles() -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+    return sum(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("toposerve_reconcile_total{")
+    )
+
+
+def wait_quiet(timeout: float, quiet: float = 15.0) -> float:
+    """Seconds until the reconcile counter has not moved for ``quiet`` seconds."""
+    t0 = time.monotonic()
+    last, since = reconciles(), time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        time.sleep(1)
+        now = reconciles()
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return time.monotonic() - t0
+    raise SystemExit("the operator never went quiet")
+
+
 def proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -102,8 +127,8 @@ def main() -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     log = open(Path(args.out) / "operator.log", "w")  # noqa: SIM115
     env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
-    op = subprocess.Popen([sys.executable, "-m", "toposerve.cli", "run", "--metrics-port", "0", "-n", NS,
-                           "--resync", str(args.resync)],
+    op = subprocess.Popen([sys.executable, "-m", "toposerve.cli", "run", "--metrics-port", str(METRICS_PORT),
+                           "-n", NS, "--resync", str(args.resync)],
                           env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         time.sleep(3)
@@ -118,17 +143,22 @@ def main() -> int:
         more = yaml.safe_dump_all([manifest(i) for i in range(args.n, args.m)])
         kc("apply", "-n", NS, "-f", "-", stdin=more)
         wait_converged(args.m, 1800)
-        time.sleep(10)  # let the last requeues drain
-        c0, w0 = proc_cpu_seconds(op.pid), time.monotonic()
+        # Every status write comes back as a watch event and one more (write-free) reconcile: wait
+        # until that tail has drained, so "at rest" means no reconcile is running.
+        drained = wait_quiet(600)
+        print(f"reconcile tail drained {drained:.0f}s after convergence")
+        r0, c0, w0 = reconciles(), proc_cpu_seconds(op.pid), time.monotonic()
         rss = []
         while time.monotonic() - w0 < args.rest:
             time.sleep(5)
             rss.append(proc_rss_mib(op.pid))
         cpu = (proc_cpu_seconds(op.pid) - c0) / (time.monotonic() - w0)
+        rest_reconciles = reconciles() - r0
         result = {
             "n": args.n, "apply_seconds": round(t_apply, 2), "converge_seconds": round(t_conv, 2),
             "m": args.m, "rest_seconds": args.rest, "rest_cpu_cores": round(cpu, 4),
             "rest_rss_mib_max": round(max(rss), 1), "resync_seconds": args.resync,
+            "rest_reconciles": rest_reconciles, "tail_drain_seconds": round(drained, 1),
             "command": " ".join(sys.argv),
         }  # fmt: skip
         print(f"{args.m} LLMDeployments at rest: CPU {cpu * 100:.1f}% of a core, RSS max {max(rss):.0f} MiB")
