@@ -56,33 +56,11 @@ $KC wait -n $NS --for=condition=Ready llmd --all --timeout=300s
 $KC get llmd -n $NS
 
 say "chat completions, straight to each serving pod (pod IPs from the Services' EndpointSlices)"
-for d in quickstart llama-70b-mixed; do
-  model=$($KC get llmd $d -n $NS -o jsonpath='{.spec.model.name}')
-  for ip in $($KC get endpointslices -n $NS -l kubernetes.io/service-name=$d-engine \
-      -o jsonpath='{range .items[*].endpoints[?(@.conditions.ready==true)]}{.addresses[0]}{"\n"}{end}'); do
-    body=$(printf '{"model":"%s","messages":[{"role":"user","content":"Say hello"}],"max_tokens":12}' "$model")
-    reply=$(curl -sS --noproxy '*' -m 20 "http://$ip:8000/v1/chat/completions" -H 'content-type: application/json' -d "$body")
-    $BIN/python -c 'import json,sys; r=json.loads(sys.argv[3]); print(f"{sys.argv[1]:16} {sys.argv[2]:13} -> {r[\"choices\"][0][\"message\"][\"content\"][:48]!r}  usage={r[\"usage\"][\"prompt_tokens\"]}+{r[\"usage\"][\"completion_tokens\"]} tokens")' "$d" "$ip" "$reply"
-  done
-done
+$BIN/python hack/demo_report.py "$KC" $NS chat quickstart llama-70b-mixed
 
 say "where every replica landed, and why"
-printf '%-36s %-10s %-9s %-16s %-12s %s\n' POD POOL GPU-TYPE NODE NODE-GPU ENGINE
-$KC get pods -n $NS -l app.kubernetes.io/component=engine -o json | $BIN/python -c '
-import json, subprocess, sys
-pods = json.load(sys.stdin)["items"]
-nodes = {n["metadata"]["name"]: n["metadata"]["labels"] for n in json.loads(subprocess.check_output(
-    [sys.argv[1], "get", "nodes", "-o", "json"]))["items"]}
-for p in pods:
-    l = p["metadata"]["labels"]; node = p["spec"].get("nodeName", "-")
-    gpu = nodes.get(node, {}).get("nvidia.com/gpu.product", "-")
-    print(f"{p[\"metadata\"][\"name\"][:36]:36} {l[\"toposerve.io/pool\"]:10} {l[\"toposerve.io/gpu-type\"]:9} {node:16} {gpu:12.12} {l[\"toposerve.io/engine\"]}")
-' "$KC"
-echo
-for d in quickstart llama-70b-mixed llama-70b; do
-  $KC get llmd $d -n $NS -o jsonpath='{.metadata.name}: engine {.status.engine} ({.status.engineReason}); pools:{range .status.pools[*]} {.name}={.gpuType} TP{.tensorParallel}/PP{.pipelineParallel}{end}; ${.status.costPerHour}/h{"\n"}'
-done
-echo "The skipped GPU types and their reasons: toposerve plan -f examples/<file> --inventory .demo/fleet-nodes.yaml"
+$BIN/python hack/demo_report.py "$KC" $NS placement
+echo "Why these GPU types (and why others were skipped): toposerve plan -f examples/<file> --inventory .demo/fleet-nodes.yaml"
 
 say "explore"
 cat <<EOF
