@@ -111,7 +111,11 @@ def test_mock_engine_renders_the_same_objects_without_gpus() -> None:
     assert c["args"][c["args"].index("--num-gpu-blocks") + 1] == str(plan.kv_cache_tokens_per_replica // 16)
     # No GPU constraint is required of a mock pod, only the on-demand rule (NotIn matches label-less kind nodes).
     assert match_expressions(pod) == {
-        "toposerve.io/capacity-type": {"key": "toposerve.io/capacity-type", "operator": "NotIn", "values": ["spot"]}
+        "toposerve.io/capacity-type": {
+            "key": "toposerve.io/capacity-type",
+            "operator": "NotIn",
+            "values": ["spot"],
+        }
     }
     assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
