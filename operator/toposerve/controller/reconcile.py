@@ -161,9 +161,16 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     owner = Owner(name=name, uid=uid)
     pods = kube.list("v1", "Pod", namespace, selector=f"{LABEL_DEPLOYMENT}={name}")
     facts = summarize(pods, now, ctx.settings.fallback_after_seconds)
+    # The children as they are, listed once: the current fallback split is read from the workloads,
+    # and whatever is no longer wanted is pruned from the same lists (anything this reconcile
+    # creates is wanted by definition). A kind that is not served (no LWS CRD) lists as empty.
+    existing = {
+        (api_version, kind): kube.list(api_version, kind, namespace, selector=f"{LABEL_DEPLOYMENT}={name}")
+        for api_version, kind in CHILD_KINDS
+    }
     current: dict[tuple[str, str], int] = {}
     for api_version, kind in CHILD_KINDS[:2]:
-        for w in kube.list(api_version, kind, namespace, selector=f"{LABEL_DEPLOYMENT}={name}"):
+        for w in existing[(api_version, kind)]:
             labels = w["metadata"].get("labels") or {}
             key = (labels.get("toposerve.io/pool", ""), labels.get("toposerve.io/gpu-type", ""))
             current[key] = current.get(key, 0) + int((w.get("spec") or {}).get("replicas") or 0)
@@ -269,10 +276,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         metrics.CHILDREN_APPLIED.labels(obj["kind"]).inc()
         result.applied += 1
     wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
-    for api_version, kind in CHILD_KINDS:
-        if kind == "LeaderWorkerSet" and lws_ok is False:
-            continue
-        for child in kube.list(api_version, kind, namespace, selector=f"{LABEL_DEPLOYMENT}={name}"):
+    for (api_version, kind), children in existing.items():
+        for child in children:
             ident = (api_version, kind, child["metadata"]["name"])
             if ident not in wanted and _owned(child, uid):
                 kube.delete(api_version, kind, namespace, child["metadata"]["name"])
