@@ -44,7 +44,7 @@ def cluster_plan(cluster: Cluster, manifest: dict[str, Any]) -> Any:
     from toposerve.api.config import OperatorConfig
 
     cfg = OperatorConfig()
-    inv = inventory_from_nodes(nodes, cfg.catalog(), cfg.capacity_type_label)
+    inv = inventory_from_nodes(nodes, cfg.catalog(), cfg.label_schemes)
     return plan_deployment(manifest["metadata"]["name"], parse_spec(manifest["spec"]), cfg, inv)
 
 

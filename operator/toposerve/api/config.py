@@ -15,6 +15,7 @@ from pydantic.alias_generators import to_camel
 
 from toposerve import __version__
 from toposerve.api.gpus import DEFAULT_CATALOG, GPUCatalog, GPUType
+from toposerve.api.nodelabels import LabelSchemes
 
 
 class OperatorConfig(BaseModel):
@@ -31,8 +32,19 @@ class OperatorConfig(BaseModel):
     )
     auto_engine: Literal["detect", "vllm", "mock"] = Field(
         default="detect",
-        description="What engine 'auto' means: detect (vLLM when the cluster has GPU nodes, else the mock "
-        "engine), or always vllm / always mock (e.g. a simulated GPU fleet for demos and CI).",
+        description="What engine 'auto' means: detect (vLLM when the cluster has GPU nodes or provisions "
+        "them on demand, else the mock engine), or always vllm / always mock (e.g. a simulated GPU fleet "
+        "for demos and CI). Resolved once per LLMDeployment and recorded in status.",
+    )
+    gpu_node_provisioning: Literal["static", "on-demand"] = Field(
+        default="static",
+        description="on-demand: GPU node pools scale from zero (Karpenter, Cluster Autoscaler), so a GPU "
+        "type with no node now stays in the plan and its Pending pods ask for a node; static: only types "
+        "the cluster has nodes of are planned.",
+    )
+    label_schemes: LabelSchemes = Field(
+        default_factory=LabelSchemes,
+        description="How nodes name their GPU model, spot capacity and topology (GFD, GKE, Karpenter, AKS).",
     )
     default_gpus_per_node: int = Field(default=8, ge=1, description="When neither spec nor inventory says.")
     max_pipeline_parallel: int = Field(
@@ -42,16 +54,44 @@ class OperatorConfig(BaseModel):
         default=4, ge=1, description="Largest CP 'auto' tries for long context."
     )
     default_context_length: int = Field(default=8192, ge=1, description="When neither spec nor catalog says.")
-    vllm_image: str = Field(default="vllm/vllm-openai:v0.11.0", description="Engine image for engine vllm.")
+    vllm_image: str = Field(
+        # Pinned 2026-12-01 to the current release; tests/vllm parses every rendered command line with
+        # this version's own argument parser (hack/vllm).
+        default="vllm/vllm-openai:v0.33.0",
+        description="Engine image for engine vllm.",
+    )
     toposerve_image: str = Field(
         default=f"ghcr.io/toposerve/toposerve:{__version__}",
         description="The project image (mock engine, router).",
     )
-    capacity_type_label: str = Field(
-        default="toposerve.io/capacity-type", description="Node label with value spot or on-demand."
+    cpu_per_gpu: float = Field(
+        default=8.0,
+        gt=0,
+        description="Most CPU cores a serving pod requests per GPU (less on small machines).",
     )
-    cpu_per_gpu: str = Field(default="4", description="CPU request per GPU of a serving pod.")
-    memory_per_gpu: str = Field(default="16Gi", description="Memory request per GPU of a serving pod.")
+    memory_per_gpu_gib: float = Field(
+        alias="memoryPerGPUGiB",
+        default=64.0,
+        gt=0,
+        description="Most memory (GiB) a serving pod requests per GPU (less on small machines).",
+    )
+    host_share: float = Field(
+        default=0.8,
+        gt=0,
+        le=1,
+        description="Fraction of a machine's allocatable CPU/memory share per GPU a serving pod may "
+        "request; the rest is left to DaemonSets (device plugin, GFD, logging, node agents).",
+    )
+    router_node_placement: Literal["prefer-cpu", "require-cpu", "any"] = Field(
+        default="prefer-cpu",
+        description="Keep routers off GPU nodes: prefer (default) or require nodes without GPU labels.",
+    )
+    model_load_gbps: float = Field(
+        alias="modelLoadGBps",
+        default=0.5,
+        gt=0,
+        description="Assumed GB/s for downloading/reading weights, sizes the start-up probe.",
+    )
     mock_cpu: str = Field(default="100m", description="CPU request of a mock-engine pod.")
     mock_memory: str = Field(default="128Mi", description="Memory request of a mock-engine pod.")
 

@@ -47,4 +47,4 @@ def load_inventory(path: str | None, config: OperatorConfig) -> Inventory | None
             nodes += doc.get("items") or []
         elif isinstance(doc, dict) and doc.get("kind") == "Node":
             nodes.append(doc)
-    return inventory_from_nodes(nodes, config.catalog(), config.capacity_type_label)
+    return inventory_from_nodes(nodes, config.catalog(), config.label_schemes)

@@ -28,7 +28,7 @@ from toposerve.controller.allocation import TypeState, allocate
 from toposerve.controller.conditions import Observation, PlacementObs, PoolObs, compute_status
 from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
 from toposerve.controller.observe import parse_time, summarize
-from toposerve.planner.inventory import GPU_RESOURCE, Inventory, inventory_from_nodes
+from toposerve.planner.inventory import Inventory, inventory_from_nodes, usage_by_node
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, plan_deployment
 from toposerve.render.objects import (
     LABEL_DEPLOYMENT,
@@ -70,17 +70,10 @@ class Context:
         if self._inventory and now - self._inventory[0] < self.settings.inventory_ttl_seconds:
             return self._inventory[1]
         nodes = self.kube.list("v1", "Node", None)
-        used: dict[str, int] = {}
         pods = self.kube.list("v1", "Pod", None, fields="status.phase!=Succeeded,status.phase!=Failed")
-        for pod in pods:
-            node = (pod.get("spec") or {}).get("nodeName")
-            if not node:
-                continue
-            for c in (pod.get("spec") or {}).get("containers") or []:
-                req = ((c.get("resources") or {}).get("requests") or {}).get(GPU_RESOURCE)
-                if req:
-                    used[node] = used.get(node, 0) + int(req)
-        inv = inventory_from_nodes(nodes, self.config.catalog(), self.config.capacity_type_label, used)
+        inv = inventory_from_nodes(
+            nodes, self.config.catalog(), self.config.label_schemes, usage_by_node(pods)
+        )
         self._inventory = (now, inv)
         return inv
 

@@ -1,23 +1,86 @@
-"""The cluster's GPU inventory, read from node labels the way NVIDIA GPU Feature Discovery writes them.
+"""The cluster's GPU inventory, read from node labels whatever scheme the provider uses.
 
-Pure: takes node objects as plain dicts (``kubectl get nodes -o json`` items) and, optionally, the
-GPUs already requested per node, so the same code serves the operator and ``toposerve plan
---inventory``.
+Pure: takes node objects as plain dicts (``kubectl get nodes -o json`` items) and, optionally, what
+scheduled pods already request per node, so the same code serves the operator and ``toposerve plan
+--inventory``. A node is a GPU node when any scheme in ``nodelabels`` recognises its GPU model
+(GFD, GKE, Karpenter, instance type), even while its allocatable ``nvidia.com/gpu`` reads 0 (a
+device plugin restarting): the label says what the machine is, allocatable says what is free now.
+Capacity counts CPU and memory as well as GPUs, because a GPU pod whose CPU request does not fit
+the machine is just as unschedulable.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import math
+import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from toposerve.api.gpus import GPUCatalog
+from toposerve.api.gpus import GPUCatalog, GPUType
+from toposerve.api.nodelabels import DEFAULT_SCHEMES, ZONE_LABEL, LabelSchemes
 
-PRODUCT_LABEL = "nvidia.com/gpu.product"
-COUNT_LABEL = "nvidia.com/gpu.count"
-CLIQUE_LABEL = "nvidia.com/gpu.clique"
-ZONE_LABEL = "topology.kubernetes.io/zone"
 GPU_RESOURCE = "nvidia.com/gpu"
+
+_MEM_SUFFIX = {
+    "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5, "Ei": 1024**6,
+    "k": 10**3, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12, "P": 10**15, "E": 10**18,
+}  # fmt: skip
+_QTY = re.compile(r"^([0-9.]+(?:[eE][-+]?[0-9]+)?)([a-zA-Z]*)$")
+
+
+def parse_quantity(value: Any) -> float:
+    """A Kubernetes resource quantity as a number (``500m`` -> 0.5, ``16Gi`` -> 17179869184)."""
+    text = str(value).strip()
+    m = _QTY.match(text)
+    if not m:
+        raise ValueError(f"not a Kubernetes quantity: {value!r}")
+    number, suffix = float(m.group(1)), m.group(2)
+    if suffix == "m":
+        return number / 1000
+    if suffix == "":
+        return number
+    if suffix in _MEM_SUFFIX:
+        return number * _MEM_SUFFIX[suffix]
+    raise ValueError(f"not a Kubernetes quantity: {value!r}")
+
+
+def _qty(value: Any, default: float = 0.0) -> float:
+    try:
+        return parse_quantity(value) if value is not None else default
+    except ValueError:
+        return default
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Resources requested on one node by the pods bound to it."""
+
+    gpus: int = 0
+    cpu: float = 0.0  # cores
+    memory: float = 0.0  # bytes
+
+    def __add__(self, other: Usage) -> Usage:
+        return Usage(self.gpus + other.gpus, self.cpu + other.cpu, self.memory + other.memory)
+
+
+def pod_requests(pod: Mapping[str, Any]) -> Usage:
+    """What a pod takes from its node, as the scheduler counts it: the sum over containers, or the
+    largest init container if that is more (per resource), plus pod overhead."""
+
+    def of(c: Mapping[str, Any]) -> Usage:
+        req = (c.get("resources") or {}).get("requests") or {}
+        return Usage(int(_qty(req.get(GPU_RESOURCE))), _qty(req.get("cpu")), _qty(req.get("memory")))
+
+    spec = pod.get("spec") or {}
+    total = Usage()
+    for c in spec.get("containers") or []:
+        total = total + of(c)
+    for c in spec.get("initContainers") or []:
+        u = of(c)
+        total = Usage(max(total.gpus, u.gpus), max(total.cpu, u.cpu), max(total.memory, u.memory))
+    overhead = spec.get("overhead") or {}
+    return total + Usage(0, _qty(overhead.get("cpu")), _qty(overhead.get("memory")))
 
 
 @dataclass(frozen=True)
@@ -42,6 +105,15 @@ def tolerates(tolerations: Iterable[Mapping[str, Any]], taint: Taint) -> bool:
 
 
 @dataclass(frozen=True)
+class PodShape:
+    """What one pod of a replica asks of a node."""
+
+    gpus: int
+    cpu: float = 0.0
+    memory: float = 0.0
+
+
+@dataclass(frozen=True)
 class NodeInfo:
     name: str
     gpu_type: str | None
@@ -52,6 +124,11 @@ class NodeInfo:
     schedulable: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Taint, ...] = ()
+    scheme: str | None = None  # which label scheme named the GPU (gfd, gke, karpenter, instance-type)
+    allocatable_cpu: float = math.inf
+    allocatable_memory: float = math.inf
+    used_cpu: float = 0.0
+    used_memory: float = 0.0
 
     def admits(self, node_selector: Mapping[str, str], tolerations: Iterable[Mapping[str, Any]]) -> bool:
         """Whether a pod with this node selector and these tolerations may be scheduled here."""
@@ -64,6 +141,17 @@ class NodeInfo:
     def free_gpus(self) -> int:
         return max(0, self.allocatable_gpus - self.used_gpus) if self.schedulable else 0
 
+    def pods_fitting(self, shape: PodShape) -> int:
+        """How many more pods of ``shape`` fit in what is free on this node (GPUs, CPU, memory)."""
+        if not self.schedulable:
+            return 0
+        fits = [self.free_gpus // shape.gpus if shape.gpus else 10**6]
+        if shape.cpu > 0:
+            fits.append(int(max(0.0, self.allocatable_cpu - self.used_cpu) // shape.cpu))
+        if shape.memory > 0:
+            fits.append(int(max(0.0, self.allocatable_memory - self.used_memory) // shape.memory))
+        return max(0, min(fits))
+
 
 @dataclass(frozen=True)
 class Inventory:
@@ -71,7 +159,8 @@ class Inventory:
 
     @property
     def has_gpus(self) -> bool:
-        return any(n.gpu_type and n.allocatable_gpus > 0 for n in self.nodes)
+        """Whether any node is a GPU machine by its labels (allocatable may read 0 for a while)."""
+        return any(n.gpu_type for n in self.nodes)
 
     def gpu_types(self) -> set[str]:
         return {n.gpu_type for n in self.nodes if n.gpu_type}
@@ -80,11 +169,32 @@ class Inventory:
         return [n for n in self.nodes if n.gpu_type == gpu_type and (spot_allowed or not n.spot)]
 
     def gpus_per_node(self, gpu_type: str) -> int | None:
-        counts = [n.gpu_count for n in self.nodes if n.gpu_type == gpu_type]
+        counts = [n.gpu_count for n in self.nodes if n.gpu_type == gpu_type and n.gpu_count > 0]
         return max(counts) if counts else None
 
     def free_gpus(self, gpu_type: str, spot_allowed: bool = True) -> int:
         return sum(n.free_gpus for n in self.nodes_of(gpu_type, spot_allowed))
+
+    def host_share(self, gpu_type: str, gpus: int) -> tuple[float, float] | None:
+        """(CPU cores, memory bytes) that ``gpus`` GPUs' share of the smallest machine of this type
+        offers (allocatable x gpus / GPUs per node); None when the cluster has no such node."""
+        shares = [
+            (n.allocatable_cpu * gpus / n.gpu_count, n.allocatable_memory * gpus / n.gpu_count)
+            for n in self.nodes_of(gpu_type)
+            if n.gpu_count > 0 and math.isfinite(n.allocatable_cpu) and math.isfinite(n.allocatable_memory)
+        ]
+        if not shares:
+            return None
+        return min(s[0] for s in shares), min(s[1] for s in shares)
+
+    def domains(self, gpu_type: str, key: str, spot_allowed: bool = True) -> dict[str, list[NodeInfo]]:
+        """Nodes of ``gpu_type`` grouped by the value of the topology label ``key`` (nodes without it
+        are left out)."""
+        out: dict[str, list[NodeInfo]] = {}
+        for n in self.nodes_of(gpu_type, spot_allowed):
+            if key in n.labels:
+                out.setdefault(n.labels[key], []).append(n)
+        return out
 
     def placeable_replicas(
         self,
@@ -94,13 +204,22 @@ class Inventory:
         spot_allowed: bool,
         node_selector: Mapping[str, str] | None = None,
         tolerations: Iterable[Mapping[str, Any]] = (),
+        shape: PodShape | None = None,
+        topology_key: str | None = None,
     ) -> int:
-        """How many more replicas of ``pods`` pods x ``gpus_per_pod`` GPUs fit in free capacity, on
-        nodes the pods may use (node selector, taints)."""
+        """How many more replicas of ``pods`` pods fit in free capacity, on nodes the pods may use
+        (node selector, taints, GPUs, CPU, memory). Multi-pod replicas with a ``topology_key`` count
+        within each domain, since a replica cannot straddle two."""
         tols = list(tolerations)
+        shape = shape or PodShape(gpus=gpus_per_pod)
         nodes = [n for n in self.nodes_of(gpu_type, spot_allowed) if n.admits(node_selector or {}, tols)]
-        slots = sum(n.free_gpus // max(1, gpus_per_pod) for n in nodes)
-        return slots // max(1, pods)
+        if pods > 1 and topology_key:
+            groups: dict[str, list[NodeInfo]] = {}
+            for n in nodes:
+                if topology_key in n.labels:
+                    groups.setdefault(n.labels[topology_key], []).append(n)
+            return sum(sum(n.pods_fitting(shape) for n in g) // pods for g in groups.values())
+        return sum(n.pods_fitting(shape) for n in nodes) // max(1, pods)
 
 
 def _int(value: Any, default: int = 0) -> int:
@@ -110,15 +229,43 @@ def _int(value: Any, default: int = 0) -> int:
         return default
 
 
-def node_info(node: Mapping[str, Any], catalog: GPUCatalog, capacity_label: str, used: int = 0) -> NodeInfo:
+def recognise(
+    labels: Mapping[str, str], catalog: GPUCatalog, schemes: LabelSchemes = DEFAULT_SCHEMES
+) -> tuple[GPUType | None, str | None, int | None]:
+    """(GPU type, scheme name, GPUs per node from labels) for a node's labels; Nones for a CPU node."""
+    for s in schemes.gpu_type:
+        value = labels.get(s.type_label)
+        if not value:
+            continue
+        for suffix in s.strip_suffixes:
+            value = value.removesuffix(suffix)
+        memory = _int(labels.get(s.memory_label)) if s.memory_label else 0
+        gpu = catalog.by_value(s.catalog_field, value, memory or None)
+        if gpu is not None:
+            count = _int(labels.get(s.count_label)) if s.count_label else 0
+            return gpu, s.name, count or None
+    return None, None, None
+
+
+def is_spot(labels: Mapping[str, str], schemes: LabelSchemes = DEFAULT_SCHEMES) -> bool:
+    return any(labels.get(s.key) in s.values for s in schemes.spot)
+
+
+def node_info(
+    node: Mapping[str, Any],
+    catalog: GPUCatalog,
+    schemes: LabelSchemes = DEFAULT_SCHEMES,
+    used: Usage | None = None,
+) -> NodeInfo:
     meta = node.get("metadata") or {}
     labels: dict[str, str] = dict(meta.get("labels") or {})
     status = node.get("status") or {}
     spec = node.get("spec") or {}
-    product = labels.get(PRODUCT_LABEL)
-    gpu = catalog.by_product(product) if product else None
-    allocatable = _int((status.get("allocatable") or {}).get(GPU_RESOURCE))
-    count = _int(labels.get(COUNT_LABEL), allocatable)
+    gpu, scheme, label_count = recognise(labels, catalog, schemes)
+    alloc = status.get("allocatable") or {}
+    capacity = status.get("capacity") or {}
+    allocatable = _int(alloc.get(GPU_RESOURCE))
+    count = label_count or _int(capacity.get(GPU_RESOURCE)) or allocatable
     ready = any(
         c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
     ) or not status.get("conditions")
@@ -126,28 +273,72 @@ def node_info(node: Mapping[str, Any], catalog: GPUCatalog, capacity_label: str,
         Taint(str(t.get("key", "")), str(t.get("value") or ""), str(t.get("effect", "")))
         for t in spec.get("taints") or []
     )
+    used = used or Usage()
     return NodeInfo(
         taints=taints,
         name=str(meta.get("name", "")),
         gpu_type=gpu.name if gpu else None,
         gpu_count=count,
         allocatable_gpus=allocatable,
-        used_gpus=used,
-        spot=labels.get(capacity_label) == "spot",
+        used_gpus=used.gpus,
+        spot=is_spot(labels, schemes),
         schedulable=ready and not spec.get("unschedulable", False),
         labels=labels,
+        scheme=scheme,
+        allocatable_cpu=_qty(alloc.get("cpu"), math.inf),
+        allocatable_memory=_qty(alloc.get("memory"), math.inf),
+        used_cpu=used.cpu,
+        used_memory=used.memory,
     )
 
 
 def inventory_from_nodes(
     nodes: Iterable[Mapping[str, Any]],
     catalog: GPUCatalog,
-    capacity_label: str = "toposerve.io/capacity-type",
-    used_gpus: Mapping[str, int] | None = None,
+    schemes: LabelSchemes = DEFAULT_SCHEMES,
+    used: Mapping[str, Usage] | None = None,
 ) -> Inventory:
-    used_gpus = used_gpus or {}
+    used = used or {}
     infos = []
     for n in nodes:
         name = str((n.get("metadata") or {}).get("name", ""))
-        infos.append(node_info(n, catalog, capacity_label, used_gpus.get(name, 0)))
+        infos.append(node_info(n, catalog, schemes, used.get(name)))
     return Inventory(tuple(infos))
+
+
+def usage_by_node(pods: Iterable[Mapping[str, Any]]) -> dict[str, Usage]:
+    """Requests of bound, unfinished pods summed per node (what the scheduler has handed out)."""
+    out: dict[str, Usage] = {}
+    for pod in pods:
+        node = (pod.get("spec") or {}).get("nodeName")
+        phase = (pod.get("status") or {}).get("phase")
+        if not node or phase in ("Succeeded", "Failed"):
+            continue
+        out[node] = out.get(node, Usage()) + pod_requests(pod)
+    return out
+
+
+def topology_key_for(
+    inventory: Inventory | None,
+    gpu_type: str,
+    nodes_per_replica: int,
+    candidates: Sequence[str],
+    fallback: str = ZONE_LABEL,
+) -> tuple[str | None, str]:
+    """The label that keeps a multi-node replica inside one tightly connected domain, and why.
+
+    The first of ``candidates`` (best first) whose domain holds ``nodes_per_replica`` nodes of this
+    type wins; then ``fallback`` (the zone). Without an inventory the first candidate is assumed.
+    None when no label the nodes carry groups enough of them: the replica's pods then land wherever
+    the scheduler puts them, and status says so.
+    """
+    if inventory is None:
+        return (candidates[0] if candidates else fallback), "no node inventory: assumed"
+    if not inventory.nodes_of(gpu_type):
+        return (candidates[0] if candidates else fallback), f"no {gpu_type} nodes now: assumed"
+    for key in [*candidates, fallback]:
+        groups = inventory.domains(gpu_type, key)
+        if groups and max(len(g) for g in groups.values()) >= nodes_per_replica:
+            biggest = max(len(g) for g in groups.values())
+            return key, f"{gpu_type} nodes carry {key} ({len(groups)} domain(s), up to {biggest} nodes)"
+    return None, f"no topology label groups {nodes_per_replica} {gpu_type} nodes"

@@ -33,7 +33,8 @@ def tier_order(
     spot: bool = False,
 ) -> list[str]:
     """GPU type names in the order ``tier`` tries them."""
-    gpus = [catalog.get(n) for n in catalog.names()]
+    # Rack-scale NVLink systems (GB200 NVL72) are used when listed, never chosen by a tier.
+    gpus = [g for g in catalog.gpus() if not g.nvlink_domain_gpus]
     if tier == "batch":
 
         def per_throughput(g: GPUType) -> float:
@@ -44,8 +45,9 @@ def tier_order(
         base = [n for n in TIER_ORDER[tier] if n in catalog]
         extra = [g.name for g in sorted(gpus, key=_newest_first) if g.name not in TIER_ORDER[tier]]
         # Extended (operator-configured) types join the tier by generation; built-ins outside the
-        # tier's list stay out, as the matrix says ("---").
-        builtin = {"B200", "H200", "H100", "A100-80GB", "A100-40GB", "L40S", "L4"}
+        # tier's list stay out, as the matrix says ("---"). GB200 racks are a deliberate purchase
+        # (a whole NVL72 domain), so they are used when listed, never picked by a tier.
+        builtin = {"GB200", "B200", "H200", "H100", "A100-80GB", "A100-40GB", "L40S", "L4"}
         order = base + [n for n in extra if n not in builtin]
     if tier in ("throughput", "batch") and parameters_b <= SMALL_MODEL_B:
         single = sorted((g for g in gpus if fits_single_gpu(g)), key=lambda g: (g.memory_mib, -g.generation))
