@@ -180,6 +180,7 @@ def _search(
     ctx: int,
     spec: LLMDeploymentSpec,
     config: OperatorConfig,
+    nvlink_domain: int = 0,
 ) -> tuple[_Choice | None, str]:
     """The first fitting layout in search order, or None and why the last try failed."""
     dp = _fixed(par.data) or 1
@@ -189,7 +190,7 @@ def _search(
         tp_fixed = ep // dp
     # TP stays inside one NVLink domain: the node, or a multi-node domain (GB200 NVL72: 72 GPUs over
     # 18 nodes), where TP may span nodes; beyond the domain only pipeline stages cross the network.
-    domain = max(gpn, gpu.nvlink_domain_gpus)
+    domain = max(gpn, nvlink_domain)
     tps = (
         [tp_fixed]
         if tp_fixed is not None
@@ -384,7 +385,11 @@ def plan_pool(
             continue
         inv_gpn = inventory.gpus_per_node(name) if inventory is not None else None
         gpn = spec.placement.gpus_per_node or inv_gpn or config.default_gpus_per_node
-        choice, why = _search(m, arch, par, gpu, gpn, ctx, spec, config)
+        # A multi-node NVLink domain counts only where the nodes say which domain they are in.
+        domain = gpu.nvlink_domain_gpus
+        if nodes_now and not any(GFD_CLIQUE in n.labels for n in nodes_now):
+            domain = 0
+        choice, why = _search(m, arch, par, gpu, gpn, ctx, spec, config, domain)
         if choice is None:
             rejected.append(Rejected(gpu_type=name, reason=why))
             continue
