@@ -136,11 +136,11 @@ class ModelCacheSpec(_Model):
     model_config = ConfigDict(
         json_schema_extra={
             "x-kubernetes-validations": [
-                {"rule": "self.type != 'pvc' || has(self.claimName)", "message": "type pvc needs claimName",
+                {"rule": "!has(self.type) || self.type != 'pvc' || has(self.claimName)", "message": "type pvc needs claimName",
                  "fieldPath": ".claimName"},
-                {"rule": "self.type != 'host-path' || has(self.hostPath)",
+                {"rule": "!has(self.type) || self.type != 'host-path' || has(self.hostPath)",
                  "message": "type host-path needs hostPath", "fieldPath": ".hostPath"},
-                {"rule": "self.type != 'image' || has(self.image)", "message": "type image needs image",
+                {"rule": "!has(self.type) || self.type != 'image' || has(self.image)", "message": "type image needs image",
                  "fieldPath": ".image"},
             ]
         }

@@ -477,8 +477,14 @@ class Router:
     # ---------------------------------------------------------------------------------- handlers
 
     async def handle_health(self, request: web.Request) -> web.Response:
-        ok = any(st.is_eligible(b) for b in self.snapshot())
-        return web.json_response({"status": "ok" if ok else "no healthy backend"}, status=200 if ok else 503)
+        """The router's own readiness: 200 while it can take requests, whatever the backends do.
+
+        Backends going away must not take the router out of its Service: clients then get a 503
+        with Retry-After (or, at zero replicas, a held request) instead of a refused connection,
+        and a fleet emptied by bad input cannot also empty the routers. Backend health is in the
+        body and in the metrics."""
+        healthy = sum(1 for b in self.snapshot() if st.is_eligible(b))
+        return web.json_response({"status": "ok", "healthyBackends": healthy})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain")
