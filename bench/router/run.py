@@ -389,10 +389,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"fleet": fleet, "time_scale": args.time_scale, "workloads": {}, "overhead": {},
                               "skipped": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     try:
-        for gpu, port in fleet:
+        for gpu, port in fleet:  # --enable-admin: /reset_prefix_cache between runs
             procs.start(f"engine-{port}", [PY, "-m", "toposerve.cli", "mock-engine", "--host", HOST,
                         "--port", str(port), "--model", "m", "--gpu-type", gpu, "--time-scale", str(args.time_scale),
-                        "--max-model-len", "32768", "--log-level", "warning", "--seed", str(port)])  # fmt: skip
+                        "--max-model-len", "32768", "--log-level", "warning", "--seed", str(port),
+                        "--enable-admin"])  # fmt: skip
         for u, _ in engines:
             assert await wait_ready(u), f"engine {u} did not start"
         policies = [Policy(f"toposerve {s}", "toposerve", s) for s in args.strategies.split(",")]
