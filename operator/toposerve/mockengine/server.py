@@ -256,7 +256,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(e: APIError) -> web.Response:
-    return web.json_response(e.body(), status=e.status, dumps=dumps)
+    # ASCII-escaped: messages echo client text (a model name), which may hold lone surrogates
+    return web.json_response(e.body(), status=e.status)
 
 
 @web.middleware
