@@ -35,6 +35,7 @@ UNREACHABLE = "connect"  # refused / connect timeout: never the request's fault
 DISCONNECT = "disconnect"  # connection dropped before a response: maybe the request's
 STATUS_5XX = "status_5xx"  # a 5xx before the first byte: maybe the request's
 STREAM_BROKEN = "stream_broken"  # broke after bytes went out: counted (no retry spreads it)
+TIMEOUT = "timeout"  # no answer in time: not retried, not blamed (probes catch a hung engine)
 
 # Outcomes of one attempt of one request.
 OK = "ok"  # 1xx-3xx answer: the backend did its job

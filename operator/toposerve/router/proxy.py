@@ -345,6 +345,10 @@ class _Retryable(Exception):
         self.body = body
 
 
+class _GatewayTimeout(Exception):
+    pass
+
+
 _STARTED = web.RequestKey("toposerve_started", bool)  # response headers are out
 _ERROR_BODY_MAX = 64 * 1024  # of an upstream 5xx body kept to pass on
 
@@ -685,6 +689,10 @@ class Router:
                 tried.add(d.backend)
                 try:
                     return await self._forward(request, raw, headers, parsed, strategy, d, t0, attempts)
+                except _GatewayTimeout:
+                    self.metrics.errors.labels(d.backend, hl.TIMEOUT).inc()
+                    msg = f"upstream did not answer within {self.cfg.read_timeout_s:g}s"
+                    return self._error(504, msg, "upstream")
                 except _Retryable as e:
                     attempts.append((d.backend, e.kind))
                     self.metrics.errors.labels(d.backend, e.kind).inc()
@@ -730,6 +738,12 @@ class Router:
         try:
             try:
                 upstream = await self._session.post(url + request.path, data=raw, headers=headers)
+            except aiohttp.SocketTimeoutError:
+                # Connected, sent, and no answer within read_timeout_s: not retried (it would
+                # double a long wait, and a request that hangs one engine may hang the next),
+                # not blamed (no second opinion); a wholly hung engine fails its probes.
+                attempts.append((url, hl.TIMEOUT))
+                raise _GatewayTimeout() from None
             except (TimeoutError, aiohttp.ClientConnectorError) as e:
                 raise _Retryable(hl.UNREACHABLE) from e
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:

@@ -43,6 +43,8 @@ class Upstream:
         body = await request.json()
         self.received.append(body)
         self.headers.append(dict(request.headers))
+        if self.mode == "hang":
+            await asyncio.Event().wait()
         if self.mode == "error500" or self.poison in json.dumps(body):
             return web.json_response({"error": "boom"}, status=500)
         prompt_tokens = 40
@@ -570,3 +572,15 @@ def test_parse_request_is_total_on_odd_json() -> None:
             parse_request("/v1/completions", {"prompt": "x", "stream": stream}, {}, est, cfg).stream is want
         )
     assert parse_request("/v1/completions", {"prompt": [1, True, 3]}, {}, est, cfg).request.prompt_tokens >= 0
+
+
+async def test_an_upstream_that_never_answers_gets_one_504_without_retry_or_blame(harness: Harness) -> None:
+    router, url, ups = await harness(
+        2, cfg=RouterConfig(strategy=st.ROUND_ROBIN, read_timeout_s=0.2), mode="hang"
+    )
+    status, text = await _post(url + "/v1/chat/completions", chat())
+    err = json.loads(text)["error"]
+    assert status == 504 and err["type"] == "GatewayTimeoutError"
+    assert len(ups[0].received) + len(ups[1].received) == 1
+    assert all(b.health.failures == 0 for b in router.backends.values())
+    await eventually(lambda: ledger_idle(router))
