@@ -90,7 +90,11 @@ class _GuardedHandler(RequestHandler):
             self._disarm()  # the request head is complete: the handler owns the clock now
 
     def _busy(self) -> bool:
-        """A request head is parsed (queued or being handled)."""
+        """A request head is parsed (queued or being handled).
+
+        Reads two attributes of aiohttp's RequestHandler (3.9+ has both); the robustness suite's
+        slowloris test fails if a future aiohttp renames them.
+        """
         return bool(self._messages) or self._request_in_progress
 
     def _arm(self) -> None:

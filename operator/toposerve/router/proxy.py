@@ -603,7 +603,8 @@ class Router:
         """An error answered by the router itself: OpenAI-shaped JSON, counted and logged once."""
         self.metrics.errors.labels("", kind).inc()
         if not logged:
-            level = logging.INFO if status < 500 else logging.WARNING
+            # 429 is routine load shedding (counted in metrics): DEBUG, or overload floods the log
+            level = logging.DEBUG if status == 429 else logging.INFO if status < 500 else logging.WARNING
             log.log(level, "%d %s: %s", status, kind, message)
         headers = {"Retry-After": str(self.cfg.retry_after_s)} if retry_after else None
         return web.json_response(body or error_body(status, message), status=status, headers=headers)
