@@ -11,6 +11,7 @@ configured short so that the tests finish quickly, and the tests wait for their 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import logging
@@ -47,18 +48,21 @@ class Fleet:
     engines: list[MockServer]
 
 
-async def _start(n: int = 2, **cfg: Any) -> tuple[Fleet, list[Any]]:
+def _engine_config(seed: int, time_scale: float = 0.0) -> EngineConfig:
+    return EngineConfig(
+        model=MODEL,
+        time_scale=time_scale,
+        num_gpu_blocks=2048,
+        max_model_len=4096,
+        seed=seed,
+        faults=FaultConfig(poison=POISON, fail_status=500),
+    )
+
+
+async def _start(n: int = 2, time_scale: float = 0.0, **cfg: Any) -> tuple[Fleet, list[Any]]:
     engines = []
     for i in range(n):
-        ec = EngineConfig(
-            model=MODEL,
-            time_scale=0.0,
-            num_gpu_blocks=2048,
-            max_model_len=4096,
-            seed=i,
-            faults=FaultConfig(poison=POISON, fail_status=500),
-        )
-        engines.append(await MockServer(ec).start())
+        engines.append(await MockServer(_engine_config(i, time_scale)).start())
     defaults: dict[str, Any] = dict(
         strategy=st.AUTO,
         expose_backend=True,
@@ -303,6 +307,46 @@ async def test_connection_cap_refuses_with_503_and_recovers() -> None:
             await asyncio.sleep(0.01)
         await assert_fleet_serves_normally(f)
         assert f.router.gate.refused == 1
+    finally:
+        await closers[0].cleanup()
+        for e in closers[1:]:
+            await e.stop()
+
+
+async def test_an_engine_crash_ejects_once_and_its_restart_is_re_admitted_by_the_probe() -> None:
+    f, closers = await _start(time_scale=0.05)
+    victim = f.engines[0]
+    port = victim.port
+    try:
+        async with aiohttp.ClientSession() as s:
+            h = {"x-toposerve-strategy": "round-robin"}
+            body = {"model": MODEL, "prompt": "a long answer", "max_tokens": 3000, "stream": True}
+            streams = []
+            for _ in range(8):  # four long streams in flight on each engine
+                r = await s.post(f.url + COMPLETIONS, json=body, headers=h)
+                await r.content.readuntil(b"\n\n")
+                streams.append(r)
+            await victim.stop()  # the crash: its streams break, its port refuses
+            for r in streams:
+                with contextlib.suppress(aiohttp.ClientError):
+                    await asyncio.wait_for(r.read(), HANG_GUARD_S)
+                r.close()
+                await asyncio.sleep(0)
+            # requests keep coming while it is down: all served by the other engine
+            for i in range(6):
+                async with s.post(f.url + CHAT, json=chat(f"during {i}")) as r:
+                    assert r.status == 200
+        b = f.router.backends[victim.url]
+        assert b.health.ejected(time.monotonic()) and b.health.ejections == 1  # once, not per failure
+        assert b.health.ejected_until - time.monotonic() <= f.router.cfg.eject_base_s
+        await f.router.probe_all()  # down: the probe fails too
+        assert not b.health.probe_ok
+        restarted = await MockServer(_engine_config(0), port=port).start()
+        closers.append(restarted)
+        await f.router.probe_all()  # up again: re-admitted at once, not after the hold
+        assert b.healthy(time.monotonic())
+        f.engines[0] = restarted
+        await assert_fleet_serves_normally(f)
     finally:
         await closers[0].cleanup()
         for e in closers[1:]:
