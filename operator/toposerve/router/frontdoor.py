@@ -134,7 +134,8 @@ class _GuardedHandler(RequestHandler):
             text = "internal router error"
         else:
             self._gate.bad_http += 1
-            text = f"malformed HTTP request: {message or exc or status}"
+            # aiohttp's parser messages span lines (a caret under the bad byte): keep one line
+            text = " ".join(f"malformed HTTP request: {message or exc or status}".split())
             log.info("%d from %s: %s", status, self._peer(), text)
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")

@@ -27,6 +27,7 @@ import contextlib
 import json
 import logging
 import math
+import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -864,11 +865,39 @@ class Router:
         self.estimator.observe(parsed.text_chars, n)
 
 
+def _dual_stack_socket(port: int) -> socket.socket | None:
+    """A listening socket on [::]:port that also takes IPv4 (IPV6_V6ONLY off), or None without IPv6.
+
+    asyncio always sets IPV6_V6ONLY on the sockets it binds, so `--host ::` would otherwise
+    silently refuse IPv4: kubelet probes and clients on an IPv4 pod IP. vLLM (uvicorn) binds
+    `::` dual-stack; the router does the same.
+    """
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 async def serve(router: Router, host: str, port: int, probe: bool = True) -> web.AppRunner:
-    """Start serving on `host` (an address: 127.0.0.1, 0.0.0.0, ::, a pod IP); returns the runner
-    (call `runner.cleanup()` to stop). Connections go through the front door's limits."""
+    """Start serving on `host` (an address: 127.0.0.1, 0.0.0.0, :: (IPv6 and IPv4), a pod IP);
+    returns the runner (call `runner.cleanup()` to stop). Connections go through the front door."""
     runner = GuardedRunner(router.app(probe), router.gate, access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=2048)
+    site: web.BaseSite
+    sock = _dual_stack_socket(port) if host == "::" else None
+    if sock is not None:
+        site = web.SockSite(runner, sock, backlog=2048)
+    else:
+        site = web.TCPSite(
+            runner, "0.0.0.0" if host == "::" else host, port, reuse_address=True, backlog=2048
+        )
     await site.start()
     return runner

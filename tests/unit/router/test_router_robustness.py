@@ -238,6 +238,8 @@ async def test_malformed_http_is_answered_in_json_and_not_logged_as_an_error(
         assert 400 <= status < 500, (payload[:40], status)
         assert headers["content-type"].startswith("application/json")
         assert_error(status, doc, status)
+    bad = [r.getMessage() for r in caplog.records if "malformed HTTP" in r.getMessage()]
+    assert len(bad) == len(cases) and all("\n" not in m for m in bad)  # once each, one line
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], [r.getMessage() for r in errors]
     await assert_fleet_serves_normally(fleet)
@@ -459,7 +461,8 @@ async def test_router_cli_accepts_all_interface_hosts() -> None:
         assert args.host == host
     # and the server really listens there: "::" and "0.0.0.0" reached over loopback
     router = Router([BackendSpec("http://127.0.0.1:1")], RouterConfig())
-    for host, connect in (("0.0.0.0", "127.0.0.1"), ("::", "[::1]")):
+    # "::" is dual-stack (asyncio alone would bind it IPv6-only and refuse IPv4 probes)
+    for host, connect in (("0.0.0.0", "127.0.0.1"), ("::", "[::1]"), ("::", "127.0.0.1")):
         runner: web.AppRunner = await serve(router, host, 0, probe=False)
         try:
             port = runner.addresses[0][1]
