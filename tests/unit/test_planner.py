@@ -163,7 +163,8 @@ def test_pools_plan_independently_and_share_replicas_by_weight() -> None:
         L70, 32768, replicas=3,
         pools=[
             {"name": "h100", "gpuTypes": ["H100"], "weight": 2},
-            {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "weight": 1},
+            {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "weight": 1,
+                "checkpoint": "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"},
         ],
     )  # fmt: skip
     d = plan_deployment("x", spec)

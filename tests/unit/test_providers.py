@@ -212,16 +212,20 @@ def test_topology_key_prefers_clique_then_rack_labels_then_zone() -> None:
     assert plan_deployment("x", spec, VLLM, inv).pools[0].topology_key == "example.com/rack"
 
 
-def test_int8_needs_a_checkpoint_and_awq_needs_a_quantized_build() -> None:
-    with pytest.raises(SpecError, match=r"spec.model.dtype: int8 needs a pre-quantized checkpoint"):
-        plan_deployment("x", make_spec(L70, 8192, ["H100"], model={"dtype": "int8"}))
+def test_int4_needs_a_checkpoint_awq_needs_a_quantized_build_and_methods_are_vllms() -> None:
+    with pytest.raises(SpecError, match=r"spec.model.dtype: int4 needs a pre-quantized checkpoint"):
+        plan_deployment("x", make_spec(L70, 8192, ["H100"], model={"dtype": "int4"}))
     with pytest.raises(SpecError, match=r"spec.model.quantization: awq loads pre-quantized weights"):
         plan_deployment("x", make_spec(L70, 8192, ["H100"], model={"dtype": "int4", "quantization": "awq"}))
-    ok = make_spec(L70, 8192, ["H100"], model={"dtype": "int8", "checkpoint": "org/Llama-3.1-70B-W8A8"})
+    with pytest.raises(
+        SpecError, match=r"spec.model.quantization: 'bitsandbytes' is not a quantization method"
+    ):
+        plan_deployment("x", make_spec(L70, 8192, ["H100"], model={"quantization": "bitsandbytes"}))
+    ok = make_spec(L70, 8192, ["H100"], model={"dtype": "int4", "checkpoint": "org/Llama-3.1-70B-AWQ"})
     p = plan_deployment("x", ok).pools[0]
-    assert p.vllm_args[0] == "org/Llama-3.1-70B-W8A8" and "--quantization" not in p.vllm_args
-    int4 = plan_deployment("x", make_spec(L70, 8192, ["H100"], model={"dtype": "int4"})).pools[0]
-    assert int4.vllm_args[int4.vllm_args.index("--quantization") + 1] == "bitsandbytes"
+    assert p.vllm_args[0] == "org/Llama-3.1-70B-AWQ" and "--quantization" not in p.vllm_args
+    int8 = plan_deployment("x", make_spec(L70, 8192, ["H100"], model={"dtype": "int8"})).pools[0]
+    assert int8.vllm_args[int8.vllm_args.index("--quantization") + 1] == "int8_per_channel_weight_only"
 
 
 def test_a_gpu_generation_without_the_kernels_is_passed_over() -> None:

@@ -133,7 +133,8 @@ def test_heterogeneous_pools_render_one_workload_each_and_one_service() -> None:
     spec = make_spec(
         L70, 32768, replicas=3,
         pools=[{"name": "h100", "gpuTypes": ["H100"], "weight": 2},
-               {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "weight": 1}],
+               {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "weight": 1,
+                "checkpoint": "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"}],
     )  # fmt: skip
     objs = render(spec)
     deps = {d["metadata"]["name"]: d for d in by_kind(objs, "Deployment")}
@@ -210,7 +211,7 @@ def test_rendering_is_deterministic() -> None:
 def test_rendered_core_objects_validate_against_the_kubernetes_schema(engine: str) -> None:
     spec = make_spec(
         L70, 32768, engine=engine,
-        pools=[{"name": "h100", "gpuTypes": ["H100"]}, {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4"}],
+        pools=[{"name": "h100", "gpuTypes": ["H100"]}, {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "checkpoint": "org/awq"}],
         placement={"tolerations": [{"key": "team", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]},
     )  # fmt: skip
     for obj in render(spec, owner=Owner(name="llm", uid="u")):

@@ -47,7 +47,7 @@ class VllmRejected(Exception):
 def gpu_fleet() -> Inventory:
     """The local cluster's simulated GPU fleet (hack/cluster/fleet.yaml), as the operator sees it."""
     nodes = fleet.nodes(fleet.load(ROOT / "hack" / "cluster" / "fleet.yaml"), "gpu")
-    return inventory_from_nodes(nodes, CONFIG.catalog(), CONFIG.capacity_type_label)
+    return inventory_from_nodes(nodes, CONFIG.catalog(), CONFIG.label_schemes)
 
 
 def spec(model: str, **fields: Any) -> LLMDeploymentSpec:
@@ -68,11 +68,18 @@ SPECS: dict[str, LLMDeploymentSpec] = {
     "fp16": spec("meta-llama/Llama-3.1-8B-Instruct", model_fields={"dtype": "fp16"},
                  placement={"gpuTypes": ["A100-80GB"]}),
     "int4-awq": spec("meta-llama/Llama-3.1-70B-Instruct",
-                     model_fields={"dtype": "int4", "quantization": "awq"},
+                     model_fields={"dtype": "int4", "quantization": "awq",
+                                   "checkpoint": "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"},
                      placement={"gpuTypes": ["A100-40GB"]}),
-    "int4-gptq": spec("Qwen/Qwen2.5-72B-Instruct", model_fields={"dtype": "int4", "quantization": "gptq"}),
+    "int4-gptq": spec("Qwen/Qwen2.5-72B-Instruct", model_fields={"dtype": "int4", "quantization": "gptq",
+                                                                 "checkpoint": "Qwen/Qwen2.5-72B-Instruct-GPTQ-Int4"}),
+    "int4-checkpoint-detected": spec("Qwen/Qwen2.5-72B-Instruct", model_fields={
+        "dtype": "int4", "checkpoint": "Qwen/Qwen2.5-72B-Instruct-AWQ"}),
     "int8-default-quantization": spec("meta-llama/Llama-3.1-8B-Instruct", model_fields={"dtype": "int8"}),
-    "int4-default-quantization": spec("meta-llama/Llama-3.1-70B-Instruct", model_fields={"dtype": "int4"}),
+    "multinode-gb200-tp8": spec("meta-llama/Llama-3.1-405B-Instruct",
+                                placement={"gpuTypes": ["GB200"], "gpusPerNode": 4}),
+    "model-image-cache": spec("Qwen/Qwen2.5-7B-Instruct", model_fields={
+        "cache": {"type": "image", "image": "registry.example/qwen:1"}}),
     "moe-expert-parallel": spec("mistralai/Mixtral-8x7B-Instruct-v0.1", parallelism={"tensor": 2, "expert": 2},
                                 placement={"gpuTypes": ["H100"]}),
     "moe-deepseek-v3": spec("deepseek-ai/DeepSeek-V3", model_fields={"dtype": "fp8"},
@@ -192,11 +199,6 @@ def _vllm_images() -> set[str]:
     return images
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="OperatorConfig.vllm_image defaults to vllm/vllm-openai:v0.11.0, which lacks "
-    "--prefill-context-parallel-size; the lines are checked against 0.33.0",
-)
 def test_rendered_image_is_the_checked_vllm_version() -> None:
     """Checking the lines against 0.33.0 only means something if the pods run 0.33.0."""
     assert _vllm_images() == {f"vllm/vllm-openai:v{VLLM_VERSION}"}
@@ -212,10 +214,16 @@ def test_every_example_and_spec_renders_vllm() -> None:
 def test_parsed_values_match_what_the_plan_meant(verdicts: dict[tuple[str, ...], VllmResult]) -> None:
     """The parser reads the values we meant (a flag vLLM maps to another dest would show here)."""
     by_id = {c.id: c for c in CASES}
-    multi = verdicts[by_id["spec-multinode-tp8-pp2"].argv]["values"]
-    assert (multi["tensor_parallel_size"], multi["pipeline_parallel_size"]) == (8, 2)
-    assert multi["model"] == "meta-llama/Llama-3.1-405B-Instruct"
-    assert multi["port"] == 8000
+    leader = verdicts[by_id["spec-multinode-tp8-pp2:0"].argv]["values"]
+    worker = verdicts[by_id["spec-multinode-tp8-pp2:1"].argv]["values"]
+    for multi in (leader, worker):
+        assert (multi["tensor_parallel_size"], multi["pipeline_parallel_size"]) == (8, 2)
+        assert multi["model"] == "meta-llama/Llama-3.1-405B-Instruct"
+        assert multi["nnodes"] == 2 and multi["master_addr"] == "10.0.0.1"
+    assert leader["port"] == 8000 and leader["node_rank"] == 0 and not leader["headless"]
+    assert worker["node_rank"] == 1 and worker["headless"]
+    gb200 = verdicts[by_id["spec-multinode-gb200-tp8:0"].argv]["values"]
+    assert (gb200["tensor_parallel_size"], gb200["pipeline_parallel_size"], gb200["nnodes"]) == (8, 1, 2)
     cp = verdicts[by_id["spec-long-context-cp"].argv]["values"]
     assert cp["prefill_context_parallel_size"] == 2 and cp["max_model_len"] == 131072
     ep = verdicts[by_id["spec-moe-expert-parallel"].argv]["values"]
@@ -257,6 +265,14 @@ def test_committed_facts_are_what_the_installed_vllm_says() -> None:
     assert live_facts() == committed_facts()
 
 
+def test_the_planners_method_table_is_the_pinned_vllms() -> None:
+    """planner/quantization.py pins vLLM's method list; a new vLLM must update both together."""
+    from toposerve.planner import quantization
+
+    assert list(quantization.VLLM_METHODS) == _QUANT_CHOICES
+    assert quantization.IN_FLIGHT <= set(_QUANT_CHOICES)
+
+
 def test_facts_the_code_relies_on_hold() -> None:
     facts = committed_facts()
     assert facts["vllm"] == "0.33.0"
@@ -280,13 +296,7 @@ def _planned_quantization(dtype: Dtype, explicit: str | None = None) -> str | No
     return pool.quantization
 
 
-# The planner defaults int8/int4 weights to bitsandbytes, which vLLM 0.33.0 no longer has.
-_BNB = pytest.mark.xfail(strict=True, reason=KNOWN_REJECTED[("--quantization", "bitsandbytes")])
-
-
-@pytest.mark.parametrize(
-    "dtype", ["bf16", "fp16", "fp8", pytest.param("int8", marks=_BNB), pytest.param("int4", marks=_BNB)]
-)
+@pytest.mark.parametrize("dtype", ["bf16", "fp16", "fp8", "int8"])
 def test_default_quantization_of_each_dtype_exists_in_vllm(dtype: Dtype) -> None:
     """The planner's default --quantization for each weight dtype is a method vLLM 0.33.0 has."""
     quant = _planned_quantization(dtype)
