@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import kubernetes_validate
@@ -84,6 +85,9 @@ def test_multi_node_pool_is_a_leaderworkerset_in_one_nvlink_domain() -> None:
         ]
         assert term["topologyKey"] == "nvidia.com/gpu.clique"
         assert term["matchLabelKeys"] == ["leaderworkerset.sigs.k8s.io/group-key"]
+        # The API server rejects a key that is both in matchLabelKeys and in the selector.
+        assert "leaderworkerset.sigs.k8s.io/group-key" not in json.dumps(term["labelSelector"])
+        assert term["labelSelector"]["matchLabels"]["toposerve.io/pool"] == "default"
     assert tmpl["size"] == 2
     leader = tmpl["leaderTemplate"]["spec"]["containers"][0]
     worker = tmpl["workerTemplate"]["spec"]["containers"][0]

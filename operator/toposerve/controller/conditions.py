@@ -152,7 +152,7 @@ def compute_status(
         ready_c = _cond("Ready", False, "LeaderWorkerSetRequired", blocked[0].blocked or "", gen, now, prev)
     elif total == 0:
         ready_c = _cond("Ready", True, "ScaledToZero", "spec.replicas is 0", gen, now, prev)
-    elif obs.router is not None and obs.router[1] == 0:
+    elif ready_total >= total and obs.router is not None and obs.router[1] == 0:
         # status.endpoint is the router: engines alone do not make the deployment reachable.
         msg = (
             f"{ready_total}/{total} replicas ready but 0/{obs.router[0]} router pods ready (status.endpoint)"

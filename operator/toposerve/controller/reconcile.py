@@ -414,7 +414,7 @@ def _write_status(
         ready["reason"],
         ready["message"],
     ):
-        if ready["reason"] in ("InvalidSpec", "DoesNotFit", "LeaderWorkerSetRequired", "RouterNotReady"):
+        if ready["reason"] in ("InvalidSpec", "DoesNotFit", "LeaderWorkerSetRequired"):
             ctx.kube.event(body, ready["reason"], ready["message"], warning=True)
         elif ready["status"] == "True" and (not prev_ready or prev_ready.get("status") != "True"):
             ctx.kube.event(body, "Ready", ready["message"])

@@ -304,7 +304,9 @@ def render_pool(
         limits = {"nvidia.com/gpu": gpus}
         startup = startup_seconds(plan, spec, config)
     group_key = plan.topology_key if multi else None
-    affinity = serving_affinity(gpu, plan.gpus_per_pod, plan.spot, config.label_schemes, not mock, group_key)
+    affinity = serving_affinity(
+        gpu, plan.gpus_per_pod, plan.spot, config.label_schemes, not mock, group_key, pool_sel
+    )
     ctx = _Ctx(
         object_name=workload_name(name, plan.name, plan.gpu_type),
         namespace=namespace,

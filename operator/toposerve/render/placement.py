@@ -51,13 +51,16 @@ def serving_affinity(
     schemes: LabelSchemes,
     requires_gpu: bool,
     group_topology_key: str | None = None,
+    group_selector: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The affinity of a serving pod.
 
     ``requires_gpu`` False (the mock engine) only prefers nodes of the GPU type, keeping the
     on-demand rule required. ``group_topology_key`` co-locates the pods of one LeaderWorkerSet
-    group in one domain of that label (podAffinity on the group key via ``matchLabelKeys``), so
-    several groups can share a big domain (a GB200 rack holds many 2-node replicas).
+    group in one domain of that label: pod affinity to the pool's pods (``group_selector``) narrowed
+    to the pod's own group by ``matchLabelKeys`` (the API server adds the group-key value at pod
+    creation; the key may not also appear in the selector), so several groups can share one big
+    domain (a GB200 rack holds many 2-node replicas).
     """
     node: dict[str, Any]
     terms = gpu_terms(gpu, gpus_per_pod, spot, schemes)
@@ -78,7 +81,7 @@ def serving_affinity(
         out["podAffinity"] = {
             "requiredDuringSchedulingIgnoredDuringExecution": [
                 {
-                    "labelSelector": {"matchExpressions": [{"key": GROUP_KEY_LABEL, "operator": "Exists"}]},
+                    "labelSelector": {"matchLabels": dict(group_selector or {})},
                     "matchLabelKeys": [GROUP_KEY_LABEL],
                     "topologyKey": group_topology_key,
                 }
