@@ -340,3 +340,10 @@ def test_replicas_stuck_unschedulable_fall_back_after_patience(
         delete_and_wait_gone(cluster, namespace, "llama-70b")
     finally:
         op.stop()
+        # Free the nodes before the next test: a terminating namespace's pods still hold resources.
+        kubectl(cluster, "delete", "deployment", "cpu-filler", "-n", namespace, "--wait=true", check=False)
+
+        def freed() -> bool:
+            return not cluster.core.list_namespaced_pod(namespace, label_selector="app=filler").items
+
+        wait_for(freed, "filler pods gone")

@@ -60,8 +60,9 @@ def _nodes(cluster: Cluster) -> list[dict[str, Any]]:
 
 def use_profile(cluster: Cluster, profile: str) -> None:
     """Replace every node with the profile's (kwok nodes are plain API objects)."""
+    nodes = _profile_nodes(profile)  # first: a profile that does not expand leaves the fleet alone
     kubectl(cluster, "delete", "nodes", "--all", "--wait=true")
-    kubectl(cluster, "apply", "-f", "-", stdin=_profile_nodes(profile))
+    kubectl(cluster, "apply", "-f", "-", stdin=nodes)
     kubectl(cluster, "wait", "--for=condition=Ready", "node", "--all", "--timeout=180s")
 
 
