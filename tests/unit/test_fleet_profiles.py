@@ -35,7 +35,8 @@ def nodes(profile: str) -> list[dict[str, Any]]:
 
 
 def labels(n: dict[str, Any]) -> dict[str, str]:
-    return n["metadata"]["labels"]
+    out: dict[str, str] = n["metadata"]["labels"]
+    return out
 
 
 def gpus(n: dict[str, Any]) -> int:

@@ -13,6 +13,7 @@ from toposerve.dev.placeable import (
     placeable_nodes,
     pod_requests,
     pod_templates,
+    reasons,
     tolerates,
     why_not,
 )
@@ -364,3 +365,21 @@ def test_pod_templates_of_workloads() -> None:
     }
     assert pod_templates(no_leader) == [("leader", tpl["spec"], 1), ("worker", tpl["spec"], 1)]
     assert pod_templates({"kind": "Service", "spec": {}}) == []
+
+
+def test_reasons_lists_every_failing_rule_in_scheduler_order() -> None:
+    n = node({"gpu": "l4"}, taints=[TAINT_GPU], allocatable=SMALL, unschedulable=True)
+    spec = pod(
+        nodeSelector={"gpu": "h100"},
+        affinity=affinity([req("count", "Gt", "3")]),
+        containers=[container({"cpu": "8"}, {"nvidia.com/gpu": "1"})],
+    )
+    assert reasons(spec, n) == [
+        "node is unschedulable (cordoned)",
+        "nodeSelector needs gpu=h100 (node has 'l4')",
+        "required node affinity not met: count Gt ['3']",
+        "untolerated taint nvidia.com/gpu=present:NoSchedule",
+        "cpu request 8 > allocatable 3.92",
+    ]
+    assert why_not(spec, n) == "node is unschedulable (cordoned)"
+    assert reasons(pod(), node()) == []

@@ -147,14 +147,15 @@ def tolerates(toleration: Mapping[str, Any], taint: Mapping[str, Any]) -> bool:
     return bool(op == "Equal" and (toleration.get("value") or "") == (taint.get("value") or ""))
 
 
-def _untolerated(tolerations: Sequence[Mapping[str, Any]], taints: Iterable[Mapping[str, Any]]) -> str | None:
+def _untolerated(tolerations: Sequence[Mapping[str, Any]], taints: Iterable[Mapping[str, Any]]) -> list[str]:
+    out = []
     for t in taints:
         if t.get("effect") == "PreferNoSchedule":
             continue
         if not any(tolerates(tol, t) for tol in tolerations):
             value = f"={t['value']}" if t.get("value") else ""
-            return f"untolerated taint {t['key']}{value}:{t.get('effect')}"
-    return None
+            out.append(f"untolerated taint {t['key']}{value}:{t.get('effect')}")
+    return out
 
 
 def _fmt(res: str, q: Decimal) -> str:
@@ -164,16 +165,21 @@ def _fmt(res: str, q: Decimal) -> str:
     return format(q.normalize(), "f")
 
 
-def why_not(pod_spec: Mapping[str, Any], node: Mapping[str, Any]) -> str | None:
-    """Why kube-scheduler would not bind a pod with this spec to this (empty) node; None if it would."""
+def reasons(pod_spec: Mapping[str, Any], node: Mapping[str, Any]) -> list[str]:
+    """Every rule that keeps a pod with this spec off this (empty) node; empty if it would bind.
+
+    Unlike the scheduler, which stops at the first failing filter, this lists them all, so a
+    report says everything a fix has to change.
+    """
     spec = node.get("spec") or {}
     labels = node.get("metadata", {}).get("labels") or {}
     tolerations = list(pod_spec.get("tolerations") or [])
+    out: list[str] = []
     if spec.get("unschedulable") and not any(tolerates(t, UNSCHEDULABLE_TAINT) for t in tolerations):
-        return "node is unschedulable (cordoned)"
+        out.append("node is unschedulable (cordoned)")
     for k, v in (pod_spec.get("nodeSelector") or {}).items():
         if labels.get(k) != v:
-            return f"nodeSelector needs {k}={v}" + (f" (node has {labels[k]!r})" if k in labels else "")
+            out.append(f"nodeSelector needs {k}={v}" + (f" (node has {labels[k]!r})" if k in labels else ""))
     required = ((pod_spec.get("affinity") or {}).get("nodeAffinity") or {}).get(
         "requiredDuringSchedulingIgnoredDuringExecution"
     ) or {}
@@ -187,22 +193,38 @@ def why_not(pod_spec: Mapping[str, Any], node: Mapping[str, Any]) -> str | None:
                 if not expression_matches(e, labels)
             }
         )
-        return "required node affinity not met: " + ("; ".join(failed) or "no term matches")
-    if why := _untolerated(tolerations, spec.get("taints") or []):
-        return why
+        out.append("required node affinity not met: " + ("; ".join(failed) or "no term matches"))
+    out += _untolerated(tolerations, spec.get("taints") or [])
     allocatable = {
         k: parse_quantity(v) for k, v in ((node.get("status") or {}).get("allocatable") or {}).items()
     }
     for res, want in sorted(pod_requests(pod_spec).items()):
         have = allocatable.get(res, Decimal(0))
         if want > have:
-            return f"{res} request {_fmt(res, want)} > allocatable {_fmt(res, have)}"
-    return None
+            out.append(f"{res} request {_fmt(res, want)} > allocatable {_fmt(res, have)}")
+    return out
+
+
+def why_not(pod_spec: Mapping[str, Any], node: Mapping[str, Any]) -> str | None:
+    """Why kube-scheduler would not bind a pod with this spec to this (empty) node; None if it would."""
+    found = reasons(pod_spec, node)
+    return found[0] if found else None
 
 
 def placeable_nodes(pod_spec: Mapping[str, Any], nodes: Iterable[Mapping[str, Any]]) -> list[str]:
     """Names of the nodes a pod with this spec could be bound to, each node considered empty."""
     return [n["metadata"]["name"] for n in nodes if why_not(pod_spec, n) is None]
+
+
+# LeaderWorkerSet's exclusive placement: every pod of a group lands in one domain of this node
+# label, one group per domain (https://lws.sigs.k8s.io/docs/concepts/#exclusive-lws-to-topology-placement).
+# Nodes without the label belong to no domain.
+EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/exclusive-topology"
+
+
+def group_topology_key(obj: Mapping[str, Any]) -> str | None:
+    """The node label every pod of one LeaderWorkerSet group must share, if the object asks for one."""
+    return ((obj.get("metadata") or {}).get("annotations") or {}).get(EXCLUSIVE_TOPOLOGY)
 
 
 def pod_templates(obj: Mapping[str, Any]) -> list[tuple[str, dict[str, Any], int]]:
