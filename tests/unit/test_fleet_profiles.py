@@ -230,3 +230,9 @@ def test_taints_unschedulable_and_explicit_labels_expand(tmp_path: Path) -> None
     assert a["status"]["capacity"]["cpu"] == "4" and a["status"]["allocatable"]["cpu"] == "3"
     assert a["spec"]["podCIDR"] != b["spec"]["podCIDR"]
     assert "nvidia.com/gpu" not in a["status"]["capacity"]
+
+
+def test_a_pool_scaled_to_zero_makes_no_nodes() -> None:
+    pools = [{"pool": "gone", "machine": "m", "count": 0}, {"pool": "here", "machine": "m"}]
+    (only,) = fleet.nodes({"machines": {"m": MACHINE}, "profiles": {"x": pools}}, "x")
+    assert only["metadata"]["name"] == "here-0"

@@ -336,6 +336,7 @@ def test_pod_requests_combine_containers() -> None:
         containers=[container({"cpu": "1"}, {"nvidia.com/gpu": "4"}), container({"memory": "1Gi"})],
     )
     assert pod_requests(spec) == {
+        "pods": Decimal(1),
         "cpu": Decimal(1),
         "memory": Decimal(4 * 2**30),
         "nvidia.com/gpu": Decimal(4),
@@ -383,3 +384,19 @@ def test_reasons_lists_every_failing_rule_in_scheduler_order() -> None:
     ]
     assert why_not(spec, n) == "node is unschedulable (cordoned)"
     assert reasons(pod(), node()) == []
+
+
+def test_pod_slots_and_pod_level_resources() -> None:
+    full = node(allocatable={"cpu": "4", "memory": "16Gi", "pods": "0"})
+    assert why_not(pod(), full) == "pods request 1 > allocatable 0"
+    spec = pod(
+        resources={"requests": {"cpu": "2"}}, containers=[container({"cpu": "1"}), container({"cpu": "1"})]
+    )
+    assert pod_requests(spec)["cpu"] == Decimal(2)
+    big = pod(resources={"requests": {"cpu": "5"}}, containers=[container({"cpu": "1"})])
+    assert why_not(big, node()) == "cpu request 5 > allocatable 4"
+
+
+def test_node_without_pods_allocatable_takes_none() -> None:
+    n = node(allocatable={"cpu": "4", "memory": "16Gi"})
+    assert why_not(pod(), n) == "pods request 1 > allocatable 0"

@@ -25,6 +25,8 @@ independently of ``toposerve.planner``, the filter plugins a pod template meets 
   Requests default to limits when only limits are given (extended resources such as
   ``nvidia.com/gpu`` may only set limits).
   https://kubernetes.io/docs/concepts/configuration/manage-resources-containers/#requests-and-limits
+  Each pod also takes one of the node's ``pods`` slots; pod-level ``resources`` replace the
+  containers' cpu and memory.
 
 It checks one pod against an empty node: other pods' usage, pod (anti-)affinity and topology
 spread are out of scope (they depend on what already runs).
@@ -72,8 +74,11 @@ def _container_requests(c: Mapping[str, Any]) -> dict[str, Decimal]:
 
 
 def pod_requests(pod_spec: Mapping[str, Any]) -> dict[str, Decimal]:
-    """Effective requests: max(sum of app containers, largest init container) + overhead."""
-    total: dict[str, Decimal] = {}
+    """Effective requests: max(sum of app containers, largest init container) + overhead.
+
+    ``pods`` is 1: every pod takes one of the node's pod slots.
+    """
+    total: dict[str, Decimal] = {"pods": Decimal(1)}
     for c in pod_spec.get("containers") or []:
         for k, v in _container_requests(c).items():
             total[k] = total.get(k, Decimal(0)) + v
@@ -85,6 +90,12 @@ def pod_requests(pod_spec: Mapping[str, Any]) -> dict[str, Decimal]:
             continue
         for k, v in _container_requests(c).items():
             total[k] = max(total.get(k, Decimal(0)), v)
+    # Pod-level resources (KEP-2837) replace the containers' cpu and memory when set:
+    # https://kubernetes.io/docs/tasks/configure-pod-container/assign-pod-level-resources/
+    pod_level = pod_spec.get("resources") or {}
+    for k, v in ({**(pod_level.get("limits") or {}), **(pod_level.get("requests") or {})}).items():
+        if k in ("cpu", "memory"):
+            total[k] = parse_quantity(v)
     for k, v in (pod_spec.get("overhead") or {}).items():
         total[k] = total.get(k, Decimal(0)) + parse_quantity(v)
     return total
