@@ -9,6 +9,7 @@ import pytest
 
 from toposerve.dev.placeable import (
     expression_matches,
+    group_topology_keys,
     parse_quantity,
     placeable_nodes,
     pod_requests,
@@ -400,3 +401,27 @@ def test_pod_slots_and_pod_level_resources() -> None:
 def test_node_without_pods_allocatable_takes_none() -> None:
     n = node(allocatable={"cpu": "4", "memory": "16Gi"})
     assert why_not(pod(), n) == "pods request 1 > allocatable 0"
+
+
+def test_required_pod_affinity_needs_the_topology_label_on_the_node() -> None:
+    term = {"labelSelector": {"matchLabels": {"g": "1"}}, "topologyKey": "nvidia.com/gpu.clique"}
+    spec = pod(affinity={"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}})
+    assert why_not(spec, node({"nvidia.com/gpu.clique": "u.1"})) is None
+    assert why_not(spec, node()) == "required pod affinity needs node label nvidia.com/gpu.clique"
+    preferred = pod(affinity={"podAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "podAffinityTerm": term}]}})  # fmt: skip
+    assert why_not(preferred, node()) is None
+
+
+def test_group_topology_keys_of_a_leaderworkerset() -> None:
+    term = {"labelSelector": {"matchLabels": {"g": "1"}}, "topologyKey": "rack"}
+    tpl = {"spec": {"affinity": {"podAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [term]}}}}
+    lws = {
+        "kind": "LeaderWorkerSet",
+        "metadata": {
+            "annotations": {"leaderworkerset.sigs.k8s.io/exclusive-topology": "nvidia.com/gpu.clique"}
+        },
+        "spec": {"leaderWorkerTemplate": {"size": 2, "workerTemplate": tpl}},
+    }
+    assert group_topology_keys(lws) == {"nvidia.com/gpu.clique", "rack"}
+    assert group_topology_keys({"kind": "Deployment", "spec": {"template": tpl}}) == set()

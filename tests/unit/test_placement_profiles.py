@@ -20,7 +20,7 @@ import pytest
 from toposerve.api.config import OperatorConfig
 from toposerve.api.manifest import load_manifests
 from toposerve.dev import fleet
-from toposerve.dev.placeable import group_topology_key, placeable_nodes, pod_templates, reasons
+from toposerve.dev.placeable import group_topology_keys, placeable_nodes, pod_templates, reasons
 from toposerve.planner.inventory import inventory_from_nodes
 from toposerve.planner.plan import plan_deployment
 from toposerve.render.objects import render_deployment
@@ -167,23 +167,24 @@ def problems(example: str, profile: str) -> list[str]:
                             f"{dep.name}/{pool.name} ({pool.gpu_type}, {w['kind']} {role}): needs {pods} "
                             f"nodes, {len(fits[role])} placeable: {_why_none(pod_spec, nodes)}"
                         )
-                if out or not (key := group_topology_key(w)):
+                if out:
                     continue
-                # One group (leader + workers) on distinct nodes of one domain of the topology key.
-                domains: dict[str, set[str]] = {}
-                for n in nodes:
-                    if key in labels(n):
-                        domains.setdefault(labels(n)[key], set()).add(n["metadata"]["name"])
-                if not any(
-                    all(len(fits[r] & d) >= need[r] for r in fits)
-                    and len(set().union(*fits.values()) & d) >= sum(need.values())
-                    for d in domains.values()
-                ):
-                    sizes = {v: len(set().union(*fits.values()) & d) for v, d in domains.items()}
-                    out.append(
-                        f"{dep.name}/{pool.name} ({pool.gpu_type}): a group of {sum(need.values())} pods "
-                        f"needs one {key} domain with room; placeable nodes per domain: {sizes}"
-                    )
+                for key in sorted(group_topology_keys(w)):
+                    # One group (leader + workers) on distinct nodes of one domain of the key.
+                    domains: dict[str, set[str]] = {}
+                    for n in nodes:
+                        if key in labels(n):
+                            domains.setdefault(labels(n)[key], set()).add(n["metadata"]["name"])
+                    if not any(
+                        all(len(fits[r] & d) >= need[r] for r in fits)
+                        and len(set().union(*fits.values()) & d) >= sum(need.values())
+                        for d in domains.values()
+                    ):
+                        sizes = {v: len(set().union(*fits.values()) & d) for v, d in domains.items()}
+                        out.append(
+                            f"{dep.name}/{pool.name} ({pool.gpu_type}): a group of {sum(need.values())} pods "
+                            f"needs one {key} domain with room; placeable nodes per domain: {sizes}"
+                        )
     return out
 
 

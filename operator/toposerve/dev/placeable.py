@@ -17,6 +17,8 @@ independently of ``toposerve.planner``, the filter plugins a pod template meets 
   only scores). A toleration with an empty key and ``Exists`` matches every taint; an empty effect
   matches every effect; ``Equal`` (the default) compares values, ``Exists`` ignores them.
   https://kubernetes.io/docs/concepts/scheduling-eviction/taint-and-toleration/
+- InterPodAffinity (the part that needs no other pods): a node must carry the ``topologyKey`` of
+  every required pod affinity term.
 - NodeResourcesFit: the pod's request is, per resource, the larger of the sum over app containers
   and the largest init container, plus ``spec.overhead``; it must fit ``status.allocatable``
   (not capacity). A resource the node does not list has zero allocatable.
@@ -176,6 +178,11 @@ def _fmt(res: str, q: Decimal) -> str:
     return format(q.normalize(), "f")
 
 
+def _required_pod_affinity(pod_spec: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    pa = (pod_spec.get("affinity") or {}).get("podAffinity") or {}
+    return list(pa.get("requiredDuringSchedulingIgnoredDuringExecution") or [])
+
+
 def reasons(pod_spec: Mapping[str, Any], node: Mapping[str, Any]) -> list[str]:
     """Every rule that keeps a pod with this spec off this (empty) node; empty if it would bind.
 
@@ -205,6 +212,12 @@ def reasons(pod_spec: Mapping[str, Any], node: Mapping[str, Any]) -> list[str]:
             }
         )
         out.append("required node affinity not met: " + ("; ".join(failed) or "no term matches"))
+    # InterPodAffinity: whatever pods already run, a node must carry every required affinity
+    # term's topologyKey ("All topology labels must exist on the node", satisfyPodAffinity in
+    # kube-scheduler's interpodaffinity plugin).
+    for term in _required_pod_affinity(pod_spec):
+        if term.get("topologyKey") and term["topologyKey"] not in labels:
+            out.append(f"required pod affinity needs node label {term['topologyKey']}")
     out += _untolerated(tolerations, spec.get("taints") or [])
     allocatable = {
         k: parse_quantity(v) for k, v in ((node.get("status") or {}).get("allocatable") or {}).items()
@@ -233,9 +246,17 @@ def placeable_nodes(pod_spec: Mapping[str, Any], nodes: Iterable[Mapping[str, An
 EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/exclusive-topology"
 
 
-def group_topology_key(obj: Mapping[str, Any]) -> str | None:
-    """The node label every pod of one LeaderWorkerSet group must share, if the object asks for one."""
-    return ((obj.get("metadata") or {}).get("annotations") or {}).get(EXCLUSIVE_TOPOLOGY)
+def group_topology_keys(obj: Mapping[str, Any]) -> set[str]:
+    """Node labels every pod of one LeaderWorkerSet group must share: the exclusive-topology
+    annotation, and the topologyKeys of the templates' required pod affinity (which LWS renders
+    pointing at the group's own pods)."""
+    keys = set()
+    if key := ((obj.get("metadata") or {}).get("annotations") or {}).get(EXCLUSIVE_TOPOLOGY):
+        keys.add(key)
+    if obj.get("kind") == "LeaderWorkerSet":
+        for _, spec, _ in pod_templates(obj):
+            keys |= {t["topologyKey"] for t in _required_pod_affinity(spec) if t.get("topologyKey")}
+    return keys
 
 
 def pod_templates(obj: Mapping[str, Any]) -> list[tuple[str, dict[str, Any], int]]:
