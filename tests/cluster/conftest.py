@@ -47,7 +47,7 @@ class Cluster:
 
     kubeconfig: Path
     prometheus_url: str
-    profile: str  # fleet profile (hack/cluster/fleet.yaml): gpu or nogpu
+    profile: str  # fleet profile (hack/cluster/fleet.yaml): gpu, nogpu, gke, eks, onprem, gb200
     api: Any  # kubernetes.client.ApiClient
     core: Any  # CoreV1Api
     apps: Any  # AppsV1Api
