@@ -312,7 +312,7 @@ def test_replicas_stuck_unschedulable_fall_back_after_patience(
     try:
         sel = "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3,toposerve.io/capacity-type!=spot"
         nodes = json.loads(kubectl(cluster, "get", "nodes", "-l", sel, "-o", "json").stdout)["items"]
-        want = {"cpu": "190"} if shortage == "cpu" else {"ephemeral-storage": "1000Gi"}
+        want = {"cpu": "190"} if shortage == "cpu" else {"ephemeral-storage": "3100Gi"}
         kubectl(cluster, "apply", "-f", "-", stdin=yaml.safe_dump(cpu_filler(namespace, len(nodes), want)))
 
         def filled() -> bool:

@@ -51,53 +51,12 @@ EXAMPLES = sorted(p.name for p in (ROOT / "examples").glob("*.yaml")) + sorted(E
 FLEET = fleet.load(ROOT / "hack" / "cluster" / "fleet.yaml")
 PROFILES = sorted(FLEET["profiles"])
 
-# (example, profile) -> what blocks it (found 2026-12-01 on wt/fleet at 76a8111). Delete an entry
-# once it passes (it shows as XPASS). "then:" is what blocks once the crash is fixed, found by
-# rendering with the old config fields patched back in.
-_CRASH = (
-    "render crashes: render/objects.py reads config.memory_per_gpu and config.capacity_type_label, "
-    "renamed to memory_per_gpu_gib / replaced by label_schemes in 76a8111"
-)
-_GFD = "required node affinity needs nvidia.com/gpu.product In [...] and nvidia.com/gpu.count Gt (GFD labels)"
-_CLIQUE = "LWS exclusive-topology nvidia.com/gpu.clique: no node has the label, so no group can place"
-_GKE = f"{_CRASH}; then: {_GFD}, which GKE nodes lack (they carry cloud.google.com/gke-accelerator)"
-_EKS = f"{_CRASH}; then: {_GFD}, which EKS nodes lack (they carry karpenter.k8s.aws/instance-gpu-*)"
-_GKE_L4 = (
-    f"{_GKE}; behind it on g2-standard-4 cpu 8 > 3.92 and memory 64Gi > 13.3Gi; gke-spot taint untolerated"
-)
-_EKS_L4 = f"{_EKS}; behind it on g6.xlarge cpu 8 > 3.92 and memory 64Gi > 13.83Gi"
-KNOWN_FAILURES: dict[tuple[str, str], str] = {
-    ("batch-spot.yaml", "gpu"): _CRASH,
-    ("heterogeneous.yaml", "gpu"): _CRASH,
-    ("llama-405b-multinode.yaml", "gpu"): _CRASH,
-    ("llama-70b-h100.yaml", "gpu"): _CRASH,
-    ("long-context.yaml", "gpu"): _CRASH,
-    ("mixtral-moe-ep.yaml", "gpu"): _CRASH,
-    ("quickstart.yaml", "gpu"): _CRASH,
-    ("batch-spot.yaml", "onprem"): _CRASH,
-    ("heterogeneous.yaml", "onprem"): _CRASH,
-    ("llama-405b-multinode.yaml", "onprem"): f"{_CRASH}; then: {_CLIQUE} (the example asks for that key)",
-    ("llama-70b-h100.yaml", "onprem"): _CRASH,
-    ("long-context.yaml", "onprem"): f"{_CRASH}; then: {_CLIQUE} (the planner chose that key)",
-    ("mixtral-moe-ep.yaml", "onprem"): _CRASH,
-    ("quickstart.yaml", "onprem"): _CRASH,
-    ("batch-spot.yaml", "gke"): _GKE_L4,
-    ("heterogeneous.yaml", "gke"): _GKE,
-    ("llama-405b-multinode.yaml", "gke"): f"{_GKE}; behind it: {_CLIQUE}",
-    ("llama-70b-h100.yaml", "gke"): _GKE,
-    ("long-context.yaml", "gke"): f"{_GKE}; behind it: {_CLIQUE}",
-    ("mixtral-moe-ep.yaml", "gke"): _GKE,
-    ("quickstart.yaml", "gke"): _GKE_L4,
-    ("batch-spot.yaml", "eks"): _EKS_L4,
-    ("heterogeneous.yaml", "eks"): _EKS,
-    ("llama-405b-multinode.yaml", "eks"): f"{_EKS}; behind it: {_CLIQUE}",
-    ("llama-70b-h100.yaml", "eks"): _EKS,
-    ("long-context.yaml", "eks"): f"{_EKS}; behind it: {_CLIQUE}",
-    ("mixtral-moe-ep.yaml", "eks"): _EKS,
-    ("quickstart.yaml", "eks"): _EKS_L4,
-    ("gb200-llama-405b", "gb200"): _CRASH,
-    ("gb200-llama-70b", "gb200"): _CRASH,
-}
+# (example, profile) -> what blocks it. Empty since 2026-12-01: the first run found every GPU example
+# blocked on GKE/EKS (GFD-only affinity, 8 CPU / 64 GiB requests on 4-vCPU L4 machines, GKE's spot
+# taint), LWS exclusive-topology on clique-less fleets, and weights too big for the nodes' default
+# ephemeral storage; the planner and renderer now handle each. Add an entry (with the blocking rule)
+# only for a case the operator cannot fix yet; it then shows as XPASS once it can.
+KNOWN_FAILURES: dict[tuple[str, str], str] = {}
 
 
 def _cases() -> list[Any]:

@@ -198,7 +198,9 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 p.spot,
                 spec.placement.node_selector,
                 pod_tolerations(spec, p, ctx.config),
-                shape=PodShape(p.gpus_per_pod, p.cpu_per_pod, p.memory_gib_per_pod * GIB),
+                shape=PodShape(
+                    p.gpus_per_pod, p.cpu_per_pod, p.memory_gib_per_pod * GIB, p.ephemeral_gib_per_pod * GIB
+                ),
                 topology_key=p.topology_key,
             )
             world[p.gpu_type or ""] = TypeState(

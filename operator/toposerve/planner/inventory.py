@@ -59,9 +59,15 @@ class Usage:
     gpus: int = 0
     cpu: float = 0.0  # cores
     memory: float = 0.0  # bytes
+    ephemeral: float = 0.0  # bytes of ephemeral-storage
 
     def __add__(self, other: Usage) -> Usage:
-        return Usage(self.gpus + other.gpus, self.cpu + other.cpu, self.memory + other.memory)
+        return Usage(
+            self.gpus + other.gpus,
+            self.cpu + other.cpu,
+            self.memory + other.memory,
+            self.ephemeral + other.ephemeral,
+        )
 
 
 def pod_requests(pod: Mapping[str, Any]) -> Usage:
@@ -70,7 +76,12 @@ def pod_requests(pod: Mapping[str, Any]) -> Usage:
 
     def of(c: Mapping[str, Any]) -> Usage:
         req = (c.get("resources") or {}).get("requests") or {}
-        return Usage(int(_qty(req.get(GPU_RESOURCE))), _qty(req.get("cpu")), _qty(req.get("memory")))
+        return Usage(
+            int(_qty(req.get(GPU_RESOURCE))),
+            _qty(req.get("cpu")),
+            _qty(req.get("memory")),
+            _qty(req.get("ephemeral-storage")),
+        )
 
     spec = pod.get("spec") or {}
     total = Usage()
@@ -78,7 +89,10 @@ def pod_requests(pod: Mapping[str, Any]) -> Usage:
         total = total + of(c)
     for c in spec.get("initContainers") or []:
         u = of(c)
-        total = Usage(max(total.gpus, u.gpus), max(total.cpu, u.cpu), max(total.memory, u.memory))
+        total = Usage(
+            max(total.gpus, u.gpus), max(total.cpu, u.cpu), max(total.memory, u.memory),
+            max(total.ephemeral, u.ephemeral),
+        )  # fmt: skip
     overhead = spec.get("overhead") or {}
     return total + Usage(0, _qty(overhead.get("cpu")), _qty(overhead.get("memory")))
 
@@ -111,6 +125,7 @@ class PodShape:
     gpus: int
     cpu: float = 0.0
     memory: float = 0.0
+    ephemeral: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +144,8 @@ class NodeInfo:
     allocatable_memory: float = math.inf
     used_cpu: float = 0.0
     used_memory: float = 0.0
+    allocatable_ephemeral: float = math.inf
+    used_ephemeral: float = 0.0
 
     def admits(self, node_selector: Mapping[str, str], tolerations: Iterable[Mapping[str, Any]]) -> bool:
         """Whether a pod with this node selector and these tolerations may be scheduled here."""
@@ -150,6 +167,8 @@ class NodeInfo:
             fits.append(int(max(0.0, self.allocatable_cpu - self.used_cpu) // shape.cpu))
         if shape.memory > 0:
             fits.append(int(max(0.0, self.allocatable_memory - self.used_memory) // shape.memory))
+        if shape.ephemeral > 0:
+            fits.append(int(max(0.0, self.allocatable_ephemeral - self.used_ephemeral) // shape.ephemeral))
         return max(0, min(fits))
 
 
@@ -289,6 +308,8 @@ def node_info(
         allocatable_memory=_qty(alloc.get("memory"), math.inf),
         used_cpu=used.cpu,
         used_memory=used.memory,
+        allocatable_ephemeral=_qty(alloc.get("ephemeral-storage"), math.inf),
+        used_ephemeral=used.ephemeral,
     )
 
 

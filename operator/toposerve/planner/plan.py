@@ -71,6 +71,7 @@ class PoolPlan(_Out):
     weights_gib: float = Field(default=0.0, alias="weightsGiB")  # the whole checkpoint (download size)
     cpu_per_pod: float = 0.0
     memory_gib_per_pod: int = Field(default=0, alias="memoryGiBPerPod")
+    ephemeral_gib_per_pod: int = Field(default=0, alias="ephemeralGiBPerPod")  # weights + scratch
     topology_key: str | None = None  # multi-node replicas: the label whose domain holds a replica
     topology_reason: str | None = None
     nvlink_across_nodes: bool = Field(
@@ -310,6 +311,18 @@ def _pool_path(spec: LLMDeploymentSpec, index: int) -> str:
     return f"spec.pools[{index}]" if spec.pools else "spec.placement"
 
 
+def ephemeral_gib(spec: LLMDeploymentSpec, weights_gib: float) -> int:
+    """Ephemeral storage a serving pod requests: the weights' emptyDir (model.cache ephemeral: the
+    checkpoint plus 10% and 20 GiB) and 20 GiB of scratch (logs, compile caches) in every case."""
+    if spec.model.cache.type != "ephemeral":
+        return 20
+    return cache_gib(spec, weights_gib) + 20
+
+
+def cache_gib(spec: LLMDeploymentSpec, weights_gib: float) -> int:
+    return spec.model.cache.size_gi_b or math.ceil(weights_gib * 1.1 + 20)
+
+
 def _weights_path(spec: LLMDeploymentSpec, pool: PoolSpec, index: int) -> str:
     """The field path users fix for a pool's weights: the pool's when it overrides them."""
     if spec.pools and (pool.quantization or pool.checkpoint or pool.dtype):
@@ -413,12 +426,24 @@ def plan_pool(
             topo_key, topo_reason = topology_key_for(
                 inventory if live else None, name, choice.nodes, candidates, fallback
             )
+        weights_gib = round(arch.parameters * 1e9 * DTYPE_BYTES[dtype] / GIB, 1)
+        ephemeral = ephemeral_gib(spec, weights_gib)
         if nodes_now:
-            shape = PodShape(per_pod, res.cpu, res.memory_gib * GIB)
+            shape = PodShape(per_pod, res.cpu, res.memory_gib * GIB, ephemeral * GIB)
             hosts = [n for n in nodes_now if n.gpu_count >= per_pod]
-            fitting = [
+            sized = [
                 n for n in hosts if n.allocatable_cpu >= res.cpu and n.allocatable_memory >= shape.memory
             ]
+            fitting = [n for n in sized if n.allocatable_ephemeral >= shape.ephemeral]
+            if sized and not fitting:
+                disk = max(n.allocatable_ephemeral for n in sized) / GIB
+                rejected.append(Rejected(
+                    gpu_type=name,
+                    reason=f"the weights need {ephemeral}Gi of ephemeral storage (model.cache type ephemeral) but "
+                    f"{name} nodes allocate at most {disk:.0f}Gi: set spec.model.cache to a pvc, a host-path on "
+                    "local NVMe or a model image",
+                ))  # fmt: skip
+                continue
             if not fitting:
                 if hosts:
                     big = max(hosts, key=lambda n: (n.allocatable_cpu, n.allocatable_memory))
@@ -482,7 +507,8 @@ def plan_pool(
             kv_cache_dtype=kv,
             quantization=quant,
             checkpoint=weights.checkpoint,
-            weights_gib=round(arch.parameters * 1e9 * DTYPE_BYTES[dtype] / GIB, 1),
+            weights_gib=weights_gib,
+            ephemeral_gib_per_pod=ephemeral,
             cpu_per_pod=res.cpu,
             memory_gib_per_pod=res.memory_gib,
             topology_key=topo_key,

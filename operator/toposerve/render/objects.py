@@ -23,7 +23,7 @@ from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
 from toposerve.api.spec import LLMDeploymentSpec
 from toposerve.planner.memory import GIB
-from toposerve.planner.plan import IMAGE_WEIGHTS_DIR, DeploymentPlan, PoolPlan
+from toposerve.planner.plan import IMAGE_WEIGHTS_DIR, DeploymentPlan, PoolPlan, cache_gib
 from toposerve.render.placement import router_affinity, serving_affinity, serving_tolerations
 
 ENGINE_PORT = 8000
@@ -185,7 +185,7 @@ def startup_seconds(plan: PoolPlan, spec: LLMDeploymentSpec, config: OperatorCon
 
 
 def cache_size_gib(plan: PoolPlan, spec: LLMDeploymentSpec) -> int:
-    return spec.model.cache.size_gi_b or math.ceil(plan.weights_gib * 1.1 + 20)
+    return cache_gib(spec, plan.weights_gib)
 
 
 def _engine_storage(
@@ -204,10 +204,9 @@ def _engine_storage(
     size = cache_size_gib(plan, spec)
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
-    storage = "20Gi"  # logs and compile caches when the weights live elsewhere
+    storage = f"{plan.ephemeral_gib_per_pod}Gi"  # the planner checked it against the nodes
     if cache.type == "ephemeral":
         volumes.append({"name": "models", "emptyDir": {"sizeLimit": f"{size}Gi"}})
-        storage = f"{size + 20}Gi"
     elif cache.type == "pvc":
         volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": cache.claim_name}})
     elif cache.type == "host-path":
