@@ -342,9 +342,27 @@ async def test_session_sticks_through_the_proxy(harness: Harness) -> None:
 
 
 async def test_prefix_affinity_through_the_proxy(harness: Harness) -> None:
-    """Each conversation goes to its root's home and stays there; a second router agrees."""
-    router, url, _ups = await harness(3, cfg=RouterConfig(strategy=st.PREFIX_AWARE))
-    cfg2 = RouterConfig(strategy=st.PREFIX_AWARE)
+    _router, url, _ups = await harness(3, cfg=RouterConfig(strategy=st.PREFIX_AWARE))
+    system = "You are a careful assistant that answers briefly. " * 30
+    async with aiohttp.ClientSession() as s:
+        seen = []
+        for i in range(4):
+            body = {
+                "model": "m",
+                "messages": [{"role": "system", "content": system}, {"role": "user", "content": f"q{i}"}],
+            }
+            async with s.post(url + "/v1/chat/completions", json=body) as r:
+                seen.append((r.headers["x-toposerve-backend"], r.headers["x-toposerve-route-reason"]))
+    assert len({b for b, _ in seen}) == 1
+    assert [reason for _, reason in seen[1:]] == [st.R_PREFIX_HIT] * 3
+
+
+async def test_two_routers_with_homes_agree_through_the_proxy(harness: Harness) -> None:
+    """With --home-weight, each conversation goes to its root's home and stays there, whichever
+    of two independent routers gets each turn."""
+    cfg = RouterConfig(strategy=st.PREFIX_AWARE, routing=st.Config(w_home=2.0))  # --home-weight 2
+    router, url, _ups = await harness(3, cfg=cfg)
+    cfg2 = cfg
     _router2, url2, _ = await harness(0, cfg=cfg2, extra_urls=tuple(u.url for u in _ups))
     system = "You are a careful assistant that answers briefly. " * 30
     homes = []

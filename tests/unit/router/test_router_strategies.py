@@ -15,6 +15,7 @@ from toposerve.router import strategies as s
 from toposerve.router.strategies import BackendState, Config, LoadLedger, Request, RoutingMemory
 
 CFG = Config()
+HOME = Config(w_home=2.0)  # homes are opt-in (`--home-weight`)
 
 
 def B(i: str, **kw: object) -> BackendState:
@@ -243,7 +244,7 @@ def test_prefix_aware_hot_prefix_spills_when_over_bounded_load() -> None:
 def test_bounded_load_is_never_exceeded(
     loads: list[int], weights: list[float], hot: int, strategy: str, factor: float, root: str | None
 ) -> None:
-    cfg = Config(bounded_load_factor=factor)
+    cfg = Config(bounded_load_factor=factor, w_home=2.0)
     bs = [B(f"b{i}", in_flight=n, weight=weights[i]) for i, n in enumerate(loads)]
     mem = RoutingMemory()
     text = "shared system prompt " * 50
@@ -263,7 +264,7 @@ def test_bounded_load_is_never_exceeded(
 def test_bounded_load_holds_over_a_request_stream(ops: list[tuple[bool, int]], home: bool) -> None:
     """Arrivals of one hot prefix (with or without a home) mixed with completions: the hot
     backend never exceeds its cap."""
-    cfg = Config(bounded_load_factor=1.25, bounded_load_min=1)
+    cfg = Config(bounded_load_factor=1.25, bounded_load_min=1, w_home=2.0 if home else 0.0)
     base = {f"b{i}": B(f"b{i}") for i in range(4)}
     mem, ledger, open_tickets = RoutingMemory(), LoadLedger(), []
     r = req(text="hot " * 200, root="hot " * 200 if home else None)
@@ -346,9 +347,9 @@ def test_two_replicas_fed_disjoint_halves_agree_on_every_conversation(
             r = req(len(text) // 4, 16, text, f"user-{c}" if sessions else None, root)
             mem = mems[sides[k % len(sides)]]
             k += 1
-            d = s.choose(strategy, r, bs, mem, CFG, 0.0)
+            d = s.choose(strategy, r, bs, mem, HOME, 0.0)
             assert d is not None
-            s.commit(mem, strategy, r, d, CFG, 0.0)
+            s.commit(mem, strategy, r, d, HOME, 0.0)
             where.setdefault(c, set()).add(d.backend)
             assert d.backend == s.home_order(r.affinity or 0, bs)[0]
     assert all(len(v) == 1 for v in where.values()), where
@@ -362,20 +363,36 @@ def test_home_yields_to_load_and_to_a_longer_real_match() -> None:
     # over its cap, the home is skipped
     loaded = [replace(b, in_flight=20) if b.id == home else b for b in bs]
     for strategy in (s.PREFIX_AWARE, s.AUTO):
-        d = s.choose(strategy, req(text=root, root=root), loaded, RoutingMemory(), CFG, 0)
+        d = s.choose(strategy, req(text=root, root=root), loaded, RoutingMemory(), HOME, 0)
         assert d is not None and d.backend != home
     # a backend known to hold more of this prompt than the root wins over the presumed home
     text = root + "assistant\n" + "answer " * 200
     mem = RoutingMemory()
     mem.prefix.insert(s.block_hashes(text), other, 0)
     for strategy in (s.PREFIX_AWARE, s.AUTO):
-        d = s.choose(strategy, req(len(text) // 4, 16, text, root=root), bs, mem, CFG, 0)
+        d = s.choose(strategy, req(len(text) // 4, 16, text, root=root), bs, mem, HOME, 0)
         assert d is not None and d.backend == other
     # w_home=0 turns homes off: a miss is least-loaded again
-    cfg = replace(CFG, w_home=0.0)
+    cfg = CFG  # the default: homes off
     busy = [replace(b, pending_tokens=0 if b.id == other else 500) for b in bs]
     d = s.choose(s.PREFIX_AWARE, req(text=root, root=root), busy, RoutingMemory(), cfg, 0)
     assert d is not None and d.backend == other
+
+
+def test_a_home_over_its_fair_share_passes_on_in_rendezvous_order() -> None:
+    root = "system\nshared\nuser\n" + "question " * 40 + "\n"
+    bs = [B(f"b{i}") for i in range(4)]
+    first, second = s.home_order(s.affinity_key(root), bs)[:2]
+    # low traffic: the home keeps its conversations up to home_load_min
+    low = [replace(b, in_flight=1) if b.id == first else b for b in bs]
+    # busy: the home holds 3 of 5 requests (under its bounded-load cap of 4), more than its fair
+    # share max(2, ceil(6 / 4)) = 2
+    busy = [replace(b, in_flight=3 if b.id == first else 1 if b.id != second else 0) for b in bs]
+    for strategy in (s.PREFIX_AWARE, s.AUTO):
+        d = s.choose(strategy, req(text=root, root=root), low, RoutingMemory(), HOME, 0)
+        assert d is not None and d.backend == first
+        d = s.choose(strategy, req(text=root, root=root), busy, RoutingMemory(), HOME, 0)
+        assert d is not None and d.backend == second
 
 
 # ------------------------------------------------------------------------------------------ session
