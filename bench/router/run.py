@@ -8,6 +8,9 @@ Then it measures the proxy's added latency vs direct access at 1, 50 and 200 con
 
     .venv/bin/python bench/router/run.py --rvenv /tmp/rvenv --out bench/router/results
 
+`--only r` instead compares one toposerve router with two independent ones (the client picking a
+router per request) on workload (a) or (h); see docs/benchmarks.md, "two router replicas".
+
 The Rust routers are run from a separate virtualenv (`--rvenv`, with `pip install vllm-router
 sglang-router matplotlib`); missing ones are skipped and reported. All traffic stays on loopback
 and every loop is bounded in count and time. Results: results.json and router.png in --out.

@@ -17,6 +17,9 @@ Strategies (names are what `--strategy`, `spec.routing` and the `x-toposerve-str
 - ``auto`` (default): weighted score of prefix affinity, token load, KV-cache usage, engine
   queue length and session stickiness, under the same bounded-load rule.
 
+Homes (opt-in, ``Config.w_home``): a weighted rendezvous hash of the conversation's root names the
+same backend in every router replica, so replicas that each see part of a conversation agree.
+
 All LLM-aware strategies (everything except the two baselines) apply the long-context rule first:
 prompts at or above ``long_context_threshold`` tokens go to the long-context pool when one is up.
 """
