@@ -240,7 +240,7 @@ def parse_request(
     prompt_tokens = exact if exact is not None else est.estimate(len(text))
     hashes = st.block_hashes(text, cfg.block_chars) if need_hashes else ()
     affinity, affinity_blocks = None, 0
-    if need_hashes and text:
+    if need_hashes and text and cfg.routing.w_home > 0:  # homes are opt-in: no digest otherwise
         root = _affinity_root(path, body, text, cfg.block_chars)
         affinity, affinity_blocks = st.affinity_key(root), len(root) // cfg.block_chars
     req = st.Request(prompt_tokens, max_tokens, hashes, session, affinity, affinity_blocks)

@@ -622,8 +622,9 @@ async def test_an_upstream_that_never_answers_gets_one_504_without_retry_or_blam
 
 def test_affinity_key_is_the_conversation_root() -> None:
     """Every turn of a conversation carries its root's key; conversations that share only a
-    system prompt do not; completions key on their first block; no prefix strategy, no key."""
-    cfg, est = RouterConfig(), st.TokenEstimator()
+    system prompt do not; completions key on their first block; no prefix strategy or homes off
+    (the default), no key."""
+    cfg, est = RouterConfig(routing=st.Config(w_home=2.0)), st.TokenEstimator()
     system = {"role": "system", "content": "shared system prompt " * 20}
 
     def chat(*turns: str) -> st.Request:
@@ -644,3 +645,4 @@ def test_affinity_key_is_the_conversation_root() -> None:
     assert c1.affinity == c2.affinity and c1.affinity_blocks == 1
     assert parse_request("/v1/completions", body, {}, est, cfg, need_hashes=False).request.affinity is None
     assert parse_request("/v1/completions", {"prompt": ""}, {}, est, cfg).request.affinity is None
+    assert parse_request("/v1/completions", body, {}, est, RouterConfig()).request.affinity is None
