@@ -8,6 +8,9 @@ Then it measures the proxy's added latency vs direct access at 1, 50 and 200 con
 
     .venv/bin/python bench/router/run.py --rvenv /tmp/rvenv --out bench/router/results
 
+`--only r` instead compares one toposerve router with two independent ones (the client picking a
+router per request) on workload (a) or (h); see docs/benchmarks.md, "two router replicas".
+
 The Rust routers are run from a separate virtualenv (`--rvenv`, with `pip install vllm-router
 sglang-router matplotlib`); missing ones are skipped and reported. All traffic stays on loopback
 and every loop is bounded in count and time. Results: results.json and router.png in --out.
@@ -22,6 +25,7 @@ import json
 import os
 import random
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -135,6 +139,18 @@ def make_workloads(scale: float) -> list[Workload]:
     return [a, b, c]
 
 
+def history_workload(scale: float) -> Workload:
+    """(h): like (a) but the history dominates: 150-word system prompts, 1,200-word user turns
+    (long agentic sessions). Only the replicas scenario uses it (`--replica-workload h`)."""
+    rng = random.Random(11)
+    systems = [f"System prompt {i}. " + words(rng, 150) for i in range(4)]
+    convs = [
+        Conversation(systems[i % 4], [words(rng, 1200) for _ in range(4)], f"user-{i}")
+        for i in range(max(1, int(48 * scale)))
+    ]
+    return Workload("h_long_history_multiturn", concurrency=24, max_tokens=48, conversations=convs)
+
+
 # --------------------------------------------------------------------------------------------- client
 
 
@@ -190,7 +206,13 @@ async def one_request(
     return Result(ttft, time.perf_counter() - t0, out or len(text), bool(ttft)), "".join(text)
 
 
-async def run_workload(url: str, w: Workload, deadline_s: float) -> tuple[list[Result], float]:
+async def run_workload(
+    url: str | list[str], w: Workload, deadline_s: float, seed: int = 0
+) -> tuple[list[Result], float]:
+    """Replay `w`; with several router URLs each request picks one at random (seeded), as a
+    Kubernetes Service in front of router replicas spreads a client's connections."""
+    urls = [url] if isinstance(url, str) else url
+    pick = random.Random(seed)
     results: list[Result] = []
     timeout = aiohttp.ClientTimeout(total=120)
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0), timeout=timeout) as s:
@@ -205,7 +227,8 @@ async def run_workload(url: str, w: Workload, deadline_s: float) -> tuple[list[R
                     msgs = [{"role": "system", "content": c.system}]
                     for turn in c.turns:
                         msgs.append({"role": "user", "content": turn})
-                        r, reply = await one_request(s, url, msgs, w.max_tokens, c.user)
+                        target = urls[0] if len(urls) == 1 else pick.choice(urls)
+                        r, reply = await one_request(s, target, msgs, w.max_tokens, c.user)
                         results.append(r)
                         msgs.append({"role": "assistant", "content": reply or "ok"})
 
@@ -216,7 +239,8 @@ async def run_workload(url: str, w: Workload, deadline_s: float) -> tuple[list[R
             async def worker() -> None:
                 while items and time.perf_counter() < stop_at:
                     text, mt = items.pop(0)
-                    r, _ = await one_request(s, url, [{"role": "user", "content": text}], mt, None)
+                    target = urls[0] if len(urls) == 1 else pick.choice(urls)
+                    r, _ = await one_request(s, target, [{"role": "user", "content": text}], mt, None)
                     results.append(r)
 
             await asyncio.gather(*(worker() for _ in range(w.concurrency)))
@@ -295,7 +319,8 @@ async def engine_snapshot(engines: list[str]) -> dict[str, Any]:
     The mock engines time themselves in simulated seconds, so these numbers do not move with
     this machine's CPU contention, unlike the client-side ones.
     """
-    snap: dict[str, Any] = {"hits": 0.0, "queries": 0.0, "ttft_sum": 0.0, "ttft_count": 0.0, "buckets": {}}
+    snap: dict[str, Any] = {"hits": 0.0, "queries": 0.0, "ttft_sum": 0.0, "ttft_count": 0.0, "buckets": {},
+                            "requests": {}}  # fmt: skip
     async with aiohttp.ClientSession() as s:
         for e in engines:
             async with s.get(e + "/metrics") as r:
@@ -303,7 +328,9 @@ async def engine_snapshot(engines: list[str]) -> dict[str, Any]:
                     if line.startswith("#"):
                         continue
                     value = float(line.rsplit(" ", 1)[1]) if " " in line else 0.0
-                    if line.startswith("vllm:prefix_cache_hits_total"):
+                    if line.startswith("vllm:request_success_total"):
+                        snap["requests"][e] = snap["requests"].get(e, 0.0) + value
+                    elif line.startswith("vllm:prefix_cache_hits_total"):
                         snap["hits"] += value
                     elif line.startswith("vllm:prefix_cache_queries_total"):
                         snap["queries"] += value
@@ -317,9 +344,9 @@ async def engine_snapshot(engines: list[str]) -> dict[str, Any]:
     return snap
 
 
-def engine_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
+def engine_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
     """Hit rate and engine-side TTFT (mean; p50/p99 interpolated in histogram buckets) between snapshots."""
-    out = {
+    out: dict[str, Any] = {
         "prefix_hit_rate": (b["hits"] - a["hits"]) / (b["queries"] - a["queries"])
         if b["queries"] > a["queries"]
         else 0.0
@@ -329,6 +356,11 @@ def engine_delta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, float]:
     bounds = sorted(
         ((float(le), b["buckets"][le] - a["buckets"].get(le, 0.0)) for le in b["buckets"]), key=lambda x: x[0]
     )
+    per = [b["requests"].get(e, 0.0) - a["requests"].get(e, 0.0) for e in b.get("requests", {})]
+    if per and sum(per):  # request balance across engines (the fleet is 2x H100 + 2x A100-40GB)
+        out["engine_requests"] = per
+        out["max_share"] = max(per) / sum(per)
+        out["min_share"] = min(per) / sum(per)
     for q in (50, 99):
         target = n * q / 100
         prev_le, prev_c, val = 0.0, 0.0, float("nan")
@@ -410,6 +442,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             else:
                 report["skipped"].append(f"{kind}: {exe} not found")
         workloads = [w for w in make_workloads(args.scale) if not args.only or w.name[0] in args.only]
+        if "r" in args.only:  # only with --only: the scenario is not part of the default run
+            report["replicas"] = await replicas(args, procs, engines)
         port = 27200
         for w in workloads:
             report["workloads"][w.name] = {}
@@ -432,7 +466,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 summary.update(engine_delta(e0, e1))
                 report["workloads"][w.name][p.name] = summary
                 print(f"{w.name:28s} {p.name:30s} " + " ".join(
-                    f"{k}={v:.1f}" for k, v in summary.items() if k != "wall_s"), flush=True)  # fmt: skip
+                    f"{k}={v:.1f}" for k, v in summary.items() if isinstance(v, float | int) and k != "wall_s"),
+                    flush=True)  # fmt: skip
                 procs.stop(proc)
         if not args.only or "o" in args.only:
             report["overhead"] = await overhead(args, procs, engines[0], rvenv)
@@ -440,6 +475,81 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         procs.stop_all()
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     return report
+
+
+@dataclass
+class ReplicaSetup:
+    name: str
+    strategy: str
+    routers: int
+    src: str  # PYTHONPATH of the router processes ("" = this tree)
+    extra: tuple[str, ...] = ()  # more router flags
+
+
+async def replicas(args: argparse.Namespace, procs: Procs, engines: list[tuple[str, str]]) -> dict[str, Any]:
+    """Workload (a) through one router vs two independent router processes (issue 13).
+
+    Two router replicas behind a Kubernetes Service each learn prefix state from their own half
+    of the traffic; the client here picks a router per request at random, the worst case of a
+    Service spreading connections. Every setup runs once per round, the order rotated each
+    round, with fresh routers and reset engine caches each time; `--variant NAME=DIR` adds the
+    same setups from another source tree (the old routing code) into the same rounds.
+    """
+    if args.replica_workload == "h":
+        w = history_workload(args.scale)
+    else:
+        w = next(x for x in make_workloads(args.scale) if x.name.startswith("a_"))
+    trees: list[tuple[str, str, tuple[str, ...]]] = [("HEAD", "", ())]
+    trees += [(v.split("=", 1)[0], v.split("=", 1)[1], ()) for v in args.variant]
+    trees += [(v.split("=", 1)[0], "", tuple(v.split("=", 1)[1].split())) for v in args.replica_router_args]
+    setups = [ReplicaSetup("round-robin x1", "round-robin", 1, "")]
+    for strategy in args.replica_strategies.split(","):
+        for tree, src, extra in trees:
+            for n in (1, 2):
+                setups.append(ReplicaSetup(f"{strategy} x{n} [{tree}]", strategy, n, src, extra))
+    urls = [u for u, _ in engines]
+    runs: dict[str, list[dict[str, Any]]] = {x.name: [] for x in setups}
+    port = 27500
+    for rnd in range(args.replica_rounds):
+        order = setups[rnd % len(setups) :] + setups[: rnd % len(setups)]
+        for x in order:
+            env = {**os.environ, "PYTHONPATH": str(Path(x.src).resolve())} if x.src else None
+            started, routers = [], []
+            for _ in range(x.routers):
+                port += 1
+                pol = Policy(x.name, "toposerve", x.strategy)
+                argv = router_argv(pol, engines, port, Path(".")) + list(x.extra)
+                started.append(procs.start(f"replicas-{port}", argv, env))
+                routers.append(f"http://{HOST}:{port}")
+            try:
+                if not all([await wait_ready(u) for u in routers]):
+                    print(f"replicas {x.name}: router did not become ready", flush=True)
+                    continue
+                async with aiohttp.ClientSession() as s:  # warm connections, then cold caches
+                    await asyncio.gather(*(one_request(s, u, [{"role": "user", "content": "hi"}], 2, None)
+                                           for u in routers for _ in range(4)))  # fmt: skip
+                await reset_caches(urls)
+                e0 = await engine_snapshot(urls)
+                results, wall = await run_workload(routers, w, args.deadline, seed=rnd)
+                e1 = await engine_snapshot(urls)
+            finally:
+                for p in started:
+                    procs.stop(p)
+            summary: dict[str, Any] = {**summarise(results, wall), **engine_delta(e0, e1), "round": rnd}
+            runs[x.name].append(summary)
+            print(f"replicas r{rnd} {x.name:28s} hit={summary['prefix_hit_rate']:.3f} "
+                  f"ttft_p50={summary['ttft_p50_ms']:.0f} p99={summary['ttft_p99_ms']:.0f} "
+                  f"engine_ttft_p50={summary['engine_ttft_p50_ms']:.0f} p99={summary['engine_ttft_p99_ms']:.0f} "
+                  f"errors={summary['errors']} per-engine={summary.get('engine_requests')}", flush=True)  # fmt: skip
+    keys = ("prefix_hit_rate", "ttft_p50_ms", "ttft_p99_ms", "engine_ttft_mean_ms", "engine_ttft_p50_ms",
+            "engine_ttft_p99_ms", "e2e_p50_ms", "output_tok_s", "max_share", "min_share", "errors")  # fmt: skip
+    medians = {
+        name: {k: statistics.median(r[k] for r in rs if k in r) for k in keys if any(k in r for r in rs)}
+        for name, rs in runs.items()
+        if rs
+    }
+    return {"workload": w.name, "rounds": args.replica_rounds, "setups": [x.__dict__ for x in setups],
+            "runs": runs, "median": medians}  # fmt: skip
 
 
 async def closed_loop(
@@ -560,9 +670,15 @@ def main() -> int:
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="overhead: also measure the toposerve router from source dir DIR (its PYTHONPATH)",
+        help="overhead and r: also measure the toposerve router from source dir DIR (its PYTHONPATH)",
     )
-    ap.add_argument("--only", default="", help="subset of workloads by letter: a, b, c, o (overhead)")
+    ap.add_argument("--only", default="", help="subset of workloads by letter: a, b, c, o (overhead), "
+                    "r (one vs two router replicas on workload a; only when named)")  # fmt: skip
+    ap.add_argument("--replica-strategies", default="auto", help="r: strategies to compare, comma-separated")
+    ap.add_argument("--replica-rounds", type=int, default=3, help="r: interleaved rounds")
+    ap.add_argument("--replica-workload", choices=("a", "h"), default="a", help="r: workload (a) or (h)")
+    ap.add_argument("--replica-router-args", action="append", default=[], metavar="NAME=FLAGS",
+                    help="r: also run this tree's router with extra flags, e.g. 'home1=--home-weight 1'")  # fmt: skip
     args = ap.parse_args()
     report = asyncio.run(bench(args))
     out = Path(args.out)

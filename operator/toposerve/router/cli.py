@@ -68,6 +68,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     t.add_argument("--long-context-threshold", type=int, default=16384, help="prompt tokens")
     t.add_argument("--bounded-load-factor", type=float, default=1.25)
     t.add_argument(
+        "--home-weight",
+        type=float,
+        default=None,
+        help="weight of a conversation's rendezvous-hashed home backend (prefix-aware, auto): lets "
+        "several router replicas agree on a conversation's backend; 0 (default) turns homes off, 2 is "
+        "what docs/router.md measured",
+    )
+    t.add_argument(
         "--session-ttl", type=float, default=300.0, help="seconds (spec.routing.sessionTTLSeconds)"
     )
     t.add_argument(
@@ -133,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         strategy=args.strategy,
         routing=st.Config(
             bounded_load_factor=args.bounded_load_factor,
+            w_home=st.Config().w_home if args.home_weight is None else max(args.home_weight, 0.0),
             long_context_threshold=args.long_context_threshold,
             max_in_flight=args.max_in_flight,
             max_waiting=args.max_waiting,

@@ -190,6 +190,27 @@ def _prompt_text(path: str, body: Mapping[str, Any]) -> tuple[str, int | None]:
     return "", None
 
 
+def _affinity_root(path: str, body: Mapping[str, Any], text: str, block_chars: int) -> str:
+    """The part of a prompt that every turn of its conversation repeats: the routing home's key.
+
+    Chat: the messages up to and including the first one that is not a system or developer
+    message (the system prompt alone is shared by many conversations and would pile them on one
+    backend). Completions carry no turns, so their first block stands in.
+    """
+    if path.endswith("/chat/completions"):
+        messages = body.get("messages")
+        out: list[str] = []
+        for m in messages if isinstance(messages, list) else ():
+            if not isinstance(m, Mapping):
+                continue
+            role = m.get("role")
+            out.append(f"{role if isinstance(role, str) else ''}\n{_part_text(m.get('content'))}\n")
+            if role not in ("system", "developer"):
+                break
+        return "".join(out)
+    return text[:block_chars]
+
+
 def _bounded_int(v: object, bound: int) -> int | None:
     """A positive JSON integer (not a bool), clamped to `bound`; None otherwise."""
     if type(v) is not int or v <= 0:
@@ -218,7 +239,11 @@ def parse_request(
     session = headers.get(cfg.session_header) or (user if isinstance(user, str) and user else None)
     prompt_tokens = exact if exact is not None else est.estimate(len(text))
     hashes = st.block_hashes(text, cfg.block_chars) if need_hashes else ()
-    req = st.Request(prompt_tokens, max_tokens, hashes, session)
+    affinity, affinity_blocks = None, 0
+    if need_hashes and text and cfg.routing.w_home > 0:  # homes are opt-in: no digest otherwise
+        root = _affinity_root(path, body, text, cfg.block_chars)
+        affinity, affinity_blocks = st.affinity_key(root), len(root) // cfg.block_chars
+    req = st.Request(prompt_tokens, max_tokens, hashes, session, affinity, affinity_blocks)
     return _Parsed(len(text), req, lax_bool(body.get("stream")))
 
 

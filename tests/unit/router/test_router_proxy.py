@@ -357,6 +357,39 @@ async def test_prefix_affinity_through_the_proxy(harness: Harness) -> None:
     assert [reason for _, reason in seen[1:]] == [st.R_PREFIX_HIT] * 3
 
 
+async def test_two_routers_with_homes_agree_through_the_proxy(harness: Harness) -> None:
+    """With --home-weight, each conversation goes to its root's home and stays there, whichever
+    of two independent routers gets each turn."""
+    cfg = RouterConfig(strategy=st.PREFIX_AWARE, routing=st.Config(w_home=2.0))  # --home-weight 2
+    router, url, _ups = await harness(3, cfg=cfg)
+    cfg2 = cfg
+    _router2, url2, _ = await harness(0, cfg=cfg2, extra_urls=tuple(u.url for u in _ups))
+    system = "You are a careful assistant that answers briefly. " * 30
+    homes = []
+    async with aiohttp.ClientSession() as s:
+        for i in range(4):
+            msgs = [{"role": "system", "content": system}, {"role": "user", "content": f"q{i} " * 40}]
+            seen = []
+            for turn, u in enumerate((url, url2, url)):  # turns alternate between the two routers
+                body = {"model": "m", "messages": msgs}
+                async with s.post(u + "/v1/chat/completions", json=body) as r:
+                    seen.append((r.headers["x-toposerve-backend"], r.headers["x-toposerve-route-reason"]))
+                msgs = [
+                    *msgs,
+                    {"role": "assistant", "content": "ok " * 50},
+                    {"role": "user", "content": f"t{turn}"},
+                ]
+            assert len({b for b, _ in seen}) == 1, seen
+            assert seen[2][1] == st.R_PREFIX_HIT
+            homes.append(seen[0][0])
+    backends = router.snapshot()
+    root = f"system\n{system}\n"
+    expected = [
+        st.home_order(st.affinity_key(root + f"user\n{f'q{i} ' * 40}\n"), backends)[0] for i in range(4)
+    ]
+    assert homes == expected
+
+
 async def test_probes_scrape_engine_metrics_and_models_health_metrics(harness: Harness) -> None:
     router, url, ups = await harness(2)
     await router.probe_all()
@@ -585,3 +618,31 @@ async def test_an_upstream_that_never_answers_gets_one_504_without_retry_or_blam
     assert len(ups[0].received) + len(ups[1].received) == 1
     assert all(b.health.failures == 0 for b in router.backends.values())
     await eventually(lambda: ledger_idle(router))
+
+
+def test_affinity_key_is_the_conversation_root() -> None:
+    """Every turn of a conversation carries its root's key; conversations that share only a
+    system prompt do not; completions key on their first block; no prefix strategy or homes off
+    (the default), no key."""
+    cfg, est = RouterConfig(routing=st.Config(w_home=2.0)), st.TokenEstimator()
+    system = {"role": "system", "content": "shared system prompt " * 20}
+
+    def chat(*turns: str) -> st.Request:
+        msgs: list[dict[str, str]] = [system]
+        for i, t in enumerate(turns):
+            msgs.append({"role": "assistant" if i % 2 else "user", "content": t})
+        return parse_request("/v1/chat/completions", {"messages": msgs}, {}, est, cfg).request
+
+    first, later = chat("question one " * 20), chat("question one " * 20, "answer", "follow-up")
+    assert first.affinity is not None and first.affinity == later.affinity
+    assert first.affinity_blocks == len(first.block_hashes)  # the whole first turn is the root
+    assert chat("question two " * 20).affinity != first.affinity
+    only_system = chat()
+    assert only_system.affinity is not None and only_system.affinity_blocks > 0
+    body = {"prompt": "p" * 300}
+    c1 = parse_request("/v1/completions", body, {}, est, cfg).request
+    c2 = parse_request("/v1/completions", {"prompt": "p" * 128 + "q" * 500}, {}, est, cfg).request
+    assert c1.affinity == c2.affinity and c1.affinity_blocks == 1
+    assert parse_request("/v1/completions", body, {}, est, cfg, need_hashes=False).request.affinity is None
+    assert parse_request("/v1/completions", {"prompt": ""}, {}, est, cfg).request.affinity is None
+    assert parse_request("/v1/completions", body, {}, est, RouterConfig()).request.affinity is None

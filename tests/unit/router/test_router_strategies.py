@@ -15,14 +15,21 @@ from toposerve.router import strategies as s
 from toposerve.router.strategies import BackendState, Config, LoadLedger, Request, RoutingMemory
 
 CFG = Config()
+HOME = Config(w_home=2.0)  # homes are opt-in (`--home-weight`)
 
 
 def B(i: str, **kw: object) -> BackendState:
     return BackendState(id=i, **kw)  # type: ignore[arg-type]
 
 
-def req(prompt: int = 100, out: int = 50, text: str = "", session: str | None = None) -> Request:
-    return Request(prompt, out, s.block_hashes(text), session)
+def req(
+    prompt: int = 100, out: int = 50, text: str = "", session: str | None = None, root: str | None = None
+) -> Request:
+    """A request; `root` (the conversation's root text) gives it a home, as the proxy does."""
+    if root is None:
+        return Request(prompt, out, s.block_hashes(text), session)
+    blocks = len(root) // s.DEFAULT_BLOCK_CHARS
+    return Request(prompt, out, s.block_hashes(text), session, s.affinity_key(root), blocks)
 
 
 def route(
@@ -232,30 +239,35 @@ def test_prefix_aware_hot_prefix_spills_when_over_bounded_load() -> None:
     hot=st.integers(0, 5),
     strategy=st.sampled_from([s.PREFIX_AWARE, s.AUTO]),
     factor=st.sampled_from([1.0, 1.1, 1.25, 2.0]),
+    root=st.sampled_from([None, "", "shared system prompt ", "conversation 1 root"]),
 )
 def test_bounded_load_is_never_exceeded(
-    loads: list[int], weights: list[float], hot: int, strategy: str, factor: float
+    loads: list[int], weights: list[float], hot: int, strategy: str, factor: float, root: str | None
 ) -> None:
-    cfg = Config(bounded_load_factor=factor)
+    cfg = Config(bounded_load_factor=factor, w_home=2.0)
     bs = [B(f"b{i}", in_flight=n, weight=weights[i]) for i, n in enumerate(loads)]
     mem = RoutingMemory()
     text = "shared system prompt " * 50
     mem.prefix.insert(s.block_hashes(text), bs[hot % len(bs)].id, 0)
     caps = s.bounded_caps(bs, cfg)
-    d = s.choose(strategy, req(text=text), bs, mem, cfg, 0)
+    d = s.choose(strategy, req(text=text, root=root), bs, mem, cfg, 0)
     assert d is not None
     chosen = next(b for b in bs if b.id == d.backend)
     assert chosen.in_flight + 1 <= caps[chosen.id]
 
 
 @settings(max_examples=40, deadline=None)
-@given(ops=st.lists(st.tuples(st.booleans(), st.integers(0, 7)), min_size=1, max_size=300))
-def test_bounded_load_holds_over_a_request_stream(ops: list[tuple[bool, int]]) -> None:
-    """Arrivals of one hot prefix mixed with completions: the hot backend never exceeds its cap."""
-    cfg = Config(bounded_load_factor=1.25, bounded_load_min=1)
+@given(
+    ops=st.lists(st.tuples(st.booleans(), st.integers(0, 7)), min_size=1, max_size=300),
+    home=st.booleans(),
+)
+def test_bounded_load_holds_over_a_request_stream(ops: list[tuple[bool, int]], home: bool) -> None:
+    """Arrivals of one hot prefix (with or without a home) mixed with completions: the hot
+    backend never exceeds its cap."""
+    cfg = Config(bounded_load_factor=1.25, bounded_load_min=1, w_home=2.0 if home else 0.0)
     base = {f"b{i}": B(f"b{i}") for i in range(4)}
     mem, ledger, open_tickets = RoutingMemory(), LoadLedger(), []
-    r = req(text="hot " * 200)
+    r = req(text="hot " * 200, root="hot " * 200 if home else None)
     for arrive, k in ops:
         if arrive or not open_tickets:
             snap = s.snapshot(base, ledger)
@@ -267,6 +279,120 @@ def test_bounded_load_holds_over_a_request_stream(ops: list[tuple[bool, int]]) -
             open_tickets.append(ledger.acquire(d.backend, r.prompt_tokens, r.max_tokens))
         else:
             ledger.release(open_tickets.pop(k % len(open_tickets)))
+
+
+# ------------------------------------------------------------------------------------------ homes (several router replicas)
+
+
+def test_affinity_key_is_the_same_in_every_process() -> None:
+    # a fixed value: blake2b is unsalted, unlike the `hash` behind block_hashes
+    assert s.affinity_key("system\nYou are helpful.\nuser\nhi\n") == 0xF39052B173C4E38B
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    key=st.integers(0, 2**64 - 1),
+    n=st.integers(1, 6),
+    gone=st.integers(0, 5),
+    weights=st.lists(st.sampled_from([0.55, 0.8, 1.0, 1.6, 2.5]), min_size=6, max_size=6),
+)
+def test_home_order_is_order_free_and_moves_only_the_removed_backends_keys(
+    key: int, n: int, gone: int, weights: list[float]
+) -> None:
+    bs = [B(f"10.0.0.{i}:8000", weight=weights[i]) for i in range(n)]
+    order = s.home_order(key, bs)
+    assert order == s.home_order(key, list(reversed(bs)))  # discovery order does not matter
+    assert sorted(order) == sorted(b.id for b in bs)
+    rest = [b for b in bs if b.id != bs[gone % n].id]
+    if rest:  # removing a backend that was not the home keeps the home
+        assert s.home_order(key, rest) == [i for i in order if i != bs[gone % n].id]
+
+
+def test_homes_spread_by_throughput_weight() -> None:
+    bs = [B("h100-a", weight=1.6), B("h100-b", weight=1.6), B("a100-a", weight=0.8), B("a100-b", weight=0.8)]
+    firsts = Counter(s.home_order(s.affinity_key(f"conversation {i}"), bs)[0] for i in range(4000))
+    for b in bs:
+        assert abs(firsts[b.id] / 4000 - b.weight / 4.8) < 0.03, firsts
+
+
+_SYSTEMS = ["system prompt one. " * 40, "system prompt two. " * 40]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    convs=st.lists(
+        st.tuples(st.integers(0, 1), st.integers(1, 4), st.integers(0, 40)), min_size=1, max_size=12
+    ),
+    sides=st.lists(st.booleans(), min_size=48, max_size=48),
+    n=st.integers(2, 5),
+    strategy=st.sampled_from([s.PREFIX_AWARE, s.AUTO]),
+    sessions=st.booleans(),
+)
+def test_two_replicas_fed_disjoint_halves_agree_on_every_conversation(
+    convs: list[tuple[int, int, int]], sides: list[bool], n: int, strategy: str, sessions: bool
+) -> None:
+    """Two routers, each seeing a random part of every conversation's turns (a Service spreads
+    requests), send all turns of a conversation to one backend when load allows: the router that
+    never saw the earlier turns picks the backend the other one used."""
+    bs = [B(f"10.0.0.{i}:8000", weight=1.6 if i % 2 else 0.8) for i in range(n)]
+    mems = (RoutingMemory(), RoutingMemory())
+    where: dict[int, set[str]] = {}
+    k = 0
+    for turn in range(4):
+        for c, (system, turns, pad) in enumerate(convs):
+            if turn >= turns:
+                continue
+            root = f"system\n{_SYSTEMS[system]}\nuser\nconversation {c} {'x' * pad}\n"
+            text = root + "".join(f"assistant\nreply {t}\nuser\nturn {t}\n" for t in range(turn))
+            r = req(len(text) // 4, 16, text, f"user-{c}" if sessions else None, root)
+            mem = mems[sides[k % len(sides)]]
+            k += 1
+            d = s.choose(strategy, r, bs, mem, HOME, 0.0)
+            assert d is not None
+            s.commit(mem, strategy, r, d, HOME, 0.0)
+            where.setdefault(c, set()).add(d.backend)
+            assert d.backend == s.home_order(r.affinity or 0, bs)[0]
+    assert all(len(v) == 1 for v in where.values()), where
+
+
+def test_home_yields_to_load_and_to_a_longer_real_match() -> None:
+    root = "system\nshared\nuser\n" + "question " * 40 + "\n"
+    bs = [B("b0"), B("b1"), B("b2")]
+    home = s.home_order(s.affinity_key(root), bs)[0]
+    other = next(b.id for b in bs if b.id != home)
+    # over its cap, the home is skipped
+    loaded = [replace(b, in_flight=20) if b.id == home else b for b in bs]
+    for strategy in (s.PREFIX_AWARE, s.AUTO):
+        d = s.choose(strategy, req(text=root, root=root), loaded, RoutingMemory(), HOME, 0)
+        assert d is not None and d.backend != home
+    # a backend known to hold more of this prompt than the root wins over the presumed home
+    text = root + "assistant\n" + "answer " * 200
+    mem = RoutingMemory()
+    mem.prefix.insert(s.block_hashes(text), other, 0)
+    for strategy in (s.PREFIX_AWARE, s.AUTO):
+        d = s.choose(strategy, req(len(text) // 4, 16, text, root=root), bs, mem, HOME, 0)
+        assert d is not None and d.backend == other
+    # w_home=0 turns homes off: a miss is least-loaded again
+    cfg = CFG  # the default: homes off
+    busy = [replace(b, pending_tokens=0 if b.id == other else 500) for b in bs]
+    d = s.choose(s.PREFIX_AWARE, req(text=root, root=root), busy, RoutingMemory(), cfg, 0)
+    assert d is not None and d.backend == other
+
+
+def test_a_home_over_its_fair_share_passes_on_in_rendezvous_order() -> None:
+    root = "system\nshared\nuser\n" + "question " * 40 + "\n"
+    bs = [B(f"b{i}") for i in range(4)]
+    first, second = s.home_order(s.affinity_key(root), bs)[:2]
+    # low traffic: the home keeps its conversations up to home_load_min
+    low = [replace(b, in_flight=1) if b.id == first else b for b in bs]
+    # busy: the home holds 3 of 5 requests (under its bounded-load cap of 4), more than its fair
+    # share max(2, ceil(6 / 4)) = 2
+    busy = [replace(b, in_flight=3 if b.id == first else 1 if b.id != second else 0) for b in bs]
+    for strategy in (s.PREFIX_AWARE, s.AUTO):
+        d = s.choose(strategy, req(text=root, root=root), low, RoutingMemory(), HOME, 0)
+        assert d is not None and d.backend == first
+        d = s.choose(strategy, req(text=root, root=root), busy, RoutingMemory(), HOME, 0)
+        assert d is not None and d.backend == second
 
 
 # ------------------------------------------------------------------------------------------ session
