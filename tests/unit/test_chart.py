@@ -95,7 +95,10 @@ def test_default_render_has_the_operator_objects(default: list[dict[str, Any]]) 
     assert "--leader-elect" in c["args"]
     assert not [a for a in c["args"] if a.startswith("--namespace")], "default: all namespaces"
     assert {p["name"]: p["containerPort"] for p in c["ports"]} == {"metrics": 8080, "health": 8081}
-    assert "--metrics-port=8080" in c["args"] and "--liveness=http://0.0.0.0:8081/healthz" in c["args"]
+    assert "--metrics-port=8080" in c["args"] and "--liveness=http://$(POD_IP):8081/healthz" in c["args"]
+    # Bound to the pod IP, which the env provides (the local cluster's pods share one netns).
+    assert "--metrics-address=$(POD_IP)" in c["args"]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in c["env"]
     assert c["livenessProbe"]["httpGet"]["port"] == "health" == c["readinessProbe"]["httpGet"]["port"]
     assert dep["spec"]["replicas"] == 2
     assert pod["serviceAccountName"] == "toposerve"
@@ -117,7 +120,7 @@ def test_non_default_values_reach_the_objects(custom: list[dict[str, Any]]) -> N
         "--namespace=team-b",
     ]
     assert {"--workers=8", "--fallback-after=30", "--metrics-port=9090", "--resync=120"} <= set(c["args"])
-    assert "--liveness=http://0.0.0.0:9091/healthz" in c["args"]
+    assert "--liveness=http://$(POD_IP):9091/healthz" in c["args"]
     assert c["resources"]["limits"] == {"cpu": 1, "memory": "1Gi"}
     assert pod["serviceAccountName"] == "custom-sa"
     assert pod["priorityClassName"] == "toposerve-critical"
