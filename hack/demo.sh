@@ -39,7 +39,12 @@ KC="$CLUSTER_BIN/kubectl"
 say "operator: helm install toposerve charts/toposerve (a pod under its own ServiceAccount)"
 # The chart installs the CRD only when it is missing; a development checkout may have changed it.
 $KC apply --server-side --force-conflicts -f crds/ >/dev/null
-$KC wait --for=condition=Established crd/llmdeployments.toposerve.io --timeout=60s >/dev/null
+# (`kubectl wait` fails at once while a new CRD has no conditions yet: poll first.)
+for _ in $(seq 120); do
+  [[ $($KC get crd llmdeployments.toposerve.io \
+    -o jsonpath='{.status.conditions[?(@.type=="Established")].status}') == True ]] && break
+  sleep 0.5
+done
 $BIN/python - "$OUT/values.yaml" <<'PY'
 import sys, yaml
 config = yaml.safe_load(open("hack/demo-config.yaml")) or {}

@@ -109,6 +109,12 @@ if [[ -x "$CLUSTER_BIN/lws-controller" && "${TOPOSERVE_LWS:-1}" == 1 ]]; then
     "$PY" -m toposerve.dev.lws --host "$HOST_ADDR" --config-out "$STATE/lws/config.yaml" \
       --cert-dir "$STATE/lws/certs" >"$STATE/lws/manifests.yaml"
   kc apply --server-side -f "$STATE/lws/manifests.yaml" >/dev/null 2>"$STATE/lws/apply.log"
+  # `kubectl wait` fails at once ("accessor error: <nil>") while the new CRD has no conditions yet.
+  for _ in $(seq 120); do
+    [[ $(kc get crd leaderworkersets.leaderworkerset.x-k8s.io \
+      -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null) == True ]] && break
+    sleep 0.5
+  done
   kc wait --for=condition=Established crd/leaderworkersets.leaderworkerset.x-k8s.io --timeout=60s >/dev/null
   nohup "$CLUSTER_BIN/lws-controller" --kubeconfig "$KUBECONFIG_OUT" --config "$STATE/lws/config.yaml" \
     >"$STATE/lws/controller.log" 2>&1 </dev/null &
