@@ -63,6 +63,18 @@ def test_container_mounts_follow_the_pod_spec(tmp_path: Path) -> None:
     assert container_mounts(POD, POD["spec"]["containers"][0], tmp_path, None)[-1].target == "/dev/shm"
 
 
+def test_a_mount_that_would_hide_a_source_comes_last(tmp_path: Path) -> None:
+    """An emptyDir on /tmp must not hide the token of a checkout that lives under /tmp."""
+    mounts = [
+        Mount("/tmp", "/tmp/co/.cluster/pods/.pods/u/volumes/tmp"),
+        Mount("/etc/x", "/tmp/co/.cluster/pods/.pods/u/volumes/x", True),
+        Mount(SA_DIR, "/tmp/co/.cluster/pods/.pods/u/serviceaccount", True),
+    ]
+    script = mount_script(mounts, tmp_path, exists=lambda p: True)
+    binds = [line.split()[-1] for line in script.splitlines() if line.startswith("mount --bind")]
+    assert binds[-1] == "/tmp" and len(binds) == 3
+
+
 def test_tmpfs_size_from_quantities() -> None:
     assert [tmpfs_size(q) for q in ("64Mi", "1Gi", "2G", "500k", "4096")] == [
         "64m", "1g", "2000000000", "500000", "4096"
@@ -85,9 +97,10 @@ def test_in_cluster_from_kubeconfig(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="MOUNT SCRIPT TEST NEEDS ROOT (unshare --mount); SKIPPED")
 def test_mount_script_mounts_privately_and_leaves_the_host_alone(tmp_path: Path) -> None:
-    src, sa, scratch = tmp_path / "src", tmp_path / "sa", tmp_path / "scratch"
-    for d in (src, sa, scratch):
-        d.mkdir()
+    co = tmp_path / "co"  # like a checkout under /tmp, whose /tmp gets an emptyDir below
+    src, sa, scratch, empty = co / "src", co / "sa", co / "scratch", co / "empty"
+    for d in (src, sa, scratch, empty):
+        d.mkdir(parents=True)
     (src / "config.yaml").write_text("autoEngine: mock\n")
     (sa / "token").write_text("t0k3n\n")
     existing = tmp_path / "existing"
@@ -97,11 +110,12 @@ def test_mount_script_mounts_privately_and_leaves_the_host_alone(tmp_path: Path)
         Mount(str(existing), str(src), True),
         Mount(str(missing), str(sa), True),
         Mount(str(tmp_path / "shm"), None, False, "1Mi"),
+        Mount(str(co), str(empty)),  # hides every source: must be mounted last
     ]
     script = mount_script(mounts, scratch)
     check = (
         f"cat {existing}/config.yaml {missing}/token; touch {tmp_path}/shm/x; "
-        f"touch {existing}/y 2>/dev/null && echo WRITABLE || echo READONLY"
+        f"touch {existing}/y 2>/dev/null && echo WRITABLE || echo READONLY; ls -A {co}"
     )
     out = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "pod", "sh", "-c", check],

@@ -212,6 +212,22 @@ def _nearest_existing(path: str, exists: Any) -> str:
     return p
 
 
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _mount_order(mounts: list[Mount]) -> list[Mount]:
+    """Parents before children; but a target that would hide another mount's source (an emptyDir
+    on /tmp when the checkout lives under /tmp) goes after the mounts whose sources it covers."""
+    real = {m.target: os.path.realpath(m.target) for m in mounts}
+
+    def hides(m: Mount) -> bool:
+        return any(o.source and o is not m and _under(o.source, real[m.target]) for o in mounts)
+
+    depth = lambda m: real[m.target].count("/")  # noqa: E731
+    return sorted((m for m in mounts if not hides(m)), key=depth) + sorted(filter(hides, mounts), key=depth)
+
+
 def mount_script(mounts: list[Mount], scratch: Path, exists: Any = os.path.exists) -> str:
     """A ``sh`` script that mounts ``mounts`` in the current (private) mount namespace, then execs "$@".
 
@@ -230,7 +246,7 @@ def mount_script(mounts: list[Mount], scratch: Path, exists: Any = os.path.exist
         lines.append(
             f"mount -t overlay overlay -o lowerdir={q(parent)},upperdir={up},workdir={work} {q(parent)}"
         )
-    for m in mounts:
+    for m in _mount_order(mounts):
         t = q(os.path.realpath(m.target))
         lines.append(f"mkdir -p {t}")
         if m.source is None:
