@@ -61,6 +61,9 @@ def test_container_mounts_follow_the_pod_spec(tmp_path: Path) -> None:
         Mount(SA_DIR, str(tmp_path / "sa"), True),  # hostPath is not simulated: left out
     ]
     assert container_mounts(POD, POD["spec"]["containers"][0], tmp_path, None)[-1].target == "/dev/shm"
+    # A checkout under /tmp: the emptyDir on /tmp would hide its venv, so the host's /tmp stays.
+    kept = container_mounts(POD, POD["spec"]["containers"][0], tmp_path, None, ["/tmp/co/.venv/bin"])
+    assert "/tmp" not in [m.target for m in kept] and len(kept) == 2
 
 
 def test_a_mount_that_would_hide_a_source_comes_last(tmp_path: Path) -> None:

@@ -178,13 +178,20 @@ def volume_files(volume: Mapping[str, Any], data: Mapping[str, str]) -> dict[str
 
 
 def container_mounts(
-    pod: Mapping[str, Any], container: Mapping[str, Any], pod_dir: Path, token_dir: Path | None
+    pod: Mapping[str, Any],
+    container: Mapping[str, Any],
+    pod_dir: Path,
+    token_dir: Path | None,
+    keep_visible: Iterable[str] = (),
 ) -> list[Mount]:
     """The mounts of one container: its volumeMounts (configMap, secret, emptyDir) and the token.
 
     Volume contents live in ``pod_dir/volumes/<name>`` (written by the runner). Other volume types
-    are not simulated and are left out.
+    are not simulated and are left out, and so is a volume that would hide ``keep_visible`` (the
+    checkout, its venv, the runner's files: an emptyDir on /tmp when the checkout is under /tmp);
+    the host's directory stays there instead.
     """
+    keep = [os.path.realpath(k) for k in keep_visible]
     volumes = {v["name"]: v for v in (pod.get("spec") or {}).get("volumes") or []}
     mounts: list[Mount] = []
     for vm in container.get("volumeMounts") or []:
@@ -192,6 +199,9 @@ def container_mounts(
         if v is None or vm.get("subPath"):
             continue
         ro = bool(vm.get("readOnly"))
+        if any(_under(k, os.path.realpath(vm["mountPath"])) for k in keep):
+            log.info("not mounting %s at %s: it would hide %s", vm["name"], vm["mountPath"], keep)
+            continue
         if "emptyDir" in v:
             ed = v["emptyDir"] or {}
             if ed.get("medium") == "Memory":
@@ -582,7 +592,9 @@ class PodRunner:
             self._write_volumes(pod)
             scratch = pod_dir / f"overlay-{m.container}"
             scratch.mkdir(parents=True, exist_ok=True)
-            script = mount_script(container_mounts(pod, c, pod_dir, token_dir), scratch)
+            keep = [str(self.bin_dir), str(self.workdir), *os.environ.get("PYTHONPATH", "").split(":")]
+            mounts = container_mounts(pod, c, pod_dir, token_dir, [k for k in keep if k])
+            script = mount_script(mounts, scratch)
             mount_prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, m.container]
         full_env = base | env
         cwd = Path(c.get("workingDir") or self.workdir)
