@@ -16,7 +16,7 @@ import yaml
 
 from tests.cluster.conftest import ROOT, Cluster, kubectl, wait_for
 from tests.cluster.operator_harness import Operator, get_llmd, operator, wait_condition
-from tests.cluster.test_operator import filler
+from tests.cluster.test_operator import delete_and_wait_gone, filler
 from tests.unit.test_argocd_health import run_health
 
 pytestmark = pytest.mark.cluster
@@ -120,3 +120,10 @@ def test_argocd_style_apply_shows_no_drift(cluster: Cluster, namespace: str, ope
     assert run_health(get_llmd(cluster, namespace, "quickstart"))["status"] == "Healthy"
     health = run_health(big_live)
     assert health["status"] == "Degraded" and "FallbackActive" in health["message"], health
+
+    # Leave the GPUs free for the next test (deleting the namespace alone does not wait).
+    for name in ("llama-70b", "quickstart"):
+        delete_and_wait_gone(cluster, namespace, name)
+    kubectl(cluster, "delete", "deployment", "h100-filler", "-n", namespace, "--wait=true")
+    wait_for(lambda: not cluster.core.list_namespaced_pod(namespace).items, "every pod of the test gone",
+             timeout=120)  # fmt: skip
