@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: all venv lint typecheck fmt test test-unit test-vllm crds verify demo demo-down clean
+.PHONY: all venv lint typecheck fmt test test-unit test-vllm crds verify demo demo-down clean image test-image
 
 all: test
 
@@ -48,7 +48,18 @@ test-vllm: venv
 	bash hack/vllm/venv.sh >/dev/null
 	$(BIN)/pytest -q -m vllm tests/vllm
 
-test: venv lint typecheck test-unit test-vllm test-cluster
+# The chart tests in test-unit run the helm binary that cluster-deps builds (not when the cluster
+# tests are skipped: then they skip loudly too).
+TEST_DEPS := $(if $(filter 1,$(TOPOSERVE_SKIP_CLUSTER)),,cluster-deps)
+test: venv lint typecheck $(TEST_DEPS) test-unit test-vllm test-cluster
+
+## The container image without a Docker engine (mmdebstrap + umoci + skopeo): build/image/.
+image: venv
+	@PY=$(abspath $(PY)) bash hack/image/build.sh
+
+## Build the image and run it: toposerve --version, mock engine and router from its root filesystem.
+test-image: image
+	TOPOSERVE_IMAGE_TEST=1 $(BIN)/pytest -q tests/unit/test_image.py
 
 demo: venv
 	@bash hack/demo.sh

@@ -2,9 +2,11 @@
 # `make demo`: the main job on a fresh machine.
 #   1. plan every example offline and against the simulated fleet (why each GPU type was chosen);
 #   2. bring up the local cluster (real control plane + kwok GPU fleet; binaries build the first time);
-#   3. run the operator, apply the quickstart, the heterogeneous example and a simulated-vLLM 70B;
+#   3. install the operator with the Helm chart (it runs as a pod under its own ServiceAccount),
+#      apply the quickstart, the heterogeneous example and a simulated-vLLM 70B;
 #   4. wait for Ready, send chat completions to the serving pods, print where every replica landed.
-# The cluster's GPUs are simulated, so the operator runs with autoEngine: mock (hack/demo-config.yaml):
+# The cluster's GPUs are simulated, so the operator runs with autoEngine: mock (hack/demo-config.yaml,
+# passed as the chart's operatorConfig):
 # engine auto serves the CPU mock engine, placed on nodes of the planned GPU type. The 70B example is
 # forced to engine vllm: its pods request real nvidia.com/gpu from the scheduler and kwok runs them.
 # DEMO_OFFLINE=1 stops after step 1.
@@ -34,17 +36,25 @@ export KUBECONFIG=$ROOT/.cluster/kubeconfig
 source hack/cluster/versions.sh
 KC="$CLUSTER_BIN/kubectl"
 
-say "operator: toposerve run (log: .cluster/operator.log)"
+say "operator: helm install toposerve charts/toposerve (a pod under its own ServiceAccount)"
+# The chart installs the CRD only when it is missing; a development checkout may have changed it.
 $KC apply --server-side --force-conflicts -f crds/ >/dev/null
-$KC wait --for=condition=Established crd/llmdeployments.toposerve.io --timeout=60s >/dev/null
-if [[ -f .cluster/operator.pid ]] && kill -0 "$(cat .cluster/operator.pid)" 2>/dev/null; then
-  echo "already running (pid $(cat .cluster/operator.pid))"
-else
-  nohup $BIN/toposerve run --config hack/demo-config.yaml --metrics-port 0 --fallback-after 20 \
-    >> .cluster/operator.log 2>&1 &
-  echo $! > .cluster/operator.pid
-  echo "started (pid $!)"
-fi
+# (`kubectl wait` fails at once while a new CRD has no conditions yet: poll first.)
+for _ in $(seq 120); do
+  [[ $($KC get crd llmdeployments.toposerve.io \
+    -o jsonpath='{.status.conditions[?(@.type=="Established")].status}') == True ]] && break
+  sleep 0.5
+done
+$BIN/python - "$OUT/values.yaml" <<'PY'
+import sys, yaml
+config = yaml.safe_load(open("hack/demo-config.yaml")) or {}
+values = {"operatorConfig": config, "operator": {"fallbackAfterSeconds": 20}}
+yaml.safe_dump(values, open(sys.argv[1], "w"))
+PY
+"$CLUSTER_BIN/helm" upgrade --install toposerve charts/toposerve -n toposerve-system --create-namespace \
+  -f "$OUT/values.yaml" --wait --timeout 5m >/dev/null
+"$CLUSTER_BIN/helm" status toposerve -n toposerve-system
+$KC get pods -n toposerve-system -o wide
 
 say "apply: quickstart, heterogeneous (mock engines that serve) and llama-70b (simulated vLLM on H100)"
 $KC create namespace $NS --dry-run=client -o yaml | $KC apply -f - >/dev/null
@@ -69,6 +79,7 @@ cat <<EOF
   $KC describe llmd llama-70b -n $NS   # conditions and Events
   $KC scale llmd quickstart -n $NS --replicas=3
   $KC explain llmd.spec --recursive
-  tail -f .cluster/operator.log
-Tear down:  make demo-down   (stops the operator and the cluster, leaves nothing behind)
+  $CLUSTER_BIN/helm status toposerve -n toposerve-system
+  tail -f .cluster/pods/toposerve-system_toposerve-*_operator.log   # the operator pods' output
+Tear down:  make demo-down   (stops the cluster with the operator in it, leaves nothing behind)
 EOF

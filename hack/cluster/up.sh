@@ -54,6 +54,9 @@ options:
   kwokControllerBinary: $CLUSTER_BIN/kwok
   cacheDir: $KWOK_WORKDIR/cache
   kubeApiserverCertSANs: ["$HOST_ADDR", "127.0.0.1"]
+  # Every component (etcd on plain HTTP, the API server, controllers, kwok) listens on loopback
+  # only; pods reach the API server at $HOST_ADDR through the pod runner's relay (--forward).
+  bindAddress: 127.0.0.1
   kubeAuthorization: true
   kubeAdmission: true
   nodeLeaseDurationSeconds: 40
@@ -63,6 +66,8 @@ componentsPatches:
   - {key: service-cluster-ip-range, value: 10.96.0.0/16}
   # No kube-proxy: webhooks and aggregated APIs are called on their endpoints, not ClusterIPs.
   - {key: enable-aggregator-routing, value: "true"}
+  # The kubernetes Service's endpoint: where pods reach the API server (the relay).
+  - {key: advertise-address, value: "$HOST_ADDR"}
 ---
 YAML
 cat "$HERE/stages.yaml" >>"$STATE/kwokctl.yaml"
@@ -76,6 +81,7 @@ chmod 600 "$KUBECONFIG_OUT"
 # Pods in the namespace reach the API server at the veth's host end.
 sed -E "s#server: https?://[^:]+:#server: https://$HOST_ADDR:#" "$KUBECONFIG_OUT" >"$POD_KUBECONFIG"
 chmod 600 "$POD_KUBECONFIG"
+API_PORT=$(sed -nE 's#^ *server: https?://[^:]+:([0-9]+).*#\1#p' "$KUBECONFIG_OUT" | head -n1)
 
 log "fleet: profile $CLUSTER_PROFILE from hack/cluster/fleet.yaml"
 "$PY" -m toposerve.dev.fleet "$HERE/fleet.yaml" --profile "$CLUSTER_PROFILE" >"$STATE/nodes.yaml"
@@ -86,8 +92,11 @@ for _ in $(seq 120); do kc get serviceaccount default >/dev/null 2>&1 && break; 
 
 log "pod runner"
 mkdir -p "$STATE/pods"
+# It also relays $HOST_ADDR:$API_PORT to the API server on loopback and gives pods in-cluster
+# config and ServiceAccount tokens (docs/local-cluster.md).
 nohup "$PY" -m toposerve.dev.podrunner --kubeconfig "$KUBECONFIG_OUT" --netns "$NETNS" \
   --pod-kubeconfig "$POD_KUBECONFIG" --workdir "$STATE/pods" --bin-dir "$(dirname "$PY")" --sd-listen "$SD_LISTEN" \
+  --forward "$HOST_ADDR:$API_PORT=127.0.0.1:$API_PORT" \
   >"$STATE/podrunner.log" 2>&1 </dev/null &
 echo $! >"$STATE/podrunner.pid"
 
@@ -100,6 +109,12 @@ if [[ -x "$CLUSTER_BIN/lws-controller" && "${TOPOSERVE_LWS:-1}" == 1 ]]; then
     "$PY" -m toposerve.dev.lws --host "$HOST_ADDR" --config-out "$STATE/lws/config.yaml" \
       --cert-dir "$STATE/lws/certs" >"$STATE/lws/manifests.yaml"
   kc apply --server-side -f "$STATE/lws/manifests.yaml" >/dev/null 2>"$STATE/lws/apply.log"
+  # `kubectl wait` fails at once ("accessor error: <nil>") while the new CRD has no conditions yet.
+  for _ in $(seq 120); do
+    [[ $(kc get crd leaderworkersets.leaderworkerset.x-k8s.io \
+      -o jsonpath='{.status.conditions[?(@.type=="Established")].status}' 2>/dev/null) == True ]] && break
+    sleep 0.5
+  done
   kc wait --for=condition=Established crd/leaderworkersets.leaderworkerset.x-k8s.io --timeout=60s >/dev/null
   nohup "$CLUSTER_BIN/lws-controller" --kubeconfig "$KUBECONFIG_OUT" --config "$STATE/lws/config.yaml" \
     >"$STATE/lws/controller.log" 2>&1 </dev/null &

@@ -17,6 +17,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
     p.add_argument(
+        "--metrics-address",
+        default="0.0.0.0",
+        help="address of the metrics port (the chart passes the pod IP, as for --liveness)",
+    )
+    p.add_argument(
         "--liveness", default=None, help="kopf liveness endpoint, e.g. http://0.0.0.0:8081/healthz"
     )
     p.add_argument("--fallback-after", type=float, default=60.0,
@@ -55,5 +60,9 @@ def run(args: argparse.Namespace) -> int:
         leader_elect=args.leader_elect,
         lease_namespace=args.lease_namespace,
     )
-    operator.run(rt, args.metrics_port or None, args.liveness)
+    if args.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(args.metrics_port, addr=args.metrics_address)
+    operator.run(rt, None, args.liveness)
     return 0

@@ -9,10 +9,22 @@ in the ``toposerve.dev/runner-ready`` annotation, which kwok Stages (hack/cluste
 turn into the pod's Ready condition; a failing liveness probe or an exited process restarts the
 process (counted in ``toposerve.dev/runner-restarts``). When the pod goes away the process is stopped and the address removed.
 
-Everything else about the pod stays simulated: no image is pulled, no volumes are mounted, no
-resource limits apply. The process sees the container's ``env`` (``valueFrom.fieldRef`` resolved,
-``$(VAR)`` expanded like Kubernetes does), ``PATH`` with the project's virtualenv first, and
-``KUBECONFIG`` pointing at a kubeconfig that reaches the API server from inside the namespace.
+What a kubelet gives a container, the runner gives the process: the container's ``env``
+(``valueFrom.fieldRef`` resolved, ``$(VAR)`` expanded like Kubernetes does), in-cluster config
+(``KUBERNETES_SERVICE_HOST``/``PORT``: the API server's address on the pod network) and a real,
+short-lived ServiceAccount token from the TokenRequest API, bound to the pod and refreshed, at
+``/var/run/secrets/kubernetes.io/serviceaccount`` with ``ca.crt`` and ``namespace``; configMap,
+secret and emptyDir volumes at their ``mountPath``. Each process gets its own mount namespace
+(``unshare --mount``) where those are mounted; a mount point missing on the host appears through
+an overlay of its nearest existing parent that only the process sees, so nothing on the host
+changes. So a pod's RBAC is its ServiceAccount's: a missing permission is a 403, as in a real
+cluster. ``KUBECONFIG`` (admin credentials reaching the API server from the pod network) is still
+set for processes that ask for a kubeconfig explicitly; the Kubernetes clients (the official
+Python client, kopf) prefer the in-cluster config when both are there.
+
+Everything else stays simulated: no image is pulled (``PATH`` has the project's virtualenv first
+and the runner's ``PYTHONPATH`` is passed on, so the code is the checkout's own), no resource
+limits, user IDs or read-only root file systems apply.
 
 The runner also serves Prometheus service discovery (``--sd-listen``): Debian's ``prometheus``
 is built without ``kubernetes_sd_configs``, so the runner, which already watches every pod
@@ -29,6 +41,8 @@ import contextlib
 import logging
 import os
 import re
+import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -49,6 +63,9 @@ READY_ANNOTATION = "toposerve.dev/runner-ready"
 # How often the runner restarted the pod's process (exited, or failed its liveness probe).
 RESTARTS_ANNOTATION = "toposerve.dev/runner-restarts"
 DEFAULT_ENTRYPOINT = ["toposerve"]
+SA_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"
+# Like the kubelet's projected token: short-lived, bound to the pod, refreshed at 80 % of its life.
+TOKEN_SECONDS = 600
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
@@ -139,6 +156,150 @@ def container_env(pod: Mapping[str, Any], container: Mapping[str, Any], lookup: 
                     if value is not None:
                         env[name] = value
     return env
+
+
+@dataclass(frozen=True)
+class Mount:
+    """One mount in a pod process's mount namespace: ``source`` (a host dir) or a tmpfs at ``target``."""
+
+    target: str
+    source: str | None = None  # None: a fresh tmpfs
+    read_only: bool = False
+    size: str | None = None  # tmpfs size (emptyDir sizeLimit)
+
+
+def volume_files(volume: Mapping[str, Any], data: Mapping[str, str]) -> dict[str, str]:
+    """The files a configMap or secret volume shows: every key, or the listed ``items`` at their paths."""
+    src = volume.get("configMap") or volume.get("secret") or {}
+    items = src.get("items")
+    if not items:
+        return dict(data)
+    return {i["path"]: data[i["key"]] for i in items if i["key"] in data}
+
+
+def container_mounts(
+    pod: Mapping[str, Any],
+    container: Mapping[str, Any],
+    pod_dir: Path,
+    token_dir: Path | None,
+    keep_visible: Iterable[str] = (),
+) -> list[Mount]:
+    """The mounts of one container: its volumeMounts (configMap, secret, emptyDir) and the token.
+
+    Volume contents live in ``pod_dir/volumes/<name>`` (written by the runner). Other volume types
+    are not simulated and are left out, and so is a volume that would hide ``keep_visible`` (the
+    checkout, its venv, the runner's files: an emptyDir on /tmp when the checkout is under /tmp);
+    the host's directory stays there instead.
+    """
+    keep = [os.path.realpath(k) for k in keep_visible]
+    volumes = {v["name"]: v for v in (pod.get("spec") or {}).get("volumes") or []}
+    mounts: list[Mount] = []
+    for vm in container.get("volumeMounts") or []:
+        v = volumes.get(vm["name"])
+        if v is None or vm.get("subPath"):
+            continue
+        ro = bool(vm.get("readOnly"))
+        if any(_under(k, os.path.realpath(vm["mountPath"])) for k in keep):
+            log.info("not mounting %s at %s: it would hide %s", vm["name"], vm["mountPath"], keep)
+            continue
+        if "emptyDir" in v:
+            ed = v["emptyDir"] or {}
+            if ed.get("medium") == "Memory":
+                mounts.append(Mount(vm["mountPath"], None, ro, ed.get("sizeLimit")))
+            else:
+                mounts.append(Mount(vm["mountPath"], str(pod_dir / "volumes" / vm["name"]), ro))
+        elif "configMap" in v or "secret" in v:
+            mounts.append(Mount(vm["mountPath"], str(pod_dir / "volumes" / vm["name"]), True))
+    if token_dir is not None and not any(m.target.rstrip("/") == SA_DIR for m in mounts):
+        mounts.append(Mount(SA_DIR, str(token_dir), True))
+    return mounts
+
+
+def _nearest_existing(path: str, exists: Any) -> str:
+    p = os.path.realpath(path)
+    while not exists(p):
+        p = os.path.dirname(p)
+    return p
+
+
+def _under(path: str, top: str) -> bool:
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
+def _mount_order(mounts: list[Mount]) -> list[Mount]:
+    """Parents before children; but a target that would hide another mount's source (an emptyDir
+    on /tmp when the checkout lives under /tmp) goes after the mounts whose sources it covers."""
+    real = {m.target: os.path.realpath(m.target) for m in mounts}
+
+    def hides(m: Mount) -> bool:
+        return any(o.source and o is not m and _under(o.source, real[m.target]) for o in mounts)
+
+    depth = lambda m: real[m.target].count("/")  # noqa: E731
+    return sorted((m for m in mounts if not hides(m)), key=depth) + sorted(filter(hides, mounts), key=depth)
+
+
+def mount_script(mounts: list[Mount], scratch: Path, exists: Any = os.path.exists) -> str:
+    """A ``sh`` script that mounts ``mounts`` in the current (private) mount namespace, then execs "$@".
+
+    A target missing on the host gets an overlay on its nearest existing parent (upper layer in a
+    tmpfs on ``scratch``), visible only in this namespace, so the host's file system never changes.
+    Mounts below that parent are not visible through the overlay; pod processes need none of them.
+    """
+    q = shlex.quote
+    lines = ["set -e"]
+    parents = sorted({_nearest_existing(m.target, exists) for m in mounts if not exists(m.target)}, key=len)
+    if parents:
+        lines.append(f"mount -t tmpfs -o mode=0700 toposerve-overlays {q(str(scratch))}")
+    for i, parent in enumerate(parents):
+        up, work = q(str(scratch / f"{i}u")), q(str(scratch / f"{i}w"))
+        lines.append(f"mkdir -p {up} {work}")
+        lines.append(
+            f"mount -t overlay overlay -o lowerdir={q(parent)},upperdir={up},workdir={work} {q(parent)}"
+        )
+    for m in _mount_order(mounts):
+        t = q(os.path.realpath(m.target))
+        lines.append(f"mkdir -p {t}")
+        if m.source is None:
+            size = f",size={tmpfs_size(m.size)}" if m.size else ""
+            lines.append(f"mount -t tmpfs -o mode=1777{size} tmpfs {t}")
+        else:
+            lines.append(f"mount --bind {q(m.source)} {t}")
+        if m.read_only:
+            lines.append(f"mount -o remount,bind,ro {t}")
+    lines.append('exec "$@"')
+    return "\n".join(lines)
+
+
+def tmpfs_size(quantity: str) -> str:
+    """A Kubernetes quantity (``64Mi``, ``1G``, ``1000``) as tmpfs's size option (``64m``, bytes)."""
+    binary = {"Ki": "k", "Mi": "m", "Gi": "g", "Ti": "t"}
+    decimal = {"k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}
+    if quantity[-2:] in binary:
+        return quantity[:-2] + binary[quantity[-2:]]
+    if quantity[-1:] in decimal:
+        return str(int(float(quantity[:-1]) * decimal[quantity[-1]]))
+    return str(int(float(quantity)))
+
+
+def in_cluster_env(host: str, port: int) -> dict[str, str]:
+    """The variables the kubelet sets for the ``kubernetes`` Service, pointing at the reachable address."""
+    return {
+        "KUBERNETES_SERVICE_HOST": host,
+        "KUBERNETES_SERVICE_PORT": str(port),
+        "KUBERNETES_SERVICE_PORT_HTTPS": str(port),
+        "KUBERNETES_PORT": f"tcp://{host}:{port}",
+        "KUBERNETES_PORT_443_TCP": f"tcp://{host}:{port}",
+        "KUBERNETES_PORT_443_TCP_PROTO": "tcp",
+        "KUBERNETES_PORT_443_TCP_ADDR": host,
+        "KUBERNETES_PORT_443_TCP_PORT": str(port),
+    }
+
+
+def _write_atomic(path: Path, data: str | bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def probe_ok(ip: str, probe: Mapping[str, Any] | None, ports: Mapping[str, int]) -> bool:
@@ -258,12 +419,18 @@ class PodRunner:
         workdir: Path,
         bin_dir: Path,
         pod_kubeconfig: Path | None,
+        api_server: tuple[str, int] | None = None,
+        ca_data: bytes | None = None,
     ) -> None:
         self.api = api
         self.netns = netns
         self.workdir = workdir
         self.bin_dir = bin_dir
         self.pod_kubeconfig = pod_kubeconfig
+        # In-cluster config for pods: the API server's address on the pod network and its CA.
+        self.api_server = api_server
+        self.ca_data = ca_data
+        self.token_refresh: dict[str, float] = {}  # pod uid -> when to renew its token
         self.procs: dict[tuple[str, str], Managed] = {}
         self.ip_users: dict[str, int] = {}
         self._pods: dict[str, dict[str, Any]] = {}
@@ -316,6 +483,89 @@ class PodRunner:
         except Exception as e:  # the pod may be gone already
             log.info("annotate %s/%s: %s", m.namespace, m.name, e)
 
+    # -- what the kubelet mounts ------------------------------------------------------------
+    def _pod_dir(self, uid: str) -> Path:
+        return self.workdir / ".pods" / uid
+
+    def _automount(self, pod: Mapping[str, Any]) -> bool:
+        """The pod's automountServiceAccountToken, else its ServiceAccount's, else true."""
+        spec = pod.get("spec") or {}
+        if spec.get("automountServiceAccountToken") is not None:
+            return bool(spec["automountServiceAccountToken"])
+        meta = pod.get("metadata") or {}
+        try:
+            sa = self.api.read_namespaced_service_account(
+                spec.get("serviceAccountName") or "default", meta["namespace"]
+            )
+        except Exception as e:  # the token request below reports a missing ServiceAccount
+            log.debug("service account of %s/%s: %s", meta.get("namespace"), meta.get("name"), e)
+            return True
+        return sa.automount_service_account_token is not False
+
+    def _write_token(self, pod: Mapping[str, Any]) -> Path:
+        """A TokenRequest bound to the pod, written with ca.crt and namespace (atomically: renewals too)."""
+        meta, spec = pod["metadata"], pod.get("spec") or {}
+        sa = spec.get("serviceAccountName") or "default"
+        body = {
+            "apiVersion": "authentication.k8s.io/v1",
+            "kind": "TokenRequest",
+            "spec": {
+                "audiences": [],
+                "expirationSeconds": TOKEN_SECONDS,
+                "boundObjectRef": {
+                    "apiVersion": "v1",
+                    "kind": "Pod",
+                    "name": meta["name"],
+                    "uid": meta["uid"],
+                },
+            },
+        }
+        try:
+            tr = self.api.create_namespaced_service_account_token(sa, meta["namespace"], body)
+        except Exception as e:
+            raise OSError(f"token for service account {meta['namespace']}/{sa}: {e}") from e
+        d = self._pod_dir(meta["uid"]) / "serviceaccount"
+        d.mkdir(parents=True, exist_ok=True)
+        _write_atomic(d / "token", tr.status.token)
+        _write_atomic(d / "ca.crt", self.ca_data or b"")
+        _write_atomic(d / "namespace", meta["namespace"])
+        self.token_refresh[meta["uid"]] = time.monotonic() + 0.8 * TOKEN_SECONDS
+        return d
+
+    def _write_volumes(self, pod: Mapping[str, Any]) -> None:
+        meta = pod["metadata"]
+        root = self._pod_dir(meta["uid"]) / "volumes"
+        for v in (pod.get("spec") or {}).get("volumes") or []:
+            d = root / v["name"]
+            d.mkdir(parents=True, exist_ok=True)
+            for kind in ("configMap", "secret"):
+                if kind in v:
+                    ref = v[kind].get("name") or v[kind].get("secretName")
+                    data = self._lookup(kind, meta["namespace"], ref, None)
+                    if data is None and not v[kind].get("optional"):
+                        raise OSError(f"volume {v['name']}: {kind} {ref} not found")
+                    for rel, content in volume_files(v, data or {}).items():
+                        f = d / rel
+                        f.parent.mkdir(parents=True, exist_ok=True)
+                        _write_atomic(f, content)
+
+    def _forget_pod(self, uid: str) -> None:
+        self.token_refresh.pop(uid, None)
+        if self._pod_dir(uid).exists():
+            shutil.rmtree(self._pod_dir(uid), ignore_errors=True)
+
+    def _refresh_tokens(self) -> None:
+        now = time.monotonic()
+        for uid, due in list(self.token_refresh.items()):
+            pod = self._pods.get(uid)
+            if pod is None or now < due:
+                continue
+            try:
+                self._write_token(pod)
+            except OSError as e:
+                log.warning("renew token %s/%s: %s", pod["metadata"]["namespace"], pod["metadata"]["name"], e)
+                self.token_refresh[uid] = now + 5
+
     # -- processes -------------------------------------------------------------------------
     def _start(self, m: Managed, pod: Mapping[str, Any]) -> None:
         c = m.spec
@@ -330,13 +580,27 @@ class PodRunner:
             "PYTHONUNBUFFERED": "1",
             "TOPOSERVE_POD_RUNNER": "1",
         }
+        if os.environ.get("PYTHONPATH"):  # a worktree sharing a venv: its own code, as the runner's
+            base["PYTHONPATH"] = os.environ["PYTHONPATH"]
         if self.pod_kubeconfig:
             base["KUBECONFIG"] = str(self.pod_kubeconfig)
+        mount_prefix: list[str] = []
+        if self.api_server:
+            base |= in_cluster_env(*self.api_server)
+            pod_dir = self._pod_dir(m.uid)
+            token_dir = self._write_token(pod) if self._automount(pod) else None
+            self._write_volumes(pod)
+            scratch = pod_dir / f"overlay-{m.container}"
+            scratch.mkdir(parents=True, exist_ok=True)
+            keep = [str(self.bin_dir), str(self.workdir), *os.environ.get("PYTHONPATH", "").split(":")]
+            mounts = container_mounts(pod, c, pod_dir, token_dir, [k for k in keep if k])
+            script = mount_script(mounts, scratch)
+            mount_prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, m.container]
         full_env = base | env
         cwd = Path(c.get("workingDir") or self.workdir)
         if not cwd.is_dir():
             cwd = self.workdir
-        prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
+        prefix = (["ip", "netns", "exec", self.netns] if self.netns else []) + mount_prefix
         m.log_path = self.workdir / f"{m.namespace}_{m.name}_{m.container}.log"
         with open(m.log_path, "ab") as out:
             out.write(f"--- start {argv!r} on {m.ip} (restart {m.restarts})\n".encode())
@@ -388,6 +652,7 @@ class PodRunner:
             for m in managed:
                 self._release_ip(m.ip)
             self.dying.pop(uid, None)
+            self._forget_pod(uid)
         try:
             self.api.delete_namespaced_pod(
                 name, namespace, grace_period_seconds=0, body={"preconditions": {"uid": uid}}
@@ -442,6 +707,8 @@ class PodRunner:
             )
             for key in [k for k in self.procs if k[0] == uid and k[1] not in wanted]:
                 self._stop(key)
+            if not wanted and uid not in self.dying:
+                self._forget_pod(uid)
             for cname, c in wanted.items():
                 key = (uid, cname)
                 if key in self.procs:
@@ -470,7 +737,8 @@ class PodRunner:
                 self._pods.pop(uid, None)
 
     def tick(self) -> None:
-        """Probe readiness and liveness; restart exited or unhealthy processes."""
+        """Renew tokens; probe readiness and liveness; restart exited or unhealthy processes."""
+        self._refresh_tokens()
         now = time.monotonic()
         with self.lock:
             items = list(self.procs.values())
@@ -534,6 +802,64 @@ class PodRunner:
                             os.killpg(m.pid, signal.SIGKILL)
 
 
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    try:
+        while data := src.recv(65536):
+            dst.sendall(data)
+    except OSError:
+        pass
+    finally:  # either side done: end the connection (TLS and HTTP need no half-close here)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+def forward(listen: tuple[str, int], target: tuple[str, int]) -> socket.socket:
+    """Relay TCP from ``listen`` to ``target`` in threads: the API server listens on loopback only,
+    and pods reach it at the pod network's bridge address through this relay."""
+    server = socket.create_server(listen)
+
+    def serve() -> None:
+        while True:
+            try:
+                client, _ = server.accept()
+            except OSError:
+                return  # closed
+            try:
+                upstream = socket.create_connection(target, timeout=10)
+                upstream.settimeout(None)
+            except OSError as e:
+                log.warning("forward %s -> %s: %s", listen, target, e)
+                client.close()
+                continue
+            threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True, name="forward").start()
+    return server
+
+
+def in_cluster_from_kubeconfig(path: str) -> tuple[tuple[str, int] | None, bytes | None]:
+    """The API server (host, port) and CA of the kubeconfig that pods use to reach it."""
+    import base64
+    from urllib.parse import urlsplit
+
+    import yaml
+
+    cfg = yaml.safe_load(Path(path).read_text())
+    cluster = cfg["clusters"][0]["cluster"]
+    url = urlsplit(cluster["server"])
+    ca: bytes | None = None
+    if cluster.get("certificate-authority-data"):
+        ca = base64.b64decode(cluster["certificate-authority-data"])
+    elif cluster.get("certificate-authority"):
+        ca_path = Path(cluster["certificate-authority"])
+        ca = (ca_path if ca_path.is_absolute() else Path(path).parent / ca_path).read_bytes()
+    if not url.hostname:
+        return None, ca
+    return (url.hostname, url.port or 443), ca
+
+
 def _kube() -> Any:
     """The kubernetes client package, imported lazily and typed loosely (it ships no types)."""
     import importlib
@@ -581,20 +907,42 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default=".cluster/pods", help="working dir and per-container logs")
     p.add_argument("--bin-dir", default=str(Path(sys.executable).parent), help="put first on PATH")
     p.add_argument("--sd-listen", default=None, help="serve Prometheus http_sd on HOST:PORT")
+    p.add_argument(
+        "--forward",
+        action="append",
+        default=[],
+        metavar="LISTEN=TARGET",
+        help="relay TCP HOST:PORT=HOST:PORT (the API server on loopback, reached from the pod network)",
+    )
+    p.add_argument(
+        "--in-cluster",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give pods in-cluster config and ServiceAccount tokens (API server from --pod-kubeconfig)",
+    )
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
 
+    for spec in args.forward:
+        src, _, dst = spec.partition("=")
+        (lh, _, lp), (th, _, tp) = src.rpartition(":"), dst.rpartition(":")
+        forward((lh, int(lp)), (th, int(tp)))
     kube = _kube()
     kube.config.load_kube_config(config_file=args.kubeconfig)
     api = kube.client.CoreV1Api()
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    api_server, ca_data = (
+        in_cluster_from_kubeconfig(args.pod_kubeconfig) if args.pod_kubeconfig else (None, None)
+    )
     runner = PodRunner(
         api,
         args.netns,
         workdir,
         Path(args.bin_dir).absolute(),
         Path(args.pod_kubeconfig).resolve() if args.pod_kubeconfig else None,
+        api_server=api_server if args.in_cluster else None,
+        ca_data=ca_data,
     )
 
     def on_signal(signum: int, _frame: object) -> None:

@@ -1,0 +1,105 @@
+"""Every Kubernetes permission the operator needs, as data: the single source of its RBAC.
+
+The Helm chart's ClusterRole/Role rules are written by hand (templates cannot import Python) and a
+test requires them to equal ``rules(...)`` exactly; other tests require every kind the operator's
+client knows (``kube.PLURALS``) and every kopf watch to be covered here. So a new API call is one
+line here, and the chart test then says which template lacks it. No wildcards, by construction.
+
+Scopes, i.e. where a rule must be granted:
+
+* ``cluster``: a ClusterRole always (cluster-scoped kinds, or reads across all namespaces);
+* ``watched``: every namespace the operator watches (one ClusterRole when it watches them all);
+* ``own``: only the operator's own namespace (the leader-election Lease).
+
+A rule may apply only when the operator watches a list of namespaces (``namespaced_only``): kopf
+then lists and watches Namespace objects to follow them, and does not when it watches the cluster.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+Scope = Literal["cluster", "watched", "own"]
+SCOPES: tuple[Scope, ...] = ("cluster", "watched", "own")
+LEASE_NAME = "toposerve-operator"  # controller/operator.py: Runtime.lease_name
+
+
+@dataclass(frozen=True)
+class Permission:
+    group: str
+    resource: str  # plural, optionally with a subresource: "llmdeployments/status"
+    verbs: tuple[str, ...]
+    scope: Scope
+    why: str
+    resource_names: tuple[str, ...] = ()
+    namespaced_only: bool = False
+
+
+_WRITE_CHILD = ("list", "create", "patch", "delete")  # list, server-side apply (create or patch), prune
+
+PERMISSIONS: tuple[Permission, ...] = (
+    # The custom resource.
+    Permission("toposerve.io", "llmdeployments", ("get", "list", "watch"), "watched",
+               "reconcile reads it, the resync lists it, kopf watches it"),
+    Permission("toposerve.io", "llmdeployments/status", ("patch",), "watched",
+               "status is a merge patch by the operator"),
+    Permission("toposerve.io", "llmdeployments/finalizers", ("update",), "watched",
+               "children carry blockOwnerDeletion owner references; clusters with the "
+               "OwnerReferencesPermissionEnforcement admission plugin check this"),
+    # Children (kube.CHILD_KINDS): listed per LLMDeployment, server-side applied, pruned.
+    Permission("apps", "deployments", _WRITE_CHILD, "watched", "engine and router Deployments"),
+    Permission("leaderworkerset.x-k8s.io", "leaderworkersets", _WRITE_CHILD, "watched",
+               "multi-node engine replicas"),
+    Permission("policy", "poddisruptionbudgets", _WRITE_CHILD, "watched", "one PDB per workload"),
+    Permission("", "services", _WRITE_CHILD, "watched", "engine and router Services"),
+    Permission("", "serviceaccounts", _WRITE_CHILD, "watched", "the router's ServiceAccount"),
+    Permission("rbac.authorization.k8s.io", "roles", _WRITE_CHILD, "watched", "the router's Role"),
+    Permission("rbac.authorization.k8s.io", "rolebindings", _WRITE_CHILD, "watched",
+               "the router's RoleBinding"),
+    # Never called by the operator: held so that it may grant them to the router's Role without
+    # the `escalate` or `bind` verbs (RBAC only lets a subject grant what it holds itself).
+    Permission("discovery.k8s.io", "endpointslices", ("get", "list", "watch"), "watched",
+               "granted to each router's Role (the router discovers engines through them)"),
+    # Serving pods: kopf watches them (readiness, scheduling), reconcile lists them per deployment.
+    Permission("", "pods", ("list", "watch"), "watched", "kopf watch and per-deployment list"),
+    Permission("", "events", ("create",), "watched", "the operator's and kopf's Events"),
+    # Inventory: free GPUs = node allocatable minus the GPU requests of every scheduled pod.
+    Permission("", "nodes", ("list",), "cluster", "GPU inventory"),
+    Permission("", "pods", ("list",), "cluster", "GPUs already requested on each node, all namespaces"),
+    Permission("apiextensions.k8s.io", "customresourcedefinitions", ("get", "list", "watch"), "cluster",
+               "is the LeaderWorkerSet CRD installed (get); kopf follows CRDs (list, watch)"),
+    Permission("", "namespaces", ("list", "watch"), "cluster",
+               "kopf follows the watched namespaces", namespaced_only=True),
+    # Leader election.
+    Permission("coordination.k8s.io", "leases", ("create",), "own",
+               "the first replica creates the Lease (create cannot be limited by name)"),
+    Permission("coordination.k8s.io", "leases", ("get", "update"), "own",
+               "replicas read and renew the Lease", resource_names=(LEASE_NAME,)),
+)  # fmt: skip
+
+
+def needed(scope: Scope, namespaced: bool) -> list[Permission]:
+    """The permissions of one scope; ``namespaced``: the operator watches a list of namespaces."""
+    return [p for p in PERMISSIONS if p.scope == scope and (namespaced or not p.namespaced_only)]
+
+
+def grants(perms: list[Permission]) -> set[tuple[str, str, str, str]]:
+    """Flatten to (group, resource, verb, resourceName or '') for exact comparison with RBAC rules."""
+    return {
+        (p.group, p.resource, verb, name)
+        for p in perms
+        for verb in p.verbs
+        for name in (p.resource_names or ("",))
+    }
+
+
+def rules(perms: list[Permission]) -> list[dict[str, Any]]:
+    """RBAC ``rules`` for a Role or ClusterRole, one rule per permission line (no merging, no wildcards)."""
+    out: list[dict[str, Any]] = []
+    for p in perms:
+        rule: dict[str, Any] = {"apiGroups": [p.group], "resources": [p.resource], "verbs": list(p.verbs)}
+        if p.resource_names:
+            rule["resourceNames"] = list(p.resource_names)
+        out.append(rule)
+    return out
