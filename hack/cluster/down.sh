@@ -16,6 +16,11 @@ fi
 if ! check_owner; then
   log "leaving the pod network alone: it belongs to another checkout's running cluster"
 elif ip netns list 2>/dev/null | grep -qw "$NETNS"; then
+  # Pods' own namespaces (tsp-<pod ip>, made by the runner): their processes, then the namespaces.
+  for pod_ns in $(ip netns list 2>/dev/null | awk '$1 ~ /^tsp-10-244-/ {print $1}'); do
+    for pid in $(ip netns pids "$pod_ns" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
+    ip netns delete "$pod_ns" 2>/dev/null || true
+  done
   # Anything still in the namespace was started by this project's runner: end it by its id.
   for pid in $(ip netns pids "$NETNS" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; done
   ip netns delete "$NETNS"

@@ -153,7 +153,7 @@ def test_an_exited_process_is_restarted_on_the_same_pod_ip(cluster: Cluster, nam
     deploy_mock_engine(cluster, namespace)
     (pod,) = ready_pods(cluster, namespace)
     ip, name = pod.status.pod_ip, pod.metadata.name
-    netns = "toposerve-pods"
+    netns = "tsp-" + ip.replace(".", "-")  # the pod's own network namespace (the runner's ptp wiring)
     pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, check=True).stdout
     mine = [
         int(p)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import json
+import subprocess
+import sys
 import urllib.request
 from typing import Any
 
@@ -74,6 +76,14 @@ def test_two_pools_serve_through_the_router(cluster: Cluster, namespace: str, op
     assert obj["status"]["endpoint"] == f"http://{name}.{namespace}.svc:8000/v1"
     router_ip = wait_for(lambda: (ips := ready_ips(cluster, namespace, name)) and ips[0], "a ready router")
     url = f"http://{router_ip}:8080"
+    # The router listens on every interface of its pod, so `kubectl port-forward` (which connects to
+    # the pod's loopback) works: ask from inside the pod's own network namespace.
+    inside = subprocess.run(
+        ["ip", "netns", "exec", "tsp-" + router_ip.replace(".", "-"), sys.executable, "-c",
+         "import urllib.request as u; print(u.urlopen('http://127.0.0.1:8080/health', timeout=5).status)"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert inside.stdout.strip() == "200", inside.stderr
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
     stream = client.chat.completions.create(
         model=obj["spec"]["model"]["name"],

@@ -122,7 +122,7 @@ def test_mock_engine_renders_the_same_objects_without_gpus() -> None:
         and "nvidia.com/gpu" not in c["resources"]["limits"]
     )
     assert c["args"][c["args"].index("--gpu-type") + 1] == "H100"
-    assert c["args"][c["args"].index("--host") + 1] == "$(POD_IP)"
+    assert c["args"][c["args"].index("--host") + 1] == "0.0.0.0"  # port-forward reaches loopback
     plan = plan_deployment("llm", make_spec(L70, 8192, ["H100"], engine="mock")).pools[0]
     assert c["args"][c["args"].index("--num-gpu-blocks") + 1] == str(plan.kv_cache_tokens_per_replica // 16)
     # No GPU constraint is required of a mock pod, only the on-demand rule (NotIn matches label-less kind nodes).

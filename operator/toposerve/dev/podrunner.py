@@ -441,13 +441,46 @@ class PodRunner:
         self.stopping = threading.Event()
 
     # -- addresses -------------------------------------------------------------------------
+    # Each pod gets a network namespace of its own, wired to the cluster's pod-network namespace
+    # the way a point-to-point CNI plugin (the reference "ptp" plugin, Calico) wires it: a veth
+    # pair, the pod IP as a /32 on the pod's end with a default route out of it, a /32 route to
+    # the pod on the cluster end, which answers the pod's ARP (proxy_arp) and forwards. So a pod
+    # may listen on 0.0.0.0 like in a real cluster (two routers, each on :8080) and still be
+    # reached only at its pod IP.
+    @staticmethod
+    def pod_netns(ip: str) -> str:
+        return "tsp-" + ip.replace(".", "-")
+
+    @staticmethod
+    def _veths(ip: str) -> tuple[str, str]:
+        tag = "".join(f"{int(o):02x}" for o in ip.split("."))
+        return f"vh{tag}", f"vp{tag}"
+
+    def _run(self, *cmd: str) -> None:
+        r = subprocess.run(list(cmd), capture_output=True, text=True, check=False)
+        if r.returncode and "File exists" not in r.stderr and "Cannot assign" not in r.stderr:
+            log.warning("%s: %s", " ".join(cmd), r.stderr.strip())
+
     def _ip(self, action: str, ip: str) -> None:
         if not self.netns:
             return
-        cmd = ["ip", "-n", self.netns, "addr", action, f"{ip}/32", "dev", "lo"]
-        r = subprocess.run(cmd, capture_output=True, text=True, check=False)
-        if r.returncode and "File exists" not in r.stderr and "Cannot assign" not in r.stderr:
-            log.warning("%s: %s", " ".join(cmd), r.stderr.strip())
+        ns, pod_ns = self.netns, self.pod_netns(ip)
+        host_end, pod_end = self._veths(ip)
+        if action == "del":
+            self._run("ip", "netns", "delete", pod_ns)  # takes the veth pair and its route along
+            return
+        self._run("ip", "netns", "add", pod_ns)
+        self._run("ip", "-n", ns, "link", "add", host_end, "type", "veth", "peer", "name", pod_end,
+                  "netns", pod_ns)  # fmt: skip
+        self._run("ip", "-n", pod_ns, "link", "set", "lo", "up")
+        self._run("ip", "-n", pod_ns, "addr", "add", f"{ip}/32", "dev", pod_end)
+        self._run("ip", "-n", pod_ns, "link", "set", pod_end, "up")
+        self._run("ip", "-n", pod_ns, "route", "add", "default", "dev", pod_end)
+        self._run("ip", "-n", ns, "link", "set", host_end, "up")
+        for key in (f"net.ipv4.conf.{host_end}.proxy_arp=1", f"net.ipv4.conf.{host_end}.rp_filter=0",
+                    "net.ipv4.ip_forward=1"):  # fmt: skip
+            self._run("ip", "netns", "exec", ns, "sysctl", "-qw", key)
+        self._run("ip", "-n", ns, "route", "replace", f"{ip}/32", "dev", host_end)
 
     def _acquire_ip(self, ip: str) -> None:
         if self.ip_users.get(ip, 0) == 0:
@@ -600,7 +633,7 @@ class PodRunner:
         cwd = Path(c.get("workingDir") or self.workdir)
         if not cwd.is_dir():
             cwd = self.workdir
-        prefix = (["ip", "netns", "exec", self.netns] if self.netns else []) + mount_prefix
+        prefix = (["ip", "netns", "exec", self.pod_netns(m.ip)] if self.netns else []) + mount_prefix
         m.log_path = self.workdir / f"{m.namespace}_{m.name}_{m.container}.log"
         with open(m.log_path, "ab") as out:
             out.write(f"--- start {argv!r} on {m.ip} (restart {m.restarts})\n".encode())

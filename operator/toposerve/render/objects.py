@@ -222,13 +222,12 @@ def _engine_storage(
 # Every pod listens on all of its interfaces, as in vLLM's own images, so `kubectl port-forward`
 # (which connects to the pod's loopback) works.
 LISTEN_ALL = "0.0.0.0"
-POD_LISTEN = "$(POD_IP)"
 
 
 def _mock_args(plan: PoolPlan, served: str) -> list[str]:
     assert plan.gpu_type is not None
     return [
-        "--host", POD_LISTEN,
+        "--host", LISTEN_ALL,
         "--port", str(ENGINE_PORT),
         "--model", served,
         "--gpu-type", plan.gpu_type,
@@ -409,7 +408,7 @@ def endpoint_url(name: str, namespace: str, spec: LLMDeploymentSpec) -> str:
 def router_args(name: str, spec: LLMDeploymentSpec) -> list[str]:
     r = spec.routing
     args = [
-        "--host", POD_LISTEN,
+        "--host", LISTEN_ALL,
         "--port", str(ROUTER_PORT),
         "--llmdeployment", name,
         "--strategy", r.strategy,
