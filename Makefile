@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
-.PHONY: all venv lint typecheck fmt test test-unit crds verify demo demo-down clean
+.PHONY: all venv lint typecheck fmt test test-unit test-vllm crds verify demo demo-down clean
 
 all: test
 
@@ -43,7 +43,12 @@ test-unit: venv
 # Cluster targets (cluster-bin, cluster-up, cluster-down, test-cluster) live in hack/cluster/cluster.mk.
 include hack/cluster/cluster.mk
 
-test: venv lint typecheck test-unit test-cluster
+## Every rendered vLLM command line through the pinned vLLM's own parser (docs/vllm.md).
+test-vllm: venv
+	bash hack/vllm/venv.sh >/dev/null
+	$(BIN)/pytest -q -m vllm tests/vllm
+
+test: venv lint typecheck test-unit test-vllm test-cluster
 
 demo: venv
 	@bash hack/demo.sh

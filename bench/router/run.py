@@ -252,9 +252,11 @@ class Procs:
         self.logdir = logdir
         self.items: list[subprocess.Popen[bytes]] = []
 
-    def start(self, name: str, argv: list[str]) -> subprocess.Popen[bytes]:
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = open(self.logdir / f"{name}.log", "ab")  # noqa: SIM115
-        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT)
+        p = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT, env=env
+        )
         self.items.append(p)
         return p
 
@@ -389,10 +391,11 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     report: dict[str, Any] = {"fleet": fleet, "time_scale": args.time_scale, "workloads": {}, "overhead": {},
                               "skipped": [], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}  # fmt: skip
     try:
-        for gpu, port in fleet:
+        for gpu, port in fleet:  # --enable-admin: /reset_prefix_cache between runs
             procs.start(f"engine-{port}", [PY, "-m", "toposerve.cli", "mock-engine", "--host", HOST,
                         "--port", str(port), "--model", "m", "--gpu-type", gpu, "--time-scale", str(args.time_scale),
-                        "--max-model-len", "32768", "--log-level", "warning", "--seed", str(port)])  # fmt: skip
+                        "--max-model-len", "32768", "--log-level", "warning", "--seed", str(port),
+                        "--enable-admin"])  # fmt: skip
         for u, _ in engines:
             assert await wait_ready(u), f"engine {u} did not start"
         policies = [Policy(f"toposerve {s}", "toposerve", s) for s in args.strategies.split(",")]
@@ -439,7 +442,9 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-async def closed_loop(url: str, msg: list[dict[str, str]], conc: int, n: int) -> list[Result]:
+async def closed_loop(
+    url: str, msg: list[dict[str, str]], conc: int, n: int, max_tokens: int = 8
+) -> list[Result]:
     """`n` identical short streaming requests from `conc` concurrent clients."""
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
         await asyncio.gather(*(one_request(s, url, msg, 2, None) for _ in range(min(conc, 20))))
@@ -449,11 +454,22 @@ async def closed_loop(url: str, msg: list[dict[str, str]], conc: int, n: int) ->
         async def worker() -> None:
             while left[0] > 0:
                 left[0] -= 1
-                r, _ = await one_request(s, url, msg, 8, None)
+                r, _ = await one_request(s, url, msg, max_tokens, None)
                 results.append(r)
 
         await asyncio.gather(*(worker() for _ in range(conc)))
         return results
+
+
+def proc_cpu_s(pid: int | None) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc); 0 without a pid."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def overhead(
@@ -471,34 +487,51 @@ async def overhead(
     if (rvenv / "bin" / "sglang-router").exists():
         cands.append(Policy("sglang-router", "sglang-router", "round_robin"))
     targets = {"direct": engine[0]}
+    pids: dict[str, int] = {}
     port = 27400
-    for p in cands:
+    # --variant NAME=DIR: the same toposerve router from another source tree (e.g. an older commit
+    # exported with `git archive`), measured side by side in the same alternating rounds
+    variants = [(v.split("=", 1)[0], v.split("=", 1)[1]) for v in args.variant]
+    for p, src in [(c, "") for c in cands] + [
+        (Policy(n, "toposerve", "round-robin"), d) for n, d in variants
+    ]:
         port += 2
-        procs.start(f"overhead-{p.kind}", router_argv(p, [engine], port, rvenv))
+        env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())} if src else None
+        proc = procs.start(f"overhead-{p.name}", router_argv(p, [engine], port, rvenv), env)
         url = f"http://{HOST}:{port}"
         if await wait_ready(url):
             targets[p.name] = url
+            pids[p.name] = proc.pid
     msg = [{"role": "user", "content": "Say something short."}]
-    res: dict[str, Any] = {"rounds": args.overhead_rounds, "max_tokens": 8}
-    for conc, n in ((1, 40), (50, 150), (200, 400)):
+    mt = args.overhead_max_tokens
+    res: dict[str, Any] = {"rounds": args.overhead_rounds, "max_tokens": mt}
+    for conc in (int(c) for c in args.overhead_levels.split(",")):
+        n = {1: 40, 50: 150, 200: 400}.get(conc, max(40, 3 * conc))
         samples: dict[str, list[Result]] = {t: [] for t in targets}
+        cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
         names = list(targets)
         for r in range(args.overhead_rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for t in order:
-                samples[t] += await closed_loop(targets[t], msg, conc, n)
+                c0 = proc_cpu_s(pids.get(t))
+                samples[t] += await closed_loop(targets[t], msg, conc, n, mt)
+                cpu[t] += proc_cpu_s(pids.get(t)) - c0
         level: dict[str, Any] = {}
         for t, rs in samples.items():
             summ = summarise(rs, 0.0)
             level[t] = {
                 k: summ[k] for k in ("requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms")
             }
+            # the proxy's own CPU per request (utime + stime of its process; 0 for direct):
+            # much less sensitive to this shared machine's load than latency
+            level[t]["cpu_ms_per_request"] = 1000 * cpu[t] / max(len(rs), 1)
         for t in names:
             level[t]["added_ttft_p50_ms"] = level[t]["ttft_p50_ms"] - level["direct"]["ttft_p50_ms"]
             level[t]["added_e2e_p50_ms"] = level[t]["e2e_p50_ms"] - level["direct"]["e2e_p50_ms"]
             print(f"overhead c={conc:<4d} {t:14s} ttft_p50={level[t]['ttft_p50_ms']:.2f}ms "
                   f"(+{level[t]['added_ttft_p50_ms']:.2f}) e2e_p50={level[t]['e2e_p50_ms']:.2f}ms "
-                  f"(+{level[t]['added_e2e_p50_ms']:.2f})", flush=True)  # fmt: skip
+                  f"(+{level[t]['added_e2e_p50_ms']:.2f}) cpu={level[t]['cpu_ms_per_request']:.3f}ms/req",
+                  flush=True)  # fmt: skip
         res[str(conc)] = level
     return res
 
@@ -520,6 +553,15 @@ def main() -> int:
     ap.add_argument("--vllm-policies", default="cache_aware,power_of_two")
     ap.add_argument("--sglang-policies", default="cache_aware,power_of_two")
     ap.add_argument("--overhead-rounds", type=int, default=3)
+    ap.add_argument("--overhead-max-tokens", type=int, default=8, help="tokens per overhead stream")
+    ap.add_argument("--overhead-levels", default="1,50,200", help="concurrent streams, comma-separated")
+    ap.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="overhead: also measure the toposerve router from source dir DIR (its PYTHONPATH)",
+    )
     ap.add_argument("--only", default="", help="subset of workloads by letter: a, b, c, o (overhead)")
     args = ap.parse_args()
     report = asyncio.run(bench(args))

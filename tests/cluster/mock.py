@@ -26,7 +26,17 @@ def deploy_mock_engine(
         "name": "engine",
         "image": IMAGE,
         "command": ["toposerve", "mock-engine"],
-        "args": ["--host", "$(POD_IP)", "--port", str(PORT), "--model", "tiny-mock", "--gpu-type", "L4"],
+        "args": [
+            "--host",
+            "$(POD_IP)",
+            "--port",
+            str(PORT),
+            "--model",
+            "tiny-mock",
+            "--gpu-type",
+            "L4",
+            "--enable-admin",
+        ],  # the fault-injection endpoints the pod-runner tests use
         "env": [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
         "ports": [{"name": "http", "containerPort": PORT}],
         "readinessProbe": {"httpGet": {"path": "/health", "port": PORT}, "periodSeconds": 2},

@@ -124,6 +124,8 @@ SERVER_REJECTS: list[tuple[str, dict[str, Any], str]] = [
         "spec.placement.tolerations[0].operator",
     ),
     ("gpus-per-node-zero", {"model": M, "placement": {"gpusPerNode": 0}}, "spec.placement.gpusPerNode"),
+    ("cache-pvc-without-claim", {"model": {**M, "cache": {"type": "pvc"}}}, "spec.model.cache.claimName"),
+    ("cache-type-enum", {"model": {**M, "cache": {"type": "nfs"}}}, "spec.model.cache.type"),
 ]
 
 
@@ -176,6 +178,12 @@ SEMANTIC: list[tuple[str, dict[str, Any], str, str]] = [
         },
         "DoesNotFit",
         "weights need",
+    ),
+    (
+        "awq-on-the-bf16-original",
+        {"model": {**M, "dtype": "int4", "quantization": "awq"}},
+        "InvalidSpec",
+        "spec.model.checkpoint",
     ),
     (
         "gpu-absent-from-cluster",

@@ -282,24 +282,27 @@ def test_gpu_fallback_and_return(cluster: Cluster, namespace: str, operator: Ope
     delete_and_wait_gone(cluster, namespace, "llama-70b")
 
 
-def cpu_filler(namespace: str, replicas: int) -> dict[str, Any]:
-    """Pods that take nearly all CPU of the on-demand H100 nodes but no GPU: a shortage the planner's
-    GPU capacity view does not model, so only the scheduler can tell."""
+def cpu_filler(namespace: str, replicas: int, resources: dict[str, str] | None = None) -> dict[str, Any]:
+    """Pods that take nearly all of one resource of the on-demand H100 nodes but no GPU (CPU by
+    default: the capacity view counts it; ephemeral storage: only the scheduler can tell)."""
     d = filler(namespace, replicas)
     d["metadata"]["name"] = "cpu-filler"
     pod = d["spec"]["template"]["spec"]
-    pod["containers"][0]["resources"] = {"requests": {"cpu": "190"}}
+    pod["containers"][0]["resources"] = {"requests": resources or {"cpu": "190"}}
     pod["topologySpreadConstraints"] = [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
                                          "whenUnsatisfiable": "DoNotSchedule",
                                          "labelSelector": {"matchLabels": {"app": "filler"}}}]  # fmt: skip
     return d
 
 
+@pytest.mark.parametrize("shortage", ["cpu", "ephemeral-storage"])
 def test_replicas_stuck_unschedulable_fall_back_after_patience(
-    cluster: Cluster, namespace: str, tmp_path: Path
+    cluster: Cluster, namespace: str, tmp_path: Path, shortage: str
 ) -> None:
-    """The scheduler refuses (Insufficient cpu), the pod stays Pending, and after the patience
-    window (--fallback-after 5 here) the stuck replica moves to the next GPU type."""
+    """CPU is short on every H100 node: the capacity view counts CPU, so new replicas go straight to
+    the next GPU type ("no free H100 capacity"). Ephemeral storage is short: the view does not count
+    it, the scheduler refuses, the pod stays Pending, and after the patience window
+    (--fallback-after 5 here) the stuck replica moves to the next GPU type."""
     from tests.cluster.operator_harness import install_crd
 
     install_crd(cluster)
@@ -309,7 +312,8 @@ def test_replicas_stuck_unschedulable_fall_back_after_patience(
     try:
         sel = "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3,toposerve.io/capacity-type!=spot"
         nodes = json.loads(kubectl(cluster, "get", "nodes", "-l", sel, "-o", "json").stdout)["items"]
-        kubectl(cluster, "apply", "-f", "-", stdin=yaml.safe_dump(cpu_filler(namespace, len(nodes))))
+        want = {"cpu": "190"} if shortage == "cpu" else {"ephemeral-storage": "1000Gi"}
+        kubectl(cluster, "apply", "-f", "-", stdin=yaml.safe_dump(cpu_filler(namespace, len(nodes), want)))
 
         def filled() -> bool:
             pods = cluster.core.list_namespaced_pod(namespace, label_selector="app=filler").items
@@ -325,7 +329,8 @@ def test_replicas_stuck_unschedulable_fall_back_after_patience(
             return evs or None
 
         (ev,) = wait_for(moved, "a GPUFallback event", timeout=120)
-        assert "unschedulable on H100" in ev["message"] and "A100-80GB" in ev["message"]
+        expected = "no free H100 capacity" if shortage == "cpu" else "unschedulable on H100"
+        assert expected in ev["message"] and "A100-80GB" in ev["message"]
         obj = wait_condition(cluster, namespace, "llama-70b", "Ready", "True", timeout=120)
         assert obj["status"]["gpuTypes"] == "A100-80GB"
         sched = condition(obj, "Schedulable")
@@ -335,3 +340,10 @@ def test_replicas_stuck_unschedulable_fall_back_after_patience(
         delete_and_wait_gone(cluster, namespace, "llama-70b")
     finally:
         op.stop()
+        # Free the nodes before the next test: a terminating namespace's pods still hold resources.
+        kubectl(cluster, "delete", "deployment", "cpu-filler", "-n", namespace, "--wait=true", check=False)
+
+        def freed() -> bool:
+            return not cluster.core.list_namespaced_pod(namespace, label_selector="app=filler").items
+
+        wait_for(freed, "filler pods gone")

@@ -42,7 +42,9 @@ def test_llama_8b_bf16_128k_on_l4_is_tp2() -> None:
 def test_llama_405b_bf16_128k_on_h100_is_tp8_pp2_on_two_nodes() -> None:
     p = pool(make_spec(L405, 131072, ["H100"]))
     assert (p.tensor_parallel, p.pipeline_parallel, p.nodes_per_replica, p.gpus_per_pod) == (8, 2, 2, 8)
-    assert "--distributed-executor-backend" in p.vllm_args
+    assert not p.nvlink_across_nodes  # TP inside each node, PP across the two
+    # No node inventory: the first rack/NVLink label is assumed; the renderer adds the launch flags.
+    assert p.topology_key == "nvidia.com/gpu.clique"
 
 
 # --- fallback order and reasons ------------------------------------------------------------------
@@ -135,9 +137,17 @@ def test_long_context_tier_prefers_context_parallel_over_pipeline() -> None:
 
 def test_quantised_dtype_shrinks_the_layout_and_sets_vllm_flags() -> None:
     bf16 = pool(make_spec(L70, 32768, ["A100-40GB"]))
-    int4 = pool(make_spec(L70, 32768, ["A100-40GB"], model={"dtype": "int4", "quantization": "awq"}))
+    awq = "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"
+    int4 = pool(
+        make_spec(
+            L70, 32768, ["A100-40GB"], model={"dtype": "int4", "quantization": "awq", "checkpoint": awq}
+        )
+    )
     assert int4.gpus_per_replica < bf16.gpus_per_replica
     assert int4.vllm_args[int4.vllm_args.index("--quantization") + 1] == "awq"
+    assert int4.vllm_args[0] == awq and int4.checkpoint == awq
+    # The served name stays the model's, whatever build is loaded.
+    assert int4.vllm_args[int4.vllm_args.index("--served-model-name") + 1] == L70
     fp8 = pool(make_spec(L70, 32768, ["H100"], model={"dtype": "fp8", "kvCacheDtype": "fp8"}))
     assert (
         "--kv-cache-dtype" in fp8.vllm_args
@@ -153,7 +163,8 @@ def test_pools_plan_independently_and_share_replicas_by_weight() -> None:
         L70, 32768, replicas=3,
         pools=[
             {"name": "h100", "gpuTypes": ["H100"], "weight": 2},
-            {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "weight": 1},
+            {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "weight": 1,
+                "checkpoint": "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"},
         ],
     )  # fmt: skip
     d = plan_deployment("x", spec)
@@ -203,7 +214,7 @@ def test_small_models_prefer_the_smallest_gpu_that_holds_a_replica() -> None:
 
 
 def node(name: str, product: str | None, count: int, spot: bool = False) -> dict[str, Any]:
-    labels = {"kubernetes.io/hostname": name}
+    labels = {"kubernetes.io/hostname": name, "topology.kubernetes.io/zone": "zone-a"}
     if product:
         labels |= {"nvidia.com/gpu.product": product, "nvidia.com/gpu.count": str(count)}
     if spot:
@@ -234,7 +245,7 @@ def test_inventory_gpus_per_node_bounds_tensor_parallel() -> None:
 def test_multi_node_plan_needs_enough_nodes() -> None:
     inv = inventory_from_nodes([node("h", "NVIDIA-H100-80GB-HBM3", 8)], DEFAULT_CATALOG)
     p = pool(make_spec(L405, 131072, ["H100"]), inventory=inv)
-    assert not p.fits and "needs 2 nodes" in (p.reason or "")
+    assert not p.fits and "no topology label groups 2 H100 nodes" in (p.reason or "")
 
 
 def test_engine_auto_uses_mock_without_gpu_nodes() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import kubernetes_validate
@@ -76,11 +77,17 @@ def test_multi_node_pool_is_a_leaderworkerset_in_one_nvlink_domain() -> None:
     assert not by_kind(objs, "Deployment")
     (lws,) = by_kind(objs, "LeaderWorkerSet")
     assert lws["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
-    assert (
-        lws["metadata"]["annotations"]["leaderworkerset.sigs.k8s.io/exclusive-topology"]
-        == "nvidia.com/gpu.clique"
-    )
     tmpl = lws["spec"]["leaderWorkerTemplate"]
+    # One group's pods share one clique (pod affinity on LWS's group key), several groups may share it.
+    for role in ("leaderTemplate", "workerTemplate"):
+        (term,) = tmpl[role]["spec"]["affinity"]["podAffinity"][
+            "requiredDuringSchedulingIgnoredDuringExecution"
+        ]
+        assert term["topologyKey"] == "nvidia.com/gpu.clique"
+        assert term["matchLabelKeys"] == ["leaderworkerset.sigs.k8s.io/group-key"]
+        # The API server rejects a key that is both in matchLabelKeys and in the selector.
+        assert "leaderworkerset.sigs.k8s.io/group-key" not in json.dumps(term["labelSelector"])
+        assert term["labelSelector"]["matchLabels"]["toposerve.io/pool"] == "default"
     assert tmpl["size"] == 2
     leader = tmpl["leaderTemplate"]["spec"]["containers"][0]
     worker = tmpl["workerTemplate"]["spec"]["containers"][0]
@@ -89,9 +96,18 @@ def test_multi_node_pool_is_a_leaderworkerset_in_one_nvlink_domain() -> None:
         == "8"
         == worker["resources"]["limits"]["nvidia.com/gpu"]
     )
-    assert "ray start --head" in leader["args"][0] and "--pipeline-parallel-size 2" in leader["args"][0]
-    assert "LWS_LEADER_ADDRESS" in worker["args"][0]
+    # vLLM's native multi-node launch: same plan everywhere, rank 0 serves, workers are headless.
+    assert leader["command"] == worker["command"] == ["vllm", "serve"]
+    la, wa = leader["args"], worker["args"]
+    assert la[la.index("--pipeline-parallel-size") + 1] == "2" == wa[wa.index("--pipeline-parallel-size") + 1]
+    assert la[la.index("--nnodes") + 1] == "2" and la[la.index("--node-rank") + 1] == "0"
+    assert wa[wa.index("--node-rank") + 1] == "$(LWS_WORKER_INDEX)" and "--headless" in wa
+    assert la[la.index("--master-addr") + 1] == "$(LWS_LEADER_ADDRESS)" == wa[wa.index("--master-addr") + 1]
+    assert "--headless" not in la and "--port" in la
     assert "readinessProbe" in leader and "readinessProbe" not in worker
+    # The budget covers workers too: a group is down when any of its pods is.
+    (pdb,) = [o for o in objs if o["kind"] == "PodDisruptionBudget" and "router" not in o["metadata"]["name"]]
+    assert "app.kubernetes.io/component" not in pdb["spec"]["selector"]["matchLabels"]
 
 
 def test_mock_engine_renders_the_same_objects_without_gpus() -> None:
@@ -110,13 +126,10 @@ def test_mock_engine_renders_the_same_objects_without_gpus() -> None:
     plan = plan_deployment("llm", make_spec(L70, 8192, ["H100"], engine="mock")).pools[0]
     assert c["args"][c["args"].index("--num-gpu-blocks") + 1] == str(plan.kv_cache_tokens_per_replica // 16)
     # No GPU constraint is required of a mock pod, only the on-demand rule (NotIn matches label-less kind nodes).
-    assert match_expressions(pod) == {
-        "toposerve.io/capacity-type": {
-            "key": "toposerve.io/capacity-type",
-            "operator": "NotIn",
-            "values": ["spot"],
-        }
-    }
+    exprs = match_expressions(pod)
+    assert all(e["operator"] == "NotIn" for e in exprs.values())
+    assert exprs["toposerve.io/capacity-type"]["values"] == ["spot"]
+    assert exprs["cloud.google.com/gke-spot"]["values"] == ["true"]
     assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
 
@@ -124,7 +137,8 @@ def test_heterogeneous_pools_render_one_workload_each_and_one_service() -> None:
     spec = make_spec(
         L70, 32768, replicas=3,
         pools=[{"name": "h100", "gpuTypes": ["H100"], "weight": 2},
-               {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "weight": 1}],
+               {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "weight": 1,
+                "checkpoint": "hugging-quants/Meta-Llama-3.1-70B-Instruct-AWQ-INT4"}],
     )  # fmt: skip
     objs = render(spec)
     deps = {d["metadata"]["name"]: d for d in by_kind(objs, "Deployment")}
@@ -201,7 +215,7 @@ def test_rendering_is_deterministic() -> None:
 def test_rendered_core_objects_validate_against_the_kubernetes_schema(engine: str) -> None:
     spec = make_spec(
         L70, 32768, engine=engine,
-        pools=[{"name": "h100", "gpuTypes": ["H100"]}, {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4"}],
+        pools=[{"name": "h100", "gpuTypes": ["H100"]}, {"name": "a100", "gpuTypes": ["A100-40GB"], "dtype": "int4", "checkpoint": "org/awq"}],
         placement={"tolerations": [{"key": "team", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]},
     )  # fmt: skip
     for obj in render(spec, owner=Owner(name="llm", uid="u")):

@@ -51,5 +51,15 @@ def lookup(model_id: str) -> Architecture | None:
     return MODEL_CATALOG[key] if key else None
 
 
+# Organisations whose model repositories on the Hugging Face hub are gated (a licence to accept,
+# then a token to download), as of 2026-11: Meta's Llama and Mistral's repositories.
+GATED_ORGS = ("meta-llama/", "mistralai/")
+
+
+def gated(model_id: str) -> bool:
+    """Whether downloading ``model_id`` from the hub needs an accepted licence and a token."""
+    return model_id.lower().startswith(GATED_ORGS)
+
+
 def known_models() -> list[str]:
     return sorted(MODEL_CATALOG)

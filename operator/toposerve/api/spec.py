@@ -101,6 +101,60 @@ class Architecture(_Model):
         return self
 
 
+CacheType = Literal["ephemeral", "pvc", "host-path", "image"]
+
+
+class ModelCacheSpec(_Model):
+    """Where model weights live on the node, so a restart does not download them again."""
+
+    type: CacheType = Field(
+        default="ephemeral",
+        description="ephemeral: an emptyDir sized from the weights (downloaded at every pod start); pvc: an "
+        "existing PersistentVolumeClaim mounted by every replica (ReadWriteMany, or ReadOnlyMany "
+        "pre-populated); host-path: a node-local directory (e.g. local NVMe) kept across pods (not allowed "
+        "under PodSecurity restricted); image: an OCI image holding the weights (Kubernetes image volumes).",
+    )
+    claim_name: str | None = Field(
+        default=None, max_length=253, description="PersistentVolumeClaim name (type pvc)."
+    )
+    host_path: str | None = Field(
+        default=None, max_length=4096, description="Directory on the node (type host-path)."
+    )
+    image: str | None = Field(
+        default=None,
+        max_length=512,
+        description="OCI image reference with the weights at its root (type image).",
+    )
+    size_gi_b: int | None = Field(
+        alias="sizeGiB",
+        default=None,
+        ge=1,
+        le=100000,
+        description="Space for the weights in GiB; default: the checkpoint's size plus 10% and 20 GiB.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {"rule": "!has(self.type) || self.type != 'pvc' || has(self.claimName)", "message": "type pvc needs claimName",
+                 "fieldPath": ".claimName"},
+                {"rule": "!has(self.type) || self.type != 'host-path' || has(self.hostPath)",
+                 "message": "type host-path needs hostPath", "fieldPath": ".hostPath"},
+                {"rule": "!has(self.type) || self.type != 'image' || has(self.image)", "message": "type image needs image",
+                 "fieldPath": ".image"},
+            ]
+        }
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _source_given(self) -> ModelCacheSpec:
+        need = {"pvc": ("claimName", self.claim_name), "host-path": ("hostPath", self.host_path),
+                "image": ("image", self.image)}.get(self.type)  # fmt: skip
+        if need and not need[1]:
+            raise ValueError(f"type {self.type} needs {need[0]}")
+        return self
+
+
 class ModelSpec(_Model):
     """Which model to serve and at what precision and context length."""
 
@@ -137,6 +191,18 @@ class ModelSpec(_Model):
     architecture: Architecture | None = Field(
         default=None,
         description="Explicit architecture; required for models missing from the built-in catalog.",
+    )
+    checkpoint: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="The weights vLLM loads (Hugging Face id or path) when they differ from model.name, e.g. "
+        "an AWQ/GPTQ/FP8 build; model.name still identifies the architecture. Pools may override it.",
+    )
+    cache: ModelCacheSpec = Field(
+        default_factory=ModelCacheSpec,
+        description="Where the weights are kept on the node (default: an emptyDir sized from the weights).",
+        json_schema_extra={"default": {}},
     )
 
 
@@ -198,16 +264,18 @@ class PlacementSpec(_Model):
     tolerations: list[Toleration] = Field(
         default_factory=list, max_length=32, description="Extra tolerations for serving pods."
     )
-    topology_key: str = Field(
-        default="nvidia.com/gpu.clique",
+    topology_key: str | None = Field(
+        default=None,
         max_length=316,
         description="Node label whose value names an NVLink/rack domain; all nodes of a multi-node replica "
-        "share one domain.",
+        "share one domain. Default: the first label the GPU type's nodes carry of nvidia.com/gpu.clique, "
+        "the operator's rack/block labels (e.g. cloud.google.com/gce-topology-block), then "
+        "fallbackTopologyKey. Status shows the choice.",
     )
     fallback_topology_key: str = Field(
         default="topology.kubernetes.io/zone",
         max_length=316,
-        description="Topology key used when nodes of the GPU type lack topologyKey.",
+        description="Topology key used when the GPU type's nodes carry neither topologyKey nor a rack label.",
     )
     gpus_per_node: int | None = Field(
         default=None,
@@ -231,6 +299,12 @@ class PoolSpec(_Model):
     kv_cache_dtype: KVCacheDtype | None = Field(default=None, description="Override of model.kvCacheDtype.")
     quantization: str | None = Field(
         default=None, max_length=63, description="Override of model.quantization."
+    )
+    checkpoint: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="Override of model.checkpoint: this pool's weights, e.g. an AWQ build for small GPUs.",
     )
     parallelism: ParallelismSpec | None = Field(default=None, description="Override of spec.parallelism.")
     weight: int = Field(default=1, ge=0, le=1000, description="Share of spec.replicas this pool receives.")
@@ -353,7 +427,9 @@ class RoutingSpec(_Model):
     gpu_weighting: bool = Field(
         default=True, description="Divide load by the GPU type's throughput weight (H100 ~1.6 x A100)."
     )
-    replicas: int = Field(default=1, ge=1, le=50, description="Router pods.")
+    replicas: int = Field(
+        default=2, ge=1, le=50, description="Router pods (2 by default, spread over nodes, with a PDB)."
+    )
 
 
 class CostSpec(_Model):
@@ -396,7 +472,9 @@ class ServingSpec(_Model):
         default_factory=list, max_length=64, description="Extra engine arguments, appended verbatim."
     )
     hf_token_secret: str | None = Field(
-        default=None, max_length=253, description="Secret with key HF_TOKEN for gated models."
+        default=None,
+        max_length=253,
+        description="Secret with key HF_TOKEN; gated models (e.g. meta-llama/*) need it to download weights.",
     )
 
 

@@ -54,6 +54,10 @@ class PoolStatus(_Status):
     replicas: int = Field(default=0, description="Desired replicas of this pool.")
     ready_replicas: int = Field(default=0, description="Ready replicas of this pool.")
     pending_reason: str | None = Field(default=None, description="Why replicas are not placed, if any.")
+    topology_key: str | None = Field(
+        default=None, description="Multi-node replicas: the node label whose domain holds each replica."
+    )
+    topology_reason: str | None = Field(default=None, description="Why that topology key (or none).")
     cost_per_hour: float | None = Field(default=None, description="USD per hour for the desired replicas.")
     placements: list[Placement] = Field(
         default_factory=list, description="Replicas per GPU type, preferred first (fallback splits a pool)."

@@ -36,6 +36,8 @@ class PoolObs:
     unschedulable: Sequence[str] = ()  # scheduler messages
     stuck: int = 0
     blocked: str | None = None  # e.g. LeaderWorkerSet missing
+    topology_key: str | None = None  # multi-node pools: the label whose domain holds a replica
+    topology_reason: str | None = None
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,9 @@ class Observation:
     pools: Sequence[PoolObs] = ()
     invalid: str | None = None  # SpecError text
     moves: Sequence[str] = field(default_factory=tuple)
+    router: tuple[int, int] | None = None  # (router pods, ready ones); None when routing is off
+    apply_error: str | None = None  # the API server refused a child: what and why
+    notices: Sequence[tuple[str, str]] = ()  # (Reason, message) problems that do not stop serving
 
 
 def _cond(
@@ -118,6 +123,8 @@ def compute_status(
                 replicas=desired,
                 ready_replicas=ready,
                 pending_reason=pending,
+                topology_key=p.topology_key,
+                topology_reason=p.topology_reason,
                 cost_per_hour=round(
                     sum(pl.cost_per_hour_per_replica * pl.replicas for pl in p.placements), 4
                 ),
@@ -145,6 +152,12 @@ def compute_status(
         ready_c = _cond("Ready", False, "LeaderWorkerSetRequired", blocked[0].blocked or "", gen, now, prev)
     elif total == 0:
         ready_c = _cond("Ready", True, "ScaledToZero", "spec.replicas is 0", gen, now, prev)
+    elif ready_total >= total and obs.router is not None and obs.router[1] == 0:
+        # status.endpoint is the router: engines alone do not make the deployment reachable.
+        msg = (
+            f"{ready_total}/{total} replicas ready but 0/{obs.router[0]} router pods ready (status.endpoint)"
+        )
+        ready_c = _cond("Ready", False, "RouterNotReady", msg, gen, now, prev)
     elif ready_total >= total:
         ready_c = _cond(
             "Ready", True, "AllReplicasReady", f"{ready_total}/{total} replicas ready", gen, now, prev
@@ -154,7 +167,9 @@ def compute_status(
             "Ready", False, "ReplicasNotReady", f"{ready_total}/{total} replicas ready", gen, now, prev
         )
     settling = ready_total < total and not (unfit or blocked) and not any(p.stuck for p in obs.pools)
-    if settling:
+    if obs.apply_error:
+        prog = _cond("Progressing", False, "ApplyFailed", obs.apply_error, gen, now, prev)
+    elif settling:
         prog = _cond(
             "Progressing", True, "ReplicasStarting", f"{ready_total}/{total} replicas ready", gen, now, prev
         )
@@ -169,8 +184,11 @@ def compute_status(
         problems.append(
             ("LeaderWorkerSetRequired", "; ".join(f"pool {p.name}: {p.blocked}" for p in blocked))
         )
+    if obs.apply_error:
+        problems.insert(0, ("ApplyFailed", obs.apply_error))
     if fallback:
         problems.append(("FallbackActive", f"pools on a fallback GPU type: {', '.join(fallback)}"))
+    problems += list(obs.notices)
     if problems:
         degraded = _cond("Degraded", True, problems[0][0], "; ".join(m for _, m in problems), gen, now, prev)
     else:

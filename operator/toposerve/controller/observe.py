@@ -1,7 +1,9 @@
 """Read the serving pods of one LLMDeployment into per-GPU-type facts (pure: pods are plain dicts).
 
 A pod counts as *stuck* when the scheduler has reported it Unschedulable for longer than the
-patience window: that is the signal for GPU fallback. The scheduler's own message ("0/20 nodes are
+patience window: that is the signal for GPU fallback. LeaderWorkerSet workers count too (a group
+whose worker cannot be placed never serves), once per group, so a multi-node replica whose second
+node is missing falls back like a single-node one. The scheduler's own message ("0/20 nodes are
 available: 8 Insufficient nvidia.com/gpu ...") is kept for status and Events.
 """
 
@@ -15,6 +17,8 @@ from typing import Any
 LABEL_GPU_TYPE = "toposerve.io/gpu-type"
 LABEL_POOL = "toposerve.io/pool"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
+LWS_GROUP = "leaderworkerset.sigs.k8s.io/group-index"
 
 
 @dataclass
@@ -45,32 +49,60 @@ def _condition(pod: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
 def summarize(
     pods: Iterable[Mapping[str, Any]], now: datetime, patience_seconds: float
 ) -> dict[tuple[str, str], PodFacts]:
-    """Facts per (pool, gpu type) for the engine (leader) pods; terminating pods are ignored."""
+    """Facts per (pool, gpu type): pods and readiness from the engine (leader) pods, pending and stuck
+    replicas from leaders and workers (one per group); terminating pods are ignored."""
     out: dict[tuple[str, str], PodFacts] = {}
+    pending_groups: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    stuck_groups: dict[tuple[str, str], set[tuple[str, str]]] = {}
     for pod in pods:
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
-        if labels.get(LABEL_COMPONENT) != "engine" or meta.get("deletionTimestamp"):
+        role = labels.get(LABEL_COMPONENT)
+        if role not in ("engine", "worker") or meta.get("deletionTimestamp"):
             continue
         key = (labels.get(LABEL_POOL, ""), labels.get(LABEL_GPU_TYPE, ""))
         facts = out.setdefault(key, PodFacts())
-        facts.pods += 1
+        group = (
+            (str(labels[LWS_NAME]), str(labels[LWS_GROUP]))
+            if LWS_NAME in labels and LWS_GROUP in labels
+            else ("pod", str(meta.get("name")))
+        )
         node = (pod.get("spec") or {}).get("nodeName")
-        if node:
-            facts.nodes[str(meta.get("name"))] = node
-        ready = _condition(pod, "Ready")
-        if ready and ready.get("status") == "True":
-            facts.ready += 1
+        if role == "engine":
+            facts.pods += 1
+            if node:
+                facts.nodes[str(meta.get("name"))] = node
+            ready = _condition(pod, "Ready")
+            if ready and ready.get("status") == "True":
+                facts.ready += 1
         if not node:
-            facts.pending += 1
+            if group not in pending_groups.setdefault(key, set()):
+                pending_groups[key].add(group)
+                facts.pending += 1
             sched = _condition(pod, "PodScheduled")
             if sched and sched.get("status") == "False" and sched.get("reason") == "Unschedulable":
                 since = parse_time(sched.get("lastTransitionTime")) or parse_time(
                     meta.get("creationTimestamp")
                 )
-                if since is not None and (now - since).total_seconds() >= patience_seconds:
+                long_enough = since is not None and (now - since).total_seconds() >= patience_seconds
+                if long_enough and group not in stuck_groups.setdefault(key, set()):
+                    stuck_groups[key].add(group)
                     facts.stuck += 1
                 msg = sched.get("message")
                 if msg and msg not in facts.messages:
                     facts.messages.append(msg)
     return out
+
+
+def router_readiness(pods: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
+    """(router pods, ready router pods), ignoring terminating ones."""
+    total = ready = 0
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if (meta.get("labels") or {}).get(LABEL_COMPONENT) != "router" or meta.get("deletionTimestamp"):
+            continue
+        total += 1
+        cond = _condition(pod, "Ready")
+        if cond and cond.get("status") == "True":
+            ready += 1
+    return total, ready

@@ -11,12 +11,15 @@ workloads' replica counts), and the operator never writes the spec.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
+
+from kubernetes.client.exceptions import ApiException
 
 from toposerve import API_GROUP, API_VERSION
 from toposerve.api.config import OperatorConfig
@@ -28,8 +31,9 @@ from toposerve.controller.allocation import TypeState, allocate
 from toposerve.controller.cache import InventoryCache
 from toposerve.controller.conditions import Observation, PlacementObs, PoolObs, compute_status
 from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
-from toposerve.controller.observe import parse_time, summarize
-from toposerve.planner.inventory import Inventory, inventory_from_nodes, usage_by_node
+from toposerve.controller.observe import parse_time, router_readiness, summarize
+from toposerve.planner.inventory import Inventory, PodShape, inventory_from_nodes, usage_by_node
+from toposerve.planner.memory import GIB
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, plan_deployment
 from toposerve.render.objects import (
     LABEL_DEPLOYMENT,
@@ -104,7 +108,7 @@ def _rfc3339(t: datetime) -> str:
 
 
 def _type_plans(
-    name: str, spec: LLMDeploymentSpec, pool: PoolPlan, ctx: Context, inv: Inventory
+    name: str, spec: LLMDeploymentSpec, pool: PoolPlan, ctx: Context, inv: Inventory, engine: str
 ) -> list[PoolPlan]:
     """The plan for each acceptable type from the planner's choice onwards (fallback candidates)."""
     if not pool.fits or pool.gpu_type is None:
@@ -112,7 +116,9 @@ def _type_plans(
     plans = [pool]
     start = pool.candidates.index(pool.gpu_type) + 1
     for gpu in pool.candidates[start:]:
-        alt = plan_deployment(name, spec, ctx.config, inv, pool_overrides={pool.name: [gpu]})
+        alt = plan_deployment(
+            name, spec, ctx.config, inv, pool_overrides={pool.name: [gpu]}, recorded_engine=engine
+        )
         p = next(x for x in alt.pools if x.name == pool.name)
         if p.fits:
             plans.append(p)
@@ -150,7 +156,9 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     try:
         spec = parse_spec(raw_spec)
         inv = ctx.inventory()
-        dplan = plan_deployment(name, spec, ctx.config, inv)
+        # engine auto resolves once and is kept (status.engine): a GPU pool scaled to zero never
+        # turns a vLLM deployment into the mock.
+        dplan = plan_deployment(name, spec, ctx.config, inv, recorded_engine=previous.get("engine"))
     except SpecError as e:
         # Keep the children as they are: bad input never loses what is serving.
         obs = Observation(gen, replicas, selector, None, "", "", invalid=str(e))
@@ -179,7 +187,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     lws_ok: bool | None = None
     returns_allowed = _cooled_down(previous, now, ctx.settings.return_cooldown_seconds)
     for pool in dplan.pools:
-        plans = _type_plans(name, spec, pool, ctx, inv)
+        plans = _type_plans(name, spec, pool, ctx, inv, dplan.engine)
         if not plans:
             pool_obs.append(PoolObs(name=pool.name, fits=False, reason=pool.reason))
             continue
@@ -196,6 +204,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 p.spot,
                 spec.placement.node_selector,
                 pod_tolerations(spec, p, ctx.config),
+                shape=PodShape(p.gpus_per_pod, p.cpu_per_pod, p.memory_gib_per_pod * GIB),
+                topology_key=p.topology_key,
             )
             world[p.gpu_type or ""] = TypeState(
                 replicas=current.get((pool.name, p.gpu_type or ""), 0),
@@ -266,12 +276,30 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 unschedulable=messages,
                 stuck=stuck,
                 blocked=blocked,
+                topology_key=plans[0].topology_key,
+                topology_reason=plans[0].topology_reason,
             )
         )
     # The Service (and any other deployment-wide object) comes from the same renderer.
     desired += render_deployment(name, namespace, spec, _no_pools(dplan), ctx.config, owner)
+    endpoint = endpoint_url(name, namespace, spec)
+    router = router_readiness(pods) if spec.routing.enabled else None
+    notices = _notices(spec, dplan)
     for obj in desired:
-        kube.apply(obj)
+        try:
+            kube.apply(obj)
+        except ApiException as e:
+            # Say so before retrying: a condition, an Event and the generation it concerns.
+            what = f"{obj['kind']} {obj['metadata']['name']}"
+            msg = f"applying {what} failed: {e.status} {_api_message(e)}"
+            obs = Observation(
+                gen, spec.replicas, selector, endpoint, dplan.engine, dplan.engine_reason, pool_obs,
+                router=router, apply_error=msg, notices=notices,
+            )  # fmt: skip
+            _write_status(ctx, body, obs, previous, now)
+            if not _has_condition(previous, "Progressing", "ApplyFailed", msg):
+                kube.event(body, "ApplyFailed", msg, warning=True)
+            raise
         metrics.CHILDREN_APPLIED.labels(obj["kind"]).inc()
         result.applied += 1
     wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
@@ -286,7 +314,6 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     for reason, msg, warning in events:
         log.info("%s/%s: %s", namespace, name, msg)
         kube.event(body, reason, msg, warning)
-    endpoint = endpoint_url(name, namespace, spec)
     obs = Observation(
         generation=gen,
         replicas=spec.replicas,
@@ -295,6 +322,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         engine=dplan.engine,
         engine_reason=dplan.engine_reason,
         pools=pool_obs,
+        router=router,
+        notices=notices,
     )
     status = _write_status(ctx, body, obs, previous, now)
     pending = any(f.pending for f in facts.values())
@@ -309,6 +338,40 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     elif fallback_active:
         result.requeue_after = ctx.settings.fallback_recheck_seconds
     return result
+
+
+def _notices(spec: LLMDeploymentSpec, plan: DeploymentPlan) -> list[tuple[str, str]]:
+    """Problems that do not stop reconciling but will stop serving, said up front."""
+    out: list[tuple[str, str]] = []
+    if (
+        plan.engine == "vllm"
+        and plan.gated
+        and not spec.serving.hf_token_secret
+        and spec.model.cache.type != "image"
+        and not (spec.model.checkpoint or any(p.checkpoint for p in spec.pools))
+    ):
+        out.append(
+            (
+                "HFTokenMissing",
+                f"{spec.model.name} is gated on the Hugging Face hub: set spec.serving.hfTokenSecret to a "
+                "Secret with key HF_TOKEN (or serve from a model image or a pre-filled cache)",
+            )
+        )
+    return out
+
+
+def _api_message(e: ApiException) -> str:
+    try:
+        return str(json.loads(e.body or "{}").get("message") or e.reason)
+    except ValueError:
+        return str(e.reason)
+
+
+def _has_condition(status: Mapping[str, Any], kind: str, reason: str, message: str) -> bool:
+    return any(
+        c.get("type") == kind and c.get("reason") == reason and c.get("message") == message
+        for c in status.get("conditions") or []
+    )
 
 
 def _cooled_down(previous: Mapping[str, Any], now: datetime, cooldown: float) -> bool:

@@ -8,6 +8,7 @@ where vLLM has one, so the renderer can pass the same arguments to either engine
 from __future__ import annotations
 
 import argparse
+import os
 
 
 def _rate(v: str) -> float:
@@ -33,7 +34,11 @@ def _non_negative(v: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
-    g.add_argument("--host", default="0.0.0.0", help="address to listen on (default: 0.0.0.0)")
+    g.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1; pods pass their IP or 0.0.0.0)",
+    )
     g.add_argument("--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     g.add_argument(
         "--model", default="mock-model", help="model name (served under it unless --served-model-name)"
@@ -59,6 +64,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="waiting-queue bound; beyond it requests get 503 (default: 4096)",
     )
     g.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    g.add_argument(
+        "--enable-admin",
+        action="store_true",
+        help="serve /admin/* and /reset_prefix_cache (off by default, like vLLM's dev-mode endpoints)",
+    )
+    g.add_argument(
+        "--admin-token",
+        default=os.environ.get("TOPOSERVE_MOCK_ADMIN_TOKEN") or None,
+        help="enables the admin endpoints behind Authorization: Bearer TOKEN "
+        "(default: $TOPOSERVE_MOCK_ADMIN_TOKEN)",
+    )
 
     e = p.add_argument_group("engine (vLLM flag names)")
     e.add_argument(
@@ -167,6 +183,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     f.add_argument("--die-after-tokens", type=int, default=1, help="tokens sent before the cut (default: 1)")
     f.add_argument("--unready", action="store_true", help="start with /health failing (503)")
     f.add_argument(
+        "--poison",
+        default="",
+        metavar="TEXT",
+        help="prompts containing TEXT fail with --fail-status on every request (a query of death)",
+    )
+    f.add_argument(
         "--slowdown",
         type=float,
         default=1.0,
@@ -209,8 +231,11 @@ def config_from_args(args: argparse.Namespace) -> object:
             die_after_tokens=args.die_after_tokens,
             unready=args.unready,
             slowdown=args.slowdown,
+            poison=args.poison,
         ),
         shutdown_grace_s=args.shutdown_grace,
+        admin=args.enable_admin,
+        admin_token=args.admin_token,
     )
 
 

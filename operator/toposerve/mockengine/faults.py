@@ -1,6 +1,8 @@
 """Fault injection: the failure modes reliability tests need an engine to show on demand.
 
 Each mode models something real: ``fail_rate`` an engine returning 5xx (CUDA error, OOM),
+``poison`` a "query of death" (every request whose prompt contains that text fails with
+``fail_status``, on every replica alike: what a router must not blame on the backend),
 ``hang_rate`` a wedged engine that accepts but never answers (NCCL hang), ``die_rate`` a pod
 killed mid-stream, ``unready`` a failing readiness probe, and ``slowdown`` thermal throttling
 (every step takes longer). Decisions draw from a seeded RNG so a test run is reproducible.
@@ -30,6 +32,7 @@ class FaultConfig:
     die_after_tokens: int = 1
     unready: bool = False
     slowdown: float = 1.0
+    poison: str = ""  # non-empty: prompts containing it fail with fail_status
 
     def __post_init__(self) -> None:
         for name in ("fail_rate", "hang_rate", "die_rate"):
@@ -51,7 +54,10 @@ class FaultConfig:
             if k not in known:
                 raise ValueError(f"unknown fault field {k!r}; known: {', '.join(known)}")
             current = getattr(self, k)
-            if isinstance(current, bool):
+            if isinstance(current, str):
+                if not isinstance(v, str):
+                    raise ValueError(f"{k} must be a string")
+            elif isinstance(current, bool):
                 if not isinstance(v, bool):
                     raise ValueError(f"{k} must be a boolean")
             elif isinstance(current, int):
@@ -72,6 +78,10 @@ class FaultInjector:
     def __init__(self, config: FaultConfig | None = None, seed: int = 0) -> None:
         self.config = config or FaultConfig()
         self._rng = random.Random(seed)
+
+    def poisoned(self, prompt_text: str | None) -> bool:
+        p = self.config.poison
+        return bool(p) and prompt_text is not None and p in prompt_text
 
     def fate(self) -> Fate:
         c = self.config

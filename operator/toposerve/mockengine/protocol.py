@@ -26,6 +26,7 @@ class APIError(Exception):
 
     TYPES = {
         400: "BadRequestError",
+        401: "AuthenticationError",
         404: "NotFoundError",
         413: "BadRequestError",
         429: "RateLimitError",

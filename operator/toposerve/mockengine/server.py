@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import logging
 import socket
@@ -68,6 +69,10 @@ class EngineConfig:
     deprecated_gpu_cache_metric: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
     shutdown_grace_s: float = 30.0
+    # /admin/* and /reset_prefix_cache change the engine's behaviour: off unless enabled, like
+    # vLLM's dev-mode-only endpoints; with a token they also need `Authorization: Bearer TOKEN`.
+    admin: bool = False
+    admin_token: str | None = None
 
     @property
     def names(self) -> list[str]:
@@ -192,21 +197,23 @@ class Engine:
             raise APIError(503, "the engine is shutting down")
         if len(self.scheduler.waiting) >= self.cfg.max_waiting:
             raise APIError(503, f"overloaded: {len(self.scheduler.waiting)} requests waiting")
+        limit = self.max_model_len
+        # Tokenize at most limit + 1 tokens: past that the answer is a 400 whatever the rest holds.
         ids = (
             params.prompt_ids
             if params.prompt_ids is not None
-            else self.tokenizer.encode(params.prompt_text or "")
+            else self.tokenizer.encode(params.prompt_text or "", limit)
         )
         if not ids:
             raise APIError(400, "the prompt is empty", param="prompt")
-        limit = self.max_model_len
         wanted = len(ids) + (params.max_tokens or 0)
         if len(ids) >= limit or wanted > limit:
+            over = "at least " if params.prompt_ids is None and len(ids) > limit else ""
             raise APIError(
                 400,
-                f"This model's maximum context length is {limit} tokens. However, you requested {wanted} "
-                f"tokens ({len(ids)} in the messages, {params.max_tokens or 0} in the completion). "
-                "Please reduce the length of the messages or completion.",
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{over}{wanted} tokens ({over}{len(ids)} in the messages, {params.max_tokens or 0} in the "
+                "completion). Please reduce the length of the messages or completion.",
                 param="messages" if params.prompt_text is not None else "prompt",
             )
         req_id = f"{next(self._ids)}-{uuid.uuid4().hex[:12]}"
@@ -249,7 +256,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def _error(e: APIError) -> web.Response:
-    return web.json_response(e.body(), status=e.status, dumps=dumps)
+    # ASCII-escaped: messages echo client text (a model name), which may hold lone surrogates
+    return web.json_response(e.body(), status=e.status)
 
 
 @web.middleware
@@ -265,12 +273,17 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         if e.status < 400:
             raise
         return _error(APIError(e.status, f"{e.reason}: {request.method} {request.path}"))
+    except (asyncio.CancelledError, ConnectionError):
+        raise
+    except Exception:  # a bug: still JSON for the client, the traceback for us (once)
+        log.exception("error on %s %s", request.method, request.path)
+        return _error(APIError(500, "internal error in the mock engine"))
 
 
 async def _json(request: web.Request) -> Any:
     try:
         return await request.json()
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than Python's stack
         raise APIError(400, "request body is not valid JSON") from None
 
 
@@ -282,11 +295,25 @@ def _check_model(engine: Engine, model: str | None) -> str:
     return model
 
 
+def _check_text(text: str | None) -> None:
+    """Lone UTF-16 surrogates (legal as JSON escapes, not as Unicode text) are a 400, as in vLLM,
+    whose JSON parser rejects them; they must never reach the tokenizer as a 500."""
+    if text is None:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise APIError(400, f"the prompt is not valid Unicode: {e.reason} at character {e.start}") from None
+
+
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     body = await _json(request)
     params = parse_chat(body, render_chat) if chat else parse_completion(body)
     model = _check_model(engine, params.model)
+    _check_text(params.prompt_text)
+    if engine.faults.poisoned(params.prompt_text):
+        raise APIError(engine.faults.config.fail_status, "injected failure: poisoned prompt")
     fate = engine.faults.fate()
     if fate is Fate.FAIL:
         raise APIError(engine.faults.config.fail_status, "injected failure")
@@ -430,7 +457,14 @@ async def tokenize(request: web.Request) -> web.Response:
         text = body["prompt"]
     else:
         raise APIError(400, "prompt (string) or messages is required", param="prompt")
-    ids = engine.tokenizer.encode(text)
+    _check_text(text)
+    ids = engine.tokenizer.encode(text, engine.max_model_len)
+    if len(ids) > engine.max_model_len:
+        raise APIError(
+            400,
+            f"This model's maximum context length is {engine.max_model_len} tokens; the prompt is longer.",
+            param="prompt",
+        )
     return web.json_response(
         {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": None},
         dumps=dumps,
@@ -510,6 +544,21 @@ async def reset_prefix_cache(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+def _admin(handler: Handler, token: str | None) -> Handler:
+    """Guard an admin handler with a bearer token, when one is configured."""
+    if not token:
+        return handler
+    expected = f"Bearer {token}".encode()
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        given = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")
+        if not hmac.compare_digest(given, expected):
+            raise APIError(401, "admin endpoints need Authorization: Bearer <token>")
+        return await handler(request)
+
+    return guarded
+
+
 def build_app(engine: Engine) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=64 * 1024**2)
     app[ENGINE_KEY] = engine
@@ -521,11 +570,13 @@ def build_app(engine: Engine) -> web.Application:
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/version", version)
-    app.router.add_post("/reset_prefix_cache", reset_prefix_cache)
-    app.router.add_get("/admin/faults", get_faults)
-    app.router.add_post("/admin/faults", post_faults)
-    app.router.add_delete("/admin/faults", delete_faults)
-    app.router.add_get("/admin/state", admin_state)
+    if engine.cfg.admin or engine.cfg.admin_token:  # otherwise the routes do not exist (404)
+        tok = engine.cfg.admin_token
+        app.router.add_post("/reset_prefix_cache", _admin(reset_prefix_cache, tok))
+        app.router.add_get("/admin/faults", _admin(get_faults, tok))
+        app.router.add_post("/admin/faults", _admin(post_faults, tok))
+        app.router.add_delete("/admin/faults", _admin(delete_faults, tok))
+        app.router.add_get("/admin/state", _admin(admin_state, tok))
 
     async def _loop(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(engine.run())

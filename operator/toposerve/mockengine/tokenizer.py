@@ -14,6 +14,9 @@ import re
 from collections.abc import Mapping, Sequence
 
 VOCAB_SIZE = 32000
+# Pieces remembered for decode: at most one per id (VOCAB_SIZE), and only short ones, so a
+# client sending one megabyte-long "word" does not leave it in memory for good.
+_MAX_PIECE_CHARS = 64
 # Leading whitespace belongs to the next token (like GPT-style BPE), so text round-trips exactly.
 _TOKEN_RE = re.compile(r"\s*(?:\w+|[^\w\s])|\s+")
 
@@ -32,7 +35,9 @@ _WORDS: tuple[str, ...] = tuple(
 
 
 def _stable_id(piece: str) -> int:
-    digest = hashlib.blake2b(piece.encode(), digest_size=4).digest()
+    # surrogatepass: never raise on text the HTTP layer let through (the server rejects lone
+    # surrogates with a 400 before this; the tokenizer itself stays total)
+    digest = hashlib.blake2b(piece.encode("utf-8", "surrogatepass"), digest_size=4).digest()
     return int.from_bytes(digest, "little") % VOCAB_SIZE
 
 
@@ -46,12 +51,22 @@ class MockTokenizer:
     def pieces(self, text: str) -> list[str]:
         return _TOKEN_RE.findall(text)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, limit: int | None = None) -> list[int]:
+        """Token ids of `text`; with `limit`, stops after limit + 1 tokens.
+
+        The bound is what keeps a 20 MB prompt from stalling the event loop for seconds: the
+        caller only needs to know that the prompt is over the context limit, not by how much.
+        """
         ids = []
-        for piece in self.pieces(text):
+        pieces = self._pieces
+        for m in _TOKEN_RE.finditer(text):
+            piece = m.group()
             tid = _stable_id(piece)
-            self._pieces.setdefault(tid, piece)
+            if len(piece) <= _MAX_PIECE_CHARS:
+                pieces.setdefault(tid, piece)
             ids.append(tid)
+            if limit is not None and len(ids) > limit:
+                break
         return ids
 
     def piece_id(self, piece: str) -> int:

@@ -341,4 +341,5 @@ def topology_key_for(
         if groups and max(len(g) for g in groups.values()) >= nodes_per_replica:
             biggest = max(len(g) for g in groups.values())
             return key, f"{gpu_type} nodes carry {key} ({len(groups)} domain(s), up to {biggest} nodes)"
-    return None, f"no topology label groups {nodes_per_replica} {gpu_type} nodes"
+    looked = ", ".join([*candidates, fallback])
+    return None, f"no topology label groups {nodes_per_replica} {gpu_type} nodes (looked for {looked})"

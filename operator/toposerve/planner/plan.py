@@ -24,8 +24,10 @@ from toposerve.api import llm_catalog
 from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
 from toposerve.api.gpus import GPUCatalog, GPUType
+from toposerve.api.nodelabels import GFD_CLIQUE
 from toposerve.api.spec import DTYPE_BYTES, Architecture, LLMDeploymentSpec, ParallelismSpec, PoolSpec
-from toposerve.planner.inventory import Inventory
+from toposerve.planner import quantization, resources
+from toposerve.planner.inventory import Inventory, PodShape, topology_key_for
 from toposerve.planner.memory import GIB, Fit, Layout, ModelMemory, evaluate
 from toposerve.planner.replicas import distribute
 from toposerve.planner.tiers import tier_order
@@ -65,6 +67,15 @@ class PoolPlan(_Out):
     dtype: str = "bf16"
     kv_cache_dtype: str = "bf16"
     quantization: str | None = None
+    checkpoint: str | None = None  # the weights loaded, when not model.name
+    weights_gib: float = Field(default=0.0, alias="weightsGiB")  # the whole checkpoint (download size)
+    cpu_per_pod: float = 0.0
+    memory_gib_per_pod: int = Field(default=0, alias="memoryGiBPerPod")
+    topology_key: str | None = None  # multi-node replicas: the label whose domain holds a replica
+    topology_reason: str | None = None
+    nvlink_across_nodes: bool = Field(
+        default=False, alias="nvlinkAcrossNodes"
+    )  # TP spans nodes of one domain
     spot: bool = False
     replicas: int = 0
     cost_per_hour_per_replica: float = 0.0
@@ -78,6 +89,7 @@ class DeploymentPlan(_Out):
 
     name: str
     model: str
+    gated: bool = False  # the hub asks for a token before serving the weights
     served_name: str
     engine: str
     engine_reason: str
@@ -168,6 +180,7 @@ def _search(
     ctx: int,
     spec: LLMDeploymentSpec,
     config: OperatorConfig,
+    nvlink_domain: int = 0,
 ) -> tuple[_Choice | None, str]:
     """The first fitting layout in search order, or None and why the last try failed."""
     dp = _fixed(par.data) or 1
@@ -175,15 +188,22 @@ def _search(
     tp_fixed = _fixed(par.tensor)
     if tp_fixed is None and ep is not None and ep > 1:
         tp_fixed = ep // dp
+    # TP stays inside one NVLink domain: the node, or a multi-node domain (GB200 NVL72: 72 GPUs over
+    # 18 nodes), where TP may span nodes; beyond the domain only pipeline stages cross the network.
+    domain = max(gpn, nvlink_domain)
     tps = (
         [tp_fixed]
         if tp_fixed is not None
-        else [t for t in (2**i for i in range(8)) if t <= gpn and _legal_tp(arch, t)]
+        else [t for t in (2**i for i in range(8)) if t <= domain and _legal_tp(arch, t)]
     )
     if not tps:
-        return None, f"no legal tensor parallel size within {gpn} GPUs per node"
-    if tps[-1] > gpn:
-        return None, f"tensor parallel {tps[-1]} exceeds the {gpn} GPUs of one node (TP stays inside NVLink)"
+        return None, f"no legal tensor parallel size within {domain} GPUs of one NVLink domain"
+    if tps[-1] > domain:
+        where = "one node" if domain == gpn else "one NVLink domain"
+        return (
+            None,
+            f"tensor parallel {tps[-1]} exceeds the {domain} GPUs of {where} (TP stays inside NVLink)",
+        )
     pp_fixed, cp_fixed = _fixed(par.pipeline), _fixed(par.context)
     max_pp = min(config.max_pipeline_parallel, arch.layers)
     long_ctx = spec.placement.tier == "long-context"
@@ -223,34 +243,32 @@ def _search(
     return None, last
 
 
-def _quantization(dtype: str, explicit: str | None) -> str | None:
-    if explicit:
-        return explicit
-    return {"fp8": "fp8", "int8": "bitsandbytes", "int4": "bitsandbytes"}.get(dtype)
-
-
 _VLLM_DTYPE = {"bf16": "bfloat16", "fp16": "float16"}
+# Where an OCI model image (model.cache.type image) is mounted; vLLM loads the weights from there.
+IMAGE_WEIGHTS_DIR = "/models/weights"
 
 
 def vllm_args(
     spec: LLMDeploymentSpec,
+    source: str,
     served: str,
     layout: Layout,
-    nodes: int,
     ctx: int,
     dtype: str,
     kv: str,
     quant: str | None,
     ep: bool,
 ) -> list[str]:
-    """The vLLM ``serve`` arguments that realise a plan (current flag names)."""
+    """The vLLM ``serve`` arguments that realise a plan (flag names of the pinned vLLM, checked by
+    tests/vllm against its own parser). Multi-node flags differ per pod and are added by the renderer."""
     args = [
-        spec.model.name,
+        source,
         "--served-model-name", served,
         "--tensor-parallel-size", str(layout.tp),
         "--pipeline-parallel-size", str(layout.pp),
         "--max-model-len", str(ctx),
         "--gpu-memory-utilization", f"{spec.serving.gpu_memory_utilization:g}",
+        # A quantized checkpoint declares its own dtype; forcing bf16 on it is wrong.
         "--dtype", _VLLM_DTYPE.get(dtype, "auto"),
     ]  # fmt: skip
     if kv == "fp8":
@@ -263,8 +281,6 @@ def vllm_args(
         args += ["--enable-expert-parallel"]
     if layout.cp > 1:
         args += ["--prefill-context-parallel-size", str(layout.cp)]
-    if nodes > 1:
-        args += ["--distributed-executor-backend", "ray"]
     return args + list(spec.serving.extra_args)
 
 
@@ -294,6 +310,13 @@ def _pool_path(spec: LLMDeploymentSpec, index: int) -> str:
     return f"spec.pools[{index}]" if spec.pools else "spec.placement"
 
 
+def _weights_path(spec: LLMDeploymentSpec, pool: PoolSpec, index: int) -> str:
+    """The field path users fix for a pool's weights: the pool's when it overrides them."""
+    if spec.pools and (pool.quantization or pool.checkpoint or pool.dtype):
+        return f"spec.pools[{index}]"
+    return "spec.model"
+
+
 def plan_pool(
     spec: LLMDeploymentSpec,
     pool: PoolSpec,
@@ -305,10 +328,23 @@ def plan_pool(
     inventory: Inventory | None,
     need_gpus: bool,
 ) -> PoolPlan:
-    """Plan one pool: the first GPU type in its order on which a layout fits."""
+    """Plan one pool: the first GPU type in its order on which a layout fits.
+
+    Eligibility comes from the catalog and policy. The inventory rules a type out only where the
+    cluster cannot grow (``gpuNodeProvisioning: static`` and no node of the type) or where its
+    machines can never hold a pod (too few GPUs, CPU or memory per node, no domain big enough for
+    a multi-node replica); free capacity right now only drives fallback, in the controller.
+    """
     dtype = pool.dtype or spec.model.dtype
     kv = pool.kv_cache_dtype or spec.model.kv_cache_dtype
-    quant = _quantization(dtype, pool.quantization or spec.model.quantization)
+    weights = quantization.choose(
+        dtype,
+        pool.quantization or spec.model.quantization,
+        pool.checkpoint or spec.model.checkpoint,
+        model_is_original=llm_catalog.lookup(spec.model.name) is not None,
+        path=_weights_path(spec, pool, index),
+    )
+    quant = weights.quantization
     spot = spec.placement.spot if pool.spot is None else pool.spot
     par = pool.parallelism or spec.parallelism
     par_path = f"spec.pools[{index}].parallelism" if pool.parallelism else "spec.parallelism"
@@ -334,35 +370,97 @@ def plan_pool(
                 raise SpecError(
                     f"{path}.gpuTypes[{i}]", f"unknown GPU type {name!r}; known: {', '.join(catalog.names())}"
                 )
+    static = config.gpu_node_provisioning == "static"
+    live = need_gpus and inventory is not None
     rejected: list[Rejected] = []
     for name in order:
         gpu = catalog.get(name)
-        if need_gpus and inventory is not None and not inventory.nodes_of(name, spot):
+        if (why_not := quantization.unsupported(quant, gpu)) is not None:
+            rejected.append(Rejected(gpu_type=name, reason=why_not))
+            continue
+        nodes_now = inventory.nodes_of(name, spot) if live and inventory is not None else []
+        if live and static and not nodes_now:
             where = "" if spot else " (on-demand; spot not allowed)"
             rejected.append(Rejected(gpu_type=name, reason=f"no {name} nodes in the cluster{where}"))
             continue
         inv_gpn = inventory.gpus_per_node(name) if inventory is not None else None
         gpn = spec.placement.gpus_per_node or inv_gpn or config.default_gpus_per_node
-        choice, why = _search(m, arch, par, gpu, gpn, ctx, spec, config)
+        # A multi-node NVLink domain counts only where the nodes say which domain they are in.
+        domain = gpu.nvlink_domain_gpus
+        if nodes_now and not any(GFD_CLIQUE in n.labels for n in nodes_now):
+            domain = 0
+        choice, why = _search(m, arch, par, gpu, gpn, ctx, spec, config, domain)
         if choice is None:
             rejected.append(Rejected(gpu_type=name, reason=why))
             continue
-        if need_gpus and inventory is not None and choice.nodes > 1:
-            per_pod = choice.layout.gpus // choice.nodes
-            big = [n for n in inventory.nodes_of(name, spot) if n.allocatable_gpus >= per_pod]
-            if len(big) < choice.nodes:
-                rejected.append(Rejected(
-                    gpu_type=name,
-                    reason=f"needs {choice.nodes} nodes with {per_pod} GPUs; the cluster has {len(big)}",
-                ))  # fmt: skip
-                continue
         layout, fit = choice.layout, choice.fit
+        per_pod = layout.gpus // choice.nodes
+        res = resources.serving_pod(
+            gpu, per_pod, config.host_share, config.cpu_per_gpu, config.memory_per_gpu_gib
+        )
+        nvlink_span = choice.nodes > 1 and layout.tp > per_pod
+        topo_key: str | None = None
+        topo_reason: str | None = None
+        if choice.nodes > 1:
+            # TP across nodes needs the NVLink domain itself; PP stages tolerate a rack or a zone.
+            if nvlink_span:
+                candidates = [GFD_CLIQUE]
+            elif spec.placement.topology_key:
+                candidates = [spec.placement.topology_key]
+            else:
+                candidates = list(config.label_schemes.topology)
+            fallback = GFD_CLIQUE if nvlink_span else spec.placement.fallback_topology_key
+            topo_key, topo_reason = topology_key_for(
+                inventory if live else None, name, choice.nodes, candidates, fallback
+            )
+        if nodes_now:
+            shape = PodShape(per_pod, res.cpu, res.memory_gib * GIB)
+            hosts = [n for n in nodes_now if n.gpu_count >= per_pod]
+            fitting = [
+                n for n in hosts if n.allocatable_cpu >= res.cpu and n.allocatable_memory >= shape.memory
+            ]
+            if not fitting:
+                if hosts:
+                    big = max(hosts, key=lambda n: (n.allocatable_cpu, n.allocatable_memory))
+                    reason = (
+                        f"a pod requests {res.cpu_quantity} CPU and {res.memory_quantity} memory; the largest "
+                        f"{name} node allocates {big.allocatable_cpu:g} CPU and "
+                        f"{big.allocatable_memory / GIB:.1f} GiB (set hostCPUPerGPU/hostMemoryGiBPerGPU for "
+                        f"{name} in the operator's extraGpuTypes to match your machines)"
+                    )
+                else:
+                    reason = f"a pod needs {per_pod} GPUs; {name} nodes have at most {inv_gpn or 0}"
+                rejected.append(Rejected(gpu_type=name, reason=reason))
+                continue
+            if choice.nodes > 1 and static:
+                if topo_key is None:
+                    rejected.append(Rejected(gpu_type=name, reason=topo_reason or "no topology domain"))
+                    continue
+                groups = (
+                    {
+                        k: [n for n in v if n in fitting]
+                        for k, v in inventory.domains(name, topo_key, spot).items()
+                    }
+                    if inventory
+                    else {}
+                )
+                best = max((len(v) for v in groups.values()), default=0)
+                if best < choice.nodes:
+                    rejected.append(Rejected(
+                        gpu_type=name,
+                        reason=f"needs {choice.nodes} nodes with {per_pod} GPUs in one {topo_key} domain; "
+                        f"the largest has {best}",
+                    ))  # fmt: skip
+                    continue
         ep_auto = par.expert == "auto" and arch.experts > 0 and layout.tp * layout.dp > 1
         ep_on = ep_auto or (isinstance(par.expert, int) and par.expert > 1)
         price = _price(name, spot, spec, config, catalog)
         per_replica = round(price * layout.gpus, 4)
         free = fit.free_bytes_per_gpu
         served = spec.model.served_name or spec.model.name
+        source = weights.checkpoint or spec.model.name
+        if spec.model.cache.type == "image":
+            source = IMAGE_WEIGHTS_DIR
         return PoolPlan(
             name=pool.name,
             gpu_type=name,
@@ -375,7 +473,7 @@ def plan_pool(
             data_parallel=layout.dp,
             gpus_per_replica=layout.gpus,
             nodes_per_replica=choice.nodes,
-            gpus_per_pod=layout.gpus // choice.nodes,
+            gpus_per_pod=per_pod,
             weights_gib_per_gpu=round(fit.weights_bytes_per_gpu / GIB, 2),
             kv_cache_gib_per_gpu=round(free / GIB, 2),
             kv_cache_tokens_per_replica=fit.kv_capacity_tokens,
@@ -383,10 +481,17 @@ def plan_pool(
             dtype=dtype,
             kv_cache_dtype=kv,
             quantization=quant,
+            checkpoint=weights.checkpoint,
+            weights_gib=round(arch.parameters * 1e9 * DTYPE_BYTES[dtype] / GIB, 1),
+            cpu_per_pod=res.cpu,
+            memory_gib_per_pod=res.memory_gib,
+            topology_key=topo_key,
+            topology_reason=topo_reason,
+            nvlink_across_nodes=nvlink_span,
             spot=spot,
             cost_per_hour_per_replica=per_replica,
             alternatives=rejected,
-            vllm_args=vllm_args(spec, served, layout, choice.nodes, ctx, dtype, kv, quant, ep_on),
+            vllm_args=vllm_args(spec, source, served, layout, ctx, dtype, kv, quant, ep_on),
         )
     summary = "; ".join(f"{r.gpu_type}: {r.reason}" for r in rejected) or "no GPU types to try"
     return PoolPlan(
@@ -397,17 +502,27 @@ def plan_pool(
 
 
 def resolve_engine(
-    spec: LLMDeploymentSpec, inventory: Inventory | None, auto: str = "detect"
+    spec: LLMDeploymentSpec,
+    inventory: Inventory | None,
+    config: OperatorConfig | None = None,
+    recorded: str | None = None,
 ) -> tuple[str, str]:
-    """(engine, why): ``auto`` means vLLM on GPU clusters and the mock engine on clusters without GPUs."""
+    """(engine, why). ``auto`` resolves once per LLMDeployment: ``recorded`` (status.engine from an
+    earlier reconcile) wins, so GPU pools scaled to zero or a restarting device plugin never turn
+    a vLLM deployment into the mock; only an explicit spec.engine switches it."""
+    config = config or OperatorConfig()
     if spec.engine != "auto":
         return spec.engine, f"spec.engine is {spec.engine}"
-    if auto != "detect":
-        return auto, f"engine auto: the operator config sets autoEngine to {auto}"
+    if recorded in ("vllm", "mock"):
+        return recorded, f"engine auto resolved to {recorded} earlier (kept; set spec.engine to switch)"
+    if config.auto_engine != "detect":
+        return config.auto_engine, f"engine auto: the operator config sets autoEngine to {config.auto_engine}"
     if inventory is None:
         return "vllm", "engine auto without a node inventory: assuming a GPU cluster"
     if inventory.has_gpus:
         return "vllm", "engine auto: the cluster has GPU nodes"
+    if config.gpu_node_provisioning == "on-demand":
+        return "vllm", "engine auto: the cluster provisions GPU nodes on demand (gpuNodeProvisioning)"
     return "mock", "engine auto: the cluster has no GPU nodes, serving the CPU mock engine"
 
 
@@ -417,6 +532,7 @@ def plan_deployment(
     config: OperatorConfig | None = None,
     inventory: Inventory | None = None,
     pool_overrides: dict[str, Sequence[str]] | None = None,
+    recorded_engine: str | None = None,
 ) -> DeploymentPlan:
     """Plan every pool of one LLMDeployment.
 
@@ -428,7 +544,7 @@ def plan_deployment(
     catalog = config.catalog()
     arch = resolve_architecture(spec)
     ctx = context_length(spec, arch, config)
-    engine, why = resolve_engine(spec, inventory, config.auto_engine)
+    engine, why = resolve_engine(spec, inventory, config, recorded_engine)
     need_gpus = engine == "vllm"
     plans: list[PoolPlan] = []
     for i, pool in enumerate(_pools(spec)):
@@ -451,6 +567,7 @@ def plan_deployment(
     return DeploymentPlan(
         name=name,
         model=spec.model.name,
+        gated=llm_catalog.gated(spec.model.name),
         served_name=spec.model.served_name or spec.model.name,
         engine=engine,
         engine_reason=why,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shlex
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,9 @@ from toposerve import API_GROUP, API_VERSION
 from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
 from toposerve.api.spec import LLMDeploymentSpec
-from toposerve.planner.plan import DeploymentPlan, PoolPlan
+from toposerve.planner.memory import GIB
+from toposerve.planner.plan import IMAGE_WEIGHTS_DIR, DeploymentPlan, PoolPlan
+from toposerve.render.placement import router_affinity, serving_affinity, serving_tolerations
 
 ENGINE_PORT = 8000
 ROUTER_PORT = 8080
@@ -34,7 +36,8 @@ LABEL_GPU_TYPE = "toposerve.io/gpu-type"
 LABEL_ENGINE = "toposerve.io/engine"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 ANNOTATION_PLAN = "toposerve.io/plan"
-LWS_EXCLUSIVE_TOPOLOGY = "leaderworkerset.sigs.k8s.io/exclusive-topology"
+MASTER_PORT = 29500  # torch.distributed rendezvous on the group leader (vLLM --master-port)
+MODELS_DIR = "/models"
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
@@ -77,13 +80,16 @@ class _Ctx:
     port: int = ENGINE_PORT
     replicas: int = 0
     gpu_type: str = ""
-    gpu_product: str = ""
-    gpu_requests: bool = True
     gpus_per_pod: int = 0
     nodes: int = 1
-    spot: bool = False
-    capacity_label: str = ""
     node_selector: dict[str, str] = field(default_factory=dict)
+    affinity: dict[str, Any] = field(default_factory=dict)
+    worker_affinity: dict[str, Any] = field(default_factory=dict)
+    env: list[dict[str, Any]] = field(default_factory=list)
+    volumes: list[dict[str, Any]] = field(default_factory=list)
+    volume_mounts: list[dict[str, Any]] = field(default_factory=list)
+    progress_deadline_seconds: int = 600
+    pdb_max_unavailable: int = 1
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     image: str = ""
     command: list[str] = field(default_factory=list)
@@ -96,10 +102,8 @@ class _Ctx:
     pod_annotations: dict[str, str] = field(default_factory=dict)
     lws_annotations: dict[str, str] = field(default_factory=dict)
     topology_key: str = ""
-    hf_token_secret: str | None = None
     grace_seconds: int = 120
     startup_failure_threshold: int = 180
-    shm_size: str = "16Gi"
     service_name: str = ""
     service_port: int = ENGINE_PORT
 
@@ -149,31 +153,83 @@ def workload_name(name: str, pool: str, gpu_type: str) -> str:
 
 
 def pod_tolerations(spec: LLMDeploymentSpec, plan: PoolPlan, config: OperatorConfig) -> list[dict[str, Any]]:
-    """Tolerations of a serving pod: GPU nodes' taint, spot (when allowed) and the user's."""
-    tols: list[dict[str, Any]] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    if plan.spot:
-        tols.append(
-            {"key": config.capacity_type_label, "operator": "Equal", "value": "spot", "effect": "NoSchedule"}
-        )
-    for t in spec.placement.tolerations:
-        tols.append(t.model_dump(by_alias=True, exclude_none=True))
-    return tols
+    """Tolerations of a serving pod: every provider's GPU taint, spot taints (when allowed), the user's."""
+    user = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations]
+    return serving_tolerations(plan.spot, config.label_schemes, user)
 
 
-def _vllm_leader(plan: PoolPlan) -> tuple[list[str], list[str], list[str]]:
-    """(command, leader args, worker args) for vLLM; multi-node replicas start a Ray cluster first."""
-    serve = ["vllm", "serve", *plan.vllm_args, "--port", str(ENGINE_PORT)]
+def _vllm_commands(plan: PoolPlan) -> tuple[list[str], list[str], list[str]]:
+    """(command, leader args, worker args) for vLLM.
+
+    Multi-node replicas use vLLM's native multi-node launch (no Ray cluster to form): every pod runs
+    ``vllm serve`` with the same plan and ``--nnodes``; the leader (rank 0) serves HTTP, workers
+    run ``--headless`` with their LeaderWorkerSet index as node rank, and all meet at the leader's
+    address. Kubernetes expands ``$(LWS_...)``, which LeaderWorkerSet injects into every pod.
+    """
+    serve = [*plan.vllm_args, "--port", str(ENGINE_PORT)]
     if plan.nodes_per_replica <= 1:
-        return ["vllm", "serve"], serve[2:], []
-    leader = f"ray start --head --port=6379 && exec {shlex.join(serve)}"
-    worker = "exec ray start --address=$(LWS_LEADER_ADDRESS):6379 --block"
-    return ["/bin/bash", "-c"], [leader], [worker]
+        return ["vllm", "serve"], serve, []
+    multi = ["--nnodes", str(plan.nodes_per_replica), "--master-addr", "$(LWS_LEADER_ADDRESS)",
+             "--master-port", str(MASTER_PORT)]  # fmt: skip
+    leader = [*serve, *multi, "--node-rank", "0"]
+    worker = [*plan.vllm_args, *multi, "--node-rank", "$(LWS_WORKER_INDEX)", "--headless"]
+    return ["vllm", "serve"], leader, worker
+
+
+def startup_seconds(plan: PoolPlan, spec: LLMDeploymentSpec, config: OperatorConfig) -> int:
+    """How long a replica may take to start: fetch the weights at the assumed bandwidth (a model
+    image or a warm cache only reads them), load them, compile and capture graphs; 1.5x margin."""
+    gb = plan.weights_gib * GIB / 1e9
+    fetch = gb / config.model_load_gbps if spec.model.cache.type != "image" else 0.0
+    return math.ceil((fetch + gb / 2.0 + 300) * 1.5)
+
+
+def cache_size_gib(plan: PoolPlan, spec: LLMDeploymentSpec) -> int:
+    return spec.model.cache.size_gi_b or math.ceil(plan.weights_gib * 1.1 + 20)
+
+
+def _engine_storage(
+    name: str, plan: PoolPlan, spec: LLMDeploymentSpec
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], str]:
+    """(env, volumes, mounts, ephemeral-storage request) for where weights and caches live."""
+    cache = spec.model.cache
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": f"{MODELS_DIR}/hf"},
+        {"name": "VLLM_CACHE_ROOT", "value": f"{MODELS_DIR}/vllm"},
+    ]
+    if spec.serving.hf_token_secret:
+        # Not optional: a missing Secret is a clear CreateContainerConfigError, not a 401 mid-download.
+        ref = {"name": spec.serving.hf_token_secret, "key": "HF_TOKEN", "optional": False}
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+    size = cache_size_gib(plan, spec)
+    volumes: list[dict[str, Any]] = []
+    mounts: list[dict[str, Any]] = []
+    storage = "20Gi"  # logs and compile caches when the weights live elsewhere
+    if cache.type == "ephemeral":
+        volumes.append({"name": "models", "emptyDir": {"sizeLimit": f"{size}Gi"}})
+        storage = f"{size + 20}Gi"
+    elif cache.type == "pvc":
+        volumes.append({"name": "models", "persistentVolumeClaim": {"claimName": cache.claim_name}})
+    elif cache.type == "host-path":
+        volumes.append({"name": "models", "hostPath": {"path": cache.host_path, "type": "DirectoryOrCreate"}})
+    else:  # image: Kubernetes image volumes (the weights as an OCI artifact), read-only
+        volumes.append({"name": "models", "emptyDir": {"sizeLimit": "20Gi"}})
+        volumes.append({"name": "weights", "image": {"reference": cache.image, "pullPolicy": "IfNotPresent"}})
+        mounts.append({"name": "weights", "mountPath": IMAGE_WEIGHTS_DIR, "readOnly": True})
+    mounts.insert(0, {"name": "models", "mountPath": MODELS_DIR})
+    return env, volumes, mounts, storage
+
+
+# Every pod listens on all of its interfaces, as in vLLM's own images, so `kubectl port-forward`
+# (which connects to the pod's loopback) works.
+LISTEN_ALL = "0.0.0.0"
+POD_LISTEN = "$(POD_IP)"
 
 
 def _mock_args(plan: PoolPlan, served: str) -> list[str]:
     assert plan.gpu_type is not None
     return [
-        "--host", "$(POD_IP)",
+        "--host", POD_LISTEN,
         "--port", str(ENGINE_PORT),
         "--model", served,
         "--gpu-type", plan.gpu_type,
@@ -214,6 +270,14 @@ def render_pool(
     # The mock engine simulates a whole replica in one process, so it never needs a LeaderWorkerSet.
     multi = plan.nodes_per_replica > 1 and not mock
     worker_args: list[str]
+    env: list[dict[str, Any]] = [
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    dshm = {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "64Mi" if mock else "16Gi"}}
+    volumes: list[dict[str, Any]] = [dshm]
+    mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
+    startup = 300
     if mock:
         image = config.toposerve_image
         command, leader_args, worker_args = (
@@ -225,14 +289,24 @@ def render_pool(
         limits = {"memory": "1Gi"}
     else:
         image = spec.serving.image or config.vllm_image
-        command, leader_args, worker_args = _vllm_leader(plan)
+        command, leader_args, worker_args = _vllm_commands(plan)
         gpus = str(plan.gpus_per_pod)
+        store_env, store_volumes, store_mounts, storage = _engine_storage(name, plan, spec)
+        env += store_env
+        volumes += store_volumes
+        mounts += store_mounts
         requests = {
-            "cpu": str(int(float(config.cpu_per_gpu) * plan.gpus_per_pod)),
-            "memory": _scale_quantity(config.memory_per_gpu, plan.gpus_per_pod),
+            "cpu": _cpu(plan.cpu_per_pod),
+            "memory": f"{plan.memory_gib_per_pod}Gi",
+            "ephemeral-storage": storage,
             "nvidia.com/gpu": gpus,
         }
         limits = {"nvidia.com/gpu": gpus}
+        startup = startup_seconds(plan, spec, config)
+    group_key = plan.topology_key if multi else None
+    affinity = serving_affinity(
+        gpu, plan.gpus_per_pod, plan.spot, config.label_schemes, not mock, group_key, pool_sel
+    )
     ctx = _Ctx(
         object_name=workload_name(name, plan.name, plan.gpu_type),
         namespace=namespace,
@@ -242,13 +316,11 @@ def render_pool(
         selector=pool_sel,
         replicas=plan.replicas,
         gpu_type=plan.gpu_type,
-        gpu_product=gpu.product,
-        gpu_requests=not mock,
         gpus_per_pod=plan.gpus_per_pod,
         nodes=plan.nodes_per_replica,
-        spot=plan.spot,
-        capacity_label=config.capacity_type_label,
         node_selector=dict(spec.placement.node_selector),
+        affinity=affinity,
+        worker_affinity=affinity,
         tolerations=pod_tolerations(spec, plan, config),
         image=image,
         command=command,
@@ -256,6 +328,9 @@ def render_pool(
         worker_args=worker_args,
         requests=requests,
         limits=limits,
+        env=env,
+        volumes=volumes,
+        volume_mounts=mounts,
         pod_labels=pod_labels,
         worker_labels={**labels, LABEL_COMPONENT: "worker"},
         pod_annotations={
@@ -263,20 +338,19 @@ def render_pool(
             "prometheus.io/port": str(ENGINE_PORT),
             "prometheus.io/path": "/metrics",
         },
-        lws_annotations={
-            ANNOTATION_PLAN: plan_summary(plan),
-            LWS_EXCLUSIVE_TOPOLOGY: spec.placement.topology_key,
-        },
-        topology_key=spec.placement.topology_key,
-        hf_token_secret=spec.serving.hf_token_secret,
+        lws_annotations={ANNOTATION_PLAN: plan_summary(plan)},
+        topology_key=plan.topology_key or "",
         grace_seconds=30 if mock else 120,
-        startup_failure_threshold=30 if mock else 180,
-        shm_size="64Mi" if mock else "16Gi",
+        startup_failure_threshold=max(30, math.ceil(startup / 10)),
+        # A rollout may take as long as a start, plus time to be scheduled (and a node provisioned).
+        progress_deadline_seconds=startup + 600,
     )
     workload = _render("leaderworkerset.yaml.j2" if multi else "deployment.yaml.j2", ctx)
+    # A multi-node replica is down when any of its pods is: the budget covers leaders and workers.
+    pdb_sel = pool_sel if multi else {**pool_sel, LABEL_COMPONENT: "engine"}
     pdb_ctx = _Ctx(
         object_name=ctx.object_name, namespace=namespace, labels=labels, owner_refs=ctx.owner_refs,
-        selector={**pool_sel, LABEL_COMPONENT: "engine"},
+        selector=pdb_sel,
     )  # fmt: skip
     svc_labels = {**labels, LABEL_COMPONENT: "engine"}
     if plan.context_parallel > 1:
@@ -289,11 +363,9 @@ def render_pool(
     return [workload, _render("pdb.yaml.j2", pdb_ctx), _render("service.yaml.j2", svc_ctx)]
 
 
-def _scale_quantity(q: str, n: int) -> str:
-    for suffix in ("Ki", "Mi", "Gi", "Ti"):
-        if q.endswith(suffix):
-            return f"{int(float(q[: -len(suffix)]) * n)}{suffix}"
-    return str(int(float(q) * n))
+def _cpu(cores: float) -> str:
+    millis = round(cores * 1000)
+    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
 
 
 def render_deployment(
@@ -338,7 +410,7 @@ def endpoint_url(name: str, namespace: str, spec: LLMDeploymentSpec) -> str:
 def router_args(name: str, spec: LLMDeploymentSpec) -> list[str]:
     r = spec.routing
     args = [
-        "--host", "$(POD_IP)",
+        "--host", POD_LISTEN,
         "--port", str(ROUTER_PORT),
         "--llmdeployment", name,
         "--strategy", r.strategy,
@@ -356,15 +428,21 @@ def router_args(name: str, spec: LLMDeploymentSpec) -> list[str]:
 def render_router(
     name: str, namespace: str, spec: LLMDeploymentSpec, config: OperatorConfig, owner: Owner | None = None
 ) -> list[dict[str, Any]]:
-    """ServiceAccount, Role, RoleBinding, Deployment and Service of the deployment's router."""
+    """ServiceAccount, Role, RoleBinding, Deployment, PodDisruptionBudget and Service of the router.
+
+    Two replicas by default, spread over nodes and kept off GPU nodes, with a budget so a drain never
+    takes the deployment's only entry point: the router is as much a part of serving as the engines.
+    """
     labels = {**common_labels(name), LABEL_COMPONENT: "router"}
+    selector = {LABEL_DEPLOYMENT: name, LABEL_COMPONENT: "router"}
     ctx = _Ctx(
         object_name=router_name(name),
         namespace=namespace,
         labels=labels,
         owner_refs=[owner.reference()] if owner else [],
-        selector={LABEL_DEPLOYMENT: name, LABEL_COMPONENT: "router"},
+        selector=selector,
         replicas=spec.routing.replicas,
+        affinity=router_affinity(config.label_schemes, config.router_node_placement, selector),
         image=config.toposerve_image,
         command=["toposerve", "router"],
         leader_args=router_args(name, spec),

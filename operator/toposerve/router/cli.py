@@ -21,7 +21,11 @@ STRATEGY_NAMES = (
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", default=os.environ.get("TOPOSERVE_ROUTER_HOST", "127.0.0.1"))
+    p.add_argument(
+        "--host",
+        default=os.environ.get("TOPOSERVE_ROUTER_HOST", "127.0.0.1"),
+        help="address to listen on: 0.0.0.0 (all IPv4), :: (all IPv6, and IPv4 where dual-stack), or one IP",
+    )
     p.add_argument("--port", type=int, default=int(os.environ.get("TOPOSERVE_ROUTER_PORT", "8080")))
     p.add_argument(
         "--backends",
@@ -76,6 +80,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="treat every GPU type alike (spec.routing.gpuWeighting: false)",
     )
     t.add_argument("--default-max-tokens", type=int, default=256)
+    t.add_argument(
+        "--max-ejection-percent",
+        type=float,
+        default=50.0,
+        help="most of the in-service backends passive ejection may take out at once (never the last)",
+    )
+    t.add_argument(
+        "--expose-backend",
+        action="store_true",
+        default=os.environ.get("TOPOSERVE_ROUTER_EXPOSE_BACKEND", "").lower() in ("1", "true", "yes"),
+        help="add x-toposerve-backend (the backend's address) to responses; for debugging and tests",
+    )
+    c = p.add_argument_group("client limits")
+    c.add_argument("--max-connections", type=int, default=4096, help="open client connections; more get 503")
+    c.add_argument(
+        "--header-timeout", type=float, default=10.0, help="seconds to receive a request's headers"
+    )
+    c.add_argument("--body-timeout", type=float, default=60.0, help="seconds to receive a request body")
+    c.add_argument(
+        "--keepalive-timeout", type=float, default=75.0, help="seconds an idle client connection stays open"
+    )
+    c.add_argument(
+        "--max-body-bytes", type=int, default=64 * 1024 * 1024, help="largest request body (413 beyond)"
+    )
     t.add_argument("--log-level", default=os.environ.get("TOPOSERVE_LOG_LEVEL", "INFO"))
 
 
@@ -116,6 +144,13 @@ def run(args: argparse.Namespace) -> int:
         probe_interval_s=args.probe_interval,
         queue_timeout_s=args.queue_timeout,
         max_queue=args.max_queue,
+        max_ejection_percent=args.max_ejection_percent,
+        expose_backend=args.expose_backend,
+        max_connections=args.max_connections,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        keepalive_timeout_s=args.keepalive_timeout,
+        max_body_bytes=args.max_body_bytes,
     )
 
     async def main() -> None:
@@ -134,7 +169,7 @@ def run(args: argparse.Namespace) -> int:
             )
             watcher.start()
         logging.getLogger("toposerve.router").info(
-            "listening on %s:%d, strategy %s, %s",
+            "listening on %s port %d, strategy %s, %s",
             args.host,
             args.port,
             cfg.strategy,

@@ -5,11 +5,15 @@ hashes; max_tokens; session id), snapshots backend load, asks `strategies.choose
 ledger, and relays the upstream response chunk by chunk as it arrives (no buffering: TTFT through
 the router is the engine's TTFT plus one hop). Everything that can go wrong is handled here:
 
-- connect failures and 5xx *before the first byte* are retried once on another backend;
+- connect failures and 5xx *before the first byte* are retried once on another backend, and
+  only once: a request that makes engines fail must not walk the fleet;
 - a stream that breaks after bytes reached the client ends with an SSE error event (streams) or
   an aborted connection (non-streams), never a silently truncated success;
-- passive outlier ejection (consecutive failures) plus active `/health` probes decide health;
-  `/metrics` of each engine is scraped for KV-cache usage and queue length;
+- passive outlier ejection plus active `/health` probes decide health (`health.py`: failures
+  the request caused are not blamed on the backend, ejection never empties the fleet, probes
+  re-admit); `/metrics` of each engine is scraped for KV-cache usage and queue length;
+- every error the router itself answers is an OpenAI-style JSON body (`error_body`), logged
+  once: 4xx at INFO, upstream trouble at WARNING, a router bug at ERROR with its traceback;
 - when every healthy backend is saturated, requests wait in a bounded queue, then get 429 with
   Retry-After; with no healthy backend at all, 503 with Retry-After;
 - a client that goes away cancels the handler, which closes the upstream request and releases
@@ -23,6 +27,7 @@ import contextlib
 import json
 import logging
 import math
+import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
@@ -33,11 +38,14 @@ import aiohttp
 from aiohttp import web
 from aiohttp.tcp_helpers import tcp_nodelay
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from toposerve.router import health as hl
 from toposerve.router import strategies as st
 from toposerve.router.endpoints import BackendSpec
+from toposerve.router.errors import error_body
+from toposerve.router.frontdoor import Gate, GuardedRunner, Limits
 
 log = logging.getLogger("toposerve.router")
 
@@ -46,6 +54,8 @@ SESSION_HEADER = "x-session-id"
 BACKEND_HEADER = "x-toposerve-backend"
 REASON_HEADER = "x-toposerve-route-reason"
 
+# RFC 9110 7.6.1: hop-by-hop fields, plus whatever the `Connection` field names (`hop_by_hop`).
+# Content-Length and Host are recomputed by the client session / the response.
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -64,22 +74,43 @@ _HOP_BY_HOP = frozenset(
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+# Bounds on what a request may ask for in routing arithmetic (the engine rejects more anyway):
+# a 400-digit max_tokens must not overflow a float in the scorer.
+MAX_TOKENS_BOUND = 1 << 24
+MAX_N_BOUND = 128
+_TRUE_STRINGS = frozenset({"true", "t", "yes", "y", "on", "1"})
+
+
+def hop_by_hop(headers: Mapping[str, str] | Any) -> frozenset[str]:
+    """Lower-cased names not to forward: the fixed set plus those listed in `Connection`."""
+    named: set[str] = set()
+    getall = getattr(headers, "getall", None)
+    values = getall("Connection", ()) if getall is not None else [headers.get("Connection", "")]
+    for v in values:
+        named.update(t.strip().lower() for t in v.split(",") if t.strip())
+    return _HOP_BY_HOP | named if named else _HOP_BY_HOP
+
+
+def lax_bool(v: object) -> bool:
+    """Truthiness as vLLM's pydantic models read a bool field: the string "false" is False."""
+    if isinstance(v, str):
+        return v.strip().lower() in _TRUE_STRINGS
+    return v is True or (isinstance(v, int) and v == 1)
+
+
 @dataclass
 class Backend:
     """Runtime state of one backend (owned by the event loop; no locks needed)."""
 
     spec: BackendSpec
-    probe_ok: bool = True  # optimistic until the first probe says otherwise
+    health: hl.HealthState = field(default_factory=hl.HealthState)
     draining: bool = False
     removed: bool = False  # gone from discovery; dropped once its in-flight requests end
-    failures: int = 0  # consecutive
-    ejections: int = 0
-    ejected_until: float = 0.0
     kv_usage: float = 0.0
     waiting: int = 0
 
     def healthy(self, now: float) -> bool:
-        return self.probe_ok and now >= self.ejected_until
+        return self.health.healthy(now)
 
 
 @dataclass
@@ -92,14 +123,31 @@ class RouterConfig:
     probe_timeout_s: float = 2.0
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 600.0  # between two chunks of one response
-    eject_after: int = 3  # consecutive 5xx / broken streams before ejection (connect failure: at once)
+    eject_after: int = 3  # consecutive blamed failures before ejection (connect failure: at once)
     eject_base_s: float = 5.0
     eject_max_s: float = 60.0
+    max_ejection_percent: float = 50.0  # of the backends in service; the last one is never ejected
     queue_timeout_s: float = 5.0
     max_queue: int = 1024
     retry_after_s: int = 1
     session_header: str = SESSION_HEADER
     gpu_weighting: bool = True  # off: every backend weighs 1.0 whatever its GPU
+    expose_backend: bool = False  # x-toposerve-backend on responses reveals pod addresses: opt-in
+    # the front door (frontdoor.py): slow or greedy clients
+    header_timeout_s: float = 10.0  # first byte of a request to the end of its headers
+    body_timeout_s: float = 60.0  # reading the whole body
+    keepalive_timeout_s: float = 75.0  # idle keep-alive connection
+    max_connections: int = 4096  # open client connections; more are answered 503 and closed
+    max_body_bytes: int = 64 * 1024 * 1024
+
+    @property
+    def health(self) -> hl.HealthConfig:
+        return hl.HealthConfig(
+            eject_after=self.eject_after,
+            base_s=self.eject_base_s,
+            max_s=self.eject_max_s,
+            max_ejection_percent=self.max_ejection_percent,
+        )
 
 
 @dataclass
@@ -109,26 +157,44 @@ class _Parsed:
     stream: bool
 
 
+def _part_text(content: object) -> str:
+    """Text of a message's `content`: a string, or the string `text` of its parts (others skipped)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(t for p in content if isinstance(p, Mapping) and isinstance(t := p.get("text"), str))
+    return ""
+
+
 def _prompt_text(path: str, body: Mapping[str, Any]) -> tuple[str, int | None]:
-    """Text whose prefix the engine caches, in order; plus an exact token count when given ids."""
+    """Text whose prefix the engine caches, in order; plus an exact token count when given ids.
+
+    Tolerant of any JSON: routing must not fail on a body the engine will reject with a 400.
+    """
     if path.endswith("/chat/completions"):
         out: list[str] = []
-        for m in body.get("messages") or ():
+        messages = body.get("messages")
+        for m in messages if isinstance(messages, list) else ():
             if not isinstance(m, Mapping):
                 continue
-            content = m.get("content")
-            if isinstance(content, list):
-                content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-            out.append(f"{m.get('role', '')}\n{content or ''}\n")
+            role = m.get("role")
+            out.append(f"{role if isinstance(role, str) else ''}\n{_part_text(m.get('content'))}\n")
         return "".join(out), None
     prompt = body.get("prompt", "")
     if isinstance(prompt, str):
         return prompt, None
-    if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+    if isinstance(prompt, list) and prompt and all(type(x) is int for x in prompt):
         return " ".join(map(str, prompt)), len(prompt)
     if isinstance(prompt, list):
         return "".join(x for x in prompt if isinstance(x, str)), None
     return "", None
+
+
+def _bounded_int(v: object, bound: int) -> int | None:
+    """A positive JSON integer (not a bool), clamped to `bound`; None otherwise."""
+    if type(v) is not int or v <= 0:
+        return None
+    return min(v, bound)
 
 
 def parse_request(
@@ -140,17 +206,20 @@ def parse_request(
     need_hashes: bool = True,
 ) -> _Parsed:
     text, exact = _prompt_text(path, body)
-    mt = body.get("max_completion_tokens") or body.get("max_tokens")
-    max_tokens = mt if isinstance(mt, int) and mt > 0 else cfg.default_max_tokens
-    n = body.get("n")
-    if isinstance(n, int) and n > 1:
+    mt = _bounded_int(body.get("max_completion_tokens"), MAX_TOKENS_BOUND) or _bounded_int(
+        body.get("max_tokens"), MAX_TOKENS_BOUND
+    )
+    max_tokens = mt or cfg.default_max_tokens
+    n = _bounded_int(body.get("n"), MAX_N_BOUND)
+    if n is not None and n > 1:
         max_tokens *= n
     user = body.get("user")
+    # Any length is fine here: the session table stores a fixed-size digest of it.
     session = headers.get(cfg.session_header) or (user if isinstance(user, str) and user else None)
     prompt_tokens = exact if exact is not None else est.estimate(len(text))
     hashes = st.block_hashes(text, cfg.block_chars) if need_hashes else ()
     req = st.Request(prompt_tokens, max_tokens, hashes, session)
-    return _Parsed(len(text), req, bool(body.get("stream")))
+    return _Parsed(len(text), req, lax_bool(body.get("stream")))
 
 
 def parse_engine_metrics(text: str) -> tuple[float | None, int | None]:
@@ -228,7 +297,7 @@ class _BackendCollector(Collector):
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         now = time.monotonic()
         fams = {
             "in_flight": GaugeMetricFamily(
@@ -259,13 +328,31 @@ class _BackendCollector(Collector):
             fams["healthy"].add_metric(lab, 1.0 if b.healthy(now) and not b.draining else 0.0)
             fams["kv"].add_metric(lab, b.kv_usage)
         yield from fams.values()
+        g = self.router.gate
+        yield GaugeMetricFamily("toposerve_router_connections_open", "Open client connections.", value=g.open)
+        for name, help_, value in (
+            ("connections_refused", "Connections refused at --max-connections.", g.refused),
+            ("header_timeouts", "Connections closed for slow request headers.", g.header_timeouts),
+            ("bad_http_requests", "Malformed HTTP requests answered 4xx.", g.bad_http),
+        ):
+            yield CounterMetricFamily(f"toposerve_router_{name}", help_, value=value)
 
 
 class _Retryable(Exception):
-    def __init__(self, kind: str, status: int = 502) -> None:
+    def __init__(self, kind: str, status: int = 502, body: bytes | None = None) -> None:
         super().__init__(kind)
         self.kind = kind
         self.status = status
+        self.body = body
+
+
+class _GatewayTimeout(Exception):
+    pass
+
+
+_STARTED = web.RequestKey("toposerve_started", bool)  # response headers are out
+_ERROR_BODY_MAX = 64 * 1024  # of an upstream 5xx body kept to pass on
+_USAGE_BODY_MAX = 4 << 20  # of a non-streamed body kept to learn the usage from
 
 
 class Router:
@@ -279,6 +366,13 @@ class Router:
         self.ledger = st.LoadLedger()
         self.memory = st.RoutingMemory()
         self.estimator = st.TokenEstimator()
+        self.gate = Gate(
+            Limits(
+                header_timeout_s=self.cfg.header_timeout_s,
+                keepalive_timeout_s=self.cfg.keepalive_timeout_s,
+                max_connections=self.cfg.max_connections,
+            )
+        )
         self.metrics = _Metrics(self)
         self._session: aiohttp.ClientSession | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -333,26 +427,33 @@ class Router:
 
     # ---------------------------------------------------------------------------------- health
 
+    def _in_service(self) -> list[str]:
+        """Backends that would take traffic but for ejection: the base of the ejection cap."""
+        return [u for u, b in self.backends.items() if b.health.probe_ok and not b.draining]
+
     def _record_failure(self, url: str, kind: str) -> None:
+        """Count a failure that was blamed on the backend (see `health.blame`)."""
         b = self.backends.get(url)
-        self.metrics.errors.labels(url, kind).inc()
         if b is None:
             return
-        b.failures += 1
-        if kind == "connect" or b.failures >= self.cfg.eject_after:
-            b.ejections += 1
-            b.failures = 0
-            hold = min(self.cfg.eject_base_s * 2 ** (b.ejections - 1), self.cfg.eject_max_s)
-            b.ejected_until = time.monotonic() + hold
+        states = {u: x.health for u, x in self.backends.items()}
+        hold = hl.record_failure(states, self._in_service(), url, kind, time.monotonic(), self.cfg.health)
+        if hold is not None:
             self.metrics.ejections.labels(url).inc()
             log.warning("ejected %s for %.1fs after %s", url, hold, kind)
 
     def _record_success(self, url: str) -> None:
         b = self.backends.get(url)
         if b is not None:
-            b.failures = 0
-            if b.ejections and time.monotonic() >= b.ejected_until:
-                b.ejections = 0
+            hl.record_success(b.health, time.monotonic())
+
+    def _settle(self, attempts: list[tuple[str, str]]) -> None:
+        """Blame or clear each backend a request tried, once its attempts are known."""
+        for (url, outcome), blamed in zip(attempts, hl.blame([o for _, o in attempts]), strict=True):
+            if outcome in (hl.OK, hl.CLIENT_ERROR):
+                self._record_success(url)
+            elif blamed and outcome != hl.UNREACHABLE:  # unreachable was counted when it happened
+                self._record_failure(url, outcome)
 
     async def _probe_one(self, b: Backend) -> None:
         assert self._session is not None
@@ -364,7 +465,8 @@ class Router:
                 ok = r.status == 200
         except (TimeoutError, aiohttp.ClientError, OSError):
             ok = False
-        b.probe_ok = ok
+        if hl.record_probe(b.health, ok, time.monotonic()):
+            log.info("re-admitted %s: its /health probe passes again", url)
         if not ok:
             return
         try:
@@ -416,7 +518,7 @@ class Router:
             await self._session.close()
 
     def app(self, probe: bool = True) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors])
         app.router.add_post("/v1/chat/completions", self.handle_completion)
         app.router.add_post("/v1/completions", self.handle_completion)
         app.router.add_get("/v1/models", self.handle_models)
@@ -432,6 +534,28 @@ class Router:
         app.on_startup.append(_startup)
         app.on_cleanup.append(_cleanup)
         return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Whatever goes wrong before a response starts becomes one JSON error, logged once."""
+        try:
+            resp: web.StreamResponse = await handler(request)
+            return resp
+        except web.HTTPException as e:  # unknown route (404), wrong method (405), body too big (413)
+            if e.status < 400:
+                raise
+            resp = self._error(e.status, f"{e.reason}: {request.method} {request.path}", "http")
+            if e.status == 405 and "Allow" in e.headers:
+                resp.headers["Allow"] = e.headers["Allow"]
+            return resp
+        except (asyncio.CancelledError, ConnectionError):
+            raise  # the client went away: aiohttp closes quietly
+        except Exception:
+            if request.get(_STARTED):  # headers are out: nothing to replace them with
+                log.exception("router error mid-response on %s %s", request.method, request.path)
+                raise ConnectionResetError("response aborted") from None
+            log.exception("router error on %s %s", request.method, request.path)
+            return self._error(500, "internal router error", "internal", logged=True)
 
     # ---------------------------------------------------------------------------------- queueing
 
@@ -468,17 +592,36 @@ class Router:
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
 
-    def _error(self, status: int, message: str, kind: str, retry_after: bool = False) -> web.Response:
+    def _error(
+        self,
+        status: int,
+        message: str,
+        kind: str,
+        retry_after: bool = False,
+        logged: bool = False,
+        body: Mapping[str, Any] | None = None,
+    ) -> web.Response:
+        """An error answered by the router itself: OpenAI-shaped JSON, counted and logged once."""
         self.metrics.errors.labels("", kind).inc()
+        if not logged:
+            # 429 is routine load shedding (counted in metrics): DEBUG, or overload floods the log
+            level = logging.DEBUG if status == 429 else logging.INFO if status < 500 else logging.WARNING
+            log.log(level, "%d %s: %s", status, kind, message)
         headers = {"Retry-After": str(self.cfg.retry_after_s)} if retry_after else None
-        body = {"error": {"message": message, "type": kind, "code": status}}
-        return web.json_response(body, status=status, headers=headers)
+        return web.json_response(body or error_body(status, message), status=status, headers=headers)
 
     # ---------------------------------------------------------------------------------- handlers
 
     async def handle_health(self, request: web.Request) -> web.Response:
-        ok = any(st.is_eligible(b) for b in self.snapshot())
-        return web.json_response({"status": "ok" if ok else "no healthy backend"}, status=200 if ok else 503)
+        """The router's own readiness: 200 while it can take requests, whatever the backends do.
+
+        Backends going away must not take the router out of its Service: clients then get a 503
+        with Retry-After (or, at zero replicas, a held request) instead of a refused connection,
+        and neither a fleet emptied by bad input nor a crashed engine can also empty the routers.
+        Backend health (active probes only; passive ejection is client-influenced) is in the body
+        and in the metrics."""
+        healthy = sum(1 for b in self.backends.values() if b.health.probe_ok and not b.draining)
+        return web.json_response({"status": "ok", "healthyBackends": healthy})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain")
@@ -497,44 +640,92 @@ class Router:
                     body = await r.read()
                     if r.status < 500:
                         return web.Response(body=body, status=r.status, content_type=r.content_type)
-            except (TimeoutError, aiohttp.ClientError, OSError):
-                self._record_failure(url, "connect")
+            except (TimeoutError, aiohttp.ClientConnectorError):
+                self._record_failure(url, hl.UNREACHABLE)
+            except (aiohttp.ClientError, OSError):
+                pass
         return self._error(503, "no healthy backend", "no_backend", retry_after=True)
+
+    async def _read_body(self, request: web.Request) -> bytes | web.StreamResponse:
+        """The whole body within `body_timeout_s` (a slow sender must not hold a slot forever)."""
+        try:
+            return await asyncio.wait_for(request.read(), self.cfg.body_timeout_s)
+        except TimeoutError:
+            resp = self._error(
+                408, f"request body not received within {self.cfg.body_timeout_s:g}s", "timeout"
+            )
+            # Send it and close now: aiohttp would otherwise linger reading the rest of the body.
+            await resp.prepare(request)
+            await resp.write_eof()
+            if request.protocol is not None:
+                request.protocol.force_close()
+            return resp
 
     async def handle_completion(self, request: web.Request) -> web.StreamResponse:
         t0 = time.perf_counter()
-        raw = await request.read()
+        raw = await self._read_body(request)
+        if isinstance(raw, web.StreamResponse):
+            return raw
         try:
             body = json.loads(raw)
             if not isinstance(body, dict):
                 raise ValueError("body must be a JSON object")
-        except ValueError as e:
-            return self._error(400, f"invalid JSON body: {e}", "bad_request")
+        except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than Python's stack
+            msg = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)
+            return self._error(400, f"invalid JSON body: {msg}", "bad_request")
         strategy = request.headers.get(STRATEGY_HEADER) or self.cfg.strategy
         if strategy not in st.STRATEGIES:
             return self._error(
-                400, f"unknown strategy {strategy!r}; known: {', '.join(st.STRATEGIES)}", "bad_request"
+                400,
+                f"unknown strategy {strategy[:64]!r}; known: {', '.join(st.STRATEGIES)}",
+                "bad_request",
             )
         need_hashes = strategy in (st.PREFIX_AWARE, st.AUTO)
         parsed = parse_request(request.path, body, request.headers, self.estimator, self.cfg, need_hashes)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+        skip = hop_by_hop(request.headers)
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
         tried: set[str] = set()
-        for attempt in range(2):
-            d = await self._decide(strategy, parsed.request, tried)
-            if isinstance(d, web.Response):
-                if attempt:  # we are here because the first backend failed: say so
-                    return self._error(502, "upstream failed and no other backend is available", "upstream")
-                return d
-            tried.add(d.backend)
+        attempts: list[tuple[str, str]] = []  # (backend, outcome) for `health.blame`
+        last: _Retryable | None = None
+        try:
+            # At most one retry, on one other backend: a request that makes engines fail must not
+            # walk the whole fleet (and its failures are not blamed unless the retry succeeds).
+            for _attempt in range(2):
+                d = await self._decide(strategy, parsed.request, tried)
+                if isinstance(d, web.Response):
+                    return d if last is None else self._upstream_failed(last)
+                tried.add(d.backend)
+                try:
+                    return await self._forward(request, raw, headers, parsed, strategy, d, t0, attempts)
+                except _GatewayTimeout:
+                    self.metrics.errors.labels(d.backend, hl.TIMEOUT).inc()
+                    msg = f"upstream did not answer within {self.cfg.read_timeout_s:g}s"
+                    return self._error(504, msg, "upstream")
+                except _Retryable as e:
+                    attempts.append((d.backend, e.kind))
+                    self.metrics.errors.labels(d.backend, e.kind).inc()
+                    if e.kind == hl.UNREACHABLE:  # never the request's fault: count it now
+                        self._record_failure(d.backend, e.kind)
+                    last = e
+                    if _attempt == 0:
+                        self.metrics.retries.inc()
+            assert last is not None
+            return self._upstream_failed(last)
+        finally:
+            self._settle(attempts)
+
+    def _upstream_failed(self, e: _Retryable) -> web.Response:
+        """Every attempt failed before the first byte: pass on the engine's own error when it gave
+        one (a 500 the request caused is the client's business), else a 502."""
+        if e.body is not None:
             try:
-                return await self._forward(request, raw, headers, parsed, strategy, d, t0)
-            except _Retryable as e:
-                self._record_failure(d.backend, e.kind)
-                if attempt == 0:
-                    self.metrics.retries.inc()
-                    continue
-                return self._error(e.status, f"upstream failed: {e.kind}", "upstream")
-        raise AssertionError("unreachable")
+                doc = json.loads(e.body)
+            except (ValueError, RecursionError, UnicodeDecodeError):
+                doc = None
+            if isinstance(doc, dict) and isinstance(doc.get("error"), dict):
+                return self._error(e.status, f"upstream {e.status} on every attempt", "upstream", body=doc)
+            return self._error(e.status, f"upstream failed: {e.kind} {e.status}", "upstream")
+        return self._error(502, f"upstream failed: {e.kind}", "upstream")
 
     async def _forward(
         self,
@@ -545,6 +736,7 @@ class Router:
         strategy: str,
         d: st.Decision,
         t0: float,
+        attempts: list[tuple[str, str]],
     ) -> web.StreamResponse:
         assert self._session is not None
         url = d.backend
@@ -554,28 +746,45 @@ class Router:
         try:
             try:
                 upstream = await self._session.post(url + request.path, data=raw, headers=headers)
+            except aiohttp.SocketTimeoutError:
+                # Connected, sent, and no answer within read_timeout_s: not retried (it would
+                # double a long wait, and a request that hangs one engine may hang the next),
+                # not blamed (no second opinion); a wholly hung engine fails its probes.
+                attempts.append((url, hl.TIMEOUT))
+                raise _GatewayTimeout() from None
             except (TimeoutError, aiohttp.ClientConnectorError) as e:
-                raise _Retryable("connect") from e
+                raise _Retryable(hl.UNREACHABLE) from e
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-                raise _Retryable("disconnect") from e
+                raise _Retryable(hl.DISCONNECT) from e
             async with upstream:
                 if upstream.status >= 500:
-                    await upstream.read()
-                    raise _Retryable("status_5xx", upstream.status)
+                    try:
+                        err = await upstream.content.read(_ERROR_BODY_MAX)
+                    except (TimeoutError, aiohttp.ClientError, OSError):
+                        err = b""
+                    raise _Retryable(hl.STATUS_5XX, upstream.status, err)
+                # Settle now, before relaying: an answer clears (or convicts) the backends this
+                # request tried; a stream that then breaks is counted on its own.
+                attempts.append((url, hl.OK if upstream.status < 400 else hl.CLIENT_ERROR))
+                self._settle(attempts)
+                attempts.clear()
                 if upstream.connection is not None and upstream.connection.transport is not None:
                     tcp_nodelay(upstream.connection.transport, True)
                 out = web.StreamResponse(status=upstream.status)
+                skip = hop_by_hop(upstream.headers)
                 for k, v in upstream.headers.items():
-                    if k.lower() not in _HOP_BY_HOP:
+                    if k.lower() not in skip:
                         out.headers.add(k, v)
                 if "Content-Length" in upstream.headers and not parsed.stream:
-                    out.content_length = int(upstream.headers["Content-Length"])
-                out.headers[BACKEND_HEADER] = url
+                    with contextlib.suppress(ValueError):
+                        out.content_length = int(upstream.headers["Content-Length"])
+                if self.cfg.expose_backend:
+                    out.headers[BACKEND_HEADER] = url
                 out.headers[REASON_HEADER] = d.reason
                 code = str(upstream.status)
+                request[_STARTED] = True
                 await out.prepare(request)
                 await self._relay(request, upstream, out, parsed, strategy, ticket, t0)
-                self._record_success(url)
                 return out
         finally:
             self.ledger.release(ticket)
@@ -594,29 +803,37 @@ class Router:
         ticket: st.Ticket,
         t0: float,
     ) -> None:
+        # Bytes pass through as they come; nothing is parsed per event. Streams are only counted
+        # (`data: ` markers, a C-level scan) so the ledger sees output progress; the last two
+        # chunks are kept for the usage the engine reports at the end. Batching that count was
+        # measured and bought nothing (docs/benchmarks.md, "Router: per-event work").
         first = True
+        stream = parsed.stream
         prev = tail = b""
-        keep_body = not parsed.stream and upstream.status == 200
+        keep_body = not stream and upstream.status == 200
         body_parts: list[bytes] = []
+        kept = 0
         try:
             async for chunk in upstream.content.iter_any():
                 if first:
                     first = False
                     self.metrics.ttft.labels(strategy).observe(time.perf_counter() - t0)
                     self.ledger.first_token(ticket)
-                if parsed.stream:
+                await out.write(chunk)
+                if stream:
                     self.ledger.output_tokens(ticket, chunk.count(b"data: "))
                     prev, tail = tail, chunk  # usage sits in the last event or the one before [DONE]
-                elif keep_body and sum(map(len, body_parts)) < 4 << 20:
+                elif keep_body and kept < _USAGE_BODY_MAX:  # a running total: no O(n^2) re-summing
                     body_parts.append(chunk)
-                await out.write(chunk)
+                    kept += len(chunk)
         except (
             TimeoutError,
             aiohttp.ClientPayloadError,
             aiohttp.ServerDisconnectedError,
             aiohttp.ClientOSError,
         ) as e:
-            self._record_failure(ticket.backend, "stream_broken")
+            self.metrics.errors.labels(ticket.backend, hl.STREAM_BROKEN).inc()
+            self._record_failure(ticket.backend, hl.STREAM_BROKEN)
             log.warning("stream from %s broke mid-way: %r", ticket.backend, e)
             if parsed.stream:
                 err = {
@@ -653,10 +870,39 @@ class Router:
         self.estimator.observe(parsed.text_chars, n)
 
 
+def _dual_stack_socket(port: int) -> socket.socket | None:
+    """A listening socket on [::]:port that also takes IPv4 (IPV6_V6ONLY off), or None without IPv6.
+
+    asyncio always sets IPV6_V6ONLY on the sockets it binds, so `--host ::` would otherwise
+    silently refuse IPv4: kubelet probes and clients on an IPv4 pod IP. vLLM (uvicorn) binds
+    `::` dual-stack; the router does the same.
+    """
+    try:
+        sock = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
+    except OSError:
+        return None
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(("::", port))
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
 async def serve(router: Router, host: str, port: int, probe: bool = True) -> web.AppRunner:
-    """Start serving; returns the runner (call `runner.cleanup()` to stop)."""
-    runner = web.AppRunner(router.app(probe), access_log=None, handler_cancellation=True)
+    """Start serving on `host` (an address: 127.0.0.1, 0.0.0.0, :: (IPv6 and IPv4), a pod IP);
+    returns the runner (call `runner.cleanup()` to stop). Connections go through the front door."""
+    runner = GuardedRunner(router.app(probe), router.gate, access_log=None, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, host, port, reuse_address=True, backlog=2048)
+    site: web.BaseSite
+    sock = _dual_stack_socket(port) if host == "::" else None
+    if sock is not None:
+        site = web.SockSite(runner, sock, backlog=2048)
+    else:
+        site = web.TCPSite(
+            runner, "0.0.0.0" if host == "::" else host, port, reuse_address=True, backlog=2048
+        )
     await site.start()
     return runner

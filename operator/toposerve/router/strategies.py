@@ -23,6 +23,7 @@ prompts at or above ``long_context_threshold`` tokens go to the long-context poo
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -257,28 +258,64 @@ class PrefixIndex:
             del self._map[h]
 
 
-class SessionTable:
-    """session id -> (backend, expiry); LRU-bounded so unbounded user ids cannot exhaust memory."""
+def session_key(session_id: str) -> str:
+    """A fixed-size key for a client-chosen session id (a header or the `user` field).
 
-    def __init__(self, max_sessions: int = 100_000) -> None:
-        self.max_sessions = max_sessions
+    Clients choose these strings, so their length is theirs too: the table keeps a 128-bit
+    digest instead, which bounds every entry's size. `surrogatepass` because JSON may carry lone
+    UTF-16 surrogates that plain UTF-8 encoding rejects.
+    """
+    return hashlib.blake2b(session_id.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+class SessionTable:
+    """session id -> (backend, expiry), bounded by entries, by bytes and by time.
+
+    Keys are digests (`session_key`), so an entry has a fixed size and the byte bound is an
+    entry bound (`ENTRY_BYTES` is a measured CPython figure, with the backend string shared).
+    Expired entries are dropped from the old end as new ones arrive, and the least recently
+    bound entry goes when the table is full, so unbounded user ids cannot exhaust memory.
+    """
+
+    ENTRY_BYTES = 300  # 32-char key str, (backend, expiry) tuple, float, OrderedDict node
+
+    def __init__(self, max_sessions: int = 100_000, max_bytes: int = 64 * 1024 * 1024) -> None:
+        self.max_sessions = max(1, min(max_sessions, max_bytes // self.ENTRY_BYTES))
         self._map: OrderedDict[str, tuple[str, float]] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._map)
 
     def get(self, session_id: str, now: float) -> str | None:
-        """The live binding, if any. A pure read: expired entries age out through the LRU bound."""
-        item = self._map.get(session_id)
+        """The live binding, if any (a pure read)."""
+        item = self._map.get(session_key(session_id))
         if item is None or item[1] <= now:
             return None
         return item[0]
 
     def bind(self, session_id: str, backend: str, now: float, ttl: float) -> None:
-        self._map[session_id] = (backend, now + ttl)
-        self._map.move_to_end(session_id)
+        key = session_key(session_id)
+        self._map[key] = (backend, now + ttl)
+        self._map.move_to_end(key)
+        self.expire(now)
         while len(self._map) > self.max_sessions:
             self._map.popitem(last=False)
+
+    def expire(self, now: float) -> int:
+        """Drop expired entries from the least recently bound end; returns how many.
+
+        With one TTL per table (the router's case) bind order is expiry order, so this stops at
+        the first live entry and costs only what it removes.
+        """
+        n = 0
+        m = self._map
+        while m:
+            key, (_, expiry) = next(iter(m.items()))
+            if expiry > now:
+                break
+            del m[key]
+            n += 1
+        return n
 
 
 @dataclass

@@ -34,6 +34,7 @@ async def serve(**kw: Any) -> AsyncIterator[MockServer]:
     kw.setdefault("model", MODEL)
     kw.setdefault("time_scale", 0.0)
     kw.setdefault("num_gpu_blocks", 1024)
+    kw.setdefault("admin", True)
     server = await MockServer(EngineConfig(**kw)).start()
     try:
         yield server
@@ -583,3 +584,107 @@ async def test_engine_loop_crash_turns_the_engine_unready(monkeypatch: pytest.Mo
         assert_error(st, b, 500, "InternalServerError")
         async with s.get(srv.url + "/health") as r:
             assert r.status == 503
+
+
+# -- hostile input and protection ------------------------------------------------------------------------
+
+
+async def test_lone_surrogate_is_a_400_not_a_500() -> None:
+    async with serve() as srv, aiohttp.ClientSession() as s:
+        content = '"hi \\ud800 there"'  # the JSON escape of a lone surrogate, as a client sends it
+        raw = f'{{"model": "{MODEL}", "messages": [{{"role": "user", "content": {content}}}]}}'
+        for path in ("/v1/chat/completions", "/tokenize"):
+            async with s.post(srv.url + path, data=raw, headers={"Content-Type": "application/json"}) as r:
+                assert_error(r.status, await r.json(), 400, "BadRequestError")
+        # the tokenizer itself never raises on them either
+        assert srv.engine is not None and len(srv.engine.tokenizer.encode("a \ud800 b")) == 3
+
+
+async def test_huge_prompt_is_tokenized_only_up_to_the_context_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serve(max_model_len=2048) as srv, aiohttp.ClientSession() as s:
+        assert srv.engine is not None
+        seen: list[int] = []
+        encode = srv.engine.tokenizer.encode
+
+        def counting(text: str, limit: int | None = None) -> list[int]:
+            ids = encode(text, limit)
+            seen.append(len(ids))
+            return ids
+
+        monkeypatch.setattr(srv.engine.tokenizer, "encode", counting)
+        prompt = "word " * 2_000_000  # 10 MB, two million tokens
+        st, b = await post(
+            s, srv.url + "/v1/completions", {"model": MODEL, "prompt": prompt, "max_tokens": 1}
+        )
+        assert_error(st, b, 400, "BadRequestError")
+        assert "at least 2050" in b["error"]["message"]
+        assert seen == [2049]  # stopped one past the limit instead of walking ten megabytes
+
+
+async def test_deeply_nested_json_and_odd_content_parts_are_400_or_served() -> None:
+    async with serve() as srv, aiohttp.ClientSession() as s:
+        deep = "[" * 100_000 + "]" * 100_000
+        async with s.post(srv.url + "/v1/completions", data=deep) as r:
+            assert_error(r.status, await r.json(), 400, "BadRequestError")
+        body = {"model": MODEL, "max_tokens": 2, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": 7}, {"type": "text", "text": None}]}
+        ]}  # fmt: skip
+        st, _ = await post(s, srv.url + "/v1/chat/completions", body)
+        assert st == 200
+
+
+async def test_poisoned_prompt_fails_every_time_others_succeed() -> None:
+    async with (
+        serve(faults=FaultConfig(poison="QUERY-OF-DEATH", fail_status=500)) as srv,
+        aiohttp.ClientSession() as s,
+    ):
+        url = srv.url + "/v1/completions"
+        for _ in range(3):
+            st, b = await post(s, url, {"model": MODEL, "prompt": "x QUERY-OF-DEATH y", "max_tokens": 2})
+            assert_error(st, b, 500, "InternalServerError")
+        st, _ = await post(s, url, {"model": MODEL, "prompt": "fine", "max_tokens": 2})
+        assert st == 200
+        st, cfg = await post(s, srv.url + "/admin/faults", {"poison": ""})
+        assert st == 200 and cfg["poison"] == ""
+        st, b = await post(s, srv.url + "/admin/faults", {"poison": 3})
+        assert_error(st, b, 400, "BadRequestError")
+
+
+async def test_admin_endpoints_are_off_by_default_and_take_a_token() -> None:
+    async with serve(admin=False) as srv, aiohttp.ClientSession() as s:
+        for method, path in (
+            ("POST", "/admin/faults"),
+            ("GET", "/admin/state"),
+            ("POST", "/reset_prefix_cache"),
+        ):
+            async with s.request(method, srv.url + path, json={"unready": True}) as r:
+                assert_error(r.status, await r.json(), 404, "NotFoundError")
+        async with s.get(srv.url + "/health") as r:
+            assert r.status == 200
+    async with serve(admin=False, admin_token="s3cret") as srv, aiohttp.ClientSession() as s:
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            async with s.post(srv.url + "/admin/faults", json={"unready": True}, headers=headers) as r:
+                assert_error(r.status, await r.json(), 401, "AuthenticationError")
+        async with s.get(srv.url + "/health") as r:
+            assert r.status == 200  # the refused calls changed nothing
+        auth = {"Authorization": "Bearer s3cret"}
+        async with s.post(srv.url + "/admin/faults", json={"unready": True}, headers=auth) as r:
+            assert r.status == 200
+        async with s.get(srv.url + "/health") as r:
+            assert r.status == 503
+
+
+def test_cli_binds_loopback_by_default_and_reads_the_admin_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from toposerve.cli import build_parser
+    from toposerve.mockengine.cli import config_from_args
+
+    monkeypatch.delenv("TOPOSERVE_MOCK_ADMIN_TOKEN", raising=False)
+    args = build_parser().parse_args(["mock-engine"])
+    assert args.host == "127.0.0.1"
+    cfg = config_from_args(args)
+    assert isinstance(cfg, EngineConfig) and not cfg.admin and cfg.admin_token is None
+    monkeypatch.setenv("TOPOSERVE_MOCK_ADMIN_TOKEN", "t0k")
+    cfg = config_from_args(build_parser().parse_args(["mock-engine", "--poison", "boom"]))
+    assert isinstance(cfg, EngineConfig) and cfg.admin_token == "t0k" and cfg.faults.poison == "boom"
+    cfg = config_from_args(build_parser().parse_args(["mock-engine", "--enable-admin"]))
+    assert isinstance(cfg, EngineConfig) and cfg.admin

@@ -11,7 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import aiohttp
@@ -20,7 +20,7 @@ from aiohttp import web
 
 from toposerve.router import strategies as st
 from toposerve.router.endpoints import BackendSpec
-from toposerve.router.proxy import Router, RouterConfig, parse_engine_metrics, serve
+from toposerve.router.proxy import Router, RouterConfig, parse_engine_metrics, parse_request, serve
 
 
 @dataclass
@@ -34,13 +34,18 @@ class Upstream:
     waiting: int = 3
     gate: asyncio.Event = field(default_factory=asyncio.Event)
     received: list[dict[str, Any]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)
+    poison: str = "POISON"  # a prompt containing it gets a 500 on every upstream (a query of death)
     cancelled: int = 0
     url: str = ""
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.received.append(body)
-        if self.mode == "error500":
+        self.headers.append(dict(request.headers))
+        if self.mode == "hang":
+            await asyncio.Event().wait()
+        if self.mode == "error500" or self.poison in json.dumps(body):
             return web.json_response({"error": "boom"}, status=500)
         prompt_tokens = 40
         if not body.get("stream"):
@@ -73,6 +78,9 @@ class Upstream:
         return resp
 
     async def health_h(self, request: web.Request) -> web.Response:
+        if self.health == 0:  # as good as down: drop the connection
+            assert request.transport is not None
+            request.transport.abort()
         return web.Response(status=self.health)
 
     async def metrics_h(self, request: web.Request) -> web.Response:
@@ -105,7 +113,11 @@ async def harness() -> AsyncIterator[Harness]:
     runners: list[web.AppRunner] = []
 
     async def start(
-        n: int = 2, cfg: RouterConfig | None = None, extra_urls: tuple[str, ...] = (), **up: Any
+        n: int = 2,
+        cfg: RouterConfig | None = None,
+        extra_urls: tuple[str, ...] = (),
+        expose: bool = True,
+        **up: Any,
     ) -> tuple[Router, str, list[Upstream]]:
         ups = []
         for _ in range(n):
@@ -118,7 +130,8 @@ async def harness() -> AsyncIterator[Harness]:
             u.url = f"http://127.0.0.1:{r.addresses[0][1]}"
             ups.append(u)
         specs = [BackendSpec(u.url) for u in ups] + [BackendSpec(x) for x in extra_urls]
-        router = Router(specs, cfg or RouterConfig(strategy=st.ROUND_ROBIN))
+        # the tests read x-toposerve-backend, which is opt-in (it reveals pod addresses)
+        router = Router(specs, replace(cfg or RouterConfig(strategy=st.ROUND_ROBIN), expose_backend=expose))
         rr = await serve(router, "127.0.0.1", 0, probe=False)
         runners.append(rr)
         return router, f"http://127.0.0.1:{rr.addresses[0][1]}", ups
@@ -199,11 +212,15 @@ async def test_retry_once_on_5xx_before_first_byte(harness: Harness) -> None:
     assert ledger_idle(router)
 
 
-async def test_both_fail_gives_clean_502(harness: Harness) -> None:
+async def test_both_fail_passes_on_the_engine_error_and_blames_nobody(harness: Harness) -> None:
     router, url, ups = await harness(2, mode="error500")
-    status, text = await _post(url + "/v1/chat/completions", chat())
-    assert status == 500 and json.loads(text)["error"]["type"] == "upstream"
-    assert len(ups[0].received) + len(ups[1].received) == 2  # exactly one retry
+    for _ in range(router.cfg.eject_after * 3):  # enough to eject everyone if failures counted
+        status, text = await _post(url + "/v1/chat/completions", chat())
+        err = json.loads(text)["error"]
+        assert status == 500 and err["type"] == "InternalServerError" and err["code"] == 500
+    # exactly one retry per request, and a request that fails everywhere is the request's fault
+    assert len(ups[0].received) + len(ups[1].received) == 2 * router.cfg.eject_after * 3
+    assert all(b.healthy(time.monotonic()) and b.health.failures == 0 for b in router.backends.values())
     assert ledger_idle(router)
 
 
@@ -267,7 +284,8 @@ async def test_saturated_gives_429_and_no_backend_gives_503(harness: Harness) ->
     await router.probe_all()
     status, _ = await _post(url + "/v1/chat/completions", chat())
     assert status == 503
-    assert (await _get(url + "/health"))[0] == 503
+    # The router stays ready (its Service keeps it): clients get a 503 with Retry-After, not a refusal.
+    assert (await _get(url + "/health"))[0] == 200
     ups[0].health = 200  # the active probe brings it back
     await router.probe_all()
     assert (await _post(url + "/v1/chat/completions", chat()))[0] == 200
@@ -455,3 +473,115 @@ async def test_custom_session_header_and_gpu_weighting_switch(harness: Harness) 
                 seen.add(r.headers["x-toposerve-backend"])
                 assert r.headers["x-toposerve-route-reason"] in (st.R_SESSION_NEW, st.R_SESSION_HIT)
     assert len(seen) == 1
+
+
+async def test_a_poisoned_request_cannot_take_backends_out_of_rotation(harness: Harness) -> None:
+    router, url, ups = await harness(2)
+    for _ in range(router.cfg.eject_after * 4):
+        status, text = await _post(url + "/v1/chat/completions", chat("please POISON the fleet"))
+        assert status == 500 and json.loads(text)["error"]["code"] == 500
+    now = time.monotonic()
+    assert all(b.healthy(now) for b in router.backends.values())
+    assert (await _get(url + "/health"))[0] == 200
+    seen = set()
+    for i in range(4):
+        async with (
+            aiohttp.ClientSession() as s,
+            s.post(url + "/v1/chat/completions", json=chat(f"ok {i}")) as r,
+        ):
+            assert r.status == 200
+            seen.add(r.headers["x-toposerve-backend"])
+    assert seen == {u.url for u in ups}
+
+
+async def test_a_crash_ejects_once_and_the_probe_re_admits_the_restarted_backend(harness: Harness) -> None:
+    router, url, ups = await harness(2, mode="break")
+    b0 = router.backends[ups[0].url]
+    held = []
+    async with aiohttp.ClientSession() as s:
+        for _ in range(16):  # eight streams on each backend, all in flight
+            r = await s.post(url + "/v1/chat/completions", json=chat(stream=True))
+            await r.content.readuntil(b"\n\n")
+            held.append(r)
+        for u in ups:
+            u.gate.set()  # the "crash": every stream breaks
+        for r in held:
+            await r.read()
+            r.close()
+    await eventually(lambda: ledger_idle(router))
+    # one backend ejected (the cap keeps the other), held for the base time, not doubled per failure
+    ejected = [b for b in router.backends.values() if b.health.ejected(time.monotonic())]
+    assert len(ejected) == 1 and ejected[0].health.ejections == 1
+    assert ejected[0].health.ejected_until - time.monotonic() <= router.cfg.eject_base_s
+    # the engine restarts: the probe sees it down, then up, and re-admits it at once
+    b = ejected[0]
+    up = next(u for u in ups if u.url == b.spec.url)
+    up.health = 503
+    await router.probe_all()
+    up.health, up.mode = 200, "ok"
+    await router.probe_all()
+    assert b.healthy(time.monotonic())
+    assert b0.healthy(time.monotonic())
+
+
+async def test_connection_named_headers_are_not_forwarded_and_backend_header_is_opt_in(
+    harness: Harness,
+) -> None:
+    _router, url, ups = await harness(1, expose=False)
+    async with aiohttp.ClientSession() as s:
+        h = {"Connection": "keep-alive, X-Secret-Hop", "X-Secret-Hop": "1", "X-Kept": "2"}
+        async with s.post(url + "/v1/chat/completions", json=chat(), headers=h) as r:
+            assert r.status == 200
+            assert "x-toposerve-backend" not in r.headers  # pod addresses stay private by default
+            assert r.headers["x-toposerve-route-reason"] == st.R_ROUND_ROBIN
+    sent = {k.lower() for k in ups[0].headers[-1]}
+    assert "x-kept" in sent and "x-secret-hop" not in sent
+
+
+def test_parse_request_is_total_on_odd_json() -> None:
+    cfg = RouterConfig()
+    est = st.TokenEstimator()
+    odd = {
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": 5}, {"text": None}, {"text": "ok"}]},
+            {"role": 7, "content": {"x": 1}},
+            "not a message",
+        ],
+        "max_tokens": 10**400,
+        "n": 10**50,
+        "stream": "false",
+        "user": "u" * 100_000,
+    }
+    p = parse_request("/v1/chat/completions", odd, {}, est, cfg)
+    assert not p.stream and p.text_chars == len("user\nok\n\n\n")
+    assert p.request.max_tokens <= 2**24 * 128
+    mem = st.RoutingMemory()
+    backends = [st.BackendState("a"), st.BackendState("b")]
+    d = st.choose(st.AUTO, p.request, backends, mem, cfg.routing, 0.0)  # no OverflowError
+    assert d is not None
+    st.commit(mem, st.AUTO, p.request, d, cfg.routing, 0.0)
+    assert all(len(k) == 32 for k in mem.sessions._map)
+    for stream, want in (
+        ("true", True),
+        (True, True),
+        (1, True),
+        ("false", False),
+        (0, False),
+        (None, False),
+    ):
+        assert (
+            parse_request("/v1/completions", {"prompt": "x", "stream": stream}, {}, est, cfg).stream is want
+        )
+    assert parse_request("/v1/completions", {"prompt": [1, True, 3]}, {}, est, cfg).request.prompt_tokens >= 0
+
+
+async def test_an_upstream_that_never_answers_gets_one_504_without_retry_or_blame(harness: Harness) -> None:
+    router, url, ups = await harness(
+        2, cfg=RouterConfig(strategy=st.ROUND_ROBIN, read_timeout_s=0.2), mode="hang"
+    )
+    status, text = await _post(url + "/v1/chat/completions", chat())
+    err = json.loads(text)["error"]
+    assert status == 504 and err["type"] == "GatewayTimeoutError"
+    assert len(ups[0].received) + len(ups[1].received) == 1
+    assert all(b.health.failures == 0 for b in router.backends.values())
+    await eventually(lambda: ledger_idle(router))

@@ -104,6 +104,21 @@ def test_session_table_ttl_and_bound() -> None:
     assert len(t) == 2 and t.get("u1", 1.0) is None
 
 
+def test_session_table_bounds_key_size_bytes_and_time() -> None:
+    t = s.SessionTable(max_sessions=1000, max_bytes=100 * s.SessionTable.ENTRY_BYTES)
+    assert t.max_sessions == 100  # the byte bound is the tighter one
+    huge = "u" * 1_000_000 + "\ud800"  # a megabyte id with a lone surrogate
+    t.bind(huge, "b1", 0.0, 10)
+    assert t.get(huge, 1.0) == "b1" and t.get(huge[:-1], 1.0) is None
+    assert all(len(k) == 32 for k in t._map)  # stored as a fixed-size digest
+    for i in range(500):
+        t.bind(f"user-{i}", "b1", float(i) / 100, 10)
+    assert len(t) == 100
+    # time: everything bound before now - ttl is gone at the next bind, without a full scan
+    t.bind("late", "b2", 100.0, 10)
+    assert len(t) == 1 and t.get("late", 100.0) == "b2"
+
+
 # ------------------------------------------------------------------------------------------ baselines
 
 

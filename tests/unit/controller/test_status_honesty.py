@@ -1,0 +1,79 @@
+"""Status that cannot lie: the router counts for Ready, unschedulable LWS workers count as stuck
+replicas (once per group), a refused apply is a condition, a gated model without a token is said."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from toposerve.controller.conditions import PoolObs, compute_status
+from toposerve.controller.observe import router_readiness, summarize
+
+from .test_observe_and_status import NOW, cond, obs, placement, pod
+
+
+def worker(gpu: str, group: str, unsched_for: float | None = None, node: str | None = None) -> dict[str, Any]:
+    p = pod(gpu, node=node, unsched_for=unsched_for)
+    p["metadata"]["labels"] |= {
+        "app.kubernetes.io/component": "worker",
+        "leaderworkerset.sigs.k8s.io/name": "llm-default-h100",
+        "leaderworkerset.sigs.k8s.io/group-index": group,
+    }
+    return p
+
+
+def leader(gpu: str, group: str, **kw: Any) -> dict[str, Any]:
+    p = pod(gpu, **kw)
+    p["metadata"]["labels"] |= {
+        "leaderworkerset.sigs.k8s.io/name": "llm-default-h100",
+        "leaderworkerset.sigs.k8s.io/group-index": group,
+    }
+    return p
+
+
+def test_an_unschedulable_worker_makes_its_group_a_stuck_replica_once() -> None:
+    pods = [
+        leader("H100", "0", node="n1"),
+        worker("H100", "0", unsched_for=120),
+        worker("H100", "0", unsched_for=120),  # second worker of the same group: still one replica
+        leader("H100", "1", ready=True),
+        worker("H100", "1", node="n2"),
+    ]
+    f = summarize(pods, NOW, patience_seconds=60)[("default", "H100")]
+    assert (f.pods, f.ready, f.pending, f.stuck) == (2, 1, 1, 1)
+    assert f.messages  # the scheduler's words reach status
+
+
+def test_ready_needs_a_ready_router() -> None:
+    pools = [PoolObs("default", True, placements=[placement("H100", 2, 2)])]
+    down = compute_status(obs(pools=pools, router=(2, 0)), [], "t")
+    assert cond(down, "Ready")["status"] == "False" and cond(down, "Ready")["reason"] == "RouterNotReady"
+    up = compute_status(obs(pools=pools, router=(2, 1)), [], "t")
+    assert cond(up, "Ready")["status"] == "True"
+    no_router = compute_status(obs(pools=pools, router=None), [], "t")
+    assert cond(no_router, "Ready")["status"] == "True"
+    router_pod = pod("H100", ready=True)
+    router_pod["metadata"]["labels"]["app.kubernetes.io/component"] = "router"
+    assert router_readiness([router_pod, pod("H100", ready=True)]) == (1, 1)
+
+
+def test_a_refused_apply_is_a_condition_with_the_generation() -> None:
+    pools = [PoolObs("default", True, placements=[placement("H100", 2, 2)])]
+    s = compute_status(obs(pools=pools, apply_error="applying Deployment x failed: 422 bad"), [], "t")
+    prog, deg = cond(s, "Progressing"), cond(s, "Degraded")
+    assert (prog["status"], prog["reason"], prog["observedGeneration"]) == ("False", "ApplyFailed", 3)
+    assert deg["status"] == "True" and deg["reason"] == "ApplyFailed" and "422" in deg["message"]
+
+
+def test_notices_degrade_without_blocking() -> None:
+    pools = [PoolObs("default", True, placements=[placement("H100", 2, 2)])]
+    s = compute_status(
+        obs(pools=pools, notices=[("HFTokenMissing", "set spec.serving.hfTokenSecret")]), [], "t"
+    )
+    assert cond(s, "Degraded")["reason"] == "HFTokenMissing" and cond(s, "Ready")["status"] == "True"
+
+
+def test_topology_choice_is_in_pool_status() -> None:
+    pools = [PoolObs("default", True, placements=[placement("H100", 1, 1)], topology_key="nvidia.com/gpu.clique",
+                     topology_reason="H100 nodes carry nvidia.com/gpu.clique")]  # fmt: skip
+    s = compute_status(obs(pools=pools, replicas=1), [], "t").model_dump(by_alias=True)
+    assert s["pools"][0]["topologyKey"] == "nvidia.com/gpu.clique"
