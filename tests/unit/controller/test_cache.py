@@ -9,8 +9,10 @@ from typing import Any
 
 from toposerve.api.gpus import DEFAULT_CATALOG
 from toposerve.controller.cache import (
+    BOUND_PODS,
     Change,
     InventoryStore,
+    Reflector,
     pod_use,
     slim_node,
     waits_for_capacity,
@@ -214,3 +216,75 @@ def test_who_waits_for_capacity() -> None:
         llmd({**settled, "conditions": [cond("Ready", "False", "ReplicasNotReady")]})
     )
     assert waits_for_capacity(llmd({**settled, "pools": [{"name": "p", "pendingReason": "no H100 free"}]}))
+
+
+class ScriptedKube:
+    """list_all/watch answers from a script; the reflector's loop runs in the test's own thread."""
+
+    def __init__(self, lists: list[list[dict[str, Any]]], watches: list[list[dict[str, Any]]]) -> None:
+        self.lists, self.watches = lists, watches
+        self.calls: list[tuple[str, str | None]] = []
+        self.reflector: Reflector | None = None
+
+    def list_all(self, api_version: str, kind: str, namespace: str | None, **kw: Any) -> tuple[Any, str]:
+        self.calls.append(("list", kw.get("fields")))
+        return self.lists.pop(0), "10"
+
+    def watch(self, api_version: str, kind: str, namespace: str | None, rv: str, **kw: Any) -> Any:
+        self.calls.append(("watch", rv))
+        if not self.watches:
+            assert self.reflector is not None
+            self.reflector.stop.set()
+            return
+        yield from self.watches.pop(0)
+
+
+def test_the_reflector_lists_watches_and_relists_when_its_version_is_gone() -> None:
+    s = store()
+    s.replace_nodes([node("n0")])
+    gone = {"type": "ERROR", "object": {"code": 410, "message": "too old resource version"}}
+    bound = pod("p", "n0", gpus=8)
+    bound["metadata"]["resourceVersion"] = "11"
+    bookmark = {"type": "BOOKMARK", "object": {"metadata": {"resourceVersion": "12"}}}
+    kube = ScriptedKube(
+        lists=[[], [pod("q", "n0", gpus=2)]],
+        watches=[[{"type": "ADDED", "object": bound}, gone], [bookmark]],
+    )
+    changes: list[Change] = []
+    r = Reflector(kube, "v1", "Pod", s.replace_pods, s.pod_event, changes.append, fields=BOUND_PODS)  # type: ignore[arg-type]
+    kube.reflector = r
+    r._run()
+    # list, watch from the list's version, the pod arrives; 410: list again, watch from there; the
+    # stream ends (server timeout): watch again from the bookmark, no list.
+    assert kube.calls == [
+        ("list", BOUND_PODS), ("watch", "10"), ("list", BOUND_PODS), ("watch", "10"), ("watch", "12")
+    ]  # fmt: skip
+    assert s.inventory().free_gpus("H100") == 6  # the relist replaced what the first watch said
+    assert changes == [Change(capacity=True), Change(capacity=True)]
+
+
+def test_inventory_changes_wake_who_may_care() -> None:
+    from toposerve.controller.operator import Known, Runtime, _on_inventory
+    from toposerve.controller.reconcile import Context
+
+    rt = Runtime(ctx=Context(kube=None), namespaces=[])  # type: ignore[arg-type]
+    rt.known = {("ns", "waiting"): Known((1,), waits=True), ("ns", "settled"): Known((1,), waits=False)}
+    _on_inventory(rt, Change(capacity=True))
+    assert set(rt.queue._due) == {("ns", "waiting")}
+    _on_inventory(rt, Change(capacity=True, types=True))
+    assert set(rt.queue._due) == {("ns", "waiting"), ("ns", "settled")}
+
+
+def test_our_own_status_write_coming_back_is_no_trigger() -> None:
+    from toposerve.controller.operator import trigger
+
+    body: dict[str, Any] = {"metadata": {"generation": 3, "labels": {"a": "1"}}, "status": {}}
+    written = copy.deepcopy(body)
+    written["status"] = {"observedGeneration": 3}
+    written["metadata"]["resourceVersion"] = "99"
+    assert trigger(written) == trigger(body)
+    for change in ({"generation": 4}, {"labels": {"a": "2"}}, {"annotations": {"x": "y"}},
+                   {"deletionTimestamp": "2026-12-01T10:00:00Z"}):  # fmt: skip
+        edited = copy.deepcopy(body)
+        edited["metadata"].update(change)
+        assert trigger(edited) != trigger(body), change
