@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -256,8 +257,10 @@ class Reflector:
         on_change: Callable[[Change], None],
         fields: str | None = None,
         server_timeout: int = 60,
+        min_watch_seconds: float = 1.0,
     ) -> None:
         self.kube, self.api_version, self.kind, self.fields = kube, api_version, kind, fields
+        self.min_watch_seconds = min_watch_seconds  # a watch ending sooner backs off before the next
         self.replace, self.event, self.on_change = replace, event, on_change
         self.server_timeout = server_timeout
         self.stop = threading.Event()
@@ -274,6 +277,7 @@ class Reflector:
                 if rv is None:
                     items, rv = self.kube.list_all(self.api_version, self.kind, None, fields=self.fields)
                     self._notify(self.replace(items))
+                started = time.monotonic()
                 for ev in self.kube.watch(
                     self.api_version,
                     self.kind,
@@ -292,7 +296,11 @@ class Reflector:
                     rv = (obj.get("metadata") or {}).get("resourceVersion") or rv
                     if kind in ("ADDED", "MODIFIED", "DELETED"):
                         self._notify(self.event(kind, obj))
-                backoff = 1.0
+                if time.monotonic() - started < self.min_watch_seconds:  # do not hammer the server
+                    self.stop.wait(backoff)
+                    backoff = min(30.0, backoff * 2)
+                else:
+                    backoff = 1.0
             except ApiException as e:
                 rv = None if e.status == 410 else rv
                 log.warning("%s watch failed (%s); retrying in %.0fs", self.kind, e.status, backoff)

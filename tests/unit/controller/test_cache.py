@@ -251,7 +251,9 @@ def test_the_reflector_lists_watches_and_relists_when_its_version_is_gone() -> N
         watches=[[{"type": "ADDED", "object": bound}, gone], [bookmark]],
     )
     changes: list[Change] = []
-    r = Reflector(kube, "v1", "Pod", s.replace_pods, s.pod_event, changes.append, fields=BOUND_PODS)  # type: ignore[arg-type]
+    r = Reflector(
+        kube, "v1", "Pod", s.replace_pods, s.pod_event, changes.append, BOUND_PODS, min_watch_seconds=0
+    )  # type: ignore[arg-type]
     kube.reflector = r
     r._run()
     # list, watch from the list's version, the pod arrives; 410: list again, watch from there; the
