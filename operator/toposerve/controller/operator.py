@@ -6,8 +6,16 @@ workers drain the queue with the level-triggered ``reconcile``. There are no cre
 handlers, so kopf keeps no progress or diff-base annotations on users' objects and adds no
 finalizers: deletion is plain garbage collection through owner references, and an operator that
 is down never blocks it. A deployment in GPU fallback requeues itself to look for capacity coming
-back; a slow periodic resync is only a safety net. With ``--leader-elect`` several replicas can run and exactly one, the
-holder of a coordination.k8s.io Lease, reconciles; the others watch and wait.
+back; a slow periodic resync is only a safety net. With ``--leader-elect`` several replicas can
+run and exactly one, the holder of a coordination.k8s.io Lease, reconciles; the others watch and
+wait.
+
+Server-side filtering: kopf's ``labels=`` on a handler filters *client-side* (every pod event in
+the cluster would reach us), so the serving-pod label selector is set per resource in
+``settings.watching.label_selectors``, which kopf sends as ``labelSelector`` on its list and watch.
+kopf runs one stream per resource with one selector set, so the inventory's cluster-wide watches
+of nodes and bound pods (another selector, every namespace) are our own (``controller/cache.py``).
+Our own status writes come back as events; they carry nothing new and do not enqueue.
 """
 
 from __future__ import annotations
