@@ -62,6 +62,7 @@ class Runtime:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
     # Every LLMDeployment seen: what of it triggers a reconcile, and whether it waits for capacity.
     known: dict[tuple[str, str], Known] = field(default_factory=dict)
+    waiting: set[tuple[str, str]] = field(default_factory=set)  # those of ``known`` waiting for capacity
     watch_inventory: bool = True  # the watch-fed inventory (controller/cache.py)
 
 
@@ -242,9 +243,8 @@ def _on_inventory(rt: Runtime, change: Change) -> None:
     a change in free capacity only concerns the deployments waiting for it (in fallback, pending,
     or not fitting). The short delay coalesces a burst of events into one reconcile each.
     """
-    for key, known in rt.known.items():
-        if change.types or known.waits:
-            rt.queue.add(key, INVENTORY_COALESCE_SECONDS)
+    for key in rt.known if change.types else rt.waiting:
+        rt.queue.add(key, INVENTORY_COALESCE_SECONDS)
     metrics.QUEUE_DEPTH.set(len(rt.queue))
 
 
@@ -310,11 +310,16 @@ def _on_llmdeployment(
     key = (namespace or "", name)
     if event.get("type") == "DELETED":
         rt.known.pop(key, None)
+        rt.waiting.discard(key)
         rt.queue.forget(key)
         return
     previous = rt.known.get(key)
     now = Known(trigger(body), waits_for_capacity(body))
     rt.known[key] = now
+    if now.waits:
+        rt.waiting.add(key)
+    else:
+        rt.waiting.discard(key)
     if previous is None or previous.trigger != now.trigger:
         rt.queue.add(key)
 

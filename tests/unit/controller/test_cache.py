@@ -266,14 +266,32 @@ def test_the_reflector_lists_watches_and_relists_when_its_version_is_gone() -> N
 
 
 def test_inventory_changes_wake_who_may_care() -> None:
-    from toposerve.controller.operator import Known, Runtime, _on_inventory
+    from toposerve.controller import operator
     from toposerve.controller.reconcile import Context
 
-    rt = Runtime(ctx=Context(kube=None), namespaces=[])  # type: ignore[arg-type]
-    rt.known = {("ns", "waiting"): Known((1,), waits=True), ("ns", "settled"): Known((1,), waits=False)}
-    _on_inventory(rt, Change(capacity=True))
+    rt = operator.Runtime(ctx=Context(kube=None), namespaces=[])  # type: ignore[arg-type]
+    operator.RUNTIME = rt
+    settled = {"observedGeneration": 1, "conditions": [cond("Ready", "True")]}
+    fallback = {"observedGeneration": 1, "conditions": [cond("Degraded", "True", "FallbackActive")]}
+
+    def event(name: str, status: dict[str, Any], kind: str = "MODIFIED") -> None:
+        body = {"metadata": {"name": name, "namespace": "ns", "generation": 1}, "status": status}
+        operator._on_llmdeployment(event={"type": kind}, body=body, name=name, namespace="ns")  # type: ignore[arg-type]
+
+    event("settled", settled)
+    event("waiting", fallback)
+    event("leaving", fallback)
+    event("leaving", fallback, "DELETED")
+    rt.queue._due.clear()
+    event("settled", {**settled, "readyReplicas": 1})  # status only: no reconcile
+    assert not rt.queue._due
+    operator._on_inventory(rt, Change(capacity=True))
     assert set(rt.queue._due) == {("ns", "waiting")}
-    _on_inventory(rt, Change(capacity=True, types=True))
+    event("waiting", settled)  # back on its preferred type: no longer waits
+    rt.queue._due.clear()
+    operator._on_inventory(rt, Change(capacity=True))
+    assert not rt.queue._due
+    operator._on_inventory(rt, Change(capacity=True, types=True))
     assert set(rt.queue._due) == {("ns", "waiting"), ("ns", "settled")}
 
 
