@@ -125,6 +125,19 @@ def reconciles() -> float:
     )
 
 
+def api_latency() -> dict[str, tuple[int, float]]:
+    """The operator's API calls so far: count and mean seconds per HTTP method."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        for name, into in (("_sum{", sums), ("_count{", counts)):
+            if line.startswith("toposerve_api_request_duration_seconds" + name):
+                method = line.split('method="')[1].split('"')[0]
+                into[method] = float(line.split()[-1])
+    return {m: (int(counts[m]), round(sums[m] / counts[m], 4)) for m in counts if counts[m]}
+
+
 def wait_quiet(timeout: float, quiet: float = 15.0) -> float:
     """Seconds until the reconcile counter has not moved for ``quiet`` seconds."""
     t0 = time.monotonic()
@@ -142,6 +155,24 @@ def wait_quiet(timeout: float, quiet: float = 15.0) -> float:
 def proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_by_process(operator_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the operator, the control plane's processes (by name) and the
+    whole machine, to tell where the time of a burst goes on a shared machine."""
+    out: dict[str, float] = {"operator": proc_cpu_seconds(operator_pid)}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            name = (proc / "comm").read_text().strip()
+            if name in ("kube-apiserver", "etcd", "kube-controller", "kube-scheduler", "kwok-controller"):
+                out[name] = out.get(name, 0.0) + proc_cpu_seconds(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    out["machine_busy"] = (sum(map(int, fields)) - int(fields[3]) - int(fields[4])) / os.sysconf("SC_CLK_TCK")
+    return out
 
 
 def proc_rss_mib(pid: int) -> float:
@@ -173,10 +204,16 @@ def main() -> int:
     try:
         time.sleep(3)
         t_status: float | None = None
+        cpu: dict[str, float] = {}
         if args.burst:
+            c0 = cpu_by_process(op.pid)
             t0 = time.monotonic()
             t_apply = create_burst(args.n, args.burst)
             t_status = wait_status(args.n, 900, t0)
+            c1 = cpu_by_process(op.pid)
+            cpu = {k: round(v - c0.get(k, 0.0), 1) for k, v in c1.items()}
+            print(f"CPU seconds until then: {cpu}")
+            print(f"operator API calls until then (count, mean s): {api_latency()}")
             wait_converged(args.n, 900)
             t_conv = time.monotonic() - t0
             print(f"{args.n} LLMDeployments created at once ({args.burst} in flight): creates {t_apply:.1f}s, "
@@ -194,7 +231,7 @@ def main() -> int:
             out = Path(args.out)
             result_n = {"n": args.n, "burst": args.burst, "workers": args.workers, "create_seconds": round(t_apply, 2),
                         "status_seconds": round(t_status or 0, 2), "converge_seconds": round(t_conv, 2),
-                        "reconciles": reconciles(), "command": " ".join(sys.argv)}  # fmt: skip
+                        "reconciles": reconciles(), "cpu_seconds": cpu, "command": " ".join(sys.argv)}  # fmt: skip
             (out / f"operator-burst-{args.n}.json").write_text(json.dumps(result_n, indent=2) + "\n")
             print(json.dumps(result_n, indent=2))
             return 0

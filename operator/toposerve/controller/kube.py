@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import json
 import socket
+import time
 from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +20,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from toposerve import API_GROUP, API_VERSION
+from toposerve.controller import metrics
 
 FIELD_MANAGER = "toposerve"
 LLMD_PLURAL = "llmdeployments"
@@ -99,10 +101,12 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
+        start = time.perf_counter()
         resp = self.api.call_api(
             method, full_url, header_params=headers, body=body, _request_timeout=self.timeout
         )
         data = resp.read()  # type: ignore[no-untyped-call]
+        metrics.API_SECONDS.labels(method).observe(time.perf_counter() - start)
         text = data.decode() if isinstance(data, bytes) else (data or "")
         if not 200 <= resp.status < 300:
             raise ApiException.from_response(http_resp=resp, body=text, data=None)
