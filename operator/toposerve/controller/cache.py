@@ -328,6 +328,7 @@ class InventoryCache:
         on_change: Callable[[Change], None] = lambda _: None,
     ) -> None:
         self.store = InventoryStore(catalog, schemes)
+        self._said_synced = False
         self.reflectors = [
             Reflector(kube, "v1", "Node", self.store.replace_nodes, self.store.node_event, on_change),
             Reflector(
@@ -337,6 +338,14 @@ class InventoryCache:
 
     @property
     def synced(self) -> bool:
+        if self.store.synced and not self._said_synced:
+            self._said_synced = True
+            inv = self.store.inventory()
+            log.info(
+                "inventory from watches: %d nodes, %d pods with requests",
+                len(inv.nodes),
+                self.store.pod_count(),
+            )
         return self.store.synced
 
     def inventory(self) -> Inventory:
