@@ -4,10 +4,15 @@
    its status written for the current generation;
 2. the operator's CPU and RSS at rest with M LLMDeployments (after convergence, sampled from /proc).
 
+``--burst`` replaces step 1 with N creates sent at once (``--burst`` concurrent POSTs through the
+API, not one-by-one kubectl) and reports the time from the first create to every object carrying
+``status.observedGeneration == metadata.generation`` (seen through a watch), with the CPU seconds
+each process used until then; ``--m 0`` skips step 2.
+
 The deployments use replicas 0 (their workloads exist, scaled to zero) and no router, so neither
 the simulated GPU fleet's capacity nor 1,000 router processes limit the control-plane work measured.
 
-Usage: make cluster-up && .venv/bin/python bench/operator/run.py [--n 200] [--m 1000] [--rest 60]
+Usage: make cluster-up && .venv/bin/python bench/operator/run.py [--n 200] [--m 1000] [--rest 60] [--burst 32]
 """
 
 from __future__ import annotations
@@ -17,8 +22,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +74,65 @@ def converged(n: int) -> tuple[int, int]:
     return done, deps
 
 
+def api() -> Any:
+    from toposerve.controller.kube import Kube, load_client
+
+    return Kube(load_client(str(KUBECONFIG)))
+
+
+def create_burst(n: int, threads: int) -> float:
+    """POST ``n`` LLMDeployments with ``threads`` in flight; the time until the last create returned."""
+    kube = api()
+    url = f"/apis/toposerve.io/v1alpha1/namespaces/{NS}/llmdeployments"
+    t0 = time.monotonic()
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda i: kube.request("POST", url, body=manifest(i)), range(n)))
+    return time.monotonic() - t0
+
+
+class StatusWatch:
+    """Watches the bench namespace's LLMDeployments (one stream: polling 200 objects several times
+    a second would load the API server of a 2-core machine as much as the operator does) and
+    notes when each first carries status for its generation."""
+
+    def __init__(self) -> None:
+        from kubernetes import client, config, watch
+
+        self.api = client.CustomObjectsApi(config.new_client_from_config(str(KUBECONFIG)))
+        self.watch = watch.Watch()
+        self.done: dict[str, float] = {}
+        self.failed: BaseException | None = None
+        first = self.api.list_namespaced_custom_object("toposerve.io", "v1alpha1", NS, "llmdeployments")
+        self.rv = first["metadata"]["resourceVersion"]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for ev in self.watch.stream(self.api.list_namespaced_custom_object, "toposerve.io", "v1alpha1",
+                                        NS, "llmdeployments", resource_version=self.rv, timeout_seconds=900):  # fmt: skip
+                o = ev["object"]
+                name = o["metadata"]["name"]
+                if (
+                    name not in self.done
+                    and (o.get("status") or {}).get("observedGeneration") == o["metadata"]["generation"]
+                ):
+                    self.done[name] = time.monotonic()
+        except BaseException as e:  # reported by wait()
+            self.failed = e
+
+    def wait(self, n: int, timeout: float, t0: float) -> float:
+        """Seconds from ``t0`` until ``n`` objects carried status for their generation."""
+        while time.monotonic() - t0 < timeout:
+            if len(self.done) >= n:
+                self.watch.stop()
+                return max(self.done.values()) - t0
+            if self.failed:
+                raise SystemExit(f"status watch failed: {self.failed}")
+            time.sleep(0.1)
+        raise SystemExit(f"no status on all {n} after {timeout}s ({len(self.done)} had)")
+
+
 def wait_converged(n: int, timeout: float) -> float:
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
@@ -85,6 +151,19 @@ def reconciles() -> float:
     return sum(
         float(line.split()[-1]) for line in text.splitlines() if line.startswith("toposerve_reconcile_total{")
     )
+
+
+def api_latency() -> dict[str, tuple[int, float]]:
+    """The operator's API calls so far: count and mean seconds per HTTP method."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{METRICS_PORT}/metrics", timeout=5).read().decode()
+    sums: dict[str, float] = {}
+    counts: dict[str, float] = {}
+    for line in text.splitlines():
+        for name, into in (("_sum{", sums), ("_count{", counts)):
+            if line.startswith("toposerve_api_request_duration_seconds" + name):
+                method = line.split('method="')[1].split('"')[0]
+                into[method] = float(line.split()[-1])
+    return {m: (int(counts[m]), round(sums[m] / counts[m], 4)) for m in counts if counts[m]}
 
 
 def wait_quiet(timeout: float, quiet: float = 15.0) -> float:
@@ -106,6 +185,24 @@ def proc_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def cpu_by_process(operator_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the operator, the control plane's processes (by name) and the
+    whole machine, to tell where the time of a burst goes on a shared machine."""
+    out: dict[str, float] = {"operator": proc_cpu_seconds(operator_pid)}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            name = (proc / "comm").read_text().strip()
+            if name in ("kube-apiserver", "etcd", "kube-controller", "kube-scheduler", "kwok-controller"):
+                out[name] = out.get(name, 0.0) + proc_cpu_seconds(int(proc.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    out["machine_busy"] = (sum(map(int, fields)) - int(fields[3]) - int(fields[4])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def proc_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -119,6 +216,8 @@ def main() -> int:
     ap.add_argument("--m", type=int, default=1000)
     ap.add_argument("--rest", type=float, default=60.0, help="seconds to sample at rest")
     ap.add_argument("--resync", type=float, default=300.0, help="the operator's --resync")
+    ap.add_argument("--burst", type=int, default=0, help="create the N at once with this many in flight")
+    ap.add_argument("--workers", type=int, default=4, help="the operator's --workers")
     ap.add_argument("--out", default=str(ROOT / "bench" / "operator" / "results"))
     args = ap.parse_args()
     kc("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
@@ -128,18 +227,43 @@ def main() -> int:
     log = open(Path(args.out) / "operator.log", "w")  # noqa: SIM115
     env = {**os.environ, "KUBECONFIG": str(KUBECONFIG)}
     op = subprocess.Popen([sys.executable, "-m", "toposerve.cli", "run", "--metrics-port", str(METRICS_PORT),
-                           "-n", NS, "--resync", str(args.resync)],
+                           "-n", NS, "--resync", str(args.resync), "--workers", str(args.workers)],
                           env=env, stdout=log, stderr=subprocess.STDOUT)  # fmt: skip
     try:
         time.sleep(3)
-        docs = yaml.safe_dump_all([manifest(i) for i in range(args.n)])
-        t0 = time.monotonic()
-        kc("apply", "-n", NS, "-f", "-", stdin=docs)
-        t_apply = time.monotonic() - t0
-        t_conv = wait_converged(args.n, 900) + t_apply
-        print(
-            f"{args.n} LLMDeployments: kubectl apply {t_apply:.1f}s, all children applied + status written {t_conv:.1f}s"
-        )
+        t_status: float | None = None
+        cpu: dict[str, float] = {}
+        if args.burst:
+            watcher = StatusWatch()
+            c0 = cpu_by_process(op.pid)
+            t0 = time.monotonic()
+            t_apply = create_burst(args.n, args.burst)
+            t_status = watcher.wait(args.n, 900, t0)
+            c1 = cpu_by_process(op.pid)
+            cpu = {k: round(v - c0.get(k, 0.0), 1) for k, v in c1.items()}
+            print(f"CPU seconds until then: {cpu}")
+            print(f"operator API calls until then (count, mean s): {api_latency()}")
+            wait_converged(args.n, 900)
+            t_conv = time.monotonic() - t0
+            print(f"{args.n} LLMDeployments created at once ({args.burst} in flight): creates {t_apply:.1f}s, "
+                  f"all with status for their generation {t_status:.1f}s")  # fmt: skip
+        else:
+            docs = yaml.safe_dump_all([manifest(i) for i in range(args.n)])
+            t0 = time.monotonic()
+            kc("apply", "-n", NS, "-f", "-", stdin=docs)
+            t_apply = time.monotonic() - t0
+            t_conv = wait_converged(args.n, 900) + t_apply
+            print(
+                f"{args.n} LLMDeployments: kubectl apply {t_apply:.1f}s, all children applied + status written {t_conv:.1f}s"
+            )
+        if not args.m:
+            out = Path(args.out)
+            result_n = {"n": args.n, "burst": args.burst, "workers": args.workers, "create_seconds": round(t_apply, 2),
+                        "status_seconds": round(t_status or 0, 2), "converge_seconds": round(t_conv, 2),
+                        "reconciles": reconciles(), "cpu_seconds": cpu, "command": " ".join(sys.argv)}  # fmt: skip
+            (out / f"operator-burst-{args.n}.json").write_text(json.dumps(result_n, indent=2) + "\n")
+            print(json.dumps(result_n, indent=2))
+            return 0
         more = yaml.safe_dump_all([manifest(i) for i in range(args.n, args.m)])
         kc("apply", "-n", NS, "-f", "-", stdin=more)
         wait_converged(args.m, 1800)

@@ -8,9 +8,11 @@ and nobody else's. The client is synchronous; callers run it in a thread (``asyn
 
 from __future__ import annotations
 
+import builtins
 import json
 import socket
-from collections.abc import Mapping
+import time
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,6 +20,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from toposerve import API_GROUP, API_VERSION
+from toposerve.controller import metrics
 
 FIELD_MANAGER = "toposerve"
 LLMD_PLURAL = "llmdeployments"
@@ -98,10 +101,12 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
+        start = time.perf_counter()
         resp = self.api.call_api(
             method, full_url, header_params=headers, body=body, _request_timeout=self.timeout
         )
         data = resp.read()  # type: ignore[no-untyped-call]
+        metrics.API_SECONDS.labels(method).observe(time.perf_counter() - start)
         text = data.decode() if isinstance(data, bytes) else (data or "")
         if not 200 <= resp.status < 300:
             raise ApiException.from_response(http_resp=resp, body=text, data=None)
@@ -135,6 +140,81 @@ class Kube:
                 return []
             raise
         return list(out.get("items") or [])
+
+    def list_all(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        selector: str | None = None,
+        fields: str | None = None,
+        chunk: int = 500,
+    ) -> tuple[builtins.list[dict[str, Any]], str]:
+        """Every matching object, fetched in chunks, and the list's resourceVersion to watch from."""
+        items: builtins.list[dict[str, Any]] = []
+        cont = ""
+        while True:
+            query: list[tuple[str, Any]] = [("limit", chunk)]
+            if selector:
+                query.append(("labelSelector", selector))
+            if fields:
+                query.append(("fieldSelector", fields))
+            if cont:
+                query.append(("continue", cont))
+            out = self.request("GET", path(api_version, kind, namespace), query=query)
+            items += out.get("items") or []
+            meta = out.get("metadata") or {}
+            cont = meta.get("continue") or ""
+            if not cont:
+                return items, str(meta.get("resourceVersion") or "")
+
+    def watch(
+        self,
+        api_version: str,
+        kind: str,
+        namespace: str | None,
+        resource_version: str,
+        selector: str | None = None,
+        fields: str | None = None,
+        server_timeout: int = 60,
+    ) -> Iterator[dict[str, Any]]:
+        """Watch events ({type, object}) from ``resource_version``, bookmarks included, until the
+        server ends the stream (after ``server_timeout``); the read timeout is a little longer, so a
+        silent, dead connection ends too instead of stalling forever."""
+        query: list[tuple[str, Any]] = [
+            ("watch", "true"),
+            ("allowWatchBookmarks", "true"),
+            ("resourceVersion", resource_version),
+            ("timeoutSeconds", server_timeout),
+        ]
+        if selector:
+            query.append(("labelSelector", selector))
+        if fields:
+            query.append(("fieldSelector", fields))
+        headers = {"Accept": "application/json"}
+        method, full_url, headers, _, _ = self.api.param_serialize(
+            method="GET",
+            resource_path=path(api_version, kind, namespace),
+            query_params=query,
+            header_params=headers,
+            auth_settings=["BearerToken"],
+        )
+        resp = self.api.call_api(
+            method, full_url, header_params=headers, _request_timeout=(10, server_timeout + 30)
+        )
+        raw = resp.response  # urllib3, not yet read: the body is a stream of JSON lines
+        try:
+            if not 200 <= resp.status < 300:
+                raise ApiException.from_response(http_resp=resp, body=raw.data.decode(), data=None)
+            pending = b""
+            for chunk in raw.stream(65536, decode_content=True):
+                pending += chunk
+                *lines, pending = pending.split(b"\n")
+                for line in lines:
+                    if line.strip():
+                        yield json.loads(line)
+        finally:
+            raw.close()  # a stream ended early must not go back to the pool half read
 
     def apply(self, obj: Mapping[str, Any]) -> dict[str, Any]:
         meta = obj["metadata"]

@@ -18,3 +18,9 @@ STATUS_WRITES = Counter(
 )
 QUEUE_DEPTH = Gauge("toposerve_queue_depth", "LLMDeployments waiting to be reconciled.")
 LEADER = Gauge("toposerve_leader", "1 while this replica holds the leader Lease.")
+API_SECONDS = Histogram(
+    "toposerve_api_request_duration_seconds",
+    "Kubernetes API calls made by reconciles, by HTTP method (watches not included).",
+    ["method"],
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 10),
+)

@@ -6,20 +6,29 @@ workers drain the queue with the level-triggered ``reconcile``. There are no cre
 handlers, so kopf keeps no progress or diff-base annotations on users' objects and adds no
 finalizers: deletion is plain garbage collection through owner references, and an operator that
 is down never blocks it. A deployment in GPU fallback requeues itself to look for capacity coming
-back; a slow periodic resync is only a safety net. With ``--leader-elect`` several replicas can run and exactly one, the
-holder of a coordination.k8s.io Lease, reconciles; the others watch and wait.
+back; a slow periodic resync is only a safety net. With ``--leader-elect`` several replicas can
+run and exactly one, the holder of a coordination.k8s.io Lease, reconciles; the others watch and
+wait.
+
+Server-side filtering: kopf's ``labels=`` on a handler filters *client-side* (every pod event in
+the cluster would reach us), so the serving-pod label selector is set per resource in
+``settings.watching.label_selectors``, which kopf sends as ``labelSelector`` on its list and watch.
+kopf runs one stream per resource with one selector set, so the inventory's cluster-wide watches
+of nodes and bound pods (another selector, every namespace) are our own (``controller/cache.py``).
+Our own status writes come back as events; they carry nothing new and do not enqueue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import socket
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any
 
 import kopf
@@ -28,6 +37,7 @@ from prometheus_client import start_http_server
 
 from toposerve import API_GROUP, API_VERSION
 from toposerve.controller import metrics
+from toposerve.controller.cache import Change, InventoryCache, waits_for_capacity
 from toposerve.controller.kube import Kube
 from toposerve.controller.queue import WorkQueue
 from toposerve.controller.reconcile import Context, reconcile
@@ -48,7 +58,18 @@ class Runtime:
     identity: str = field(default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}")
     queue: WorkQueue = field(default_factory=WorkQueue)
     leader: bool = False
+    leading: asyncio.Event = field(default_factory=asyncio.Event)  # set while leader: workers run
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # Every LLMDeployment seen: what of it triggers a reconcile, and whether it waits for capacity.
+    known: dict[tuple[str, str], Known] = field(default_factory=dict)
+    waiting: set[tuple[str, str]] = field(default_factory=set)  # those of ``known`` waiting for capacity
+    watch_inventory: bool = True  # the watch-fed inventory (controller/cache.py)
+
+
+@dataclass(frozen=True)
+class Known:
+    trigger: tuple[Any, ...]
+    waits: bool
 
 
 RUNTIME: Runtime | None = None
@@ -68,45 +89,75 @@ def _micro(t: datetime) -> str:
     return t.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def try_lead(kube: Kube, namespace: str, name: str, me: str) -> bool:
-    """Acquire or renew the Lease; True while this process holds it."""
-    now = datetime.now(UTC)
-    spec = {"holderIdentity": me, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _micro(now)}
-    lease = kube.get("coordination.k8s.io/v1", "Lease", namespace, name)
-    try:
-        if lease is None:
-            body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                    "metadata": {"name": name, "namespace": namespace},
-                    "spec": {**spec, "acquireTime": _micro(now)}}  # fmt: skip
-            kube.request("POST", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases", body=body)
+class Elector:
+    """Acquire or renew a Lease; a held Lease counts as expired only by this process's own clock.
+
+    Another holder's ``renewTime`` is its wall clock, and clocks skew: comparing it with ours could
+    steal a live lease (our clock ahead) or wait forever on a dead one (theirs ahead). Like
+    client-go, we remember when *we* last saw the record change (holder, renew time, transitions)
+    on our monotonic clock, and take over only after ``leaseDurationSeconds`` without a change.
+    A process that has just started therefore waits one full lease duration before taking over a
+    lease somebody holds, however old its ``renewTime`` reads.
+    """
+
+    def __init__(
+        self, kube: Kube, namespace: str, name: str, me: str, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.kube, self.namespace, self.name, self.me = kube, namespace, name, me
+        self.clock = clock
+        self._observed: tuple[Any, ...] | None = None
+        self._observed_at = 0.0
+
+    def _observe(self, spec: Mapping[str, Any]) -> float:
+        """Seconds since the lease record last changed, by our clock."""
+        record = (spec.get("holderIdentity"), spec.get("renewTime"), spec.get("leaseTransitions"))
+        now = self.clock()
+        if record != self._observed:
+            self._observed, self._observed_at = record, now
+        return now - self._observed_at
+
+    def try_lead(self) -> bool:
+        """Acquire or renew the Lease; True while this process holds it."""
+        now = datetime.now(UTC)  # written for people and tools to read; never compared
+        spec: dict[str, Any] = {
+            "holderIdentity": self.me,
+            "leaseDurationSeconds": LEASE_SECONDS,
+            "renewTime": _micro(now),
+        }
+        url = f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases"
+        lease = self.kube.get("coordination.k8s.io/v1", "Lease", self.namespace, self.name)
+        try:
+            if lease is None:
+                body = {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+                        "metadata": {"name": self.name, "namespace": self.namespace},
+                        "spec": {**spec, "acquireTime": _micro(now)}}  # fmt: skip
+                self.kube.request("POST", url, body=body)
+                return True
+            cur = lease.get("spec") or {}
+            holder = cur.get("holderIdentity")
+            unchanged_for = self._observe(cur)
+            duration = int(cur.get("leaseDurationSeconds") or LEASE_SECONDS)
+            if holder and holder != self.me and unchanged_for < duration:
+                return False
+            if holder != self.me:
+                spec["acquireTime"] = _micro(now)
+                spec["leaseTransitions"] = int(cur.get("leaseTransitions") or 0) + 1
+            lease["spec"] = {**cur, **spec}
+            # resourceVersion in the body: optimistic concurrency against a rival taking it too
+            self.kube.request("PUT", f"{url}/{self.name}", body=lease)
+            self._observe(lease["spec"])
             return True
-        cur = lease.get("spec") or {}
-        renew = cur.get("renewTime")
-        expired = True
-        if renew:
-            then = datetime.fromisoformat(renew.replace("Z", "+00:00"))
-            expired = then + timedelta(seconds=int(cur.get("leaseDurationSeconds") or LEASE_SECONDS)) < now
-        if cur.get("holderIdentity") != me and not expired:
-            return False
-        if cur.get("holderIdentity") != me:
-            spec["acquireTime"] = _micro(now)
-            spec["leaseTransitions"] = int(cur.get("leaseTransitions") or 0) + 1
-        lease["spec"] = {**cur, **spec}
-        url = f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
-        kube.request("PUT", url, body=lease)  # resourceVersion in the body: optimistic concurrency
-        return True
-    except ApiException as e:
-        if e.status == 409:
-            return False
-        raise
+        except ApiException as e:
+            if e.status == 409:
+                return False
+            raise
 
 
 async def _lead_loop(rt: Runtime) -> None:
+    elector = Elector(rt.ctx.kube, rt.lease_namespace, rt.lease_name, rt.identity)
     while True:
         try:
-            leading = await asyncio.to_thread(
-                try_lead, rt.ctx.kube, rt.lease_namespace, rt.lease_name, rt.identity
-            )
+            leading = await asyncio.to_thread(elector.try_lead)
         except Exception as e:  # keep trying: a blip must not kill the operator
             log.warning("lease renewal failed: %s", e)
             leading = False
@@ -115,23 +166,30 @@ async def _lead_loop(rt: Runtime) -> None:
             await _resync_once(rt)
         if not leading and rt.leader:
             log.warning("lost leadership (%s)", rt.identity)
-        rt.leader = leading
-        metrics.LEADER.set(1 if leading else 0)
+        _set_leader(rt, leading)
         await asyncio.sleep(LEASE_SECONDS / 3)
+
+
+def _set_leader(rt: Runtime, leading: bool) -> None:
+    rt.leader = leading
+    if leading:
+        rt.leading.set()
+    else:
+        rt.leading.clear()
+    metrics.LEADER.set(1 if leading else 0)
 
 
 # ---- workers and resync ----------------------------------------------------------------------
 
 
 async def _worker(rt: Runtime) -> None:
-    backoff: dict[Hashable, float] = {}
     while True:
+        await rt.leading.wait()  # a standby replica keeps its queue and does no work
         key = await rt.queue.get()
         metrics.QUEUE_DEPTH.set(len(rt.queue))
-        if not rt.leader:
+        if not rt.leader:  # lost the lease while waiting: put it back for whoever leads next
             rt.queue.done(key)
-            rt.queue.add(key, 2.0)
-            await asyncio.sleep(0.5)
+            rt.queue.add(key)
             continue
         assert isinstance(key, tuple)
         namespace, name = str(key[0]), str(key[1])
@@ -140,17 +198,17 @@ async def _worker(rt: Runtime) -> None:
         try:
             result = await asyncio.to_thread(reconcile, rt.ctx, namespace, name)
             requeue = result.requeue_after
-            backoff.pop(key, None)
+            rt.queue.forget(key)
             metrics.RECONCILES.labels("ok").inc()
         except Exception as e:
-            delay = min(60.0, backoff.get(key, 0.5) * 2)
-            backoff[key] = delay
-            requeue = delay
             metrics.RECONCILES.labels("error").inc()
+            rt.queue.done(key)
+            delay = rt.queue.add_rate_limited(key)
             log.warning("reconcile %s/%s failed (retry in %.0fs): %s", namespace, name, delay, e)
+            continue
         finally:
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - start)
-            rt.queue.done(key)
+        rt.queue.done(key)
         if requeue is not None:
             rt.queue.add(key, requeue)
 
@@ -178,18 +236,43 @@ async def _resync_loop(rt: Runtime) -> None:
 # ---- kopf handlers -----------------------------------------------------------------------------
 
 
+def _on_inventory(rt: Runtime, change: Change) -> None:
+    """Nodes or bound pods changed: wake the deployments that may care (in the event loop).
+
+    A new or vanished GPU type can change any plan (and ``engine: auto``), so everyone is requeued;
+    a change in free capacity only concerns the deployments waiting for it (in fallback, pending,
+    or not fitting). The short delay coalesces a burst of events into one reconcile each.
+    """
+    for key in rt.known if change.types else rt.waiting:
+        rt.queue.add(key, INVENTORY_COALESCE_SECONDS)
+    metrics.QUEUE_DEPTH.set(len(rt.queue))
+
+
+INVENTORY_COALESCE_SECONDS = 1.0
+
+
 @kopf.on.startup()
 async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt = _rt()
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.watching.connect_timeout = 10
+    # Server-side: only the serving pods' events reach us (kopf's ``labels=`` filters client-side).
+    settings.watching.label_selectors["", "v1", "pods"] = LABEL_DEPLOYMENT
     settings.posting.level = logging.WARNING
     # No create/update handlers exist, but pin kopf's bookkeeping to our own prefix all the same.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="toposerve.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="toposerve.io")
-    rt.leader = not rt.leader_elect
-    metrics.LEADER.set(1 if rt.leader else 0)
+    if rt.watch_inventory:
+        loop = asyncio.get_running_loop()
+
+        def changed(change: Change) -> None:  # called in a watch thread
+            loop.call_soon_threadsafe(_on_inventory, rt, change)
+
+        ctx = rt.ctx
+        ctx.cache = InventoryCache(ctx.kube, ctx.config.catalog(), ctx.config.label_schemes, changed)
+        ctx.cache.start()
+    _set_leader(rt, not rt.leader_elect)
     rt.tasks = [asyncio.create_task(_worker(rt)) for _ in range(rt.workers)]
     rt.tasks.append(asyncio.create_task(_resync_loop(rt)))
     if rt.leader_elect:
@@ -198,19 +281,53 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
 
 @kopf.on.cleanup()
 async def _cleanup(**_: Any) -> None:
-    for t in _rt().tasks:
+    rt = _rt()
+    for t in rt.tasks:
         t.cancel()
+    if rt.ctx.cache is not None:
+        rt.ctx.cache.stop()
+
+
+def trigger(body: Mapping[str, Any]) -> tuple[Any, ...]:
+    """What of an LLMDeployment, when it changes, calls for a reconcile: the generation (the spec),
+    labels, annotations and deletion. A change of status alone (our own write, coming back as an
+    event) carries nothing new, so it is not one (controller-runtime's GenerationChangedPredicate,
+    widened to metadata)."""
+    meta = body.get("metadata") or {}
+    return (
+        meta.get("generation"),
+        hash(json.dumps(meta.get("labels") or {}, sort_keys=True)),
+        hash(json.dumps(meta.get("annotations") or {}, sort_keys=True)),
+        meta.get("deletionTimestamp"),
+    )
 
 
 @kopf.on.event(API_GROUP, API_VERSION, "llmdeployments")
-def _on_llmdeployment(event: kopf.RawEvent, name: str, namespace: str | None, **_: Any) -> None:
-    if event.get("type") != "DELETED":
-        _rt().queue.add((namespace, name))
+def _on_llmdeployment(
+    event: kopf.RawEvent, body: kopf.Body, name: str, namespace: str | None, **_: Any
+) -> None:
+    rt = _rt()
+    key = (namespace or "", name)
+    if event.get("type") == "DELETED":
+        rt.known.pop(key, None)
+        rt.waiting.discard(key)
+        rt.queue.forget(key)
+        return
+    previous = rt.known.get(key)
+    now = Known(trigger(body), waits_for_capacity(body))
+    rt.known[key] = now
+    if now.waits:
+        rt.waiting.add(key)
+    else:
+        rt.waiting.discard(key)
+    if previous is None or previous.trigger != now.trigger:
+        rt.queue.add(key)
 
 
-@kopf.on.event("", "v1", "pods", labels={LABEL_DEPLOYMENT: kopf.PRESENT})
+@kopf.on.event("", "v1", "pods")  # label selector set server-side in _startup
 def _on_pod(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-    _rt().queue.add((namespace, labels[LABEL_DEPLOYMENT]))
+    if LABEL_DEPLOYMENT in labels:
+        _rt().queue.add((namespace, labels[LABEL_DEPLOYMENT]))
 
 
 def run(rt: Runtime, metrics_port: int | None, liveness: str | None = None) -> None:

@@ -1,8 +1,11 @@
-"""A small work queue: one entry per object, coalesced, with delayed requeue and no concurrent work
-on the same key (the shape of controller-runtime's workqueue, in asyncio).
+"""A small work queue: one entry per object, coalesced, with delayed requeue, per-key retry backoff
+and no concurrent work on the same key (the shape of controller-runtime's rate-limited workqueue,
+in asyncio).
 
 Watch events only *enqueue* a key; workers reconcile the object's latest state. A burst of events
 for one object becomes one reconcile, and two workers never reconcile the same object at once.
+Retry backoff lives here, keyed by object, not in a worker: whichever worker picks a failing key up
+next, its delay keeps doubling, and one failing object never slows the others down.
 """
 
 from __future__ import annotations
@@ -10,19 +13,27 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 
 class WorkQueue:
-    def __init__(self, clock: object = time.monotonic) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = time.monotonic,
+        base_delay: float = 1.0,
+        max_delay: float = 60.0,
+    ) -> None:
         self._due: dict[Hashable, float] = {}
         self._active: set[Hashable] = set()
         self._dirty: set[Hashable] = set()  # enqueued while active: run again when done
+        self._failures: dict[Hashable, int] = {}
         self._changed = asyncio.Event()
         self._clock = clock
+        self.base_delay = base_delay
+        self.max_delay = max_delay
 
     def _now(self) -> float:
-        return float(self._clock())  # type: ignore[operator]
+        return float(self._clock())
 
     def __len__(self) -> int:
         return len(self._due) + len(self._dirty)
@@ -37,6 +48,21 @@ class WorkQueue:
             return
         self._due[key] = min(self._due.get(key, due), due)
         self._changed.set()
+
+    def add_rate_limited(self, key: Hashable) -> float:
+        """Requeue a key whose work failed, after base x 2^(failures so far), capped; the delay."""
+        n = self._failures.get(key, 0)
+        self._failures[key] = n + 1
+        delay = min(self.max_delay, self.base_delay * 2.0 ** min(n, 62))
+        self.add(key, delay)
+        return delay
+
+    def forget(self, key: Hashable) -> None:
+        """The key's work succeeded: its next failure starts from the base delay again."""
+        self._failures.pop(key, None)
+
+    def failures(self, key: Hashable) -> int:
+        return self._failures.get(key, 0)
 
     async def get(self) -> Hashable:
         """The next due key that nobody is working on."""

@@ -28,6 +28,7 @@ from toposerve.api.manifest import parse_spec
 from toposerve.api.spec import LLMDeploymentSpec
 from toposerve.controller import metrics
 from toposerve.controller.allocation import TypeState, allocate
+from toposerve.controller.cache import InventoryCache
 from toposerve.controller.conditions import Observation, PlacementObs, PoolObs, compute_status
 from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
 from toposerve.controller.observe import parse_time, router_readiness, summarize
@@ -65,11 +66,15 @@ class Context:
     kube: Kube
     config: OperatorConfig = field(default_factory=OperatorConfig)
     settings: Settings = field(default_factory=Settings)
+    cache: InventoryCache | None = None  # watch-fed when the operator runs (controller/cache.py)
     _inventory: tuple[float, Inventory] | None = None
     _lws: tuple[float, bool] | None = None
 
     def inventory(self) -> Inventory:
-        """Nodes plus GPUs already requested by scheduled pods, cached for a few seconds."""
+        """Nodes plus what bound pods request: from the watch-fed cache once it has synced, else
+        (no watches: tests, a CLI, the first seconds) listed and kept for a few seconds."""
+        if self.cache is not None and self.cache.synced:
+            return self.cache.inventory()
         now = time.monotonic()
         if self._inventory and now - self._inventory[0] < self.settings.inventory_ttl_seconds:
             return self._inventory[1]
@@ -82,6 +87,7 @@ class Context:
         return inv
 
     def invalidate_inventory(self) -> None:
+        """Forget the listed inventory (the watch-fed one is never stale for longer than an event)."""
         self._inventory = None
 
     def has_lws(self) -> bool:
