@@ -144,8 +144,8 @@ def test_leader_election_and_events_and_crd_checks() -> None:
     assert ("coordination.k8s.io", "leases", "create", "") in own
     src = (CONTROLLER / "operator.py").read_text()
     assert f'lease_name: str = "{name}"' in src
-    assert '"POST", f"/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases"' in src
-    assert 'kube.request("PUT", url' in src
+    assert 'f"/apis/coordination.k8s.io/v1/namespaces/{self.namespace}/leases"' in src
+    assert 'kube.request("POST", url' in src and 'kube.request("PUT", f"{url}/{self.name}"' in src
     assert holds("", "events", "create", "watched")
     assert holds("apiextensions.k8s.io", "customresourcedefinitions", "get", "cluster")
 
@@ -232,3 +232,21 @@ def test_rbac_create_false_renders_no_rbac() -> None:
 def test_the_chart_grants_nothing_to_anyone_else(values: dict[str, Any]) -> None:
     for b in by_kind(template(values), "ClusterRoleBinding") + by_kind(template(values), "RoleBinding"):
         assert [s["name"] for s in b["subjects"]] == ["toposerve"]
+
+
+def test_every_inventory_reflector_can_list_and_watch_cluster_wide() -> None:
+    """controller/cache.py lists and watches whole kinds across the cluster (Reflector(kube, ...))."""
+    import ast
+
+    src = (CONTROLLER / "cache.py").read_text()
+    kinds = [
+        (n.args[1].value, n.args[2].value)
+        for n in ast.walk(ast.parse(src))
+        if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "Reflector"
+        and all(isinstance(a, ast.Constant) for a in n.args[1:3])
+    ]  # fmt: skip
+    assert ("v1", "Node") in kinds and ("v1", "Pod") in kinds, kinds
+    for api_version, kind in kinds:
+        plural = kind.lower() + "s"
+        for verb in ("list", "watch"):
+            assert holds(_group(api_version), plural, verb, "cluster"), (plural, verb)

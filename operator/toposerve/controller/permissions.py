@@ -64,9 +64,11 @@ PERMISSIONS: tuple[Permission, ...] = (
     # Serving pods: kopf watches them (readiness, scheduling), reconcile lists them per deployment.
     Permission("", "pods", ("list", "watch"), "watched", "kopf watch and per-deployment list"),
     Permission("", "events", ("create",), "watched", "the operator's and kopf's Events"),
-    # Inventory: free GPUs = node allocatable minus the GPU requests of every scheduled pod.
-    Permission("", "nodes", ("list",), "cluster", "GPU inventory"),
-    Permission("", "pods", ("list",), "cluster", "GPUs already requested on each node, all namespaces"),
+    # Inventory (controller/cache.py watches): free capacity = node allocatable minus the requests
+    # of every bound pod, in every namespace.
+    Permission("", "nodes", ("list", "watch"), "cluster", "GPU inventory, kept current by a watch"),
+    Permission("", "pods", ("list", "watch"), "cluster",
+               "resources already requested on each node, all namespaces (watched)"),
     Permission("apiextensions.k8s.io", "customresourcedefinitions", ("get", "list", "watch"), "cluster",
                "is the LeaderWorkerSet CRD installed (get); kopf follows CRDs (list, watch)"),
     Permission("", "namespaces", ("list", "watch"), "cluster",

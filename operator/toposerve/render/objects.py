@@ -45,6 +45,9 @@ _ENV = jinja2.Environment(
     keep_trailing_newline=True,
     autoescape=False,
 )
+# libyaml's safe loader: parsing the rendered templates was 96% of a reconcile's CPU with the
+# pure-Python one (18.3 ms -> 2.7 ms per reconcile, measured for docs/benchmarks.md).
+_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _ENV.policies["json.dumps_kwargs"] = {"sort_keys": False}
 _ENV.filters["tojson"] = lambda v: json.dumps(v)
 
@@ -110,7 +113,7 @@ class _Ctx:
 
 def _render(template: str, ctx: _Ctx) -> dict[str, Any]:
     text = _ENV.get_template(template).render(c=ctx)
-    obj = yaml.safe_load(text)
+    obj = yaml.load(text, Loader=_LOADER)
     if not isinstance(obj, dict):
         raise ValueError(f"template {template} did not render a mapping")
     return obj
@@ -458,4 +461,4 @@ def render_router(
         service_port=ENGINE_PORT,
     )
     text = _ENV.get_template("router.yaml.j2").render(c=ctx)
-    return [d for d in yaml.safe_load_all(text) if isinstance(d, dict)]
+    return [d for d in yaml.load_all(text, Loader=_LOADER) if isinstance(d, dict)]
