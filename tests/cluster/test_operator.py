@@ -295,14 +295,15 @@ def cpu_filler(namespace: str, replicas: int, resources: dict[str, str] | None =
     return d
 
 
-@pytest.mark.parametrize("shortage", ["cpu", "ephemeral-storage"])
+@pytest.mark.parametrize("shortage", ["cpu", "anti-affinity"])
 def test_replicas_stuck_unschedulable_fall_back_after_patience(
     cluster: Cluster, namespace: str, tmp_path: Path, shortage: str
 ) -> None:
     """CPU is short on every H100 node: the capacity view counts CPU, so new replicas go straight to
-    the next GPU type ("no free H100 capacity"). Ephemeral storage is short: the view does not count
-    it, the scheduler refuses, the pod stays Pending, and after the patience window
-    (--fallback-after 5 here) the stuck replica moves to the next GPU type."""
+    the next GPU type ("no free H100 capacity"). Another pod on every H100 node repels serving pods
+    (required pod anti-affinity): the view does not model that, the scheduler refuses, the pod stays
+    Pending, and after the patience window (--fallback-after 5 here) the stuck replica moves to the
+    next GPU type."""
     from tests.cluster.operator_harness import install_crd
 
     install_crd(cluster)
@@ -312,8 +313,13 @@ def test_replicas_stuck_unschedulable_fall_back_after_patience(
     try:
         sel = "nvidia.com/gpu.product=NVIDIA-H100-80GB-HBM3,toposerve.io/capacity-type!=spot"
         nodes = json.loads(kubectl(cluster, "get", "nodes", "-l", sel, "-o", "json").stdout)["items"]
-        want = {"cpu": "190"} if shortage == "cpu" else {"ephemeral-storage": "3100Gi"}
-        kubectl(cluster, "apply", "-f", "-", stdin=yaml.safe_dump(cpu_filler(namespace, len(nodes), want)))
+        blocker = cpu_filler(namespace, len(nodes), {"cpu": "190"} if shortage == "cpu" else {"cpu": "10m"})
+        if shortage == "anti-affinity":
+            blocker["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"] = {
+                "requiredDuringSchedulingIgnoredDuringExecution": [{
+                    "labelSelector": {"matchExpressions": [{"key": "toposerve.io/deployment", "operator": "Exists"}]},
+                    "topologyKey": "kubernetes.io/hostname"}]}  # fmt: skip
+        kubectl(cluster, "apply", "-f", "-", stdin=yaml.safe_dump(blocker))
 
         def filled() -> bool:
             pods = cluster.core.list_namespaced_pod(namespace, label_selector="app=filler").items

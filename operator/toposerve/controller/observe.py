@@ -19,6 +19,7 @@ LABEL_POOL = "toposerve.io/pool"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
 LWS_GROUP = "leaderworkerset.sigs.k8s.io/group-index"
+LWS_SIZE = "leaderworkerset.sigs.k8s.io/size"  # annotation on every pod of a group
 
 
 @dataclass
@@ -54,6 +55,11 @@ def summarize(
     out: dict[tuple[str, str], PodFacts] = {}
     pending_groups: dict[tuple[str, str], set[tuple[str, str]]] = {}
     stuck_groups: dict[tuple[str, str], set[tuple[str, str]]] = {}
+    # A multi-node replica serves only when every pod of its group is ready, and its workers may
+    # not even exist yet when the leader is: count a leader ready only with its whole group.
+    group_ready: dict[tuple[str, str], int] = {}
+    group_size: dict[tuple[str, str], int] = {}
+    ready_leaders: list[tuple[tuple[str, str], tuple[str, str]]] = []
     for pod in pods:
         meta = pod.get("metadata") or {}
         labels = meta.get("labels") or {}
@@ -65,16 +71,21 @@ def summarize(
         group = (
             (str(labels[LWS_NAME]), str(labels[LWS_GROUP]))
             if LWS_NAME in labels and LWS_GROUP in labels
-            else ("pod", str(meta.get("name")))
+            else ("pod", str(meta.get("uid") or meta.get("name")))
         )
         node = (pod.get("spec") or {}).get("nodeName")
+        ready = _condition(pod, "Ready")
+        is_ready = bool(ready and ready.get("status") == "True")
+        size = (meta.get("annotations") or {}).get(LWS_SIZE)
+        if size and str(size).isdigit():
+            group_size[group] = int(size)
+        group_ready[group] = group_ready.get(group, 0) + (1 if is_ready else 0)
         if role == "engine":
             facts.pods += 1
             if node:
                 facts.nodes[str(meta.get("name"))] = node
-            ready = _condition(pod, "Ready")
-            if ready and ready.get("status") == "True":
-                facts.ready += 1
+            if is_ready:
+                ready_leaders.append((key, group))
         if not node:
             if group not in pending_groups.setdefault(key, set()):
                 pending_groups[key].add(group)
@@ -91,6 +102,9 @@ def summarize(
                 msg = sched.get("message")
                 if msg and msg not in facts.messages:
                     facts.messages.append(msg)
+    for key, group in ready_leaders:
+        if group_ready.get(group, 0) >= group_size.get(group, 1):
+            out[key].ready += 1
     return out
 
 

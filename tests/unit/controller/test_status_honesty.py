@@ -77,3 +77,17 @@ def test_topology_choice_is_in_pool_status() -> None:
                      topology_reason="H100 nodes carry nvidia.com/gpu.clique")]  # fmt: skip
     s = compute_status(obs(pools=pools, replicas=1), [], "t").model_dump(by_alias=True)
     assert s["pools"][0]["topologyKey"] == "nvidia.com/gpu.clique"
+
+
+def test_a_multi_node_replica_is_ready_only_with_its_whole_group() -> None:
+    def sized(p: dict[str, Any]) -> dict[str, Any]:
+        p["metadata"]["annotations"] = {"leaderworkerset.sigs.k8s.io/size": "2"}
+        return p
+
+    alone = [sized(leader("H100", "0", ready=True))]  # the worker pod does not exist yet
+    assert summarize(alone, NOW, 60)[("default", "H100")].ready == 0
+    w = sized(worker("H100", "0", node="n2"))
+    w["status"]["conditions"][0]["status"] = "True"
+    assert summarize([*alone, w], NOW, 60)[("default", "H100")].ready == 1
+    w2 = sized(worker("H100", "0", node="n2"))  # present but not ready
+    assert summarize([*alone, w2], NOW, 60)[("default", "H100")].ready == 0
