@@ -21,7 +21,7 @@ NON_DEFAULT: dict[str, Any] = {
     "image": {"repository": "registry.example.com/mirror/toposerve", "digest": "sha256:" + "a" * 64},
     "watchNamespaces": ["team-a", "team-b"],
     "operatorConfig": {"autoEngine": "mock", "hourlyPerGPU": {"H100": 2.5}, "spotHourlyPerGPU": {"L4": 0.3}},
-    "operator": {"workers": 8, "fallbackAfterSeconds": 30, "extraArgs": ["--resync=120"]},
+    "operator": {"workers": 8, "fallbackAfterSeconds": 30, "logLevel": "debug", "extraArgs": ["--resync=120"]},
     "resources": {"requests": {"cpu": "200m", "memory": "300Mi"}, "limits": {"cpu": 1, "memory": "1Gi"}},
     "metrics": {"port": 9090, "serviceMonitor": {"enabled": True, "labels": {"release": "kps"}},
                 "podMonitor": {"enabled": True}},
@@ -119,7 +119,13 @@ def test_non_default_values_reach_the_objects(custom: list[dict[str, Any]]) -> N
         "--namespace=team-a",
         "--namespace=team-b",
     ]
-    assert {"--workers=8", "--fallback-after=30", "--metrics-port=9090", "--resync=120"} <= set(c["args"])
+    assert {
+        "--workers=8",
+        "--fallback-after=30",
+        "--metrics-port=9090",
+        "--resync=120",
+        "--log-level=debug",
+    } <= set(c["args"])
     assert "--liveness=http://$(POD_IP):9091/healthz" in c["args"]
     assert c["resources"]["limits"] == {"cpu": 1, "memory": "1Gi"}
     assert pod["serviceAccountName"] == "custom-sa"
@@ -285,6 +291,7 @@ def test_the_pss_check_catches_violations(default: list[dict[str, Any]]) -> None
         ({"resources": {"requests": {"memory": "lots"}}}, "memory"),
         ({"podDisruptionBudget": {"maxUnavailable": 0}}, "maxUnavailable"),
         ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "enabled"),
+        ({"operator": {"logLevel": "loud"}}, "logLevel"),
     ],
 )
 def test_values_schema_rejects_bad_values_naming_the_field(values: dict[str, Any], needle: str) -> None:

@@ -15,6 +15,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default=os.environ.get("TOPOSERVE_CONFIG"), help="operator config YAML")
     p.add_argument("--kubeconfig", default=None, help="kubeconfig (default: in-cluster, else KUBECONFIG)")
     p.add_argument("--workers", type=int, default=4, help="concurrent reconciles")
+    p.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        default=os.environ.get("TOPOSERVE_LOG_LEVEL", "info"),
+        help="log level of the operator's JSON log lines (kopf's included)",
+    )
     p.add_argument("--metrics-port", type=int, default=8080, help="Prometheus metrics port (0: off)")
     p.add_argument(
         "--metrics-address",
@@ -64,5 +70,5 @@ def run(args: argparse.Namespace) -> int:
         from prometheus_client import start_http_server
 
         start_http_server(args.metrics_port, addr=args.metrics_address)
-    operator.run(rt, None, args.liveness)
+    operator.run(rt, None, args.liveness, log_level=args.log_level)
     return 0

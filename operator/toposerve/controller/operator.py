@@ -330,13 +330,15 @@ def _on_pod(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
         _rt().queue.add((namespace, labels[LABEL_DEPLOYMENT]))
 
 
-def run(rt: Runtime, metrics_port: int | None, liveness: str | None = None) -> None:
+def run(rt: Runtime, metrics_port: int | None, liveness: str | None = None, log_level: str = "info") -> None:
     """Run the operator until interrupted."""
     global RUNTIME
     RUNTIME = rt
     if metrics_port:
         start_http_server(metrics_port)
-    kopf.configure(verbose=False, log_format=kopf.LogFormat.JSON)
+    kopf.configure(verbose=False, debug=log_level == "debug", log_format=kopf.LogFormat.JSON)
+    # kopf.configure sets up the root logger; the level is ours to choose.
+    logging.getLogger().setLevel(log_level.upper())
     kopf.run(
         clusterwide=not rt.namespaces,
         namespaces=rt.namespaces,
