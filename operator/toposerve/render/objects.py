@@ -187,12 +187,8 @@ def startup_seconds(plan: PoolPlan, spec: LLMDeploymentSpec, config: OperatorCon
     return math.ceil((fetch + gb / 2.0 + 300) * 1.5)
 
 
-def cache_size_gib(plan: PoolPlan, spec: LLMDeploymentSpec) -> int:
-    return cache_gib(spec, plan.weights_gib)
-
-
 def _engine_storage(
-    name: str, plan: PoolPlan, spec: LLMDeploymentSpec
+    plan: PoolPlan, spec: LLMDeploymentSpec
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]], str]:
     """(env, volumes, mounts, ephemeral-storage request) for where weights and caches live."""
     cache = spec.model.cache
@@ -204,7 +200,7 @@ def _engine_storage(
         # Not optional: a missing Secret is a clear CreateContainerConfigError, not a 401 mid-download.
         ref = {"name": spec.serving.hf_token_secret, "key": "HF_TOKEN", "optional": False}
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
-    size = cache_size_gib(plan, spec)
+    size = cache_gib(spec, plan.weights_gib)
     volumes: list[dict[str, Any]] = []
     mounts: list[dict[str, Any]] = []
     storage = f"{plan.ephemeral_gib_per_pod}Gi"  # the planner checked it against the nodes
@@ -292,7 +288,7 @@ def render_pool(
         image = spec.serving.image or config.vllm_image
         command, leader_args, worker_args = _vllm_commands(plan)
         gpus = str(plan.gpus_per_pod)
-        store_env, store_volumes, store_mounts, storage = _engine_storage(name, plan, spec)
+        store_env, store_volumes, store_mounts, storage = _engine_storage(plan, spec)
         env += store_env
         volumes += store_volumes
         mounts += store_mounts
