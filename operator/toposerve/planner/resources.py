@@ -43,6 +43,12 @@ def allocatable(cpu: float, memory_gib: float) -> tuple[float, float]:
     return cpu - _reserved(cpu, _CPU_TIERS), memory_gib - _reserved(memory_gib, _MEM_TIERS) - EVICTION_GIB
 
 
+def cpu_quantity(cores: float) -> str:
+    """Cores as a Kubernetes quantity: whole cores plain, others in millicores (3.1 -> 3100m)."""
+    millis = round(cores * 1000)
+    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+
+
 @dataclass(frozen=True)
 class PodResources:
     cpu: float  # cores, rounded down to 100m
@@ -50,8 +56,7 @@ class PodResources:
 
     @property
     def cpu_quantity(self) -> str:
-        millis = round(self.cpu * 1000)
-        return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
+        return cpu_quantity(self.cpu)
 
     @property
     def memory_quantity(self) -> str:

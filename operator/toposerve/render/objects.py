@@ -24,6 +24,7 @@ from toposerve.api.errors import SpecError
 from toposerve.api.spec import LLMDeploymentSpec
 from toposerve.planner.memory import GIB
 from toposerve.planner.plan import IMAGE_WEIGHTS_DIR, DeploymentPlan, PoolPlan, cache_gib
+from toposerve.planner.resources import cpu_quantity
 from toposerve.render.placement import router_affinity, serving_affinity, serving_tolerations
 
 ENGINE_PORT = 8000
@@ -293,7 +294,7 @@ def render_pool(
         volumes += store_volumes
         mounts += store_mounts
         requests = {
-            "cpu": _cpu(plan.cpu_per_pod),
+            "cpu": cpu_quantity(plan.cpu_per_pod),
             "memory": f"{plan.memory_gib_per_pod}Gi",
             "ephemeral-storage": storage,
             "nvidia.com/gpu": gpus,
@@ -358,11 +359,6 @@ def render_pool(
         selector={**pool_sel, LABEL_COMPONENT: "engine"},
     )  # fmt: skip
     return [workload, _render("pdb.yaml.j2", pdb_ctx), _render("service.yaml.j2", svc_ctx)]
-
-
-def _cpu(cores: float) -> str:
-    millis = round(cores * 1000)
-    return str(millis // 1000) if millis % 1000 == 0 else f"{millis}m"
 
 
 def render_deployment(
