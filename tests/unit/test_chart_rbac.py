@@ -46,10 +46,12 @@ def test_every_kind_the_client_knows_is_covered() -> None:
         )
 
 
-def test_every_child_kind_can_be_listed_applied_and_pruned() -> None:
-    for api_version, kind in kube.CHILD_KINDS:
+def test_every_child_kind_can_be_watched_applied_and_pruned() -> None:
+    # controller/children.py lists and watches the pods and every child kind in each namespace
+    for api_version, kind in [("v1", "Pod"), *kube.CHILD_KINDS]:
         plural = kube.PLURALS[(api_version, kind)]
-        for verb in ("list", "create", "patch", "delete"):  # SSA of a new object also checks create
+        verbs = ("list", "watch") if kind == "Pod" else ("list", "watch", "create", "patch", "delete")
+        for verb in verbs:  # SSA of a new object also checks create
             assert holds(_group(api_version), plural, verb, "watched"), (plural, verb)
 
 
@@ -86,7 +88,7 @@ def _literal(node: ast.expr) -> Any:
 
 def test_every_kopf_watch_can_list_and_watch() -> None:
     watches = _kopf_watches()
-    assert ("toposerve.io", "llmdeployments") in watches and ("", "pods") in watches
+    assert ("toposerve.io", "llmdeployments") in watches
     for group, plural in watches:
         for verb in ("list", "watch"):
             assert holds(group, plural, verb, "watched"), f"kopf watches {plural}.{group}: needs {verb}"

@@ -33,7 +33,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from kubernetes.client.exceptions import ApiException
 
@@ -240,11 +240,16 @@ class InventoryStore:
             return self._build()
 
 
-class Reflector:
+C = TypeVar("C")  # what a store says an event changed; falsy: nothing
+
+
+class Reflector(Generic[C]):
     """A thread that lists, then watches, one kind into a store, and re-lists after any break.
 
     A thread, not a task: the API client is synchronous, and a long watch must not hold one of the
-    default executor's few threads that reconciles run in.
+    default executor's few threads that reconciles run in. A kind the API does not serve (404 on
+    the list: a CRD not installed) is reported through ``on_missing`` and looked for again every
+    ``missing_recheck_seconds``.
     """
 
     def __init__(
@@ -252,19 +257,26 @@ class Reflector:
         kube: Kube,
         api_version: str,
         kind: str,
-        replace: Callable[[list[dict[str, Any]]], Change],
-        event: Callable[[str, dict[str, Any]], Change],
-        on_change: Callable[[Change], None],
+        replace: Callable[[list[dict[str, Any]]], C],
+        event: Callable[[str, dict[str, Any]], C],
+        on_change: Callable[[C], None],
         fields: str | None = None,
         server_timeout: int = 60,
         min_watch_seconds: float = 1.0,
+        selector: str | None = None,
+        namespace: str | None = None,
+        on_missing: Callable[[], None] | None = None,
+        missing_recheck_seconds: float = 60.0,
     ) -> None:
         self.kube, self.api_version, self.kind, self.fields = kube, api_version, kind, fields
+        self.selector, self.namespace = selector, namespace
+        self.on_missing, self.missing_recheck_seconds = on_missing, missing_recheck_seconds
         self.min_watch_seconds = min_watch_seconds  # a watch ending sooner backs off before the next
         self.replace, self.event, self.on_change = replace, event, on_change
         self.server_timeout = server_timeout
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"watch-{kind}", daemon=True)
+        where = f"-{namespace}" if namespace else ""
+        self.thread = threading.Thread(target=self._run, name=f"watch-{kind}{where}", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
@@ -275,14 +287,28 @@ class Reflector:
         while not self.stop.is_set():
             try:
                 if rv is None:
-                    items, rv = self.kube.list_all(self.api_version, self.kind, None, fields=self.fields)
+                    try:
+                        items, rv = self.kube.list_all(
+                            self.api_version,
+                            self.kind,
+                            self.namespace,
+                            selector=self.selector,
+                            fields=self.fields,
+                        )
+                    except ApiException as e:
+                        if e.status != 404 or self.on_missing is None:
+                            raise
+                        self.on_missing()
+                        self.stop.wait(self.missing_recheck_seconds)
+                        continue
                     self._notify(self.replace(items))
                 started = time.monotonic()
                 for ev in self.kube.watch(
                     self.api_version,
                     self.kind,
-                    None,
+                    self.namespace,
                     rv,
+                    selector=self.selector,
                     fields=self.fields,
                     server_timeout=self.server_timeout,
                 ):
@@ -312,7 +338,7 @@ class Reflector:
                 self.stop.wait(backoff)
                 backoff = min(30.0, backoff * 2)
 
-    def _notify(self, change: Change) -> None:
+    def _notify(self, change: C) -> None:
         if change:
             self.on_change(change)
 

@@ -236,15 +236,18 @@ class Kube:
 
     def patch_status(
         self, api_version: str, kind: str, namespace: str, name: str, status: Mapping[str, Any]
-    ) -> None:
+    ) -> dict[str, Any]:
+        """Merge-patch the status subresource; returns the object as written."""
         url = path(api_version, kind, namespace, name, "status")
         query = [("fieldManager", FIELD_MANAGER)]
-        self.request(
-            "PATCH",
-            url,
-            body={"status": dict(status)},
-            content_type="application/merge-patch+json",
-            query=query,
+        return dict(
+            self.request(
+                "PATCH",
+                url,
+                body={"status": dict(status)},
+                content_type="application/merge-patch+json",
+                query=query,
+            )
         )
 
     def has_crd(self, name: str) -> bool:

@@ -10,11 +10,12 @@ back; a slow periodic resync is only a safety net. With ``--leader-elect`` sever
 run and exactly one, the holder of a coordination.k8s.io Lease, reconciles; the others watch and
 wait.
 
-Server-side filtering: kopf's ``labels=`` on a handler filters *client-side* (every pod event in
-the cluster would reach us), so the serving-pod label selector is set per resource in
-``settings.watching.label_selectors``, which kopf sends as ``labelSelector`` on its list and watch.
-kopf runs one stream per resource with one selector set, so the inventory's cluster-wide watches
-of nodes and bound pods (another selector, every namespace) are our own (``controller/cache.py``).
+What a reconcile reads comes from memory: the inventory from cluster-wide watches of nodes and
+bound pods (``controller/cache.py``), the serving pods and children of each deployment from
+label-filtered watches (``controller/children.py``), and the LLMDeployment itself as kopf's watch
+last delivered it. Those watches are our own, not kopf's: kopf runs one stream per resource with
+one set of selectors, and its ``labels=`` filters client-side. A change of a deployment's pods or
+the disappearance of one of its children wakes it (as a pod handler did before).
 Our own status writes come back as events; they carry nothing new and do not enqueue.
 """
 
@@ -38,6 +39,7 @@ from prometheus_client import start_http_server
 from toposerve import API_GROUP, API_VERSION
 from toposerve.controller import metrics
 from toposerve.controller.cache import Change, InventoryCache, waits_for_capacity
+from toposerve.controller.children import ChildCache, Key
 from toposerve.controller.kube import Kube
 from toposerve.controller.queue import WorkQueue
 from toposerve.controller.reconcile import Context, reconcile
@@ -63,7 +65,6 @@ class Runtime:
     # Every LLMDeployment seen: what of it triggers a reconcile, and whether it waits for capacity.
     known: dict[tuple[str, str], Known] = field(default_factory=dict)
     waiting: set[tuple[str, str]] = field(default_factory=set)  # those of ``known`` waiting for capacity
-    watch_inventory: bool = True  # the watch-fed inventory (controller/cache.py)
 
 
 @dataclass(frozen=True)
@@ -251,27 +252,37 @@ def _on_inventory(rt: Runtime, change: Change) -> None:
 INVENTORY_COALESCE_SECONDS = 1.0
 
 
+def _wake(rt: Runtime, keys: set[Key]) -> None:
+    """Pods of these deployments changed, or one of their children vanished (in the event loop)."""
+    for key in keys:
+        rt.queue.add(key)
+    metrics.QUEUE_DEPTH.set(len(rt.queue))
+
+
 @kopf.on.startup()
 async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     rt = _rt()
     settings.watching.server_timeout = 60
     settings.watching.client_timeout = 90
     settings.watching.connect_timeout = 10
-    # Server-side: only the serving pods' events reach us (kopf's ``labels=`` filters client-side).
-    settings.watching.label_selectors["", "v1", "pods"] = LABEL_DEPLOYMENT
     settings.posting.level = logging.WARNING
     # No create/update handlers exist, but pin kopf's bookkeeping to our own prefix all the same.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="toposerve.io")
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix="toposerve.io")
-    if rt.watch_inventory:
-        loop = asyncio.get_running_loop()
+    loop = asyncio.get_running_loop()
 
-        def changed(change: Change) -> None:  # called in a watch thread
-            loop.call_soon_threadsafe(_on_inventory, rt, change)
+    def changed(change: Change) -> None:  # called in a watch thread
+        loop.call_soon_threadsafe(_on_inventory, rt, change)
 
-        ctx = rt.ctx
-        ctx.cache = InventoryCache(ctx.kube, ctx.config.catalog(), ctx.config.label_schemes, changed)
-        ctx.cache.start()
+    def wake(keys: set[Key]) -> None:  # called in a watch thread
+        loop.call_soon_threadsafe(_wake, rt, keys)
+
+    ctx = rt.ctx
+    ctx.cache = InventoryCache(ctx.kube, ctx.config.catalog(), ctx.config.label_schemes, changed)
+    ctx.cache.start()
+    ctx.children = ChildCache(ctx.kube, LABEL_DEPLOYMENT, rt.namespaces, wake)
+    ctx.children.start()
+    ctx.bodies = {}
     _set_leader(rt, not rt.leader_elect)
     rt.tasks = [asyncio.create_task(_worker(rt)) for _ in range(rt.workers)]
     rt.tasks.append(asyncio.create_task(_resync_loop(rt)))
@@ -286,6 +297,8 @@ async def _cleanup(**_: Any) -> None:
         t.cancel()
     if rt.ctx.cache is not None:
         rt.ctx.cache.stop()
+    if rt.ctx.children is not None:
+        rt.ctx.children.stop()
 
 
 def trigger(body: Mapping[str, Any]) -> tuple[Any, ...]:
@@ -309,10 +322,15 @@ def _on_llmdeployment(
     rt = _rt()
     key = (namespace or "", name)
     if event.get("type") == "DELETED":
+        if rt.ctx.bodies is not None:
+            rt.ctx.bodies.pop(key, None)
         rt.known.pop(key, None)
         rt.waiting.discard(key)
         rt.queue.forget(key)
         return
+    raw = event.get("object")
+    if rt.ctx.bodies is not None and isinstance(raw, dict):
+        rt.ctx.remember(dict(raw))
     previous = rt.known.get(key)
     now = Known(trigger(body), waits_for_capacity(body))
     rt.known[key] = now
@@ -322,12 +340,6 @@ def _on_llmdeployment(
         rt.waiting.discard(key)
     if previous is None or previous.trigger != now.trigger:
         rt.queue.add(key)
-
-
-@kopf.on.event("", "v1", "pods")  # label selector set server-side in _startup
-def _on_pod(labels: kopf.Labels, namespace: str | None, **_: Any) -> None:
-    if LABEL_DEPLOYMENT in labels:
-        _rt().queue.add((namespace, labels[LABEL_DEPLOYMENT]))
 
 
 def run(rt: Runtime, metrics_port: int | None, liveness: str | None = None, log_level: str = "info") -> None:

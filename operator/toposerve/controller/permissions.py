@@ -36,7 +36,9 @@ class Permission:
     namespaced_only: bool = False
 
 
-_WRITE_CHILD = ("list", "create", "patch", "delete")  # list, server-side apply (create or patch), prune
+# list and watch (controller/children.py keeps them in memory), server-side apply (create or
+# patch), prune
+_WRITE_CHILD = ("list", "watch", "create", "patch", "delete")
 
 PERMISSIONS: tuple[Permission, ...] = (
     # The custom resource.
@@ -47,7 +49,7 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("toposerve.io", "llmdeployments/finalizers", ("update",), "watched",
                "children carry blockOwnerDeletion owner references; clusters with the "
                "OwnerReferencesPermissionEnforcement admission plugin check this"),
-    # Children (kube.CHILD_KINDS): listed per LLMDeployment, server-side applied, pruned.
+    # Children (kube.CHILD_KINDS): watched by label, server-side applied, pruned.
     Permission("apps", "deployments", _WRITE_CHILD, "watched", "engine and router Deployments"),
     Permission("leaderworkerset.x-k8s.io", "leaderworkersets", _WRITE_CHILD, "watched",
                "multi-node engine replicas"),
@@ -61,8 +63,8 @@ PERMISSIONS: tuple[Permission, ...] = (
     # the `escalate` or `bind` verbs (RBAC only lets a subject grant what it holds itself).
     Permission("discovery.k8s.io", "endpointslices", ("get", "list", "watch"), "watched",
                "granted to each router's Role (the router discovers engines through them)"),
-    # Serving pods: kopf watches them (readiness, scheduling), reconcile lists them per deployment.
-    Permission("", "pods", ("list", "watch"), "watched", "kopf watch and per-deployment list"),
+    # Serving pods: watched by label (readiness, scheduling; controller/children.py).
+    Permission("", "pods", ("list", "watch"), "watched", "serving pods, watched by label"),
     Permission("", "events", ("create",), "watched", "the operator's and kopf's Events"),
     # Inventory (controller/cache.py watches): free capacity = node allocatable minus the requests
     # of every bound pod, in every namespace.

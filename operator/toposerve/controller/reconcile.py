@@ -29,6 +29,7 @@ from toposerve.api.spec import LLMDeploymentSpec
 from toposerve.controller import metrics
 from toposerve.controller.allocation import TypeState, allocate
 from toposerve.controller.cache import InventoryCache
+from toposerve.controller.children import ChildCache, resource_version
 from toposerve.controller.conditions import Observation, PlacementObs, PoolObs, compute_status
 from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
 from toposerve.controller.observe import parse_time, router_readiness, summarize
@@ -67,6 +68,9 @@ class Context:
     config: OperatorConfig = field(default_factory=OperatorConfig)
     settings: Settings = field(default_factory=Settings)
     cache: InventoryCache | None = None  # watch-fed when the operator runs (controller/cache.py)
+    children: ChildCache | None = None  # pods and children, watch-fed (controller/children.py)
+    # The newest LLMDeployment bodies from the operator's watch; without one, a reconcile GETs.
+    bodies: dict[tuple[str, str], dict[str, Any]] | None = None
     _inventory: tuple[float, Inventory] | None = None
     _lws: tuple[float, bool] | None = None
 
@@ -89,6 +93,34 @@ class Context:
     def invalidate_inventory(self) -> None:
         """Forget the listed inventory (the watch-fed one is never stale for longer than an event)."""
         self._inventory = None
+
+    def llmdeployment(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object as the watch last delivered it, else (no watch, or not seen yet) from the API."""
+        body = self.bodies.get((namespace, name)) if self.bodies is not None else None
+        return body if body is not None else self.kube.get(API, "LLMDeployment", namespace, name)
+
+    def remember(self, body: dict[str, Any]) -> None:
+        """Keep ``body`` as the newest known copy, unless a newer one is held (our own status write
+        may get here before the watch's older event does)."""
+        if self.bodies is None:
+            return
+        meta = body.get("metadata") or {}
+        key = (str(meta.get("namespace") or ""), str(meta.get("name") or ""))
+        held = self.bodies.get(key)
+        have, got = resource_version(held), resource_version(body)
+        if have is None or got is None or got >= have:
+            self.bodies[key] = body
+
+    def owned(self, api_version: str, kind: str, namespace: str, name: str) -> list[dict[str, Any]]:
+        """The objects of ``kind`` labelled for deployment ``name``: from the watches once they have
+        synced, else listed. A kind the watch found unserved is listed once the API serves it."""
+        c = self.children
+        unserved_but_now_there = (
+            kind == "LeaderWorkerSet" and c is not None and not c.served(api_version, kind)
+        )
+        if c is not None and c.synced and not (unserved_but_now_there and self.has_lws()):
+            return c.objects(api_version, kind, namespace, name)
+        return self.kube.list(api_version, kind, namespace, selector=f"{LABEL_DEPLOYMENT}={name}")
 
     def has_lws(self) -> bool:
         now = time.monotonic()
@@ -143,7 +175,7 @@ class Result:
 def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     """Reconcile one LLMDeployment; returns when to look again (None: on the next event/resync)."""
     kube = ctx.kube
-    body = kube.get(API, "LLMDeployment", namespace, name)
+    body = ctx.llmdeployment(namespace, name)
     if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
         return Result()  # garbage collection removes the children through their owner references
     meta = body["metadata"]
@@ -166,13 +198,13 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         return Result()
     result = Result()
     owner = Owner(name=name, uid=uid)
-    pods = kube.list("v1", "Pod", namespace, selector=f"{LABEL_DEPLOYMENT}={name}")
+    pods = ctx.owned("v1", "Pod", namespace, name)
     facts = summarize(pods, now, ctx.settings.fallback_after_seconds)
     # The children as they are, listed once: the current fallback split is read from the workloads,
     # and whatever is no longer wanted is pruned from the same lists (anything this reconcile
     # creates is wanted by definition). A kind that is not served (no LWS CRD) lists as empty.
     existing = {
-        (api_version, kind): kube.list(api_version, kind, namespace, selector=f"{LABEL_DEPLOYMENT}={name}")
+        (api_version, kind): ctx.owned(api_version, kind, namespace, name)
         for api_version, kind in CHILD_KINDS
     }
     current: dict[tuple[str, str], int] = {}
@@ -289,7 +321,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     notices = _notices(spec, dplan)
     for obj in desired:
         try:
-            kube.apply(obj)
+            applied = kube.apply(obj)
         except ApiException as e:
             # Say so before retrying: a condition, an Event and the generation it concerns.
             what = f"{obj['kind']} {obj['metadata']['name']}"
@@ -302,6 +334,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
             if not _has_condition(previous, "Progressing", "ApplyFailed", msg):
                 kube.event(body, "ApplyFailed", msg, warning=True)
             raise
+        if ctx.children is not None:
+            ctx.children.wrote(applied)
         metrics.CHILDREN_APPLIED.labels(obj["kind"]).inc()
         result.applied += 1
     wanted = {(o["apiVersion"], o["kind"], o["metadata"]["name"]) for o in desired}
@@ -310,6 +344,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
             ident = (api_version, kind, child["metadata"]["name"])
             if ident not in wanted and _owned(child, uid):
                 kube.delete(api_version, kind, namespace, child["metadata"]["name"])
+                if ctx.children is not None:
+                    ctx.children.deleted(api_version, kind, namespace, child["metadata"]["name"])
                 result.deleted += 1
     if result.deleted or events:
         ctx.invalidate_inventory()
@@ -413,7 +449,9 @@ def _write_status(
     if status_changed(new, _status_view(previous)):
         # Top-level nulls delete fields in a merge patch; nested ones would only be noise.
         patch = {k: (strip_none(v) if v is not None else None) for k, v in new.items()}
-        ctx.kube.patch_status(API, "LLMDeployment", meta["namespace"], meta["name"], patch)
+        written = ctx.kube.patch_status(API, "LLMDeployment", meta["namespace"], meta["name"], patch)
+        if written:
+            ctx.remember(written)
         metrics.STATUS_WRITES.inc()
     prev_ready = next((c for c in previous.get("conditions") or [] if c.get("type") == "Ready"), None)
     ready = next(c for c in new["conditions"] if c["type"] == "Ready")
