@@ -56,6 +56,12 @@ def _cmd_router(args: argparse.Namespace) -> int:
     return router_cli.run(args)
 
 
+def _cmd_cost(args: argparse.Namespace) -> int:
+    from toposerve.commands import cost
+
+    return cost.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="toposerve", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"toposerve {__version__}")
@@ -99,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     router_cli.add_arguments(so)
     so.set_defaults(func=_cmd_router)
+
+    sk = sub.add_parser("cost", help="cost per hour and per million output tokens of LLMDeployments (live)")
+    from toposerve.commands import cost as cost_cmd
+
+    cost_cmd.add_arguments(sk)
+    sk.set_defaults(func=_cmd_cost)
     return p
 
 

@@ -28,7 +28,20 @@ class OperatorConfig(BaseModel):
         default_factory=dict, alias="hourlyPerGPU", description="Cluster prices, USD per GPU-hour."
     )
     spot_hourly_per_gpu: dict[str, float] = Field(
-        default_factory=dict, alias="spotHourlyPerGPU", description="Cluster spot prices."
+        default_factory=dict,
+        alias="spotHourlyPerGPU",
+        description="Cluster spot prices, USD per GPU-hour. Unset types use the GPU catalog's list prices "
+        "(api/gpus.py; docs/cost.md).",
+    )
+    prometheus_url: str | None = Field(
+        default=None,
+        description="Prometheus that scrapes the engines (e.g. http://prometheus.monitoring:9090); the "
+        "operator reads observed output tokens/s from it for status.observedCost. Unset: no throughput.",
+    )
+    throughput_window: str = Field(
+        default="5m",
+        pattern=r"^[0-9]+[smh]$",
+        description="PromQL range of rate(vllm:generation_tokens_total[...]) for observed throughput.",
     )
     auto_engine: Literal["detect", "vllm", "mock"] = Field(
         default="detect",

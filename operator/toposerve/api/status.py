@@ -38,6 +38,22 @@ class Placement(_Status):
     ready_replicas: int = Field(default=0, description="Ready replicas on this GPU type.")
 
 
+class ObservedCost(_Status):
+    """What the GPUs held now cost and what they produce (pods bound to nodes, engines' counters)."""
+
+    gpus: int = Field(default=0, description="GPUs held by serving pods bound to nodes.")
+    spot_gpus: int = Field(default=0, description="Of those, GPUs on spot nodes (priced at spot).")
+    cost_per_hour: float = Field(default=0.0, description="USD per hour for the GPUs held.")
+    output_tokens_per_second: float | None = Field(
+        default=None,
+        description="Observed output tokens/s (rate of vllm:generation_tokens_total); absent without a "
+        "throughput source (operator config prometheusUrl).",
+    )
+    cost_per_million_output_tokens: float | None = Field(
+        default=None, description="costPerHour / (outputTokensPerSecond x 3600) x 1e6; absent at 0 tokens/s."
+    )
+
+
 class PoolStatus(_Status):
     """What one pool was planned to and how far it got."""
 
@@ -61,6 +77,9 @@ class PoolStatus(_Status):
     cost_per_hour: float | None = Field(default=None, description="USD per hour for the desired replicas.")
     placements: list[Placement] = Field(
         default_factory=list, description="Replicas per GPU type, preferred first (fallback splits a pool)."
+    )
+    observed_cost: ObservedCost | None = Field(
+        default=None, description="Cost and throughput of this pool's pods now (see docs/cost.md)."
     )
 
 
@@ -89,6 +108,9 @@ class LLMDeploymentStatus(_Status):
     parallelism: str | None = Field(default=None, description="TP/PP of the first pool, e.g. '4/1'.")
     pools: list[PoolStatus] = Field(default_factory=list, description="Per-pool plan and progress.")
     cost_per_hour: float | None = Field(default=None, description="USD per hour for all desired replicas.")
+    observed_cost: ObservedCost | None = Field(
+        default=None, description="Cost and throughput of all serving pods now (see docs/cost.md)."
+    )
     kopf: dict[str, Any] | None = Field(
         default=None,
         description="Operator framework bookkeeping.",

@@ -59,6 +59,10 @@ def run(args: argparse.Namespace) -> int:
             return_cooldown_seconds=args.return_cooldown,
         ),
     )
+    if config.prometheus_url:
+        from toposerve.controller.throughput import PrometheusThroughput
+
+        ctx.throughput = PrometheusThroughput(config.prometheus_url, config.throughput_window)
     rt = operator.Runtime(
         ctx=ctx,
         namespaces=args.namespace,

@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from toposerve.api.status import Condition, LLMDeploymentStatus, Placement, PoolStatus
+from toposerve.api.status import Condition, LLMDeploymentStatus, ObservedCost, Placement, PoolStatus
+from toposerve.planner.cost import DeploymentCost, PoolCost
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,24 @@ class Observation:
     router: tuple[int, int] | None = None  # (router pods, ready ones); None when routing is off
     apply_error: str | None = None  # the API server refused a child: what and why
     notices: Sequence[tuple[str, str]] = ()  # (Reason, message) problems that do not stop serving
+    cost: DeploymentCost | None = None  # observed cost and throughput (planner/cost.py)
+
+
+def _sig(value: float | None, digits: int = 4) -> float | None:
+    """Rounded to significant digits: a throughput that wobbles in the fifth digit is no status write."""
+    return None if value is None else float(f"{value:.{digits}g}")
+
+
+def observed(c: PoolCost | None) -> ObservedCost | None:
+    if c is None:
+        return None
+    return ObservedCost(
+        gpus=c.gpus,
+        spot_gpus=c.spot_gpus,
+        cost_per_hour=round(c.cost_per_hour, 4),
+        output_tokens_per_second=_sig(c.output_tokens_per_second, 3),
+        cost_per_million_output_tokens=_sig(c.cost_per_million_output_tokens),
+    )
 
 
 def _cond(
@@ -96,6 +115,7 @@ def compute_status(
         )
     pools: list[PoolStatus] = []
     ready_total = 0
+    costs = {c.name: c for c in obs.cost.pools} if obs.cost else {}
     for p in obs.pools:
         desired = sum(pl.replicas for pl in p.placements)
         ready = sum(min(pl.ready, pl.replicas) for pl in p.placements)
@@ -135,6 +155,7 @@ def compute_status(
                     for pl in p.placements
                     if pl.replicas > 0 or pl.ready > 0
                 ],
+                observed_cost=observed(costs.get(p.name)),
             )
         )
     unfit = [p for p in obs.pools if not p.fits]
@@ -217,4 +238,5 @@ def compute_status(
         parallelism=f"{first.tensor_parallel}/{first.pipeline_parallel}" if first else None,
         pools=pools,
         cost_per_hour=round(sum(p.cost_per_hour or 0 for p in pools), 4),
+        observed_cost=observed(obs.cost.total) if obs.cost else None,
     )

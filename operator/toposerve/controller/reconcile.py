@@ -33,6 +33,7 @@ from toposerve.controller.children import ChildCache, resource_version
 from toposerve.controller.conditions import Observation, PlacementObs, PoolObs, compute_status
 from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
 from toposerve.controller.observe import parse_time, router_readiness, summarize
+from toposerve.controller.throughput import ThroughputSource, deployment_cost
 from toposerve.planner.inventory import Inventory, PodShape, inventory_from_nodes, usage_by_node
 from toposerve.planner.memory import GIB
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, plan_deployment
@@ -71,6 +72,7 @@ class Context:
     children: ChildCache | None = None  # pods and children, watch-fed (controller/children.py)
     # The newest LLMDeployment bodies from the operator's watch; without one, a reconcile GETs.
     bodies: dict[tuple[str, str], dict[str, Any]] | None = None
+    throughput: ThroughputSource | None = None  # observed tokens/s (config prometheusUrl); None: unknown
     _inventory: tuple[float, Inventory] | None = None
     _lws: tuple[float, bool] | None = None
 
@@ -177,6 +179,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     kube = ctx.kube
     body = ctx.llmdeployment(namespace, name)
     if body is None or (body.get("metadata") or {}).get("deletionTimestamp"):
+        metrics.forget_cost(namespace, name)
         return Result()  # garbage collection removes the children through their owner references
     meta = body["metadata"]
     uid, gen = meta["uid"], int(meta.get("generation") or 0)
@@ -352,6 +355,10 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     for reason, msg, warning in events:
         log.info("%s/%s: %s", namespace, name, msg)
         kube.event(body, reason, msg, warning)
+    cost = deployment_cost(
+        namespace, name, spec, pods, inv, ctx.config, ctx.throughput, [p.name for p in dplan.pools]
+    )
+    metrics.record_cost(cost)
     obs = Observation(
         generation=gen,
         replicas=spec.replicas,
@@ -362,6 +369,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         pools=pool_obs,
         router=router,
         notices=notices,
+        cost=cost,
     )
     status = _write_status(ctx, body, obs, previous, now)
     pending = any(f.pending for f in facts.values())

@@ -27,6 +27,7 @@ from toposerve.api.gpus import GPUCatalog, GPUType
 from toposerve.api.nodelabels import GFD_CLIQUE
 from toposerve.api.spec import DTYPE_BYTES, Architecture, LLMDeploymentSpec, ParallelismSpec, PoolSpec
 from toposerve.planner import quantization, resources
+from toposerve.planner.cost import gpu_hourly_price
 from toposerve.planner.inventory import Inventory, PodShape, topology_key_for
 from toposerve.planner.memory import GIB, Fit, Layout, ModelMemory, evaluate
 from toposerve.planner.replicas import distribute
@@ -285,22 +286,6 @@ def vllm_args(
     return args + list(spec.serving.extra_args)
 
 
-def _price(
-    gpu: str, spot: bool, spec: LLMDeploymentSpec, config: OperatorConfig, catalog: GPUCatalog
-) -> float:
-    if spot:
-        table, fallback = (
-            (spec.cost.spot_hourly_per_gpu, config.spot_hourly_per_gpu),
-            catalog.get(gpu).spot_hourly_price,
-        )
-    else:
-        table, fallback = (spec.cost.hourly_per_gpu, config.hourly_per_gpu), catalog.get(gpu).hourly_price
-    for t in table:
-        if gpu in t:
-            return float(t[gpu])
-    return fallback
-
-
 def _pools(spec: LLMDeploymentSpec) -> list[PoolSpec]:
     if spec.pools:
         return list(spec.pools)
@@ -479,7 +464,7 @@ def plan_pool(
                     continue
         ep_auto = par.expert == "auto" and arch.experts > 0 and layout.tp * layout.dp > 1
         ep_on = ep_auto or (isinstance(par.expert, int) and par.expert > 1)
-        price = _price(name, spot, spec, config, catalog)
+        price = gpu_hourly_price(name, spot, config, catalog, spec.cost)
         per_replica = round(price * layout.gpus, 4)
         free = fit.free_bytes_per_gpu
         served = spec.model.served_name or spec.model.name
