@@ -62,6 +62,12 @@ def _cmd_cost(args: argparse.Namespace) -> int:
     return cost.run(args)
 
 
+def _cmd_health_agent(args: argparse.Namespace) -> int:
+    from toposerve.health import agent
+
+    return agent.run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="toposerve", description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--version", action="version", version=f"toposerve {__version__}")
@@ -111,6 +117,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     cost_cmd.add_arguments(sk)
     sk.set_defaults(func=_cmd_cost)
+
+    sh = sub.add_parser(
+        "health-agent", help="GPU health agent (NVML): metrics, Node condition GPUHealthy, taint"
+    )
+    from toposerve.health import agent as health_agent
+
+    health_agent.add_arguments(sh)
+    sh.set_defaults(func=_cmd_health_agent)
     return p
 
 

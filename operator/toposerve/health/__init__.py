@@ -1,0 +1,1 @@
+"""The GPU health agent: NVML readings -> verdict (pure) -> metrics, Node condition and taint."""
