@@ -34,6 +34,7 @@ NON_DEFAULT: dict[str, Any] = {
     "nodeSelector": {"kubernetes.io/os": "linux"},
     "tolerations": [{"key": "control-plane", "operator": "Exists", "effect": "NoSchedule"}],
     "podAnnotations": {"team": "ml"},
+    "healthAgent": {"enabled": True, "thresholds": {"maxTemperatureC": 83}, "runtimeClassName": "nvidia"},
 }  # fmt: skip
 
 
@@ -164,7 +165,7 @@ def test_config_change_rolls_the_operator() -> None:
 
 
 def _config(objs: list[dict[str, Any]]) -> dict[str, Any]:
-    (cm,) = by_kind(objs, "ConfigMap")
+    (cm,) = [c for c in by_kind(objs, "ConfigMap") if "config.yaml" in c["data"]]  # not the health agent's
     data: dict[str, Any] = yaml.safe_load(cm["data"]["config.yaml"])
     return data
 

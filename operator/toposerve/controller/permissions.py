@@ -83,6 +83,17 @@ PERMISSIONS: tuple[Permission, ...] = (
 )  # fmt: skip
 
 
+# The GPU health agent (health/node.py, a DaemonSet with its own ServiceAccount): it reads its node
+# and writes the GPUHealthy condition and its taint. Cluster-scoped kind, so a ClusterRole; RBAC cannot
+# limit it to "its own" node by name (the Node authorizer does that for kubelets only).
+AGENT_PERMISSIONS: tuple[Permission, ...] = (
+    Permission(
+        "", "nodes", ("get", "patch"), "cluster", "read its node; add/remove toposerve.io/gpu-unhealthy"
+    ),
+    Permission("", "nodes/status", ("patch",), "cluster", "the GPUHealthy condition (strategic merge)"),
+)
+
+
 def needed(scope: Scope, namespaced: bool) -> list[Permission]:
     """The permissions of one scope; ``namespaced``: the operator watches a list of namespaces."""
     return [p for p in PERMISSIONS if p.scope == scope and (namespaced or not p.namespaced_only)]

@@ -80,7 +80,7 @@ def loop(args: argparse.Namespace, reader: Any, thresholds: Thresholds) -> int:
     from prometheus_client import CollectorRegistry, start_http_server
 
     from toposerve.health.exporter import GPUCollector
-    from toposerve.health.node import plan_node_update, publish
+    from toposerve.health.node import plan_node_update, publish, read_node
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     hostname = args.node_name or socket.gethostname()
@@ -111,7 +111,7 @@ def loop(args: argparse.Namespace, reader: Any, thresholds: Thresholds) -> int:
             )
         if kube is not None:
             try:
-                node = kube.request("GET", f"/api/v1/nodes/{args.node_name}")
+                node = read_node(kube, args.node_name)
                 reason, message = summary(state, len(reading.gpus))
                 update = plan_node_update(
                     node,

@@ -96,6 +96,11 @@ def plan_node_update(
     return NodeUpdate(status_patch=status_patch, taints=taints, resource_version=str(rv) if rv else None)
 
 
+def read_node(kube: Any, node_name: str) -> dict[str, Any]:
+    """The agent's Node (a ``controller.kube.Kube``)."""
+    return dict(kube.request("GET", f"/api/v1/nodes/{node_name}"))
+
+
 def publish(kube: Any, node_name: str, update: NodeUpdate) -> None:
     """Write ``update`` (a ``controller.kube.Kube``); ApiException (e.g. 409) propagates to the caller."""
     url = f"/api/v1/nodes/{node_name}"
