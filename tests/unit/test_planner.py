@@ -181,7 +181,7 @@ def test_cost_uses_spec_then_config_then_catalog_prices() -> None:
     assert pool(make_spec(L70, 131072, ["H100"]), config=cfg).cost_per_hour_per_replica == pytest.approx(12.0)
     spec = make_spec(L70, 131072, ["H100"], cost={"hourlyPerGPU": {"H100": 1.0}})
     assert pool(spec, config=cfg).cost_per_hour_per_replica == pytest.approx(4.0)
-    spot = make_spec(L70, 131072, ["H100"], placement={"spot": True})
+    spot = make_spec(L70, 131072, ["H100"], placement={"spot": {"enabled": True}})
     assert pool(spot).cost_per_hour_per_replica == pytest.approx(
         4 * DEFAULT_CATALOG.get("H100").spot_hourly_price
     )
@@ -232,7 +232,7 @@ def test_inventory_skips_types_the_cluster_lacks() -> None:
 def test_spot_only_nodes_do_not_count_unless_spot_is_allowed() -> None:
     inv = inventory_from_nodes([node("s", "NVIDIA-H100-80GB-HBM3", 8, spot=True)], DEFAULT_CATALOG)
     assert not pool(make_spec(L70, 8192, ["H100"]), inventory=inv).fits
-    assert pool(make_spec(L70, 8192, ["H100"], placement={"spot": True}), inventory=inv).fits
+    assert pool(make_spec(L70, 8192, ["H100"], placement={"spot": {"enabled": True}}), inventory=inv).fits
 
 
 def test_inventory_gpus_per_node_bounds_tensor_parallel() -> None:

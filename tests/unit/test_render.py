@@ -61,7 +61,7 @@ def test_single_node_pool_is_a_deployment_with_gpu_requests_and_affinity() -> No
 
 
 def test_spot_pool_tolerates_spot_and_drops_the_on_demand_constraint() -> None:
-    objs = render(make_spec(L70, 8192, ["H100"], placement={"spot": True}))
+    objs = render(make_spec(L70, 8192, ["H100"], placement={"spot": {"enabled": True}}))
     pod = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]
     assert "toposerve.io/capacity-type" not in match_expressions(pod)
     assert {

@@ -62,7 +62,7 @@ def test_gpu_taints_of_every_provider_are_tolerated_and_spot_ones_only_when_allo
     keys = {(t["key"], t.get("value")) for t in pod["tolerations"]}
     assert ("nvidia.com/gpu", None) in keys and ("sku", "gpu") in keys
     assert ("cloud.google.com/gke-spot", "true") not in keys
-    spot = engine_pod(render(make_spec(L8, 8192, ["L4"], placement={"spot": True})))
+    spot = engine_pod(render(make_spec(L8, 8192, ["L4"], placement={"spot": {"enabled": True}})))
     spot_keys = {(t["key"], t.get("value")) for t in spot["tolerations"]}
     assert {
         ("cloud.google.com/gke-spot", "true"),

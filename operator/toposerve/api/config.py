@@ -7,7 +7,7 @@ an empty file is a valid config.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
@@ -16,6 +16,7 @@ from pydantic.alias_generators import to_camel
 from toposerve import __version__
 from toposerve.api.gpus import DEFAULT_CATALOG, GPUCatalog, GPUType
 from toposerve.api.nodelabels import LabelSchemes
+from toposerve.api.spec import Tier
 
 
 class OperatorConfig(BaseModel):
@@ -54,6 +55,11 @@ class OperatorConfig(BaseModel):
         description="on-demand: GPU node pools scale from zero (Karpenter, Cluster Autoscaler), so a GPU "
         "type with no node now stays in the plan and its Pending pods ask for a node; static: only types "
         "the cluster has nodes of are planned.",
+    )
+    spot_tiers: list[Tier] = Field(
+        default_factory=lambda: list(get_args(Tier)),
+        description="Tiers whose deployments may run on spot when they enable placement.spot (e.g. "
+        "[throughput, batch] keeps latency-critical traffic on on-demand nodes cluster-wide).",
     )
     label_schemes: LabelSchemes = Field(
         default_factory=LabelSchemes,

@@ -18,6 +18,8 @@ own values in ``extraGpuTypes``.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
@@ -64,6 +66,21 @@ class SpotLabel(_Cfg):
     )
 
 
+class TaintMatch(_Cfg):
+    """A taint that announces a node's interruption; empty value or effect match any."""
+
+    key: str
+    value: str | None = None
+    effect: str | None = None
+
+    def matches(self, taint: Mapping[str, object]) -> bool:
+        return (
+            taint.get("key") == self.key
+            and (self.value is None or taint.get("value") == self.value)
+            and (self.effect is None or taint.get("effect") == self.effect)
+        )
+
+
 class LabelSchemes(_Cfg):
     """Every label scheme toposerve reads; defaults cover GFD, GKE, EKS (Karpenter, managed) and AKS."""
 
@@ -98,11 +115,31 @@ class LabelSchemes(_Cfg):
             SpotLabel(key="karpenter.sh/capacity-type", values=["spot"]),
             SpotLabel(key="cloud.google.com/gke-spot", values=["true"], taint=True),
             SpotLabel(key="cloud.google.com/gke-preemptible", values=["true"], taint=True),
+            # GKE also labels every node with how it was provisioned (standard, spot, preemptible).
+            SpotLabel(key="cloud.google.com/gke-provisioning", values=["spot", "preemptible"]),
             SpotLabel(key="eks.amazonaws.com/capacityType", values=["SPOT"]),
             SpotLabel(key="kubernetes.azure.com/scalesetpriority", values=["spot"], taint=True),
             SpotLabel(key="toposerve.io/capacity-type", values=["spot"], taint=True),
         ],
         description="Labels that mark spot nodes (any one matching makes a node spot).",
+    )
+    interruption_taints: list[TaintMatch] = Field(
+        default_factory=lambda: [
+            # AWS Node Termination Handler (taintNode: true): spot interruption notice, rebalance
+            # recommendation, ASG lifecycle termination, scheduled maintenance
+            # (github.com/aws/aws-node-termination-handler README, "taintNode").
+            TaintMatch(key="aws-node-termination-handler/spot-itn"),
+            TaintMatch(key="aws-node-termination-handler/rebalance-recommendation"),
+            TaintMatch(key="aws-node-termination-handler/asg-lifecycle-termination"),
+            TaintMatch(key="aws-node-termination-handler/scheduled-maintenance"),
+            # GKE graceful node shutdown of Spot and preemptible VMs ("Spot VMs" docs).
+            TaintMatch(key="cloud.google.com/impending-node-termination"),
+            # Karpenter disrupting a node (consolidation, expiry, spot interruption via SQS).
+            TaintMatch(key="karpenter.sh/disrupted"),
+            TaintMatch(key="karpenter.sh/disruption", value="disrupting"),
+        ],
+        description="Taints that announce a node's imminent termination (spot interruption, maintenance): "
+        "its capacity no longer counts and its replicas are replaced elsewhere.",
     )
     gpu_tolerations: list[dict[str, str]] = Field(
         default_factory=lambda: [

@@ -242,6 +242,25 @@ class Toleration(_Model):
     toleration_seconds: int | None = Field(default=None, description="For NoExecute: how long to stay bound.")
 
 
+class SpotSpec(_Model):
+    """Spot / preemptible capacity: whether replicas may use it and how many must not."""
+
+    enabled: bool = Field(
+        default=False,
+        description="Allow spot/preemptible nodes (recognised by the operator's labelSchemes.spot: Karpenter "
+        "karpenter.sh/capacity-type, GKE cloud.google.com/gke-spot and gke-provisioning, EKS "
+        "eks.amazonaws.com/capacityType, AKS kubernetes.azure.com/scalesetpriority). The operator config's "
+        "spotTiers may limit spot to some tiers.",
+    )
+    on_demand_baseline: int = Field(
+        default=0,
+        ge=0,
+        le=1000,
+        description="Replicas of each pool (on each GPU type it runs on) kept on on-demand nodes while spot "
+        "is enabled, so a spot interruption never takes the whole pool; the rest may run on spot.",
+    )
+
+
 class PlacementSpec(_Model):
     """Where replicas may run: acceptable GPU types in fallback order, tier, spot, node constraints."""
 
@@ -257,7 +276,11 @@ class PlacementSpec(_Model):
         description="Workload tier: latency-critical prefers the newest GPUs with older ones as overflow; "
         "throughput prefers A100-80GB; long-context needs the most memory; batch the cheapest per token.",
     )
-    spot: bool = Field(default=False, description="Allow spot/preemptible nodes.")
+    spot: SpotSpec = Field(
+        default_factory=SpotSpec,
+        description="Spot capacity: enabled, onDemandBaseline.",
+        json_schema_extra={"default": {}},
+    )
     node_selector: dict[str, str] = Field(
         default_factory=dict, description="Extra node labels every serving pod requires."
     )
@@ -308,7 +331,7 @@ class PoolSpec(_Model):
     )
     parallelism: ParallelismSpec | None = Field(default=None, description="Override of spec.parallelism.")
     weight: int = Field(default=1, ge=0, le=1000, description="Share of spec.replicas this pool receives.")
-    spot: bool | None = Field(default=None, description="Override of placement.spot.")
+    spot: bool | None = Field(default=None, description="Override of placement.spot.enabled for this pool.")
 
 
 class ScalingPolicy(_Model):

@@ -30,6 +30,8 @@ def table(plans: list[DeploymentPlan]) -> str:
             ))  # fmt: skip
             for r in p.alternatives:
                 notes.append(f"  {d.name}/{p.name}: skipped {r.gpu_type}: {r.reason}")
+            if p.spot_note:
+                notes.append(f"  {d.name}/{p.name}: {p.spot_note}")
             if not p.fits and p.reason:
                 notes.append(f"  {d.name}/{p.name}: {p.reason}")
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]

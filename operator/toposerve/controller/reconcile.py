@@ -388,7 +388,9 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
 
 def _notices(spec: LLMDeploymentSpec, plan: DeploymentPlan) -> list[tuple[str, str]]:
     """Problems that do not stop reconciling but will stop serving, said up front."""
-    out: list[tuple[str, str]] = []
+    out: list[tuple[str, str]] = [
+        ("SpotNotAllowed", f"pool {p.name}: {p.spot_note}") for p in plan.pools if p.spot_note
+    ]
     if (
         plan.engine == "vllm"
         and plan.gated

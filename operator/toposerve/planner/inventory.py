@@ -136,6 +136,7 @@ class NodeInfo:
     allocatable_gpus: int
     used_gpus: int = 0
     spot: bool = False
+    interrupted: bool = False  # an interruption taint (labelSchemes.interruptionTaints) is on the node
     schedulable: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Taint, ...] = ()
@@ -270,6 +271,15 @@ def is_spot(labels: Mapping[str, str], schemes: LabelSchemes = DEFAULT_SCHEMES) 
     return any(labels.get(s.key) in s.values for s in schemes.spot)
 
 
+def interruption(taints: Iterable[Mapping[str, Any]], schemes: LabelSchemes = DEFAULT_SCHEMES) -> str | None:
+    """The key of the first taint announcing the node's termination (spot interruption notice,
+    maintenance), or None."""
+    for t in taints:
+        if any(m.matches(t) for m in schemes.interruption_taints):
+            return str(t.get("key"))
+    return None
+
+
 def node_info(
     node: Mapping[str, Any],
     catalog: GPUCatalog,
@@ -293,6 +303,7 @@ def node_info(
         for t in spec.get("taints") or []
     )
     used = used or Usage()
+    stopping = interruption(spec.get("taints") or [], schemes) is not None
     return NodeInfo(
         taints=taints,
         name=str(meta.get("name", "")),
@@ -301,7 +312,9 @@ def node_info(
         allocatable_gpus=allocatable,
         used_gpus=used.gpus,
         spot=is_spot(labels, schemes),
-        schedulable=ready and not spec.get("unschedulable", False),
+        interrupted=stopping,
+        # A node about to go offers no capacity, whatever the taint's effect.
+        schedulable=ready and not spec.get("unschedulable", False) and not stopping,
         labels=labels,
         scheme=scheme,
         allocatable_cpu=_qty(alloc.get("cpu"), math.inf),

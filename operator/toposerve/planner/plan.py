@@ -79,8 +79,11 @@ class PoolPlan(_Out):
         default=False, alias="nvlinkAcrossNodes"
     )  # TP spans nodes of one domain
     spot: bool = False
+    spot_note: str | None = None  # spot was asked for but the operator does not allow it for this tier
+    on_demand_baseline: int = 0  # replicas (per GPU type) kept on on-demand nodes while spot is on
     replicas: int = 0
     cost_per_hour_per_replica: float = 0.0
+    on_demand_cost_per_hour_per_replica: float = 0.0  # the baseline's replicas (spot pools)
     cost_per_hour: float = 0.0
     alternatives: list[Rejected] = Field(default_factory=list)
     vllm_args: list[str] = Field(default_factory=list)
@@ -343,7 +346,17 @@ def plan_pool(
         path=_weights_path(spec, pool, index),
     )
     quant = weights.quantization
-    spot = spec.placement.spot if pool.spot is None else pool.spot
+    spot = spec.placement.spot.enabled if pool.spot is None else pool.spot
+    spot_note = None
+    if spot and spec.placement.tier not in config.spot_tiers:
+        spot, spot_note = (
+            False,
+            (
+                f"spot requested but the operator allows spot only for tiers {', '.join(config.spot_tiers) or '(none)'}"
+                f"; tier {spec.placement.tier} runs on on-demand nodes"
+            ),
+        )
+    baseline = spec.placement.spot.on_demand_baseline if spot else 0
     par = pool.parallelism or spec.parallelism
     par_path = f"spec.pools[{index}].parallelism" if pool.parallelism else "spec.parallelism"
     _check_explicit(arch, par, par_path)
@@ -466,6 +479,7 @@ def plan_pool(
         ep_on = ep_auto or (isinstance(par.expert, int) and par.expert > 1)
         price = gpu_hourly_price(name, spot, config, catalog, spec.cost)
         per_replica = round(price * layout.gpus, 4)
+        od_per_replica = round(gpu_hourly_price(name, False, config, catalog, spec.cost) * layout.gpus, 4)
         free = fit.free_bytes_per_gpu
         served = spec.model.served_name or spec.model.name
         source = weights.checkpoint or spec.model.name
@@ -500,16 +514,28 @@ def plan_pool(
             topology_reason=topo_reason,
             nvlink_across_nodes=nvlink_span,
             spot=spot,
+            spot_note=spot_note,
+            on_demand_baseline=baseline,
             cost_per_hour_per_replica=per_replica,
+            on_demand_cost_per_hour_per_replica=od_per_replica,
             alternatives=rejected,
             vllm_args=vllm_args(spec, source, served, layout, ctx, dtype, kv, quant, ep_on),
         )
     summary = "; ".join(f"{r.gpu_type}: {r.reason}" for r in rejected) or "no GPU types to try"
     return PoolPlan(
         name=pool.name, gpu_type=None, fits=False, candidates=order, max_context_length=ctx, dtype=dtype,
-        kv_cache_dtype=kv, quantization=quant, spot=spot, alternatives=rejected,
+        kv_cache_dtype=kv, quantization=quant, spot=spot, spot_note=spot_note, alternatives=rejected,
         reason=f"no acceptable GPU type fits: {summary}",
     )  # fmt: skip
+
+
+def planned_cost(p: PoolPlan, replicas: int) -> float:
+    """USD per hour of ``replicas``: the on-demand baseline at on-demand prices, the rest at the
+    pool's price (spot when allowed)."""
+    od = min(p.on_demand_baseline, replicas)
+    return round(
+        p.on_demand_cost_per_hour_per_replica * od + p.cost_per_hour_per_replica * (replicas - od), 4
+    )
 
 
 def resolve_engine(
@@ -570,7 +596,7 @@ def plan_deployment(
         p.model_copy(
             update={
                 "replicas": shares[p.name],
-                "cost_per_hour": round(p.cost_per_hour_per_replica * shares[p.name], 4),
+                "cost_per_hour": planned_cost(p, shares[p.name]),
             }
         )
         for p in plans

@@ -36,6 +36,7 @@ LABEL_POOL = "toposerve.io/pool"
 LABEL_GPU_TYPE = "toposerve.io/gpu-type"
 LABEL_ENGINE = "toposerve.io/engine"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_CAPACITY = "toposerve.io/capacity"  # on the on-demand baseline's pods of a spot pool
 ANNOTATION_PLAN = "toposerve.io/plan"
 MASTER_PORT = 29500  # torch.distributed rendezvous on the group leader (vLLM --master-port)
 MODELS_DIR = "/models"
@@ -253,11 +254,27 @@ def render_pool(
     plan: PoolPlan,
     config: OperatorConfig,
     owner: Owner | None = None,
+    _baseline: bool = False,
 ) -> list[dict[str, Any]]:
     """The workload (Deployment or LeaderWorkerSet), PodDisruptionBudget and Service of one pool on
-    one GPU type."""
+    one GPU type.
+
+    A spot pool with an on-demand baseline gets a second workload ``<workload>-od`` holding the
+    baseline's replicas on on-demand nodes only (its pods and selector carry ``toposerve.io/capacity:
+    on-demand``); the pool's budget and Service select both.
+    """
     if not plan.fits or plan.gpu_type is None:
         return []
+    if plan.spot and plan.on_demand_baseline > 0:
+        od = min(plan.on_demand_baseline, plan.replicas)
+        rest = plan.model_copy(update={"on_demand_baseline": 0, "replicas": plan.replicas - od})
+        od_plan = plan.model_copy(update={"on_demand_baseline": 0, "spot": False, "replicas": od})
+        objs = render_pool(name, namespace, spec, dplan, rest, config, owner)
+        return (
+            objs[:1]
+            + render_pool(name, namespace, spec, dplan, od_plan, config, owner, _baseline=True)[:1]
+            + objs[1:]
+        )
     catalog = config.catalog()
     gpu = catalog.get(plan.gpu_type)
     mock = dplan.engine == "mock"
@@ -265,6 +282,12 @@ def render_pool(
     pool_sel = {LABEL_DEPLOYMENT: name, LABEL_POOL: plan.name, LABEL_GPU_TYPE: plan.gpu_type}
     labels = {**base, LABEL_POOL: plan.name, LABEL_GPU_TYPE: plan.gpu_type, LABEL_ENGINE: dplan.engine}
     pod_labels = {**labels, LABEL_COMPONENT: "engine"}
+    workload_sel = pool_sel
+    object_name = workload_name(name, plan.name, plan.gpu_type)
+    if _baseline:
+        workload_sel = {**pool_sel, LABEL_CAPACITY: "on-demand"}
+        pod_labels[LABEL_CAPACITY] = "on-demand"
+        object_name = workload_name(name, plan.name, f"{plan.gpu_type}-od")
     # The mock engine simulates a whole replica in one process, so it never needs a LeaderWorkerSet.
     multi = plan.nodes_per_replica > 1 and not mock
     worker_args: list[str]
@@ -306,12 +329,12 @@ def render_pool(
         gpu, plan.gpus_per_pod, plan.spot, config.label_schemes, not mock, group_key, pool_sel
     )
     ctx = _Ctx(
-        object_name=workload_name(name, plan.name, plan.gpu_type),
+        object_name=object_name,
         namespace=namespace,
         labels=labels,
         annotations={ANNOTATION_PLAN: plan_summary(plan)},
         owner_refs=[owner.reference()] if owner else [],
-        selector=pool_sel,
+        selector=workload_sel,
         replicas=plan.replicas,
         gpu_type=plan.gpu_type,
         gpus_per_pod=plan.gpus_per_pod,
@@ -330,7 +353,11 @@ def render_pool(
         volumes=volumes,
         volume_mounts=mounts,
         pod_labels=pod_labels,
-        worker_labels={**labels, LABEL_COMPONENT: "worker"},
+        worker_labels={
+            **labels,
+            LABEL_COMPONENT: "worker",
+            **({LABEL_CAPACITY: "on-demand"} if _baseline else {}),
+        },
         pod_annotations={
             "prometheus.io/scrape": "true",
             "prometheus.io/port": str(ENGINE_PORT),
