@@ -150,3 +150,14 @@ def test_interruption_taints_are_configurable() -> None:
     assert interruption([{"key": "cloud.google.com/impending-node-termination"}], schemes) is None
     assert TaintMatch(key="k", value="v").matches({"key": "k", "value": "v", "effect": "NoSchedule"})
     assert not TaintMatch(key="k", value="v").matches({"key": "k", "value": "w"})
+
+
+def test_status_says_when_spot_was_not_allowed() -> None:
+    from toposerve.controller.reconcile import _notices
+
+    cfg = OperatorConfig.model_validate({"spotTiers": ["batch"]})
+    s = spec({"enabled": True}, tier="latency-critical")
+    notices = dict(_notices(s, plan_deployment("d", s, cfg)))  # a gated model adds HFTokenMissing
+    assert notices["SpotNotAllowed"].startswith("pool default: spot requested")
+    batch = spec({"enabled": True}, tier="batch")
+    assert "SpotNotAllowed" not in dict(_notices(batch, plan_deployment("d", batch, cfg)))
