@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,48 @@ _ENV = jinja2.Environment(
 # pure-Python one (18.3 ms -> 2.7 ms per reconcile, measured for docs/benchmarks.md).
 _LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _ENV.policies["json.dumps_kwargs"] = {"sort_keys": False}
-_ENV.filters["tojson"] = lambda v: json.dumps(v)
+
+# Every value reaches a template through ``tojson``, and YAML parsing those values back (even with
+# libyaml, PyYAML builds each node in Python) was two thirds of a reconcile's CPU. So while a
+# template renders, ``tojson`` leaves a placeholder scalar in the text and keeps the value; the
+# YAML parsed is then only the templates' own structure, and each placeholder is swapped for its
+# value (as JSON data: a fresh copy, and JSON's types rather than YAML 1.1's guesses, where
+# ``1e-05`` would have come back as a string). Per thread: reconciles render concurrently.
+_SLOTS = threading.local()
+
+
+def _tojson(value: Any) -> str:
+    slots: dict[str, str] | None = getattr(_SLOTS, "values", None)
+    text = json.dumps(value)
+    if slots is None:  # rendered outside _render_text: plain JSON, which is YAML
+        return text
+    token = f"__toposerve_value_{len(slots)}__"
+    slots[token] = text
+    return token
+
+
+_ENV.filters["tojson"] = _tojson
+
+
+def _render_text(template: str, ctx: Any) -> tuple[str, dict[str, str]]:
+    """The rendered text, with a placeholder for every ``tojson`` value, and those values (JSON)."""
+    _SLOTS.values = {}
+    try:
+        return _ENV.get_template(template).render(c=ctx), _SLOTS.values
+    finally:
+        _SLOTS.values = None
+
+
+def _fill(node: Any, slots: dict[str, str]) -> Any:
+    """``node`` with each placeholder scalar replaced by its value."""
+    if isinstance(node, str):
+        text = slots.get(node)
+        return node if text is None else json.loads(text)
+    if isinstance(node, dict):
+        return {k: _fill(v, slots) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_fill(v, slots) for v in node]
+    return node
 
 
 @dataclass
@@ -114,8 +156,8 @@ class _Ctx:
 
 
 def _render(template: str, ctx: _Ctx) -> dict[str, Any]:
-    text = _ENV.get_template(template).render(c=ctx)
-    obj = yaml.load(text, Loader=_LOADER)
+    text, slots = _render_text(template, ctx)
+    obj = _fill(yaml.load(text, Loader=_LOADER), slots)
     if not isinstance(obj, dict):
         raise ValueError(f"template {template} did not render a mapping")
     return obj
@@ -479,5 +521,5 @@ def render_router(
         service_name=name,
         service_port=ENGINE_PORT,
     )
-    text = _ENV.get_template("router.yaml.j2").render(c=ctx)
-    return [d for d in yaml.load_all(text, Loader=_LOADER) if isinstance(d, dict)]
+    text, slots = _render_text("router.yaml.j2", ctx)
+    return [_fill(d, slots) for d in yaml.load_all(text, Loader=_LOADER) if isinstance(d, dict)]
