@@ -133,6 +133,26 @@ def test_mock_engine_renders_the_same_objects_without_gpus() -> None:
     assert dep["spec"]["template"]["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
 
 
+def test_mock_engine_holds_the_plans_gpus_when_configured() -> None:
+    from toposerve.api.config import OperatorConfig
+
+    spec = make_spec(L70, 8192, ["H100"], engine="mock")
+    config = OperatorConfig.model_validate({"mockHoldsGPUs": True})
+    plan = plan_deployment("llm", spec, config)
+    objs = render_deployment("llm", "ns1", spec, plan, config)
+    pod = by_kind(objs, "Deployment")[0]["spec"]["template"]["spec"]
+    c = pod["containers"][0]
+    gpus = str(plan.pools[0].gpus_per_pod)
+    assert c["command"] == ["toposerve", "mock-engine"]
+    assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    # required on the plan's GPU type, like vLLM (not merely preferred, as without GPUs)
+    terms = pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"][
+        "nodeSelectorTerms"
+    ]
+    assert any(e["operator"] == "In" for t in terms for e in t["matchExpressions"])
+    assert "preferredDuringSchedulingIgnoredDuringExecution" not in pod["affinity"]["nodeAffinity"]
+
+
 def test_heterogeneous_pools_render_one_workload_each_and_one_service() -> None:
     spec = make_spec(
         L70, 32768, replicas=3,

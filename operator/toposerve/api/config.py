@@ -113,6 +113,13 @@ class OperatorConfig(BaseModel):
     )
     mock_cpu: str = Field(default="100m", description="CPU request of a mock-engine pod.")
     mock_memory: str = Field(default="128Mi", description="Memory request of a mock-engine pod.")
+    mock_holds_gpus: bool = Field(
+        alias="mockHoldsGPUs",
+        default=False,
+        description="Mock-engine pods request the plan's GPUs on the plan's GPU type, as vLLM would "
+        "(one node's worth for a multi-node replica): for a simulated GPU fleet, so placement, "
+        "fallback, node health and observed cost act on serving engines. Off: they need no GPUs.",
+    )
 
     def catalog(self) -> GPUCatalog:
         return DEFAULT_CATALOG.extended(self.extra_gpu_types) if self.extra_gpu_types else DEFAULT_CATALOG

@@ -41,6 +41,7 @@ from toposerve.render.objects import (
     LABEL_DEPLOYMENT,
     Owner,
     endpoint_url,
+    gpu_backed,
     pod_tolerations,
     render_deployment,
     render_pool,
@@ -61,6 +62,9 @@ class Settings:
     resync_seconds: float = 300.0  # safety net only: events drive reconciles
     fallback_recheck_seconds: float = 15.0  # how often a pool in fallback looks for capacity to return
     return_cooldown_seconds: float = 120.0  # no move back this soon after a fallback (anti-flap)
+    # How often a serving deployment's observed cost is refreshed when nothing else wakes it
+    # (throughput moves without any Kubernetes event).
+    cost_refresh_seconds: float = 30.0
 
 
 @dataclass
@@ -226,7 +230,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         if not plans:
             pool_obs.append(PoolObs(name=pool.name, fits=False, reason=pool.reason))
             continue
-        if dplan.engine == "mock":
+        if not gpu_backed(dplan, ctx.config):
             plans = plans[:1]  # the mock engine needs no GPUs, so there is nothing to fall back from
         order = [p.gpu_type or "" for p in plans]
         world = {}
@@ -248,7 +252,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 replicas=current.get((pool.name, p.gpu_type or ""), 0),
                 stuck=f.stuck if f else 0,
                 pending=f.pending if f else 0,
-                capacity=cap if dplan.engine == "vllm" else 0,
+                capacity=cap if gpu_backed(dplan, ctx.config) else 0,
             )
         alloc = allocate(order, pool.replicas, world, allow_return=returns_allowed)
         for mv in alloc.moves:
@@ -383,6 +387,9 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         result.requeue_after = ctx.settings.settle_requeue_seconds
     elif fallback_active:
         result.requeue_after = ctx.settings.fallback_recheck_seconds
+    if ctx.throughput is not None and any(p.gpus or p.output_tokens_per_second for p in cost.pools):
+        refresh = ctx.settings.cost_refresh_seconds
+        result.requeue_after = min(result.requeue_after or refresh, refresh)
     return result
 
 

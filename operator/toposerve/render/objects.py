@@ -199,6 +199,11 @@ def workload_name(name: str, pool: str, gpu_type: str) -> str:
     return f"{base[:46].rstrip('-')}-{hashlib.sha1(base.encode()).hexdigest()[:5]}"
 
 
+def gpu_backed(plan: DeploymentPlan, config: OperatorConfig) -> bool:
+    """Whether the engine pods hold GPUs: vLLM always, the mock engine when configured to."""
+    return plan.engine == "vllm" or config.mock_holds_gpus
+
+
 def pod_tolerations(spec: LLMDeploymentSpec, plan: PoolPlan, config: OperatorConfig) -> list[dict[str, Any]]:
     """Tolerations of a serving pod: every provider's GPU taint, spot taints (when allowed), the user's."""
     user = [t.model_dump(by_alias=True, exclude_none=True) for t in spec.placement.tolerations]
@@ -350,6 +355,8 @@ def render_pool(
         )
         requests = {"cpu": config.mock_cpu, "memory": config.mock_memory}
         limits = {"memory": "1Gi"}
+        if config.mock_holds_gpus:  # a simulated fleet: occupy the GPUs vLLM would
+            requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(plan.gpus_per_pod)
     else:
         image = spec.serving.image or config.vllm_image
         command, leader_args, worker_args = _vllm_commands(plan)
@@ -368,7 +375,13 @@ def render_pool(
         startup = startup_seconds(plan, spec, config)
     group_key = plan.topology_key if multi else None
     affinity = serving_affinity(
-        gpu, plan.gpus_per_pod, plan.spot, config.label_schemes, not mock, group_key, pool_sel
+        gpu,
+        plan.gpus_per_pod,
+        plan.spot,
+        config.label_schemes,
+        gpu_backed(dplan, config),
+        group_key,
+        pool_sel,
     )
     ctx = _Ctx(
         object_name=object_name,
