@@ -19,6 +19,45 @@ from toposerve.api.nodelabels import LabelSchemes
 from toposerve.api.spec import Tier
 
 
+class DrainTiming(BaseModel):
+    """How long an evacuated pod may keep serving, and how long its in-flight requests may take."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    drain_after_seconds: float = Field(
+        ge=0,
+        description="Stop sending it new requests at the latest this long after its replacement was "
+        "started, Ready or not (sooner once the replacement is Ready).",
+    )
+    drain_timeout_seconds: float = Field(
+        ge=0,
+        description="Delete it at the latest this long after draining began, requests in flight or not "
+        "(sooner once its engine reports none).",
+    )
+
+
+class EvacuationConfig(BaseModel):
+    """Moving serving pods off nodes with unhealthy GPUs or a termination notice (docs/health.md)."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    gpu_unhealthy: DrainTiming = Field(
+        default_factory=lambda: DrainTiming(drain_after_seconds=600, drain_timeout_seconds=120),
+        description="GPUHealthy=False: no notice to race, so wait up to 10 minutes for a replacement.",
+    )
+    interruption: DrainTiming = Field(
+        default_factory=lambda: DrainTiming(drain_after_seconds=60, drain_timeout_seconds=45),
+        description="A termination notice (interruption taints): 60 + 45 s fits AWS's 2-minute spot "
+        "notice; GKE gives 30 s (set e.g. 0 and 25).",
+    )
+    min_drain_seconds: float = Field(
+        default=5,
+        ge=0,
+        description="A drained pod goes no sooner than this after draining began, so requests the "
+        "router dispatched before it noticed have arrived.",
+    )
+
+
 class OperatorConfig(BaseModel):
     """Cluster-level defaults that LLMDeployment specs may override."""
 
@@ -110,6 +149,11 @@ class OperatorConfig(BaseModel):
         default=0.5,
         gt=0,
         description="Assumed GB/s for downloading/reading weights, sizes the start-up probe.",
+    )
+    evacuation: EvacuationConfig = Field(
+        default_factory=EvacuationConfig,
+        description="Deadlines for replacing pods on nodes whose GPUs turned unhealthy or that got a "
+        "termination notice.",
     )
     mock_cpu: str = Field(default="100m", description="CPU request of a mock-engine pod.")
     mock_memory: str = Field(default="128Mi", description="Memory request of a mock-engine pod.")

@@ -7,7 +7,8 @@ change; the same as ``inventory_from_nodes(nodes, catalog, schemes, usage_by_nod
 the listed objects, which the unit tests check):
 
 * **Nodes**, cluster-wide. Each node is kept slimmed to what ``inventory_from_nodes`` reads (name,
-  labels, taints, unschedulable, allocatable/capacity, the Ready condition's status); heartbeats
+  labels, taints, unschedulable, allocatable/capacity, the Ready condition's status, the health
+  agent's GPUHealthy status and message); heartbeats
   and image lists are dropped, so a node event that changes nothing the planner sees is no change.
 * **Bound, unfinished pods**, cluster-wide, with the *server-side* field selector
   ``spec.nodeName!=,status.phase!=Succeeded,status.phase!=Failed``: pending pods never reach us,
@@ -40,7 +41,14 @@ from kubernetes.client.exceptions import ApiException
 from toposerve.api.gpus import GPUCatalog
 from toposerve.api.nodelabels import DEFAULT_SCHEMES, LabelSchemes
 from toposerve.controller.kube import Kube
-from toposerve.planner.inventory import Inventory, NodeInfo, Usage, node_info, pod_requests
+from toposerve.planner.inventory import (
+    GPU_HEALTH_CONDITION,
+    Inventory,
+    NodeInfo,
+    Usage,
+    node_info,
+    pod_requests,
+)
 
 log = logging.getLogger("toposerve.cache")
 
@@ -52,10 +60,13 @@ def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
     meta = node.get("metadata") or {}
     spec = node.get("spec") or {}
     status = node.get("status") or {}
-    ready = [
-        {"type": "Ready", "status": c.get("status")}
+    # Ready's status, and the health agent's GPUHealthy (status and message: Events quote it);
+    # never heartbeat or transition times, so a heartbeat is no change.
+    kept = {"Ready": ("status",), GPU_HEALTH_CONDITION: ("status", "message")}
+    conditions = [
+        {"type": c.get("type"), **{k: c.get(k) for k in kept[c.get("type")]}}
         for c in status.get("conditions") or []
-        if c.get("type") == "Ready"
+        if c.get("type") in kept
     ]
     return {
         "metadata": {"name": meta.get("name", ""), "labels": dict(meta.get("labels") or {})},
@@ -63,7 +74,7 @@ def slim_node(node: Mapping[str, Any]) -> dict[str, Any]:
         "status": {
             "allocatable": dict(status.get("allocatable") or {}),
             "capacity": dict(status.get("capacity") or {}),
-            "conditions": ready,
+            "conditions": conditions,
         },
     }
 
@@ -111,16 +122,21 @@ def _key(obj: Mapping[str, Any]) -> str:
 @dataclass(frozen=True)
 class Change:
     """What an event changed: ``types`` when the set of GPU types in the cluster moved (plans may
-    change for everyone), ``capacity`` when free capacity did (those waiting for it may care)."""
+    change for everyone), ``capacity`` when free capacity did (those waiting for it may care),
+    ``troubled`` the nodes whose GPUs turned unhealthy or that got a termination notice (the
+    deployments with pods there must move them)."""
 
     capacity: bool = False
     types: bool = False
+    troubled: frozenset[str] = frozenset()
 
     def __bool__(self) -> bool:
-        return self.capacity or self.types
+        return self.capacity or self.types or bool(self.troubled)
 
     def __or__(self, other: Change) -> Change:
-        return Change(self.capacity or other.capacity, self.types or other.types)
+        return Change(
+            self.capacity or other.capacity, self.types or other.types, self.troubled | other.troubled
+        )
 
 
 class InventoryStore:
@@ -153,35 +169,50 @@ class InventoryStore:
 
     # -- nodes
 
+    def _troubled(self, slim: Mapping[str, Any] | None) -> bool:
+        if slim is None:
+            return False
+        info = node_info(slim, self.catalog, self.schemes)
+        return info.gpu_unhealthy or info.interrupted
+
     def replace_nodes(self, nodes: Iterable[Mapping[str, Any]]) -> Change:
         with self._lock:
             new = {n["metadata"]["name"]: n for n in map(slim_node, nodes)}
             changed = new != self._nodes
+            troubled = frozenset(
+                name
+                for name, n in new.items()
+                if self._troubled(n) and not self._troubled(self._nodes.get(name))
+            )
             self._nodes = new
             self._infos.clear()
             self.nodes_synced = True
-            return self._node_change(changed)
+            return self._node_change(changed, troubled)
 
     def node_event(self, kind: str, node: Mapping[str, Any]) -> Change:
         slim = slim_node(node)
         name = slim["metadata"]["name"]
         with self._lock:
+            before = self._nodes.get(name)
+            troubled: frozenset[str] = frozenset()
             if kind == "DELETED":
                 changed = self._nodes.pop(name, None) is not None
             else:
-                changed = self._nodes.get(name) != slim
+                changed = before != slim
                 self._nodes[name] = slim
+                if changed and self._troubled(slim) and not self._troubled(before):
+                    troubled = frozenset({name})
             if changed:
                 self._infos.pop(name, None)
-            return self._node_change(changed)
+            return self._node_change(changed, troubled)
 
-    def _node_change(self, changed: bool) -> Change:
+    def _node_change(self, changed: bool, troubled: frozenset[str] = frozenset()) -> Change:
         if not changed:
             return Change()
         self._inventory = None
         types = frozenset(self._build().gpu_types())
         moved, self._types = types != self._types, types
-        return Change(capacity=True, types=moved)
+        return Change(capacity=True, types=moved, troubled=troubled)
 
     # -- pods
 

@@ -159,6 +159,16 @@ class ObjectStore:
         with self._lock:
             return [self._objs[i] for i in sorted(self._by_owner.get((namespace, deployment), ()))]
 
+    def owners_on(self, nodes: Iterable[str]) -> set[Key]:
+        """The deployments with an object bound to one of ``nodes`` (pods: ``spec.nodeName``)."""
+        wanted = set(nodes)
+        with self._lock:
+            return {
+                self._owner_of[i]
+                for i, o in self._objs.items()
+                if (o.get("spec") or {}).get("nodeName") in wanted
+            }
+
     def __len__(self) -> int:
         return len(self._objs)
 
@@ -217,6 +227,10 @@ class ChildCache:
 
     def objects(self, api_version: str, kind: str, namespace: str, deployment: str) -> list[dict[str, Any]]:
         return self.stores[(api_version, kind)].of(namespace, deployment)
+
+    def deployments_on(self, nodes: Iterable[str]) -> set[Key]:
+        """The deployments with a serving pod on one of ``nodes``."""
+        return self.stores[("v1", "Pod")].owners_on(nodes)
 
     def served(self, api_version: str, kind: str) -> bool:
         return self.stores[(api_version, kind)].served

@@ -234,6 +234,18 @@ class Kube:
             if e.status != 404:
                 raise
 
+    def patch(
+        self, api_version: str, kind: str, namespace: str, name: str, body: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        """A JSON merge patch of the object (labels, annotations, owner references of a pod)."""
+        url = path(api_version, kind, namespace, name)
+        query = [("fieldManager", FIELD_MANAGER)]
+        return dict(
+            self.request(
+                "PATCH", url, body=dict(body), content_type="application/merge-patch+json", query=query
+            )
+        )
+
     def patch_status(
         self, api_version: str, kind: str, namespace: str, name: str, status: Mapping[str, Any]
     ) -> dict[str, Any]:

@@ -20,6 +20,9 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 LWS_NAME = "leaderworkerset.sigs.k8s.io/name"
 LWS_GROUP = "leaderworkerset.sigs.k8s.io/group-index"
 LWS_SIZE = "leaderworkerset.sigs.k8s.io/size"  # annotation on every pod of a group
+# On a pod being moved off a bad node (controller/evacuation.py): it left its workload, whose
+# replacement is what counts now.
+ANNOTATION_EVACUATION = "toposerve.io/evacuation"
 
 
 @dataclass
@@ -51,7 +54,7 @@ def summarize(
     pods: Iterable[Mapping[str, Any]], now: datetime, patience_seconds: float
 ) -> dict[tuple[str, str], PodFacts]:
     """Facts per (pool, gpu type): pods and readiness from the engine (leader) pods, pending and stuck
-    replicas from leaders and workers (one per group); terminating pods are ignored."""
+    replicas from leaders and workers (one per group); terminating and evacuated pods are ignored."""
     out: dict[tuple[str, str], PodFacts] = {}
     pending_groups: dict[tuple[str, str], set[tuple[str, str]]] = {}
     stuck_groups: dict[tuple[str, str], set[tuple[str, str]]] = {}
@@ -65,6 +68,8 @@ def summarize(
         labels = meta.get("labels") or {}
         role = labels.get(LABEL_COMPONENT)
         if role not in ("engine", "worker") or meta.get("deletionTimestamp"):
+            continue
+        if ANNOTATION_EVACUATION in (meta.get("annotations") or {}):
             continue
         key = (labels.get(LABEL_POOL, ""), labels.get(LABEL_GPU_TYPE, ""))
         facts = out.setdefault(key, PodFacts())

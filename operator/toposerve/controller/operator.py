@@ -242,10 +242,16 @@ def _on_inventory(rt: Runtime, change: Change) -> None:
 
     A new or vanished GPU type can change any plan (and ``engine: auto``), so everyone is requeued;
     a change in free capacity only concerns the deployments waiting for it (in fallback, pending,
-    or not fitting). The short delay coalesces a burst of events into one reconcile each.
+    or not fitting). The short delay coalesces a burst of events into one reconcile each. A node
+    turning GPU-unhealthy or getting a termination notice wakes the deployments with pods on it
+    at once (controller/evacuation.py).
     """
     for key in rt.known if change.types else rt.waiting:
         rt.queue.add(key, INVENTORY_COALESCE_SECONDS)
+    if change.troubled and rt.ctx.children is not None:
+        # GPUs turned unhealthy or a termination notice arrived: move the pods there now.
+        for key in rt.ctx.children.deployments_on(change.troubled):
+            rt.queue.add(key)
     metrics.QUEUE_DEPTH.set(len(rt.queue))
 
 

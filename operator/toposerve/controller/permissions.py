@@ -64,7 +64,9 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("discovery.k8s.io", "endpointslices", ("get", "list", "watch"), "watched",
                "granted to each router's Role (the router discovers engines through them)"),
     # Serving pods: watched by label (readiness, scheduling; controller/children.py).
-    Permission("", "pods", ("list", "watch"), "watched", "serving pods, watched by label"),
+    Permission("", "pods", ("list", "watch", "patch", "delete"), "watched",
+               "serving pods, watched by label; pods on a node with unhealthy GPUs or a termination "
+               "notice are relabelled out of their workload and deleted once drained (evacuation.py)"),
     Permission("", "events", ("create",), "watched", "the operator's and kopf's Events"),
     # Inventory (controller/cache.py watches): free capacity = node allocatable minus the requests
     # of every bound pod, in every namespace.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -26,7 +26,7 @@ from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
 from toposerve.api.spec import LLMDeploymentSpec
-from toposerve.controller import metrics
+from toposerve.controller import engineprobe, evacuation, metrics
 from toposerve.controller.allocation import TypeState, allocate
 from toposerve.controller.cache import InventoryCache
 from toposerve.controller.children import ChildCache, resource_version
@@ -38,7 +38,9 @@ from toposerve.planner.inventory import Inventory, PodShape, inventory_from_node
 from toposerve.planner.memory import GIB
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, plan_deployment
 from toposerve.render.objects import (
+    LABEL_COMPONENT,
     LABEL_DEPLOYMENT,
+    LABEL_POOL,
     Owner,
     endpoint_url,
     gpu_backed,
@@ -77,6 +79,8 @@ class Context:
     # The newest LLMDeployment bodies from the operator's watch; without one, a reconcile GETs.
     bodies: dict[tuple[str, str], dict[str, Any]] | None = None
     throughput: ThroughputSource | None = None  # observed tokens/s (config prometheusUrl); None: unknown
+    # Requests an engine (by pod IP) has running or waiting; None: could not ask. Draining pods only.
+    engine_in_flight: Callable[[str], int | None] = engineprobe.in_flight
     _inventory: tuple[float, Inventory] | None = None
     _lws: tuple[float, bool] | None = None
 
@@ -206,6 +210,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     result = Result()
     owner = Owner(name=name, uid=uid)
     pods = ctx.owned("v1", "Pod", namespace, name)
+    pods, evacuate_again = _evacuate(ctx, body, owner, dplan, inv, pods, now)
     facts = summarize(pods, now, ctx.settings.fallback_after_seconds)
     # The children as they are, listed once: the current fallback split is read from the workloads,
     # and whatever is no longer wanted is pruned from the same lists (anything this reconcile
@@ -390,7 +395,104 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     if ctx.throughput is not None and any(p.gpus or p.output_tokens_per_second for p in cost.pools):
         refresh = ctx.settings.cost_refresh_seconds
         result.requeue_after = min(result.requeue_after or refresh, refresh)
+    if evacuate_again is not None:
+        result.requeue_after = min(result.requeue_after or evacuate_again, evacuate_again)
     return result
+
+
+def _evacuate(
+    ctx: Context,
+    body: Mapping[str, Any],
+    owner: Owner,
+    dplan: DeploymentPlan,
+    inv: Inventory,
+    pods: list[dict[str, Any]],
+    now: datetime,
+) -> tuple[list[dict[str, Any]], float | None]:
+    """Move pods off nodes with unhealthy GPUs or a termination notice (the decision is
+    ``evacuation.decide``; this only writes it). Returns the pods as they now are, and when to look
+    again."""
+    troubles = evacuation.node_troubles(
+        (n.name, n.gpu_unhealthy, n.health_message, n.interruption) for n in inv.nodes
+    )
+    views = {v.name: v for p in pods if (v := evacuation.pod_view(p)) is not None}
+    if not troubles and not any(v.reason for v in views.values()):
+        return pods, None
+    cfg = ctx.config.evacuation
+    timing = {
+        evacuation.REASON_UNHEALTHY: evacuation.Timing(
+            cfg.gpu_unhealthy.drain_after_seconds, cfg.gpu_unhealthy.drain_timeout_seconds
+        ),
+        evacuation.REASON_INTERRUPTED: evacuation.Timing(
+            cfg.interruption.drain_after_seconds, cfg.interruption.drain_timeout_seconds
+        ),
+    }
+    in_flight = {
+        v.name: ctx.engine_in_flight(v.ip) if v.ip else None
+        for v in views.values()
+        if v.draining_at is not None and not v.terminating
+    }
+    desired = {p.name: p.replicas for p in dplan.pools}
+    decision = evacuation.decide(
+        views.values(), troubles, desired, in_flight, now, timing, cfg.min_drain_seconds
+    )
+    namespace = str(body["metadata"]["namespace"])
+    stamp = _rfc3339(now)
+    patches: dict[str, dict[str, Any]] = {}
+    notes: list[tuple[str, str, bool]] = []
+    for m in decision.mark:
+        ref = {**owner.reference(), "blockOwnerDeletion": False}
+        patches[m.pod] = {
+            "labels": {LABEL_POOL: None},
+            "annotations": {
+                evacuation.ANNOTATION_REASON: m.trouble.reason,
+                evacuation.ANNOTATION_MESSAGE: m.trouble.detail,
+                evacuation.ANNOTATION_POOL: m.pool,
+                evacuation.ANNOTATION_MARKED: stamp,
+            },
+            # Out of its ReplicaSet (which starts a replacement now), owned by the LLMDeployment.
+            "ownerReferences": [ref],
+        }
+        notes.append(
+            (
+                "Evacuating",
+                f"pod {m.pod} on node {m.node}: {m.trouble.detail}; starting a replacement elsewhere "
+                "(the pod serves until it is Ready)",
+                True,
+            )
+        )
+    for d in decision.drain:
+        p = patches.setdefault(d.pod, {"labels": {}, "annotations": {}})
+        p["labels"][LABEL_COMPONENT] = evacuation.COMPONENT_DRAINING
+        p["annotations"][evacuation.ANNOTATION_DRAINING] = stamp
+        why = {
+            "ReplacementReady": "its replacement is Ready",
+            "Deadline": "no replacement Ready within the deadline",
+            "NotServing": "it is not Ready",
+        }[d.why]
+        notes.append(("Draining", f"pod {d.pod}: {why}; the router sends it no new requests", False))
+    changed: dict[str, dict[str, Any]] = {}
+    for pod_name, meta in patches.items():
+        obj = ctx.kube.patch("v1", "Pod", namespace, pod_name, {"metadata": meta})
+        if ctx.children is not None:
+            ctx.children.wrote(obj)
+        changed[pod_name] = obj
+    for x in decision.delete:
+        ctx.kube.delete("v1", "Pod", namespace, x.pod)
+        if ctx.children is not None:
+            ctx.children.deleted("v1", "Pod", namespace, x.pod)
+        why = {
+            "Drained": "its engine has no requests left",
+            "Deadline": "drain deadline reached",
+            "NotServing": "it is not Ready",
+        }[x.why]
+        notes.append(("Evacuated", f"pod {x.pod} deleted: {why}", False))
+    for reason, msg, warning in notes:  # said once it is done (a failed write is retried, not said twice)
+        log.info("%s/%s: %s", namespace, body["metadata"]["name"], msg)
+        ctx.kube.event(body, reason, msg, warning)
+    gone = {x.pod for x in decision.delete}
+    out = [changed.get(n, p) for p in pods if (n := str((p.get("metadata") or {}).get("name"))) not in gone]
+    return out, decision.requeue_after
 
 
 def _notices(spec: LLMDeploymentSpec, plan: DeploymentPlan) -> list[tuple[str, str]]:

@@ -21,6 +21,10 @@ from toposerve.api.gpus import GPUCatalog, GPUType
 from toposerve.api.nodelabels import DEFAULT_SCHEMES, ZONE_LABEL, LabelSchemes
 
 GPU_RESOURCE = "nvidia.com/gpu"
+# Set by the GPU health agent (health/node.py; the names are the agent's, repeated so the planner
+# does not import the agent): either one takes the node's capacity away and moves its replicas.
+GPU_HEALTH_CONDITION = "GPUHealthy"
+GPU_UNHEALTHY_TAINT = "toposerve.io/gpu-unhealthy"
 
 _MEM_SUFFIX = {
     "Ki": 1024, "Mi": 1024**2, "Gi": 1024**3, "Ti": 1024**4, "Pi": 1024**5, "Ei": 1024**6,
@@ -137,6 +141,9 @@ class NodeInfo:
     used_gpus: int = 0
     spot: bool = False
     interrupted: bool = False  # an interruption taint (labelSchemes.interruptionTaints) is on the node
+    interruption: str | None = None  # that taint's key
+    gpu_unhealthy: bool = False  # GPUHealthy=False or the gpu-unhealthy taint (the health agent's)
+    health_message: str = ""  # the GPUHealthy condition's message
     schedulable: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Taint, ...] = ()
@@ -295,15 +302,19 @@ def node_info(
     capacity = status.get("capacity") or {}
     allocatable = _int(alloc.get(GPU_RESOURCE))
     count = label_count or _int(capacity.get(GPU_RESOURCE)) or allocatable
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True" for c in status.get("conditions") or []
-    ) or not status.get("conditions")
+    conditions = {c.get("type"): c for c in status.get("conditions") or []}
+    ready = "Ready" not in conditions or conditions["Ready"].get("status") == "True"
+    health = conditions.get(GPU_HEALTH_CONDITION) or {}
+    unhealthy = health.get("status") == "False" or any(
+        t.get("key") == GPU_UNHEALTHY_TAINT for t in spec.get("taints") or []
+    )
     taints = tuple(
         Taint(str(t.get("key", "")), str(t.get("value") or ""), str(t.get("effect", "")))
         for t in spec.get("taints") or []
     )
     used = used or Usage()
-    stopping = interruption(spec.get("taints") or [], schemes) is not None
+    notice = interruption(spec.get("taints") or [], schemes)
+    stopping = notice is not None
     return NodeInfo(
         taints=taints,
         name=str(meta.get("name", "")),
@@ -313,8 +324,11 @@ def node_info(
         used_gpus=used.gpus,
         spot=is_spot(labels, schemes),
         interrupted=stopping,
-        # A node about to go offers no capacity, whatever the taint's effect.
-        schedulable=ready and not spec.get("unschedulable", False) and not stopping,
+        interruption=notice,
+        gpu_unhealthy=unhealthy,
+        health_message=str(health.get("message") or ""),
+        # A node about to go, or whose GPUs are unhealthy, offers no capacity, whatever the taint's effect.
+        schedulable=ready and not spec.get("unschedulable", False) and not stopping and not unhealthy,
         labels=labels,
         scheme=scheme,
         allocatable_cpu=_qty(alloc.get("cpu"), math.inf),

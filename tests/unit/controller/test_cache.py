@@ -308,3 +308,56 @@ def test_our_own_status_write_coming_back_is_no_trigger() -> None:
         edited = copy.deepcopy(body)
         edited["metadata"].update(change)
         assert trigger(edited) != trigger(body), change
+
+
+def _health(
+    n: dict[str, Any], status: str, message: str = "", hb: str = "2026-12-01T10:00:00Z"
+) -> dict[str, Any]:
+    n = copy.deepcopy(n)
+    n["status"]["conditions"].append(
+        {"type": "GPUHealthy", "status": status, "reason": "x", "message": message, "lastHeartbeatTime": hb}
+    )
+    return n
+
+
+def test_a_node_turning_troubled_is_named_once_and_its_heartbeats_are_no_change() -> None:
+    s = store()
+    s.replace_nodes([node("a"), node("b")])
+    sick = _health(node("a"), "False", "GPU 1: 7 uncorrected ECC errors")
+    change = s.node_event("MODIFIED", sick)
+    assert change.troubled == frozenset({"a"}) and change.capacity
+    (info,) = [n for n in s.inventory().nodes if n.name == "a"]
+    assert (
+        info.gpu_unhealthy
+        and info.health_message == "GPU 1: 7 uncorrected ECC errors"
+        and info.free_gpus == 0
+    )
+    assert (
+        s.node_event("MODIFIED", _health(node("a"), "False", "GPU 1: 7 uncorrected ECC errors", hb="later"))
+        == Change()
+    )
+    assert s.node_event("MODIFIED", sick | {}).troubled == frozenset()  # still troubled: no news
+    # An interruption taint on another node; then recovery is a capacity change, not trouble.
+    going = node("b")
+    going["spec"]["taints"].append(
+        {"key": "cloud.google.com/impending-node-termination", "effect": "NoSchedule"}
+    )
+    assert s.node_event("MODIFIED", going).troubled == frozenset({"b"})
+    healed = s.node_event("MODIFIED", _health(node("a"), "True"))
+    assert healed.capacity and not healed.troubled
+    # A re-list names the nodes that turned troubled meanwhile.
+    assert s.replace_nodes([sick, going]).troubled == frozenset({"a"})
+    assert s.replace_nodes([sick, going]).troubled == frozenset()
+
+
+def test_slim_node_keeps_gpu_health_and_the_inventory_matches_the_listed_one() -> None:
+    nodes = [_health(node("a"), "False", "hot"), node("b")]
+    s = store()
+    s.replace_nodes(nodes)
+    s.replace_pods([])
+    assert s.inventory() == inventory_from_nodes(nodes, DEFAULT_CATALOG)
+    kept = slim_node(nodes[0])["status"]["conditions"]
+    assert kept == [
+        {"type": "Ready", "status": "True"},
+        {"type": "GPUHealthy", "status": "False", "message": "hot"},
+    ]

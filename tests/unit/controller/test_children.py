@@ -265,3 +265,12 @@ def test_a_relist_after_random_events_equals_the_watch_view() -> None:
     relisted.replace(list(model.values()))
     for dep in ("a", "b"):
         assert watched.of("team", dep) == relisted.of("team", dep)
+
+
+def test_deployments_with_pods_on_nodes() -> None:
+    s = ObjectStore("toposerve.io/deployment")
+    s.replace([obj("p1", dep="a", nodeName="n1"), obj("p2", dep="b", nodeName="n2"),
+               obj("p3", dep="c"), obj("p4", ns="other", dep="a", nodeName="n1")])  # fmt: skip
+    assert s.owners_on(["n1"]) == {("team", "a"), ("other", "a")}
+    assert s.owners_on(["n2", "n3"]) == {("team", "b")}
+    assert s.owners_on([]) == set()
