@@ -31,6 +31,9 @@ def test_spot_is_an_object_and_a_bare_boolean_is_refused_naming_the_field() -> N
     assert (s.placement.spot.enabled, s.placement.spot.on_demand_baseline) == (False, 0)
     with pytest.raises(ValidationError, match=r"placement\.spot"):
         make_spec(L8, 8192, ["H100"], placement={"spot": True})
+    # and says what to write instead
+    with pytest.raises(ValidationError, match=r"write spot: \{enabled: true\}"):
+        make_spec(L8, 8192, ["H100"], placement={"spot": True})
     with pytest.raises(ValidationError, match="onDemandBaseline"):
         spec({"enabled": True, "onDemandBaseline": -1})
 

@@ -260,6 +260,17 @@ class SpotSpec(_Model):
         "is enabled, so a spot interruption never takes the whole pool; the rest may run on spot.",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        """``spot: true`` was the field's shape before 2026-12; say what to write now."""
+        if isinstance(value, bool):
+            raise ValueError(
+                f"spot is an object since v1alpha1 of 2026-12: write spot: {{enabled: {str(value).lower()}}} "
+                "(and optionally onDemandBaseline: N)"
+            )
+        return value
+
 
 class PlacementSpec(_Model):
     """Where replicas may run: acceptable GPU types in fallback order, tier, spot, node constraints."""
