@@ -88,6 +88,7 @@ log "fleet: profile $CLUSTER_PROFILE from hack/cluster/fleet.yaml"
 echo "$CLUSTER_PROFILE" >"$STATE/profile"
 kc apply -f "$STATE/nodes.yaml" >/dev/null
 kc wait --for=condition=Ready node --all --timeout=180s >/dev/null
+kc apply -f "$HERE/runtimeclass.yaml" >/dev/null
 for _ in $(seq 120); do kc get serviceaccount default >/dev/null 2>&1 && break; sleep 0.5; done
 
 log "pod runner"
@@ -96,7 +97,7 @@ mkdir -p "$STATE/pods"
 # config and ServiceAccount tokens (docs/local-cluster.md).
 nohup "$PY" -m toposerve.dev.podrunner --kubeconfig "$KUBECONFIG_OUT" --netns "$NETNS" \
   --pod-kubeconfig "$POD_KUBECONFIG" --workdir "$STATE/pods" --bin-dir "$(dirname "$PY")" --sd-listen "$SD_LISTEN" \
-  --forward "$HOST_ADDR:$API_PORT=127.0.0.1:$API_PORT" \
+  --forward "$HOST_ADDR:$API_PORT=127.0.0.1:$API_PORT" --nvml-dir "$STATE/nvml" \
   >"$STATE/podrunner.log" 2>&1 </dev/null &
 echo $! >"$STATE/podrunner.pid"
 

@@ -122,6 +122,52 @@ def field_ref(pod: Mapping[str, Any], path: str) -> str:
     raise ValueError(f"unsupported fieldRef {path!r}")
 
 
+NVIDIA_RUNTIME_CLASS = "nvidia"
+
+
+def wants_nvml(pod: Mapping[str, Any], container: Mapping[str, Any]) -> bool:
+    """Whether the NVIDIA container runtime would inject the driver's libraries (libnvidia-ml.so.1)
+    into this container: the pod runs under its RuntimeClass (``runtimeClassName: nvidia``, which
+    the GPU operator installs), or the container sets ``NVIDIA_VISIBLE_DEVICES`` (the toolkit's
+    environment trigger). Source: NVIDIA Container Toolkit docs, "Specialized Configurations with
+    Docker: Environment variables (OCI spec)" and the GPU operator's RuntimeClass."""
+    if (pod.get("spec") or {}).get("runtimeClassName") == NVIDIA_RUNTIME_CLASS:
+        return True
+    return any(e.get("name") == "NVIDIA_VISIBLE_DEVICES" and e.get("value") not in (None, "", "void", "none")
+               for e in container.get("env") or [])  # fmt: skip
+
+
+def node_gpu_state(node: Mapping[str, Any]) -> list[dict[str, object]]:
+    """Healthy GPUs as a simulated node's NVML reports them: as many as it has ``nvidia.com/gpu``,
+    named and sized from its labels (GFD's product and memory in MiB, else GKE's or Karpenter's
+    accelerator name). Idle: 35 C, 1% of the memory in use, no errors."""
+    status = node.get("status") or {}
+    count = int(str((status.get("capacity") or status.get("allocatable") or {}).get("nvidia.com/gpu", 0)))
+    labels = (node.get("metadata") or {}).get("labels") or {}
+    product = (
+        labels.get("nvidia.com/gpu.product")
+        or labels.get("cloud.google.com/gke-accelerator")
+        or labels.get("karpenter.k8s.aws/instance-gpu-name")
+        or "NVIDIA GPU"
+    )
+    name = product.replace("-", " ")
+    mib = int(
+        labels.get("nvidia.com/gpu.memory") or labels.get("karpenter.k8s.aws/instance-gpu-memory") or 81559
+    )
+    total = mib << 20
+    node_name = (node.get("metadata") or {}).get("name", "node")
+    return [
+        {
+            "name": name,
+            "uuid": f"GPU-{node_name}-{i}",
+            "temp": 35,
+            "mem.total": total,
+            "mem.used": total // 100,
+        }
+        for i in range(count)
+    ]
+
+
 def container_env(pod: Mapping[str, Any], container: Mapping[str, Any], lookup: Any = None) -> dict[str, str]:
     """The container's environment as the kubelet would build it (fieldRef, config maps, expansion).
 
@@ -421,8 +467,12 @@ class PodRunner:
         pod_kubeconfig: Path | None,
         api_server: tuple[str, int] | None = None,
         ca_data: bytes | None = None,
+        nvml_dir: Path | None = None,
     ) -> None:
         self.api = api
+        # Simulated NVIDIA runtime: the fake libnvidia-ml.so.1 and one GPU state file per node.
+        self.nvml_dir = nvml_dir
+        self.nvml_lib: Path | None = None
         self.netns = netns
         self.workdir = workdir
         self.bin_dir = bin_dir
@@ -617,6 +667,7 @@ class PodRunner:
             base["PYTHONPATH"] = os.environ["PYTHONPATH"]
         if self.pod_kubeconfig:
             base["KUBECONFIG"] = str(self.pod_kubeconfig)
+        base |= self._nvml_env(pod, c)
         mount_prefix: list[str] = []
         if self.api_server:
             base |= in_cluster_env(*self.api_server)
@@ -654,6 +705,33 @@ class PodRunner:
         log.info(
             "started %s/%s[%s] pid %d on %s: %s", m.namespace, m.name, m.container, m.proc.pid, m.ip, argv
         )
+
+    def nvml_state_path(self, node: str) -> Path:
+        assert self.nvml_dir is not None
+        return self.nvml_dir / f"{node}.state"
+
+    def _nvml_env(self, pod: Mapping[str, Any], container: Mapping[str, Any]) -> dict[str, str]:
+        """What the NVIDIA runtime gives a container on a GPU node: the (fake) NVML library, here
+        with the GPU state file of the pod's node (created healthy on first use; tests edit it)."""
+        node = (pod.get("spec") or {}).get("nodeName")
+        if self.nvml_dir is None or not node or not wants_nvml(pod, container):
+            return {}
+        state = self.nvml_state_path(node)
+        if not state.exists():
+            try:
+                gpus = node_gpu_state(self.api.read_node(node).to_dict())
+            except Exception as e:  # no node, no GPUs: NVML then reports the driver missing
+                log.warning("nvml state for %s: %s", node, e)
+                gpus = []
+            from toposerve.dev import fakenvml
+
+            self.nvml_dir.mkdir(parents=True, exist_ok=True)
+            fakenvml.write_state(state, gpus, driver="loaded" if gpus else "not_loaded")
+        if self.nvml_lib is None:
+            from toposerve.dev import fakenvml
+
+            self.nvml_lib = fakenvml.build()
+        return {"LD_LIBRARY_PATH": str(self.nvml_lib), "TOPOSERVE_FAKE_NVML_STATE": str(state)}
 
     def _kill(self, m: Managed) -> None:
         p = m.proc
@@ -941,6 +1019,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--bin-dir", default=str(Path(sys.executable).parent), help="put first on PATH")
     p.add_argument("--sd-listen", default=None, help="serve Prometheus http_sd on HOST:PORT")
     p.add_argument(
+        "--nvml-dir",
+        default=None,
+        help="simulate the NVIDIA runtime: give NVML-wanting containers the fake libnvidia-ml.so.1 and "
+        "this directory's <node>.state",
+    )
+    p.add_argument(
         "--forward",
         action="append",
         default=[],
@@ -976,6 +1060,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.pod_kubeconfig).resolve() if args.pod_kubeconfig else None,
         api_server=api_server if args.in_cluster else None,
         ca_data=ca_data,
+        nvml_dir=Path(args.nvml_dir).resolve() if args.nvml_dir else None,
     )
 
     def on_signal(signum: int, _frame: object) -> None:
