@@ -363,7 +363,12 @@ class ScalingRules(_Model):
     stabilization_window_seconds: int = Field(
         default=0, ge=0, le=3600, description="Look-back window; the most conservative recommendation wins."
     )
-    policies: list[ScalingPolicy] = Field(default_factory=list, max_length=8, description="Rate limits.")
+    policies: list[ScalingPolicy] = Field(
+        default_factory=list,
+        max_length=8,
+        description="Rate limits. Empty: Kubernetes' HPA defaults (up: 100% or 4 pods per 15 s, whichever "
+        "is more; down: 100% per 15 s).",
+    )
     select_policy: Literal["Max", "Min", "Disabled"] = Field(
         default="Max", description="Which policy applies when several do; Disabled forbids this direction."
     )
@@ -377,10 +382,74 @@ def _default_scale_down() -> ScalingRules:
     return ScalingRules(stabilization_window_seconds=300, policies=[_pods(1, 300)])
 
 
+Weekday = Literal["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+WEEKDAYS: tuple[Weekday, ...] = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
+HHMM_PATTERN = r"^([01][0-9]|2[0-3]):[0-5][0-9]$"
+
+
+def _time_zone(v: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError  # stdlib; imported here to keep import time low
+
+    try:
+        ZoneInfo(v)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError(f"unknown time zone {v!r} (use an IANA name such as Europe/Paris or UTC)") from None
+    return v
+
+
+class ScheduleWindow(_Model):
+    """A recurring window that raises the floor, e.g. weekdays 08:45-18:00 keep 4 replicas."""
+
+    name: str = Field(pattern=DNS_LABEL_PATTERN, max_length=20, description="Window name (DNS label).")
+    days: list[Weekday] = Field(
+        default_factory=lambda: list(WEEKDAYS),
+        min_length=1,
+        max_length=7,
+        description="Days the window starts on (Mon..Sun); default: every day.",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
+    start: str = Field(pattern=HHMM_PATTERN, description="Start time HH:MM (24 h) in timeZone.")
+    end: str = Field(
+        pattern=HHMM_PATTERN,
+        description="End time HH:MM (exclusive); earlier than start means the window ends the next day.",
+    )
+    time_zone: Annotated[str, AfterValidator(_time_zone)] = Field(
+        default="UTC", max_length=64, description="IANA time zone of start and end (daylight saving applies)."
+    )
+    min_replicas: int = Field(ge=0, le=1000, description="Floor while the window is open.")
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "self.start != self.end",
+                    "message": "start and end must differ",
+                    "fieldPath": ".end",
+                }
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> ScheduleWindow:
+        if self.start == self.end:
+            raise ValueError("start and end must differ")
+        return self
+
+
+AutoscalingMode = Literal["builtin", "hpa", "keda", "off"]
+
+
 class AutoscalingSpec(_Model):
     """KV-cache-pressure autoscaling; it writes spec.replicas only through the scale subresource."""
 
-    enabled: bool = Field(default=False, description="Let toposerve's autoscaler drive spec.replicas.")
+    enabled: bool = Field(default=False, description="Autoscale spec.replicas (see mode for who does it).")
+    mode: AutoscalingMode | None = Field(
+        default=None,
+        description="Who writes spec.replicas when enabled: builtin (default; the operator's own loop on "
+        "Prometheus or the pods' /metrics), hpa (a rendered autoscaling/v2 HorizontalPodAutoscaler, needs a "
+        "custom metrics adapter), keda (a rendered KEDA ScaledObject with Prometheus triggers) or off.",
+    )
     min_replicas: int = Field(default=1, ge=0, le=1000, description="Lower bound.")
     max_replicas: int = Field(default=4, ge=1, le=1000, description="Upper bound.")
     target_kv_cache_utilization: float = Field(
@@ -389,6 +458,19 @@ class AutoscalingSpec(_Model):
         gt=0,
         le=1,
         description="Target mean vllm:kv_cache_usage_perc across ready replicas.",
+    )
+    target_waiting_requests: float = Field(
+        default=4.0,
+        gt=0,
+        le=10000,
+        description="Target mean vllm:num_requests_waiting per ready replica; the larger of the two "
+        "metrics' proposals wins (as with several HPA metrics).",
+    )
+    tolerance: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="No change while observed/target is within 1 +- tolerance (the HPA's default 0.1).",
     )
     scale_up: ScalingRules = Field(
         default_factory=_default_scale_up,
@@ -408,6 +490,28 @@ class AutoscalingSpec(_Model):
         description="How long a starting replica is expected to take to load; pending starts count as "
         "capacity so slow start-up does not trigger more scale-up.",
     )
+    sync_period_seconds: int = Field(
+        default=15, ge=1, le=600, description="How often the builtin loop (and KEDA) evaluates metrics."
+    )
+    metrics_window_seconds: int = Field(
+        default=60,
+        ge=2,
+        le=3600,
+        description="Metrics are averaged over this window (PromQL avg_over_time) before deciding.",
+    )
+    stale_after_seconds: int = Field(
+        default=60,
+        ge=1,
+        le=3600,
+        description="A replica whose newest sample is older than this has no metrics: no scale-down then, "
+        "and no scale-up beyond what the fresh replicas justify.",
+    )
+    schedules: list[ScheduleWindow] = Field(
+        default_factory=list,
+        max_length=16,
+        description="Recurring windows that raise the floor (builtin and keda modes).",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -416,16 +520,56 @@ class AutoscalingSpec(_Model):
                     "rule": "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
                     "message": "minReplicas must be <= maxReplicas",
                     "fieldPath": ".minReplicas",
-                }
+                },
+                {
+                    "rule": "!has(self.mode) || self.mode == 'off' || (has(self.enabled) && self.enabled)",
+                    "message": "mode builtin, hpa or keda needs enabled: true",
+                    "fieldPath": ".mode",
+                },
+                {
+                    "rule": "!has(self.schedules) || !has(self.maxReplicas) || "
+                    "self.schedules.all(s, s.minReplicas <= self.maxReplicas)",
+                    "message": "a schedule's minReplicas must be <= maxReplicas",
+                    "fieldPath": ".schedules",
+                },
+                {
+                    "rule": "!has(self.mode) || self.mode != 'hpa' || !has(self.schedules) || size(self.schedules) == 0",
+                    "message": "schedules need mode builtin or keda (an HPA has no schedules)",
+                    "fieldPath": ".schedules",
+                },
+                {
+                    "rule": "!has(self.mode) || !(self.mode in ['hpa', 'keda']) || !has(self.warmStandby) || "
+                    "self.warmStandby == 0",
+                    "message": "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)",
+                    "fieldPath": ".warmStandby",
+                },
             ]
         }
     )
 
     @model_validator(mode="after")
-    def _min_le_max(self) -> AutoscalingSpec:
+    def _consistent(self) -> AutoscalingSpec:
         if self.min_replicas > self.max_replicas:
             raise ValueError("minReplicas must be <= maxReplicas")
+        if self.mode not in (None, "off") and not self.enabled:
+            raise ValueError(f"mode {self.mode} needs enabled: true")
+        if any(s.min_replicas > self.max_replicas for s in self.schedules):
+            raise ValueError("a schedule's minReplicas must be <= maxReplicas")
+        names = [s.name for s in self.schedules]
+        if len(names) != len(set(names)):
+            raise ValueError("schedule names must be unique")
+        if self.mode == "hpa" and self.schedules:
+            raise ValueError("schedules need mode builtin or keda (an HPA has no schedules)")
+        if self.mode in ("hpa", "keda") and self.warm_standby:
+            raise ValueError("warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)")
         return self
+
+    @property
+    def effective_mode(self) -> AutoscalingMode:
+        """Who writes spec.replicas: off unless enabled; builtin unless a mode says otherwise."""
+        if not self.enabled or self.mode == "off":
+            return "off"
+        return self.mode or "builtin"
 
 
 class RoutingSpec(_Model):

@@ -83,6 +83,65 @@ class PoolStatus(_Status):
     )
 
 
+class AutoscalingInputs(_Status):
+    """What the last decision saw (means over replicas with fresh metrics)."""
+
+    kv_cache_utilization: float | None = Field(
+        alias="kvCacheUtilization", default=None, description="Mean vllm:kv_cache_usage_perc (0..1)."
+    )
+    waiting_requests: float | None = Field(default=None, description="Mean vllm:num_requests_waiting.")
+    running_requests: float | None = Field(default=None, description="Mean vllm:num_requests_running.")
+    ready_replicas: int = Field(default=0, description="Ready serving replicas.")
+    starting_replicas: int = Field(
+        default=0, description="Replicas still starting within startupGraceSeconds (capacity on the way)."
+    )
+    stuck_replicas: int = Field(
+        default=0, description="Replicas not ready past startupGraceSeconds (ignored)."
+    )
+    missing_metrics: int = Field(default=0, description="Ready replicas without fresh metrics.")
+    held_requests: int = Field(default=0, description="Requests the router holds at zero replicas.")
+
+
+class Sample(_Status):
+    """A timestamped count: a recommendation, or replicas added/removed."""
+
+    time: float = Field(description="Unix time, seconds.")
+    replicas: int = Field(description="Replica count or change.")
+
+
+class AutoscalingStatus(_Status):
+    """The autoscaler's last decision and the history its windows need (survives restarts)."""
+
+    mode: str = Field(description="builtin, hpa, keda or off.")
+    source: str | None = Field(
+        default=None,
+        description="Where metrics came from: prometheus (URL), scrape (the pods' /metrics) or none.",
+    )
+    metrics_available: bool = Field(default=False, description="Every serving replica had fresh metrics.")
+    current_replicas: int = Field(default=0, description="spec.replicas the decision started from.")
+    desired_replicas: int = Field(default=0, description="What the decision asked for.")
+    proposal: int | None = Field(default=None, description="What the metrics alone asked for.")
+    reason: str = Field(default="", description="CamelCase reason of the last decision.")
+    message: str = Field(default="", description="The last decision in words.")
+    floor: int = Field(default=0, description="The floor in force: max(minReplicas, schedules, forecast).")
+    floor_source: str = Field(default="minReplicas", description="minReplicas, schedule/<name> or forecast.")
+    forecast: int | None = Field(default=None, description="Forecast floor one start-up time ahead, if any.")
+    inputs: AutoscalingInputs = Field(default_factory=AutoscalingInputs, description="What was observed.")
+    last_decision_time: str | None = Field(default=None, description="When it decided (RFC 3339).")
+    last_scale_time: str | None = Field(default=None, description="When it last changed spec.replicas.")
+    recommendations: list[Sample] = Field(
+        default_factory=list, description="Recommendations inside the stabilization windows."
+    )
+    scale_ups: list[Sample] = Field(default_factory=list, description="Replicas added inside policy periods.")
+    scale_downs: list[Sample] = Field(
+        default_factory=list, description="Replicas removed inside policy periods."
+    )
+
+
+# Status fields written by someone other than reconcile's compute_status (which leaves them alone).
+WRITTEN_ELSEWHERE = frozenset({"kopf", "autoscaling"})
+
+
 class LLMDeploymentStatus(_Status):
     """Observed state of an LLMDeployment."""
 
@@ -110,6 +169,9 @@ class LLMDeploymentStatus(_Status):
     cost_per_hour: float | None = Field(default=None, description="USD per hour for all desired replicas.")
     observed_cost: ObservedCost | None = Field(
         default=None, description="Cost and throughput of all serving pods now (see docs/cost.md)."
+    )
+    autoscaling: AutoscalingStatus | None = Field(
+        default=None, description="The autoscaler's last decision (written by the autoscaler only)."
     )
     kopf: dict[str, Any] | None = Field(
         default=None,

@@ -26,6 +26,7 @@ from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
 from toposerve.api.spec import LLMDeploymentSpec
+from toposerve.api.status import WRITTEN_ELSEWHERE
 from toposerve.controller import engineprobe, evacuation, metrics
 from toposerve.controller.allocation import TypeState, allocate
 from toposerve.controller.cache import InventoryCache
@@ -172,7 +173,7 @@ def _owned(obj: Mapping[str, Any], uid: str) -> bool:
 
 
 def _status_view(status: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {k: v for k, v in (status or {}).items() if k != "kopf"}
+    return {k: v for k, v in (status or {}).items() if k not in WRITTEN_ELSEWHERE}
 
 
 @dataclass
@@ -564,7 +565,7 @@ def _write_status(
     """Write status only when it differs; emit an Event when Ready flips or its reason changes."""
     meta = body["metadata"]
     status = compute_status(obs, previous.get("conditions") or [], _rfc3339(now))
-    new = status.model_dump(by_alias=True, mode="json", exclude={"kopf"})
+    new = status.model_dump(by_alias=True, mode="json", exclude=set(WRITTEN_ELSEWHERE))
     if status_changed(new, _status_view(previous)):
         # Top-level nulls delete fields in a merge patch; nested ones would only be noise.
         patch = {k: (strip_none(v) if v is not None else None) for k, v in new.items()}

@@ -1,0 +1,89 @@
+"""spec.autoscaling: modes, schedules and the errors bad input gets (naming the field)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from toposerve.api.crd import crd
+from toposerve.api.errors import SpecError
+from toposerve.api.manifest import parse_spec
+
+M = {"name": "Qwen/Qwen2.5-0.5B-Instruct"}
+
+
+def spec(**auto: Any) -> dict[str, Any]:
+    return {"model": M, "autoscaling": auto}
+
+
+@pytest.mark.parametrize(
+    ("auto", "mode"),
+    [
+        ({}, "off"),
+        ({"enabled": True}, "builtin"),
+        ({"enabled": True, "mode": "keda"}, "keda"),
+        ({"enabled": True, "mode": "hpa"}, "hpa"),
+        ({"enabled": True, "mode": "off"}, "off"),
+        ({"mode": "off"}, "off"),
+    ],
+)
+def test_effective_mode(auto: dict[str, Any], mode: str) -> None:
+    assert parse_spec(spec(**auto)).autoscaling.effective_mode == mode
+
+
+BAD = [
+    ({"mode": "hpa"}, "spec.autoscaling", "mode hpa needs enabled: true"),
+    ({"enabled": True, "mode": "vpa"}, "spec.autoscaling.mode", "Input should be 'builtin', 'hpa', 'keda' or 'off'"),
+    ({"enabled": True, "tolerance": 1.0}, "spec.autoscaling.tolerance", "less than 1"),
+    ({"enabled": True, "targetWaitingRequests": 0}, "spec.autoscaling.targetWaitingRequests", "greater than 0"),
+    ({"enabled": True, "maxReplicas": 3, "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 5}]},
+     "spec.autoscaling", "a schedule's minReplicas must be <= maxReplicas"),
+    ({"enabled": True, "mode": "hpa", "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 1}]},
+     "spec.autoscaling", "schedules need mode builtin or keda"),
+    ({"enabled": True, "mode": "keda", "warmStandby": 1}, "spec.autoscaling", "warmStandby needs mode builtin"),
+    ({"enabled": True, "schedules": [{"name": "a", "start": "8:00", "end": "18:00", "minReplicas": 1}]},
+     "spec.autoscaling.schedules[0].start", "should match pattern"),
+    ({"enabled": True, "schedules": [{"name": "a", "start": "08:00", "end": "24:00", "minReplicas": 1}]},
+     "spec.autoscaling.schedules[0].end", "should match pattern"),
+    ({"enabled": True, "schedules": [{"name": "a", "start": "08:00", "end": "08:00", "minReplicas": 1}]},
+     "spec.autoscaling.schedules[0]", "start and end must differ"),
+    ({"enabled": True, "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 1,
+                                      "timeZone": "Mars/Olympus"}]},
+     "spec.autoscaling.schedules[0].timeZone", "unknown time zone 'Mars/Olympus'"),
+    ({"enabled": True, "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 1,
+                                      "days": ["Monday"]}]},
+     "spec.autoscaling.schedules[0].days[0]", "Input should be 'Mon'"),
+    ({"enabled": True, "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 1},
+                                     {"name": "a", "start": "19:00", "end": "20:00", "minReplicas": 1}]},
+     "spec.autoscaling", "schedule names must be unique"),
+    ({"enabled": True, "scaleUp": {"selectPolicy": "Sometimes"}}, "spec.autoscaling.scaleUp.selectPolicy",
+     "Input should be 'Max', 'Min' or 'Disabled'"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("auto", "field", "message"), BAD, ids=[b[2] for b in BAD])
+def test_bad_input_names_the_field(auto: dict[str, Any], field: str, message: str) -> None:
+    with pytest.raises(SpecError) as e:
+        parse_spec(spec(**auto))
+    assert e.value.field == field
+    assert message in e.value.message
+
+
+def test_the_crd_carries_the_same_rules_for_the_api_server() -> None:
+    auto = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "autoscaling"
+    ]
+    messages = {r["message"] for r in auto["x-kubernetes-validations"]}
+    assert {
+        "minReplicas must be <= maxReplicas",
+        "mode builtin, hpa or keda needs enabled: true",
+        "a schedule's minReplicas must be <= maxReplicas",
+        "schedules need mode builtin or keda (an HPA has no schedules)",
+        "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)",
+    } <= messages
+    props = auto["properties"]
+    assert props["mode"]["enum"] == ["builtin", "hpa", "keda", "off"]
+    window = props["schedules"]["items"]
+    assert window["properties"]["start"]["pattern"] and window["x-kubernetes-validations"]
+    assert props["schedules"]["x-kubernetes-list-map-keys"] == ["name"]
