@@ -76,7 +76,9 @@ class OperatorConfig(BaseModel):
     prometheus_url: str | None = Field(
         default=None,
         description="Prometheus that scrapes the engines (e.g. http://prometheus.monitoring:9090); the "
-        "operator reads observed output tokens/s from it for status.observedCost. Unset: no throughput.",
+        "operator reads observed output tokens/s from it for status.observedCost, the builtin autoscaler "
+        "its KV-cache and queue metrics (unset: the pods' /metrics), and keda mode's ScaledObject queries "
+        "it (unset: keda mode is refused). Unset: no throughput.",
     )
     throughput_window: str = Field(
         default="5m",
@@ -154,6 +156,24 @@ class OperatorConfig(BaseModel):
         default_factory=EvacuationConfig,
         description="Deadlines for replacing pods on nodes whose GPUs turned unhealthy or that got a "
         "termination notice.",
+    )
+    prometheus_selector: str = Field(
+        default='namespace="{namespace}",toposerve_io_deployment="{name}",app_kubernetes_io_component="engine"',
+        max_length=1024,
+        description="PromQL label matchers of one LLMDeployment's engine series; {namespace} and {name} are "
+        "filled in. The default fits the usual kubernetes_sd relabelling (pod labels mapped with labelmap).",
+    )
+    hpa_kv_cache_metric: str = Field(
+        alias="hpaKVCacheMetric",
+        default="vllm_kv_cache_usage_perc",
+        max_length=253,
+        description="Name under which the cluster's custom metrics adapter serves vllm:kv_cache_usage_perc "
+        "as a Pods metric (hpa mode).",
+    )
+    hpa_waiting_metric: str = Field(
+        default="vllm_num_requests_waiting",
+        max_length=253,
+        description="Name under which the custom metrics adapter serves vllm:num_requests_waiting (hpa mode).",
     )
     mock_cpu: str = Field(default="100m", description="CPU request of a mock-engine pod.")
     mock_memory: str = Field(default="128Mi", description="Memory request of a mock-engine pod.")

@@ -538,6 +538,11 @@ class AutoscalingSpec(_Model):
                     "fieldPath": ".schedules",
                 },
                 {
+                    "rule": "!has(self.mode) || self.mode != 'hpa' || !has(self.minReplicas) || self.minReplicas >= 1",
+                    "message": "mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)",
+                    "fieldPath": ".minReplicas",
+                },
+                {
                     "rule": "!has(self.mode) || !(self.mode in ['hpa', 'keda']) || !has(self.warmStandby) || "
                     "self.warmStandby == 0",
                     "message": "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)",
@@ -560,6 +565,8 @@ class AutoscalingSpec(_Model):
             raise ValueError("schedule names must be unique")
         if self.mode == "hpa" and self.schedules:
             raise ValueError("schedules need mode builtin or keda (an HPA has no schedules)")
+        if self.mode == "hpa" and self.min_replicas < 1:
+            raise ValueError("mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)")
         if self.mode in ("hpa", "keda") and self.warm_standby:
             raise ValueError("warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)")
         return self

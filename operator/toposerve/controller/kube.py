@@ -39,6 +39,8 @@ PLURALS: dict[tuple[str, str], str] = {
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("rbac.authorization.k8s.io/v1", "Role"): "roles",
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
+    ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
+    ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
 }
 CHILD_KINDS: list[tuple[str, str]] = [
     ("apps/v1", "Deployment"),
@@ -48,6 +50,8 @@ CHILD_KINDS: list[tuple[str, str]] = [
     ("v1", "ServiceAccount"),
     ("rbac.authorization.k8s.io/v1", "Role"),
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
+    ("autoscaling/v2", "HorizontalPodAutoscaler"),  # autoscaling.mode hpa
+    ("keda.sh/v1alpha1", "ScaledObject"),  # autoscaling.mode keda (lists as empty without KEDA)
 ]
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 

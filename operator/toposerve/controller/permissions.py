@@ -46,6 +46,8 @@ PERMISSIONS: tuple[Permission, ...] = (
                "reconcile reads it, the resync lists it, kopf watches it"),
     Permission("toposerve.io", "llmdeployments/status", ("patch",), "watched",
                "status is a merge patch by the operator"),
+    Permission("toposerve.io", "llmdeployments/scale", ("get", "patch"), "watched",
+               "the builtin autoscaler writes spec.replicas only through the scale subresource"),
     Permission("toposerve.io", "llmdeployments/finalizers", ("update",), "watched",
                "children carry blockOwnerDeletion owner references; clusters with the "
                "OwnerReferencesPermissionEnforcement admission plugin check this"),
@@ -59,6 +61,9 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("rbac.authorization.k8s.io", "roles", _WRITE_CHILD, "watched", "the router's Role"),
     Permission("rbac.authorization.k8s.io", "rolebindings", _WRITE_CHILD, "watched",
                "the router's RoleBinding"),
+    Permission("autoscaling", "horizontalpodautoscalers", _WRITE_CHILD, "watched",
+               "autoscaling.mode hpa: the HorizontalPodAutoscaler"),
+    Permission("keda.sh", "scaledobjects", _WRITE_CHILD, "watched", "autoscaling.mode keda: the ScaledObject"),
     # Never called by the operator: held so that it may grant them to the router's Role without
     # the `escalate` or `bind` verbs (RBAC only lets a subject grant what it holds itself).
     Permission("discovery.k8s.io", "endpointslices", ("get", "list", "watch"), "watched",

@@ -38,6 +38,7 @@ from toposerve.controller.throughput import ThroughputSource, deployment_cost
 from toposerve.planner.inventory import Inventory, PodShape, inventory_from_nodes, usage_by_node
 from toposerve.planner.memory import GIB
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, plan_deployment
+from toposerve.render.autoscaling import render_autoscaler
 from toposerve.render.objects import (
     LABEL_COMPONENT,
     LABEL_DEPLOYMENT,
@@ -329,9 +330,11 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         )
     # The Service (and any other deployment-wide object) comes from the same renderer.
     desired += render_deployment(name, namespace, spec, _no_pools(dplan), ctx.config, owner)
+    autoscaler, autoscaler_notices = render_autoscaler(name, namespace, spec, ctx.config, owner)
+    desired += autoscaler  # hpa / keda modes: the one writer of spec.replicas (builtin: none)
     endpoint = endpoint_url(name, namespace, spec)
     router = router_readiness(pods) if spec.routing.enabled else None
-    notices = _notices(spec, dplan)
+    notices = _notices(spec, dplan) + autoscaler_notices
     for obj in desired:
         try:
             applied = kube.apply(obj)

@@ -41,6 +41,7 @@ BAD = [
      "spec.autoscaling", "a schedule's minReplicas must be <= maxReplicas"),
     ({"enabled": True, "mode": "hpa", "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 1}]},
      "spec.autoscaling", "schedules need mode builtin or keda"),
+    ({"enabled": True, "mode": "hpa", "minReplicas": 0}, "spec.autoscaling", "mode hpa needs minReplicas >= 1"),
     ({"enabled": True, "mode": "keda", "warmStandby": 1}, "spec.autoscaling", "warmStandby needs mode builtin"),
     ({"enabled": True, "schedules": [{"name": "a", "start": "8:00", "end": "18:00", "minReplicas": 1}]},
      "spec.autoscaling.schedules[0].start", "should match pattern"),
@@ -81,6 +82,7 @@ def test_the_crd_carries_the_same_rules_for_the_api_server() -> None:
         "a schedule's minReplicas must be <= maxReplicas",
         "schedules need mode builtin or keda (an HPA has no schedules)",
         "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)",
+        "mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)",
     } <= messages
     props = auto["properties"]
     assert props["mode"]["enum"] == ["builtin", "hpa", "keda", "off"]

@@ -1,0 +1,25 @@
+"""The PromQL every mode uses, written once (pure): the builtin loop asks per pod, KEDA asks for
+the sum (its AverageValue target divides by the target, which is ceil(replicas x mean / target),
+the same number)."""
+
+from __future__ import annotations
+
+KV = "vllm:kv_cache_usage_perc"
+WAITING = "vllm:num_requests_waiting"
+RUNNING = "vllm:num_requests_running"
+
+
+def selector(template: str, namespace: str, name: str) -> str:
+    """The label matchers of one LLMDeployment's engine series (namespace and name are DNS labels,
+    which need no escaping in a PromQL string)."""
+    return template.replace("{namespace}", namespace).replace("{name}", name)
+
+
+def per_pod(metric: str, sel: str, window_s: int) -> str:
+    """One smoothed value per pod: the mean over the window, so one noisy scrape decides nothing."""
+    return f"avg by (pod) (avg_over_time({metric}{{{sel}}}[{window_s}s]))"
+
+
+def total(metric: str, sel: str, window_s: int) -> str:
+    """The sum over pods of the smoothed value; 0 when no pod reports (e.g. at zero replicas)."""
+    return f"sum(avg_over_time({metric}{{{sel}}}[{window_s}s])) or vector(0)"
