@@ -280,6 +280,13 @@ def _prune(history: History, cfg: Config, now: float) -> History:
     )
 
 
+def remember(recs: Sequence[tuple[float, int]], now: float, rec: int) -> tuple[tuple[float, int], ...]:
+    """Add a recommendation, keeping only the newest sample of each value: a window's min and max
+    depend only on which values have a sample inside it, so this changes no decision and keeps the
+    history (stored in status) as short as the number of distinct recent values."""
+    return (*((t, r) for t, r in recs if r != rec), (now, rec))
+
+
 def record_scale(history: History, now: float, before: int, after: int) -> History:
     """Remember a change of spec.replicas for the rate limits (storeScaleEvent)."""
     if after > before:
@@ -380,7 +387,7 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
     # so a fresh loop waits a full window in either direction instead of acting on one sample.
     recs = history.recommendations or ((now, current),)
     stabilized = stabilize(current, recommendation, recs, now, cfg.up, cfg.down)
-    hist = replace(history, recommendations=(*recs, (now, recommendation)))
+    hist = replace(history, recommendations=remember(recs, now, recommendation))
     desired, limited = rate_limit(current, stabilized, floor, cfg.max_replicas, hist, cfg, now)
     if desired > current:
         reason, msg = "ScaleUp", f"{metric} above target"

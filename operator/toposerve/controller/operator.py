@@ -37,6 +37,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
 from toposerve import API_GROUP, API_VERSION
+from toposerve.autoscale import loop as autoscale_loop
 from toposerve.controller import metrics
 from toposerve.controller.cache import Change, InventoryCache, waits_for_capacity
 from toposerve.controller.children import ChildCache, Key
@@ -292,6 +293,9 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     _set_leader(rt, not rt.leader_elect)
     rt.tasks = [asyncio.create_task(_worker(rt)) for _ in range(rt.workers)]
     rt.tasks.append(asyncio.create_task(_resync_loop(rt)))
+    # The builtin autoscaler (autoscale/loop.py): leader only, like the workers.
+    scaler = autoscale_loop.Autoscaler(rt.ctx.kube, rt.ctx.config)
+    rt.tasks.append(asyncio.create_task(autoscale_loop.run(scaler, rt.leading, rt.namespaces)))
     if rt.leader_elect:
         rt.tasks.append(asyncio.create_task(_lead_loop(rt)))
 

@@ -46,7 +46,7 @@ PERMISSIONS: tuple[Permission, ...] = (
                "reconcile reads it, the resync lists it, kopf watches it"),
     Permission("toposerve.io", "llmdeployments/status", ("patch",), "watched",
                "status is a merge patch by the operator"),
-    Permission("toposerve.io", "llmdeployments/scale", ("get", "patch"), "watched",
+    Permission("toposerve.io", "llmdeployments/scale", ("patch",), "watched",
                "the builtin autoscaler writes spec.replicas only through the scale subresource"),
     Permission("toposerve.io", "llmdeployments/finalizers", ("update",), "watched",
                "children carry blockOwnerDeletion owner references; clusters with the "

@@ -403,3 +403,21 @@ def test_starting_replicas_never_cause_more_scale_up(ready_n: int, start_n: int,
     # the same ready replicas as if the starting ones were not there at all (and never requested)
     alone = decide(c, Inputs(0, ready_n, ready(ready_n, kv)), History(recommendations=((-1e6, ready_n),)))
     assert with_starting <= max(cur, alone.desired)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 6), min_size=1, max_size=40), st.sampled_from([0.0, 30.0, 60.0, 300.0]))
+def test_compacted_history_stabilizes_like_the_full_one(recs: list[int], window: float) -> None:
+    """Keeping only the newest sample of each value gives the same stabilization as every sample."""
+    from toposerve.autoscale.decision import remember
+
+    full: list[tuple[float, int]] = []
+    short: tuple[tuple[float, int], ...] = ()
+    rules = Rules(window, ())
+    for i, r in enumerate(recs):
+        now = i * 15.0
+        for cur in (0, 3, 6):
+            assert stabilize(cur, r, full, now, rules, rules) == stabilize(cur, r, short, now, rules, rules)
+        full.append((now, r))
+        short = remember(short, now, r)
+    assert len(short) == len(set(recs))

@@ -1,0 +1,175 @@
+"""The builtin autoscaler: a leader-only loop in the operator process (I/O shell).
+
+Every ``syncPeriodSeconds`` per LLMDeployment in mode builtin: list its engine pods, read the
+metrics source, ``decide`` (pure), write spec.replicas only through the scale subresource (with
+the resourceVersion it decided on, so a concurrent ``kubectl scale`` wins the race and is
+re-decided next time instead of being overwritten blind), record ``status.autoscaling`` (one merge
+patch of that key only) and emit an Event on every change. The reconcile then resizes the
+workloads from spec.replicas like for any other writer.
+
+It runs beside the reconcile workers, not through kopf handlers: a decision is periodic, not an
+answer to an event, and kopf timers would add finalizers to users' objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes.client.exceptions import ApiException
+
+from toposerve import API_GROUP, API_VERSION
+from toposerve.api.config import OperatorConfig
+from toposerve.api.errors import SpecError
+from toposerve.api.manifest import parse_spec
+from toposerve.autoscale.decision import Config, Decision, Inputs, decide
+from toposerve.autoscale.report import event_of, history_from_status, replicas, status_of
+from toposerve.autoscale.schedule import schedule_floor
+from toposerve.autoscale.sources import Source, source_for
+from toposerve.controller.kube import Kube, path
+from toposerve.controller.observe import parse_time
+from toposerve.render.objects import LABEL_COMPONENT, LABEL_DEPLOYMENT
+
+log = logging.getLogger("toposerve.autoscaler")
+API = f"{API_GROUP}/{API_VERSION}"
+TICK_SECONDS = 1.0
+
+
+def _rfc3339(t: float) -> str:
+    return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class Autoscaler:
+    def __init__(
+        self,
+        kube: Kube,
+        config: OperatorConfig,
+        source: Source | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.kube, self.config, self.clock = kube, config, clock
+        self.source = source or source_for(config.prometheus_url, config.prometheus_selector)
+        self._last: dict[tuple[str, str], float] = {}
+
+    def run_once(self, namespaces: Sequence[str]) -> list[Decision]:
+        """Decide for every builtin-mode LLMDeployment whose sync period has passed."""
+        out: list[Decision] = []
+        targets: list[str | None] = list(namespaces) if namespaces else [None]
+        for ns in targets:
+            for body in self.kube.list(API, "LLMDeployment", ns):
+                meta = body.get("metadata") or {}
+                key = (str(meta.get("namespace")), str(meta.get("name")))
+                try:
+                    d = self.tick(body)
+                except Exception as e:  # one deployment's trouble must not stop the others
+                    log.warning("autoscaling %s/%s failed: %s", *key, e)
+                    continue
+                if d is not None:
+                    out.append(d)
+        return out
+
+    def _due(self, key: tuple[str, str], period: float, now: float) -> bool:
+        last = self._last.get(key)
+        if last is not None and now - last < period:
+            return False
+        self._last[key] = now
+        return True
+
+    def tick(self, body: Mapping[str, Any], force: bool = False) -> Decision | None:
+        """One decision for one LLMDeployment (None: not builtin, invalid, deleted or not due)."""
+        meta = body.get("metadata") or {}
+        ns, name = str(meta.get("namespace")), str(meta.get("name"))
+        if meta.get("deletionTimestamp"):
+            return None
+        try:
+            spec = parse_spec(body.get("spec") or {})
+        except SpecError:
+            return None  # the reconcile reports it (InvalidSpec)
+        a = spec.autoscaling
+        if a.effective_mode != "builtin":
+            self._last.pop((ns, name), None)
+            return None
+        now = self.clock()
+        if not force and not self._due((ns, name), a.sync_period_seconds, now):
+            return None
+        pods = self.kube.list("v1", "Pod", ns, selector=f"{LABEL_DEPLOYMENT}={name},{LABEL_COMPONENT}=engine")
+        pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+        created = {}
+        for p in pods:
+            t = parse_time((p.get("metadata") or {}).get("creationTimestamp"))
+            if t is not None:
+                created[str(p["metadata"]["name"])] = t.timestamp()
+        reading = self.source.read(ns, name, pods, a.metrics_window_seconds, a.stale_after_seconds)
+        floor, window = schedule_floor(a.schedules, datetime.fromtimestamp(now, UTC))
+        status = body.get("status") or {}
+        current = spec.replicas
+        inputs = Inputs(
+            now=now,
+            current=current,
+            replicas=replicas(pods, reading.pods, now, created),
+            source_ok=reading.ok,
+            schedule_floor=floor,
+            schedule_name=window,
+        )
+        d = decide(Config.from_spec(a), inputs, history_from_status(status))
+        self._note_override(body, status, current)
+        if d.desired != current:
+            if not self._scale(body, ns, name, d.desired):
+                return d  # somebody changed it meanwhile: decide again next time, record nothing
+            reason, msg = event_of(d, a.target_kv_cache_utilization)
+            log.info("%s/%s: %s", ns, name, msg)
+            self.kube.event(body, reason, msg)
+        self.kube.patch_status(
+            API,
+            "LLMDeployment",
+            ns,
+            name,
+            {"autoscaling": status_of(d, reading, "builtin", _rfc3339(now), status)},
+        )
+        return d
+
+    def _note_override(self, body: Mapping[str, Any], status: Mapping[str, Any], current: int) -> None:
+        """Say so when spec.replicas moved outside the autoscaler (kubectl scale, a GitOps sync)."""
+        prev = status.get("autoscaling") or {}
+        mine = prev.get("desiredReplicas")
+        if prev.get("mode") == "builtin" and isinstance(mine, int) and mine != current:
+            msg = (
+                f"spec.replicas was set to {current} outside the autoscaler (it had set {mine}); with "
+                "autoscaling.mode builtin the autoscaler decides the count: set enabled: false or mode: off "
+                "to scale by hand"
+            )
+            self.kube.event(body, "ReplicasOverridden", msg, warning=True)
+
+    def _scale(self, body: Mapping[str, Any], ns: str, name: str, replicas: int) -> bool:
+        """PATCH the scale subresource, conditional on the resourceVersion decided on."""
+        patch = {"metadata": {"resourceVersion": (body.get("metadata") or {}).get("resourceVersion")},
+                 "spec": {"replicas": replicas}}  # fmt: skip
+        try:
+            self.kube.request(
+                "PATCH",
+                path(API, "LLMDeployment", ns, name, "scale"),
+                body=patch,
+                content_type="application/merge-patch+json",
+                query=[("fieldManager", "toposerve-autoscaler")],
+            )
+        except ApiException as e:
+            if e.status == 409:
+                log.info("%s/%s changed while deciding; deciding again next time", ns, name)
+                return False
+            raise
+        return True
+
+
+async def run(autoscaler: Autoscaler, leading: asyncio.Event, namespaces: Sequence[str]) -> None:
+    """Leader only: decide while this process leads, idle otherwise."""
+    while True:
+        await leading.wait()
+        try:
+            await asyncio.to_thread(autoscaler.run_once, namespaces)
+        except Exception as e:  # listing failed: the API server is away; try again
+            log.warning("autoscaler pass failed: %s", e)
+        await asyncio.sleep(TICK_SECONDS)

@@ -1,0 +1,209 @@
+"""Between the decision and the API (pure): metrics answers -> samples, status.autoscaling <->
+history, a decision -> status and Event text.
+
+Bad answers are data too: a NaN, an unparsable value or a missing pod is a missing sample (which
+forbids a scale-down), never an exception that would stop the loop.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from toposerve.autoscale import promql
+from toposerve.autoscale.decision import Decision, History, Replica
+
+
+@dataclass(frozen=True)
+class PodSample:
+    kv: float | None = None
+    waiting: float | None = None
+    running: float | None = None
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One read of a metrics source for one deployment."""
+
+    source: str  # "prometheus" or "scrape"
+    ok: bool  # the source answered (a pod without data is a missing sample, not a failure)
+    pods: Mapping[str, PodSample]
+    error: str = ""
+
+
+def _number(raw: Any) -> float | None:
+    try:
+        x = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return x if math.isfinite(x) else None
+
+
+def parse_vector(result: Any, label: str = "pod") -> dict[str, float]:
+    """A Prometheus instant-vector result ([{metric: {pod}, value: [t, "v"]}]) -> {pod: value};
+    entries without the label, or with a value that is not a finite number, are left out."""
+    out: dict[str, float] = {}
+    if not isinstance(result, list):
+        return out
+    for item in result:
+        if not isinstance(item, dict):
+            continue
+        metric, value = item.get("metric"), item.get("value")
+        if not isinstance(metric, dict) or not isinstance(value, list | tuple) or len(value) != 2:
+            continue
+        key, x = metric.get(label), _number(value[1])
+        if isinstance(key, str) and x is not None:
+            out[key] = x
+    return out
+
+
+def prometheus_samples(
+    kv: Mapping[str, float],
+    waiting: Mapping[str, float],
+    running: Mapping[str, float],
+    last_seen: Mapping[str, float],
+    now: float,
+    stale_after: float,
+) -> dict[str, PodSample]:
+    """Per pod: the windowed means, kept only when the pod's newest sample is fresh."""
+    out: dict[str, PodSample] = {}
+    for pod in set(kv) | set(waiting) | set(running):
+        seen = last_seen.get(pod)
+        if seen is None or now - seen > stale_after:
+            continue
+        out[pod] = PodSample(kv.get(pod), waiting.get(pod), running.get(pod))
+    return out
+
+
+def parse_metrics_text(text: str) -> PodSample:
+    """vLLM's /metrics text -> the three gauges (summed over model_name series); garbage -> empty."""
+    found: dict[str, float] = {}
+    want = {promql.KV, promql.WAITING, promql.RUNNING}
+    try:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name in want:
+                    x = _number(s.value)
+                    if x is not None:
+                        found[s.name] = found.get(s.name, 0.0) + x
+    except Exception:  # the parser raises ValueError and others on malformed text
+        return PodSample()
+    return PodSample(found.get(promql.KV), found.get(promql.WAITING), found.get(promql.RUNNING))
+
+
+# ---- pods -> replicas -------------------------------------------------------------------------
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "Ready":
+            return bool(c.get("status") == "True")
+    return False
+
+
+def replicas(
+    pods: Iterable[Mapping[str, Any]],
+    samples: Mapping[str, PodSample],
+    now: float,
+    created: Mapping[str, float],
+) -> tuple[Replica, ...]:
+    """Serving replicas as the decision sees them; terminating pods are gone already.
+    ``created``: pod name -> creation time (seconds, same clock as ``now``)."""
+    out: list[Replica] = []
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        if meta.get("deletionTimestamp"):
+            continue
+        name = str(meta.get("name"))
+        s = samples.get(name, PodSample())
+        age = max(0.0, now - created.get(name, now))
+        out.append(Replica(name, _ready(pod), age, s.kv, s.waiting, s.running))
+    return tuple(sorted(out, key=lambda r: r.name))
+
+
+# ---- status.autoscaling <-> history -------------------------------------------------------------
+
+
+def _pairs(items: Any) -> tuple[tuple[float, int], ...]:
+    out: list[tuple[float, int]] = []
+    for it in items or []:
+        if isinstance(it, dict):
+            t, n = _number(it.get("time")), it.get("replicas")
+            if t is not None and isinstance(n, int):
+                out.append((t, n))
+    return tuple(out)
+
+
+def history_from_status(status: Mapping[str, Any] | None) -> History:
+    a = (status or {}).get("autoscaling") or {}
+    return History(
+        recommendations=_pairs(a.get("recommendations")),
+        scale_ups=_pairs(a.get("scaleUps")),
+        scale_downs=_pairs(a.get("scaleDowns")),
+    )
+
+
+def _samples(pairs: Sequence[tuple[float, int]]) -> list[dict[str, Any]]:
+    return [{"time": round(t, 3), "replicas": n} for t, n in pairs]
+
+
+def _round(x: float | None) -> float | None:
+    return None if x is None else round(x, 4)
+
+
+def status_of(
+    d: Decision,
+    reading: Reading,
+    mode: str,
+    now_rfc3339: str,
+    previous: Mapping[str, Any] | None,
+    held_requests: int = 0,
+) -> dict[str, Any]:
+    """status.autoscaling for a decision (camelCase, as the CRD's status schema has it)."""
+    prev = (previous or {}).get("autoscaling") or {}
+    scaled = d.desired != d.current
+    return {
+        "mode": mode,
+        "source": reading.source if reading.ok else f"{reading.source} (unavailable: {reading.error})"[:1024],
+        "metricsAvailable": d.metrics_ok,
+        "currentReplicas": d.current,
+        "desiredReplicas": d.desired,
+        "proposal": d.proposal,
+        "reason": d.reason,
+        "message": d.message,
+        "floor": d.floor,
+        "floorSource": d.floor_source,
+        "inputs": {
+            "kvCacheUtilization": _round(d.kv),
+            "waitingRequests": _round(d.waiting),
+            "runningRequests": _round(d.running),
+            "readyReplicas": d.ready,
+            "startingReplicas": d.starting,
+            "stuckReplicas": d.stuck,
+            "missingMetrics": d.missing,
+            "heldRequests": held_requests,
+        },
+        "lastDecisionTime": now_rfc3339,
+        "lastScaleTime": now_rfc3339 if scaled else prev.get("lastScaleTime"),
+        "recommendations": _samples(d.history.recommendations),
+        "scaleUps": _samples(d.history.scale_ups),
+        "scaleDowns": _samples(d.history.scale_downs),
+    }
+
+
+def event_of(d: Decision, target_kv: float) -> tuple[str, str]:
+    """(reason, message) of the Event for a change of spec.replicas."""
+    reason = "ScaledUp" if d.desired > d.current else "ScaledDown"
+    kv = "n/a" if d.kv is None else f"{d.kv:.2f}"
+    waiting = "n/a" if d.waiting is None else f"{d.waiting:.1f}"
+    msg = (
+        f"spec.replicas {d.current} -> {d.desired} ({d.reason}): {d.message}; kv-cache {kv} (target "
+        f"{target_kv:.2f}), waiting {waiting}/replica, floor {d.floor} ({d.floor_source})"
+    )
+    if d.promote:
+        msg += f"; {d.promote} warm standby promoted"
+    return reason, msg

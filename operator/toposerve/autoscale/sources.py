@@ -1,0 +1,103 @@
+"""Where the builtin autoscaler reads vLLM's metrics (I/O shells around ``report``'s parsers).
+
+* ``PrometheusSource`` (the operator config names a Prometheus): PromQL through
+  prometheus-api-client, a windowed mean per pod plus each pod's newest sample time, so a pod
+  whose series went stale counts as missing.
+* ``ScrapeSource`` (no Prometheus): GET each ready pod's ``/metrics`` on its pod IP, instantaneous
+  values; a pod that does not answer is missing.
+
+Neither raises on a bad answer: a source that cannot be reached is ``Reading(ok=False)``, which
+the decision turns into "hold, no scale-down".
+"""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Protocol
+
+from toposerve.autoscale import promql
+from toposerve.autoscale.report import (
+    PodSample,
+    Reading,
+    parse_metrics_text,
+    parse_vector,
+    prometheus_samples,
+)
+from toposerve.render.objects import ENGINE_PORT
+
+
+class Source(Protocol):
+    name: str
+
+    def read(
+        self, namespace: str, name: str, pods: Sequence[Mapping[str, Any]], window_s: int, stale_after_s: int
+    ) -> Reading: ...
+
+
+class PrometheusSource:
+    name = "prometheus"
+
+    def __init__(self, url: str, selector: str, timeout: float = 5.0, client: Any = None) -> None:
+        self.url, self.selector, self.timeout = url, selector, timeout
+        self._client = client
+
+    def _prom(self) -> Any:
+        if self._client is None:
+            from prometheus_api_client import PrometheusConnect
+
+            self._client = PrometheusConnect(url=self.url, disable_ssl=True, timeout=int(self.timeout))
+        return self._client
+
+    def read(
+        self, namespace: str, name: str, pods: Sequence[Mapping[str, Any]], window_s: int, stale_after_s: int
+    ) -> Reading:
+        sel = promql.selector(self.selector, namespace, name)
+        try:
+            prom = self._prom()
+            now = time.time()
+            kv = parse_vector(prom.custom_query(promql.per_pod(promql.KV, sel, window_s)))
+            waiting = parse_vector(prom.custom_query(promql.per_pod(promql.WAITING, sel, window_s)))
+            running = parse_vector(prom.custom_query(promql.per_pod(promql.RUNNING, sel, window_s)))
+            seen = parse_vector(prom.custom_query(f"max by (pod) (timestamp({promql.KV}{{{sel}}}))"))
+        except Exception as e:  # connection refused, timeout, 5xx, non-JSON: all "unavailable"
+            return Reading(f"prometheus {self.url}", False, {}, f"{type(e).__name__}: {e}"[:300])
+        samples = prometheus_samples(kv, waiting, running, seen, now, stale_after_s)
+        return Reading(f"prometheus {self.url}", True, samples)
+
+
+class ScrapeSource:
+    name = "scrape"
+
+    def __init__(self, timeout: float = 2.0, port: int = ENGINE_PORT) -> None:
+        self.timeout, self.port = timeout, port
+
+    def _scrape(self, ip: str) -> PodSample:
+        try:
+            with urllib.request.urlopen(f"http://{ip}:{self.port}/metrics", timeout=self.timeout) as resp:
+                return parse_metrics_text(resp.read(4 << 20).decode("utf-8", "replace"))
+        except Exception:  # refused, timeout, reset: this pod has no sample
+            return PodSample()
+
+    def read(
+        self, namespace: str, name: str, pods: Sequence[Mapping[str, Any]], window_s: int, stale_after_s: int
+    ) -> Reading:
+        targets = [
+            (str(p["metadata"]["name"]), str((p.get("status") or {}).get("podIP")))
+            for p in pods
+            if (p.get("status") or {}).get("podIP")
+        ]
+        if not targets:
+            return Reading("scrape", True, {})
+        with ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
+            got = list(pool.map(lambda t: self._scrape(t[1]), targets))
+        return Reading("scrape", True, {pod: s for (pod, _), s in zip(targets, got, strict=True)})
+
+
+def source_for(prometheus_url: str | None, selector: str) -> Source:
+    """Prometheus when the operator config names one, else the pods' own /metrics."""
+    if prometheus_url:
+        return PrometheusSource(prometheus_url, selector)
+    return ScrapeSource()

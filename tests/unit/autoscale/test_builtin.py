@@ -1,0 +1,307 @@
+"""The builtin mode's shells on fakes: parsing what sources answer (including garbage), the loop's
+writes (scale subresource only, status.autoscaling only, an Event per change) and its refusals."""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from kubernetes.client.exceptions import ApiException
+
+from toposerve.api.config import OperatorConfig
+from toposerve.autoscale.decision import History
+from toposerve.autoscale.loop import Autoscaler
+from toposerve.autoscale.report import (
+    PodSample,
+    Reading,
+    history_from_status,
+    parse_metrics_text,
+    parse_vector,
+    prometheus_samples,
+)
+from toposerve.autoscale.sources import PrometheusSource, ScrapeSource, source_for
+
+# ---- parsing -----------------------------------------------------------------------------------------
+
+
+def vec(**pods: Any) -> list[dict[str, Any]]:
+    return [{"metric": {"pod": p}, "value": [1700000000.0, v]} for p, v in pods.items()]
+
+
+def test_parse_vector_keeps_finite_numbers_only() -> None:
+    raw = vec(a="0.5", b="NaN", c="+Inf", d="garbage", e=0.25)
+    raw += [
+        {"metric": {}, "value": [0, "1"]},
+        {"value": [0, "1"]},
+        "junk",
+        {"metric": {"pod": "f"}, "value": [1]},
+    ]
+    assert parse_vector(raw) == {"a": 0.5, "e": 0.25}
+    assert parse_vector(None) == {} and parse_vector({"resultType": "vector"}) == {}
+
+
+def test_prometheus_samples_drop_stale_pods() -> None:
+    s = prometheus_samples({"a": 0.5, "b": 0.9}, {"a": 1.0}, {"b": 2.0}, {"a": 995.0, "b": 900.0}, 1000.0, 60)
+    assert s == {"a": PodSample(0.5, 1.0, None)}  # b's newest sample is 100 s old
+    assert prometheus_samples({"a": 0.5}, {}, {}, {}, 1000.0, 60) == {}  # never seen: missing
+
+
+def test_parse_metrics_text_reads_vllm_gauges_and_survives_garbage() -> None:
+    text = (
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        'vllm:kv_cache_usage_perc{model_name="m"} 0.42\n'
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        'vllm:num_requests_waiting{model_name="m"} 3\n'
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{model_name="m"} 7\n'
+        'vllm:gpu_cache_usage_perc{model_name="m"} 0.99\n'
+    )
+    assert parse_metrics_text(text) == PodSample(0.42, 3.0, 7.0)
+    assert parse_metrics_text("vllm:kv_cache_usage_perc NaN\n") == PodSample()
+    assert parse_metrics_text("<html>502 Bad Gateway</html>") == PodSample()
+    assert parse_metrics_text("") == PodSample()
+
+
+def test_history_round_trips_through_status_and_ignores_junk() -> None:
+    status = {"autoscaling": {"recommendations": [{"time": 1.5, "replicas": 3}, {"time": "x", "replicas": 2}, "junk"],
+                              "scaleUps": [{"time": 2, "replicas": 1}], "scaleDowns": None}}  # fmt: skip
+    assert history_from_status(status) == History(((1.5, 3),), ((2.0, 1),), ())
+    assert history_from_status(None) == History()
+
+
+# ---- sources ------------------------------------------------------------------------------------------
+
+
+class FakeProm:
+    def __init__(self, answers: dict[str, Any] | Exception) -> None:
+        self.answers, self.queries = answers, []
+
+    def custom_query(self, query: str) -> Any:
+        self.queries.append(query)
+        if isinstance(self.answers, Exception):
+            raise self.answers
+        for key, value in self.answers.items():
+            if key in query:
+                return value
+        return []
+
+
+SEL = 'namespace="{namespace}",toposerve_io_deployment="{name}"'
+
+
+def test_prometheus_source_queries_per_pod_windowed_means_and_freshness() -> None:
+    import time
+
+    now = time.time()
+    prom = FakeProm({"timestamp(": vec(p1=now - 2, p2=now - 500), "kv_cache": vec(p1="0.8", p2="0.9"),
+                     "waiting": vec(p1="2"), "running": vec(p1="5")})  # fmt: skip
+    r = PrometheusSource("http://prom:9090", SEL, client=prom).read("ns", "llm", [], 30, 60)
+    assert r.ok and r.source == "prometheus http://prom:9090"
+    assert r.pods == {"p1": PodSample(0.8, 2.0, 5.0)}
+    assert (
+        'avg by (pod) (avg_over_time(vllm:kv_cache_usage_perc{namespace="ns",toposerve_io_deployment="llm"}[30s]))'
+        in prom.queries
+    )
+
+
+@pytest.mark.parametrize("error", [ConnectionError("refused"), TimeoutError("slow"), ValueError("not JSON")])
+def test_prometheus_down_slow_or_garbage_is_unavailable_not_an_exception(error: Exception) -> None:
+    r = PrometheusSource("http://prom:9090", SEL, client=FakeProm(error)).read("ns", "llm", [], 30, 60)
+    assert not r.ok and r.pods == {} and type(error).__name__ in r.error
+
+
+def test_scrape_source_marks_unreachable_pods_missing() -> None:
+    pods = [
+        {"metadata": {"name": "a"}, "status": {"podIP": "127.0.0.1"}},
+        {"metadata": {"name": "b"}, "status": {}},
+    ]
+    r = ScrapeSource(timeout=0.5, port=1).read("ns", "llm", pods, 30, 60)  # port 1: refused
+    assert r.ok and r.pods == {"a": PodSample()}
+    assert source_for(None, SEL).name == "scrape" and source_for("http://p", SEL).name == "prometheus"
+
+
+# ---- the loop -----------------------------------------------------------------------------------------
+
+
+class FakeKube:
+    def __init__(self, body: dict[str, Any], pods: list[dict[str, Any]], conflict: bool = False) -> None:
+        self.body, self.pods, self.conflict = body, pods, conflict
+        self.scales: list[tuple[str, Any]] = []
+        self.statuses: list[dict[str, Any]] = []
+        self.events: list[tuple[str, str, bool]] = []
+
+    def list(
+        self, api_version: str, kind: str, ns: str | None, selector: str | None = None
+    ) -> list[dict[str, Any]]:
+        if kind == "LLMDeployment":
+            return [self.body]
+        assert selector == "toposerve.io/deployment=llm,app.kubernetes.io/component=engine"
+        return self.pods
+
+    def request(
+        self, method: str, url: str, body: Any = None, content_type: str = "", query: Any = None
+    ) -> Any:
+        assert method == "PATCH" and url.endswith("/llmdeployments/llm/scale")
+        assert content_type == "application/merge-patch+json"
+        if self.conflict:
+            raise ApiException(status=409, reason="Conflict")
+        self.scales.append((url, body))
+        self.body["spec"]["replicas"] = body["spec"]["replicas"]
+        return {}
+
+    def patch_status(self, api_version: str, kind: str, ns: str, name: str, status: dict[str, Any]) -> None:
+        assert set(status) == {"autoscaling"}  # nothing else of status, never spec
+        self.statuses.append(status)
+        self.body["status"] = {**self.body.get("status", {}), **status}
+
+    def event(self, involved: Any, reason: str, message: str, warning: bool = False) -> None:
+        self.events.append((reason, message, warning))
+
+
+class FakeSource:
+    name = "fake"
+
+    def __init__(self, kv: float | None, ok: bool = True) -> None:
+        self.kv, self.ok = kv, ok
+
+    def read(self, namespace: str, name: str, pods: Any, window_s: int, stale_after_s: int) -> Reading:
+        samples = {p["metadata"]["name"]: PodSample(self.kv, 0.0, 1.0) for p in pods}
+        return Reading("fake", self.ok, samples if self.ok else {}, "" if self.ok else "down")
+
+
+T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC).timestamp()
+
+
+def pod(name: str, ready: bool = True) -> dict[str, Any]:
+    return {"metadata": {"name": name, "creationTimestamp": "2026-12-01T10:00:00Z"},
+            "status": {"podIP": "10.244.0.9", "conditions": [{"type": "Ready", "status": str(ready)}]}}  # fmt: skip
+
+
+def llmd(replicas: int, **auto: Any) -> dict[str, Any]:
+    a = {"enabled": True, "minReplicas": 1, "maxReplicas": 6, "syncPeriodSeconds": 10,
+         "scaleUp": {"stabilizationWindowSeconds": 0}, "scaleDown": {"stabilizationWindowSeconds": 30}, **auto}  # fmt: skip
+    return {"apiVersion": "toposerve.io/v1alpha1", "kind": "LLMDeployment",
+            "metadata": {"name": "llm", "namespace": "ns", "uid": "u", "resourceVersion": "42"},
+            "spec": {"model": {"name": "Qwen/Qwen2.5-0.5B-Instruct"}, "replicas": replicas, "autoscaling": a}}  # fmt: skip
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = T0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def scaler(kube: FakeKube, source: FakeSource, clock: Clock) -> Autoscaler:
+    return Autoscaler(kube, OperatorConfig(), source=source, clock=clock)  # type: ignore[arg-type]
+
+
+def test_scale_up_goes_through_the_scale_subresource_with_an_event_and_status() -> None:
+    kube, clock = FakeKube(llmd(2), [pod("a"), pod("b")]), Clock()
+    a = scaler(kube, FakeSource(0.95), clock)
+    # a fresh loop waits its (zero-length) up window; the first pass scales at once
+    (d,) = a.run_once([])
+    assert (d.current, d.desired) == (2, 3)
+    assert kube.scales == [
+        (kube.scales[0][0], {"metadata": {"resourceVersion": "42"}, "spec": {"replicas": 3}})
+    ]
+    ((reason, msg, warning),) = kube.events
+    assert reason == "ScaledUp" and "spec.replicas 2 -> 3" in msg and "kv-cache 0.95" in msg and not warning
+    st = kube.statuses[-1]["autoscaling"]
+    assert (st["mode"], st["source"], st["desiredReplicas"], st["reason"]) == (
+        "builtin",
+        "fake",
+        3,
+        "ScaleUp",
+    )
+    assert st["inputs"]["kvCacheUtilization"] == 0.95 and st["inputs"]["readyReplicas"] == 2
+    assert st["lastScaleTime"] == "2026-12-01T12:00:00Z" and st["floorSource"] == "minReplicas"
+
+
+def test_sync_period_is_respected() -> None:
+    kube, clock = FakeKube(llmd(2), [pod("a"), pod("b")]), Clock()
+    a = scaler(kube, FakeSource(0.7), clock)
+    assert len(a.run_once([])) == 1
+    clock.t += 5
+    assert a.run_once([]) == []
+    clock.t += 5
+    assert len(a.run_once([])) == 1
+
+
+def test_scale_down_waits_for_the_window_then_steps() -> None:
+    kube, clock = FakeKube(llmd(3), [pod("a"), pod("b"), pod("c")]), Clock()
+    a = scaler(kube, FakeSource(0.05), clock)
+    seen = []
+    for _ in range(8):
+        (d,) = a.run_once([])
+        seen.append(d.desired)
+        clock.t += 10
+    assert seen[:3] == [3, 3, 3]  # the 30 s down window (a fresh loop seeds it with the current count)
+    assert seen[3] == 1  # then straight to min (Kubernetes' default down policy: 100% per 15 s)
+    assert [e[0] for e in kube.events] == ["ScaledDown"]
+
+
+def test_missing_metrics_hold_and_say_so() -> None:
+    kube, clock = FakeKube(llmd(3), [pod("a"), pod("b"), pod("c")]), Clock()
+    a = scaler(kube, FakeSource(None, ok=False), clock)
+    for _ in range(6):
+        (d,) = a.run_once([])
+        clock.t += 10
+    assert d.desired == 3 and kube.scales == [] and kube.events == []
+    st = kube.statuses[-1]["autoscaling"]
+    assert st["reason"] == "MetricsUnavailable" and st["metricsAvailable"] is False
+    assert st["source"] == "fake (unavailable: down)"
+
+
+def test_a_conflict_is_not_overwritten_blind() -> None:
+    kube, clock = FakeKube(llmd(2), [pod("a"), pod("b")], conflict=True), Clock()
+    (d,) = scaler(kube, FakeSource(0.95), clock).run_once([])
+    assert d.desired == 3 and kube.scales == [] and kube.events == [] and kube.statuses == []
+
+
+def test_kubectl_scale_is_overridden_and_an_event_says_why() -> None:
+    kube, clock = FakeKube(llmd(2), [pod("a"), pod("b")]), Clock()
+    a = scaler(kube, FakeSource(0.7), clock)
+    a.run_once([])
+    kube.body["spec"]["replicas"] = 6  # kubectl scale --replicas=6
+    kube.body["metadata"]["resourceVersion"] = "43"
+    clock.t += 10
+    a.run_once([])
+    reasons = [e[0] for e in kube.events]
+    assert reasons[0] == "ReplicasOverridden" and kube.events[0][2] is True
+    assert "set to 6 outside the autoscaler (it had set 2)" in kube.events[0][1]
+
+
+@pytest.mark.parametrize("auto", [{"enabled": False}, {"mode": "hpa"}, {"mode": "keda"}, {"mode": "off"}])
+def test_only_builtin_mode_is_acted_on(auto: dict[str, Any]) -> None:
+    kube = FakeKube(llmd(2, **auto), [pod("a")])
+    assert scaler(kube, FakeSource(1.0), Clock()).run_once([]) == []
+    assert kube.scales == kube.statuses == kube.events == []  # type: ignore[comparison-overlap]
+
+
+def test_invalid_spec_is_left_to_the_reconcile() -> None:
+    body = llmd(2)
+    body["spec"]["autoscaling"]["minReplicas"] = 9
+    kube = FakeKube(body, [pod("a")])
+    assert scaler(kube, FakeSource(1.0), Clock()).run_once([]) == []
+
+
+def test_starting_pods_count_as_capacity_on_the_way() -> None:
+    kube, clock = (
+        FakeKube(llmd(4), [pod("a"), pod("b"), pod("c", ready=False), pod("d", ready=False)]),
+        Clock(),
+    )
+    clock.t = datetime(2026, 12, 1, 10, 1, tzinfo=UTC).timestamp()  # the pods are 60 s old
+    (d,) = scaler(kube, FakeSource(0.9), clock).run_once([])
+    assert (d.desired, d.starting) == (4, 2)
+    assert not math.isnan(kube.statuses[-1]["autoscaling"]["inputs"]["kvCacheUtilization"])
+
+
+def test_schedule_floor_raises_and_is_named() -> None:
+    win = {"name": "noon", "start": "11:00", "end": "13:00", "minReplicas": 4}
+    kube, clock = FakeKube(llmd(2, schedules=[win]), [pod("a"), pod("b")]), Clock()
+    (d,) = scaler(kube, FakeSource(0.7), clock).run_once([])
+    assert (d.desired, d.reason, d.floor_source) == (4, "BelowFloor", "schedule/noon")
