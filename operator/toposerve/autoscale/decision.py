@@ -401,6 +401,10 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
             limited or "Limited",
             f"recommendation {recommendation} limited by {limited or 'policy'}",
         )
+    elif proposal < recommendation:
+        reason, msg = "AtFloor", f"metrics ask for {proposal}; the floor is {floor} ({floor_source})"
+    elif proposal > recommendation:
+        reason, msg = "AtMax", f"metrics ask for {proposal}; maxReplicas is {cfg.max_replicas}"
     else:
         reason, msg = "WithinTolerance", "metrics within tolerance of their targets"
     if not metrics_ok:

@@ -141,6 +141,8 @@ S = [
     ("burst", cfg(), Inputs(T, 2, ready(2, 1.0)), (3, "ScaleUp")),
     ("within tolerance", cfg(), Inputs(T, 3, ready(3, 0.74)), (3, "WithinTolerance")),
     ("idle scales down to min", cfg(min_replicas=2), Inputs(T, 6, ready(6, 0.05)), (2, "ScaleDown")),
+    ("idle at min says so", cfg(min_replicas=2), Inputs(T, 2, ready(2, 0.05)), (2, "AtFloor")),
+    ("overloaded at max says so", cfg(max_replicas=4), Inputs(T, 4, ready(4, 1.0)), (4, "AtMax")),
     ("max bounds the burst", cfg(max_replicas=4), Inputs(T, 3, ready(3, 1.0)), (4, "ScaleUp")),
     ("above max comes down to max", cfg(max_replicas=4), Inputs(T, 7, ready(7, 1.0)), (4, "AboveMax")),
     ("below min goes to min", cfg(min_replicas=3), Inputs(T, 1, ready(1, 0.0)), (3, "BelowFloor")),

@@ -1,0 +1,208 @@
+"""The builtin autoscaler on the real local cluster: the real Prometheus scrapes mock engines,
+concurrent long requests through the router fill their KV cache, the operator raises
+spec.replicas through the scale subresource (new engines get traffic), and once the load stops it
+comes back to minReplicas after the scale-down window, without flapping, saying so in
+status.autoscaling and in Events. Windows are shortened through the spec; nothing is timed."""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import json
+import random
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cluster.conftest import Cluster, kubectl, wait_for
+from tests.cluster.operator_harness import Operator, apply, events, get_llmd, install_crd, wait_condition
+
+pytestmark = pytest.mark.cluster
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+@pytest.fixture
+def scaling_operator(cluster: Cluster, tmp_path: Path) -> Any:
+    install_crd(cluster)
+    config = tmp_path / "operator.yaml"
+    config.write_text(yaml.safe_dump({"prometheusUrl": cluster.prometheus_url}))
+    op = Operator(cluster, tmp_path / "operator.log", "--config", str(config), "--resync", "30")
+    op.start()
+    yield op
+    op.stop()
+    print(f"--- operator log (last lines)\n{op.tail(60)}")
+
+
+def manifest(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "toposerve.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": MODEL, "maxContextLength": 4096},
+            "engine": "mock",
+            "replicas": 1,
+            "placement": {"gpuTypes": ["L4"]},
+            # A small KV cache (about 40k tokens on an L4) that a few long requests fill.
+            "serving": {"gpuMemoryUtilization": 0.15},
+            "routing": {"replicas": 1},
+            "autoscaling": {
+                "enabled": True,
+                "minReplicas": 1,
+                "maxReplicas": 3,
+                "targetKVCacheUtilization": 0.4,
+                "syncPeriodSeconds": 2,
+                "metricsWindowSeconds": 6,
+                "staleAfterSeconds": 20,
+                "startupGraceSeconds": 60,
+                "scaleUp": {
+                    "stabilizationWindowSeconds": 0,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 5}],
+                },
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 20,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 5}],
+                },
+            },
+        },
+    }
+
+
+def ips(cluster: Cluster, namespace: str, service: str) -> list[str]:
+    slices = cluster.discovery.list_namespaced_endpoint_slice(
+        namespace, label_selector=f"kubernetes.io/service-name={service}"
+    ).items
+    return [
+        a
+        for s in slices
+        for e in s.endpoints or []
+        if e.conditions and e.conditions.ready
+        for a in e.addresses
+    ]
+
+
+def served(ip: str) -> float:
+    """Requests an engine has taken (finished or running), from its own metrics."""
+    with _NO_PROXY.open(f"http://{ip}:8000/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("vllm:request_success_total", "vllm:num_requests_running"))
+    )
+
+
+class Load:
+    """Concurrent long chat requests with unique prompts (no prefix-cache sharing) until stopped."""
+
+    def __init__(self, url: str, workers: int = 16, prompt_tokens: int = 2000, max_tokens: int = 300) -> None:
+        self.url, self.workers, self.prompt_tokens, self.max_tokens = url, workers, prompt_tokens, max_tokens
+        self.stop = threading.Event()
+        self.ok = self.failed = 0
+        self._pool = cf.ThreadPoolExecutor(workers)
+
+    def _one(self, rng: random.Random) -> None:
+        words = " ".join(f"w{rng.randrange(10**9)}" for _ in range(self.prompt_tokens))
+        body = json.dumps({"model": MODEL, "max_tokens": self.max_tokens,
+                           "messages": [{"role": "user", "content": words}]}).encode()  # fmt: skip
+        req = urllib.request.Request(
+            f"{self.url}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+        )
+        try:
+            with _NO_PROXY.open(req, timeout=300) as r:
+                r.read()
+            self.ok += 1
+        except Exception:
+            self.failed += 1
+
+    def _worker(self, seed: int) -> None:
+        rng = random.Random(seed)
+        while not self.stop.is_set():
+            self._one(rng)
+
+    def __enter__(self) -> Load:
+        for i in range(self.workers):
+            self._pool.submit(self._worker, i)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self._pool.shutdown(wait=True)
+
+
+def scale_writers(obj: dict[str, Any]) -> list[tuple[str, str]]:
+    """(manager, subresource) of every managedFields entry that owns spec.replicas."""
+    out = []
+    for m in obj["metadata"].get("managedFields") or []:
+        if "f:replicas" in ((m.get("fieldsV1") or {}).get("f:spec") or {}):
+            out.append((m.get("manager", ""), m.get("subresource", "")))
+    return out
+
+
+def test_builtin_autoscaler_scales_on_kv_cache_through_prometheus(
+    cluster: Cluster, namespace: str, scaling_operator: Operator
+) -> None:
+    name = "kvscale"
+    assert apply(cluster, namespace, manifest(name)).returncode == 0
+    wait_condition(cluster, namespace, name, "Ready", "True", timeout=180)
+
+    def autoscaling() -> dict[str, Any] | None:
+        st = (get_llmd(cluster, namespace, name).get("status") or {}).get("autoscaling")
+        return st if st and st.get("metricsAvailable") else None
+
+    st = wait_for(autoscaling, "status.autoscaling with fresh metrics from Prometheus", timeout=120)
+    assert st["source"] == f"prometheus {cluster.prometheus_url}"
+    assert st["mode"] == "builtin" and st["desiredReplicas"] == 1 and st["floorSource"] == "minReplicas"
+
+    router = wait_for(lambda: (r := ips(cluster, namespace, name)) and r[0], "a ready router")
+    with Load(f"http://{router}:8080") as load:
+
+        def scaled_up() -> dict[str, Any] | None:
+            obj = get_llmd(cluster, namespace, name)
+            return obj if obj["spec"]["replicas"] >= 2 else None
+
+        obj = wait_for(scaled_up, "spec.replicas raised by the autoscaler", timeout=240, every=1)
+        # Written through the scale subresource by the autoscaler's field manager, nothing else.
+        assert ("toposerve-autoscaler", "scale") in scale_writers(obj), scale_writers(obj)
+        st = obj["status"]["autoscaling"]
+        assert st["source"] == f"prometheus {cluster.prometheus_url}"
+        up = [e for e in events(cluster, namespace, name) if e["reason"] == "ScaledUp"]
+        assert up and "kv-cache" in up[0]["message"], up
+        # The new engines become ready and the router sends them traffic.
+        engines = wait_for(
+            lambda: (e := ips(cluster, namespace, f"{name}-engine")) and len(e) >= 2 and e,
+            "two ready engines",
+            timeout=180,
+        )
+        wait_for(
+            lambda: all(served(ip) > 0 for ip in engines), "traffic on every engine", timeout=120, every=1
+        )
+        peak = get_llmd(cluster, namespace, name)["spec"]["replicas"]
+    assert load.ok > 0, (load.ok, load.failed)
+
+    def back_to_min() -> dict[str, Any] | None:
+        obj = get_llmd(cluster, namespace, name)
+        return obj if obj["spec"]["replicas"] == 1 else None
+
+    obj = wait_for(back_to_min, "spec.replicas back to minReplicas after the load", timeout=300, every=1)
+    st = obj["status"]["autoscaling"]
+    assert st["reason"] in ("ScaleDown", "AtFloor"), st
+    # No flapping: every scale-up came before every scale-down, one pod per step (the policies).
+    scales = sorted(
+        (e for e in events(cluster, namespace, name) if e["reason"] in ("ScaledUp", "ScaledDown")),
+        key=lambda e: (e.get("firstTimestamp") or "", e["metadata"]["creationTimestamp"]),
+    )
+    reasons = [e["reason"] for e in scales]
+    assert reasons == sorted(reasons, key=lambda r: r == "ScaledDown"), reasons
+    assert reasons.count("ScaledUp") == peak - 1 and reasons.count("ScaledDown") == peak - 1, reasons
+    assert not [e for e in events(cluster, namespace, name) if e["reason"] == "ReplicasOverridden"]
+    # The workloads followed spec.replicas (the reconcile resizes them like for any writer).
+    deploy = json.loads(
+        kubectl(cluster, "get", "deployments", "-n", namespace, "-l",
+                f"toposerve.io/deployment={name},app.kubernetes.io/component!=router", "-o", "json").stdout
+    )["items"]  # fmt: skip
+    assert sum(d["spec"]["replicas"] for d in deploy) == 1
