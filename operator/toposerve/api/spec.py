@@ -437,6 +437,27 @@ class ScheduleWindow(_Model):
         return self
 
 
+class ForecastSpec(_Model):
+    """Predictive pre-warm: raise the floor to what the same time of day (or week) needed before."""
+
+    enabled: bool = Field(default=False, description="Forecast from Prometheus history (builtin mode).")
+    period: Literal["daily", "weekly"] = Field(
+        default="daily", description="Compare with the same time of day (daily) or of the weekday (weekly)."
+    )
+    lookback: int = Field(
+        default=7, ge=1, le=60, description="How many past days (daily) or weeks (weekly) to look at."
+    )
+    lead_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        le=86400,
+        description="How far ahead to forecast; default: startupGraceSeconds (one start-up time ahead).",
+    )
+    window_seconds: int = Field(
+        default=900, ge=60, le=7200, description="Width of each past slice that is averaged."
+    )
+
+
 AutoscalingMode = Literal["builtin", "hpa", "keda", "off"]
 
 
@@ -512,6 +533,11 @@ class AutoscalingSpec(_Model):
         description="Recurring windows that raise the floor (builtin and keda modes).",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
     )
+    forecast: ForecastSpec = Field(
+        default_factory=ForecastSpec,
+        description="Predictive pre-warm from Prometheus history (builtin mode with a Prometheus).",
+        json_schema_extra={"default": {}},
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -536,6 +562,12 @@ class AutoscalingSpec(_Model):
                     "rule": "!has(self.mode) || self.mode != 'hpa' || !has(self.schedules) || size(self.schedules) == 0",
                     "message": "schedules need mode builtin or keda (an HPA has no schedules)",
                     "fieldPath": ".schedules",
+                },
+                {
+                    "rule": "!has(self.mode) || !(self.mode in ['hpa', 'keda']) || !has(self.forecast) || "
+                    "!has(self.forecast.enabled) || !self.forecast.enabled",
+                    "message": "forecast needs mode builtin",
+                    "fieldPath": ".forecast",
                 },
                 {
                     "rule": "!has(self.mode) || self.mode != 'hpa' || !has(self.minReplicas) || self.minReplicas >= 1",
@@ -567,6 +599,8 @@ class AutoscalingSpec(_Model):
             raise ValueError("schedules need mode builtin or keda (an HPA has no schedules)")
         if self.mode == "hpa" and self.min_replicas < 1:
             raise ValueError("mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)")
+        if self.mode in ("hpa", "keda") and self.forecast.enabled:
+            raise ValueError("forecast needs mode builtin")
         if self.mode in ("hpa", "keda") and self.warm_standby:
             raise ValueError("warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)")
         return self

@@ -26,10 +26,12 @@ from toposerve import API_GROUP, API_VERSION
 from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
+from toposerve.api.spec import AutoscalingSpec
 from toposerve.autoscale.decision import Config, Decision, Inputs, decide
+from toposerve.autoscale.forecast import demand_floor
 from toposerve.autoscale.report import event_of, history_from_status, replicas, status_of
 from toposerve.autoscale.schedule import schedule_floor
-from toposerve.autoscale.sources import Source, source_for
+from toposerve.autoscale.sources import PrometheusSource, Source, source_for
 from toposerve.controller.kube import Kube, path
 from toposerve.controller.observe import parse_time
 from toposerve.render.objects import LABEL_COMPONENT, LABEL_DEPLOYMENT
@@ -37,6 +39,8 @@ from toposerve.render.objects import LABEL_COMPONENT, LABEL_DEPLOYMENT
 log = logging.getLogger("toposerve.autoscaler")
 API = f"{API_GROUP}/{API_VERSION}"
 TICK_SECONDS = 1.0
+FORECAST_REFRESH_SECONDS = 300.0  # history changes slowly: one pair of range queries per 5 minutes
+PERIOD_SECONDS = {"daily": 86400.0, "weekly": 7 * 86400.0}
 
 
 def _rfc3339(t: float) -> str:
@@ -54,6 +58,7 @@ class Autoscaler:
         self.kube, self.config, self.clock = kube, config, clock
         self.source = source or source_for(config.prometheus_url, config.prometheus_selector)
         self._last: dict[tuple[str, str], float] = {}
+        self._forecast: dict[tuple[str, str], tuple[float, int | None]] = {}  # key -> (when, floor)
 
     def run_once(self, namespaces: Sequence[str]) -> list[Decision]:
         """Decide for every builtin-mode LLMDeployment whose sync period has passed."""
@@ -107,6 +112,7 @@ class Autoscaler:
         floor, window = schedule_floor(a.schedules, datetime.fromtimestamp(now, UTC))
         status = body.get("status") or {}
         current = spec.replicas
+        forecast = self._forecast_floor(ns, name, a, now)
         inputs = Inputs(
             now=now,
             current=current,
@@ -114,6 +120,7 @@ class Autoscaler:
             source_ok=reading.ok,
             schedule_floor=floor,
             schedule_name=window,
+            forecast_floor=forecast or 0,
         )
         d = decide(Config.from_spec(a), inputs, history_from_status(status))
         self._note_override(body, status, current)
@@ -128,9 +135,33 @@ class Autoscaler:
             "LLMDeployment",
             ns,
             name,
-            {"autoscaling": status_of(d, reading, "builtin", _rfc3339(now), status)},
+            {"autoscaling": status_of(d, reading, "builtin", _rfc3339(now), status, forecast=forecast)},
         )
         return d
+
+    def _forecast_floor(self, ns: str, name: str, a: AutoscalingSpec, now: float) -> int | None:
+        """The forecast floor, refreshed every few minutes; None when off or without history
+        (the pods' /metrics have none; a failed query keeps the last known value a while)."""
+        if not a.forecast.enabled or not isinstance(self.source, PrometheusSource):
+            return None
+        key = (ns, name)
+        cached = self._forecast.get(key)
+        if cached and now - cached[0] < FORECAST_REFRESH_SECONDS:
+            return cached[1]
+        f = a.forecast
+        lead = float(a.startup_grace_seconds if f.lead_seconds is None else f.lead_seconds)
+        try:
+            kv, waiting = self.source.history(
+                ns, name, now, lead, PERIOD_SECONDS[f.period], f.lookback, f.window_seconds
+            )
+        except Exception as e:
+            log.warning("forecast for %s/%s failed: %s", ns, name, e)
+            return cached[1] if cached else None
+        value = demand_floor(
+            kv, waiting, a.target_kv_cache_utilization, a.target_waiting_requests, a.max_replicas
+        )
+        self._forecast[key] = (now, value)
+        return value
 
     def _note_override(self, body: Mapping[str, Any], status: Mapping[str, Any], current: int) -> None:
         """Say so when spec.replicas moved outside the autoscaler (kubectl scale, a GitOps sync)."""

@@ -61,6 +61,19 @@ def parse_vector(result: Any, label: str = "pod") -> dict[str, float]:
     return out
 
 
+def parse_matrix(result: Any) -> list[float]:
+    """A range-query result ([{metric, values: [[t, "v"], ...]}]) -> every finite value, in order."""
+    out: list[float] = []
+    if not isinstance(result, list):
+        return out
+    for item in result:
+        values = item.get("values") if isinstance(item, dict) else None
+        for pair in values if isinstance(values, list) else []:
+            if isinstance(pair, list | tuple) and len(pair) == 2 and (x := _number(pair[1])) is not None:
+                out.append(x)
+    return out
+
+
 def prometheus_samples(
     kv: Mapping[str, float],
     waiting: Mapping[str, float],
@@ -162,6 +175,7 @@ def status_of(
     now_rfc3339: str,
     previous: Mapping[str, Any] | None,
     held_requests: int = 0,
+    forecast: int | None = None,
 ) -> dict[str, Any]:
     """status.autoscaling for a decision (camelCase, as the CRD's status schema has it)."""
     prev = (previous or {}).get("autoscaling") or {}
@@ -177,6 +191,7 @@ def status_of(
         "message": d.message,
         "floor": d.floor,
         "floorSource": d.floor_source,
+        "forecast": forecast,
         "inputs": {
             "kvCacheUtilization": _round(d.kv),
             "waitingRequests": _round(d.waiting),

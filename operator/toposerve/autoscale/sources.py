@@ -16,12 +16,15 @@ import time
 import urllib.request
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any, Protocol
 
 from toposerve.autoscale import promql
+from toposerve.autoscale.forecast import slice_times
 from toposerve.autoscale.report import (
     PodSample,
     Reading,
+    parse_matrix,
     parse_metrics_text,
     parse_vector,
     prometheus_samples,
@@ -66,6 +69,31 @@ class PrometheusSource:
             return Reading(f"prometheus {self.url}", False, {}, f"{type(e).__name__}: {e}"[:300])
         samples = prometheus_samples(kv, waiting, running, seen, now, stale_after_s)
         return Reading(f"prometheus {self.url}", True, samples)
+
+    def history(
+        self,
+        namespace: str,
+        name: str,
+        now: float,
+        lead_s: float,
+        period_s: float,
+        lookback: int,
+        window_s: int,
+    ) -> tuple[list[float], list[float]]:
+        """(KV usage sums, waiting sums) at ``now + lead - k x period`` for the last ``lookback``
+        periods: one range query per metric, stepping a whole period. Raises when Prometheus does."""
+        sel = promql.selector(self.selector, namespace, name)
+        start, end = slice_times(now, lead_s, period_s, lookback)
+        out: list[list[float]] = []
+        for metric in (promql.KV, promql.WAITING):
+            result = self._prom().custom_query_range(
+                promql.total(metric, sel, window_s),
+                start_time=datetime.fromtimestamp(start, UTC),
+                end_time=datetime.fromtimestamp(end, UTC),
+                step=f"{int(period_s)}s",
+            )
+            out.append(parse_matrix(result))
+        return out[0], out[1]
 
 
 class ScrapeSource:

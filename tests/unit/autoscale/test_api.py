@@ -42,6 +42,8 @@ BAD = [
     ({"enabled": True, "mode": "hpa", "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 1}]},
      "spec.autoscaling", "schedules need mode builtin or keda"),
     ({"enabled": True, "mode": "hpa", "minReplicas": 0}, "spec.autoscaling", "mode hpa needs minReplicas >= 1"),
+    ({"enabled": True, "mode": "keda", "forecast": {"enabled": True}}, "spec.autoscaling", "forecast needs mode builtin"),
+    ({"enabled": True, "forecast": {"period": "hourly"}}, "spec.autoscaling.forecast.period", "Input should be"),
     ({"enabled": True, "mode": "keda", "warmStandby": 1}, "spec.autoscaling", "warmStandby needs mode builtin"),
     ({"enabled": True, "schedules": [{"name": "a", "start": "8:00", "end": "18:00", "minReplicas": 1}]},
      "spec.autoscaling.schedules[0].start", "should match pattern"),

@@ -305,3 +305,58 @@ def test_schedule_floor_raises_and_is_named() -> None:
     kube, clock = FakeKube(llmd(2, schedules=[win]), [pod("a"), pod("b")]), Clock()
     (d,) = scaler(kube, FakeSource(0.7), clock).run_once([])
     assert (d.desired, d.reason, d.floor_source) == (4, "BelowFloor", "schedule/noon")
+
+
+# ---- forecast ------------------------------------------------------------------------------------------
+
+
+def test_demand_floor_takes_the_busiest_comparable_slice() -> None:
+    from toposerve.autoscale.forecast import demand_floor, slice_times
+
+    assert demand_floor([0.6, 2.1, 1.4], [0.0, 3.0], 0.7, 4.0, 10) == 3  # ceil(2.1 / 0.7) = 3
+    assert demand_floor([0.5], [20.0], 0.7, 4.0, 10) == 5  # the queue says more
+    assert demand_floor([9.0], [], 0.5, 4.0, 6) == 6  # never above max
+    assert demand_floor([], [], 0.7, 4.0, 10) == 0
+    assert demand_floor([math.nan, -1.0, math.inf], [], 0.7, 4.0, 10) == 0
+    assert slice_times(1000.0, 60.0, 100.0, 3) == (760.0, 960.0)
+
+
+def test_prometheus_history_is_one_range_query_per_metric_stepping_a_period() -> None:
+    class RangeProm(FakeProm):
+        def custom_query_range(self, query: str, start_time: Any, end_time: Any, step: str) -> Any:
+            self.queries.append((query, start_time.timestamp(), end_time.timestamp(), step))
+            v = "1.4" if "kv_cache" in query else "NaN"
+            return [{"metric": {}, "values": [[start_time.timestamp(), v], [end_time.timestamp(), "0.7"]]}]
+
+    prom = RangeProm({})
+    kv, waiting = PrometheusSource("http://p", SEL, client=prom).history("ns", "llm", 1e6, 600, 86400, 7, 900)
+    assert kv == [1.4, 0.7] and waiting == [0.7]
+    (q, start, end, step), _ = prom.queries
+    assert step == "86400s" and start == 1e6 + 600 - 7 * 86400 and end == 1e6 + 600 - 86400
+    assert "[900s]" in q and q.startswith("sum(avg_over_time(vllm:kv_cache_usage_perc")
+
+
+def test_the_loop_raises_the_floor_to_the_forecast_and_reports_it() -> None:
+    class HistorySource(PrometheusSource):
+        def __init__(self) -> None:
+            super().__init__("http://p", SEL, client=object())
+            self.calls = 0
+
+        def read(self, namespace: str, name: str, pods: Any, window_s: int, stale_after_s: int) -> Reading:
+            return Reading(
+                "prometheus http://p", True, {p["metadata"]["name"]: PodSample(0.7, 0, 1) for p in pods}
+            )
+
+        def history(self, *a: Any) -> tuple[list[float], list[float]]:
+            self.calls += 1
+            return [2.0, 2.7], []
+
+    body = llmd(2, forecast={"enabled": True, "lookback": 3})
+    kube, clock, src = FakeKube(body, [pod("a"), pod("b")]), Clock(), HistorySource()
+    a = Autoscaler(kube, OperatorConfig(), source=src, clock=clock)  # type: ignore[arg-type]
+    (d,) = a.run_once([])
+    assert (d.desired, d.reason, d.floor_source) == (4, "BelowFloor", "forecast")  # ceil(2.7 / 0.7)
+    assert kube.statuses[-1]["autoscaling"]["forecast"] == 4
+    clock.t += 10
+    a.run_once([])
+    assert src.calls == 1  # cached between refreshes
