@@ -166,6 +166,9 @@ def test_builtin_autoscaler_scales_on_kv_cache_through_prometheus(
             return obj if obj["spec"]["replicas"] >= 2 else None
 
         obj = wait_for(scaled_up, "spec.replicas raised by the autoscaler", timeout=240, every=1)
+        # The operator dies mid scale-up and comes back: the loop resumes from status.autoscaling.
+        scaling_operator.kill()
+        scaling_operator.start()
         # Written through the scale subresource by the autoscaler's field manager, nothing else.
         assert ("toposerve-autoscaler", "scale") in scale_writers(obj), scale_writers(obj)
         st = obj["status"]["autoscaling"]
@@ -206,3 +209,67 @@ def test_builtin_autoscaler_scales_on_kv_cache_through_prometheus(
                 f"toposerve.io/deployment={name},app.kubernetes.io/component!=router", "-o", "json").stdout
     )["items"]  # fmt: skip
     assert sum(d["spec"]["replicas"] for d in deploy) == 1
+    # kubectl scale while builtin autoscaling is on: overridden, and a Warning Event says why.
+    kubectl(cluster, "scale", f"llmd/{name}", "-n", namespace, "--replicas=3")
+
+    def overridden() -> list[dict[str, Any]] | None:
+        return [e for e in events(cluster, namespace, name) if e["reason"] == "ReplicasOverridden"] or None
+
+    e = wait_for(overridden, "a ReplicasOverridden Event", timeout=60)[0]
+    assert e["type"] == "Warning" and "set to 3 outside the autoscaler" in e["message"]
+    wait_for(back_to_min, "spec.replicas back to minReplicas after kubectl scale", timeout=180, every=1)
+
+
+def test_hpa_and_keda_modes_render_children_the_real_cluster_accepts(
+    cluster: Cluster, namespace: str, scaling_operator: Operator
+) -> None:
+    """hpa: the real HPA controller (kube-controller-manager) reads the LLMDeployment's scale
+    subresource through the rendered HPA; keda: the ScaledObject is accepted by KEDA v2.21.0's CRD
+    (installed from the vendored file; KEDA's operator itself is not run here); switching modes
+    prunes the previous autoscaler."""
+    crd = Path(__file__).resolve().parents[1] / "unit" / "schemas" / "keda-v2.21.0-scaledobjects.yaml"
+    kubectl(cluster, "apply", "--server-side", "-f", str(crd))
+    kubectl(cluster, "wait", "--for=condition=Established", "crd/scaledobjects.keda.sh", "--timeout=60s")
+    try:
+        name = "hpamode"
+        m = manifest(name)
+        m["spec"]["autoscaling"]["mode"] = "hpa"
+        assert apply(cluster, namespace, m).returncode == 0
+
+        def hpa_condition() -> dict[str, Any] | None:
+            res = kubectl(cluster, "get", "hpa", name, "-n", namespace, "-o", "json", check=False)
+            if res.returncode != 0:
+                return None
+            conds = {c["type"]: c for c in json.loads(res.stdout).get("status", {}).get("conditions") or []}
+            return conds if "AbleToScale" in conds else None
+
+        conds = wait_for(hpa_condition, "the HPA controller's conditions on the rendered HPA", timeout=180)
+        assert conds["AbleToScale"]["status"] == "True", conds  # it read .../llmdeployments/<name>/scale
+        assert conds["AbleToScale"]["reason"] == "SucceededGetScale", conds
+        # No custom metrics adapter runs here: the controller says so instead of scaling.
+        assert conds["ScalingActive"]["status"] == "False", conds
+        m["spec"]["autoscaling"]["mode"] = "keda"
+        assert apply(cluster, namespace, m).returncode == 0
+
+        def switched() -> dict[str, Any] | None:
+            so = kubectl(
+                cluster, "get", "scaledobjects.keda.sh", name, "-n", namespace, "-o", "json", check=False
+            )
+            hpa = kubectl(cluster, "get", "hpa", name, "-n", namespace, check=False)
+            return json.loads(so.stdout) if so.returncode == 0 and hpa.returncode != 0 else None
+
+        so = wait_for(switched, "the ScaledObject applied and the HPA pruned", timeout=120)
+        assert so["spec"]["scaleTargetRef"]["kind"] == "LLMDeployment"
+        assert so["spec"]["triggers"][0]["metadata"]["serverAddress"] == cluster.prometheus_url
+        m["spec"]["autoscaling"]["mode"] = "builtin"
+        assert apply(cluster, namespace, m).returncode == 0
+
+        def pruned() -> bool:
+            res = kubectl(cluster, "get", "scaledobjects.keda.sh", "-n", namespace, "-o", "json")
+            return not json.loads(res.stdout)["items"]
+
+        wait_for(pruned, "the ScaledObject pruned in builtin mode", timeout=120)
+        wait_for(lambda: (get_llmd(cluster, namespace, name).get("status") or {}).get("autoscaling"),
+                 "status.autoscaling from the builtin loop", timeout=120)  # fmt: skip
+    finally:
+        kubectl(cluster, "delete", "-f", str(crd), "--wait=false", check=False)
