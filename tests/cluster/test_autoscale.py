@@ -273,3 +273,32 @@ def test_hpa_and_keda_modes_render_children_the_real_cluster_accepts(
                  "status.autoscaling from the builtin loop", timeout=120)  # fmt: skip
     finally:
         kubectl(cluster, "delete", "-f", str(crd), "--wait=false", check=False)
+
+
+def test_scale_from_zero_holds_the_first_request_then_serves_it(
+    cluster: Cluster, namespace: str, scaling_operator: Operator
+) -> None:
+    """minReplicas 0: the router holds a request at zero replicas, the autoscaler sees the held
+    count in Prometheus and scales 0 -> 1, and the held request is served by the new replica."""
+    name = "fromzero"
+    m = manifest(name)
+    m["spec"]["replicas"] = 0
+    m["spec"]["autoscaling"].update({"minReplicas": 0, "maxReplicas": 1, "startupGraceSeconds": 90})
+    assert apply(cluster, namespace, m).returncode == 0
+    wait_condition(cluster, namespace, name, "Ready", "True", timeout=180)  # ScaledToZero
+    router = wait_for(lambda: (r := ips(cluster, namespace, name)) and r[0], "a ready router", timeout=120)
+    assert get_llmd(cluster, namespace, name)["spec"]["replicas"] == 0
+    body = json.dumps({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "wake up"}]})
+    req = urllib.request.Request(
+        f"http://{router}:8080/v1/chat/completions",
+        data=body.encode(),
+        headers={"content-type": "application/json"},
+    )
+    with _NO_PROXY.open(req, timeout=150) as r:  # held by the router until a replica serves it
+        assert r.status == 200
+        assert json.loads(r.read())["choices"][0]["message"]["content"]
+    obj = get_llmd(cluster, namespace, name)
+    assert obj["spec"]["replicas"] == 1
+    assert ("toposerve-autoscaler", "scale") in scale_writers(obj)
+    (up,) = [e for e in events(cluster, namespace, name) if e["reason"] == "ScaledUp"]
+    assert "spec.replicas 0 -> 1 (ScaleFromZero)" in up["message"], up["message"]

@@ -163,6 +163,12 @@ class OperatorConfig(BaseModel):
         description="PromQL label matchers of one LLMDeployment's engine series; {namespace} and {name} are "
         "filled in. The default fits the usual kubernetes_sd relabelling (pod labels mapped with labelmap).",
     )
+    prometheus_router_selector: str = Field(
+        default='namespace="{namespace}",toposerve_io_deployment="{name}",app_kubernetes_io_component="router"',
+        max_length=1024,
+        description="PromQL label matchers of one LLMDeployment's router series (held requests at zero "
+        "replicas, for scale from zero).",
+    )
     hpa_kv_cache_metric: str = Field(
         alias="hpaKVCacheMetric",
         default="vllm_kv_cache_usage_perc",

@@ -56,7 +56,9 @@ class Autoscaler:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.kube, self.config, self.clock = kube, config, clock
-        self.source = source or source_for(config.prometheus_url, config.prometheus_selector)
+        self.source = source or source_for(
+            config.prometheus_url, config.prometheus_selector, config.prometheus_router_selector
+        )
         self._last: dict[tuple[str, str], float] = {}
         self._forecast: dict[tuple[str, str], tuple[float, int | None]] = {}  # key -> (when, floor)
 
@@ -113,6 +115,12 @@ class Autoscaler:
         status = body.get("status") or {}
         current = spec.replicas
         forecast = self._forecast_floor(ns, name, a, now)
+        held = 0
+        if current == 0:  # scale from zero: what the routers hold is the only demand there is
+            routers = self.kube.list(
+                "v1", "Pod", ns, selector=f"{LABEL_DEPLOYMENT}={name},{LABEL_COMPONENT}=router"
+            )
+            held = self.source.held(ns, name, routers)
         inputs = Inputs(
             now=now,
             current=current,
@@ -121,6 +129,7 @@ class Autoscaler:
             schedule_floor=floor,
             schedule_name=window,
             forecast_floor=forecast or 0,
+            held_requests=held,
         )
         d = decide(Config.from_spec(a), inputs, history_from_status(status))
         self._note_override(body, status, current)
@@ -135,7 +144,11 @@ class Autoscaler:
             "LLMDeployment",
             ns,
             name,
-            {"autoscaling": status_of(d, reading, "builtin", _rfc3339(now), status, forecast=forecast)},
+            {
+                "autoscaling": status_of(
+                    d, reading, "builtin", _rfc3339(now), status, held_requests=held, forecast=forecast
+                )
+            },
         )
         return d
 

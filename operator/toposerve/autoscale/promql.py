@@ -7,6 +7,7 @@ from __future__ import annotations
 KV = "vllm:kv_cache_usage_perc"
 WAITING = "vllm:num_requests_waiting"
 RUNNING = "vllm:num_requests_running"
+HELD = "toposerve_router_held_requests"  # the router's requests held at zero replicas
 
 
 def selector(template: str, namespace: str, name: str) -> str:
@@ -23,3 +24,13 @@ def per_pod(metric: str, sel: str, window_s: int) -> str:
 def total(metric: str, sel: str, window_s: int) -> str:
     """The sum over pods of the smoothed value; 0 when no pod reports (e.g. at zero replicas)."""
     return f"sum(avg_over_time({metric}{{{sel}}}[{window_s}s])) or vector(0)"
+
+
+def held(router_sel: str) -> str:
+    """Requests the deployment's routers hold for a replica to appear; 0 when none report."""
+    return f"sum({HELD}{{{router_sel}}}) or vector(0)"
+
+
+def waiting_or_held(sel: str, router_sel: str, window_s: int) -> str:
+    """Waiting requests on the engines plus those the routers hold: what wakes a deployment at zero."""
+    return f"({total(WAITING, sel, window_s)}) + ({held(router_sel)})"

@@ -61,6 +61,26 @@ def parse_vector(result: Any, label: str = "pod") -> dict[str, float]:
     return out
 
 
+def vector_sum(result: Any) -> float | None:
+    """The sum of an instant vector's finite values (labels ignored); None for no usable value."""
+    values = [x for item in result if isinstance(item, dict) and isinstance(v := item.get("value"), list | tuple)
+              and len(v) == 2 and (x := _number(v[1])) is not None] if isinstance(result, list) else []  # fmt: skip
+    return sum(values) if values else None
+
+
+def parse_metrics_gauge(text: str, name: str) -> float | None:
+    """The sum of one gauge's samples in a /metrics text; None when absent or unparsable."""
+    total: float | None = None
+    try:
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == name and (x := _number(s.value)) is not None:
+                    total = (total or 0.0) + x
+    except Exception:  # malformed text: no value
+        return None
+    return total
+
+
 def parse_matrix(result: Any) -> list[float]:
     """A range-query result ([{metric, values: [[t, "v"], ...]}]) -> every finite value, in order."""
     out: list[float] = []

@@ -25,11 +25,13 @@ from toposerve.autoscale.report import (
     PodSample,
     Reading,
     parse_matrix,
+    parse_metrics_gauge,
     parse_metrics_text,
     parse_vector,
     prometheus_samples,
+    vector_sum,
 )
-from toposerve.render.objects import ENGINE_PORT
+from toposerve.render.objects import ENGINE_PORT, ROUTER_PORT
 
 
 class Source(Protocol):
@@ -39,12 +41,19 @@ class Source(Protocol):
         self, namespace: str, name: str, pods: Sequence[Mapping[str, Any]], window_s: int, stale_after_s: int
     ) -> Reading: ...
 
+    def held(self, namespace: str, name: str, routers: Sequence[Mapping[str, Any]]) -> int:
+        """Requests the deployment's routers hold at zero replicas (0 when unknown)."""
+        ...
+
 
 class PrometheusSource:
     name = "prometheus"
 
-    def __init__(self, url: str, selector: str, timeout: float = 5.0, client: Any = None) -> None:
+    def __init__(
+        self, url: str, selector: str, timeout: float = 5.0, client: Any = None, router_selector: str = ""
+    ) -> None:
         self.url, self.selector, self.timeout = url, selector, timeout
+        self.router_selector = router_selector
         self._client = client
 
     def _prom(self) -> Any:
@@ -69,6 +78,14 @@ class PrometheusSource:
             return Reading(f"prometheus {self.url}", False, {}, f"{type(e).__name__}: {e}"[:300])
         samples = prometheus_samples(kv, waiting, running, seen, now, stale_after_s)
         return Reading(f"prometheus {self.url}", True, samples)
+
+    def held(self, namespace: str, name: str, routers: Sequence[Mapping[str, Any]]) -> int:
+        try:
+            sel = promql.selector(self.router_selector, namespace, name)
+            total = vector_sum(self._prom().custom_query(promql.held(sel)))
+        except Exception:  # unknown is 0: nothing wakes a deployment at zero on a broken answer
+            return 0
+        return max(0, round(total or 0))
 
     def history(
         self,
@@ -102,12 +119,24 @@ class ScrapeSource:
     def __init__(self, timeout: float = 2.0, port: int = ENGINE_PORT) -> None:
         self.timeout, self.port = timeout, port
 
-    def _scrape(self, ip: str) -> PodSample:
+    def _get(self, ip: str, port: int) -> str | None:
         try:
-            with urllib.request.urlopen(f"http://{ip}:{self.port}/metrics", timeout=self.timeout) as resp:
-                return parse_metrics_text(resp.read(4 << 20).decode("utf-8", "replace"))
-        except Exception:  # refused, timeout, reset: this pod has no sample
-            return PodSample()
+            with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=self.timeout) as resp:
+                return str(resp.read(4 << 20).decode("utf-8", "replace"))
+        except Exception:  # refused, timeout, reset: no answer from this pod
+            return None
+
+    def _scrape(self, ip: str) -> PodSample:
+        text = self._get(ip, self.port)
+        return PodSample() if text is None else parse_metrics_text(text)
+
+    def held(self, namespace: str, name: str, routers: Sequence[Mapping[str, Any]]) -> int:
+        total = 0.0
+        for r in routers:
+            ip = (r.get("status") or {}).get("podIP")
+            text = self._get(str(ip), ROUTER_PORT) if ip else None
+            total += (parse_metrics_gauge(text, promql.HELD) or 0.0) if text else 0.0
+        return max(0, round(total))
 
     def read(
         self, namespace: str, name: str, pods: Sequence[Mapping[str, Any]], window_s: int, stale_after_s: int
@@ -124,8 +153,8 @@ class ScrapeSource:
         return Reading("scrape", True, {pod: s for (pod, _), s in zip(targets, got, strict=True)})
 
 
-def source_for(prometheus_url: str | None, selector: str) -> Source:
+def source_for(prometheus_url: str | None, selector: str, router_selector: str = "") -> Source:
     """Prometheus when the operator config names one, else the pods' own /metrics."""
     if prometheus_url:
-        return PrometheusSource(prometheus_url, selector)
+        return PrometheusSource(prometheus_url, selector, router_selector=router_selector)
     return ScrapeSource()

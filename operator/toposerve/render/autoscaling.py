@@ -137,14 +137,16 @@ def render_scaled_object(
     sel = promql.selector(config.prometheus_selector, namespace, name)
     window = a.metrics_window_seconds
 
-    def prometheus(trigger: str, metric: str, threshold: float) -> dict[str, Any]:
+    router_sel = promql.selector(config.prometheus_router_selector, namespace, name)
+
+    def prometheus(trigger: str, query: str, threshold: float) -> dict[str, Any]:
         return {
             "type": "prometheus",
             "name": trigger,
             "metricType": "AverageValue",
             "metadata": {
                 "serverAddress": config.prometheus_url,
-                "query": promql.total(metric, sel, window),
+                "query": query,
                 "threshold": _decimal(threshold),
                 # Active (0 -> 1, and kept above zero) while the value is above this.
                 "activationThreshold": "0",
@@ -152,8 +154,11 @@ def render_scaled_object(
         }
 
     triggers = [
-        prometheus("kv-cache", promql.KV, a.target_kv_cache_utilization),
-        prometheus("waiting-requests", promql.WAITING, a.target_waiting_requests),
+        prometheus("kv-cache", promql.total(promql.KV, sel, window), a.target_kv_cache_utilization),
+        # Held requests count as waiting: at zero replicas they are the only signal there is.
+        prometheus(
+            "waiting-requests", promql.waiting_or_held(sel, router_sel, window), a.target_waiting_requests
+        ),
         *(cron_trigger(w) for w in a.schedules),
     ]
     ctx = _Ctx(

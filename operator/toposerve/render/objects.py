@@ -41,6 +41,7 @@ LABEL_CAPACITY = "toposerve.io/capacity"  # on the on-demand baseline's pods of 
 ANNOTATION_PLAN = "toposerve.io/plan"
 MASTER_PORT = 29500  # torch.distributed rendezvous on the group leader (vLLM --master-port)
 MODELS_DIR = "/models"
+MAX_HOLD_SECONDS = 300
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
@@ -497,6 +498,11 @@ def router_args(name: str, spec: LLMDeploymentSpec) -> list[str]:
         args += ["--long-context-threshold", str(r.long_context_threshold)]
     if not r.gpu_weighting:
         args.append("--no-gpu-weighting")
+    a = spec.autoscaling
+    if a.effective_mode in ("builtin", "keda") and a.min_replicas == 0:
+        # Scale from zero: hold requests while the autoscaler starts a replica (as long as one is
+        # expected to take to load, within what clients are likely to wait).
+        args += ["--hold-at-zero", str(min(a.startup_grace_seconds, MAX_HOLD_SECONDS))]
     return args
 
 

@@ -60,6 +60,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     t.add_argument("--max-queue", type=int, default=1024)
     t.add_argument(
+        "--hold-at-zero",
+        type=float,
+        default=0.0,
+        metavar="S",
+        help="with no replica ready, hold requests this long for one to appear (scale from zero; 0: 503 at once)",
+    )
+    t.add_argument("--max-held", type=int, default=256, help="requests held at once (more: 503)")
+    t.add_argument(
         "--max-in-flight", type=int, default=512, help="per backend, before it counts as saturated"
     )
     t.add_argument(
@@ -153,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         probe_interval_s=args.probe_interval,
         queue_timeout_s=args.queue_timeout,
         max_queue=args.max_queue,
+        hold_at_zero_s=args.hold_at_zero,
+        max_held=args.max_held,
         max_ejection_percent=args.max_ejection_percent,
         expose_backend=args.expose_backend,
         max_connections=args.max_connections,

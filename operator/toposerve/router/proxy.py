@@ -15,7 +15,9 @@ the router is the engine's TTFT plus one hop). Everything that can go wrong is h
 - every error the router itself answers is an OpenAI-style JSON body (`error_body`), logged
   once: 4xx at INFO, upstream trouble at WARNING, a router bug at ERROR with its traceback;
 - when every healthy backend is saturated, requests wait in a bounded queue, then get 429 with
-  Retry-After; with no healthy backend at all, 503 with Retry-After;
+  Retry-After; with no healthy backend at all, 503 with Retry-After, unless the deployment may
+  scale from zero (``--hold-at-zero``): then requests are held, bounded in time and count, while
+  the autoscaler starts a replica on ``toposerve_router_held_requests``;
 - a client that goes away cancels the handler, which closes the upstream request and releases
   exactly what the request had charged (`LoadLedger`).
 """
@@ -129,6 +131,11 @@ class RouterConfig:
     max_ejection_percent: float = 50.0  # of the backends in service; the last one is never ejected
     queue_timeout_s: float = 5.0
     max_queue: int = 1024
+    # Scale from zero: with no replica to take a request, hold it this long for one to appear
+    # (0: answer 503 at once), at most max_held at a time; the held count is a metric the
+    # autoscaler scales 0 -> 1 on.
+    hold_at_zero_s: float = 0.0
+    max_held: int = 256
     retry_after_s: int = 1
     session_header: str = SESSION_HEADER
     gpu_weighting: bool = True  # off: every backend weighs 1.0 whatever its GPU
@@ -355,6 +362,11 @@ class _BackendCollector(Collector):
         yield from fams.values()
         g = self.router.gate
         yield GaugeMetricFamily("toposerve_router_connections_open", "Open client connections.", value=g.open)
+        yield GaugeMetricFamily(
+            "toposerve_router_held_requests",
+            "Requests held for a replica to appear (scale from zero; the autoscaler reads it).",
+            value=self.router.held,
+        )
         for name, help_, value in (
             ("connections_refused", "Connections refused at --max-connections.", g.refused),
             ("header_timeouts", "Connections closed for slow request headers.", g.header_timeouts),
@@ -398,6 +410,8 @@ class Router:
                 max_connections=self.cfg.max_connections,
             )
         )
+        self.held = 0  # requests waiting for a replica to exist (scale from zero)
+        self._backends_changed = asyncio.Event()
         self.metrics = _Metrics(self)
         self._session: aiohttp.ClientSession | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
@@ -420,6 +434,7 @@ class Router:
                 b.draining = b.removed = True
                 self._drop_if_idle(url)
         self._wake_waiters()
+        self._wake_held()
 
     def _drop_if_idle(self, url: str) -> None:
         b = self.backends.get(url)
@@ -508,6 +523,7 @@ class Router:
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe_one(b) for b in list(self.backends.values())))
         self._wake_waiters()
+        self._wake_held()
 
     async def _probe_loop(self) -> None:
         while True:
@@ -584,6 +600,34 @@ class Router:
 
     # ---------------------------------------------------------------------------------- queueing
 
+    def _wake_held(self) -> None:
+        """The backend set or its health changed: every held request looks again."""
+        self._backends_changed.set()
+        self._backends_changed = asyncio.Event()
+
+    async def _hold(self, exclude: set[str]) -> web.Response | None:
+        """No replica can take the request (zero replicas, or none ready yet): wait, bounded in
+        time and in count, for one to appear. None when one did; else the 503 to answer."""
+        if self.held >= self.cfg.max_held:
+            return self._error(
+                503, "no replica is ready and the hold queue is full", "hold_full", retry_after=True
+            )
+        self.held += 1
+        deadline = time.monotonic() + self.cfg.hold_at_zero_s
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    msg = f"no replica became ready within {self.cfg.hold_at_zero_s:g}s"
+                    return self._error(503, msg, "hold_timeout", retry_after=True)
+                changed = self._backends_changed
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(changed.wait(), min(left, self.cfg.probe_interval_s))
+                if any(st.is_eligible(b) for b in self.snapshot(exclude)):
+                    return None
+        finally:
+            self.held -= 1
+
     def _wake_waiters(self) -> None:
         while self._waiters:
             fut = self._waiters.popleft()
@@ -596,7 +640,12 @@ class Router:
         while True:
             snap = self.snapshot(exclude)
             if not any(st.is_eligible(b) for b in snap):
-                return self._error(503, "no healthy backend", "no_backend", retry_after=True)
+                if self.cfg.hold_at_zero_s <= 0:
+                    return self._error(503, "no healthy backend", "no_backend", retry_after=True)
+                refused = await self._hold(exclude)
+                if refused is not None:
+                    return refused
+                continue
             now = time.monotonic()
             d = st.choose(strategy, req, snap, self.memory, self.cfg.routing, now)
             if d is not None:

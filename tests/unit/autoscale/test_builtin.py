@@ -137,6 +137,8 @@ class FakeKube:
     ) -> list[dict[str, Any]]:
         if kind == "LLMDeployment":
             return [self.body]
+        if selector == "toposerve.io/deployment=llm,app.kubernetes.io/component=router":
+            return [{"metadata": {"name": "router-0"}, "status": {"podIP": "10.244.0.3"}}]
         assert selector == "toposerve.io/deployment=llm,app.kubernetes.io/component=engine"
         return self.pods
 
@@ -163,8 +165,13 @@ class FakeKube:
 class FakeSource:
     name = "fake"
 
-    def __init__(self, kv: float | None, ok: bool = True) -> None:
-        self.kv, self.ok = kv, ok
+    def __init__(self, kv: float | None, ok: bool = True, held: int = 0) -> None:
+        self.kv, self.ok, self.held_n = kv, ok, held
+        self.held_asked: list[Any] = []
+
+    def held(self, namespace: str, name: str, routers: Any) -> int:
+        self.held_asked.append(routers)
+        return self.held_n
 
     def read(self, namespace: str, name: str, pods: Any, window_s: int, stale_after_s: int) -> Reading:
         samples = {p["metadata"]["name"]: PodSample(self.kv, 0.0, 1.0) for p in pods}
@@ -360,3 +367,38 @@ def test_the_loop_raises_the_floor_to_the_forecast_and_reports_it() -> None:
     clock.t += 10
     a.run_once([])
     assert src.calls == 1  # cached between refreshes
+
+
+# ---- scale from zero ------------------------------------------------------------------------------------
+
+
+def test_vector_sum_and_gauge_parsing() -> None:
+    from toposerve.autoscale.report import parse_metrics_gauge, vector_sum
+
+    assert vector_sum([{"metric": {}, "value": [0, "2"]}, {"metric": {"pod": "r"}, "value": [0, "1"]}]) == 3.0
+    assert vector_sum([{"metric": {}, "value": [0, "NaN"]}]) is None and vector_sum("junk") is None
+    text = "# TYPE toposerve_router_held_requests gauge\ntoposerve_router_held_requests 4.0\n"
+    assert parse_metrics_gauge(text, "toposerve_router_held_requests") == 4.0
+    assert parse_metrics_gauge("garbage{", "toposerve_router_held_requests") is None
+    assert parse_metrics_gauge("", "toposerve_router_held_requests") is None
+
+
+def test_prometheus_held_sums_the_routers_and_a_broken_answer_is_zero() -> None:
+    prom = FakeProm({"held": [{"metric": {}, "value": [0, "3"]}]})
+    src = PrometheusSource("http://p", SEL, client=prom, router_selector='namespace="{namespace}",x="{name}"')
+    assert src.held("ns", "llm", []) == 3
+    assert prom.queries == ['sum(toposerve_router_held_requests{namespace="ns",x="llm"}) or vector(0)']
+    assert PrometheusSource("http://p", SEL, client=FakeProm(ConnectionError("x"))).held("ns", "llm", []) == 0
+
+
+def test_held_requests_wake_a_deployment_at_zero() -> None:
+    kube, clock, src = FakeKube(llmd(0, minReplicas=0), []), Clock(), FakeSource(None, held=2)
+    (d,) = scaler(kube, src, clock).run_once([])
+    assert (d.current, d.desired, d.reason) == (0, 1, "ScaleFromZero")
+    assert src.held_asked and src.held_asked[0][0]["metadata"]["name"] == "router-0"
+    assert kube.scales[0][1]["spec"]["replicas"] == 1
+    assert kube.statuses[-1]["autoscaling"]["inputs"]["heldRequests"] == 2
+    # at one replica and more the routers are not asked (held requests only matter at zero)
+    kube2, src2 = FakeKube(llmd(1), [pod("a")]), FakeSource(0.7, held=5)
+    scaler(kube2, src2, Clock()).run_once([])
+    assert src2.held_asked == []

@@ -199,3 +199,20 @@ def test_quantities_and_cron() -> None:
     assert [quantity(x) for x in (0.7, 4.0, 0.05, 1.0, 12.5)] == ["700m", "4", "50m", "1", "12500m"]
     w = parse_spec(with_auto(schedules=[{"name": "w", "start": "23:00", "end": "01:00", "minReplicas": 1}]))
     assert cron_trigger(w.autoscaling.schedules[0])["metadata"]["end"] == "0 1 * * 0,1,2,3,4,5,6"
+
+
+def test_router_holds_requests_when_the_deployment_may_scale_from_zero() -> None:
+    from toposerve.render.objects import router_args
+
+    def args(**auto: Any) -> list[str]:
+        return router_args("llm", parse_spec(with_auto(**auto)))
+
+    a = args(minReplicas=0)
+    assert a[a.index("--hold-at-zero") + 1] == "300"  # min(startupGraceSeconds 600, 300)
+    a = args(minReplicas=0, mode="keda", startupGraceSeconds=90)
+    assert a[a.index("--hold-at-zero") + 1] == "90"
+    assert "--hold-at-zero" not in args(minReplicas=1)
+    assert "--hold-at-zero" not in args(minReplicas=0, enabled=False)
+    (so,), _ = render(with_auto(mode="keda", minReplicas=0))
+    waiting = so["spec"]["triggers"][1]["metadata"]["query"]
+    assert "toposerve_router_held_requests{" in waiting and 'app_kubernetes_io_component="router"' in waiting
