@@ -302,3 +302,51 @@ def test_scale_from_zero_holds_the_first_request_then_serves_it(
     assert ("toposerve-autoscaler", "scale") in scale_writers(obj)
     (up,) = [e for e in events(cluster, namespace, name) if e["reason"] == "ScaledUp"]
     assert "spec.replicas 0 -> 1 (ScaleFromZero)" in up["message"], up["message"]
+
+
+def components(cluster: Cluster, namespace: str, name: str) -> dict[str, str]:
+    """Serving pods (not terminating) -> their component label (engine or standby)."""
+    pods = cluster.core.list_namespaced_pod(
+        namespace,
+        label_selector=f"toposerve.io/deployment={name},app.kubernetes.io/component in (engine,standby)",
+    ).items
+    return {p.metadata.name: p.metadata.labels["app.kubernetes.io/component"] for p in pods
+            if not p.metadata.deletion_timestamp}  # fmt: skip
+
+
+def test_warm_standby_is_out_of_rotation_and_promoted_on_scale_up(
+    cluster: Cluster, namespace: str, scaling_operator: Operator
+) -> None:
+    name = "standby"
+    m = manifest(name)
+    m["spec"]["autoscaling"].update({"maxReplicas": 2, "warmStandby": 1})
+    assert apply(cluster, namespace, m).returncode == 0
+
+    def one_of_each() -> dict[str, str] | None:
+        c = components(cluster, namespace, name)
+        return c if sorted(c.values()) == ["engine", "standby"] else None
+
+    spare = next(p for p, c in wait_for(one_of_each, "one engine and one standby pod", timeout=180).items()
+                 if c == "standby")  # fmt: skip
+    # Only the engine is in rotation: the engines' Service has one ready endpoint.
+    wait_for(lambda: len(ips(cluster, namespace, f"{name}-engine")) == 1, "one engine endpoint", timeout=120)
+    router = wait_for(lambda: (r := ips(cluster, namespace, name)) and r[0], "a ready router")
+    with Load(f"http://{router}:8080"):
+        wait_for(
+            lambda: get_llmd(cluster, namespace, name)["spec"]["replicas"] == 2, "a scale-up", timeout=240
+        )
+
+        def promoted() -> dict[str, str] | None:
+            c = components(cluster, namespace, name)
+            return (
+                c
+                if c.get(spare) == "engine" and sorted(c.values()) == ["engine", "engine", "standby"]
+                else None
+            )
+
+        final = wait_for(promoted, "the standby promoted and a new standby behind it", timeout=180)
+    assert final[spare] == "engine"
+    reasons = [e["reason"] for e in events(cluster, namespace, name)]
+    assert "StandbyPromoted" in reasons, reasons
+    promo = next(e for e in events(cluster, namespace, name) if e["reason"] == "StandbyPromoted")
+    assert spare in promo["message"]

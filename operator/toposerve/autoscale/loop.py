@@ -32,6 +32,8 @@ from toposerve.autoscale.forecast import demand_floor
 from toposerve.autoscale.report import event_of, history_from_status, replicas, status_of
 from toposerve.autoscale.schedule import schedule_floor
 from toposerve.autoscale.sources import PrometheusSource, Source, source_for
+from toposerve.autoscale.standby import Pod as StandbyPod
+from toposerve.autoscale.standby import relabel
 from toposerve.controller.kube import Kube, path
 from toposerve.controller.observe import parse_time
 from toposerve.render.objects import LABEL_COMPONENT, LABEL_DEPLOYMENT
@@ -41,6 +43,20 @@ API = f"{API_GROUP}/{API_VERSION}"
 TICK_SECONDS = 1.0
 FORECAST_REFRESH_SECONDS = 300.0  # history changes slowly: one pair of range queries per 5 minutes
 PERIOD_SECONDS = {"daily": 86400.0, "weekly": 7 * 86400.0}
+
+
+ENGINE, STANDBY = "engine", "standby"  # values of app.kubernetes.io/component on serving pods
+
+
+def _component(pod: Mapping[str, Any]) -> str:
+    return str(((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_COMPONENT, ""))
+
+
+def _ready(pod: Mapping[str, Any]) -> bool:
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in (pod.get("status") or {}).get("conditions") or []
+    )
 
 
 def _rfc3339(t: float) -> str:
@@ -103,10 +119,14 @@ class Autoscaler:
         now = self.clock()
         if not force and not self._due((ns, name), a.sync_period_seconds, now):
             return None
-        pods = self.kube.list("v1", "Pod", ns, selector=f"{LABEL_DEPLOYMENT}={name},{LABEL_COMPONENT}=engine")
-        pods = [p for p in pods if not (p.get("metadata") or {}).get("deletionTimestamp")]
+        every = self.kube.list(
+            "v1", "Pod", ns, selector=f"{LABEL_DEPLOYMENT}={name},{LABEL_COMPONENT} in ({ENGINE},{STANDBY})"
+        )
+        every = [p for p in every if not (p.get("metadata") or {}).get("deletionTimestamp")]
+        pods = [p for p in every if _component(p) == ENGINE]
+        spares = [p for p in every if _component(p) == STANDBY]
         created = {}
-        for p in pods:
+        for p in every:
             t = parse_time((p.get("metadata") or {}).get("creationTimestamp"))
             if t is not None:
                 created[str(p["metadata"]["name"])] = t.timestamp()
@@ -130,6 +150,7 @@ class Autoscaler:
             schedule_name=window,
             forecast_floor=forecast or 0,
             held_requests=held,
+            standby_ready=sum(1 for p in spares if _ready(p)),
         )
         d = decide(Config.from_spec(a), inputs, history_from_status(status))
         self._note_override(body, status, current)
@@ -139,6 +160,8 @@ class Autoscaler:
             reason, msg = event_of(d, a.target_kv_cache_utilization)
             log.info("%s/%s: %s", ns, name, msg)
             self.kube.event(body, reason, msg)
+        if a.warm_standby or spares:
+            self._standby(body, every, created, now, d.desired, a.warm_standby)
         self.kube.patch_status(
             API,
             "LLMDeployment",
@@ -175,6 +198,36 @@ class Autoscaler:
         )
         self._forecast[key] = (now, value)
         return value
+
+    def _standby(
+        self,
+        body: Mapping[str, Any],
+        pods: Sequence[Mapping[str, Any]],
+        created: Mapping[str, float],
+        now: float,
+        serving: int,
+        standby: int,
+    ) -> None:
+        """Relabel pods so that ``serving`` of them are engines and up to ``standby`` are spares."""
+        view = [
+            StandbyPod(str(p["metadata"]["name"]), _component(p) == STANDBY, _ready(p),
+                       now - created.get(str(p["metadata"]["name"]), now))
+            for p in pods
+        ]  # fmt: skip
+        change = relabel(view, serving, standby)
+        ns = str(body["metadata"]["namespace"])
+        for names, to in ((change.promote, ENGINE), (change.demote, STANDBY)):
+            for pod in names:
+                self.kube.request(
+                    "PATCH",
+                    path("v1", "Pod", ns, pod),
+                    body={"metadata": {"labels": {LABEL_COMPONENT: to}}},
+                    content_type="application/merge-patch+json",
+                    query=[("fieldManager", "toposerve-autoscaler")],
+                )
+        if change.promote:
+            msg = f"warm standby promoted into rotation: {', '.join(change.promote)}"
+            self.kube.event(body, "StandbyPromoted", msg)
 
     def _note_override(self, body: Mapping[str, Any], status: Mapping[str, Any], current: int) -> None:
         """Say so when spec.replicas moved outside the autoscaler (kubectl scale, a GitOps sync)."""

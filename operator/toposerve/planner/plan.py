@@ -591,7 +591,10 @@ def plan_deployment(
     weights = [
         (p.name, next(s.weight for s in _pools(spec) if s.name == p.name) if p.fits else 0) for p in plans
     ]
-    shares = distribute(spec.replicas, weights)
+    # Warm standby (builtin autoscaling): loaded pods beyond spec.replicas, kept out of rotation by the
+    # autoscaler (autoscale/standby.py); they run, and cost, like serving ones.
+    standby = spec.autoscaling.warm_standby if spec.autoscaling.effective_mode == "builtin" else 0
+    shares = distribute(spec.replicas + standby, weights)
     plans = [
         p.model_copy(
             update={

@@ -131,6 +131,7 @@ class FakeKube:
         self.scales: list[tuple[str, Any]] = []
         self.statuses: list[dict[str, Any]] = []
         self.events: list[tuple[str, str, bool]] = []
+        self.relabels: list[tuple[str, str]] = []
 
     def list(
         self, api_version: str, kind: str, ns: str | None, selector: str | None = None
@@ -139,14 +140,22 @@ class FakeKube:
             return [self.body]
         if selector == "toposerve.io/deployment=llm,app.kubernetes.io/component=router":
             return [{"metadata": {"name": "router-0"}, "status": {"podIP": "10.244.0.3"}}]
-        assert selector == "toposerve.io/deployment=llm,app.kubernetes.io/component=engine"
+        assert selector == "toposerve.io/deployment=llm,app.kubernetes.io/component in (engine,standby)"
         return self.pods
 
     def request(
         self, method: str, url: str, body: Any = None, content_type: str = "", query: Any = None
     ) -> Any:
-        assert method == "PATCH" and url.endswith("/llmdeployments/llm/scale")
-        assert content_type == "application/merge-patch+json"
+        assert method == "PATCH" and content_type == "application/merge-patch+json"
+        if "/pods/" in url:  # warm standby: a label, nothing else
+            name = url.rsplit("/", 1)[1]
+            assert set(body) == {"metadata"} and set(body["metadata"]) == {"labels"}
+            self.relabels.append((name, body["metadata"]["labels"]["app.kubernetes.io/component"]))
+            for p in self.pods:
+                if p["metadata"]["name"] == name:
+                    p["metadata"].setdefault("labels", {}).update(body["metadata"]["labels"])
+            return {}
+        assert url.endswith("/llmdeployments/llm/scale")
         if self.conflict:
             raise ApiException(status=409, reason="Conflict")
         self.scales.append((url, body))
@@ -181,8 +190,9 @@ class FakeSource:
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC).timestamp()
 
 
-def pod(name: str, ready: bool = True) -> dict[str, Any]:
-    return {"metadata": {"name": name, "creationTimestamp": "2026-12-01T10:00:00Z"},
+def pod(name: str, ready: bool = True, component: str = "engine") -> dict[str, Any]:
+    return {"metadata": {"name": name, "creationTimestamp": "2026-12-01T10:00:00Z",
+                         "labels": {"app.kubernetes.io/component": component}},
             "status": {"podIP": "10.244.0.9", "conditions": [{"type": "Ready", "status": str(ready)}]}}  # fmt: skip
 
 
@@ -402,3 +412,59 @@ def test_held_requests_wake_a_deployment_at_zero() -> None:
     kube2, src2 = FakeKube(llmd(1), [pod("a")]), FakeSource(0.7, held=5)
     scaler(kube2, src2, Clock()).run_once([])
     assert src2.held_asked == []
+
+
+# ---- warm standby ---------------------------------------------------------------------------------------
+
+
+class StandbySource(FakeSource):
+    def read(self, namespace: str, name: str, pods: Any, window_s: int, stale_after_s: int) -> Reading:
+        assert all(p["metadata"]["labels"]["app.kubernetes.io/component"] == "engine" for p in pods)
+        return super().read(namespace, name, pods, window_s, stale_after_s)
+
+
+def test_standby_is_kept_out_of_rotation_and_promoted_first_on_a_scale_up() -> None:
+    pods = [pod("a"), pod("b"), pod("c")]  # the workload runs replicas 2 + warmStandby 1
+    kube, clock = FakeKube(llmd(2, warmStandby=1), pods), Clock()
+    a = scaler(kube, StandbySource(0.7), clock)
+    a.run_once([])
+    assert len(kube.relabels) == 1 and kube.relabels[0][1] == "standby"  # one surplus engine demoted
+    spare = kube.relabels[0][0]
+    assert kube.scales == []
+    # load arrives: the standby (ready, loaded) goes back into rotation with the scale-up
+    kube.relabels.clear()
+    a.source = StandbySource(1.0)
+    clock.t += 10
+    (d,) = a.run_once([])
+    assert (d.current, d.desired, d.promote) == (2, 3, 1)
+    assert kube.relabels == [(spare, "engine")]
+    assert [e[0] for e in kube.events] == ["ScaledUp", "StandbyPromoted"]
+    assert "1 warm standby promoted" in kube.events[0][1]
+    # the workload's new pod becomes the next standby
+    kube.pods.append(pod("d", ready=False))
+    kube.relabels.clear()
+    a.source = StandbySource(0.7)
+    clock.t += 10
+    a.run_once([])
+    assert kube.relabels == [("d", "standby")]
+
+
+def test_no_standby_means_no_relabelling() -> None:
+    kube = FakeKube(llmd(2), [pod("a"), pod("b"), pod("c")])
+    scaler(kube, FakeSource(0.7), Clock()).run_once([])
+    assert kube.relabels == []
+
+
+def test_the_planner_runs_standby_pods_only_in_builtin_mode() -> None:
+    from toposerve.api.manifest import parse_spec
+    from toposerve.planner.plan import plan_deployment
+
+    def pods_for(**auto: Any) -> int:
+        raw = llmd(2, **auto)["spec"]
+        raw["engine"] = "mock"
+        raw["placement"] = {"gpuTypes": ["L4"]}
+        return sum(p.replicas for p in plan_deployment("llm", parse_spec(raw), OperatorConfig()).pools)
+
+    assert pods_for(warmStandby=2) == 4
+    assert pods_for() == 2
+    assert pods_for(warmStandby=2, mode="off") == 2
