@@ -17,7 +17,7 @@ from toposerve import API_GROUP, API_VERSION
 from toposerve.api.config import OperatorConfig
 from toposerve.api.spec import WEEKDAYS, LLMDeploymentSpec, ScalingRules, ScheduleWindow
 from toposerve.autoscale import promql
-from toposerve.render.objects import _ENV, _LOADER, Owner, common_labels
+from toposerve.render.objects import _LOADER, Owner, _fill, _render_text, common_labels
 
 HPA_KIND = ("autoscaling/v2", "HorizontalPodAutoscaler")
 SCALED_OBJECT_KIND = ("keda.sh/v1alpha1", "ScaledObject")
@@ -179,7 +179,8 @@ def render_scaled_object(
 
 
 def _load(template: str, ctx: _Ctx) -> dict[str, Any]:
-    obj = yaml.load(_ENV.get_template(template).render(c=ctx), Loader=_LOADER)
+    text, slots = _render_text(template, ctx)  # the same path as every other child (values slotted in)
+    obj = _fill(yaml.load(text, Loader=_LOADER), slots)
     assert isinstance(obj, dict)
     return obj
 
