@@ -218,13 +218,17 @@ class Autoscaler:
         ns = str(body["metadata"]["namespace"])
         for names, to in ((change.promote, ENGINE), (change.demote, STANDBY)):
             for pod in names:
-                self.kube.request(
-                    "PATCH",
-                    path("v1", "Pod", ns, pod),
-                    body={"metadata": {"labels": {LABEL_COMPONENT: to}}},
-                    content_type="application/merge-patch+json",
-                    query=[("fieldManager", "toposerve-autoscaler")],
-                )
+                try:
+                    self.kube.request(
+                        "PATCH",
+                        path("v1", "Pod", ns, pod),
+                        body={"metadata": {"labels": {LABEL_COMPONENT: to}}},
+                        content_type="application/merge-patch+json",
+                        query=[("fieldManager", "toposerve-autoscaler")],
+                    )
+                except ApiException as e:  # the pod went away meanwhile: the next pass sees it gone
+                    if e.status != 404:
+                        raise
         if change.promote:
             msg = f"warm standby promoted into rotation: {', '.join(change.promote)}"
             self.kube.event(body, "StandbyPromoted", msg)

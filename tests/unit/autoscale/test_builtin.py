@@ -468,3 +468,17 @@ def test_the_planner_runs_standby_pods_only_in_builtin_mode() -> None:
     assert pods_for(warmStandby=2) == 4
     assert pods_for() == 2
     assert pods_for(warmStandby=2, mode="off") == 2
+
+
+def test_a_pod_gone_before_its_relabel_does_not_stop_the_pass() -> None:
+    class GoneKube(FakeKube):
+        def request(
+            self, method: str, url: str, body: Any = None, content_type: str = "", query: Any = None
+        ) -> Any:
+            if "/pods/" in url:
+                raise ApiException(status=404, reason="Not Found")
+            return super().request(method, url, body, content_type, query)
+
+    kube = GoneKube(llmd(2, warmStandby=1), [pod("a"), pod("b"), pod("c")])
+    (d,) = scaler(kube, StandbySource(0.7), Clock()).run_once([])
+    assert d.desired == 2 and kube.statuses  # decided and recorded all the same
