@@ -35,7 +35,7 @@ from toposerve.autoscale.sources import PrometheusSource, Source, source_for
 from toposerve.autoscale.standby import Pod as StandbyPod
 from toposerve.autoscale.standby import relabel
 from toposerve.controller.kube import Kube, path
-from toposerve.controller.observe import parse_time
+from toposerve.controller.observe import ANNOTATION_EVACUATION, parse_time
 from toposerve.render.objects import LABEL_COMPONENT, LABEL_DEPLOYMENT
 
 log = logging.getLogger("toposerve.autoscaler")
@@ -50,6 +50,11 @@ ENGINE, STANDBY = "engine", "standby"  # values of app.kubernetes.io/component o
 
 def _component(pod: Mapping[str, Any]) -> str:
     return str(((pod.get("metadata") or {}).get("labels") or {}).get(LABEL_COMPONENT, ""))
+
+
+def _leaving(pod: Mapping[str, Any]) -> bool:
+    meta = pod.get("metadata") or {}
+    return bool(meta.get("deletionTimestamp") or ANNOTATION_EVACUATION in (meta.get("annotations") or {}))
 
 
 def _ready(pod: Mapping[str, Any]) -> bool:
@@ -122,7 +127,9 @@ class Autoscaler:
         every = self.kube.list(
             "v1", "Pod", ns, selector=f"{LABEL_DEPLOYMENT}={name},{LABEL_COMPONENT} in ({ENGINE},{STANDBY})"
         )
-        every = [p for p in every if not (p.get("metadata") or {}).get("deletionTimestamp")]
+        # Terminating pods are gone already; pods being evacuated (controller/evacuation.py) are on
+        # their way out, their replacements count instead, and their labels are evacuation's.
+        every = [p for p in every if not _leaving(p)]
         pods = [p for p in every if _component(p) == ENGINE]
         spares = [p for p in every if _component(p) == STANDBY]
         created = {}

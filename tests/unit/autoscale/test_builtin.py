@@ -482,3 +482,14 @@ def test_a_pod_gone_before_its_relabel_does_not_stop_the_pass() -> None:
     kube = GoneKube(llmd(2, warmStandby=1), [pod("a"), pod("b"), pod("c")])
     (d,) = scaler(kube, StandbySource(0.7), Clock()).run_once([])
     assert d.desired == 2 and kube.statuses  # decided and recorded all the same
+
+
+def test_pods_being_evacuated_are_neither_counted_nor_relabelled() -> None:
+    from toposerve.controller.observe import ANNOTATION_EVACUATION
+
+    leaving = pod("old")
+    leaving["metadata"]["annotations"] = {ANNOTATION_EVACUATION: "GPUUnhealthy"}
+    kube = FakeKube(llmd(2, warmStandby=1), [pod("a"), pod("b"), leaving, pod("new", ready=False)])
+    (d,) = scaler(kube, StandbySource(0.7), Clock()).run_once([])
+    assert d.ready == 2 and d.starting == 0  # "old" is out of the count; "new" became the standby
+    assert kube.relabels == [("new", "standby")]
