@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -75,8 +75,14 @@ class Autoscaler:
         config: OperatorConfig,
         source: Source | None = None,
         clock: Callable[[], float] = time.time,
+        bodies: Callable[[], Iterable[Mapping[str, Any]]] | None = None,
+        pods_of: Callable[[str, str], list[dict[str, Any]]] | None = None,
     ) -> None:
+        """``bodies`` and ``pods_of`` read the operator's watch caches (the LLMDeployments as kopf
+        last delivered them, a deployment's pods from controller/children.py); without them the
+        loop lists through the API, which every second would load the API server for nothing."""
         self.kube, self.config, self.clock = kube, config, clock
+        self.bodies, self.pods_of = bodies, pods_of
         self.source = source or source_for(
             config.prometheus_url, config.prometheus_selector, config.prometheus_router_selector
         )
@@ -87,18 +93,26 @@ class Autoscaler:
         """Decide for every builtin-mode LLMDeployment whose sync period has passed."""
         out: list[Decision] = []
         targets: list[str | None] = list(namespaces) if namespaces else [None]
-        for ns in targets:
-            for body in self.kube.list(API, "LLMDeployment", ns):
-                meta = body.get("metadata") or {}
-                key = (str(meta.get("namespace")), str(meta.get("name")))
-                try:
-                    d = self.tick(body)
-                except Exception as e:  # one deployment's trouble must not stop the others
-                    log.warning("autoscaling %s/%s failed: %s", *key, e)
-                    continue
-                if d is not None:
-                    out.append(d)
+        if self.bodies is not None:
+            listed: list[Mapping[str, Any]] = list(self.bodies())
+        else:
+            listed = [b for ns in targets for b in self.kube.list(API, "LLMDeployment", ns)]
+        for body in listed:
+            meta = body.get("metadata") or {}
+            key = (str(meta.get("namespace")), str(meta.get("name")))
+            try:
+                d = self.tick(body)
+            except Exception as e:  # one deployment's trouble must not stop the others
+                log.warning("autoscaling %s/%s failed: %s", *key, e)
+                continue
+            if d is not None:
+                out.append(d)
         return out
+
+    def _pods(self, ns: str, name: str) -> list[dict[str, Any]]:
+        if self.pods_of is not None:
+            return self.pods_of(ns, name)
+        return self.kube.list("v1", "Pod", ns, selector=f"{LABEL_DEPLOYMENT}={name}")
 
     def _due(self, key: tuple[str, str], period: float, now: float) -> bool:
         last = self._last.get(key)
@@ -124,9 +138,7 @@ class Autoscaler:
         now = self.clock()
         if not force and not self._due((ns, name), a.sync_period_seconds, now):
             return None
-        every = self.kube.list(
-            "v1", "Pod", ns, selector=f"{LABEL_DEPLOYMENT}={name},{LABEL_COMPONENT} in ({ENGINE},{STANDBY})"
-        )
+        every = [p for p in self._pods(ns, name) if _component(p) in (ENGINE, STANDBY)]
         # Terminating pods are gone already; pods being evacuated (controller/evacuation.py) are on
         # their way out, their replacements count instead, and their labels are evacuation's.
         every = [p for p in every if not _leaving(p)]
@@ -144,9 +156,7 @@ class Autoscaler:
         forecast = self._forecast_floor(ns, name, a, now)
         held = 0
         if current == 0:  # scale from zero: what the routers hold is the only demand there is
-            routers = self.kube.list(
-                "v1", "Pod", ns, selector=f"{LABEL_DEPLOYMENT}={name},{LABEL_COMPONENT}=router"
-            )
+            routers = [p for p in self._pods(ns, name) if _component(p) == "router"]
             held = self.source.held(ns, name, routers)
         inputs = Inputs(
             now=now,

@@ -289,12 +289,20 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     ctx.cache.start()
     ctx.children = ChildCache(ctx.kube, LABEL_DEPLOYMENT, rt.namespaces, wake)
     ctx.children.start()
-    ctx.bodies = {}
+    bodies: dict[tuple[str, str], dict[str, Any]] = {}
+    ctx.bodies = bodies
     _set_leader(rt, not rt.leader_elect)
     rt.tasks = [asyncio.create_task(_worker(rt)) for _ in range(rt.workers)]
     rt.tasks.append(asyncio.create_task(_resync_loop(rt)))
-    # The builtin autoscaler (autoscale/loop.py): leader only, like the workers.
-    scaler = autoscale_loop.Autoscaler(rt.ctx.kube, rt.ctx.config)
+    # The builtin autoscaler (autoscale/loop.py): leader only, like the workers; it reads the same
+    # watch caches as the reconciles.
+
+    def pods_of(namespace: str, name: str) -> list[dict[str, Any]]:
+        return ctx.owned("v1", "Pod", namespace, name)
+
+    scaler = autoscale_loop.Autoscaler(
+        ctx.kube, ctx.config, bodies=lambda: list(bodies.values()), pods_of=pods_of
+    )
     rt.tasks.append(asyncio.create_task(autoscale_loop.run(scaler, rt.leading, rt.namespaces)))
     if rt.leader_elect:
         rt.tasks.append(asyncio.create_task(_lead_loop(rt)))

@@ -138,10 +138,11 @@ class FakeKube:
     ) -> list[dict[str, Any]]:
         if kind == "LLMDeployment":
             return [self.body]
-        if selector == "toposerve.io/deployment=llm,app.kubernetes.io/component=router":
-            return [{"metadata": {"name": "router-0"}, "status": {"podIP": "10.244.0.3"}}]
-        assert selector == "toposerve.io/deployment=llm,app.kubernetes.io/component in (engine,standby)"
-        return self.pods
+        # every pod of the deployment, as ctx.owned (the watch cache) or a label-selected list gives
+        assert selector == "toposerve.io/deployment=llm"
+        router = {"metadata": {"name": "router-0", "labels": {"app.kubernetes.io/component": "router"}},
+                  "status": {"podIP": "10.244.0.3"}}  # fmt: skip
+        return [*self.pods, router]
 
     def request(
         self, method: str, url: str, body: Any = None, content_type: str = "", query: Any = None
