@@ -436,7 +436,8 @@ def _evacuate(
         for v in views.values()
         if v.draining_at is not None and not v.terminating
     }
-    desired = {p.name: p.replicas for p in dplan.pools}
+    # Ready replicas the pool needs in rotation: warm standby pods run but do not serve.
+    desired = {p.name: p.serving_replicas for p in dplan.pools}
     decision = evacuation.decide(
         views.values(), troubles, desired, in_flight, now, timing, cfg.min_drain_seconds
     )

@@ -81,7 +81,8 @@ class PoolPlan(_Out):
     spot: bool = False
     spot_note: str | None = None  # spot was asked for but the operator does not allow it for this tier
     on_demand_baseline: int = 0  # replicas (per GPU type) kept on on-demand nodes while spot is on
-    replicas: int = 0
+    replicas: int = 0  # pods the workload runs: serving replicas plus warm standby
+    serving_replicas: int = 0  # of those, the pool's share of spec.replicas (in rotation)
     cost_per_hour_per_replica: float = 0.0
     on_demand_cost_per_hour_per_replica: float = 0.0  # the baseline's replicas (spot pools)
     cost_per_hour: float = 0.0
@@ -595,10 +596,12 @@ def plan_deployment(
     # autoscaler (autoscale/standby.py); they run, and cost, like serving ones.
     standby = spec.autoscaling.warm_standby if spec.autoscaling.effective_mode == "builtin" else 0
     shares = distribute(spec.replicas + standby, weights)
+    serving = distribute(spec.replicas, weights)
     plans = [
         p.model_copy(
             update={
                 "replicas": shares[p.name],
+                "serving_replicas": serving[p.name],
                 "cost_per_hour": planned_cost(p, shares[p.name]),
             }
         )

@@ -314,7 +314,9 @@ class FakeKube:
 
 class _Plan:
     def __init__(self, replicas: int) -> None:
-        self.pools = [type("P", (), {"name": "default", "replicas": replicas})()]
+        self.pools = [
+            type("P", (), {"name": "default", "replicas": replicas, "serving_replicas": replicas})()
+        ]
 
 
 BODY = {"apiVersion": "toposerve.io/v1alpha1", "kind": "LLMDeployment",
@@ -366,3 +368,30 @@ def test_the_shell_does_nothing_without_troubles() -> None:
     pods = list(kube.pods.values())
     assert _evacuate(ctx, BODY, Owner("llm", "u1"), _Plan(2), Inventory(), pods, T0) == (pods, None)  # type: ignore[arg-type]
     assert kube.calls == []
+
+
+def test_warm_standby_pods_do_not_count_as_replicas_the_pool_needs_in_rotation() -> None:
+    """With 2 replicas + 1 warm standby the workload runs 3 pods but only 2 serve: once the
+    replacement is Ready, 2 engines serve and the evacuee drains (not at the 600 s deadline)."""
+    from toposerve.api.spec import LLMDeploymentSpec
+    from toposerve.planner.plan import plan_deployment
+
+    spec = LLMDeploymentSpec.model_validate(
+        {"model": {"name": "Qwen/Qwen2.5-7B-Instruct"}, "engine": "mock", "replicas": 2,
+         "autoscaling": {"enabled": True, "warmStandby": 1, "maxReplicas": 4}}
+    )  # fmt: skip
+    plan = plan_deployment("llm", spec)
+    assert [(p.replicas, p.serving_replicas) for p in plan.pools] == [(3, 2)]
+    kube = FakeKube(
+        [pod("a"), pod("b", node="bad"), pod("s", labels={"app.kubernetes.io/component": "standby"})]
+    )
+    ctx = Context(kube=kube, config=OperatorConfig(), engine_in_flight=lambda ip: 0)  # type: ignore[arg-type]
+
+    def step(at: datetime) -> None:
+        _evacuate(ctx, BODY, Owner("llm", "u1"), plan, Inventory((SICK,)), list(kube.pods.values()), at)
+
+    step(T0)
+    assert kube.events[-1][0] == "Evacuating"
+    kube.pods["r"] = pod("r", node="n2")  # the replacement, Ready
+    step(T0 + timedelta(seconds=30))
+    assert kube.events[-1][0] == "Draining" and "replacement is Ready" in kube.events[-1][1]
