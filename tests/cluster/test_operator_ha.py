@@ -52,7 +52,9 @@ def test_one_leader_reconciles_and_a_standby_takes_over(
 ) -> None:
     install_crd(cluster)
     ports = [free_port(), free_port()]
-    flags = ["--leader-elect", "--lease-namespace", namespace, "--resync", "5"]
+    # Watch only this test's namespace: the write counters below are per process, and a cluster-wide
+    # operator would also count writes for objects other tests leave in namespaces being deleted.
+    flags = ["--leader-elect", "--lease-namespace", namespace, "--resync", "5", "-n", namespace]
     ops = [
         Operator(cluster, tmp_path / f"op{i}.log", *flags, "--metrics-port", str(ports[i])) for i in range(2)
     ]
