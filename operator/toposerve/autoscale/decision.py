@@ -217,6 +217,16 @@ def _changed_within(period: float, events: Sequence[tuple[float, int]], now: flo
     return sum(n for t, n in events if t > now - period)
 
 
+def _period_start(current: int, history: History, period: float, now: float) -> int:
+    """Replicas when the policy's period began: now, less what was added, plus what was removed
+    within it (periodStartReplicas, used by both limits)."""
+    return (
+        current
+        - _changed_within(period, history.scale_ups, now)
+        + _changed_within(period, history.scale_downs, now)
+    )
+
+
 def scale_up_limit(current: int, history: History, rules: Rules, now: float) -> int:
     """calculateScaleUpLimitWithScalingRules."""
     if rules.select == "Disabled":
@@ -224,11 +234,7 @@ def scale_up_limit(current: int, history: History, rules: Rules, now: float) -> 
     pick = min if rules.select == "Min" else max
     result: int | None = None
     for p in rules.policies:
-        start = (
-            current
-            - _changed_within(p.period, history.scale_ups, now)
-            + _changed_within(p.period, history.scale_downs, now)
-        )
+        start = _period_start(current, history, p.period, now)
         proposed = start + p.value if p.kind == "Pods" else math.ceil(start * (1 + p.value / 100))
         result = proposed if result is None else pick(result, proposed)
     return current if result is None else result
@@ -241,11 +247,7 @@ def scale_down_limit(current: int, history: History, rules: Rules, now: float) -
     pick = max if rules.select == "Min" else min
     result: int | None = None
     for p in rules.policies:
-        start = (
-            current
-            - _changed_within(p.period, history.scale_ups, now)
-            + _changed_within(p.period, history.scale_downs, now)
-        )
+        start = _period_start(current, history, p.period, now)
         proposed = start - p.value if p.kind == "Pods" else int(start * (1 - p.value / 100))
         result = proposed if result is None else pick(result, proposed)
     return current if result is None else result

@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from toposerve.dev import fakenvml
+
 log = logging.getLogger("toposerve.podrunner")
 
 RUNNER_IMAGE = "ghcr.io/toposerve/toposerve"
@@ -723,15 +725,11 @@ class PodRunner:
             except Exception as e:  # no node, no GPUs: NVML then reports the driver missing
                 log.warning("nvml state for %s: %s", node, e)
                 gpus = []
-            from toposerve.dev import fakenvml
-
             self.nvml_dir.mkdir(parents=True, exist_ok=True)
             fakenvml.write_state(state, gpus, driver="loaded" if gpus else "not_loaded")
         if self.nvml_lib is None:
-            from toposerve.dev import fakenvml
-
             self.nvml_lib = fakenvml.build()
-        return {"LD_LIBRARY_PATH": str(self.nvml_lib), "TOPOSERVE_FAKE_NVML_STATE": str(state)}
+        return {"LD_LIBRARY_PATH": str(self.nvml_lib), fakenvml.STATE_ENV: str(state)}
 
     def _kill(self, m: Managed) -> None:
         p = m.proc
