@@ -11,6 +11,7 @@ import importlib
 import os
 import re
 import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+
+from toposerve.dev import fakenvml
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = ROOT / "hack" / "cluster"
@@ -131,3 +134,15 @@ def gpu_cluster(cluster: Cluster) -> Cluster:
     if cluster.profile != "gpu":
         pytest.skip(f"needs the gpu fleet profile; the running cluster has {cluster.profile!r}")
     return cluster
+
+
+def start_health_agent(cluster: Cluster, node: str, state: Path, log: Path) -> subprocess.Popen[bytes]:
+    """``toposerve health-agent`` for ``node`` as a local process, reading the GPUs described in
+    ``state`` through the fake libnvidia-ml.so.1 (sampling every 0.2 s, no metrics port)."""
+    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "LD_LIBRARY_PATH": str(fakenvml.build()),
+           fakenvml.STATE_ENV: str(state)}  # fmt: skip
+    return subprocess.Popen(
+        [sys.executable, "-m", "toposerve.cli", "health-agent", f"--node-name={node}", "--interval=0.2",
+         "--metrics-port=0"],
+        env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+    )  # fmt: skip

@@ -6,9 +6,7 @@ engine is idle, and no request fails before it started streaming."""
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.conftest import ROOT, Cluster, wait_for
+from tests.cluster.conftest import ROOT, Cluster, start_health_agent, wait_for
 from tests.cluster.operator_harness import Operator, apply, events, install_crd, wait_condition
 from tests.cluster.test_router_cluster import ready_ips
 from toposerve.dev import fakenvml
@@ -161,14 +159,7 @@ def agent_for(cluster: Cluster, tmp_path: Path) -> Iterator[Any]:
     def start(node: str) -> Path:
         state = tmp_path / "gpu-state"
         fakenvml.write_state(state, [H100, H100])
-        env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "LD_LIBRARY_PATH": str(fakenvml.build()),
-               fakenvml.STATE_ENV: str(state)}  # fmt: skip
-        log = (tmp_path / "agent.log").open("wb")
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "toposerve.cli", "health-agent", f"--node-name={node}", "--interval=0.2",
-             "--metrics-port=0"],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        proc = start_health_agent(cluster, node, state, tmp_path / "agent.log")
         procs.append((proc, node))
         return state
 

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.conftest import ROOT, Cluster, wait_for
+from tests.cluster.conftest import ROOT, Cluster, start_health_agent, wait_for
 from tests.cluster.operator_harness import Operator, apply, get_llmd, install_crd, wait_condition
 from toposerve.dev import fakenvml
 from toposerve.health.node import CONDITION_TYPE, TAINT_KEY
@@ -46,14 +46,7 @@ def agent(cluster: Cluster, tmp_path: Path) -> Iterator[tuple[str, Path]]:
     node = _gpu_node(cluster)
     state = tmp_path / "gpu-state"
     fakenvml.write_state(state, [H100, H100])
-    env = {**os.environ, "KUBECONFIG": str(cluster.kubeconfig), "LD_LIBRARY_PATH": str(fakenvml.build()),
-           fakenvml.STATE_ENV: str(state)}  # fmt: skip
-    log = (tmp_path / "agent.log").open("wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "toposerve.cli", "health-agent", f"--node-name={node}", "--interval=0.2",
-         "--metrics-port=0"],
-        env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    proc = start_health_agent(cluster, node, state, tmp_path / "agent.log")
     yield node, state
     proc.terminate()
     proc.wait(15)
