@@ -341,7 +341,20 @@ class PoolSpec(_Model):
         description="Override of model.checkpoint: this pool's weights, e.g. an AWQ build for small GPUs.",
     )
     parallelism: ParallelismSpec | None = Field(default=None, description="Override of spec.parallelism.")
-    weight: int = Field(default=1, ge=0, le=1000, description="Share of spec.replicas this pool receives.")
+    weight: int = Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Share of spec.replicas this pool receives when pools split by weight "
+        "(autoscaling.poolOrder weight, the default without autoscaling).",
+    )
+    max_replicas: int | None = Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description="Most replicas (warm standby included) this pool runs, whatever spec.replicas says; "
+        "default: no bound.",
+    )
     spot: bool | None = Field(default=None, description="Override of placement.spot.enabled for this pool.")
 
 
@@ -538,6 +551,13 @@ class AutoscalingSpec(_Model):
         description="Predictive pre-warm from Prometheus history (builtin mode with a Prometheus).",
         json_schema_extra={"default": {}},
     )
+    pool_order: Literal["tier", "weight"] | None = Field(
+        default=None,
+        description="How spec.replicas spreads over spec.pools: tier (grow the fastest pool with room "
+        "first for latency-critical and long-context, the cheapest per token first for throughput and "
+        "batch; shrink in reverse) or weight (split by pools[].weight). Default: tier when autoscaling is "
+        "enabled, weight otherwise.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -604,6 +624,13 @@ class AutoscalingSpec(_Model):
         if self.mode in ("hpa", "keda") and self.warm_standby:
             raise ValueError("warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)")
         return self
+
+    @property
+    def effective_pool_order(self) -> Literal["tier", "weight"]:
+        """tier unless set, or unless autoscaling is off (existing deployments keep their weight split)."""
+        if self.pool_order is not None:
+            return self.pool_order
+        return "tier" if self.effective_mode != "off" else "weight"
 
     @property
     def effective_mode(self) -> AutoscalingMode:

@@ -75,6 +75,23 @@ class PoolStatus(_Status):
     )
     topology_reason: str | None = Field(default=None, description="Why that topology key (or none).")
     cost_per_hour: float | None = Field(default=None, description="USD per hour for the desired replicas.")
+    order: int | None = Field(
+        default=None,
+        description="Place in the growth order (poolOrder tier; 1 grows first, the last shrinks first); "
+        "absent with poolOrder weight or when the pool does not fit.",
+    )
+    room: int | None = Field(
+        default=None,
+        description="Replicas the cluster's free capacity lets this pool hold now (placed plus placeable); "
+        "absent when unbounded (no GPUs, or gpuNodeProvisioning on-demand).",
+    )
+    max_replicas: int | None = Field(default=None, description="pools[].maxReplicas, when set.")
+    decode_step_ms: float | None = Field(
+        alias="decodeStepMs",
+        default=None,
+        description="Estimated decode step of one replica (weights per GPU x pipeline stages / memory "
+        "bandwidth): the speed the tier order ranks by.",
+    )
     placements: list[Placement] = Field(
         default_factory=list, description="Replicas per GPU type, preferred first (fallback splits a pool)."
     )
@@ -166,6 +183,10 @@ class LLMDeploymentStatus(_Status):
     gpu_types: str | None = Field(default=None, description="GPU types in use, e.g. 'H100,A100-40GB'.")
     parallelism: str | None = Field(default=None, description="TP/PP of the first pool, e.g. '4/1'.")
     pools: list[PoolStatus] = Field(default_factory=list, description="Per-pool plan and progress.")
+    pool_order: str | None = Field(
+        default=None,
+        description="How spec.replicas spreads over pools: tier or weight (autoscaling.poolOrder).",
+    )
     cost_per_hour: float | None = Field(default=None, description="USD per hour for all desired replicas.")
     observed_cost: ObservedCost | None = Field(
         default=None, description="Cost and throughput of all serving pods now (see docs/cost.md)."

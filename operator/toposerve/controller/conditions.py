@@ -39,6 +39,10 @@ class PoolObs:
     blocked: str | None = None  # e.g. LeaderWorkerSet missing
     topology_key: str | None = None  # multi-node pools: the label whose domain holds a replica
     topology_reason: str | None = None
+    order: int | None = None  # place in the growth order (poolOrder tier)
+    room: int | None = None  # replicas free capacity lets it hold; None: unbounded
+    max_replicas: int | None = None
+    decode_step_ms: float | None = None
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,7 @@ class Observation:
     apply_error: str | None = None  # the API server refused a child: what and why
     notices: Sequence[tuple[str, str]] = ()  # (Reason, message) problems that do not stop serving
     cost: DeploymentCost | None = None  # observed cost and throughput (planner/cost.py)
+    pool_order: str | None = None  # tier or weight
 
 
 def _sig(value: float | None, digits: int = 4) -> float | None:
@@ -145,6 +150,10 @@ def compute_status(
                 pending_reason=pending,
                 topology_key=p.topology_key,
                 topology_reason=p.topology_reason,
+                order=p.order,
+                room=p.room,
+                max_replicas=p.max_replicas,
+                decode_step_ms=p.decode_step_ms,
                 cost_per_hour=round(
                     sum(pl.cost_per_hour_per_replica * pl.replicas for pl in p.placements), 4
                 ),
@@ -237,6 +246,7 @@ def compute_status(
         gpu_types=gpu_types,
         parallelism=f"{first.tensor_parallel}/{first.pipeline_parallel}" if first else None,
         pools=pools,
+        pool_order=obs.pool_order,
         cost_per_hour=round(sum(p.cost_per_hour or 0 for p in pools), 4),
         observed_cost=observed(obs.cost.total) if obs.cost else None,
     )

@@ -33,11 +33,12 @@ from toposerve.controller.cache import InventoryCache
 from toposerve.controller.children import ChildCache, resource_version
 from toposerve.controller.conditions import Observation, PlacementObs, PoolObs, compute_status
 from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
-from toposerve.controller.observe import parse_time, router_readiness, summarize
+from toposerve.controller.observe import PodFacts, parse_time, router_readiness, summarize
 from toposerve.controller.throughput import ThroughputSource, deployment_cost
+from toposerve.planner import poolorder
 from toposerve.planner.inventory import Inventory, PodShape, inventory_from_nodes, usage_by_node
 from toposerve.planner.memory import GIB
-from toposerve.planner.plan import DeploymentPlan, PoolPlan, plan_deployment
+from toposerve.planner.plan import DeploymentPlan, PoolPlan, assign_replicas, plan_deployment
 from toposerve.render.autoscaling import render_autoscaler
 from toposerve.render.objects import (
     LABEL_COMPONENT,
@@ -232,35 +233,33 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     events: list[tuple[str, str, bool]] = []
     lws_ok: bool | None = None
     returns_allowed = _cooled_down(previous, now, ctx.settings.return_cooldown_seconds)
+    type_plans = {pool.name: _type_plans(name, spec, pool, ctx, inv, dplan.engine) for pool in dplan.pools}
+    if not gpu_backed(dplan, ctx.config):
+        # the mock engine needs no GPUs, so there is nothing to fall back from
+        type_plans = {k: v[:1] for k, v in type_plans.items()}
+    worlds = {
+        pool.name: _world(pool.name, type_plans[pool.name], spec, dplan, ctx, inv, facts, current)
+        for pool in dplan.pools
+    }
+    # Which pool grows or shrinks (planner/poolorder.py): from what each pool's workloads run now,
+    # within the room free capacity gives it (unbounded without GPUs or with node provisioning).
+    running = {p.name: sum(n for (pool, _), n in current.items() if pool == p.name) for p in dplan.pools}
+    bounded = gpu_backed(dplan, ctx.config) and ctx.config.gpu_node_provisioning == "static"
+    rooms: dict[str, int | None] = {k: _room(k, w, facts) if bounded else None for k, w in worlds.items()}
+    dplan = assign_replicas(dplan, spec, ctx.config.catalog(), running, rooms)
+    if any(running.values()) and (
+        moved := poolorder.changes(running, {p.name: p.replicas for p in dplan.pools})
+    ):
+        events.append(("PoolsScaled", _pools_scaled(spec, dplan, moved), False))
     for pool in dplan.pools:
-        plans = _type_plans(name, spec, pool, ctx, inv, dplan.engine)
+        plans = type_plans[pool.name]
         if not plans:
-            pool_obs.append(PoolObs(name=pool.name, fits=False, reason=pool.reason))
+            pool_obs.append(
+                PoolObs(name=pool.name, fits=False, reason=pool.reason, max_replicas=pool.max_replicas)
+            )
             continue
-        if not gpu_backed(dplan, ctx.config):
-            plans = plans[:1]  # the mock engine needs no GPUs, so there is nothing to fall back from
         order = [p.gpu_type or "" for p in plans]
-        world = {}
-        for p in plans:
-            f = facts.get((pool.name, p.gpu_type or ""))
-            cap = inv.placeable_replicas(
-                p.gpu_type or "",
-                p.gpus_per_pod,
-                p.nodes_per_replica,
-                p.spot,
-                spec.placement.node_selector,
-                pod_tolerations(spec, p, ctx.config),
-                shape=PodShape(
-                    p.gpus_per_pod, p.cpu_per_pod, p.memory_gib_per_pod * GIB, p.ephemeral_gib_per_pod * GIB
-                ),
-                topology_key=p.topology_key,
-            )
-            world[p.gpu_type or ""] = TypeState(
-                replicas=current.get((pool.name, p.gpu_type or ""), 0),
-                stuck=f.stuck if f else 0,
-                pending=f.pending if f else 0,
-                capacity=cap if gpu_backed(dplan, ctx.config) else 0,
-            )
+        world = worlds[pool.name]
         alloc = allocate(order, pool.replicas, world, allow_return=returns_allowed)
         for mv in alloc.moves:
             if mv.reason == "NoCapacity":
@@ -326,6 +325,10 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 blocked=blocked,
                 topology_key=plans[0].topology_key,
                 topology_reason=plans[0].topology_reason,
+                order=pool.order,
+                room=pool.room,
+                max_replicas=pool.max_replicas,
+                decode_step_ms=pool.decode_step_ms,
             )
         )
     # The Service (and any other deployment-wide object) comes from the same renderer.
@@ -345,6 +348,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
             obs = Observation(
                 gen, spec.replicas, selector, endpoint, dplan.engine, dplan.engine_reason, pool_obs,
                 router=router, apply_error=msg, notices=notices,
+                pool_order=spec.autoscaling.effective_pool_order,
             )  # fmt: skip
             _write_status(ctx, body, obs, previous, now)
             if not _has_condition(previous, "Progressing", "ApplyFailed", msg):
@@ -383,6 +387,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         router=router,
         notices=notices,
         cost=cost,
+        pool_order=spec.autoscaling.effective_pool_order,
     )
     status = _write_status(ctx, body, obs, previous, now)
     pending = any(f.pending for f in facts.values())
@@ -402,6 +407,65 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     if evacuate_again is not None:
         result.requeue_after = min(result.requeue_after or evacuate_again, evacuate_again)
     return result
+
+
+def _world(
+    pool: str,
+    plans: list[PoolPlan],
+    spec: LLMDeploymentSpec,
+    dplan: DeploymentPlan,
+    ctx: Context,
+    inv: Inventory,
+    facts: Mapping[tuple[str, str], PodFacts],
+    current: Mapping[tuple[str, str], int],
+) -> dict[str, TypeState]:
+    """What the cluster says about each GPU type of one pool: its workload's replicas, pending and
+    stuck pods, and how many more replicas free capacity places."""
+    world = {}
+    for p in plans:
+        f = facts.get((pool, p.gpu_type or ""))
+        cap = inv.placeable_replicas(
+            p.gpu_type or "",
+            p.gpus_per_pod,
+            p.nodes_per_replica,
+            p.spot,
+            spec.placement.node_selector,
+            pod_tolerations(spec, p, ctx.config),
+            shape=PodShape(
+                p.gpus_per_pod, p.cpu_per_pod, p.memory_gib_per_pod * GIB, p.ephemeral_gib_per_pod * GIB
+            ),
+            topology_key=p.topology_key,
+        )
+        world[p.gpu_type or ""] = TypeState(
+            replicas=current.get((pool, p.gpu_type or ""), 0),
+            stuck=f.stuck if f else 0,
+            pending=f.pending if f else 0,
+            capacity=cap if gpu_backed(dplan, ctx.config) else 0,
+        )
+    return world
+
+
+def _room(pool: str, world: Mapping[str, TypeState], facts: Mapping[tuple[str, str], PodFacts]) -> int:
+    """Replicas a pool can hold now: its pods already bound to nodes plus what free capacity places
+    (a workload's replicas without a bound pod hold nothing yet)."""
+    types = []
+    for gpu, t in world.items():
+        f = facts.get((pool, gpu))
+        types.append((f.pods if f else 0, f.pending if f else 0, t.capacity))
+    return poolorder.room(types)
+
+
+def _pools_scaled(spec: LLMDeploymentSpec, plan: DeploymentPlan, moved: list[tuple[str, int, int]]) -> str:
+    """The Event text for a change of the pools' replicas: which pools, and by which rule."""
+    how = spec.autoscaling.effective_pool_order
+    if how == "weight":
+        rule = "split by pools[].weight"
+    else:
+        first = "fastest" if spec.placement.tier in poolorder.FASTEST_FIRST else "cheapest per token"
+        ranked = sorted((p for p in plan.pools if p.order is not None), key=lambda p: p.order or 0)
+        rule = f"tier order ({spec.placement.tier}: {first} first: {', '.join(p.name for p in ranked)})"
+    parts = ", ".join(f"pool {n} {a} -> {b}" for n, a, b in moved)
+    return f"spec.replicas {spec.replicas} over pools by {rule}: {parts}"
 
 
 def _evacuate(

@@ -14,8 +14,8 @@ changed. ``auto`` searches, smallest first:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
 
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
@@ -26,11 +26,10 @@ from toposerve.api.errors import SpecError
 from toposerve.api.gpus import GPUCatalog, GPUType
 from toposerve.api.nodelabels import GFD_CLIQUE
 from toposerve.api.spec import DTYPE_BYTES, Architecture, LLMDeploymentSpec, ParallelismSpec, PoolSpec
-from toposerve.planner import quantization, resources
+from toposerve.planner import poolorder, quantization, resources
 from toposerve.planner.cost import gpu_hourly_price
 from toposerve.planner.inventory import Inventory, PodShape, topology_key_for
 from toposerve.planner.memory import GIB, Fit, Layout, ModelMemory, evaluate
-from toposerve.planner.replicas import distribute
 from toposerve.planner.tiers import tier_order
 
 
@@ -86,6 +85,10 @@ class PoolPlan(_Out):
     cost_per_hour_per_replica: float = 0.0
     on_demand_cost_per_hour_per_replica: float = 0.0  # the baseline's replicas (spot pools)
     cost_per_hour: float = 0.0
+    decode_step_ms: float = 0.0  # estimated decode step of one replica (planner/poolorder.py)
+    order: int | None = None  # place in the growth order (poolOrder tier); None: weight split or no fit
+    room: int | None = None  # replicas the inventory can hold now (when the controller knows)
+    max_replicas: int | None = None  # pools[].maxReplicas
     alternatives: list[Rejected] = Field(default_factory=list)
     vllm_args: list[str] = Field(default_factory=list)
 
@@ -589,25 +592,8 @@ def plan_deployment(
         if pool_overrides and pool.name in pool_overrides:
             pool = pool.model_copy(update={"gpu_types": list(pool_overrides[pool.name])})
         plans.append(plan_pool(spec, pool, i, arch, ctx, config, catalog, inventory, need_gpus))
-    weights = [
-        (p.name, next(s.weight for s in _pools(spec) if s.name == p.name) if p.fits else 0) for p in plans
-    ]
-    # Warm standby (builtin autoscaling): loaded pods beyond spec.replicas, kept out of rotation by the
-    # autoscaler (autoscale/standby.py); they run, and cost, like serving ones.
-    standby = spec.autoscaling.warm_standby if spec.autoscaling.effective_mode == "builtin" else 0
-    shares = distribute(spec.replicas + standby, weights)
-    serving = distribute(spec.replicas, weights)
-    plans = [
-        p.model_copy(
-            update={
-                "replicas": shares[p.name],
-                "serving_replicas": serving[p.name],
-                "cost_per_hour": planned_cost(p, shares[p.name]),
-            }
-        )
-        for p in plans
-    ]
-    return DeploymentPlan(
+    plans = [p.model_copy(update={"decode_step_ms": _step_ms(p, catalog)}) for p in plans]
+    planned = DeploymentPlan(
         name=name,
         model=spec.model.name,
         gated=llm_catalog.gated(spec.model.name),
@@ -616,3 +602,66 @@ def plan_deployment(
         engine_reason=why,
         pools=plans,
     )
+    return assign_replicas(planned, spec, catalog)
+
+
+def _step_ms(p: PoolPlan, catalog: GPUCatalog) -> float:
+    if not p.fits or p.gpu_type is None or p.gpu_type not in catalog:
+        return 0.0
+    bandwidth = catalog.get(p.gpu_type).bandwidth_gbps
+    return round(poolorder.decode_step_ms(p.weights_gib_per_gpu, p.pipeline_parallel, bandwidth), 3)
+
+
+def assign_replicas(
+    plan: DeploymentPlan,
+    spec: LLMDeploymentSpec,
+    catalog: GPUCatalog,
+    current: Mapping[str, int] | None = None,
+    room: Mapping[str, int | None] | None = None,
+) -> DeploymentPlan:
+    """Spread spec.replicas (plus warm standby) over the pools by ``autoscaling.poolOrder``.
+
+    ``current``: replicas each pool's workloads run now (tier order grows and shrinks from there);
+    ``room``: replicas each pool's free capacity can hold now (the controller knows; None: unbounded).
+    """
+    current, room = current or {}, room or {}
+    specs = {s.name: s for s in _pools(spec)}
+    views = [
+        poolorder.PoolView(
+            name=p.name,
+            fits=p.fits,
+            step_ms=p.decode_step_ms,
+            generation=catalog.get(p.gpu_type).generation if p.gpu_type and p.gpu_type in catalog else 0,
+            cost_per_hour=p.cost_per_hour_per_replica,
+            weight=specs[p.name].weight,
+            max_replicas=specs[p.name].max_replicas,
+            room=room.get(p.name),
+            current=current.get(p.name, 0),
+        )
+        for p in plan.pools
+    ]
+    # Warm standby (builtin autoscaling): loaded pods beyond spec.replicas, kept out of rotation by the
+    # autoscaler (autoscale/standby.py); they run, and cost, like serving ones.
+    standby = spec.autoscaling.warm_standby if spec.autoscaling.effective_mode == "builtin" else 0
+    how = spec.autoscaling.effective_pool_order
+    tier = spec.placement.tier
+    totals = poolorder.split(spec.replicas + standby, how, tier, views)
+    if how == "weight":
+        serving = poolorder.split(spec.replicas, how, tier, views).replicas
+    else:  # the serving share fills the same order from scratch within each pool's total
+        bounded = [replace(v, max_replicas=totals.replicas[v.name], room=None, current=0) for v in views]
+        serving = poolorder.fill(spec.replicas, poolorder.rank(tier, views), bounded)
+    pools = [
+        p.model_copy(
+            update={
+                "replicas": totals.replicas[p.name],
+                "serving_replicas": serving[p.name],
+                "cost_per_hour": planned_cost(p, totals.replicas[p.name]),
+                "order": totals.place[p.name],
+                "room": room.get(p.name),
+                "max_replicas": specs[p.name].max_replicas,
+            }
+        )
+        for p in plan.pools
+    ]
+    return plan.model_copy(update={"pools": pools})
