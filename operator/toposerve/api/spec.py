@@ -12,7 +12,16 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, WithJsonSchema, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
@@ -471,6 +480,20 @@ class ForecastSpec(_Model):
     )
 
 
+class TTFTSLO(_Model):
+    """A time-to-first-token objective: the quantile of vllm:time_to_first_token_seconds to keep under."""
+
+    seconds: float = Field(gt=0, le=3600, description="The TTFT the quantile must stay under, in seconds.")
+    quantile: float = Field(
+        default=0.95, gt=0, lt=1, description="Which quantile of the TTFT histogram (0.95: p95)."
+    )
+
+
+TTFT_HPA_MESSAGE = (
+    "ttftSLO needs mode builtin or keda: an HPA would read it as an External metric, which needs a "
+    "metrics adapter that serves a histogram quantile"
+)
+
 AutoscalingMode = Literal["builtin", "hpa", "keda", "off"]
 
 
@@ -484,8 +507,22 @@ class AutoscalingSpec(_Model):
         "Prometheus or the pods' /metrics), hpa (a rendered autoscaling/v2 HorizontalPodAutoscaler, needs a "
         "custom metrics adapter), keda (a rendered KEDA ScaledObject with Prometheus triggers) or off.",
     )
+    ttft_slo: TTFTSLO | None = Field(
+        alias="ttftSLO",
+        default=None,
+        description="Also scale on time to first token: desired = ceil(replicas x observed quantile / "
+        "seconds), the largest proposal wins (builtin and keda modes).",
+    )
     min_replicas: int = Field(default=1, ge=0, le=1000, description="Lower bound.")
     max_replicas: int = Field(default=4, ge=1, le=1000, description="Upper bound.")
+
+    @field_validator("ttft_slo")
+    @classmethod
+    def _ttft_not_for_hpa(cls, v: TTFTSLO | None, info: ValidationInfo) -> TTFTSLO | None:
+        if v is not None and info.data.get("mode") == "hpa":
+            raise ValueError(TTFT_HPA_MESSAGE)
+        return v
+
     target_kv_cache_utilization: float = Field(
         alias="targetKVCacheUtilization",
         default=0.70,
@@ -593,6 +630,11 @@ class AutoscalingSpec(_Model):
                     "rule": "!has(self.mode) || self.mode != 'hpa' || !has(self.minReplicas) || self.minReplicas >= 1",
                     "message": "mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)",
                     "fieldPath": ".minReplicas",
+                },
+                {
+                    "rule": "!has(self.mode) || self.mode != 'hpa' || !has(self.ttftSLO)",
+                    "message": TTFT_HPA_MESSAGE,
+                    "fieldPath": ".ttftSLO",
                 },
                 {
                     "rule": "!has(self.mode) || !(self.mode in ['hpa', 'keda']) || !has(self.warmStandby) || "

@@ -117,6 +117,19 @@ class AutoscalingInputs(_Status):
     )
     missing_metrics: int = Field(default=0, description="Ready replicas without fresh metrics.")
     held_requests: int = Field(default=0, description="Requests the router holds at zero replicas.")
+    ttft_seconds: float | None = Field(
+        default=None,
+        description="The TTFT quantile of ttftSLO over the metrics window (vllm:time_to_first_token_seconds); "
+        "absent when no request started in the window or the data is missing.",
+    )
+    ttft_slo_seconds: float | None = Field(
+        alias="ttftSLOSeconds",
+        default=None,
+        description="The SLO it was compared with (spec.autoscaling.ttftSLO).",
+    )
+    ttft_missing: bool | None = Field(
+        default=None, description="An SLO is set and no fresh TTFT came: no scale-down."
+    )
 
 
 class Sample(_Status):

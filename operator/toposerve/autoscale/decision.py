@@ -78,10 +78,14 @@ class Config:
     down: Rules
     startup_grace: float
     warm_standby: int = 0
+    ttft_slo: float | None = None  # seconds the TTFT quantile must stay under; None: no TTFT input
+    ttft_quantile: float = 0.95
 
     @classmethod
     def from_spec(cls, a: AutoscalingSpec) -> Config:
         return cls(
+            ttft_slo=a.ttft_slo.seconds if a.ttft_slo else None,
+            ttft_quantile=a.ttft_slo.quantile if a.ttft_slo else 0.95,
             min_replicas=a.min_replicas,
             max_replicas=a.max_replicas,
             target_kv=a.target_kv_cache_utilization,
@@ -117,6 +121,9 @@ class Inputs:
     schedule_floor: int = 0
     schedule_name: str = ""
     forecast_floor: int = 0
+    # The TTFT quantile over the serving replicas in the metrics window (seconds); None: unknown.
+    ttft: float | None = None
+    ttft_idle: bool = False  # fresh data, but no request started in the window: TTFT says nothing
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,8 @@ class Decision:
     missing: int  # ready, no fresh metrics
     current: int  # spec.replicas the decision started from
     promote: int = 0  # warm standby replicas to put into rotation now
+    ttft: float | None = None  # the TTFT quantile decided on (None: no SLO, idle or unknown)
+    ttft_missing: bool = False  # an SLO is set and no fresh TTFT came: no scale-down
     limited: str = ""  # ScaleUpLimit, ScaleDownLimit, TooManyReplicas... when a limit bit
     history: History = field(default_factory=History)
 
@@ -194,6 +203,21 @@ def metric_replicas(
     if (new_ratio < 1.0 and new > current) or (new_ratio > 1.0 and new < current):
         return current
     return new
+
+
+def ttft_replicas(observed: float, slo: float, current: int, ready: int, tolerance: float) -> int:
+    """The TTFT proposal: ceil(ready x observed / slo) outside the tolerance band.
+
+    The quantile is one number for the whole deployment, measured on the ready replicas, so they
+    are the base; replicas still starting are in ``current`` and count as capacity on the way (a
+    scale-up that they already cover keeps the count). Never against the signal: a TTFT over the
+    SLO never proposes fewer replicas than now, one under it never more.
+    """
+    ratio = observed / slo
+    if _within(ratio, tolerance):
+        return current
+    new = _ceil(ratio * ready)
+    return max(new, current) if ratio > 1.0 else min(new, current)
 
 
 # ---- behaviour: stabilization and rate limits -------------------------------------------------
@@ -330,6 +354,15 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
     if not inputs.source_ok:
         fresh_kv, fresh_wait, fresh_run = [], [], []
     metrics_ok = inputs.source_ok and missing == 0
+    ttft = (
+        inputs.ttft if inputs.source_ok and inputs.ttft is not None and math.isfinite(inputs.ttft) else None
+    )
+    if ttft is not None and ttft < 0:
+        ttft = None
+    # An SLO without a fresh TTFT (and not merely idle) forbids a scale-down, as a missing KV sample does.
+    ttft_missing = cfg.ttft_slo is not None and ttft is None and not (inputs.source_ok and inputs.ttft_idle)
+    if cfg.ttft_slo is None:
+        ttft = None
 
     def done(
         desired: int, reason: str, message: str, proposal: int, hist: History, limited: str = ""
@@ -339,7 +372,8 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
             floor_source=floor_source, metrics_ok=metrics_ok, kv=_mean(fresh_kv), waiting=_mean(fresh_wait),
             running=_mean(fresh_run), ready=len(ready), starting=starting, stuck=stuck, missing=missing,
             current=current, promote=min(max(0, desired - current), inputs.standby_ready), limited=limited,
-            history=record_scale(_prune(hist, cfg, now), now, current, desired),
+            history=record_scale(_prune(hist, cfg, now), now, current, desired), ttft=ttft,
+            ttft_missing=ttft_missing,
         )  # fmt: skip
 
     # reconcileAutoscaler's guards, with scale from zero on held requests added.
@@ -378,11 +412,14 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
     if fresh_wait:
         n = metric_replicas(fresh_wait, cfg.target_waiting, current, starting, missing, cfg.tolerance)
         proposals.append((n, "waiting requests"))
+    if ttft is not None and cfg.ttft_slo is not None and ready:
+        n = ttft_replicas(ttft, cfg.ttft_slo, current, len(ready), cfg.tolerance)
+        proposals.append((n, f"TTFT p{cfg.ttft_quantile * 100:g}"))
     if not proposals:
         why = "metrics source unavailable" if not inputs.source_ok else "no ready replica has fresh metrics"
         return done(current, "MetricsUnavailable", f"{why}: holding {current} replicas", current, history)
     proposal, metric = max(proposals)
-    if not metrics_ok:
+    if not metrics_ok or ttft_missing:
         proposal = max(proposal, current)  # never scale down on partial data
     recommendation = min(max(proposal, floor), cfg.max_replicas)
     # No history (a new deployment, or status lost): as if the current count was just recommended,
@@ -411,6 +448,8 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
         reason, msg = "WithinTolerance", "metrics within tolerance of their targets"
     if not metrics_ok:
         msg += f"; {missing} ready replica(s) without fresh metrics: no scale-down"
+    if ttft_missing:
+        msg += "; no fresh TTFT for the SLO: no scale-down"
     if starting and desired >= current:
         msg += f"; {starting} replica(s) starting count as capacity on the way"
     return done(desired, reason, msg, proposal, hist, limited)

@@ -29,7 +29,7 @@ from toposerve.api.manifest import parse_spec
 from toposerve.api.spec import AutoscalingSpec
 from toposerve.autoscale.decision import Config, Decision, Inputs, decide
 from toposerve.autoscale.forecast import demand_floor
-from toposerve.autoscale.report import event_of, history_from_status, replicas, status_of
+from toposerve.autoscale.report import TTFT, event_of, history_from_status, replicas, status_of
 from toposerve.autoscale.schedule import schedule_floor
 from toposerve.autoscale.sources import PrometheusSource, Source, source_for
 from toposerve.autoscale.standby import Pod as StandbyPod
@@ -158,6 +158,12 @@ class Autoscaler:
         if current == 0:  # scale from zero: what the routers hold is the only demand there is
             routers = [p for p in self._pods(ns, name) if _component(p) == "router"]
             held = self.source.held(ns, name, routers)
+        ttft = TTFT()
+        if a.ttft_slo is not None and reading.ok:
+            try:
+                ttft = self.source.ttft(ns, name, a.ttft_slo.quantile, a.metrics_window_seconds)
+            except Exception as e:  # a source that raises anyway: unknown, so no scale-down
+                log.warning("TTFT for %s/%s unavailable: %s", ns, name, e)
         inputs = Inputs(
             now=now,
             current=current,
@@ -168,13 +174,16 @@ class Autoscaler:
             forecast_floor=forecast or 0,
             held_requests=held,
             standby_ready=sum(1 for p in spares if _ready(p)),
+            ttft=ttft.seconds,
+            ttft_idle=ttft.idle,
         )
         d = decide(Config.from_spec(a), inputs, history_from_status(status))
         self._note_override(body, status, current)
         if d.desired != current:
             if not self._scale(body, ns, name, d.desired):
                 return d  # somebody changed it meanwhile: decide again next time, record nothing
-            reason, msg = event_of(d, a.target_kv_cache_utilization)
+            slo = a.ttft_slo.seconds if a.ttft_slo else None
+            reason, msg = event_of(d, a.target_kv_cache_utilization, slo)
             log.info("%s/%s: %s", ns, name, msg)
             self.kube.event(body, reason, msg)
         if a.warm_standby or spares:
@@ -186,7 +195,14 @@ class Autoscaler:
             name,
             {
                 "autoscaling": status_of(
-                    d, reading, "builtin", _rfc3339(now), status, held_requests=held, forecast=forecast
+                    d,
+                    reading,
+                    "builtin",
+                    _rfc3339(now),
+                    status,
+                    held_requests=held,
+                    forecast=forecast,
+                    ttft_slo=a.ttft_slo.seconds if a.ttft_slo else None,
                 )
             },
         )

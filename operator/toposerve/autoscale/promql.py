@@ -34,3 +34,23 @@ def held(router_sel: str) -> str:
 def waiting_or_held(sel: str, router_sel: str, window_s: int) -> str:
     """Waiting requests on the engines plus those the routers hold: what wakes a deployment at zero."""
     return f"({total(WAITING, sel, window_s)}) + ({held(router_sel)})"
+
+
+TTFT = "vllm:time_to_first_token_seconds"  # a histogram: _bucket{le}, _count, _sum
+
+
+def ttft_quantile(sel: str, quantile: float, window_s: int) -> str:
+    """The deployment's TTFT quantile over the window, from the engines' summed bucket rates (so
+    every request counts once, whichever pod served it). NaN when no request started in the window."""
+    return f"histogram_quantile({quantile:g}, sum by (le) (rate({TTFT}_bucket{{{sel}}}[{window_s}s])))"
+
+
+def ttft_requests(sel: str, window_s: int) -> str:
+    """Requests per second whose first token the window saw; no series at all means no data."""
+    return f"sum(rate({TTFT}_count{{{sel}}}[{window_s}s]))"
+
+
+def ttft_trigger(sel: str, quantile: float, window_s: int) -> str:
+    """For KEDA (metricType Value): the quantile, 0 when idle (NaN fails the comparison and the
+    empty result becomes 0), so an idle deployment is not held up by TTFT."""
+    return f"({ttft_quantile(sel, quantile, window_s)} >= 0) or vector(0)"

@@ -17,12 +17,23 @@ from prometheus_client.parser import text_string_to_metric_families
 from toposerve.autoscale import promql
 from toposerve.autoscale.decision import Decision, History, Replica
 
+Buckets = tuple[tuple[float, float], ...]  # (upper bound le, cumulative count), ascending, +Inf last
+
 
 @dataclass(frozen=True)
 class PodSample:
     kv: float | None = None
     waiting: float | None = None
     running: float | None = None
+    ttft_buckets: Buckets = ()  # vllm:time_to_first_token_seconds, cumulative since the engine started
+
+
+@dataclass(frozen=True)
+class TTFT:
+    """The deployment's TTFT quantile over the window, or why there is none."""
+
+    seconds: float | None = None
+    idle: bool = False  # fresh data, no request started in the window: nothing to say, nothing missing
 
 
 @dataclass(frozen=True)
@@ -113,9 +124,12 @@ def prometheus_samples(
 
 
 def parse_metrics_text(text: str) -> PodSample:
-    """vLLM's /metrics text -> the three gauges (summed over model_name series); garbage -> empty."""
+    """vLLM's /metrics text -> the three gauges and the TTFT buckets (summed over model_name
+    series); garbage -> empty."""
     found: dict[str, float] = {}
+    buckets: dict[float, float] = {}
     want = {promql.KV, promql.WAITING, promql.RUNNING}
+    bucket_name = f"{promql.TTFT}_bucket"
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
@@ -123,9 +137,75 @@ def parse_metrics_text(text: str) -> PodSample:
                     x = _number(s.value)
                     if x is not None:
                         found[s.name] = found.get(s.name, 0.0) + x
+                elif s.name == bucket_name:
+                    le, n = _le(s.labels.get("le")), _number(s.value)
+                    if le is not None and n is not None:
+                        buckets[le] = buckets.get(le, 0.0) + n
     except Exception:  # the parser raises ValueError and others on malformed text
         return PodSample()
-    return PodSample(found.get(promql.KV), found.get(promql.WAITING), found.get(promql.RUNNING))
+    return PodSample(
+        found.get(promql.KV),
+        found.get(promql.WAITING),
+        found.get(promql.RUNNING),
+        tuple(sorted(buckets.items())),
+    )
+
+
+def _le(raw: Any) -> float | None:
+    try:
+        x = float(raw)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(x) else x
+
+
+# ---- TTFT from histogram buckets ------------------------------------------------------------------
+
+
+def histogram_quantile(q: float, buckets: Buckets) -> float | None:
+    """Prometheus' histogram_quantile on cumulative buckets: linear inside the bucket the rank
+    falls in (from 0 for the first), the highest finite bound when it falls in +Inf; None without
+    observations or without a +Inf bucket."""
+    if not buckets or not math.isinf(buckets[-1][0]) or not 0 <= q <= 1:
+        return None
+    total = buckets[-1][1]
+    if total <= 0:
+        return None
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for le, count in buckets:
+        if count >= rank:
+            if math.isinf(le):
+                return lower
+            if count == below:
+                return le
+            return lower + (le - lower) * (rank - below) / (count - below)
+        lower, below = le, count
+    return lower
+
+
+def bucket_delta(before: Buckets, after: Buckets) -> Buckets:
+    """The observations between two reads of one pod's buckets; a counter that went down (the
+    engine restarted) counts from zero, as Prometheus' rate does."""
+    prev = dict(before)
+    if any(n < prev.get(le, 0.0) for le, n in after):
+        return after
+    return tuple((le, n - prev.get(le, 0.0)) for le, n in after)
+
+
+def summed(parts: Iterable[Buckets]) -> Buckets:
+    out: dict[float, float] = {}
+    for b in parts:
+        for le, n in b:
+            out[le] = out.get(le, 0.0) + n
+    return tuple(sorted(out.items()))
+
+
+def ttft_of(window: Buckets, quantile: float) -> TTFT:
+    """The TTFT over a window of bucket deltas: idle when nothing was observed."""
+    if window and math.isinf(window[-1][0]) and window[-1][1] <= 0:
+        return TTFT(None, idle=True)
+    return TTFT(histogram_quantile(quantile, window))
 
 
 # ---- pods -> replicas -------------------------------------------------------------------------
@@ -196,10 +276,16 @@ def status_of(
     previous: Mapping[str, Any] | None,
     held_requests: int = 0,
     forecast: int | None = None,
+    ttft_slo: float | None = None,
 ) -> dict[str, Any]:
     """status.autoscaling for a decision (camelCase, as the CRD's status schema has it)."""
     prev = (previous or {}).get("autoscaling") or {}
     scaled = d.desired != d.current
+    slo = (
+        {"ttftSLOSeconds": ttft_slo, "ttftSeconds": _round(d.ttft), "ttftMissing": d.ttft_missing}
+        if ttft_slo
+        else {}
+    )
     return {
         "mode": mode,
         "source": reading.source if reading.ok else f"{reading.source} (unavailable: {reading.error})"[:1024],
@@ -221,6 +307,7 @@ def status_of(
             "stuckReplicas": d.stuck,
             "missingMetrics": d.missing,
             "heldRequests": held_requests,
+            **slo,
         },
         "lastDecisionTime": now_rfc3339,
         "lastScaleTime": now_rfc3339 if scaled else prev.get("lastScaleTime"),
@@ -230,15 +317,18 @@ def status_of(
     }
 
 
-def event_of(d: Decision, target_kv: float) -> tuple[str, str]:
+def event_of(d: Decision, target_kv: float, ttft_slo: float | None = None) -> tuple[str, str]:
     """(reason, message) of the Event for a change of spec.replicas."""
     reason = "ScaledUp" if d.desired > d.current else "ScaledDown"
     kv = "n/a" if d.kv is None else f"{d.kv:.2f}"
     waiting = "n/a" if d.waiting is None else f"{d.waiting:.1f}"
     msg = (
         f"spec.replicas {d.current} -> {d.desired} ({d.reason}): {d.message}; kv-cache {kv} (target "
-        f"{target_kv:.2f}), waiting {waiting}/replica, floor {d.floor} ({d.floor_source})"
+        f"{target_kv:.2f}), waiting {waiting}/replica"
     )
+    if ttft_slo is not None:
+        msg += f", TTFT {'n/a' if d.ttft is None else f'{d.ttft:.3f}s'} (SLO {ttft_slo:g}s)"
+    msg += f", floor {d.floor} ({d.floor_source})"
     if d.promote:
         msg += f"; {d.promote} warm standby promoted"
     return reason, msg

@@ -22,13 +22,18 @@ from typing import Any, Protocol
 from toposerve.autoscale import promql
 from toposerve.autoscale.forecast import slice_times
 from toposerve.autoscale.report import (
+    TTFT,
+    Buckets,
     PodSample,
     Reading,
+    bucket_delta,
     parse_matrix,
     parse_metrics_gauge,
     parse_metrics_text,
     parse_vector,
     prometheus_samples,
+    summed,
+    ttft_of,
     vector_sum,
 )
 from toposerve.render.objects import ENGINE_PORT, ROUTER_PORT
@@ -43,6 +48,10 @@ class Source(Protocol):
 
     def held(self, namespace: str, name: str, routers: Sequence[Mapping[str, Any]]) -> int:
         """Requests the deployment's routers hold at zero replicas (0 when unknown)."""
+        ...
+
+    def ttft(self, namespace: str, name: str, quantile: float, window_s: int) -> TTFT:
+        """The deployment's TTFT quantile over the window (``TTFT()``: unknown, never raises)."""
         ...
 
 
@@ -87,6 +96,20 @@ class PrometheusSource:
             return 0
         return max(0, round(total or 0))
 
+    def ttft(self, namespace: str, name: str, quantile: float, window_s: int) -> TTFT:
+        sel = promql.selector(self.selector, namespace, name)
+        try:
+            prom = self._prom()
+            requests = vector_sum(prom.custom_query(promql.ttft_requests(sel, window_s)))
+            seconds = vector_sum(prom.custom_query(promql.ttft_quantile(sel, quantile, window_s)))
+        except Exception:  # down, slow, garbage: unknown, so no scale-down
+            return TTFT()
+        if requests is None:
+            return TTFT()  # no series at all (stale, or never scraped): missing
+        if requests <= 0:
+            return TTFT(None, idle=True)
+        return TTFT(seconds)  # None when the quantile came back NaN or empty
+
     def history(
         self,
         namespace: str,
@@ -118,6 +141,10 @@ class ScrapeSource:
 
     def __init__(self, timeout: float = 2.0, port: int = ENGINE_PORT) -> None:
         self.timeout, self.port = timeout, port
+        # TTFT from bucket deltas between two scrapes: each pod's last buckets, and per deployment
+        # the observations between its last two reads (None: no baseline yet).
+        self._buckets: dict[tuple[str, str], dict[str, Buckets]] = {}
+        self._window: dict[tuple[str, str], Buckets | None] = {}
 
     def _get(self, ip: str, port: int) -> str | None:
         try:
@@ -147,10 +174,26 @@ class ScrapeSource:
             if (p.get("status") or {}).get("podIP")
         ]
         if not targets:
+            self._remember(namespace, name, {})
             return Reading("scrape", True, {})
         with ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
             got = list(pool.map(lambda t: self._scrape(t[1]), targets))
-        return Reading("scrape", True, {pod: s for (pod, _), s in zip(targets, got, strict=True)})
+        samples = {pod: s for (pod, _), s in zip(targets, got, strict=True)}
+        self._remember(namespace, name, samples)
+        return Reading("scrape", True, samples)
+
+    def _remember(self, namespace: str, name: str, samples: Mapping[str, PodSample]) -> None:
+        key = (namespace, name)
+        before = self._buckets.get(key, {})
+        now = {pod: s.ttft_buckets for pod, s in samples.items() if s.ttft_buckets}
+        deltas = [bucket_delta(before[pod], b) for pod, b in now.items() if pod in before]
+        self._window[key] = summed(deltas) if deltas else None
+        self._buckets[key] = now
+
+    def ttft(self, namespace: str, name: str, quantile: float, window_s: int) -> TTFT:
+        """From the last two reads (the sync period apart), not ``window_s``: /metrics has no history."""
+        window = self._window.get((namespace, name))
+        return TTFT() if window is None else ttft_of(window, quantile)
 
 
 def source_for(prometheus_url: str | None, selector: str, router_selector: str = "") -> Source:

@@ -139,11 +139,13 @@ def render_scaled_object(
 
     router_sel = promql.selector(config.prometheus_router_selector, namespace, name)
 
-    def prometheus(trigger: str, query: str, threshold: float) -> dict[str, Any]:
+    def prometheus(
+        trigger: str, query: str, threshold: float, metric_type: str = "AverageValue"
+    ) -> dict[str, Any]:
         return {
             "type": "prometheus",
             "name": trigger,
-            "metricType": "AverageValue",
+            "metricType": metric_type,
             "metadata": {
                 "serverAddress": config.prometheus_url,
                 "query": query,
@@ -161,6 +163,11 @@ def render_scaled_object(
         ),
         *(cron_trigger(w) for w in a.schedules),
     ]
+    if a.ttft_slo is not None:
+        # One quantile for the whole deployment, so metricType Value: the HPA underneath computes
+        # ceil(replicas x TTFT / SLO), the builtin decision's TTFT proposal.
+        q = promql.ttft_trigger(sel, a.ttft_slo.quantile, window)
+        triggers.insert(2, prometheus("ttft", q, a.ttft_slo.seconds, metric_type="Value"))
     ctx = _Ctx(
         object_name=autoscaler_name(name),
         namespace=namespace,

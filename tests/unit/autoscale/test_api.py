@@ -62,7 +62,21 @@ BAD = [
      "spec.autoscaling", "schedule names must be unique"),
     ({"enabled": True, "scaleUp": {"selectPolicy": "Sometimes"}}, "spec.autoscaling.scaleUp.selectPolicy",
      "Input should be 'Max', 'Min' or 'Disabled'"),
+    ({"enabled": True, "mode": "hpa", "ttftSLO": {"seconds": 1}}, "spec.autoscaling.ttftSLO",
+     "ttftSLO needs mode builtin or keda: an HPA would read it as an External metric, which needs a metrics "
+     "adapter that serves a histogram quantile"),
+    ({"enabled": True, "ttftSLO": {"seconds": 0}}, "spec.autoscaling.ttftSLO.seconds", "greater than 0"),
+    ({"enabled": True, "ttftSLO": {"seconds": 1, "quantile": 1}}, "spec.autoscaling.ttftSLO.quantile",
+     "less than 1"),
+    ({"enabled": True, "ttftSLO": {"quantile": 0.9}}, "spec.autoscaling.ttftSLO.seconds", "Field required"),
+    ({"enabled": True, "ttftSLO": {"seconds": 1, "p": 99}}, "spec.autoscaling.ttftSLO.p", "Extra inputs"),
 ]  # fmt: skip
+
+
+def test_ttft_slo_defaults_to_p95_and_is_fine_in_builtin_and_keda_modes() -> None:
+    for mode in ("builtin", "keda"):
+        slo = parse_spec(spec(enabled=True, mode=mode, ttftSLO={"seconds": 2})).autoscaling.ttft_slo
+        assert slo is not None and (slo.seconds, slo.quantile) == (2.0, 0.95)
 
 
 @pytest.mark.parametrize(("auto", "field", "message"), BAD, ids=[b[2] for b in BAD])
@@ -85,6 +99,8 @@ def test_the_crd_carries_the_same_rules_for_the_api_server() -> None:
         "schedules need mode builtin or keda (an HPA has no schedules)",
         "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)",
         "mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)",
+        "ttftSLO needs mode builtin or keda: an HPA would read it as an External metric, which needs a "
+        "metrics adapter that serves a histogram quantile",
     } <= messages
     props = auto["properties"]
     assert props["mode"]["enum"] == ["builtin", "hpa", "keda", "off"]

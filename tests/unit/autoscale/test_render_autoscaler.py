@@ -216,3 +216,23 @@ def test_router_holds_requests_when_the_deployment_may_scale_from_zero() -> None
     (so,), _ = render(with_auto(mode="keda", minReplicas=0))
     waiting = so["spec"]["triggers"][1]["metadata"]["query"]
     assert "toposerve_router_held_requests{" in waiting and 'app_kubernetes_io_component="router"' in waiting
+
+
+def test_keda_mode_adds_a_ttft_trigger_of_metric_type_value() -> None:
+    raw = with_auto(mode="keda", metricsWindowSeconds=30, ttftSLO={"seconds": 1.5, "quantile": 0.9})
+    (so,), _ = render(raw)
+    assert errors(keda_validator(), so) == []
+    kv, waiting, ttft = so["spec"]["triggers"]
+    sel = 'namespace="team-a",toposerve_io_deployment="llm",app_kubernetes_io_component="engine"'
+    assert ttft["name"] == "ttft" and ttft["metricType"] == "Value"
+    assert ttft["metadata"] == {
+        "serverAddress": "http://prometheus.monitoring:9090",
+        "query": f"(histogram_quantile(0.9, sum by (le) (rate(vllm:time_to_first_token_seconds_bucket{{{sel}}}"
+        "[30s]))) >= 0) or vector(0)",
+        "threshold": "1.5",
+        "activationThreshold": "0",
+    }
+    assert kv["metricType"] == waiting["metricType"] == "AverageValue"
+    # without an SLO, no TTFT trigger
+    (plain,), _ = render(with_auto(mode="keda"))
+    assert [t["name"] for t in plain["spec"]["triggers"]] == ["kv-cache", "waiting-requests"]
