@@ -281,3 +281,23 @@ def test_promql_ttft_queries() -> None:
         promql.ttft_requests('a="b"', 30) == 'sum(rate(vllm:time_to_first_token_seconds_count{a="b"}[30s]))'
     )
     assert promql.ttft_trigger('a="b"', 0.95, 30).endswith(">= 0) or vector(0)")
+
+
+def test_the_mock_engines_real_metrics_page_gives_the_same_quantile_as_its_observations() -> None:
+    """The /metrics text vLLM's names produce (the mock engine's prometheus_client registry, vLLM's
+    TTFT buckets), parsed and differenced as ScrapeSource does."""
+    from toposerve.mockengine.metrics import TTFT_BUCKETS, EngineMetrics
+
+    m = EngineMetrics("m", {"block_size": "16"})
+    before = parse_metrics_text(m.render().decode())
+    for x in [0.03] * 90 + [0.3] * 10:
+        m.ttft.labels("m").observe(x)
+    after = parse_metrics_text(m.render().decode())
+    assert [le for le, _ in after.ttft_buckets] == [*TTFT_BUCKETS, INF]
+    window = bucket_delta(before.ttft_buckets, after.ttft_buckets)
+    p50 = ttft_of(window, 0.5).seconds
+    p95 = ttft_of(window, 0.95).seconds
+    assert p50 is not None and p95 is not None
+    # each lies in the bucket that holds the true value (0.03 and 0.3)
+    assert max(le for le in TTFT_BUCKETS if le < 0.03) < p50 <= min(le for le in TTFT_BUCKETS if le >= 0.03)
+    assert max(le for le in TTFT_BUCKETS if le < 0.3) < p95 <= min(le for le in TTFT_BUCKETS if le >= 0.3)
