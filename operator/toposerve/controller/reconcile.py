@@ -465,7 +465,9 @@ def _pools_scaled(spec: LLMDeploymentSpec, plan: DeploymentPlan, moved: list[tup
         ranked = sorted((p for p in plan.pools if p.order is not None), key=lambda p: p.order or 0)
         rule = f"tier order ({spec.placement.tier}: {first} first: {', '.join(p.name for p in ranked)})"
     parts = ", ".join(f"pool {n} {a} -> {b}" for n, a, b in moved)
-    return f"spec.replicas {spec.replicas} over pools by {rule}: {parts}"
+    standby = sum(p.replicas - p.serving_replicas for p in plan.pools)
+    extra = f" (+{standby} warm standby)" if standby else ""
+    return f"spec.replicas {spec.replicas}{extra} over pools by {rule}: {parts}"
 
 
 def _evacuate(

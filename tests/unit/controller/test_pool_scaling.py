@@ -136,3 +136,17 @@ def test_without_autoscaling_the_weight_split_stays() -> None:
     assert kube.workloads() == {"h100": 2, "a100": 2}
     assert kube.body["status"]["poolOrder"] == "weight"
     assert all("order" not in p for p in kube.body["status"]["pools"])
+
+
+def test_the_event_counts_warm_standby_in_the_pools() -> None:
+    b = body(1)
+    b["spec"]["autoscaling"]["warmStandby"] = 1
+    kube = FakeKube(b, [node("h", "NVIDIA-H100-80GB-HBM3", 8), node("a", "NVIDIA-A100-SXM4-40GB", 8)])
+    ctx = Context(kube=kube, config=OperatorConfig())  # type: ignore[arg-type]
+    reconcile(ctx, "ns", "llm")
+    assert kube.workloads() == {"h100": 2, "a100": 0}
+    kube.body["spec"]["replicas"] = 2
+    reconcile(ctx, "ns", "llm")
+    assert kube.workloads() == {"h100": 2, "a100": 1}  # the H100 node is full: the standby on A100
+    assert kube.events[-1][0] == "PoolsScaled"
+    assert kube.events[-1][1].startswith("spec.replicas 2 (+1 warm standby) over pools by tier order")
