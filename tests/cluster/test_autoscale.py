@@ -350,3 +350,62 @@ def test_warm_standby_is_out_of_rotation_and_promoted_on_scale_up(
     assert "StandbyPromoted" in reasons, reasons
     promo = next(e for e in events(cluster, namespace, name) if e["reason"] == "StandbyPromoted")
     assert spare in promo["message"]
+
+
+def pool_replicas(cluster: Cluster, namespace: str, name: str) -> dict[str, int]:
+    deploy = json.loads(
+        kubectl(cluster, "get", "deployments", "-n", namespace, "-l",
+                f"toposerve.io/deployment={name},app.kubernetes.io/component!=router", "-o", "json").stdout
+    )["items"]  # fmt: skip
+    out: dict[str, int] = {}
+    for d in deploy:
+        pool = d["metadata"]["labels"]["toposerve.io/pool"]
+        out[pool] = out.get(pool, 0) + d["spec"]["replicas"]
+    return out
+
+
+def test_ttft_slo_scales_up_into_pools_in_tier_order_and_back(
+    cluster: Cluster, namespace: str, scaling_operator: Operator
+) -> None:
+    """A TTFT SLO no engine can meet (KV and waiting targets out of reach) scales up through the
+    real Prometheus's histogram_quantile; the new replica goes to the next pool in the
+    latency-critical order (the faster L40S pool is at its maxReplicas), and once the load stops
+    (idle: TTFT says nothing) the count comes back down, removing from the end of the order."""
+    name = "ttftpools"
+    m = manifest(name)
+    spec = m["spec"]
+    spec["placement"] = {"tier": "latency-critical"}
+    spec["pools"] = [
+        {"name": "l4", "gpuTypes": ["L4"]},
+        {"name": "l40s", "gpuTypes": ["L40S"], "maxReplicas": 1},
+    ]
+    spec["autoscaling"].update(
+        {"maxReplicas": 2, "targetKVCacheUtilization": 1.0, "targetWaitingRequests": 10000,
+         "ttftSLO": {"seconds": 0.005}}
+    )  # fmt: skip
+    assert apply(cluster, namespace, m).returncode == 0
+    wait_condition(cluster, namespace, name, "Ready", "True", timeout=180)
+    obj = get_llmd(cluster, namespace, name)
+    pools = {p["name"]: p for p in obj["status"]["pools"]}
+    assert obj["status"]["poolOrder"] == "tier"
+    assert (pools["l40s"]["order"], pools["l4"]["order"]) == (1, 2), pools
+    assert pool_replicas(cluster, namespace, name) == {"l40s": 1, "l4": 0}
+
+    router = wait_for(lambda: (r := ips(cluster, namespace, name)) and r[0], "a ready router")
+    with Load(f"http://{router}:8080", workers=4, prompt_tokens=300, max_tokens=20) as load:
+        wait_for(lambda: get_llmd(cluster, namespace, name)["spec"]["replicas"] == 2, "a scale-up on TTFT",
+                 timeout=240, every=1)  # fmt: skip
+        up = [e for e in events(cluster, namespace, name) if e["reason"] == "ScaledUp"]
+        assert up and "TTFT p95 above target" in up[0]["message"], up
+        inputs = get_llmd(cluster, namespace, name)["status"]["autoscaling"]["inputs"]
+        assert inputs["ttftSLOSeconds"] == 0.005 and inputs["ttftSeconds"] > 0.005, inputs
+        wait_for(lambda: pool_replicas(cluster, namespace, name) == {"l40s": 1, "l4": 1},
+                 "the new replica in the l4 pool (l40s at its maxReplicas)", timeout=60)  # fmt: skip
+    assert load.ok > 0, (load.ok, load.failed)
+    wait_for(lambda: get_llmd(cluster, namespace, name)["spec"]["replicas"] == 1, "back to minReplicas",
+             timeout=300, every=1)  # fmt: skip
+    wait_for(lambda: pool_replicas(cluster, namespace, name) == {"l40s": 1, "l4": 0},
+             "the l4 replica removed first (end of the order)", timeout=60)  # fmt: skip
+    moved = [e["message"] for e in events(cluster, namespace, name) if e["reason"] == "PoolsScaled"]
+    assert any("pool l4 0 -> 1" in msg for msg in moved), moved
+    assert any("pool l4 1 -> 0" in msg for msg in moved), moved
