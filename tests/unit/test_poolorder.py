@@ -114,8 +114,8 @@ def test_max_replicas_is_a_hard_bound_and_room_a_soft_one() -> None:
 
 
 def test_room_of_a_pool_counts_placed_replicas_and_free_capacity() -> None:
-    assert room([(3, 1, 2), (0, 0, 4)]) == 8  # 2 placed + 2 free, 4 free on the fallback type
-    assert room([(1, 3, 0)]) == 0  # more pending than the workload has: nothing placed
+    assert room([(2, 2), (0, 4)]) == 8  # 2 bound + 2 free, 4 free on the fallback type
+    assert room([(0, 0)]) == 0
     assert room([]) == 0
 
 

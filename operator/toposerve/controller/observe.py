@@ -50,6 +50,21 @@ def _condition(pod: Mapping[str, Any], kind: str) -> Mapping[str, Any] | None:
     return None
 
 
+def bound_replicas(pods: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], int]:
+    """Replicas per (pool, gpu type) whose pod (a multi-node replica's leader) is bound to a node:
+    serving and warm standby alike, since both hold their GPUs; terminating pods are left out."""
+    out: dict[tuple[str, str], int] = {}
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        labels = meta.get("labels") or {}
+        if labels.get(LABEL_COMPONENT) not in ("engine", "standby") or meta.get("deletionTimestamp"):
+            continue
+        if (pod.get("spec") or {}).get("nodeName"):
+            key = (labels.get(LABEL_POOL, ""), labels.get(LABEL_GPU_TYPE, ""))
+            out[key] = out.get(key, 0) + 1
+    return out
+
+
 def summarize(
     pods: Iterable[Mapping[str, Any]], now: datetime, patience_seconds: float
 ) -> dict[tuple[str, str], PodFacts]:

@@ -33,7 +33,7 @@ from toposerve.controller.cache import InventoryCache
 from toposerve.controller.children import ChildCache, resource_version
 from toposerve.controller.conditions import Observation, PlacementObs, PoolObs, compute_status
 from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
-from toposerve.controller.observe import PodFacts, parse_time, router_readiness, summarize
+from toposerve.controller.observe import PodFacts, bound_replicas, parse_time, router_readiness, summarize
 from toposerve.controller.throughput import ThroughputSource, deployment_cost
 from toposerve.planner import poolorder
 from toposerve.planner.inventory import Inventory, PodShape, inventory_from_nodes, usage_by_node
@@ -245,7 +245,11 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     # within the room free capacity gives it (unbounded without GPUs or with node provisioning).
     running = {p.name: sum(n for (pool, _), n in current.items() if pool == p.name) for p in dplan.pools}
     bounded = gpu_backed(dplan, ctx.config) and ctx.config.gpu_node_provisioning == "static"
-    rooms: dict[str, int | None] = {k: _room(k, w, facts) if bounded else None for k, w in worlds.items()}
+    bound = bound_replicas(pods)
+    rooms: dict[str, int | None] = {
+        k: poolorder.room([(bound.get((k, gpu), 0), t.capacity) for gpu, t in w.items()]) if bounded else None
+        for k, w in worlds.items()
+    }
     dplan = assign_replicas(dplan, spec, ctx.config.catalog(), running, rooms)
     if any(running.values()) and (
         moved := poolorder.changes(running, {p.name: p.replicas for p in dplan.pools})
@@ -443,16 +447,6 @@ def _world(
             capacity=cap if gpu_backed(dplan, ctx.config) else 0,
         )
     return world
-
-
-def _room(pool: str, world: Mapping[str, TypeState], facts: Mapping[tuple[str, str], PodFacts]) -> int:
-    """Replicas a pool can hold now: its pods already bound to nodes plus what free capacity places
-    (a workload's replicas without a bound pod hold nothing yet)."""
-    types = []
-    for gpu, t in world.items():
-        f = facts.get((pool, gpu))
-        types.append((f.pods if f else 0, f.pending if f else 0, t.capacity))
-    return poolorder.room(types)
 
 
 def _pools_scaled(spec: LLMDeploymentSpec, plan: DeploymentPlan, moved: list[tuple[str, int, int]]) -> str:

@@ -146,8 +146,7 @@ def changes(before: Mapping[str, int], after: Mapping[str, int]) -> list[tuple[s
     return [(n, before.get(n, 0), a) for n, a in after.items() if before.get(n, 0) != a]
 
 
-def room(types: Sequence[tuple[int, int, int]]) -> int:
-    """Replicas a pool can hold now over its GPU types, each given as (replicas with a pod, of those
-    not scheduled yet, more that free capacity places): what is bound to nodes stays, pending
-    replicas hold nothing yet, free capacity is added."""
-    return sum(max(0, pods - pending) + max(0, free) for pods, pending, free in types)
+def room(types: Sequence[tuple[int, int]]) -> int:
+    """Replicas a pool can hold now over its GPU types, each given as (replicas whose pods are bound
+    to nodes, more that free capacity places): pending pods hold nothing yet."""
+    return sum(max(0, bound) + max(0, free) for bound, free in types)

@@ -150,3 +150,41 @@ def test_the_event_counts_warm_standby_in_the_pools() -> None:
     assert kube.workloads() == {"h100": 2, "a100": 1}  # the H100 node is full: the standby on A100
     assert kube.events[-1][0] == "PoolsScaled"
     assert kube.events[-1][1].startswith("spec.replicas 2 (+1 warm standby) over pools by tier order")
+
+
+def engine_pod(
+    name: str, pool: str, gpu: str, component: str = "engine", node: str | None = "h"
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "ns", "uid": name,
+                     "labels": {"toposerve.io/deployment": "llm", "toposerve.io/pool": pool,
+                                "toposerve.io/gpu-type": gpu, "app.kubernetes.io/component": component}},
+        "spec": {"nodeName": node, "containers": [{"name": "engine", "resources": {
+            "requests": {"nvidia.com/gpu": "4"}, "limits": {"nvidia.com/gpu": "4"}}}]},
+        "status": {"phase": "Running" if node else "Pending"},
+    }  # fmt: skip
+
+
+def test_room_counts_bound_serving_and_standby_pods_not_pending_ones() -> None:
+    from toposerve.controller.observe import bound_replicas
+
+    pods = [
+        engine_pod("a", "h100", "H100"),
+        engine_pod("b", "h100", "H100", component="standby"),
+        engine_pod("c", "h100", "H100", node=None),
+        engine_pod("d", "h100", "H100", component="router"),
+    ]
+    gone = engine_pod("e", "h100", "H100")
+    gone["metadata"]["deletionTimestamp"] = "2026-12-01T00:00:00Z"
+    assert bound_replicas([*pods, gone]) == {("h100", "H100"): 2}
+    # In the reconcile: the H100 node's 8 GPUs are held by one serving and one standby pod, so the
+    # pool's room is those 2 (no free GPU left); the A100-40GB node is free (4 replicas of TP 2).
+    b = body(1)
+    b["spec"]["autoscaling"]["warmStandby"] = 1
+    kube = FakeKube(b, [node("h", "NVIDIA-H100-80GB-HBM3", 8), node("a", "NVIDIA-A100-SXM4-40GB", 8)])
+    kube.objects[("Pod", "a")] = pods[0]
+    kube.objects[("Pod", "b")] = pods[1]
+    reconcile(Context(kube=kube, config=OperatorConfig()), "ns", "llm")  # type: ignore[arg-type]
+    rooms = {p["name"]: p.get("room") for p in kube.body["status"]["pools"]}
+    assert rooms == {"h100": 2, "a100": 4}
