@@ -21,16 +21,18 @@ COLORS = {
     "request-count": "tab:orange",
     "hpa-kv": "tab:red",
     "toposerve": "tab:blue",
+    "toposerve-lean": "tab:cyan",
+    "toposerve-defaults": "tab:purple",
 }
 
 
-def main(path: str, day: int | None = None) -> int:
+def main(path: str) -> int:
     data = json.loads(Path(path).read_text())
-    per_day = int(86400 // data["record_s"])
-    d = data["days"] - 1 if day is None else day
-    lo, hi = d * per_day, (d + 1) * per_day
+    data["timeline"] = json.loads(Path(path).with_name("timeline.json").read_text())
+    d = data["timeline_day"]  # run.py keeps one day of per-minute timeline
+    lo, hi = 0, len(data["timeline"]["arrivals_per_min"])
     hours = [i / (3600 / data["record_s"]) for i in range(hi - lo)]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(15, 5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(19, 5.2), gridspec_kw={"width_ratios": [2, 1, 1]})
     load = ax1.twinx()
     load.fill_between(hours, data["timeline"]["arrivals_per_min"][lo:hi], color="0.88", step="mid")
     load.set_ylabel("arrivals per minute (grey)")
@@ -40,23 +42,26 @@ def main(path: str, day: int | None = None) -> int:
         if name in data["timeline"]:
             ax1.plot(hours, data["timeline"][name]["pods"][lo:hi], color=color, lw=1.2, label=f"{name} pods")
     for s, e in data["trace"]["spikes"]:
-        if lo * data["record_s"] <= s < hi * data["record_s"]:
+        if d * 86400 <= s < (d + 1) * 86400:
             ax1.axvspan((s / 3600) - 24 * d, (e / 3600) - 24 * d, color="gold", alpha=0.3)
     ax1.set_xlabel(f"hour of day {d} (spikes shaded)")
     ax1.set_ylabel("GPU pods (serving + starting + standby + draining)")
     ax1.set_xlim(0, 24)
     ax1.legend(loc="upper left", fontsize=8)
-    for name, s in data["policies"].items():
-        base = name.split("@")[0]
-        marker = "o" if "@" not in name else "x"
-        ax2.scatter(
-            s["gpu_hours_per_day"], 100 * s["slo_attainment"], color=COLORS.get(base, "k"), marker=marker
-        )
-        ax2.annotate(name, (s["gpu_hours_per_day"], 100 * s["slo_attainment"]), fontsize=7)
-    ax2.set_xlabel("GPU-hours per day")
+    for ax, zoom in ((ax2, False), (ax3, True)):
+        for name, s in data["policies"].items():
+            x, y = s["gpu_hours_per_day"], 100 * s["slo_attainment"]
+            if zoom and (y < 99.0 or name == "fixed-max"):
+                continue
+            base = name.split("@")[0]
+            ax.scatter(x, y, color=COLORS.get(base, "k"), marker="o" if "@" not in name else "x")
+            label = name if not zoom or "@" not in name else name.split("@")[1]
+            ax.annotate(label, (x, y), fontsize=7, xytext=(3, 2), textcoords="offset points")
+        ax.set_xlabel("GPU-hours per day")
+        ax.grid(alpha=0.3)
     ax2.set_ylabel(f"% requests with TTFT <= {data['slo_ttft_s']} s")
-    ax2.set_title("SLO attainment vs cost (x: competitor target sweep)", fontsize=9)
-    ax2.grid(alpha=0.3)
+    ax2.set_title("SLO attainment vs cost (x: competitors at other targets)", fontsize=9)
+    ax3.set_title("zoom: 99-100 %, autoscalers only (labels: competitor target)", fontsize=9)
     fig.suptitle(
         f"autoscaling benchmark (simulated, {data['gpu']} replicas, {data['startup_s']:.0f} s model load, "
         f"seed {data['seed']}, {data['days']} days, figures over days {data['warmup_days']}..{data['days'] - 1})",
@@ -70,4 +75,4 @@ def main(path: str, day: int | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else None))
+    raise SystemExit(main(sys.argv[1]))

@@ -167,11 +167,11 @@ class KVHpa:
 
 
 class Toposerve:
-    def __init__(self, spec: dict[str, Any]) -> None:
+    def __init__(self, spec: dict[str, Any], name: str = "toposerve") -> None:
         """``spec``: spec.autoscaling as a user writes it (camelCase), validated by the product."""
         self.spec = AutoscalingSpec.model_validate({"enabled": True, **spec})
         a = self.spec
-        self.name, self.period, self.standby = "toposerve", float(a.sync_period_seconds), a.warm_standby
+        self.name, self.period, self.standby = name, float(a.sync_period_seconds), a.warm_standby
         self.cfg = Config.from_spec(a)
         self.history = History()
         self._forecast: tuple[float, int] | None = None

@@ -210,3 +210,30 @@ def test_summary_counts_drops_as_slo_misses_and_reports_spike_absorption() -> No
     assert s["dropped"] == res.dropped_count > 0
     (absorb,) = s["spike_absorb_s"]
     assert 600 <= absorb <= 600 + 1800  # one replica cannot take an 8x spike: it lasts past its end
+
+
+def test_targets_say_missed_when_a_competitor_setting_is_as_good_for_less() -> None:
+    def row(slo: float, gpu: float) -> dict[str, float]:
+        return {"slo_attainment": slo, "gpu_hours": gpu}
+
+    p = {
+        "fixed-max": row(1.0, 1000),
+        "toposerve": row(0.995, 500),
+        "request-count": row(0.90, 300),
+        "request-count@0.4": row(0.99, 450),
+        "request-count@0.3": row(0.999, 600),  # costlier and better: no verdict against toposerve
+        "hpa-kv": row(0.92, 300),
+        "hpa-kv@0.4": row(0.996, 480),  # as good for less: toposerve misses the target
+    }
+    t = run.targets(p, "toposerve")
+    assert t["within_1pp_of_fixed"] and t["at_most_60pct_gpu_hours"]
+    assert t["gpu_hours_share_of_fixed"] == 0.5 and t["slo_gap_vs_fixed_pp"] == pytest.approx(0.5)
+    rc, hpa = t["vs_request-count"], t["vs_hpa-kv"]
+    assert rc["same_target_slo_better"] and not rc["same_target_gpu_hours_le"]
+    assert rc["dominated_by"] == [] and rc["iso_cost_setting"] == "request-count@0.3"
+    assert rc["iso_cost_slo_better"] is False and not rc["met"]
+    assert hpa["dominated_by"] == ["hpa-kv@0.4"] and not hpa["met"]
+    p["request-count@0.3"] = row(0.99, 600)
+    assert run.targets(p, "toposerve")["vs_request-count"]["met"] is True
+    del p["request-count@0.3"]  # nothing spends as much and nothing dominates: undecided, not met
+    assert run.targets(p, "toposerve")["vs_request-count"]["met"] is None
