@@ -5,6 +5,7 @@ Short traces only (minutes to a few hours of simulated time); nothing here measu
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -16,10 +17,15 @@ sys.path.insert(0, str(BENCH))
 
 import daytrace  # noqa: E402
 import fleetsim  # noqa: E402
-import run  # noqa: E402
 import scalers  # noqa: E402
 
 from toposerve.autoscale import loop  # noqa: E402
+
+# run.py under a name of its own: other benches have a run.py too.
+_spec = importlib.util.spec_from_file_location("bench_autoscale_run", BENCH / "run.py")
+assert _spec is not None and _spec.loader is not None
+run = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(run)
 
 ENGINE = fleetsim.EngineModel.for_gpu("L4", startup_s=120.0)
 
