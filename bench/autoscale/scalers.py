@@ -1,0 +1,215 @@
+"""The four autoscaling policies the benchmark compares.
+
+* ``FixedMax``: maxReplicas all the time (the SLO reference and the GPU-hour ceiling).
+* ``RequestCount``: KubeAI's rule: the moving average (over ``window``) of in-flight requests
+  (running + waiting + held) divided by ``targetRequests``, rounded up; a scale-down only after
+  ``scaleDownDelaySeconds`` of consecutive lower proposals. Written here from KubeAI's documented
+  behaviour (defaults: 10 minute window, 30 s scale-down delay).
+* ``KVHpa``: a Kubernetes HorizontalPodAutoscaler on one Pods metric, the KV-cache usage, with the
+  API's default behaviour (scale up: no window, max(4 pods, 100 %) per 15 s; scale down: 300 s
+  window, 100 % per 15 s) and 0.1 tolerance. The replica calculator is the HPA's
+  ``calcPlainMetricReplicas`` for a non-CPU metric, written here (pods without a sample are
+  "missing": 0 on a scale-up, the target on a scale-down); stabilization and rate limits call
+  toposerve's ``stabilize``/``rate_limit``, which follow the HPA line for line (its own tests check
+  them against the HPA's), so the HPA and toposerve share those and differ in what they decide on.
+* ``Toposerve``: the product: ``Config.from_spec(AutoscalingSpec)`` and ``decide`` with the
+  forecast floor (``forecast.demand_floor`` over the simulated Prometheus history, refreshed
+  every ``FORECAST_REFRESH_SECONDS`` like the operator's loop), schedule windows
+  (``schedule.schedule_floor``) and warm standby (``standby.relabel``, in the fleet). Nothing of
+  its policy is re-implemented here; this module only feeds it what the operator's loop would.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from fleetsim import FleetHistory, Observation
+
+from toposerve.api.spec import AutoscalingSpec
+from toposerve.autoscale.decision import (
+    DEFAULT_DOWN_POLICIES,
+    DEFAULT_UP_POLICIES,
+    Config,
+    History,
+    Inputs,
+    Replica,
+    Rules,
+    decide,
+    rate_limit,
+    record_scale,
+    stabilize,
+)
+from toposerve.autoscale.forecast import demand_floor
+from toposerve.autoscale.schedule import schedule_floor
+
+# Mirrors of the operator loop's cadence (toposerve.autoscale.loop, which imports the Kubernetes
+# client; the bench keeps to the pure modules). A unit test checks they still match.
+FORECAST_REFRESH_SECONDS = 300.0
+PERIOD_SECONDS = {"daily": 86400.0, "weekly": 7 * 86400.0}
+EPOCH = datetime(2026, 11, 2, tzinfo=UTC)  # a Monday, 00:00 UTC: t=0 of the trace
+
+
+class FixedMax:
+    def __init__(self, replicas: int) -> None:
+        if replicas < 1:
+            raise ValueError(f"replicas must be >= 1, got {replicas}")
+        self.name, self.period, self.standby, self.replicas = "fixed-max", math.inf, 0, replicas
+
+    def initial(self) -> int:
+        return self.replicas
+
+    def decide(self, obs: Observation, history: FleetHistory) -> int:
+        return self.replicas
+
+
+class RequestCount:
+    def __init__(
+        self,
+        min_replicas: int,
+        max_replicas: int,
+        target_requests: float,
+        interval: float = 15.0,
+        window: float = 600.0,
+        scale_down_delay: float = 30.0,
+    ) -> None:
+        if target_requests <= 0:
+            raise ValueError(f"target_requests must be > 0, got {target_requests}")
+        if not 1 <= min_replicas <= max_replicas:
+            raise ValueError("need 1 <= min_replicas <= max_replicas")
+        self.name, self.period, self.standby = "request-count", interval, 0
+        self.min, self.max, self.target = min_replicas, max_replicas, target_requests
+        self.samples: deque[int] = deque(maxlen=max(1, round(window / interval)))
+        self.required_downs = max(1, math.ceil(scale_down_delay / interval))
+        self.downs = 0
+
+    def initial(self) -> int:
+        return self.min
+
+    def decide(self, obs: Observation, history: FleetHistory) -> int:
+        self.samples.append(obs.inflight)
+        avg = sum(self.samples) / len(self.samples)
+        want = min(self.max, max(self.min, math.ceil(round(avg / self.target, 9))))
+        if want < obs.current:
+            self.downs += 1
+            if self.downs < self.required_downs:
+                return obs.current
+        self.downs = 0
+        return want
+
+
+def hpa_metric_replicas(
+    values: list[float], target: float, current: int, missing: int, tolerance: float
+) -> int:
+    """calcPlainMetricReplicas for a Pods metric: readiness only matters for CPU, so every pod with
+    a sample counts; pods without one count 0 on a scale-up and the target on a scale-down."""
+    if not values:
+        return current
+    ratio = sum(values) / len(values) / target
+    if missing == 0:
+        if 1 - tolerance <= ratio <= 1 + tolerance:
+            return current
+        return math.ceil(round(ratio * len(values), 9))
+    samples = values + [target if ratio < 1.0 else 0.0] * missing
+    new_ratio = sum(samples) / len(samples) / target
+    if 1 - tolerance <= new_ratio <= 1 + tolerance or (ratio < 1.0 < new_ratio) or (ratio > 1.0 > new_ratio):
+        return current
+    new = math.ceil(round(new_ratio * len(samples), 9))
+    if (new_ratio < 1.0 and new > current) or (new_ratio > 1.0 and new < current):
+        return current
+    return new
+
+
+class KVHpa:
+    def __init__(
+        self, min_replicas: int, max_replicas: int, target_kv: float, tolerance: float = 0.1
+    ) -> None:
+        if not 0 < target_kv <= 1:
+            raise ValueError(f"target_kv must be in (0, 1], got {target_kv}")
+        if not 1 <= min_replicas <= max_replicas:
+            raise ValueError("need 1 <= min_replicas <= max_replicas")
+        self.name, self.period, self.standby = "hpa-kv", 15.0, 0
+        self.cfg = Config(
+            min_replicas=min_replicas,
+            max_replicas=max_replicas,
+            target_kv=target_kv,
+            target_waiting=math.inf,
+            tolerance=tolerance,
+            up=Rules(0.0, DEFAULT_UP_POLICIES),
+            down=Rules(300.0, DEFAULT_DOWN_POLICIES),
+            startup_grace=0.0,
+        )
+        self.history = History()
+
+    def initial(self) -> int:
+        return self.cfg.min_replicas
+
+    def decide(self, obs: Observation, history: FleetHistory) -> int:
+        cfg, now, current = self.cfg, obs.now, obs.current
+        values = [p.kv for p in obs.pods if p.kv is not None]
+        missing = sum(1 for p in obs.pods if p.kv is None)
+        proposal = hpa_metric_replicas(values, cfg.target_kv, current, missing, cfg.tolerance)
+        recs = tuple((t, r) for t, r in self.history.recommendations if t > now - cfg.down.window)
+        stabilized = stabilize(current, proposal, recs, now, cfg.up, cfg.down)
+        hist = replace(self.history, recommendations=(*recs, (now, proposal)))
+        desired, _ = rate_limit(current, stabilized, cfg.min_replicas, cfg.max_replicas, hist, cfg, now)
+        desired = min(cfg.max_replicas, max(cfg.min_replicas, desired))
+        hist = replace(
+            hist,
+            scale_ups=tuple((t, n) for t, n in hist.scale_ups if t > now - 15.0),
+            scale_downs=tuple((t, n) for t, n in hist.scale_downs if t > now - 15.0),
+        )
+        self.history = record_scale(hist, now, current, desired)
+        return desired
+
+
+class Toposerve:
+    def __init__(self, spec: dict[str, Any], name: str = "toposerve") -> None:
+        """``spec``: spec.autoscaling as a user writes it (camelCase), validated by the product."""
+        self.spec = AutoscalingSpec.model_validate({"enabled": True, **spec})
+        a = self.spec
+        self.name, self.period, self.standby = name, float(a.sync_period_seconds), a.warm_standby
+        self.cfg = Config.from_spec(a)
+        self.history = History()
+        self._forecast: tuple[float, int] | None = None
+        self.last_floor_source = "minReplicas"
+
+    def initial(self) -> int:
+        return self.cfg.min_replicas
+
+    def forecast_floor(self, now: float, history: FleetHistory) -> int:
+        f, a = self.spec.forecast, self.spec
+        if not f.enabled:
+            return 0
+        if self._forecast and now - self._forecast[0] < FORECAST_REFRESH_SECONDS:
+            return self._forecast[1]
+        lead = float(a.startup_grace_seconds if f.lead_seconds is None else f.lead_seconds)
+        kv, waiting = history.range_query(now, lead, PERIOD_SECONDS[f.period], f.lookback, f.window_seconds)
+        value = demand_floor(
+            kv, waiting, a.target_kv_cache_utilization, a.target_waiting_requests, a.max_replicas
+        )
+        self._forecast = (now, value)
+        return value
+
+    def decide(self, obs: Observation, history: FleetHistory) -> int:
+        now = obs.now
+        floor, window = schedule_floor(self.spec.schedules, EPOCH + timedelta(seconds=now))
+        serving = tuple(
+            Replica(p.name, p.ready, p.age, p.kv, p.waiting, p.running) for p in obs.pods if not p.standby
+        )
+        inputs = Inputs(
+            now=now,
+            current=obs.current,
+            replicas=tuple(sorted(serving, key=lambda r: r.name)),
+            standby_ready=sum(1 for p in obs.pods if p.standby and p.ready),
+            schedule_floor=floor,
+            schedule_name=window,
+            forecast_floor=self.forecast_floor(now, history),
+        )
+        d = decide(self.cfg, inputs, self.history)
+        self.history = d.history
+        self.last_floor_source = d.floor_source
+        return d.desired
