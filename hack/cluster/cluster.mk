@@ -3,7 +3,7 @@
 CLUSTER_SCRIPTS := hack/cluster
 CLUSTER_ENV = PY=$(abspath $(PY))
 
-.PHONY: cluster-bin cluster-deps cluster-up cluster-down cluster-status test-cluster
+.PHONY: cluster-bin cluster-deps cluster-up cluster-down cluster-status test-cluster keda-bin test-keda
 
 ## Build kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, etcd, kwok, kwokctl,
 ## helm (and the LeaderWorkerSet controller) into ~/.cache/toposerve/k8s-<version>/bin.
@@ -28,3 +28,12 @@ cluster-status:
 ## The cluster tests (pytest -m cluster tests/cluster); TOPOSERVE_SKIP_CLUSTER=1 skips them loudly.
 test-cluster: venv
 	@$(CLUSTER_ENV) bash $(CLUSTER_SCRIPTS)/test.sh
+
+## KEDA's operator and metrics adapter from the Go module (hack/keda/build.sh; docs/development.md).
+keda-bin:
+	@bash hack/keda/build.sh
+
+## keda mode end to end with the real KEDA (tests/cluster/test_keda.py): builds KEDA, starts the
+## cluster and KEDA (hack/keda/up.sh, from the test's fixture) and runs the `keda` tests.
+test-keda: venv cluster-deps keda-bin
+	@$(CLUSTER_ENV) PYTEST_MARK=keda bash $(CLUSTER_SCRIPTS)/test.sh

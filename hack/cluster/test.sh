@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # `make test-cluster`: installs what the cluster needs, starts it (or reuses a running one), runs
 # the cluster tests and stops the cluster again if this run started it. Opt out only explicitly
-# with TOPOSERVE_SKIP_CLUSTER=1. Extra pytest arguments: PYTEST_ARGS.
+# with TOPOSERVE_SKIP_CLUSTER=1. Extra pytest arguments: PYTEST_ARGS. The marker expression is
+# PYTEST_MARK (default: every cluster test but the KEDA ones, which `make test-keda` runs).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -28,7 +29,7 @@ trap cleanup EXIT
 
 rc=0
 # shellcheck disable=SC2086
-(cd "$ROOT" && "$PY" -m pytest -m cluster tests/cluster -ra ${PYTEST_ARGS:-}) || rc=$?
+(cd "$ROOT" && "$PY" -m pytest -m "${PYTEST_MARK:-cluster and not keda}" tests/cluster -ra ${PYTEST_ARGS:-}) || rc=$?
 if [[ $rc == 5 ]]; then
   echo "test-cluster: pytest collected no cluster tests (exit 5): failing, this is never expected" >&2
   exit 1

@@ -10,3 +10,6 @@ LWS_VERSION=v0.8.0
 export HOME=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
 TOPOSERVE_CACHE=${TOPOSERVE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/toposerve}
 CLUSTER_BIN=${CLUSTER_BIN:-$TOPOSERVE_CACHE/k8s-$K8S_VERSION/bin}
+# KEDA (issue 10's keda mode, `make test-keda`): operator and metrics adapter from the module.
+KEDA_VERSION=v2.21.0
+KEDA_BIN=${KEDA_BIN:-$TOPOSERVE_CACHE/keda-$KEDA_VERSION/bin}
