@@ -34,10 +34,12 @@ def keda(cluster: Cluster) -> Cluster:
     return cluster
 
 
-def keda_manifest(name: str) -> dict[str, Any]:
+def keda_manifest(name: str, ttft_slo: bool = False) -> dict[str, Any]:
     m = manifest(name)
     a = m["spec"]["autoscaling"]
     a["mode"] = "keda"
+    if ttft_slo:  # a loose SLO: its trigger must be served, the KV cache is what scales here
+        a["ttftSLO"] = {"seconds": 30}
     # KEDA polls Prometheus every pollingInterval (= syncPeriodSeconds); the HPA controller syncs
     # every 15 s (kube-controller-manager's default), so the windows stay short but not below that.
     a["syncPeriodSeconds"] = 5
@@ -69,7 +71,7 @@ def test_keda_scales_on_kv_cache_through_the_external_metrics_api(
     keda: Cluster, namespace: str, scaling_operator: Operator
 ) -> None:
     cluster, name = keda, "kedascale"
-    assert apply(cluster, namespace, keda_manifest(name)).returncode == 0
+    assert apply(cluster, namespace, keda_manifest(name, ttft_slo=True)).returncode == 0
     wait_condition(cluster, namespace, name, "Ready", "True", timeout=180)
     # KEDA took the ScaledObject: Ready, and its HPA reads the external metrics the adapter serves.
     so = wait_for(
@@ -88,14 +90,18 @@ def test_keda_scales_on_kv_cache_through_the_external_metrics_api(
     )
     assert hpa["spec"]["scaleTargetRef"]["kind"] == "LLMDeployment"
     metrics = {m["external"]["metric"]["name"] for m in hpa["spec"]["metrics"] if m["type"] == "External"}
-    assert len(metrics) == 2 and all(m.startswith("s") for m in metrics), metrics  # s0-kv-cache, s1-...
-    # The external metrics API answers through the aggregator, as the HPA controller asks it.
-    raw = kubectl(
-        cluster, "get", "--raw",
-        f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{namespace}/{sorted(metrics)[0]}"
-        f"?labelSelector=scaledobject.keda.sh%2Fname%3D{name}",
-    )  # fmt: skip
-    assert json.loads(raw.stdout)["kind"] == "ExternalMetricValueList", raw.stdout
+    # s0-kv-cache, s1-waiting-requests, s2-ttft (the TTFT SLO's trigger)
+    assert len(metrics) == 3 and all(m.startswith("s") for m in metrics), metrics
+    # The external metrics API answers for every trigger through the aggregator, as the HPA
+    # controller asks it (a PromQL KEDA's Prometheus scaler rejects would fail here).
+    for metric in sorted(metrics):
+        raw = kubectl(
+            cluster, "get", "--raw",
+            f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{namespace}/{metric}"
+            f"?labelSelector=scaledobject.keda.sh%2Fname%3D{name}",
+        )  # fmt: skip
+        items = json.loads(raw.stdout)
+        assert items["kind"] == "ExternalMetricValueList" and items["items"], (metric, raw.stdout)
     # The builtin loop is off for this deployment: it never writes status.autoscaling decisions.
     assert (
         not (get_llmd(cluster, namespace, name).get("status") or {})
