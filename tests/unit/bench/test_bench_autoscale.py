@@ -181,7 +181,7 @@ def test_forecast_floor_reads_yesterdays_demand_one_lead_ahead() -> None:
     for m in range(600, 660):  # yesterday 10:00-11:00: KV usage summing to 3.5 replicas
         hist.kv[m] = 3.5
     p = toposerve(forecast={"enabled": True, "lookback": 1, "leadSeconds": 600, "windowSeconds": 600})
-    # 10:10 today: yesterday's 10:10-10:20 (the window ends one lead ahead) averaged 3.5
+    # 10:10 today: yesterday's 10:15-10:25 (the window centred one lead ahead) averaged 3.5
     at = daytrace.DAY + 10 * 3600 + 600.0
     assert p.forecast_floor(at, hist) == math.ceil(3.5 / 0.7)
     quiet = toposerve(forecast={"enabled": True, "lookback": 1, "leadSeconds": 600, "windowSeconds": 600})
