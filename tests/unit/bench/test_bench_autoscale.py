@@ -148,6 +148,20 @@ def test_a_spike_raises_toposerve_replicas_and_they_come_back_down() -> None:
     assert res.promotions >= 1  # the warm standby went into rotation first
 
 
+def test_a_load_sized_standby_grows_with_the_fleet_and_shrinks_back() -> None:
+    """warmStandbyPercent 50: no standby at one replica, then one per two serving replicas through
+    the spike (pods = serving + standby), and back to none when the fleet is back at one."""
+    tr = flat_trace(rps=0.3, seconds=3 * 3600, spike=(3600.0, 4200.0, 6.0))
+    p = toposerve(warmStandby=0, warmStandbyPercent=50)
+    assert p.standby == 0
+    res = fleetsim.Fleet(tr, ENGINE, p, until=3 * 3600).run()
+    pods, serving = res.timeline["pods"], res.timeline["serving"]
+    assert max(pods[30:60]) == max(serving[30:60]) == 1  # one replica, no standby
+    peak = max(range(60, 100), key=lambda m: serving[m])
+    assert serving[peak] >= 4 and pods[peak] > serving[peak]  # standby pods beside the serving ones
+    assert p.standby == p.spec.standby_for(serving[-1])
+
+
 def test_the_simulation_is_deterministic() -> None:
     tr = flat_trace(rps=0.6, seconds=5400, spike=(1800.0, 2400.0, 4.0))
     a = fleetsim.Fleet(tr, ENGINE, toposerve(), until=5400).run()
