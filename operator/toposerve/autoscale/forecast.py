@@ -40,7 +40,8 @@ def quantile(xs: Sequence[float], q: float) -> float:
     pos = q * (len(s) - 1)
     lo = math.floor(pos)
     hi = min(lo + 1, len(s) - 1)
-    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+    # clamped to its two order statistics: float rounding never carries it past the next one
+    return min(max(s[lo] + (s[hi] - s[lo]) * (pos - lo), s[lo]), s[hi])
 
 
 def demand_floor(
