@@ -447,17 +447,26 @@ def test_the_loop_raises_the_floor_to_the_forecast_and_reports_it() -> None:
 
         def history(self, *a: Any) -> tuple[list[float], list[float]]:
             self.calls += 1
+            self.args = a
             return [2.0, 2.7], []
 
     body = llmd(2, forecast={"enabled": True, "lookback": 3})
     kube, clock, src = FakeKube(body, [pod("a"), pod("b")]), Clock(), HistorySource()
     a = Autoscaler(kube, OperatorConfig(), source=src, clock=clock)  # type: ignore[arg-type]
     (d,) = a.run_once([])
-    assert (d.desired, d.reason, d.floor_source) == (4, "BelowFloor", "forecast")  # ceil(2.7 / 0.7)
+    assert (d.desired, d.reason, d.floor_source) == (4, "BelowFloor", "forecast")  # ceil(2.35 / 0.7)
+    # each slice centred one start-up time (startupGraceSeconds 600) ahead: evaluated at +600 + 900/2
+    assert src.args[3:] == (1050.0, 86400.0, 3, 900)
     assert kube.statuses[-1]["autoscaling"]["forecast"] == 4
     clock.t += 10
     a.run_once([])
     assert src.calls == 1  # cached between refreshes
+    # forecast.quantile reaches the floor: the least of the days, ceil(2.0 / 0.7) = 3
+    low = llmd(2, forecast={"enabled": True, "lookback": 3, "quantile": 0})
+    kube = FakeKube(low, [pod("a"), pod("b")])
+    a = Autoscaler(kube, OperatorConfig(), source=HistorySource(), clock=Clock())  # type: ignore[arg-type]
+    (d,) = a.run_once([])
+    assert (d.desired, d.floor_source) == (3, "forecast")
 
 
 # ---- scale from zero ------------------------------------------------------------------------------------
