@@ -92,7 +92,7 @@ class Observation:
 class Policy(Protocol):
     name: str
     period: float  # seconds between decisions
-    standby: int  # warm standby pods kept beside the serving ones
+    standby: int  # warm standby pods kept beside the serving ones (read after each decide)
 
     def initial(self) -> int:
         """Serving replicas at t=0 (they start loaded)."""
@@ -145,14 +145,14 @@ class FleetHistory:
         return sum(series[lo:hi]) / (hi - lo)
 
     def range_query(
-        self, now: float, lead: float, period: float, lookback: int, window: float
+        self, now: float, offset: float, period: float, lookback: int, window: float
     ) -> tuple[list[float], list[float]]:
-        """``sum(avg_over_time(m[window]))`` at ``now + lead - k x period``, k = lookback..1, for KV
+        """``sum(avg_over_time(m[window]))`` at ``now + offset - k x period``, k = lookback..1, for KV
         usage and waiting (as ``PrometheusSource.history``: points without data are absent)."""
         kv: list[float] = []
         wait: list[float] = []
         for k in range(lookback, 0, -1):
-            x = now + lead - k * period
+            x = now + offset - k * period
             a, b = self.mean(self.kv, x, window), self.mean(self.waiting, x, window)
             if a is not None:
                 kv.append(a)
@@ -335,7 +335,8 @@ class Fleet:
             t1 = t0 + dt
             if t0 >= next_decide:
                 obs = self.observe(t0)
-                self.scale(t0, self.policy.decide(obs, self.history), self.policy.standby)
+                serving = self.policy.decide(obs, self.history)
+                self.scale(t0, serving, self.policy.standby)  # read after decide: it may follow the load
                 next_decide += self.policy.period
             rotation = [e for e in self.engines if not e.draining and not e.standby and e.rotation_at <= t0]
             # Requests held while no replica was in rotation go out first.

@@ -22,6 +22,7 @@ COLORS = {
     "hpa-kv": "tab:red",
     "toposerve": "tab:blue",
     "toposerve-lean": "tab:cyan",
+    "toposerve-standby1": "tab:olive",
     "toposerve-defaults": "tab:purple",
 }
 

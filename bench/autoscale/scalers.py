@@ -43,7 +43,7 @@ from toposerve.autoscale.decision import (
     record_scale,
     stabilize,
 )
-from toposerve.autoscale.forecast import demand_floor
+from toposerve.autoscale.forecast import demand_floor, slice_offset
 from toposerve.autoscale.schedule import schedule_floor
 
 # Mirrors of the operator loop's cadence (toposerve.autoscale.loop, which imports the Kubernetes
@@ -171,7 +171,10 @@ class Toposerve:
         """``spec``: spec.autoscaling as a user writes it (camelCase), validated by the product."""
         self.spec = AutoscalingSpec.model_validate({"enabled": True, **spec})
         a = self.spec
-        self.name, self.period, self.standby = name, float(a.sync_period_seconds), a.warm_standby
+        # standby: what the workload runs beside spec.replicas, re-sized after each decision (the
+        # fleet reads it after ``decide``, as the planner sizes the workloads after a scale)
+        self.name, self.period = name, float(a.sync_period_seconds)
+        self.standby = a.standby_for(a.min_replicas)
         self.cfg = Config.from_spec(a)
         self.history = History()
         self._forecast: tuple[float, int] | None = None
@@ -187,9 +190,10 @@ class Toposerve:
         if self._forecast and now - self._forecast[0] < FORECAST_REFRESH_SECONDS:
             return self._forecast[1]
         lead = float(a.startup_grace_seconds if f.lead_seconds is None else f.lead_seconds)
-        kv, waiting = history.range_query(now, lead, PERIOD_SECONDS[f.period], f.lookback, f.window_seconds)
+        offset = slice_offset(lead, f.window_seconds)
+        kv, waiting = history.range_query(now, offset, PERIOD_SECONDS[f.period], f.lookback, f.window_seconds)
         value = demand_floor(
-            kv, waiting, a.target_kv_cache_utilization, a.target_waiting_requests, a.max_replicas
+            kv, waiting, a.target_kv_cache_utilization, a.target_waiting_requests, a.max_replicas, f.quantile
         )
         self._forecast = (now, value)
         return value
@@ -211,5 +215,6 @@ class Toposerve:
         )
         d = decide(self.cfg, inputs, self.history)
         self.history = d.history
+        self.standby = self.spec.standby_for(d.desired)
         self.last_floor_source = d.floor_source
         return d.desired

@@ -397,7 +397,13 @@ class ScalingRules(_Model):
 
 
 def _default_scale_up() -> ScalingRules:
-    return ScalingRules(stabilization_window_seconds=60, policies=[_pods(2, 120)])
+    """The HPA's own scale-up default: at once, by max(4 pods, 100 %) per 15 s. Model loads take
+    minutes, so waiting a window first only adds to them; starting replicas count as capacity on the
+    way, so the next passes do not pile more on while they load."""
+    return ScalingRules(
+        stabilization_window_seconds=0,
+        policies=[_pods(4, 15), ScalingPolicy(type="Percent", value=100, period_seconds=15)],
+    )
 
 
 def _default_scale_down() -> ScalingRules:
@@ -473,10 +479,21 @@ class ForecastSpec(_Model):
         default=None,
         ge=0,
         le=86400,
-        description="How far ahead to forecast; default: startupGraceSeconds (one start-up time ahead).",
+        description="How far ahead to forecast (the centre of each slice); default: startupGraceSeconds, "
+        "one start-up time ahead.",
     )
     window_seconds: int = Field(
-        default=900, ge=60, le=7200, description="Width of each past slice that is averaged."
+        default=900,
+        ge=60,
+        le=7200,
+        description="Width of each past slice that is averaged; the slice is centred leadSeconds ahead.",
+    )
+    quantile: float = Field(
+        default=0.5,
+        ge=0,
+        le=1,
+        description="Which quantile of the past slices across days sets the floor: 0.5 (the median) "
+        "ignores a one-off spike; 1 takes the busiest day (more headroom, follows outliers).",
     )
 
 
@@ -495,6 +512,7 @@ TTFT_HPA_MESSAGE = (
 )
 
 AutoscalingMode = Literal["builtin", "hpa", "keda", "off"]
+STANDBY_PERCENT_MESSAGE = "warmStandbyPercent needs mode builtin (an HPA or KEDA cannot promote a standby)"
 
 
 class AutoscalingSpec(_Model):
@@ -545,14 +563,25 @@ class AutoscalingSpec(_Model):
     )
     scale_up: ScalingRules = Field(
         default_factory=_default_scale_up,
-        description="Scale-up behaviour (default: 60 s window, 2 pods/120 s).",
+        description="Scale-up behaviour (default: the HPA's, no window, max(4 pods, 100 %)/15 s).",
     )
     scale_down: ScalingRules = Field(
         default_factory=_default_scale_down,
         description="Scale-down behaviour (default: 300 s window, 1 pod/300 s).",
     )
     warm_standby: int = Field(
-        default=0, ge=0, le=100, description="Extra loaded replicas kept out of rotation for fast scale-up."
+        default=0,
+        ge=0,
+        le=100,
+        description="Extra loaded replicas kept out of rotation for fast scale-up (builtin mode); with "
+        "warmStandbyPercent, the least there are.",
+    )
+    warm_standby_percent: int = Field(
+        default=0,
+        ge=0,
+        le=100,
+        description="Warm standby sized to the load: floor(percent x spec.replicas / 100), at least "
+        "warmStandby (25: one standby per 4 serving replicas, none below 4).",
     )
     startup_grace_seconds: int = Field(
         default=600,
@@ -642,6 +671,12 @@ class AutoscalingSpec(_Model):
                     "message": "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)",
                     "fieldPath": ".warmStandby",
                 },
+                {
+                    "rule": "!has(self.mode) || !(self.mode in ['hpa', 'keda']) || "
+                    "!has(self.warmStandbyPercent) || self.warmStandbyPercent == 0",
+                    "message": STANDBY_PERCENT_MESSAGE,
+                    "fieldPath": ".warmStandbyPercent",
+                },
             ]
         }
     )
@@ -665,6 +700,8 @@ class AutoscalingSpec(_Model):
             raise ValueError("forecast needs mode builtin")
         if self.mode in ("hpa", "keda") and self.warm_standby:
             raise ValueError("warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)")
+        if self.mode in ("hpa", "keda") and self.warm_standby_percent:
+            raise ValueError(STANDBY_PERCENT_MESSAGE)
         return self
 
     @property
@@ -673,6 +710,13 @@ class AutoscalingSpec(_Model):
         if self.pool_order is not None:
             return self.pool_order
         return "tier" if self.effective_mode != "off" else "weight"
+
+    def standby_for(self, replicas: int) -> int:
+        """Warm standby pods beside ``replicas`` serving ones: max(warmStandby, floor(percent x
+        replicas / 100)). Sized to the load because a sudden rise is a share of the load (a 1.6x
+        burst on 8 replicas wants 5 more), while a fixed count costs the same at night as at peak.
+        """
+        return max(self.warm_standby, max(0, replicas) * self.warm_standby_percent // 100)
 
     @property
     def effective_mode(self) -> AutoscalingMode:

@@ -1,11 +1,22 @@
 """Predictive pre-warm (pure): the floor the same time of day (or weekday) needed before.
 
 Model loads take minutes, so a replica wanted at 09:00 must start before 09:00. From Prometheus
-history, the demand one lead time ahead on each of the last N days (or weeks) is known; the floor
-is what the busiest of those comparable slices needed: ceil(max(sum of KV usage) / target),
-and likewise for waiting requests. Taking the busiest, not the mean, errs on the side of a warm
-replica: the scale-down window removes an unneeded one later, while a missing one costs a
-start-up time of bad latency.
+history, the demand one lead time ahead on each of the last N days (or weeks) is known, each slice
+already smoothed by ``avg_over_time`` over the forecast window. The floor is what a quantile of
+those slices across days needed (``forecast.quantile``, default 0.5, the median): ceil(q-quantile
+(sum of KV usage) / target), and likewise for waiting requests.
+
+Why the median by default and not the busiest (quantile 1): the floor is for the recurring shape
+of the day (the morning ramp), which shows on most days; a one-off spike, with its waiting-queue
+backlog, shows on one day only, and the busiest slice would turn yesterday's spike into today's
+floor at the same minute (up to maxReplicas, for ``lookback`` days). The reactive decision, not
+the forecast, is what answers spikes. A higher quantile buys headroom for day-to-day variation (a
+hot target with slow loads may want it) at the price of following outliers.
+
+Why the slice is centred one lead ahead: the window of ``avg_over_time`` ends at its evaluation
+time, so a query evaluated at ``now + lead`` averages demand from ``now + lead - window`` to
+``now + lead``, centred half a window before the instant the lead is meant to reach.
+``slice_offset`` moves the evaluation time to ``now + lead + window / 2``.
 """
 
 from __future__ import annotations
@@ -14,25 +25,51 @@ import math
 from collections.abc import Sequence
 
 
+def _clean(xs: Sequence[float]) -> list[float]:
+    return [x for x in xs if math.isfinite(x) and x >= 0]
+
+
+def quantile(xs: Sequence[float], q: float) -> float:
+    """The q-quantile of a non-empty sample, interpolated linearly between order statistics (0: the
+    least, 0.5: the median, the mean of the middle two for an even count, 1: the largest)."""
+    if not xs:
+        raise ValueError("quantile of no samples")
+    if not 0.0 <= q <= 1.0:
+        raise ValueError(f"quantile must be in [0, 1], got {q}")
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(s) - 1)
+    # clamped to its two order statistics: float rounding never carries it past the next one
+    return min(max(s[lo] + (s[hi] - s[lo]) * (pos - lo), s[lo]), s[hi])
+
+
 def demand_floor(
     kv_sums: Sequence[float],
     waiting_sums: Sequence[float],
     target_kv: float,
     target_waiting: float,
     max_replicas: int,
+    q: float = 0.5,
 ) -> int:
-    """Replicas the busiest comparable past slice needed (0 without history)."""
-    kv = [x for x in kv_sums if math.isfinite(x) and x >= 0]
-    waiting = [x for x in waiting_sums if math.isfinite(x) and x >= 0]
+    """Replicas the ``q``-quantile comparable past slice needed (0 without history); NaN, infinite
+    and negative samples are left out."""
+    kv, waiting = _clean(kv_sums), _clean(waiting_sums)
     need = 0.0
     if kv:
-        need = max(need, max(kv) / target_kv)
+        need = max(need, quantile(kv, q) / target_kv)
     if waiting:
-        need = max(need, max(waiting) / target_waiting)
+        need = max(need, quantile(waiting, q) / target_waiting)
     return min(max_replicas, math.ceil(round(need, 9)))
 
 
-def slice_times(now: float, lead: float, period_s: float, lookback: int) -> tuple[float, float]:
-    """(start, end) of the range query whose step is ``period_s``: the instants ``now + lead - k x
+def slice_offset(lead: float, window: float) -> float:
+    """Seconds after ``now`` to evaluate each past slice at, so that its ``avg_over_time[window]``
+    is centred ``lead`` seconds ahead (one start-up time by default)."""
+    return lead + window / 2
+
+
+def slice_times(now: float, offset: float, period_s: float, lookback: int) -> tuple[float, float]:
+    """(start, end) of the range query whose step is ``period_s``: the instants ``now + offset - k x
     period`` for k = lookback .. 1 (oldest first)."""
-    return now + lead - lookback * period_s, now + lead - period_s
+    return now + offset - lookback * period_s, now + offset - period_s

@@ -28,7 +28,7 @@ from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
 from toposerve.api.spec import AutoscalingSpec
 from toposerve.autoscale.decision import Config, Decision, Inputs, decide
-from toposerve.autoscale.forecast import demand_floor
+from toposerve.autoscale.forecast import demand_floor, slice_offset
 from toposerve.autoscale.report import TTFT, event_of, history_from_status, replicas, status_of
 from toposerve.autoscale.schedule import schedule_floor
 from toposerve.autoscale.sources import PrometheusSource, Source, source_for
@@ -186,8 +186,9 @@ class Autoscaler:
             reason, msg = event_of(d, a.target_kv_cache_utilization, slo)
             log.info("%s/%s: %s", ns, name, msg)
             self.kube.event(body, reason, msg)
-        if a.warm_standby or spares:
-            self._standby(body, every, created, now, d.desired, a.warm_standby)
+        standby = a.standby_for(d.desired)
+        if standby or spares:
+            self._standby(body, every, created, now, d.desired, standby)
         self.kube.patch_status(
             API,
             "LLMDeployment",
@@ -221,13 +222,19 @@ class Autoscaler:
         lead = float(a.startup_grace_seconds if f.lead_seconds is None else f.lead_seconds)
         try:
             kv, waiting = self.source.history(
-                ns, name, now, lead, PERIOD_SECONDS[f.period], f.lookback, f.window_seconds
+                ns,
+                name,
+                now,
+                slice_offset(lead, f.window_seconds),
+                PERIOD_SECONDS[f.period],
+                f.lookback,
+                f.window_seconds,
             )
         except Exception as e:
             log.warning("forecast for %s/%s failed: %s", ns, name, e)
             return cached[1] if cached else None
         value = demand_floor(
-            kv, waiting, a.target_kv_cache_utilization, a.target_waiting_requests, a.max_replicas
+            kv, waiting, a.target_kv_cache_utilization, a.target_waiting_requests, a.max_replicas, f.quantile
         )
         self._forecast[key] = (now, value)
         return value

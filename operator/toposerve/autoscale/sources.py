@@ -115,15 +115,15 @@ class PrometheusSource:
         namespace: str,
         name: str,
         now: float,
-        lead_s: float,
+        offset_s: float,
         period_s: float,
         lookback: int,
         window_s: int,
     ) -> tuple[list[float], list[float]]:
-        """(KV usage sums, waiting sums) at ``now + lead - k x period`` for the last ``lookback``
+        """(KV usage sums, waiting sums) at ``now + offset - k x period`` for the last ``lookback``
         periods: one range query per metric, stepping a whole period. Raises when Prometheus does."""
         sel = promql.selector(self.selector, namespace, name)
-        start, end = slice_times(now, lead_s, period_s, lookback)
+        start, end = slice_times(now, offset_s, period_s, lookback)
         out: list[list[float]] = []
         for metric in (promql.KV, promql.WAITING):
             result = self._prom().custom_query_range(

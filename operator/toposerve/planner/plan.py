@@ -642,7 +642,9 @@ def assign_replicas(
     ]
     # Warm standby (builtin autoscaling): loaded pods beyond spec.replicas, kept out of rotation by the
     # autoscaler (autoscale/standby.py); they run, and cost, like serving ones.
-    standby = spec.autoscaling.warm_standby if spec.autoscaling.effective_mode == "builtin" else 0
+    standby = (
+        spec.autoscaling.standby_for(spec.replicas) if spec.autoscaling.effective_mode == "builtin" else 0
+    )
     how = spec.autoscaling.effective_pool_order
     tier = spec.placement.tier
     totals = poolorder.split(spec.replicas + standby, how, tier, views)

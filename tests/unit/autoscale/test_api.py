@@ -9,6 +9,7 @@ import pytest
 from toposerve.api.crd import crd
 from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
+from toposerve.api.spec import AutoscalingSpec
 
 M = {"name": "Qwen/Qwen2.5-0.5B-Instruct"}
 
@@ -45,6 +46,9 @@ BAD = [
     ({"enabled": True, "mode": "keda", "forecast": {"enabled": True}}, "spec.autoscaling", "forecast needs mode builtin"),
     ({"enabled": True, "forecast": {"period": "hourly"}}, "spec.autoscaling.forecast.period", "Input should be"),
     ({"enabled": True, "mode": "keda", "warmStandby": 1}, "spec.autoscaling", "warmStandby needs mode builtin"),
+    ({"enabled": True, "mode": "hpa", "warmStandbyPercent": 25}, "spec.autoscaling",
+     "warmStandbyPercent needs mode builtin"),
+    ({"enabled": True, "warmStandbyPercent": 101}, "spec.autoscaling.warmStandbyPercent", "less than or equal to 100"),
     ({"enabled": True, "schedules": [{"name": "a", "start": "8:00", "end": "18:00", "minReplicas": 1}]},
      "spec.autoscaling.schedules[0].start", "should match pattern"),
     ({"enabled": True, "schedules": [{"name": "a", "start": "08:00", "end": "24:00", "minReplicas": 1}]},
@@ -98,6 +102,7 @@ def test_the_crd_carries_the_same_rules_for_the_api_server() -> None:
         "a schedule's minReplicas must be <= maxReplicas",
         "schedules need mode builtin or keda (an HPA has no schedules)",
         "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)",
+        "warmStandbyPercent needs mode builtin (an HPA or KEDA cannot promote a standby)",
         "mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)",
         "ttftSLO needs mode builtin or keda: an HPA would read it as an External metric, which needs a "
         "metrics adapter that serves a histogram quantile",
@@ -107,3 +112,24 @@ def test_the_crd_carries_the_same_rules_for_the_api_server() -> None:
     window = props["schedules"]["items"]
     assert window["properties"]["start"]["pattern"] and window["x-kubernetes-validations"]
     assert props["schedules"]["x-kubernetes-list-map-keys"] == ["name"]
+
+
+@pytest.mark.parametrize(
+    ("count", "percent", "replicas", "standby"),
+    [
+        (0, 0, 8, 0),  # off
+        (1, 0, 8, 1),  # a fixed count, whatever the load
+        (0, 25, 3, 0),  # one per 4 serving replicas: none below 4 (night)
+        (0, 25, 4, 1),
+        (0, 25, 12, 3),
+        (1, 25, 2, 1),  # warmStandby is the least there are
+        (1, 25, 9, 2),
+        (0, 100, 5, 5),
+        (2, 50, 0, 2),  # at zero: the count
+    ],
+)
+def test_standby_for_follows_the_load_with_warm_standby_as_the_least(
+    count: int, percent: int, replicas: int, standby: int
+) -> None:
+    a = AutoscalingSpec.model_validate({"enabled": True, "warmStandby": count, "warmStandbyPercent": percent})
+    assert a.standby_for(replicas) == standby

@@ -8,6 +8,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
 from toposerve.api.config import OperatorConfig
@@ -328,15 +330,91 @@ def test_schedule_floor_raises_and_is_named() -> None:
 # ---- forecast ------------------------------------------------------------------------------------------
 
 
-def test_demand_floor_takes_the_busiest_comparable_slice() -> None:
-    from toposerve.autoscale.forecast import demand_floor, slice_times
+def test_demand_floor_takes_the_median_comparable_slice() -> None:
+    from toposerve.autoscale.forecast import demand_floor, slice_offset, slice_times
 
-    assert demand_floor([0.6, 2.1, 1.4], [0.0, 3.0], 0.7, 4.0, 10) == 3  # ceil(2.1 / 0.7) = 3
+    assert demand_floor([0.6, 2.1, 1.4], [0.0, 3.0, 0.0], 0.7, 4.0, 10) == 2  # ceil(1.4 / 0.7) = 2
+    assert demand_floor([0.6, 1.4], [], 0.7, 4.0, 10) == 2  # even count: mean of the middle two, 1.0
     assert demand_floor([0.5], [20.0], 0.7, 4.0, 10) == 5  # the queue says more
     assert demand_floor([9.0], [], 0.5, 4.0, 6) == 6  # never above max
     assert demand_floor([], [], 0.7, 4.0, 10) == 0
     assert demand_floor([math.nan, -1.0, math.inf], [], 0.7, 4.0, 10) == 0
+    assert demand_floor([math.nan, 1.4, -1.0], [], 0.7, 4.0, 10) == 2  # bad samples are left out
     assert slice_times(1000.0, 60.0, 100.0, 3) == (760.0, 960.0)
+    assert slice_offset(300.0, 900.0) == 750.0  # the window [300 - 450, 300 + 450] is centred at the lead
+
+
+def test_a_one_day_spike_does_not_become_tomorrows_floor() -> None:
+    """Yesterday's spike, backlog and all, at the same minute: the median day is a normal one."""
+    from toposerve.autoscale.forecast import demand_floor
+
+    normal_kv, normal_wait = 2.0, 0.5
+    kv = [normal_kv, normal_kv, normal_kv, normal_kv, normal_kv, normal_kv, 8.0]  # spike on the last day
+    waiting = [normal_wait] * 6 + [300.0]
+    assert demand_floor(kv, waiting, 0.7, 4.0, 12) == math.ceil(normal_kv / 0.7)
+    # a rise that recurs on most days does raise the floor
+    assert demand_floor([2.0, 5.6, 5.6, 5.6], [], 0.7, 4.0, 12) == 8
+
+
+def test_the_forecast_quantile_chooses_between_median_and_busiest() -> None:
+    from toposerve.autoscale.forecast import demand_floor, quantile
+
+    assert quantile([3.0, 1.0, 2.0], 0.0) == 1.0 and quantile([3.0, 1.0, 2.0], 1.0) == 3.0
+    assert quantile([1.0, 2.0, 3.0, 4.0], 0.5) == 2.5  # the mean of the middle two
+    assert quantile([0.0, 10.0], 0.25) == 2.5  # linear between order statistics
+    assert quantile([7.0], 0.9) == 7.0
+    for bad in (-0.1, 1.1):
+        with pytest.raises(ValueError, match="quantile must be in"):
+            quantile([1.0], bad)
+    with pytest.raises(ValueError, match="no samples"):
+        quantile([], 0.5)
+    days = [0.6, 2.1, 1.4]
+    assert demand_floor(days, [], 0.7, 4.0, 10, q=1.0) == 3  # the busiest: ceil(2.1 / 0.7)
+    assert demand_floor(days, [], 0.7, 4.0, 10, q=0.5) == 2
+    assert demand_floor(days, [], 0.7, 4.0, 10, q=0.0) == 1
+
+
+def test_the_forecast_quantile_is_validated_by_the_api() -> None:
+    from pydantic import ValidationError
+
+    from toposerve.api.spec import AutoscalingSpec
+
+    assert AutoscalingSpec.model_validate({"forecast": {}}).forecast.quantile == 0.5
+    with pytest.raises(ValidationError, match="less than or equal to 1"):
+        AutoscalingSpec.model_validate({"forecast": {"quantile": 1.5}})
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0, max_value=50), min_size=1, max_size=14),
+    st.floats(min_value=0, max_value=1),
+    st.floats(min_value=0, max_value=1),
+)
+def test_a_higher_forecast_quantile_never_lowers_the_floor(days: list[float], q1: float, q2: float) -> None:
+    from toposerve.autoscale.forecast import demand_floor
+
+    lo, hi = sorted((q1, q2))
+    assert demand_floor(days, [], 0.7, 4.0, 1000, q=lo) <= demand_floor(days, [], 0.7, 4.0, 1000, q=hi)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.floats(min_value=0, max_value=50), min_size=2, max_size=14),
+    st.floats(min_value=0, max_value=1e6),
+    st.integers(min_value=0, max_value=13),
+)
+def test_one_outlier_day_moves_the_floor_no_further_than_its_neighbours(
+    days: list[float], outlier: float, where: int
+) -> None:
+    """However large (or small) one slice is, the floor stays within what the two order statistics
+    of the other slices around the median need: one day cannot drag it to maxReplicas."""
+    from toposerve.autoscale.forecast import demand_floor
+
+    n, at = len(days), where % len(days)
+    b = sorted(days)
+    f = demand_floor([*days[:at], outlier, *days[at:]], [], 0.7, 4.0, 10_000)
+    need = lambda x: math.ceil(round(x / 0.7, 9))  # noqa: E731
+    assert need(b[n // 2 - 1]) <= f <= need(b[n // 2 + n % 2])
 
 
 def test_prometheus_history_is_one_range_query_per_metric_stepping_a_period() -> None:
@@ -347,7 +425,9 @@ def test_prometheus_history_is_one_range_query_per_metric_stepping_a_period() ->
             return [{"metric": {}, "values": [[start_time.timestamp(), v], [end_time.timestamp(), "0.7"]]}]
 
     prom = RangeProm({})
-    kv, waiting = PrometheusSource("http://p", SEL, client=prom).history("ns", "llm", 1e6, 600, 86400, 7, 900)
+    kv, waiting = PrometheusSource("http://p", SEL, client=prom).history(
+        "ns", "llm", 1e6, 600, 86400, 7, 900
+    )  # offset 600
     assert kv == [1.4, 0.7] and waiting == [0.7]
     (q, start, end, step), _ = prom.queries
     assert step == "86400s" and start == 1e6 + 600 - 7 * 86400 and end == 1e6 + 600 - 86400
@@ -367,17 +447,26 @@ def test_the_loop_raises_the_floor_to_the_forecast_and_reports_it() -> None:
 
         def history(self, *a: Any) -> tuple[list[float], list[float]]:
             self.calls += 1
+            self.args = a
             return [2.0, 2.7], []
 
     body = llmd(2, forecast={"enabled": True, "lookback": 3})
     kube, clock, src = FakeKube(body, [pod("a"), pod("b")]), Clock(), HistorySource()
     a = Autoscaler(kube, OperatorConfig(), source=src, clock=clock)  # type: ignore[arg-type]
     (d,) = a.run_once([])
-    assert (d.desired, d.reason, d.floor_source) == (4, "BelowFloor", "forecast")  # ceil(2.7 / 0.7)
+    assert (d.desired, d.reason, d.floor_source) == (4, "BelowFloor", "forecast")  # ceil(2.35 / 0.7)
+    # each slice centred one start-up time (startupGraceSeconds 600) ahead: evaluated at +600 + 900/2
+    assert src.args[3:] == (1050.0, 86400.0, 3, 900)
     assert kube.statuses[-1]["autoscaling"]["forecast"] == 4
     clock.t += 10
     a.run_once([])
     assert src.calls == 1  # cached between refreshes
+    # forecast.quantile reaches the floor: the least of the days, ceil(2.0 / 0.7) = 3
+    low = llmd(2, forecast={"enabled": True, "lookback": 3, "quantile": 0})
+    kube = FakeKube(low, [pod("a"), pod("b")])
+    a = Autoscaler(kube, OperatorConfig(), source=HistorySource(), clock=Clock())  # type: ignore[arg-type]
+    (d,) = a.run_once([])
+    assert (d.desired, d.floor_source) == (3, "forecast")
 
 
 # ---- scale from zero ------------------------------------------------------------------------------------
@@ -469,6 +558,19 @@ def test_the_planner_runs_standby_pods_only_in_builtin_mode() -> None:
     assert pods_for(warmStandby=2) == 4
     assert pods_for() == 2
     assert pods_for(warmStandby=2, mode="off") == 2
+    assert pods_for(warmStandbyPercent=50) == 3  # 2 serving: floor(50 % x 2) = 1 standby
+    assert pods_for(warmStandbyPercent=50, mode="off") == 2
+
+
+def test_a_load_sized_standby_follows_the_decision() -> None:
+    """The loop keeps standby_for(desired) pods out of rotation: 50 % of 2 replicas is one (the third
+    pod is demoted), 49 % of 2 is none (the third pod stays an engine until the workload drops it)."""
+    kube, clock = FakeKube(llmd(2, warmStandbyPercent=50), [pod("a"), pod("b"), pod("c")]), Clock()
+    (d,) = scaler(kube, StandbySource(0.7), clock).run_once([])
+    assert d.desired == 2 and [r[1] for r in kube.relabels] == ["standby"]
+    kube = FakeKube(llmd(2, warmStandbyPercent=49), [pod("a"), pod("b"), pod("c")])
+    (d,) = scaler(kube, FakeSource(0.7), Clock()).run_once([])
+    assert d.desired == 2 and kube.relabels == []
 
 
 def test_a_pod_gone_before_its_relabel_does_not_stop_the_pass() -> None:

@@ -290,6 +290,25 @@ def test_config_from_spec_maps_fields_and_k8s_default_policies() -> None:
     assert Config.from_spec(AutoscalingSpec(enabled=True, scale_up=one)).up.select == "Min"
 
 
+def test_default_behaviour_reacts_at_once_up_and_one_pod_at_a_time_down() -> None:
+    """The product's defaults: the HPA's scale-up (model loads take minutes; a window only adds to
+    them), the conservative one-pod-per-5-minutes scale-down."""
+    d = Config.from_spec(AutoscalingSpec(enabled=True))
+    assert d.up == Rules(0, (Policy("Pods", 4, 15), Policy("Percent", 100, 15)), "Max")
+    assert d.down == Rules(300, (Policy("Pods", 1, 300),), "Max")
+
+
+def test_defaults_answer_a_burst_on_eight_replicas_in_one_pass() -> None:
+    """A 1.6x burst on 8 replicas at the 0.7 target wants 5 more: the defaults add them at the first
+    sync (max(4 pods, 100 %) per 15 s), where the former 2 pods/120 s after 60 s took 5 minutes."""
+    c = Config.from_spec(AutoscalingSpec(enabled=True, max_replicas=16))
+    d = run(c, Inputs(now=10_000, current=8, replicas=ready(8, 0.7 * 1.6)), steady(8))
+    assert (d.desired, d.reason, d.limited) == (13, "ScaleUp", "")  # ceil(8 x 1.6) = 13
+    # the replicas now loading count as capacity on the way: the next pass adds none on top
+    nxt = run(c, Inputs(now=10_015, current=13, replicas=ready(8, 0.7 * 1.6) + starting(5)), d.history)
+    assert nxt.desired == 13
+
+
 # ---- properties ----------------------------------------------------------------------------------------
 
 policy = st.builds(

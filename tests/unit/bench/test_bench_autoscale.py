@@ -148,6 +148,20 @@ def test_a_spike_raises_toposerve_replicas_and_they_come_back_down() -> None:
     assert res.promotions >= 1  # the warm standby went into rotation first
 
 
+def test_a_load_sized_standby_grows_with_the_fleet_and_shrinks_back() -> None:
+    """warmStandbyPercent 50: no standby at one replica, then one per two serving replicas through
+    the spike (pods = serving + standby), and back to none when the fleet is back at one."""
+    tr = flat_trace(rps=0.3, seconds=3 * 3600, spike=(3600.0, 4200.0, 6.0))
+    p = toposerve(warmStandby=0, warmStandbyPercent=50)
+    assert p.standby == 0
+    res = fleetsim.Fleet(tr, ENGINE, p, until=3 * 3600).run()
+    pods, serving = res.timeline["pods"], res.timeline["serving"]
+    assert max(pods[30:60]) == max(serving[30:60]) == 1  # one replica, no standby
+    peak = max(range(60, 100), key=lambda m: serving[m])
+    assert serving[peak] >= 4 and pods[peak] > serving[peak]  # standby pods beside the serving ones
+    assert p.standby == p.spec.standby_for(serving[-1])
+
+
 def test_the_simulation_is_deterministic() -> None:
     tr = flat_trace(rps=0.6, seconds=5400, spike=(1800.0, 2400.0, 4.0))
     a = fleetsim.Fleet(tr, ENGINE, toposerve(), until=5400).run()
@@ -181,7 +195,7 @@ def test_forecast_floor_reads_yesterdays_demand_one_lead_ahead() -> None:
     for m in range(600, 660):  # yesterday 10:00-11:00: KV usage summing to 3.5 replicas
         hist.kv[m] = 3.5
     p = toposerve(forecast={"enabled": True, "lookback": 1, "leadSeconds": 600, "windowSeconds": 600})
-    # 10:10 today: yesterday's 10:10-10:20 (the window ends one lead ahead) averaged 3.5
+    # 10:10 today: yesterday's 10:15-10:25 (the window centred one lead ahead) averaged 3.5
     at = daytrace.DAY + 10 * 3600 + 600.0
     assert p.forecast_floor(at, hist) == math.ceil(3.5 / 0.7)
     quiet = toposerve(forecast={"enabled": True, "lookback": 1, "leadSeconds": 600, "windowSeconds": 600})
