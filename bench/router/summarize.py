@@ -60,20 +60,25 @@ def main() -> int:
             print(f"| {name}{err} | " + " | ".join(cells) + " |")
     ov = data.get("overhead") or {}
     if ov:
-        print("\n**added latency vs direct** (p50, ms; one engine, 8 output tokens)\n")
+        print(
+            "\n**added latency vs direct** (ms; one engine, short streams) and router CPU per relayed chunk\n"
+        )
         names = [n for n in ov.get("1", {}) if n != "direct"]
-        print("| streams | direct TTFT p50 | " + " | ".join(f"{n} +TTFT / +e2e" for n in names) + " |")
-        print("| ---: | ---: |" + " ---: |" * len(names))
-        for conc in ("1", "50", "200"):
-            lv = ov.get(conc)
-            if not isinstance(lv, dict):
+        print(
+            "| streams | router | +TTFT p50 | +TTFT p99 | +e2e p50 | +e2e p99 | CPU us/chunk | net of idle |"
+        )
+        print("| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for conc, lv in ov.items():
+            if not isinstance(lv, dict) or "direct" not in lv:
                 continue
-            cells = [
-                f"{lv[n]['added_ttft_p50_ms']:+.1f} / {lv[n]['added_e2e_p50_ms']:+.1f}"
-                for n in names
-                if n in lv
-            ]
-            print(f"| {conc} | {lv['direct']['ttft_p50_ms']:.1f} | " + " | ".join(cells) + " |")
+            for n in names:
+                x = lv.get(n)
+                if not isinstance(x, dict) or "added_ttft_p99_ms" not in x:
+                    continue
+                print(f"| {conc} | {n} | {x['added_ttft_p50_ms']:+.1f} | {x['added_ttft_p99_ms']:+.1f} | "
+                      f"{x['added_e2e_p50_ms']:+.1f} | {x['added_e2e_p99_ms']:+.1f} | "
+                      f"{x.get('cpu_us_per_chunk', float('nan')):.1f} | "
+                      f"{x.get('cpu_us_per_chunk_net', float('nan')):.1f} |")  # fmt: skip
     if data.get("skipped"):
         print("\nskipped: " + "; ".join(data["skipped"]))
     return 0
