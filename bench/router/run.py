@@ -725,6 +725,9 @@ async def overhead(
             # the same less what the router burns idle over as long (probes, scrapes, timers)
             idle_rate = idle_cpu[t] / idle_s[t] if idle_s[t] else 0.0
             level[t]["idle_cpu_pct"] = 100 * idle_rate
+            # share of one core the router used while measured: near 100 % would make the single
+            # process the limit (then several worker processes could help)
+            level[t]["cpu_util_pct"] = 100 * cpu[t] / busy_s[t] if busy_s[t] else 0.0
             level[t]["cpu_us_per_chunk_net"] = 1e6 * max(cpu[t] - idle_rate * busy_s[t], 0.0) / max(chunks, 1)
         for t in names:
             for q in ("p50", "p99"):
@@ -734,7 +737,7 @@ async def overhead(
             print(f"overhead c={conc:<4d} {t:14s} +ttft p50/p99={lv['added_ttft_p50_ms']:+.2f}/"
                   f"{lv['added_ttft_p99_ms']:+.2f}ms +e2e p50/p99={lv['added_e2e_p50_ms']:+.2f}/"
                   f"{lv['added_e2e_p99_ms']:+.2f}ms cpu={lv['cpu_us_per_chunk']:.1f}us/chunk "
-                  f"(net of idle {lv['cpu_us_per_chunk_net']:.1f}) "
+                  f"(net of idle {lv['cpu_us_per_chunk_net']:.1f}) util={lv['cpu_util_pct']:.0f}% "
                   f"({lv['chunks']} chunks) errors={lv['errors']}", flush=True)  # fmt: skip
         res[str(conc)] = level
     for proc in started:  # the next run starts its own on the same ports

@@ -321,6 +321,17 @@ class _Metrics:
             registry=r,
         )
         r.register(_BackendCollector(router))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, remembered: prometheus_client's lookup (lock, tuple, dict) is
+        a measurable share of a short request's CPU. The label sets are the ones Prometheus keeps
+        anyway (backends x strategies x codes), so the cache holds no more than the registry."""
+        key = (id(metric), values)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*values)
+        return c
 
 
 class _BackendCollector(Collector):
@@ -387,9 +398,27 @@ class _GatewayTimeout(Exception):
     pass
 
 
-_STARTED = web.RequestKey("toposerve_started", bool)  # response headers are out
+class _RelayResponse(web.StreamResponse):
+    """A StreamResponse whose status line and headers leave with the first body bytes, in one
+    socket write instead of two (aiohttp's own `web.Response` does the same for whole bodies).
+    On an aiohttp without the switch the headers go out at `prepare`, as before."""
+
+    _send_headers_immediately = False
+
+
+_SSE_DONE = b"data: [DONE]\n\n"  # the OpenAI stream's last event: nothing may follow it
+
+
+def _ends_stream(chunk: bytes) -> bool:
+    """True when `chunk` ends with a whole `data: [DONE]` event (at its start or after an event
+    boundary; JSON events escape their newlines, so no event's text can end this way)."""
+    return chunk == _SSE_DONE or chunk.endswith(b"\n\n" + _SSE_DONE)
+
+
+_STARTED = web.RequestKey("toposerve_started", bool)  # response headers are out (or will be)
 _ERROR_BODY_MAX = 64 * 1024  # of an upstream 5xx body kept to pass on
 _USAGE_BODY_MAX = 4 << 20  # of a non-streamed body kept to learn the usage from
+_USAGE_TAIL = 4096  # of a stream's end kept for its usage event (~250 bytes) and [DONE]
 
 
 class Router:
@@ -650,7 +679,7 @@ class Router:
             d = st.choose(strategy, req, snap, self.memory, self.cfg.routing, now)
             if d is not None:
                 st.commit(self.memory, strategy, req, d, self.cfg.routing, now)
-                self.metrics.decisions.labels(strategy, d.reason).inc()
+                self.metrics.child(self.metrics.decisions, strategy, d.reason).inc()
                 return d
             left = deadline - now
             if left <= 0 or len(self._waiters) >= self.cfg.max_queue:
@@ -844,7 +873,7 @@ class Router:
                 attempts.clear()
                 if upstream.connection is not None and upstream.connection.transport is not None:
                     tcp_nodelay(upstream.connection.transport, True)
-                out = web.StreamResponse(status=upstream.status)
+                out = _RelayResponse(status=upstream.status)
                 skip = hop_by_hop(upstream.headers)
                 for k, v in upstream.headers.items():
                     if k.lower() not in skip:
@@ -862,8 +891,8 @@ class Router:
                 return out
         finally:
             self.ledger.release(ticket)
-            self.metrics.requests.labels(url, strategy, code).inc()
-            self.metrics.e2e.labels(strategy).observe(time.perf_counter() - t0)
+            self.metrics.child(self.metrics.requests, url, strategy, code).inc()
+            self.metrics.child(self.metrics.e2e, strategy).observe(time.perf_counter() - t0)
             self._drop_if_idle(url)
             self._wake_waiters()
 
@@ -877,35 +906,57 @@ class Router:
         ticket: st.Ticket,
         t0: float,
     ) -> None:
-        # Bytes pass through as they come; nothing is parsed per event. Streams are only counted
-        # (`data: ` markers, a C-level scan) so the ledger sees output progress; the last two
-        # chunks are kept for the usage the engine reports at the end. Batching that count was
-        # measured and bought nothing (docs/benchmarks.md, "Router: per-event work").
+        # Bytes pass through as they come, one client write per upstream read (a read takes
+        # whatever has arrived, so events that came together leave together, never split or
+        # merged differently than the bytes themselves); nothing is parsed per event. Streams
+        # are only counted (`data: ` markers, a C-level scan) so the ledger sees output
+        # progress; the last few KiB are kept (as chunks, not copied) for the usage the engine
+        # reports at the end, in the last event or the one before [DONE].
+        # The last bytes leave with the end of the response in one write: when the upstream is
+        # at its end, or when a stream's chunk ends with `data: [DONE]` (the client is then done
+        # at once; whatever the upstream still sends, its chunked-encoding end, is drained).
         first = True
         stream = parsed.stream
-        prev = tail = b""
+        tail: deque[bytes] = deque()  # the stream's last chunks, at least _USAGE_TAIL bytes
+        tail_len = 0
         keep_body = not stream and upstream.status == 200
         body_parts: list[bytes] = []
         kept = 0
+        finished = False  # the client has the whole response
+        content = upstream.content
         try:
-            async for chunk in upstream.content.iter_any():
+            while chunk := await content.readany():
                 if first:
                     first = False
-                    self.metrics.ttft.labels(strategy).observe(time.perf_counter() - t0)
+                    self.metrics.child(self.metrics.ttft, strategy).observe(time.perf_counter() - t0)
                     self.ledger.first_token(ticket)
-                await out.write(chunk)
+                if finished:  # bytes after [DONE]: no client may read them, so none are sent
+                    log.debug("%s sent %d bytes after [DONE]; dropped", ticket.backend, len(chunk))
+                    continue
                 if stream:
                     self.ledger.output_tokens(ticket, chunk.count(b"data: "))
-                    prev, tail = tail, chunk  # usage sits in the last event or the one before [DONE]
+                    tail.append(chunk)
+                    tail_len += len(chunk)
+                    while tail_len - len(tail[0]) >= _USAGE_TAIL:
+                        tail_len -= len(tail.popleft())
                 elif keep_body and kept < _USAGE_BODY_MAX:  # a running total: no O(n^2) re-summing
                     body_parts.append(chunk)
                     kept += len(chunk)
+                if content.at_eof() or (stream and _ends_stream(chunk)):
+                    finished = True
+                    await out.write_eof(chunk)
+                else:
+                    await out.write(chunk)
         except (
             TimeoutError,
             aiohttp.ClientPayloadError,
             aiohttp.ServerDisconnectedError,
             aiohttp.ClientOSError,
         ) as e:
+            if finished:  # the client has every event; only the upstream's framing end broke
+                log.debug("stream from %s broke after [DONE]: %r", ticket.backend, e)
+                self._learn_usage(parsed, b"".join(tail))
+                return
             self.metrics.errors.labels(ticket.backend, hl.STREAM_BROKEN).inc()
             self._record_failure(ticket.backend, hl.STREAM_BROKEN)
             log.warning("stream from %s broke mid-way: %r", ticket.backend, e)
@@ -917,16 +968,15 @@ class Router:
                         "code": 502,
                     }
                 }
-                await out.write(b"data: " + json.dumps(err).encode() + b"\n\n")
-                await out.write_eof()
+                await out.write_eof(b"data: " + json.dumps(err).encode() + b"\n\n")
             else:
                 # headers are out; abort so the client sees a failure, not a truncated success
                 out.force_close()
                 if request.transport is not None:
                     request.transport.abort()
             return
-        await out.write_eof()
-        self._learn_usage(parsed, prev + tail if parsed.stream else b"".join(body_parts))
+        await out.write_eof()  # a no-op when the last bytes already carried the end
+        self._learn_usage(parsed, b"".join(tail if parsed.stream else body_parts))
 
     def _learn_usage(self, parsed: _Parsed, data: bytes) -> None:
         """Correct the chars-per-token estimate from the engine's reported prompt tokens."""
