@@ -413,6 +413,7 @@ class Policy:
     name: str
     kind: str  # toposerve | vllm-router | sglang-router | direct
     arg: str
+    src: str = ""  # toposerve from another source tree (its PYTHONPATH; `--variant`)
 
 
 def router_argv(p: Policy, engines: list[tuple[str, str]], port: int, rvenv: Path) -> list[str]:
@@ -448,7 +449,8 @@ async def run_cell(
     argv = router_argv(p, engines, port, rvenv)
     if p.kind == "toposerve":
         argv += args.toposerve_args.split()
-    proc = procs.start(f"{p.kind}-{p.arg}-{w.name[0]}", argv)
+    env = {**os.environ, "PYTHONPATH": str(Path(p.src).resolve())} if p.src else None
+    proc = procs.start(f"{p.kind}-{p.arg}-{w.name[0]}", argv, env)
     url = f"http://{HOST}:{port}"
     try:
         if not await wait_ready(url, "/health") and not await wait_ready(url, "/v1/models", 20):
@@ -491,6 +493,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for u, _ in engines:
             assert await wait_ready(u), f"engine {u} did not start"
         policies = [Policy(f"toposerve {s}", "toposerve", s) for s in args.strategies.split(",")]
+        for v in args.variant:  # the same strategies from another source tree, in the same runs
+            name, src = v.split("=", 1)
+            policies += [Policy(f"toposerve {s} [{name}]", "toposerve", s, src)
+                         for s in args.variant_strategies.split(",") if s]  # fmt: skip
         for kind, exe, names in (
             ("vllm-router", rvenv / "bin" / "vllm-router", args.vllm_policies),
             ("sglang-router", rvenv / "bin" / "sglang-router", args.sglang_policies),
@@ -777,7 +783,11 @@ def main() -> int:
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="overhead and r: also measure the toposerve router from source dir DIR (its PYTHONPATH)",
+        help="also measure the toposerve router from source dir DIR (its PYTHONPATH): in the overhead, "
+        "in r, and on the workloads with --variant-strategies",
+    )
+    ap.add_argument(
+        "--variant-strategies", default="auto", help="workloads: strategies run from each --variant"
     )
     ap.add_argument("--only", default="", help="subset of workloads by letter: a, b, c, m (many tenants, "
                     "cache-heavy; only when named), o (overhead), r (one vs two router replicas on workload a; only when named)")  # fmt: skip

@@ -42,6 +42,7 @@ from aiohttp.tcp_helpers import tcp_nodelay
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from yarl import URL
 
 from toposerve.router import health as hl
 from toposerve.router import strategies as st
@@ -110,6 +111,7 @@ class Backend:
     removed: bool = False  # gone from discovery; dropped once its in-flight requests end
     kv_usage: float = 0.0
     waiting: int = 0
+    kv_capacity_tokens: int = 0  # from vllm:cache_config_info; 0 until scraped (or never exported)
 
     def healthy(self, now: float) -> bool:
         return self.health.healthy(now)
@@ -252,6 +254,24 @@ def parse_request(
         affinity, affinity_blocks = st.affinity_key(root), len(root) // cfg.block_chars
     req = st.Request(prompt_tokens, max_tokens, hashes, session, affinity, affinity_blocks)
     return _Parsed(len(text), req, lax_bool(body.get("stream")))
+
+
+def parse_kv_capacity(text: str) -> int | None:
+    """Tokens the engine's KV cache holds (`num_gpu_blocks` x `block_size` of vLLM's
+    `vllm:cache_config_info`), or None when the page does not say."""
+    for line in text.splitlines():
+        if not line.startswith("vllm:cache_config_info{"):
+            continue
+        labels = dict(
+            kv.split("=", 1) for kv in line[line.index("{") + 1 : line.rindex("}")].split(",") if "=" in kv
+        )
+        try:
+            blocks = int(labels.get("num_gpu_blocks", "").strip('"'))
+            size = int(labels.get("block_size", "").strip('"'))
+        except ValueError:
+            return None
+        return blocks * size if blocks > 0 and size > 0 else None
+    return None
 
 
 def parse_engine_metrics(text: str) -> tuple[float | None, int | None]:
@@ -443,6 +463,7 @@ class Router:
         self._backends_changed = asyncio.Event()
         self.metrics = _Metrics(self)
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[tuple[str, str], URL] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_wakeup = asyncio.Event()
@@ -541,7 +562,9 @@ class Router:
         try:
             async with self._session.get(url + "/metrics", timeout=timeout) as r:
                 if r.status == 200:
-                    kv, waiting = parse_engine_metrics(await r.text())
+                    text = await r.text()
+                    kv, waiting = parse_engine_metrics(text)
+                    b.kv_capacity_tokens = parse_kv_capacity(text) or b.kv_capacity_tokens
                     if kv is not None:
                         b.kv_usage = kv
                     if waiting is not None:
@@ -571,6 +594,8 @@ class Router:
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
+            # a proxy must not keep one client's cookies for the next (nor pay for a jar per request)
+            cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=self.cfg.connect_timeout_s, sock_read=self.cfg.read_timeout_s
             ),
@@ -664,6 +689,24 @@ class Router:
                 fut.set_result(None)
                 return
 
+    def _upstream_url(self, backend: str, path: str) -> URL:
+        """The parsed upstream URL, kept per (backend, path): parsing it is a share of a short
+        request's CPU, and the paths are the two completion routes."""
+        key = (backend, path)
+        u = self._urls.get(key)
+        if u is None:
+            if len(self._urls) > 4 * len(self.backends) + 64:  # backends come and go
+                self._urls.clear()
+            u = self._urls[key] = URL(backend + path)
+        return u
+
+    def _capacity_blocks(self, url: str) -> int:
+        """The backend's KV capacity in the router's prefix blocks (0: unknown)."""
+        b = self.backends.get(url)
+        if b is None or b.kv_capacity_tokens <= 0:
+            return 0
+        return max(1, int(b.kv_capacity_tokens * self.estimator.chars_per_token / self.cfg.block_chars))
+
     async def _decide(self, strategy: str, req: st.Request, exclude: set[str]) -> st.Decision | web.Response:
         deadline = time.monotonic() + self.cfg.queue_timeout_s
         while True:
@@ -678,7 +721,9 @@ class Router:
             now = time.monotonic()
             d = st.choose(strategy, req, snap, self.memory, self.cfg.routing, now)
             if d is not None:
-                st.commit(self.memory, strategy, req, d, self.cfg.routing, now)
+                st.commit(
+                    self.memory, strategy, req, d, self.cfg.routing, now, self._capacity_blocks(d.backend)
+                )
                 self.metrics.child(self.metrics.decisions, strategy, d.reason).inc()
                 return d
             left = deadline - now
@@ -848,7 +893,9 @@ class Router:
         code = "error"
         try:
             try:
-                upstream = await self._session.post(url + request.path, data=raw, headers=headers)
+                upstream = await self._session.post(
+                    self._upstream_url(url, request.path), data=raw, headers=headers
+                )
             except aiohttp.SocketTimeoutError:
                 # Connected, sent, and no answer within read_timeout_s: not retried (it would
                 # double a long wait, and a request that hangs one engine may hang the next),

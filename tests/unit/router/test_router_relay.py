@@ -73,12 +73,15 @@ class Scripted:
     hold: asyncio.Event = field(default_factory=asyncio.Event)
     abort_at_end: bool = False  # drop the connection instead of ending the chunked body
     served: int = 0
+    cookies_seen: list[str] = field(default_factory=list)
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
         await request.read()
         self.served += 1
+        self.cookies_seen.append(request.headers.get("Cookie", ""))
         ctype = "text/event-stream" if self.stream else "application/json"
         resp = web.StreamResponse(headers={"Content-Type": ctype})
+        resp.set_cookie("engine-session", f"client-{self.served}")
         await resp.prepare(request)
         for p in self.pieces:
             await resp.write(p)
@@ -100,12 +103,14 @@ class Scripted:
 
 
 @pytest.fixture
-async def relay() -> AsyncIterator[tuple[Router, str, Scripted]]:
+async def relay(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Router, str, Scripted]]:
     engine = Scripted()
     er = web.AppRunner(engine.app())
     await er.setup()
     await web.TCPSite(er, "127.0.0.1", 0).start()
-    eurl = f"http://127.0.0.1:{er.addresses[0][1]}"
+    # a host name where a test needs one (aiohttp's cookie jar ignores cookies from IP addresses)
+    host = getattr(request, "param", "127.0.0.1")
+    eurl = f"http://{host}:{er.addresses[0][1]}"
     router = Router([BackendSpec(eurl)], RouterConfig(strategy=st.ROUND_ROBIN))
     rr = await serve(router, "127.0.0.1", 0, probe=False)
     yield router, f"http://127.0.0.1:{rr.addresses[0][1]}", engine
@@ -226,3 +231,18 @@ def test_ends_stream_only_on_a_whole_done_event() -> None:
     assert not _ends_stream(b"data: [DONE]\n")  # the blank line is still to come
     assert not _ends_stream(b"xdata: [DONE]\n\n")  # not at an event boundary
     assert not _ends_stream(sse("{}"))
+
+
+@pytest.mark.parametrize("relay", ["localhost"], indirect=True)
+async def test_the_router_keeps_no_cookies_between_clients(relay: tuple[Router, str, Scripted]) -> None:
+    router, url, engine = relay
+    engine.pieces = [STREAM]
+    for _ in range(2):  # two clients, each sent a cookie by the engine
+        async with (
+            aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as s,
+            s.post(url + "/v1/chat/completions", json={"model": "m", "stream": True}) as r,
+        ):
+            assert r.status == 200 and "engine-session" in r.cookies  # relayed to its client
+            await r.read()
+    assert engine.cookies_seen == ["", ""]  # ... but never replayed by the router for the next
+    await settled(router)
