@@ -149,11 +149,11 @@ def tenant_workload(scale: float) -> Workload:
     """(m): many tenants, cache-heavy, multi-turn (issue 11). 16 tenants with ~2,000-word system
     prompts (~32k tokens together): with `--kv-blocks 1500` (24k tokens per replica) they overflow
     one replica's KV cache but fit the fleet's (96k), so a router that spreads every tenant over
-    every replica makes them evict each other. 64 conversations (4 per tenant) x 4 turns of ~150
+    every replica makes them evict each other. 96 conversations (6 per tenant) x 4 turns of ~150
     words, 32-token replies appended to the history, 16 conversations at a time, `user` set."""
     rng = random.Random(13)
     systems = [f"Tenant {i} system prompt. " + words(rng, 2000) for i in range(16)]
-    order = list(range(max(1, int(64 * scale))))
+    order = list(range(max(1, int(96 * scale))))
     rng.shuffle(order)  # tenants interleave in time, as independent customers would
     convs = [Conversation(systems[i % 16], [words(rng, 150) for _ in range(4)], f"tenant-{i % 16}-user-{i}")
              for i in order]  # fmt: skip
@@ -414,6 +414,7 @@ class Policy:
     kind: str  # toposerve | vllm-router | sglang-router | direct
     arg: str
     src: str = ""  # toposerve from another source tree (its PYTHONPATH; `--variant`)
+    extra: tuple[str, ...] = ()  # more toposerve flags (`--flags-variant`)
 
 
 def router_argv(p: Policy, engines: list[tuple[str, str]], port: int, rvenv: Path) -> list[str]:
@@ -448,7 +449,7 @@ async def run_cell(
     """One (policy, workload): a fresh router, warm connections, cold engine caches, replay."""
     argv = router_argv(p, engines, port, rvenv)
     if p.kind == "toposerve":
-        argv += args.toposerve_args.split()
+        argv += args.toposerve_args.split() + list(p.extra)
     env = {**os.environ, "PYTHONPATH": str(Path(p.src).resolve())} if p.src else None
     proc = procs.start(f"{p.kind}-{p.arg}-{w.name[0]}", argv, env)
     url = f"http://{HOST}:{port}"
@@ -496,6 +497,10 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         for v in args.variant:  # the same strategies from another source tree, in the same runs
             name, src = v.split("=", 1)
             policies += [Policy(f"toposerve {s} [{name}]", "toposerve", s, src)
+                         for s in args.variant_strategies.split(",") if s]  # fmt: skip
+        for v in args.flags_variant:  # the same strategies with other flags, in the same runs
+            name, flags = v.split("=", 1)
+            policies += [Policy(f"toposerve {s} [{name}]", "toposerve", s, extra=tuple(flags.split()))
                          for s in args.variant_strategies.split(",") if s]  # fmt: skip
         for kind, exe, names in (
             ("vllm-router", rvenv / "bin" / "vllm-router", args.vllm_policies),
@@ -786,6 +791,8 @@ def main() -> int:
         help="also measure the toposerve router from source dir DIR (its PYTHONPATH): in the overhead, "
         "in r, and on the workloads with --variant-strategies",
     )
+    ap.add_argument("--flags-variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="workloads: also run --variant-strategies with these extra router flags")  # fmt: skip
     ap.add_argument(
         "--variant-strategies", default="auto", help="workloads: strategies run from each --variant"
     )
