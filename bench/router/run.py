@@ -545,6 +545,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
         report["workloads"] = merged.get("workloads", {})
         report["overhead"] = merged.get("overhead", {})
         report["runs_count"] = len(runs)
+        report["load_avg"] = [round(x, 1) for x in os.getloadavg()]  # 1/5/15 min at the end
     finally:
         procs.stop_all()
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

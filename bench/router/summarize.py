@@ -17,6 +17,7 @@ COLS = (
     ("e2e_p50_ms", "e2e p50"),
     ("e2e_p99_ms", "e2e p99"),
     ("output_tok_s", "out tok/s"),
+    ("wall_s", "wall s"),
     ("prefix_hit_rate", "prefix hit"),
     ("engine_ttft_mean_ms", "engine TTFT mean"),
     ("engine_ttft_p50_ms", "engine TTFT p50"),
@@ -49,13 +50,18 @@ def main() -> int:
     data = median_of(runs) if len(runs) > 1 else runs[0]
     if args.median_out:
         Path(args.median_out).write_text(json.dumps(data, indent=2))
-    print(f"{len(runs)} run(s){'; cells are medians' if len(runs) > 1 else ''}")
+    inner = int(data.get("runs_count") or 1)  # run.py --runs N: one file, cells already medians
+    n = len(runs) * inner
+    print(f"{n} run(s){'; cells are medians' if n > 1 else ''}; load average {data.get('load_avg', 'n/a')}")
     for w, rows in data["workloads"].items():
         print(f"\n**{w}** (ms unless noted; errors in brackets when any)\n")
         print("| policy | " + " | ".join(label for _, label in COLS) + " |")
         print("| --- |" + " ---: |" * len(COLS))
         for name, r in rows.items():
-            cells = [f"{r[k]:.2f}" if k == "prefix_hit_rate" else f"{r[k]:.0f}" for k, _ in COLS]
+            cells = [
+                f"{r[k]:.2f}" if k == "prefix_hit_rate" else f"{r[k]:.1f}" if k == "wall_s" else f"{r[k]:.0f}"
+                for k, _ in COLS
+            ]
             err = f" [{r['errors']:.0f} err]" if r.get("errors") else ""
             print(f"| {name}{err} | " + " | ".join(cells) + " |")
     ov = data.get("overhead") or {}
