@@ -15,6 +15,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def runs_of(data: dict[str, object]) -> int:
+    """How many runs the cells are medians of: run.py --runs N, or summarize.py --median-out."""
+    n = data.get("runs_count") or data.get("runs") or 1
+    return n if isinstance(n, int) else 1
+
+
 def overhead_row(axes: list[plt.Axes], ov: dict[str, dict[str, dict[str, float]]]) -> None:
     """Added TTFT p50 / p99, added e2e p50 and CPU per relayed chunk, grouped by stream count."""
     levels = list(ov)
@@ -71,7 +77,7 @@ def main(path: str) -> int:
                 ax.text(v, k, f" {v:.0f}", va="center", fontsize=6)
     fig.suptitle(
         f"router benchmark: mock engines {[g for g, _ in data.get('fleet', [])]}, time scale "
-        f"{data.get('time_scale')}" + (f", median of {data['runs']} runs" if data.get("runs") else ""),
+        f"{data.get('time_scale')}" + (f", median of {n} runs" if (n := runs_of(data)) > 1 else ""),
         fontsize=10,
     )
     fig.tight_layout()
