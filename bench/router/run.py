@@ -8,6 +8,11 @@ Then it measures the proxy's added latency vs direct access at 1, 50 and 200 con
 
     .venv/bin/python bench/router/run.py --rvenv /tmp/rvenv --out bench/router/results
 
+`--runs N` repeats everything N times, interleaved (policies in an order rotated per run), and
+reports per-cell medians; `--only m,o --kv-blocks 1500` is the issue-11 comparison with the Rust
+routers: the many-tenant cache-heavy workload (m) and the added latency at 1/50/200 streams with
+the router's CPU per relayed SSE chunk (see docs/benchmarks.md, "against the Rust routers").
+
 `--only r` instead compares one toposerve router with two independent ones (the client picking a
 router per request) on workload (a) or (h); see docs/benchmarks.md, "two router replicas".
 
@@ -34,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from summarize import median_of  # same directory: run as a script
 
 HOST = "127.0.0.1"
 ROOT = Path(__file__).resolve().parents[2]
@@ -139,6 +145,21 @@ def make_workloads(scale: float) -> list[Workload]:
     return [a, b, c]
 
 
+def tenant_workload(scale: float) -> Workload:
+    """(m): many tenants, cache-heavy, multi-turn (issue 11). 16 tenants with ~2,000-word system
+    prompts (~32k tokens together): with `--kv-blocks 1500` (24k tokens per replica) they overflow
+    one replica's KV cache but fit the fleet's (96k), so a router that spreads every tenant over
+    every replica makes them evict each other. 96 conversations (6 per tenant) x 4 turns of ~150
+    words, 32-token replies appended to the history, 16 conversations at a time, `user` set."""
+    rng = random.Random(13)
+    systems = [f"Tenant {i} system prompt. " + words(rng, 2000) for i in range(16)]
+    order = list(range(max(1, int(96 * scale))))
+    rng.shuffle(order)  # tenants interleave in time, as independent customers would
+    convs = [Conversation(systems[i % 16], [words(rng, 150) for _ in range(4)], f"tenant-{i % 16}-user-{i}")
+             for i in order]  # fmt: skip
+    return Workload("m_multitenant_cache_heavy", concurrency=16, max_tokens=32, conversations=convs)
+
+
 def history_workload(scale: float) -> Workload:
     """(h): like (a) but the history dominates: 150-word system prompts, 1,200-word user turns
     (long agentic sessions). Only the replicas scenario uses it (`--replica-workload h`)."""
@@ -160,6 +181,7 @@ class Result:
     e2e: float
     out_tokens: int
     ok: bool
+    events: int = 0  # SSE `data:` events received: the chunks a router relayed for this request
 
 
 async def one_request(
@@ -178,6 +200,7 @@ async def one_request(
     ttft = 0.0
     text: list[str] = []
     out = 0
+    events = 0
     try:
         async with s.post(url + "/v1/chat/completions", json=body) as r:
             if r.status != 200:
@@ -188,6 +211,7 @@ async def one_request(
                 buf += chunk
                 while b"\n\n" in buf:
                     event, buf = buf.split(b"\n\n", 1)
+                    events += event.startswith(b"data: ")
                     if not event.startswith(b"data: ") or event == b"data: [DONE]":
                         continue
                     d = json.loads(event[6:])
@@ -203,7 +227,7 @@ async def one_request(
                         out = d["usage"].get("completion_tokens", 0)
     except (TimeoutError, aiohttp.ClientError):
         return Result(0, time.perf_counter() - t0, 0, False), ""
-    return Result(ttft, time.perf_counter() - t0, out or len(text), bool(ttft)), "".join(text)
+    return Result(ttft, time.perf_counter() - t0, out or len(text), bool(ttft), events), "".join(text)
 
 
 async def run_workload(
@@ -389,6 +413,8 @@ class Policy:
     name: str
     kind: str  # toposerve | vllm-router | sglang-router | direct
     arg: str
+    src: str = ""  # toposerve from another source tree (its PYTHONPATH; `--variant`)
+    extra: tuple[str, ...] = ()  # more toposerve flags (`--flags-variant`)
 
 
 def router_argv(p: Policy, engines: list[tuple[str, str]], port: int, rvenv: Path) -> list[str]:
@@ -411,6 +437,43 @@ def router_argv(p: Policy, engines: list[tuple[str, str]], port: int, rvenv: Pat
 # --------------------------------------------------------------------------------------------- main
 
 
+async def run_cell(
+    args: argparse.Namespace,
+    procs: Procs,
+    engines: list[tuple[str, str]],
+    rvenv: Path,
+    p: Policy,
+    w: Workload,
+    port: int,
+) -> dict[str, Any] | None:
+    """One (policy, workload): a fresh router, warm connections, cold engine caches, replay."""
+    argv = router_argv(p, engines, port, rvenv)
+    if p.kind == "toposerve":
+        argv += args.toposerve_args.split() + list(p.extra)
+    env = {**os.environ, "PYTHONPATH": str(Path(p.src).resolve())} if p.src else None
+    proc = procs.start(f"{p.kind}-{p.arg}-{w.name[0]}", argv, env)
+    url = f"http://{HOST}:{port}"
+    try:
+        if not await wait_ready(url, "/health") and not await wait_ready(url, "/v1/models", 20):
+            return None
+        async with aiohttp.ClientSession() as s:  # warm connections, then start from cold caches
+            await asyncio.gather(*(one_request(s, url, [{"role": "user", "content": "hi"}], 2, None)
+                                   for _ in range(8)))  # fmt: skip
+        await reset_caches([u for u, _ in engines])
+        e0 = await engine_snapshot([u for u, _ in engines])
+        c0 = proc_cpu_s(proc.pid)
+        results, wall = await run_workload(url, w, args.deadline)
+        cpu = proc_cpu_s(proc.pid) - c0
+        e1 = await engine_snapshot([u for u, _ in engines])
+    finally:
+        procs.stop(proc)
+    summary = summarise(results, wall)
+    summary.update(engine_delta(e0, e1))
+    summary["router_cpu_s"] = cpu
+    summary["load_avg_1m"] = os.getloadavg()[0]
+    return summary
+
+
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -427,10 +490,18 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             procs.start(f"engine-{port}", [PY, "-m", "toposerve.cli", "mock-engine", "--host", HOST,
                         "--port", str(port), "--model", "m", "--gpu-type", gpu, "--time-scale", str(args.time_scale),
                         "--max-model-len", "32768", "--log-level", "warning", "--seed", str(port),
-                        "--enable-admin"])  # fmt: skip
+                        "--enable-admin", *(["--num-gpu-blocks", str(args.kv_blocks)] if args.kv_blocks else [])])  # fmt: skip
         for u, _ in engines:
             assert await wait_ready(u), f"engine {u} did not start"
         policies = [Policy(f"toposerve {s}", "toposerve", s) for s in args.strategies.split(",")]
+        for v in args.variant:  # the same strategies from another source tree, in the same runs
+            name, src = v.split("=", 1)
+            policies += [Policy(f"toposerve {s} [{name}]", "toposerve", s, src)
+                         for s in args.variant_strategies.split(",") if s]  # fmt: skip
+        for v in args.flags_variant:  # the same strategies with other flags, in the same runs
+            name, flags = v.split("=", 1)
+            policies += [Policy(f"toposerve {s} [{name}]", "toposerve", s, extra=tuple(flags.split()))
+                         for s in args.variant_strategies.split(",") if s]  # fmt: skip
         for kind, exe, names in (
             ("vllm-router", rvenv / "bin" / "vllm-router", args.vllm_policies),
             ("sglang-router", rvenv / "bin" / "sglang-router", args.sglang_policies),
@@ -441,36 +512,40 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 policies += [Policy(f"{kind} {n}", kind, n) for n in names.split(",")]
             else:
                 report["skipped"].append(f"{kind}: {exe} not found")
-        workloads = [w for w in make_workloads(args.scale) if not args.only or w.name[0] in args.only]
+        workloads = [w for w in [*make_workloads(args.scale), tenant_workload(args.scale)]
+                     if (not args.only and not w.name.startswith("m")) or w.name[0] in args.only]  # fmt: skip
         if "r" in args.only:  # only with --only: the scenario is not part of the default run
             report["replicas"] = await replicas(args, procs, engines)
         port = 27200
-        for w in workloads:
-            report["workloads"][w.name] = {}
-            for p in policies:
-                port += 2
-                proc = procs.start(f"{p.kind}-{p.arg}-{w.name[0]}", router_argv(p, engines, port, rvenv))
-                url = f"http://{HOST}:{port}"
-                if not await wait_ready(url, "/health") and not await wait_ready(url, "/v1/models", 20):
-                    report["skipped"].append(f"{p.name} on {w.name}: router did not become ready")
-                    procs.stop(proc)
-                    continue
-                async with aiohttp.ClientSession() as s:  # warm connections, then start from cold caches
-                    await asyncio.gather(*(one_request(s, url, [{"role": "user", "content": "hi"}], 2, None)
-                                           for _ in range(8)))  # fmt: skip
-                await reset_caches([u for u, _ in engines])
-                e0 = await engine_snapshot([u for u, _ in engines])
-                results, wall = await run_workload(url, w, args.deadline)
-                e1 = await engine_snapshot([u for u, _ in engines])
-                summary = summarise(results, wall)
-                summary.update(engine_delta(e0, e1))
-                report["workloads"][w.name][p.name] = summary
-                print(f"{w.name:28s} {p.name:30s} " + " ".join(
-                    f"{k}={v:.1f}" for k, v in summary.items() if isinstance(v, float | int) and k != "wall_s"),
-                    flush=True)  # fmt: skip
-                procs.stop(proc)
-        if not args.only or "o" in args.only:
-            report["overhead"] = await overhead(args, procs, engines[0], rvenv)
+        runs: list[dict[str, Any]] = []
+        for run in range(args.runs):
+            # Interleaved: every run visits every cell once, policies in an order rotated per run,
+            # so a slow drift of this shared machine's load hits every policy alike.
+            one: dict[str, Any] = {"workloads": {}, "load_avg": os.getloadavg()}
+            runs.append(one)
+            for w in workloads:
+                one["workloads"][w.name] = {}
+                k = run % max(len(policies), 1)
+                for p in policies[k:] + policies[:k]:
+                    port = 27200 + (port - 27200 + 2) % 180
+                    summary = await run_cell(args, procs, engines, rvenv, p, w, port)
+                    if summary is None:
+                        report["skipped"].append(f"{p.name} on {w.name} (run {run + 1}): router not ready")
+                        continue
+                    one["workloads"][w.name][p.name] = summary
+                    print(f"run {run + 1} {w.name:26s} {p.name:28s} " + " ".join(
+                        f"{k}={v:.1f}" for k, v in summary.items() if isinstance(v, float | int) and k != "wall_s"),
+                        flush=True)  # fmt: skip
+                one["workloads"][w.name] = {p.name: one["workloads"][w.name][p.name] for p in policies
+                                            if p.name in one["workloads"][w.name]}  # fmt: skip
+            if not args.only or "o" in args.only:
+                one["overhead"] = await overhead(args, procs, engines[0], rvenv)
+        report["runs"] = runs
+        merged = median_of(runs) if len(runs) > 1 else dict(runs[0]) if runs else {}
+        report["workloads"] = merged.get("workloads", {})
+        report["overhead"] = merged.get("overhead", {})
+        report["runs_count"] = len(runs)
+        report["load_avg"] = [round(x, 1) for x in os.getloadavg()]  # 1/5/15 min at the end
     finally:
         procs.stop_all()
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
@@ -572,14 +647,19 @@ async def closed_loop(
 
 
 def proc_cpu_s(pid: int | None) -> float:
-    """User + system CPU seconds of a process so far (Linux /proc); 0 without a pid."""
+    """User + system CPU seconds so far of a process and every process in its group (Linux /proc;
+    the routers are started as group leaders, so worker processes count too); 0 without a pid."""
     if pid is None:
         return 0.0
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pid:  # field 5, pgrp (after the state and ppid)
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 async def overhead(
@@ -598,6 +678,7 @@ async def overhead(
         cands.append(Policy("sglang-router", "sglang-router", "round_robin"))
     targets = {"direct": engine[0]}
     pids: dict[str, int] = {}
+    started: list[subprocess.Popen[bytes]] = []
     port = 27400
     # --variant NAME=DIR: the same toposerve router from another source tree (e.g. an older commit
     # exported with `git archive`), measured side by side in the same alternating rounds
@@ -607,42 +688,72 @@ async def overhead(
     ]:
         port += 2
         env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())} if src else None
-        proc = procs.start(f"overhead-{p.name}", router_argv(p, [engine], port, rvenv), env)
+        argv = router_argv(p, [engine], port, rvenv)
+        if p.kind == "toposerve":
+            argv += args.toposerve_args.split()
+        proc = procs.start(f"overhead-{p.name}", argv, env)
+        started.append(proc)
         url = f"http://{HOST}:{port}"
         if await wait_ready(url):
             targets[p.name] = url
             pids[p.name] = proc.pid
     msg = [{"role": "user", "content": "Say something short."}]
     mt = args.overhead_max_tokens
+    await asyncio.sleep(2)  # let the routers' first probes and scrapes settle
     res: dict[str, Any] = {"rounds": args.overhead_rounds, "max_tokens": mt}
     for conc in (int(c) for c in args.overhead_levels.split(",")):
         n = {1: 40, 50: 150, 200: 400}.get(conc, max(40, 3 * conc))
         samples: dict[str, list[Result]] = {t: [] for t in targets}
         cpu: dict[str, float] = dict.fromkeys(targets, 0.0)
+        idle_cpu: dict[str, float] = dict.fromkeys(targets, 0.0)  # probes, timers: not per chunk
+        idle_s: dict[str, float] = dict.fromkeys(targets, 0.0)
+        busy_s: dict[str, float] = dict.fromkeys(targets, 0.0)
         names = list(targets)
         for r in range(args.overhead_rounds):
             order = names[r % len(names) :] + names[: r % len(names)]
             for t in order:
-                c0 = proc_cpu_s(pids.get(t))
+                c0 = {x: proc_cpu_s(pid) for x, pid in pids.items()}
+                t0 = time.perf_counter()
                 samples[t] += await closed_loop(targets[t], msg, conc, n, mt)
-                cpu[t] += proc_cpu_s(pids.get(t)) - c0
+                for x, pid in pids.items():  # the others idle meanwhile: their background CPU
+                    (cpu if x == t else idle_cpu)[x] += proc_cpu_s(pid) - c0[x]
+                    if x != t:
+                        idle_s[x] += time.perf_counter() - t0
+                busy_s[t] += time.perf_counter() - t0
         level: dict[str, Any] = {}
         for t, rs in samples.items():
             summ = summarise(rs, 0.0)
             level[t] = {
-                k: summ[k] for k in ("requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms")
+                k: summ[k]
+                for k in ("requests", "errors", "ttft_p50_ms", "ttft_p99_ms", "e2e_p50_ms", "e2e_p99_ms")
             }
-            # the proxy's own CPU per request (utime + stime of its process; 0 for direct):
-            # much less sensitive to this shared machine's load than latency
+            # the proxy's own CPU (utime + stime of its processes; 0 for direct) per request and
+            # per relayed SSE chunk (events the client received): much less sensitive to this
+            # shared machine's load than latency
+            chunks = sum(r.events for r in rs)
+            level[t]["chunks"] = chunks
             level[t]["cpu_ms_per_request"] = 1000 * cpu[t] / max(len(rs), 1)
+            level[t]["cpu_us_per_chunk"] = 1e6 * cpu[t] / max(chunks, 1)
+            # the same less what the router burns idle over as long (probes, scrapes, timers)
+            idle_rate = idle_cpu[t] / idle_s[t] if idle_s[t] else 0.0
+            level[t]["idle_cpu_pct"] = 100 * idle_rate
+            # share of one core the router used while measured: near 100 % would make the single
+            # process the limit (then several worker processes could help)
+            level[t]["cpu_util_pct"] = 100 * cpu[t] / busy_s[t] if busy_s[t] else 0.0
+            level[t]["cpu_us_per_chunk_net"] = 1e6 * max(cpu[t] - idle_rate * busy_s[t], 0.0) / max(chunks, 1)
         for t in names:
-            level[t]["added_ttft_p50_ms"] = level[t]["ttft_p50_ms"] - level["direct"]["ttft_p50_ms"]
-            level[t]["added_e2e_p50_ms"] = level[t]["e2e_p50_ms"] - level["direct"]["e2e_p50_ms"]
-            print(f"overhead c={conc:<4d} {t:14s} ttft_p50={level[t]['ttft_p50_ms']:.2f}ms "
-                  f"(+{level[t]['added_ttft_p50_ms']:.2f}) e2e_p50={level[t]['e2e_p50_ms']:.2f}ms "
-                  f"(+{level[t]['added_e2e_p50_ms']:.2f}) cpu={level[t]['cpu_ms_per_request']:.3f}ms/req",
-                  flush=True)  # fmt: skip
+            for q in ("p50", "p99"):
+                level[t][f"added_ttft_{q}_ms"] = level[t][f"ttft_{q}_ms"] - level["direct"][f"ttft_{q}_ms"]
+                level[t][f"added_e2e_{q}_ms"] = level[t][f"e2e_{q}_ms"] - level["direct"][f"e2e_{q}_ms"]
+            lv = level[t]
+            print(f"overhead c={conc:<4d} {t:14s} +ttft p50/p99={lv['added_ttft_p50_ms']:+.2f}/"
+                  f"{lv['added_ttft_p99_ms']:+.2f}ms +e2e p50/p99={lv['added_e2e_p50_ms']:+.2f}/"
+                  f"{lv['added_e2e_p99_ms']:+.2f}ms cpu={lv['cpu_us_per_chunk']:.1f}us/chunk "
+                  f"(net of idle {lv['cpu_us_per_chunk_net']:.1f}) util={lv['cpu_util_pct']:.0f}% "
+                  f"({lv['chunks']} chunks) errors={lv['errors']}", flush=True)  # fmt: skip
         res[str(conc)] = level
+    for proc in started:  # the next run starts its own on the same ports
+        procs.stop(proc)
     return res
 
 
@@ -663,6 +774,14 @@ def main() -> int:
     ap.add_argument("--vllm-policies", default="cache_aware,power_of_two")
     ap.add_argument("--sglang-policies", default="cache_aware,power_of_two")
     ap.add_argument("--overhead-rounds", type=int, default=3)
+    ap.add_argument(
+        "--runs", type=int, default=1, help="interleaved runs; cells and overhead are per-cell medians"
+    )
+    ap.add_argument("--kv-blocks", type=int, default=0, help="KV blocks per engine (0: from the GPU's memory); "
+                    "workload m is sized for 1500")  # fmt: skip
+    ap.add_argument(
+        "--toposerve-args", default="", help="extra flags for every toposerve router, e.g. '--workers 2'"
+    )
     ap.add_argument("--overhead-max-tokens", type=int, default=8, help="tokens per overhead stream")
     ap.add_argument("--overhead-levels", default="1,50,200", help="concurrent streams, comma-separated")
     ap.add_argument(
@@ -670,10 +789,16 @@ def main() -> int:
         action="append",
         default=[],
         metavar="NAME=DIR",
-        help="overhead and r: also measure the toposerve router from source dir DIR (its PYTHONPATH)",
+        help="also measure the toposerve router from source dir DIR (its PYTHONPATH): in the overhead, "
+        "in r, and on the workloads with --variant-strategies",
     )
-    ap.add_argument("--only", default="", help="subset of workloads by letter: a, b, c, o (overhead), "
-                    "r (one vs two router replicas on workload a; only when named)")  # fmt: skip
+    ap.add_argument("--flags-variant", action="append", default=[], metavar="NAME=FLAGS",
+                    help="workloads: also run --variant-strategies with these extra router flags")  # fmt: skip
+    ap.add_argument(
+        "--variant-strategies", default="auto", help="workloads: strategies run from each --variant"
+    )
+    ap.add_argument("--only", default="", help="subset of workloads by letter: a, b, c, m (many tenants, "
+                    "cache-heavy; only when named), o (overhead), r (one vs two router replicas on workload a; only when named)")  # fmt: skip
     ap.add_argument("--replica-strategies", default="auto", help="r: strategies to compare, comma-separated")
     ap.add_argument("--replica-rounds", type=int, default=3, help="r: interleaved rounds")
     ap.add_argument("--replica-workload", choices=("a", "h"), default="a", help="r: workload (a) or (h)")

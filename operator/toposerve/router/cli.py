@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
             watcher.stop()
         await runner.cleanup()  # stops accepting, lets in-flight handlers finish (aiohttp shutdown_timeout)
 
-    try:  # optional: a faster event loop when installed (not a dependency)
+    try:  # a dependency (less CPU per relayed chunk); plain asyncio where it cannot be installed
         import uvloop
     except ImportError:
         asyncio.run(main())

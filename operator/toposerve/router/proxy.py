@@ -42,6 +42,7 @@ from aiohttp.tcp_helpers import tcp_nodelay
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from yarl import URL
 
 from toposerve.router import health as hl
 from toposerve.router import strategies as st
@@ -110,6 +111,7 @@ class Backend:
     removed: bool = False  # gone from discovery; dropped once its in-flight requests end
     kv_usage: float = 0.0
     waiting: int = 0
+    kv_capacity_tokens: int = 0  # from vllm:cache_config_info; 0 until scraped (or never exported)
 
     def healthy(self, now: float) -> bool:
         return self.health.healthy(now)
@@ -254,6 +256,24 @@ def parse_request(
     return _Parsed(len(text), req, lax_bool(body.get("stream")))
 
 
+def parse_kv_capacity(text: str) -> int | None:
+    """Tokens the engine's KV cache holds (`num_gpu_blocks` x `block_size` of vLLM's
+    `vllm:cache_config_info`), or None when the page does not say."""
+    for line in text.splitlines():
+        if not line.startswith("vllm:cache_config_info{"):
+            continue
+        labels = dict(
+            kv.split("=", 1) for kv in line[line.index("{") + 1 : line.rindex("}")].split(",") if "=" in kv
+        )
+        try:
+            blocks = int(labels.get("num_gpu_blocks", "").strip('"'))
+            size = int(labels.get("block_size", "").strip('"'))
+        except ValueError:
+            return None
+        return blocks * size if blocks > 0 and size > 0 else None
+    return None
+
+
 def parse_engine_metrics(text: str) -> tuple[float | None, int | None]:
     """(kv_cache_usage 0..1, requests waiting) from a vLLM /metrics page, summed over label sets.
 
@@ -321,6 +341,17 @@ class _Metrics:
             registry=r,
         )
         r.register(_BackendCollector(router))
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *values: str) -> Any:
+        """`metric.labels(*values)`, remembered: prometheus_client's lookup (lock, tuple, dict) is
+        a measurable share of a short request's CPU. The label sets are the ones Prometheus keeps
+        anyway (backends x strategies x codes), so the cache holds no more than the registry."""
+        key = (id(metric), values)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*values)
+        return c
 
 
 class _BackendCollector(Collector):
@@ -387,9 +418,27 @@ class _GatewayTimeout(Exception):
     pass
 
 
-_STARTED = web.RequestKey("toposerve_started", bool)  # response headers are out
+class _RelayResponse(web.StreamResponse):
+    """A StreamResponse whose status line and headers leave with the first body bytes, in one
+    socket write instead of two (aiohttp's own `web.Response` does the same for whole bodies).
+    On an aiohttp without the switch the headers go out at `prepare`, as before."""
+
+    _send_headers_immediately = False
+
+
+_SSE_DONE = b"data: [DONE]\n\n"  # the OpenAI stream's last event: nothing may follow it
+
+
+def _ends_stream(chunk: bytes) -> bool:
+    """True when `chunk` ends with a whole `data: [DONE]` event (at its start or after an event
+    boundary; JSON events escape their newlines, so no event's text can end this way)."""
+    return chunk == _SSE_DONE or chunk.endswith(b"\n\n" + _SSE_DONE)
+
+
+_STARTED = web.RequestKey("toposerve_started", bool)  # response headers are out (or will be)
 _ERROR_BODY_MAX = 64 * 1024  # of an upstream 5xx body kept to pass on
 _USAGE_BODY_MAX = 4 << 20  # of a non-streamed body kept to learn the usage from
+_USAGE_TAIL = 4096  # of a stream's end kept for its usage event (~250 bytes) and [DONE]
 
 
 class Router:
@@ -414,6 +463,7 @@ class Router:
         self._backends_changed = asyncio.Event()
         self.metrics = _Metrics(self)
         self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[tuple[str, str], URL] = {}
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_wakeup = asyncio.Event()
@@ -512,7 +562,9 @@ class Router:
         try:
             async with self._session.get(url + "/metrics", timeout=timeout) as r:
                 if r.status == 200:
-                    kv, waiting = parse_engine_metrics(await r.text())
+                    text = await r.text()
+                    kv, waiting = parse_engine_metrics(text)
+                    b.kv_capacity_tokens = parse_kv_capacity(text) or b.kv_capacity_tokens
                     if kv is not None:
                         b.kv_usage = kv
                     if waiting is not None:
@@ -542,6 +594,8 @@ class Router:
         self._session = aiohttp.ClientSession(
             connector=connector,
             auto_decompress=False,
+            # a proxy must not keep one client's cookies for the next (nor pay for a jar per request)
+            cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(
                 total=None, sock_connect=self.cfg.connect_timeout_s, sock_read=self.cfg.read_timeout_s
             ),
@@ -635,6 +689,24 @@ class Router:
                 fut.set_result(None)
                 return
 
+    def _upstream_url(self, backend: str, path: str) -> URL:
+        """The parsed upstream URL, kept per (backend, path): parsing it is a share of a short
+        request's CPU, and the paths are the two completion routes."""
+        key = (backend, path)
+        u = self._urls.get(key)
+        if u is None:
+            if len(self._urls) > 4 * len(self.backends) + 64:  # backends come and go
+                self._urls.clear()
+            u = self._urls[key] = URL(backend + path)
+        return u
+
+    def _capacity_blocks(self, url: str) -> int:
+        """The backend's KV capacity in the router's prefix blocks (0: unknown)."""
+        b = self.backends.get(url)
+        if b is None or b.kv_capacity_tokens <= 0:
+            return 0
+        return max(1, int(b.kv_capacity_tokens * self.estimator.chars_per_token / self.cfg.block_chars))
+
     async def _decide(self, strategy: str, req: st.Request, exclude: set[str]) -> st.Decision | web.Response:
         deadline = time.monotonic() + self.cfg.queue_timeout_s
         while True:
@@ -649,8 +721,10 @@ class Router:
             now = time.monotonic()
             d = st.choose(strategy, req, snap, self.memory, self.cfg.routing, now)
             if d is not None:
-                st.commit(self.memory, strategy, req, d, self.cfg.routing, now)
-                self.metrics.decisions.labels(strategy, d.reason).inc()
+                st.commit(
+                    self.memory, strategy, req, d, self.cfg.routing, now, self._capacity_blocks(d.backend)
+                )
+                self.metrics.child(self.metrics.decisions, strategy, d.reason).inc()
                 return d
             left = deadline - now
             if left <= 0 or len(self._waiters) >= self.cfg.max_queue:
@@ -819,7 +893,9 @@ class Router:
         code = "error"
         try:
             try:
-                upstream = await self._session.post(url + request.path, data=raw, headers=headers)
+                upstream = await self._session.post(
+                    self._upstream_url(url, request.path), data=raw, headers=headers
+                )
             except aiohttp.SocketTimeoutError:
                 # Connected, sent, and no answer within read_timeout_s: not retried (it would
                 # double a long wait, and a request that hangs one engine may hang the next),
@@ -844,7 +920,7 @@ class Router:
                 attempts.clear()
                 if upstream.connection is not None and upstream.connection.transport is not None:
                     tcp_nodelay(upstream.connection.transport, True)
-                out = web.StreamResponse(status=upstream.status)
+                out = _RelayResponse(status=upstream.status)
                 skip = hop_by_hop(upstream.headers)
                 for k, v in upstream.headers.items():
                     if k.lower() not in skip:
@@ -862,8 +938,8 @@ class Router:
                 return out
         finally:
             self.ledger.release(ticket)
-            self.metrics.requests.labels(url, strategy, code).inc()
-            self.metrics.e2e.labels(strategy).observe(time.perf_counter() - t0)
+            self.metrics.child(self.metrics.requests, url, strategy, code).inc()
+            self.metrics.child(self.metrics.e2e, strategy).observe(time.perf_counter() - t0)
             self._drop_if_idle(url)
             self._wake_waiters()
 
@@ -877,35 +953,57 @@ class Router:
         ticket: st.Ticket,
         t0: float,
     ) -> None:
-        # Bytes pass through as they come; nothing is parsed per event. Streams are only counted
-        # (`data: ` markers, a C-level scan) so the ledger sees output progress; the last two
-        # chunks are kept for the usage the engine reports at the end. Batching that count was
-        # measured and bought nothing (docs/benchmarks.md, "Router: per-event work").
+        # Bytes pass through as they come, one client write per upstream read (a read takes
+        # whatever has arrived, so events that came together leave together, never split or
+        # merged differently than the bytes themselves); nothing is parsed per event. Streams
+        # are only counted (`data: ` markers, a C-level scan) so the ledger sees output
+        # progress; the last few KiB are kept (as chunks, not copied) for the usage the engine
+        # reports at the end, in the last event or the one before [DONE].
+        # The last bytes leave with the end of the response in one write: when the upstream is
+        # at its end, or when a stream's chunk ends with `data: [DONE]` (the client is then done
+        # at once; whatever the upstream still sends, its chunked-encoding end, is drained).
         first = True
         stream = parsed.stream
-        prev = tail = b""
+        tail: deque[bytes] = deque()  # the stream's last chunks, at least _USAGE_TAIL bytes
+        tail_len = 0
         keep_body = not stream and upstream.status == 200
         body_parts: list[bytes] = []
         kept = 0
+        finished = False  # the client has the whole response
+        content = upstream.content
         try:
-            async for chunk in upstream.content.iter_any():
+            while chunk := await content.readany():
                 if first:
                     first = False
-                    self.metrics.ttft.labels(strategy).observe(time.perf_counter() - t0)
+                    self.metrics.child(self.metrics.ttft, strategy).observe(time.perf_counter() - t0)
                     self.ledger.first_token(ticket)
-                await out.write(chunk)
+                if finished:  # bytes after [DONE]: no client may read them, so none are sent
+                    log.debug("%s sent %d bytes after [DONE]; dropped", ticket.backend, len(chunk))
+                    continue
                 if stream:
                     self.ledger.output_tokens(ticket, chunk.count(b"data: "))
-                    prev, tail = tail, chunk  # usage sits in the last event or the one before [DONE]
+                    tail.append(chunk)
+                    tail_len += len(chunk)
+                    while tail_len - len(tail[0]) >= _USAGE_TAIL:
+                        tail_len -= len(tail.popleft())
                 elif keep_body and kept < _USAGE_BODY_MAX:  # a running total: no O(n^2) re-summing
                     body_parts.append(chunk)
                     kept += len(chunk)
+                if content.at_eof() or (stream and _ends_stream(chunk)):
+                    finished = True
+                    await out.write_eof(chunk)
+                else:
+                    await out.write(chunk)
         except (
             TimeoutError,
             aiohttp.ClientPayloadError,
             aiohttp.ServerDisconnectedError,
             aiohttp.ClientOSError,
         ) as e:
+            if finished:  # the client has every event; only the upstream's framing end broke
+                log.debug("stream from %s broke after [DONE]: %r", ticket.backend, e)
+                self._learn_usage(parsed, b"".join(tail))
+                return
             self.metrics.errors.labels(ticket.backend, hl.STREAM_BROKEN).inc()
             self._record_failure(ticket.backend, hl.STREAM_BROKEN)
             log.warning("stream from %s broke mid-way: %r", ticket.backend, e)
@@ -917,16 +1015,15 @@ class Router:
                         "code": 502,
                     }
                 }
-                await out.write(b"data: " + json.dumps(err).encode() + b"\n\n")
-                await out.write_eof()
+                await out.write_eof(b"data: " + json.dumps(err).encode() + b"\n\n")
             else:
                 # headers are out; abort so the client sees a failure, not a truncated success
                 out.force_close()
                 if request.transport is not None:
                     request.transport.abort()
             return
-        await out.write_eof()
-        self._learn_usage(parsed, prev + tail if parsed.stream else b"".join(body_parts))
+        await out.write_eof()  # a no-op when the last bytes already carried the end
+        self._learn_usage(parsed, b"".join(tail if parsed.stream else body_parts))
 
     def _learn_usage(self, parsed: _Parsed, data: bytes) -> None:
         """Correct the chars-per-token estimate from the engine's reported prompt tokens."""

@@ -277,20 +277,33 @@ def _argmin(cands: Sequence[BackendState], key: dict[str, float], counter: int) 
 class PrefixIndex:
     """Approximate radix tree: chained block hash -> {backend: last use}, LRU-bounded.
 
-    It approximates what each engine holds in its prefix cache from what this router sent there;
-    the LRU bound stands in for the engines' cache eviction.
+    It approximates what each engine holds in its prefix cache from what this router sent there.
+    Two bounds stand in for the engines' cache eviction: a global LRU bound on the index, and,
+    where a backend's KV capacity is known (`insert`'s `backend_capacity`, from the engine's
+    `vllm:cache_config_info`), a per-backend one: blocks beyond what its cache can hold are taken
+    as evicted, least recently sent first and, within one prompt, its tail before its front (as
+    vLLM frees them), so a prefix every request repeats stays while one-off histories go. Without
+    it a router under KV pressure keeps believing in prefixes the engine evicted long ago.
     """
 
     def __init__(self, capacity: int = 200_000) -> None:
         self.capacity = capacity
         self._map: OrderedDict[int, dict[str, float]] = OrderedDict()
+        # per backend, the blocks it is believed to hold, least recently sent first
+        self._held: dict[str, OrderedDict[int, None]] = {}
 
     def __len__(self) -> int:
         return len(self._map)
 
-    def insert(self, hashes: Sequence[int], backend: str, now: float) -> None:
+    def held(self, backend: str) -> int:
+        """How many blocks `backend` is believed to hold."""
+        return len(self._held.get(backend, ()))
+
+    def insert(self, hashes: Sequence[int], backend: str, now: float, backend_capacity: int = 0) -> None:
+        """Remember that `backend` now holds `hashes`; `backend_capacity` > 0 bounds what it holds."""
         m = self._map
-        for h in hashes:
+        held = self._held.setdefault(backend, OrderedDict())
+        for h in reversed(hashes):  # the front is used last, so it is evicted last
             entry = m.get(h)
             if entry is None:
                 entry = {}
@@ -298,8 +311,20 @@ class PrefixIndex:
             else:
                 m.move_to_end(h)
             entry[backend] = now
+            held[h] = None
+            held.move_to_end(h)
+        if backend_capacity > 0:
+            while len(held) > backend_capacity:
+                old, _ = held.popitem(last=False)
+                e = m.get(old)
+                if e is not None:
+                    e.pop(backend, None)
+                    if not e:
+                        del m[old]
         while len(m) > self.capacity:
-            m.popitem(last=False)
+            old, entry = m.popitem(last=False)
+            for b in entry:
+                self._held[b].pop(old, None)
 
     def match(self, hashes: Sequence[int], backends: Sequence[str]) -> dict[str, int]:
         """Number of leading blocks of `hashes` each backend is believed to hold."""
@@ -324,13 +349,12 @@ class PrefixIndex:
 
     def forget(self, backend: str) -> None:
         """Drop a backend (removed or restarted: its cache is gone)."""
-        empty = []
-        for h, entry in self._map.items():
-            entry.pop(backend, None)
-            if not entry:
-                empty.append(h)
-        for h in empty:
-            del self._map[h]
+        for h in self._held.pop(backend, {}):
+            entry = self._map.get(h)
+            if entry is not None:
+                entry.pop(backend, None)
+                if not entry:
+                    del self._map[h]
 
 
 def session_key(session_id: str) -> str:
@@ -563,12 +587,21 @@ def choose(
 
 
 def commit(
-    mem: RoutingMemory, strategy: str, req: Request, decision: Decision, cfg: Config, now: float
+    mem: RoutingMemory,
+    strategy: str,
+    req: Request,
+    decision: Decision,
+    cfg: Config,
+    now: float,
+    capacity_blocks: int = 0,
 ) -> None:
-    """Record a decision: advance the tie-break counter, remember the prefix and the session."""
+    """Record a decision: advance the tie-break counter, remember the prefix and the session.
+
+    `capacity_blocks`: how many of the router's blocks the chosen backend's KV cache holds (0:
+    unknown); see `PrefixIndex`."""
     mem.counter += 1
     if strategy in (PREFIX_AWARE, AUTO) and req.block_hashes:
-        mem.prefix.insert(req.block_hashes, decision.backend, now)
+        mem.prefix.insert(req.block_hashes, decision.backend, now, capacity_blocks)
     if strategy in (SESSION, AUTO) and req.session_id is not None:
         mem.sessions.bind(req.session_id, decision.backend, now, cfg.session_ttl_s)
 

@@ -20,7 +20,14 @@ from aiohttp import web
 
 from toposerve.router import strategies as st
 from toposerve.router.endpoints import BackendSpec
-from toposerve.router.proxy import Router, RouterConfig, parse_engine_metrics, parse_request, serve
+from toposerve.router.proxy import (
+    Router,
+    RouterConfig,
+    parse_engine_metrics,
+    parse_kv_capacity,
+    parse_request,
+    serve,
+)
 
 
 @dataclass
@@ -89,6 +96,7 @@ class Upstream:
             f'vllm:kv_cache_usage_perc{{engine="0",model_name="m"}} {self.kv}\n'
             f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {self.waiting}\n'
             'vllm:num_requests_running{model_name="m"} 1.0\n'
+            'vllm:cache_config_info{block_size="16",cache_dtype="auto",num_gpu_blocks="40"} 1.0\n'
         )
         return web.Response(text=text)
 
@@ -394,7 +402,7 @@ async def test_probes_scrape_engine_metrics_and_models_health_metrics(harness: H
     router, url, ups = await harness(2)
     await router.probe_all()
     b = router.backends[ups[0].url]
-    assert (b.kv_usage, b.waiting) == (0.25, 3)
+    assert (b.kv_usage, b.waiting, b.kv_capacity_tokens) == (0.25, 3, 640)
     status, text = await _get(url + "/v1/models")
     assert status == 200 and json.loads(text)["data"][0]["id"] == "m"
     assert (await _get(url + "/health"))[0] == 200
@@ -457,6 +465,26 @@ def test_parse_engine_metrics() -> None:
     assert parse_engine_metrics(text) == (0.7, 5)
     assert parse_engine_metrics('vllm:gpu_cache_usage_perc{a="b"} 0.1\n') == (0.1, None)
     assert parse_engine_metrics("") == (None, None)
+
+
+def test_parse_kv_capacity() -> None:
+    line = 'vllm:cache_config_info{block_size="16",cache_dtype="auto",num_gpu_blocks="28048",x="a=b"} 1.0\n'
+    assert parse_kv_capacity("# HELP vllm:cache_config_info x\n" + line) == 28048 * 16
+    assert parse_kv_capacity('vllm:cache_config_info{block_size="16",num_gpu_blocks="None"} 1.0\n') is None
+    assert parse_kv_capacity('vllm:cache_config_info{block_size="16",num_gpu_blocks="0"} 1.0\n') is None
+    assert parse_kv_capacity('vllm:cache_config_info{block_size="16"} 1.0\n') is None
+    assert parse_kv_capacity("vllm:kv_cache_usage_perc 0.5\n") is None
+
+
+async def test_prefix_memory_is_bounded_by_the_scraped_kv_capacity(harness: Harness) -> None:
+    router, url, ups = await harness(1, cfg=RouterConfig(strategy=st.PREFIX_AWARE))
+    await router.probe_all()  # 40 blocks x 16 tokens = 640 tokens of KV cache
+    cap = router._capacity_blocks(ups[0].url)
+    assert cap == int(640 * router.estimator.chars_per_token / router.cfg.block_chars) > 0
+    for i in range(6):  # distinct ~2,000-char prompts: far more blocks than the cache holds
+        status, _ = await _post(url + "/v1/chat/completions", chat(f"prompt {i} " * 200))
+        assert status == 200
+        assert 0 < router.memory.prefix.held(ups[0].url) <= router._capacity_blocks(ups[0].url)
 
 
 async def _post(url: str, body: dict[str, Any]) -> tuple[int, str]:

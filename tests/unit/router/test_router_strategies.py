@@ -73,8 +73,29 @@ def test_prefix_index_is_lru_bounded() -> None:
     h = s.block_hashes("q" * 64 * 8, 64)
     idx.insert(h, "b", 0.0)
     assert len(idx) == 5
-    # oldest (the front of the prefix) went first, so the chained match is now empty
-    assert idx.match(h, ["b"]) == {"b": 0}
+    # the prompt's tail went first (as vLLM frees a sequence's blocks), so the front still matches
+    assert idx.match(h, ["b"]) == {"b": 5}
+
+
+def test_prefix_index_per_backend_capacity_evicts_tails_then_least_recent() -> None:
+    idx = s.PrefixIndex()
+    system = "S" * 64 * 4  # a shared prefix of 4 blocks
+    a = s.block_hashes(system + "a" * 64 * 4, 64)  # 8 blocks
+    b = s.block_hashes(system + "b" * 64 * 4, 64)  # shares the first 4
+    idx.insert(a, "x", 0.0, backend_capacity=10)
+    idx.insert(b, "x", 1.0, backend_capacity=10)  # 12 distinct blocks for a capacity of 10
+    assert idx.held("x") == 10
+    # a's history (least recently sent) lost its tail; the shared front, used by both, stays
+    assert idx.match(a, ["x"]) == {"x": 6} and idx.match(b, ["x"]) == {"x": 8}
+    # another backend's belief is its own: unbounded without a capacity
+    idx.insert(a, "y", 2.0)
+    assert idx.match(a, ["x", "y"]) == {"x": 6, "y": 8}
+    # the bound shrinks what a backend holds as soon as it is known smaller
+    idx.insert(b[:1], "x", 3.0, backend_capacity=3)
+    assert idx.held("x") == 3 and idx.match(b, ["x"]) == {"x": 3}
+    idx.forget("x")
+    assert idx.held("x") == 0 and idx.match(a, ["x", "y"]) == {"x": 0, "y": 8}
+    assert len(idx) == 8  # only y's blocks are left
 
 
 @settings(max_examples=100, deadline=None)
@@ -82,15 +103,18 @@ def test_prefix_index_is_lru_bounded() -> None:
     inserts=st.lists(st.tuples(st.sampled_from("abc"), st.integers(0, 3), st.integers(0, 12)), max_size=20),
     query=st.tuples(st.integers(0, 3), st.integers(0, 12)),
     capacity=st.integers(1, 40),
+    per_backend=st.integers(0, 20),
 )
 def test_prefix_match_equals_brute_force(
-    inserts: list[tuple[str, int, int]], query: tuple[int, int], capacity: int
+    inserts: list[tuple[str, int, int]], query: tuple[int, int], capacity: int, per_backend: int
 ) -> None:
-    """The optimised scan agrees with the definition: leading blocks whose entry holds the backend."""
+    """The optimised scan agrees with the definition: leading blocks whose entry holds the backend;
+    and whatever the bounds, each backend's held set is exactly the entries naming it, within its
+    capacity, and the index within its global bound."""
     chains = [s.block_hashes(f"{k}" * 64 * 12 + "z" * 64 * k, 64) for k in range(4)]
     idx = s.PrefixIndex(capacity=capacity)
     for backend, chain, length in inserts:
-        idx.insert(chains[chain][:length], backend, 0.0)
+        idx.insert(chains[chain][:length], backend, 0.0, per_backend)
     hashes = chains[query[0]][: query[1]]
     got = idx.match(hashes, ["a", "b", "c"])
     for b in "abc":
@@ -98,6 +122,10 @@ def test_prefix_match_equals_brute_force(
         while n < len(hashes) and b in idx._map.get(hashes[n], {}):
             n += 1
         assert got[b] == n
+        naming = {h for h, e in idx._map.items() if b in e}
+        assert naming == set(idx._held.get(b, {}))
+        assert per_backend == 0 or len(naming) <= per_backend
+    assert len(idx) <= capacity and all(idx._map.values())
 
 
 def test_session_table_ttl_and_bound() -> None:
