@@ -134,6 +134,19 @@ class Load:
         self._pool.shutdown(wait=True)
 
 
+def held_chat(router: str, timeout: float) -> None:
+    """One chat request that the router holds at zero replicas; it must be answered 200 with text."""
+    body = json.dumps({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "wake up"}]})
+    req = urllib.request.Request(
+        f"http://{router}:8080/v1/chat/completions",
+        data=body.encode(),
+        headers={"content-type": "application/json"},
+    )
+    with _NO_PROXY.open(req, timeout=timeout) as r:
+        assert r.status == 200
+        assert json.loads(r.read())["choices"][0]["message"]["content"]
+
+
 def scale_writers(obj: dict[str, Any]) -> list[tuple[str, str]]:
     """(manager, subresource) of every managedFields entry that owns spec.replicas."""
     out = []
@@ -288,15 +301,7 @@ def test_scale_from_zero_holds_the_first_request_then_serves_it(
     wait_condition(cluster, namespace, name, "Ready", "True", timeout=180)  # ScaledToZero
     router = wait_for(lambda: (r := ips(cluster, namespace, name)) and r[0], "a ready router", timeout=120)
     assert get_llmd(cluster, namespace, name)["spec"]["replicas"] == 0
-    body = json.dumps({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "wake up"}]})
-    req = urllib.request.Request(
-        f"http://{router}:8080/v1/chat/completions",
-        data=body.encode(),
-        headers={"content-type": "application/json"},
-    )
-    with _NO_PROXY.open(req, timeout=150) as r:  # held by the router until a replica serves it
-        assert r.status == 200
-        assert json.loads(r.read())["choices"][0]["message"]["content"]
+    held_chat(router, timeout=150)  # held by the router until a replica serves it
     obj = get_llmd(cluster, namespace, name)
     assert obj["spec"]["replicas"] == 1
     assert ("toposerve-autoscaler", "scale") in scale_writers(obj)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +18,17 @@ import pytest
 
 from tests.cluster.conftest import Cluster, kubectl, wait_for
 from tests.cluster.operator_harness import Operator, apply, get_llmd, wait_condition
-from tests.cluster.test_autoscale import MODEL, Load, ips, manifest, scale_writers, scaling_operator, served
+from tests.cluster.test_autoscale import (
+    Load,
+    held_chat,
+    ips,
+    manifest,
+    scale_writers,
+    scaling_operator,
+    served,
+)
 
 pytestmark = [pytest.mark.cluster, pytest.mark.keda]
-_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 ROOT = Path(__file__).resolve().parents[2]
 __all__ = ["scaling_operator"]  # the fixture, imported for its side effect on pytest's collection
 
@@ -178,15 +184,7 @@ def test_keda_scales_from_zero_on_a_held_request_and_back_to_zero(
         timeout=120,
     )
     router = wait_for(lambda: (r := ips(cluster, namespace, name)) and r[0], "a ready router", timeout=120)
-    body = json.dumps({"model": MODEL, "max_tokens": 8, "messages": [{"role": "user", "content": "wake up"}]})
-    req = urllib.request.Request(
-        f"http://{router}:8080/v1/chat/completions",
-        data=body.encode(),
-        headers={"content-type": "application/json"},
-    )
-    with _NO_PROXY.open(req, timeout=200) as r:  # held by the router until KEDA activates a replica
-        assert r.status == 200
-        assert json.loads(r.read())["choices"][0]["message"]["content"]
+    held_chat(router, timeout=200)  # held by the router until KEDA activates a replica
     obj = get_llmd(cluster, namespace, name)
     assert obj["spec"]["replicas"] == 1
     # KEDA's writes of 0 and 1 through a custom resource's scale subresource leave no managedFields
