@@ -193,7 +193,13 @@ class Toposerve:
         offset = slice_offset(lead, f.window_seconds)
         kv, waiting = history.range_query(now, offset, PERIOD_SECONDS[f.period], f.lookback, f.window_seconds)
         value = demand_floor(
-            kv, waiting, a.target_kv_cache_utilization, a.target_waiting_requests, a.max_replicas, f.quantile
+            kv,
+            waiting,
+            a.target_kv_cache_utilization,
+            a.target_waiting_requests,
+            a.max_replicas,
+            f.quantile,
+            a.burst_headroom,
         )
         self._forecast = (now, value)
         return value

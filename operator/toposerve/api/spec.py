@@ -513,6 +513,10 @@ TTFT_HPA_MESSAGE = (
 
 AutoscalingMode = Literal["builtin", "hpa", "keda", "off"]
 STANDBY_PERCENT_MESSAGE = "warmStandbyPercent needs mode builtin (an HPA or KEDA cannot promote a standby)"
+BURST_HEADROOM_MESSAGE = (
+    "burstHeadroom needs mode builtin: in hpa and keda modes the HorizontalPodAutoscaler computes "
+    "the replicas as ceil(load / target) and cannot add beta x sqrt(load)"
+)
 
 
 class AutoscalingSpec(_Model):
@@ -561,6 +565,23 @@ class AutoscalingSpec(_Model):
         lt=1,
         description="No change while observed/target is within 1 +- tolerance (the HPA's default 0.1).",
     )
+    burst_headroom: float = Field(
+        default=0.0,
+        ge=0,
+        le=10,
+        description="Square-root staffing on the KV-cache proposal (builtin mode): replicas = ceil(R + "
+        "burstHeadroom x sqrt(R)), R = the KV load in replicas at targetKVCacheUtilization (what the HPA "
+        "rule rounds up). Proportionally more headroom for small fleets, less for big ones; 0 (default): "
+        "the HPA rule.",
+    )
+
+    @field_validator("burst_headroom")
+    @classmethod
+    def _headroom_builtin_only(cls, v: float, info: ValidationInfo) -> float:
+        if v and info.data.get("mode") in ("hpa", "keda"):
+            raise ValueError(BURST_HEADROOM_MESSAGE)
+        return v
+
     scale_up: ScalingRules = Field(
         default_factory=_default_scale_up,
         description="Scale-up behaviour (default: the HPA's, no window, max(4 pods, 100 %)/15 s).",
@@ -676,6 +697,12 @@ class AutoscalingSpec(_Model):
                     "!has(self.warmStandbyPercent) || self.warmStandbyPercent == 0",
                     "message": STANDBY_PERCENT_MESSAGE,
                     "fieldPath": ".warmStandbyPercent",
+                },
+                {
+                    "rule": "!has(self.mode) || !(self.mode in ['hpa', 'keda']) || "
+                    "!has(self.burstHeadroom) || self.burstHeadroom == 0.0",
+                    "message": BURST_HEADROOM_MESSAGE,
+                    "fieldPath": ".burstHeadroom",
                 },
             ]
         }

@@ -130,6 +130,16 @@ class AutoscalingInputs(_Status):
     ttft_missing: bool | None = Field(
         default=None, description="An SLO is set and no fresh TTFT came: no scale-down."
     )
+    kv_load_replicas: float | None = Field(
+        alias="kvLoadReplicas",
+        default=None,
+        description="With burstHeadroom: the KV load in replicas at target (sum of fresh KV usage / target).",
+    )
+    burst_headroom_replicas: float | None = Field(
+        default=None,
+        description="With burstHeadroom: the replicas added on top of kvLoadReplicas (burstHeadroom x "
+        "sqrt(kvLoadReplicas)).",
+    )
 
 
 class Sample(_Status):

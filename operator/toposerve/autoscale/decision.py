@@ -23,7 +23,10 @@ scale-up; no fresh metric at all holds the current count; a replica not ready pa
 max(minReplicas, open schedule windows, forecast) and recommendations are recorded clamped to
 [floor, max], so the end of a schedule window scales down through the down window, not at once;
 the history (recommendations, scale events) is plain data the caller persists in status, so an
-operator restart neither forgets a scale-down window nor lets replicas jump.
+operator restart neither forgets a scale-down window nor lets replicas jump. Opt-in
+(``burstHeadroom``, 0 by default): the KV proposal is square-root staffed, ceil(R + beta x
+sqrt(R)) instead of ceil(R) (``staffed``), so small fleets get proportionally more room for
+Poisson bursts than big ones.
 """
 
 from __future__ import annotations
@@ -80,6 +83,7 @@ class Config:
     warm_standby: int = 0
     ttft_slo: float | None = None  # seconds the TTFT quantile must stay under; None: no TTFT input
     ttft_quantile: float = 0.95
+    burst_headroom: float = 0.0  # beta of square-root staffing on the KV proposal; 0: the HPA's rule
 
     @classmethod
     def from_spec(cls, a: AutoscalingSpec) -> Config:
@@ -95,6 +99,7 @@ class Config:
             down=rules_from_spec(a.scale_down, up=False),
             startup_grace=float(a.startup_grace_seconds),
             warm_standby=a.warm_standby,
+            burst_headroom=a.burst_headroom,
         )
 
 
@@ -155,6 +160,8 @@ class Decision:
     promote: int = 0  # warm standby replicas to put into rotation now
     ttft: float | None = None  # the TTFT quantile decided on (None: no SLO, idle or unknown)
     ttft_missing: bool = False  # an SLO is set and no fresh TTFT came: no scale-down
+    kv_load: float | None = None  # total KV load in replicas at target (sum of fresh kv / target)
+    headroom: float = 0.0  # replicas of burst headroom on top of kv_load (beta x sqrt(kv_load))
     limited: str = ""  # ScaleUpLimit, ScaleDownLimit, TooManyReplicas... when a limit bit
     history: History = field(default_factory=History)
 
@@ -171,17 +178,45 @@ def _within(ratio: float, tolerance: float) -> bool:
     return (1.0 - tolerance) <= ratio <= (1.0 + tolerance)
 
 
+def staffed(load: float, beta: float) -> float:
+    """Square-root staffing (Halfin-Whitt): replicas for an offered ``load`` (in replicas at
+    target) are load + beta x sqrt(load). The headroom share beta / sqrt(load) shrinks as the
+    fleet grows, because Poisson bursts grow with sqrt(load) while the mean grows with load: the
+    same beta gives about the same chance of a queue at every fleet size, where a constant target
+    starves small fleets and over-provisions big ones."""
+    if beta <= 0 or load <= 0:
+        return max(load, 0.0)
+    return load + beta * math.sqrt(load)
+
+
+def _with_headroom(ratio: float, n: int, beta: float) -> float:
+    """A mean/target ratio over ``n`` samples -> the ratio that sizes the fleet by ``staffed``
+    (load = ratio x n). beta 0 returns ``ratio`` itself, so the HPA's rule is untouched."""
+    if beta <= 0 or ratio <= 0 or n <= 0:
+        return ratio
+    return staffed(ratio * n, beta) / n
+
+
 def metric_replicas(
-    values: Sequence[float], target: float, current: int, starting: int, missing: int, tolerance: float
+    values: Sequence[float],
+    target: float,
+    current: int,
+    starting: int,
+    missing: int,
+    tolerance: float,
+    headroom: float = 0.0,
 ) -> int:
     """calcPlainMetricReplicas, except that missing metrics never allow a scale-down.
 
     ``values``: the metric of each ready replica with fresh data; ``starting``: replicas not
-    ready yet (usage 0 on a scale-up); ``missing``: ready replicas without fresh data.
+    ready yet (usage 0 on a scale-up); ``missing``: ready replicas without fresh data;
+    ``headroom``: square-root staffing's beta (``staffed``): every ratio below, and so the
+    tolerance band and the direction of the signal, is that of load + beta x sqrt(load) to the
+    replicas, instead of load to the replicas.
     """
     if not values:
         return current
-    ratio = sum(values) / len(values) / target
+    ratio = _with_headroom(sum(values) / len(values) / target, len(values), headroom)
     up_with_unready = starting > 0 and ratio > 1.0
     if not up_with_unready and missing == 0:
         if _within(ratio, tolerance):
@@ -196,7 +231,7 @@ def metric_replicas(
         samples += [0.0] * missing
     if up_with_unready:
         samples += [0.0] * starting
-    new_ratio = sum(samples) / len(samples) / target
+    new_ratio = _with_headroom(sum(samples) / len(samples) / target, len(samples), headroom)
     if _within(new_ratio, tolerance) or (ratio < 1.0 < new_ratio) or (ratio > 1.0 > new_ratio):
         return current
     new = _ceil(new_ratio * len(samples))
@@ -364,6 +399,9 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
     if cfg.ttft_slo is None:
         ttft = None
 
+    kv_load = sum(fresh_kv) / cfg.target_kv if fresh_kv else None
+    headroom = staffed(kv_load, cfg.burst_headroom) - kv_load if kv_load is not None else 0.0
+
     def done(
         desired: int, reason: str, message: str, proposal: int, hist: History, limited: str = ""
     ) -> Decision:
@@ -373,7 +411,7 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
             running=_mean(fresh_run), ready=len(ready), starting=starting, stuck=stuck, missing=missing,
             current=current, promote=min(max(0, desired - current), inputs.standby_ready), limited=limited,
             history=record_scale(_prune(hist, cfg, now), now, current, desired), ttft=ttft,
-            ttft_missing=ttft_missing,
+            ttft_missing=ttft_missing, kv_load=kv_load, headroom=headroom,
         )  # fmt: skip
 
     # reconcileAutoscaler's guards, with scale from zero on held requests added.
@@ -407,7 +445,9 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
 
     proposals: list[tuple[int, str]] = []
     if fresh_kv:
-        n = metric_replicas(fresh_kv, cfg.target_kv, current, starting, missing, cfg.tolerance)
+        n = metric_replicas(
+            fresh_kv, cfg.target_kv, current, starting, missing, cfg.tolerance, cfg.burst_headroom
+        )
         proposals.append((n, "kv-cache"))
     if fresh_wait:
         n = metric_replicas(fresh_wait, cfg.target_waiting, current, starting, missing, cfg.tolerance)
@@ -452,4 +492,9 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
         msg += "; no fresh TTFT for the SLO: no scale-down"
     if starting and desired >= current:
         msg += f"; {starting} replica(s) starting count as capacity on the way"
+    if cfg.burst_headroom > 0 and kv_load is not None:
+        msg += (
+            f"; kv-cache load {kv_load:.2f} replicas + burst headroom {headroom:.2f} "
+            f"(beta {cfg.burst_headroom:g} x sqrt(load))"
+        )
     return done(desired, reason, msg, proposal, hist, limited)

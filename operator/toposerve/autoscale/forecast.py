@@ -24,6 +24,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from toposerve.autoscale.decision import staffed
+
 
 def _clean(xs: Sequence[float]) -> list[float]:
     return [x for x in xs if math.isfinite(x) and x >= 0]
@@ -51,13 +53,16 @@ def demand_floor(
     target_waiting: float,
     max_replicas: int,
     q: float = 0.5,
+    burst_headroom: float = 0.0,
 ) -> int:
     """Replicas the ``q``-quantile comparable past slice needed (0 without history); NaN, infinite
-    and negative samples are left out."""
+    and negative samples are left out. ``burst_headroom``: the KV term is square-root staffed
+    (``decision.staffed``) as the reactive KV proposal is, so the pre-warmed floor is the fleet
+    the reactive loop would settle on at that load."""
     kv, waiting = _clean(kv_sums), _clean(waiting_sums)
     need = 0.0
     if kv:
-        need = max(need, quantile(kv, q) / target_kv)
+        need = max(need, staffed(quantile(kv, q) / target_kv, burst_headroom))
     if waiting:
         need = max(need, quantile(waiting, q) / target_waiting)
     return min(max_replicas, math.ceil(round(need, 9)))

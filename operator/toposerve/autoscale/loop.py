@@ -204,6 +204,7 @@ class Autoscaler:
                     held_requests=held,
                     forecast=forecast,
                     ttft_slo=a.ttft_slo.seconds if a.ttft_slo else None,
+                    burst_headroom=a.burst_headroom,
                 )
             },
         )
@@ -234,7 +235,13 @@ class Autoscaler:
             log.warning("forecast for %s/%s failed: %s", ns, name, e)
             return cached[1] if cached else None
         value = demand_floor(
-            kv, waiting, a.target_kv_cache_utilization, a.target_waiting_requests, a.max_replicas, f.quantile
+            kv,
+            waiting,
+            a.target_kv_cache_utilization,
+            a.target_waiting_requests,
+            a.max_replicas,
+            f.quantile,
+            a.burst_headroom,
         )
         self._forecast[key] = (now, value)
         return value

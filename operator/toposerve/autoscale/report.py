@@ -277,6 +277,7 @@ def status_of(
     held_requests: int = 0,
     forecast: int | None = None,
     ttft_slo: float | None = None,
+    burst_headroom: float = 0.0,
 ) -> dict[str, Any]:
     """status.autoscaling for a decision (camelCase, as the CRD's status schema has it)."""
     prev = (previous or {}).get("autoscaling") or {}
@@ -284,6 +285,11 @@ def status_of(
     slo = (
         {"ttftSLOSeconds": ttft_slo, "ttftSeconds": _round(d.ttft), "ttftMissing": d.ttft_missing}
         if ttft_slo
+        else {}
+    )
+    staffing = (
+        {"kvLoadReplicas": _round(d.kv_load), "burstHeadroomReplicas": _round(d.headroom)}
+        if burst_headroom
         else {}
     )
     return {
@@ -308,6 +314,7 @@ def status_of(
             "missingMetrics": d.missing,
             "heldRequests": held_requests,
             **slo,
+            **staffing,
         },
         "lastDecisionTime": now_rfc3339,
         "lastScaleTime": now_rfc3339 if scaled else prev.get("lastScaleTime"),
@@ -318,7 +325,8 @@ def status_of(
 
 
 def event_of(d: Decision, target_kv: float, ttft_slo: float | None = None) -> tuple[str, str]:
-    """(reason, message) of the Event for a change of spec.replicas."""
+    """(reason, message) of the Event for a change of spec.replicas (the decision's message
+    carries the burst headroom, when set)."""
     reason = "ScaledUp" if d.desired > d.current else "ScaledDown"
     kv = "n/a" if d.kv is None else f"{d.kv:.2f}"
     waiting = "n/a" if d.waiting is None else f"{d.waiting:.1f}"

@@ -9,7 +9,7 @@ import pytest
 from toposerve.api.crd import crd
 from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
-from toposerve.api.spec import AutoscalingSpec
+from toposerve.api.spec import BURST_HEADROOM_MESSAGE, AutoscalingSpec
 
 M = {"name": "Qwen/Qwen2.5-0.5B-Instruct"}
 
@@ -70,11 +70,23 @@ BAD = [
      "ttftSLO needs mode builtin or keda: an HPA would read it as an External metric, which needs a metrics "
      "adapter that serves a histogram quantile"),
     ({"enabled": True, "ttftSLO": {"seconds": 0}}, "spec.autoscaling.ttftSLO.seconds", "greater than 0"),
+    ({"enabled": True, "mode": "hpa", "burstHeadroom": 1}, "spec.autoscaling.burstHeadroom",
+     "burstHeadroom needs mode builtin: in hpa and keda modes the HorizontalPodAutoscaler computes"),
+    ({"enabled": True, "mode": "keda", "burstHeadroom": 0.5}, "spec.autoscaling.burstHeadroom",
+     "burstHeadroom needs mode builtin"),
+    ({"enabled": True, "burstHeadroom": -0.5}, "spec.autoscaling.burstHeadroom", "greater than or equal to 0"),
+    ({"enabled": True, "burstHeadroom": 11}, "spec.autoscaling.burstHeadroom", "less than or equal to 10"),
     ({"enabled": True, "ttftSLO": {"seconds": 1, "quantile": 1}}, "spec.autoscaling.ttftSLO.quantile",
      "less than 1"),
     ({"enabled": True, "ttftSLO": {"quantile": 0.9}}, "spec.autoscaling.ttftSLO.seconds", "Field required"),
     ({"enabled": True, "ttftSLO": {"seconds": 1, "p": 99}}, "spec.autoscaling.ttftSLO.p", "Extra inputs"),
 ]  # fmt: skip
+
+
+def test_burst_headroom_is_builtin_only_and_zero_is_fine_everywhere() -> None:
+    assert parse_spec(spec(enabled=True, burstHeadroom=1.5)).autoscaling.burst_headroom == 1.5
+    for mode in ("builtin", "hpa", "keda"):
+        assert parse_spec(spec(enabled=True, mode=mode, burstHeadroom=0)).autoscaling.burst_headroom == 0
 
 
 def test_ttft_slo_defaults_to_p95_and_is_fine_in_builtin_and_keda_modes() -> None:
@@ -104,6 +116,7 @@ def test_the_crd_carries_the_same_rules_for_the_api_server() -> None:
         "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)",
         "warmStandbyPercent needs mode builtin (an HPA or KEDA cannot promote a standby)",
         "mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)",
+        BURST_HEADROOM_MESSAGE,
         "ttftSLO needs mode builtin or keda: an HPA would read it as an External metric, which needs a "
         "metrics adapter that serves a histogram quantile",
     } <= messages
