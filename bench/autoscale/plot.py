@@ -21,6 +21,7 @@ COLORS = {
     "request-count": "tab:orange",
     "hpa-kv": "tab:red",
     "toposerve": "tab:blue",
+    "toposerve-sqrt": "tab:green",
     "toposerve-standby": "tab:cyan",
     "toposerve-standby1": "tab:olive",
     "toposerve-defaults": "tab:purple",

@@ -56,6 +56,10 @@ TOPOSERVE_SPEC: dict[str, Any] = {
 }
 # The same with a warm standby sized to the load (one per 4 serving replicas: what it costs and buys).
 TOPOSERVE_STANDBY: dict[str, Any] = {**TOPOSERVE_SPEC, "warmStandbyPercent": 25}
+# Square-root staffing (burstHeadroom, docs/autoscaling.md): ceil(R + 1.0 x sqrt(R)) with R the KV
+# load in replicas at a 0.5 target, tuned on seed 1 (a grid of target 0.4-0.55 x beta 0.5-2,
+# docs/benchmarks.md), no standby, the same behaviour and forecast as "toposerve".
+TOPOSERVE_SQRT: dict[str, Any] = {**TOPOSERVE_SPEC, "targetKVCacheUtilization": 0.5, "burstHeadroom": 1.0}
 # The same with one fixed standby pod.
 TOPOSERVE_STANDBY1: dict[str, Any] = {**TOPOSERVE_SPEC, "warmStandby": 1}
 # The product's defaults (target 0.7, scale up at once by max(4 pods, 100 %) per 15 s, down 1 pod /
@@ -70,6 +74,7 @@ MAIN = (
     "request-count",
     "hpa-kv",
     "toposerve",
+    "toposerve-sqrt",
     "toposerve-standby",
     "toposerve-standby1",
     "toposerve-defaults",
@@ -167,6 +172,7 @@ def policies(args: argparse.Namespace, trace: Trace, engine: EngineModel) -> lis
         RequestCount(1, args.max_replicas, round(args.target * per_replica, 2)),
         KVHpa(1, args.max_replicas, args.target),
         Toposerve(spec(TOPOSERVE_SPEC)),
+        Toposerve(spec(TOPOSERVE_SQRT), name="toposerve-sqrt"),
         Toposerve(spec(TOPOSERVE_STANDBY), name="toposerve-standby"),
         Toposerve(spec(TOPOSERVE_STANDBY1), name="toposerve-standby1"),
         Toposerve(spec(TOPOSERVE_DEFAULTS), name="toposerve-defaults"),
@@ -338,7 +344,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument(
         "--sweep",
         type=lambda v: [float(x) for x in v.split(",") if x],
-        default=[0.3, 0.35, 0.4, 0.45, 0.5, 0.6],
+        default=[0.3, 0.32, 0.33, 0.35, 0.4, 0.45, 0.5, 0.6],
         help="other targets to run the competitors at (comma-separated; empty: none)",
     )
     ap.add_argument("--toposerve-spec", default="", help="JSON merged into every toposerve spec.autoscaling")

@@ -200,6 +200,11 @@ def test_forecast_floor_reads_yesterdays_demand_one_lead_ahead() -> None:
     assert p.forecast_floor(at, hist) == math.ceil(3.5 / 0.7)
     quiet = toposerve(forecast={"enabled": True, "lookback": 1, "leadSeconds": 600, "windowSeconds": 600})
     assert quiet.forecast_floor(daytrace.DAY + 3 * 3600, hist) == 0
+    # with burstHeadroom the forecast floor is staffed as the reactive proposal is: 5 + 1 x sqrt(5)
+    staffed = toposerve(burstHeadroom=1.0, forecast={"enabled": True, "lookback": 1, "leadSeconds": 600,
+                                                     "windowSeconds": 600})  # fmt: skip
+    assert staffed.cfg.burst_headroom == 1.0
+    assert staffed.forecast_floor(at, hist) == math.ceil(3.5 / 0.7 + math.sqrt(3.5 / 0.7))
 
 
 def test_hpa_calculator_counts_missing_pods_like_the_hpa() -> None:
