@@ -73,3 +73,17 @@ def test_schema_rejects_unknown_dtype(cluster: Cluster, crd: Any, namespace: str
     body = llmd("bad-dtype", model={"name": "Qwen/Qwen2.5-0.5B-Instruct", "dtype": "fp64"})
     message = rejection(cluster, namespace, body)
     assert 'spec.model.dtype: Unsupported value: "fp64"' in message
+
+
+def test_cel_rule_refuses_burst_headroom_outside_builtin_mode(
+    cluster: Cluster, crd: Any, namespace: str
+) -> None:
+    for mode in ("hpa", "keda"):
+        body = llmd(f"headroom-{mode}", autoscaling={"enabled": True, "mode": mode, "burstHeadroom": 1})
+        assert "spec.autoscaling.burstHeadroom: Invalid value: burstHeadroom needs mode builtin" in rejection(
+            cluster, namespace, body
+        )
+    ok = create(cluster, namespace, llmd("headroom", autoscaling={"enabled": True, "burstHeadroom": 1.5}))
+    assert ok["spec"]["autoscaling"]["burstHeadroom"] == 1.5
+    zero = llmd("headroom-hpa-zero", autoscaling={"enabled": True, "mode": "hpa", "burstHeadroom": 0})
+    assert create(cluster, namespace, zero)["spec"]["autoscaling"]["burstHeadroom"] == 0
