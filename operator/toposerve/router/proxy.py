@@ -38,7 +38,6 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
-from aiohttp.tcp_helpers import tcp_nodelay
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -796,6 +795,10 @@ class Router:
 
     async def _read_body(self, request: web.Request) -> bytes | web.StreamResponse:
         """The whole body within `body_timeout_s` (a slow sender must not hold a slot forever)."""
+        if request.content.is_eof():
+            # All of it is in already (the usual case: a small body arrives with its headers), so
+            # reading cannot wait: no deadline task and timer (wait_for's) per request.
+            return await request.read()
         try:
             return await asyncio.wait_for(request.read(), self.cfg.body_timeout_s)
         except TimeoutError:
@@ -918,8 +921,6 @@ class Router:
                 attempts.append((url, hl.OK if upstream.status < 400 else hl.CLIENT_ERROR))
                 self._settle(attempts)
                 attempts.clear()
-                if upstream.connection is not None and upstream.connection.transport is not None:
-                    tcp_nodelay(upstream.connection.transport, True)
                 out = _RelayResponse(status=upstream.status)
                 skip = hop_by_hop(upstream.headers)
                 for k, v in upstream.headers.items():
