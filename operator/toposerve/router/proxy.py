@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import math
@@ -1040,6 +1041,24 @@ class Router:
             else:
                 break
         self.estimator.observe(parsed.text_chars, n)
+
+
+GC_GEN0_THRESHOLD = 10_000  # Python's default is 700
+
+
+def tune_gc(gen0_threshold: int = GC_GEN0_THRESHOLD) -> None:
+    """Call once start-up is done. Why: with Python's defaults the cyclic collector was ~11 % of
+    the router's CPU at 50-200 streams and paused the one event loop for up to ~50 ms (a full
+    collection walks the ~54,000 objects imports leave behind), which every open stream waits
+    out. Freezing start-up's objects takes them out of every later collection; a higher gen0
+    threshold lets a request's short-lived objects die by reference counting before a
+    collection would promote them. 0 leaves the collector as Python sets it."""
+    if gen0_threshold <= 0:
+        return
+    gc.collect()  # not to freeze start-up's garbage
+    gc.freeze()
+    _, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(gen0_threshold, gen1, gen2)
 
 
 def _dual_stack_socket(port: int) -> socket.socket | None:
