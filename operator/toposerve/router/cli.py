@@ -121,13 +121,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-body-bytes", type=int, default=64 * 1024 * 1024, help="largest request body (413 beyond)"
     )
     t.add_argument(
-        "--workers",
-        type=int,
-        default=1,
-        help="router processes sharing the port (SO_REUSEPORT), each with its own routing memory, "
-        "ledger, probes and metrics: prefix and session affinity weaken (docs/router.md); default 1",
-    )
-    t.add_argument(
         "--gc-gen0-threshold",
         type=int,
         default=10_000,
@@ -188,7 +181,7 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         router = Router(backends, cfg)
-        runner = await serve(router, args.host, args.port, reuse_port=args.workers > 1)
+        runner = await serve(router, args.host, args.port)
         tune_gc(args.gc_gen0_threshold)  # after start-up: what it built stays for good
         watcher = None
         if not backends:
@@ -218,10 +211,6 @@ def run(args: argparse.Namespace) -> int:
             watcher.stop()
         await runner.cleanup()  # stops accepting, lets in-flight handlers finish (aiohttp shutdown_timeout)
 
-    if args.workers < 1:
-        raise SystemExit("toposerve router: error: --workers must be at least 1")
-    if args.workers > 1 and _fork_workers(args.workers):
-        return 0  # the parent: every worker has exited
     try:  # a dependency (less CPU per relayed chunk); plain asyncio where it cannot be installed
         import uvloop
     except ImportError:
@@ -229,42 +218,3 @@ def run(args: argparse.Namespace) -> int:
     else:
         uvloop.run(main())
     return 0
-
-
-def _fork_workers(n: int) -> bool:
-    """Fork `n` workers (before any event loop exists) and supervise them: True in the parent once
-    all have exited, False in a worker, which then serves. SIGTERM/SIGINT are passed on; when one
-    worker dies, the others are stopped too and the parent exits non-zero, so the pod restarts
-    whole instead of serving on fewer processes than configured."""
-    import contextlib
-    import signal
-    import sys
-
-    pids: list[int] = []
-    for _ in range(n):
-        pid = os.fork()
-        if pid == 0:
-            return False
-        pids.append(pid)
-
-    def forward(sig: int, _frame: object) -> None:
-        for p in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p, sig)
-
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    failed = False
-    while pids:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        if pid in pids:
-            pids.remove(pid)
-            if os.waitstatus_to_exitcode(status) != 0 and not failed:
-                failed = True
-                forward(signal.SIGTERM, None)
-    if failed:
-        sys.exit(1)
-    return True

@@ -1061,7 +1061,7 @@ def tune_gc(gen0_threshold: int = GC_GEN0_THRESHOLD) -> None:
     gc.set_threshold(gen0_threshold, gen1, gen2)
 
 
-def _dual_stack_socket(port: int, reuse_port: bool = False) -> socket.socket | None:
+def _dual_stack_socket(port: int) -> socket.socket | None:
     """A listening socket on [::]:port that also takes IPv4 (IPV6_V6ONLY off), or None without IPv6.
 
     asyncio always sets IPV6_V6ONLY on the sockets it binds, so `--host ::` would otherwise
@@ -1074,8 +1074,6 @@ def _dual_stack_socket(port: int, reuse_port: bool = False) -> socket.socket | N
         return None
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         sock.bind(("::", port))
     except OSError:
@@ -1084,26 +1082,18 @@ def _dual_stack_socket(port: int, reuse_port: bool = False) -> socket.socket | N
     return sock
 
 
-async def serve(
-    router: Router, host: str, port: int, probe: bool = True, reuse_port: bool = False
-) -> web.AppRunner:
+async def serve(router: Router, host: str, port: int, probe: bool = True) -> web.AppRunner:
     """Start serving on `host` (an address: 127.0.0.1, 0.0.0.0, :: (IPv6 and IPv4), a pod IP);
-    returns the runner (call `runner.cleanup()` to stop). Connections go through the front door.
-    `reuse_port`: SO_REUSEPORT, so several worker processes listen on one port (`--workers`)."""
+    returns the runner (call `runner.cleanup()` to stop). Connections go through the front door."""
     runner = GuardedRunner(router.app(probe), router.gate, access_log=None, handler_cancellation=True)
     await runner.setup()
     site: web.BaseSite
-    sock = _dual_stack_socket(port, reuse_port) if host == "::" else None
+    sock = _dual_stack_socket(port) if host == "::" else None
     if sock is not None:
         site = web.SockSite(runner, sock, backlog=2048)
     else:
         site = web.TCPSite(
-            runner,
-            "0.0.0.0" if host == "::" else host,
-            port,
-            reuse_address=True,
-            reuse_port=reuse_port or None,
-            backlog=2048,
+            runner, "0.0.0.0" if host == "::" else host, port, reuse_address=True, backlog=2048
         )
     await site.start()
     return runner
