@@ -146,6 +146,8 @@ def run(args: argparse.Namespace) -> int:
         backends = parse_backends(args.backends)
     except ValueError as e:
         raise SystemExit(f"toposerve router: error: {e}") from None
+    if args.gc_gen0_threshold < 0:
+        raise SystemExit("toposerve router: error: --gc-gen0-threshold must be 0 (off) or more")
     selector = args.selector or (engine_selector(args.llmdeployment) if args.llmdeployment else None)
     if not backends and not (selector and args.namespace):
         raise SystemExit(
@@ -182,7 +184,6 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         router = Router(backends, cfg)
         runner = await serve(router, args.host, args.port)
-        tune_gc(args.gc_gen0_threshold)  # after start-up: what it built stays for good
         watcher = None
         if not backends:
             from toposerve.router.discovery import SliceWatcher
@@ -195,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
                 args.endpoint_port_name,
             )
             watcher.start()
+        tune_gc(args.gc_gen0_threshold)  # after start-up (discovery's imports too): it stays for good
         logging.getLogger("toposerve.router").info(
             "listening on %s port %d, strategy %s, %s",
             args.host,
