@@ -683,14 +683,18 @@ async def overhead(
     # --variant NAME=DIR: the same toposerve router from another source tree (e.g. an older commit
     # exported with `git archive`), measured side by side in the same alternating rounds
     variants = [(v.split("=", 1)[0], v.split("=", 1)[1]) for v in args.variant]
-    for p, src in [(c, "") for c in cands] + [
-        (Policy(n, "toposerve", "round-robin"), d) for n, d in variants
-    ]:
+    # --flags-variant NAME=FLAGS: this tree's router with more flags (e.g. --workers 2), likewise
+    flagged = [(v.split("=", 1)[0], tuple(v.split("=", 1)[1].split())) for v in args.flags_variant]
+    for p, src in (
+        [(c, "") for c in cands]
+        + [(Policy(n, "toposerve", "round-robin"), d) for n, d in variants]
+        + [(Policy(n, "toposerve", "round-robin", extra=f), "") for n, f in flagged]
+    ):
         port += 2
         env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())} if src else None
         argv = router_argv(p, [engine], port, rvenv)
         if p.kind == "toposerve":
-            argv += args.toposerve_args.split()
+            argv += args.toposerve_args.split() + list(p.extra)
         proc = procs.start(f"overhead-{p.name}", argv, env)
         started.append(proc)
         url = f"http://{HOST}:{port}"
@@ -793,7 +797,8 @@ def main() -> int:
         "in r, and on the workloads with --variant-strategies",
     )
     ap.add_argument("--flags-variant", action="append", default=[], metavar="NAME=FLAGS",
-                    help="workloads: also run --variant-strategies with these extra router flags")  # fmt: skip
+                    help="workloads: also run --variant-strategies with these extra router flags; overhead: "
+                    "also measure this tree's router with them")  # fmt: skip
     ap.add_argument(
         "--variant-strategies", default="auto", help="workloads: strategies run from each --variant"
     )

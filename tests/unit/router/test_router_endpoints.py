@@ -139,6 +139,11 @@ def test_cli_parser_and_argument_errors() -> None:
         cli.run(build_parser().parse_args(["router", "--backends", "nope"]))
     with pytest.raises(SystemExit, match="discovery"):
         cli.run(build_parser().parse_args(["router", "--backends", ""]))
+    assert args.gc_gen0_threshold == 10_000
+    with pytest.raises(SystemExit, match="--gc-gen0-threshold must be 0"):
+        cli.run(
+            build_parser().parse_args(["router", "--backends", "http://a:1", "--gc-gen0-threshold", "-1"])
+        )
     from toposerve.router import strategies
 
     assert cli.STRATEGY_NAMES == strategies.STRATEGIES

@@ -8,6 +8,7 @@ number of times and the gating events make ordering deterministic.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -27,6 +28,7 @@ from toposerve.router.proxy import (
     parse_kv_capacity,
     parse_request,
     serve,
+    tune_gc,
 )
 
 
@@ -674,3 +676,17 @@ def test_affinity_key_is_the_conversation_root() -> None:
     assert parse_request("/v1/completions", body, {}, est, cfg, need_hashes=False).request.affinity is None
     assert parse_request("/v1/completions", {"prompt": ""}, {}, est, cfg).request.affinity is None
     assert parse_request("/v1/completions", body, {}, est, RouterConfig()).request.affinity is None
+
+
+def test_tune_gc_freezes_start_up_and_raises_gen0_and_zero_leaves_the_gc_alone() -> None:
+    before = gc.get_threshold()
+    try:
+        gc.unfreeze()
+        tune_gc(0)
+        assert gc.get_threshold() == before and gc.get_freeze_count() == 0
+        tune_gc(12_345)
+        assert gc.get_threshold() == (12_345, before[1], before[2])
+        assert gc.get_freeze_count() > 1000  # this process's imports, out of every collection
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -246,3 +247,20 @@ async def test_the_router_keeps_no_cookies_between_clients(relay: tuple[Router, 
             await r.read()
     assert engine.cookies_seen == ["", ""]  # ... but never replayed by the router for the next
     await settled(router)
+
+
+async def test_upstream_connections_have_nagle_off(relay: tuple[Router, str, Scripted]) -> None:
+    """Small SSE writes must not wait for ACKs. The router no longer sets TCP_NODELAY per request
+    (a syscall each): aiohttp's protocol and the event loop (asyncio, uvloop) both set it when a
+    connection is made. This fails if both ever stop."""
+    router, url, engine = relay
+    engine.pieces = [STREAM]
+    status, _, _ = await fetch(url)
+    assert status == 200
+    await settled(router)
+    assert router._session is not None
+    pooled = [proto for conns in router._session.connector._conns.values() for proto, _ in conns]  # type: ignore[union-attr]
+    assert pooled, "the upstream connection is kept for reuse"
+    for proto in pooled:
+        sock = proto.transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
