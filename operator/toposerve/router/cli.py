@@ -115,6 +115,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     c.add_argument("--body-timeout", type=float, default=60.0, help="seconds to receive a request body")
     c.add_argument(
+        "--write-timeout",
+        type=float,
+        default=60.0,
+        help="seconds a client may take no bytes of a response before it is cut off (0: never)",
+    )
+    c.add_argument(
         "--keepalive-timeout", type=float, default=75.0, help="seconds an idle client connection stays open"
     )
     c.add_argument(
@@ -146,6 +152,8 @@ def run(args: argparse.Namespace) -> int:
         backends = parse_backends(args.backends)
     except ValueError as e:
         raise SystemExit(f"toposerve router: error: {e}") from None
+    if args.write_timeout < 0:
+        raise SystemExit("toposerve router: error: --write-timeout must be 0 (off) or more seconds")
     if args.gc_gen0_threshold < 0:
         raise SystemExit("toposerve router: error: --gc-gen0-threshold must be 0 (off) or more")
     selector = args.selector or (engine_selector(args.llmdeployment) if args.llmdeployment else None)
@@ -179,6 +187,7 @@ def run(args: argparse.Namespace) -> int:
         body_timeout_s=args.body_timeout,
         keepalive_timeout_s=args.keepalive_timeout,
         max_body_bytes=args.max_body_bytes,
+        write_timeout_s=args.write_timeout,
     )
 
     async def main() -> None:

@@ -47,6 +47,7 @@ class Gate:
         self.open = 0
         self.refused = 0
         self.header_timeouts = 0
+        self.write_timeouts = 0  # counted by the relay's write deadline (proxy.Router)
         self.bad_http = 0
 
 

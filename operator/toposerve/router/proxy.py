@@ -35,7 +35,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
@@ -148,6 +148,11 @@ class RouterConfig:
     keepalive_timeout_s: float = 75.0  # idle keep-alive connection
     max_connections: int = 4096  # open client connections; more are answered 503 and closed
     max_body_bytes: int = 64 * 1024 * 1024
+    # A client that takes no bytes of a response for this long is cut off (0: never). Why: a
+    # relay that cannot write stops reading its upstream, so a client that stops reading would
+    # hold an engine's sequence and KV cache until TCP gives up. Like nginx's send_timeout
+    # (60 s by default there too), it bounds one write, not the whole response.
+    write_timeout_s: float = 60.0
 
     @property
     def health(self) -> hl.HealthConfig:
@@ -401,6 +406,11 @@ class _BackendCollector(Collector):
         for name, help_, value in (
             ("connections_refused", "Connections refused at --max-connections.", g.refused),
             ("header_timeouts", "Connections closed for slow request headers.", g.header_timeouts),
+            (
+                "write_timeouts",
+                "Connections closed for a client that took no response bytes.",
+                g.write_timeouts,
+            ),
             ("bad_http_requests", "Malformed HTTP requests answered 4xx.", g.bad_http),
         ):
             yield CounterMetricFamily(f"toposerve_router_{name}", help_, value=value)
@@ -467,6 +477,9 @@ class Router:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_wakeup = asyncio.Event()
+        # client transport -> when the relay's pending write to it began (write deadline)
+        self._writing: dict[asyncio.BaseTransport, float] = {}
+        self._watchdog: asyncio.Task[None] | None = None
 
     # ---------------------------------------------------------------------------------- backend set
 
@@ -603,14 +616,37 @@ class Router:
         )
         if probe:
             self._probe_task = asyncio.create_task(self._probe_loop())
+        if self.cfg.write_timeout_s > 0:
+            self._watchdog = asyncio.create_task(self._write_watchdog())
 
     async def stop(self) -> None:
-        if self._probe_task is not None:
-            self._probe_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._probe_task
+        for task in (self._probe_task, self._watchdog):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._session is not None:
             await self._session.close()
+
+    async def _write_watchdog(self) -> None:
+        """Abort client connections whose pending write is older than ``write_timeout_s``.
+
+        One sweep for all streams instead of a timer per write: the relay only stamps the time
+        before a write and clears it after (no task or timer per chunk on the hot path). The
+        abort ends the relay's write with an error, which closes the upstream response, so the
+        engine sees its client go and frees the sequence."""
+        limit = self.cfg.write_timeout_s
+        period = min(1.0, max(limit / 4, 0.01))
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic()
+            stalled = [t for t, since in self._writing.items() if now - since > limit]
+            for transport in stalled:
+                del self._writing[transport]
+                self.gate.write_timeouts += 1
+                peer = transport.get_extra_info("peername")
+                log.info("client %s took no response bytes for %gs: connection closed", peer, limit)
+                cast(asyncio.Transport, transport).abort()
 
     def app(self, probe: bool = True) -> web.Application:
         app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors])
@@ -966,6 +1002,8 @@ class Router:
         # at once; whatever the upstream still sends, its chunked-encoding end, is drained).
         first = True
         stream = parsed.stream
+        writing = self._writing
+        client = request.transport if self._watchdog is not None else None  # None: no deadline
         tail: deque[bytes] = deque()  # the stream's last chunks, at least _USAGE_TAIL bytes
         tail_len = 0
         keep_body = not stream and upstream.status == 200
@@ -991,11 +1029,15 @@ class Router:
                 elif keep_body and kept < _USAGE_BODY_MAX:  # a running total: no O(n^2) re-summing
                     body_parts.append(chunk)
                     kept += len(chunk)
+                if client is not None:  # the write deadline: stamped here, swept by _write_watchdog
+                    writing[client] = time.monotonic()
                 if content.at_eof() or (stream and _ends_stream(chunk)):
                     finished = True
                     await out.write_eof(chunk)
                 else:
                     await out.write(chunk)
+                if client is not None:
+                    writing.pop(client, None)
         except (
             TimeoutError,
             aiohttp.ClientPayloadError,
@@ -1024,6 +1066,9 @@ class Router:
                 if request.transport is not None:
                     request.transport.abort()
             return
+        finally:
+            if client is not None:  # a write that raised (the client went) left its stamp
+                writing.pop(client, None)
         await out.write_eof()  # a no-op when the last bytes already carried the end
         self._learn_usage(parsed, b"".join(tail if parsed.stream else body_parts))
 

@@ -144,6 +144,9 @@ def test_cli_parser_and_argument_errors() -> None:
         cli.run(
             build_parser().parse_args(["router", "--backends", "http://a:1", "--gc-gen0-threshold", "-1"])
         )
+    assert args.write_timeout == 60.0
+    with pytest.raises(SystemExit, match="--write-timeout must be 0"):
+        cli.run(build_parser().parse_args(["router", "--backends", "http://a:1", "--write-timeout", "-1"]))
     from toposerve.router import strategies
 
     assert cli.STRATEGY_NAMES == strategies.STRATEGIES

@@ -16,6 +16,7 @@ import gc
 import json
 import logging
 import random
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -30,6 +31,7 @@ from toposerve.mockengine.faults import FaultConfig
 from toposerve.mockengine.server import EngineConfig, MockServer
 from toposerve.router import strategies as st
 from toposerve.router.endpoints import BackendSpec
+from toposerve.router.frontdoor import GuardedRunner
 from toposerve.router.proxy import Router, RouterConfig, serve
 
 POISON = "QUERY-OF-DEATH"
@@ -59,7 +61,10 @@ def _engine_config(seed: int, time_scale: float = 0.0) -> EngineConfig:
     )
 
 
-async def _start(n: int = 2, time_scale: float = 0.0, **cfg: Any) -> tuple[Fleet, list[Any]]:
+async def _start(n: int = 2, time_scale: float = 0.0, sndbuf: int = 0, **cfg: Any) -> tuple[Fleet, list[Any]]:
+    """Engines and a router on 127.0.0.1; ``sndbuf``: the router's client sockets get that send
+    buffer (inherited from the listening socket), so that a client that stops reading blocks the
+    relay after kilobytes rather than after the megabytes Linux autotunes on loopback."""
     engines = []
     for i in range(n):
         engines.append(await MockServer(_engine_config(i, time_scale)).start())
@@ -73,7 +78,15 @@ async def _start(n: int = 2, time_scale: float = 0.0, **cfg: Any) -> tuple[Fleet
     )
     defaults.update(cfg)
     router = Router([BackendSpec(e.url) for e in engines], RouterConfig(**defaults))
-    runner = await serve(router, "127.0.0.1", 0, probe=False)
+    if sndbuf:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+        sock.bind(("127.0.0.1", 0))
+        runner = GuardedRunner(router.app(False), router.gate, access_log=None, handler_cancellation=True)
+        await runner.setup()
+        await web.SockSite(runner, sock).start()
+    else:
+        runner = await serve(router, "127.0.0.1", 0, probe=False)
     port = runner.addresses[0][1]
     fleet = Fleet(router, f"http://127.0.0.1:{port}", "127.0.0.1", port, engines)
     return fleet, [runner, *engines]
@@ -286,6 +299,90 @@ async def test_slowloris_headers_and_bodies_are_cut_off(fleet: Fleet) -> None:
         await asyncio.sleep(0.01)
     assert gate.open <= 1  # every slow connection was released
     await assert_fleet_serves_normally(fleet)
+
+
+async def _stream_request(
+    f: Fleet, rcvbuf: int, max_tokens: int
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A raw streamed completion on a connection with a small receive window (nothing read yet)."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)  # before connect: sets the window
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, (f.host, f.port))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=rcvbuf)  # no read-ahead either
+    body = json.dumps({"model": MODEL, "prompt": "hi", "stream": True, "max_tokens": max_tokens}).encode()
+    head = (
+        f"POST {COMPLETIONS} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\n"
+    )
+    writer.write(head.encode() + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    await writer.drain()
+    return reader, writer
+
+
+async def _read_all(reader: asyncio.StreamReader, pause: float = 0.0, every: int = 0) -> bytes:
+    """Read until the server closes; with ``pause``, stop reading for that long after each
+    ``every`` bytes (a client that reads in bursts)."""
+    data, since_pause = b"", 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := await asyncio.wait_for(reader.read(1 << 16), HANG_GUARD_S):
+            data += chunk
+            since_pause += len(chunk)
+            if pause and since_pause >= every:
+                since_pause = 0
+                await asyncio.sleep(pause)
+    return data
+
+
+async def test_a_client_that_stops_reading_is_cut_off_and_its_engine_slot_freed() -> None:
+    """A stream nobody reads: the relay's write blocks, so it stops reading the engine; without a
+    write deadline the engine's sequence (and its KV cache) would be held until TCP gives up."""
+    f, closers = await _start(write_timeout_s=0.5, sndbuf=4096)
+    try:
+        # ~3,800 SSE events (~670 KB): far more than the two small socket buffers and the relay's
+        # 64 KiB write buffer
+        reader, writer = await _stream_request(f, 4096, 3800)
+        for _ in range(int(HANG_GUARD_S / 0.05)):
+            if f.router.gate.write_timeouts:
+                break
+            await asyncio.sleep(0.05)
+        assert f.router.gate.write_timeouts == 1
+        data = await _read_all(reader)  # what was buffered, then the reset: the stream is cut short
+        assert data.startswith(b"HTTP/1.1 200") and b"data: [DONE]" not in data
+        writer.close()
+        for _ in range(int(HANG_GUARD_S / 0.05)):  # the engine saw its client go: nothing in flight
+            if not f.router.ledger.backends() and all(e.engine.scheduler.running == [] for e in f.engines):
+                break
+            await asyncio.sleep(0.05)
+        assert f.router.ledger.backends() == []
+        assert all(e.engine.scheduler.running == [] for e in f.engines)
+        async with aiohttp.ClientSession() as s, s.get(f.url + "/metrics") as r:
+            assert "toposerve_router_write_timeouts_total 1.0" in await r.text()
+        await assert_fleet_serves_normally(f)
+        assert f.router.gate.write_timeouts == 1
+    finally:
+        await closers[0].cleanup()
+        for e in closers[1:]:
+            await e.stop()
+
+
+async def test_a_slow_reader_that_keeps_reading_is_not_cut_off() -> None:
+    """The deadline bounds one write, not the response: a reader that pauses, each pause well
+    within the deadline, gets the whole stream although the pauses add up to more."""
+    f, closers = await _start(write_timeout_s=2.0, sndbuf=4096)
+    try:
+        reader, writer = await _stream_request(f, 8192, 3800)  # ~670 KB
+        t0 = time.monotonic()
+        # 0.4 s pauses after each 64 KiB: ~4 s of pauses in all, twice the deadline, while no
+        # single write waits much longer than one pause (the deadline is 5x that)
+        data = await _read_all(reader, pause=0.4, every=64 * 1024)
+        writer.close()
+        assert data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the last event, then the chunked end
+        assert time.monotonic() - t0 > 1.5 * f.router.cfg.write_timeout_s  # longer than the deadline
+        assert f.router.gate.write_timeouts == 0
+    finally:
+        await closers[0].cleanup()
+        for e in closers[1:]:
+            await e.stop()
 
 
 async def test_connection_cap_refuses_with_503_and_recovers() -> None:
