@@ -13,7 +13,7 @@
   toposerve's ``stabilize``/``rate_limit``, which follow the HPA line for line (its own tests check
   them against the HPA's), so the HPA and toposerve share those and differ in what they decide on.
 * ``Toposerve``: the product: ``Config.from_spec(AutoscalingSpec)`` and ``decide`` with the
-  forecast floor (``forecast.demand_floor`` over the simulated Prometheus history, refreshed
+  forecast floor (``forecast.spec_demand_floor`` over the simulated Prometheus history, refreshed
   every ``FORECAST_REFRESH_SECONDS`` like the operator's loop), schedule windows
   (``schedule.schedule_floor``) and warm standby (``standby.relabel``, in the fleet). Nothing of
   its policy is re-implemented here; this module only feeds it what the operator's loop would.
@@ -43,7 +43,7 @@ from toposerve.autoscale.decision import (
     record_scale,
     stabilize,
 )
-from toposerve.autoscale.forecast import demand_floor, slice_offset
+from toposerve.autoscale.forecast import slice_offset, spec_demand_floor
 from toposerve.autoscale.schedule import schedule_floor
 
 # Mirrors of the operator loop's cadence (toposerve.autoscale.loop, which imports the Kubernetes
@@ -192,15 +192,7 @@ class Toposerve:
         lead = float(a.startup_grace_seconds if f.lead_seconds is None else f.lead_seconds)
         offset = slice_offset(lead, f.window_seconds)
         kv, waiting = history.range_query(now, offset, PERIOD_SECONDS[f.period], f.lookback, f.window_seconds)
-        value = demand_floor(
-            kv,
-            waiting,
-            a.target_kv_cache_utilization,
-            a.target_waiting_requests,
-            a.max_replicas,
-            f.quantile,
-            a.burst_headroom,
-        )
+        value = spec_demand_floor(a, kv, waiting)
         self._forecast = (now, value)
         return value
 

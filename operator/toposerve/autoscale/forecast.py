@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+from toposerve.api.spec import AutoscalingSpec
 from toposerve.autoscale.decision import staffed
 
 
@@ -78,3 +79,17 @@ def slice_times(now: float, offset: float, period_s: float, lookback: int) -> tu
     """(start, end) of the range query whose step is ``period_s``: the instants ``now + offset - k x
     period`` for k = lookback .. 1 (oldest first)."""
     return now + offset - lookback * period_s, now + offset - period_s
+
+
+def spec_demand_floor(a: AutoscalingSpec, kv_sums: Sequence[float], waiting_sums: Sequence[float]) -> int:
+    """``demand_floor`` with the targets, max, quantile and headroom of ``spec.autoscaling``: one
+    place that maps the spec to the forecast, for the operator's loop and bench/autoscale alike."""
+    return demand_floor(
+        kv_sums,
+        waiting_sums,
+        a.target_kv_cache_utilization,
+        a.target_waiting_requests,
+        a.max_replicas,
+        a.forecast.quantile,
+        a.burst_headroom,
+    )

@@ -28,7 +28,7 @@ from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
 from toposerve.api.spec import AutoscalingSpec
 from toposerve.autoscale.decision import Config, Decision, Inputs, decide
-from toposerve.autoscale.forecast import demand_floor, slice_offset
+from toposerve.autoscale.forecast import slice_offset, spec_demand_floor
 from toposerve.autoscale.report import TTFT, event_of, history_from_status, replicas, status_of
 from toposerve.autoscale.schedule import schedule_floor
 from toposerve.autoscale.sources import PrometheusSource, Source, source_for
@@ -234,15 +234,7 @@ class Autoscaler:
         except Exception as e:
             log.warning("forecast for %s/%s failed: %s", ns, name, e)
             return cached[1] if cached else None
-        value = demand_floor(
-            kv,
-            waiting,
-            a.target_kv_cache_utilization,
-            a.target_waiting_requests,
-            a.max_replicas,
-            f.quantile,
-            a.burst_headroom,
-        )
+        value = spec_demand_floor(a, kv, waiting)
         self._forecast[key] = (now, value)
         return value
 
