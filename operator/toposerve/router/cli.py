@@ -127,6 +127,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--max-body-bytes", type=int, default=64 * 1024 * 1024, help="largest request body (413 beyond)"
     )
     t.add_argument(
+        "--upstream-keepalive",
+        type=float,
+        default=4.0,
+        help="seconds an idle connection to an engine is kept for reuse; keep it below the engine's "
+        "own idle limit (vLLM: VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s)",
+    )
+    t.add_argument(
         "--gc-gen0-threshold",
         type=int,
         default=10_000,
@@ -154,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"toposerve router: error: {e}") from None
     if args.write_timeout < 0:
         raise SystemExit("toposerve router: error: --write-timeout must be 0 (off) or more seconds")
+    if args.upstream_keepalive < 0:
+        raise SystemExit("toposerve router: error: --upstream-keepalive must be 0 (no reuse) or more seconds")
     if args.gc_gen0_threshold < 0:
         raise SystemExit("toposerve router: error: --gc-gen0-threshold must be 0 (off) or more")
     selector = args.selector or (engine_selector(args.llmdeployment) if args.llmdeployment else None)
@@ -188,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         keepalive_timeout_s=args.keepalive_timeout,
         max_body_bytes=args.max_body_bytes,
         write_timeout_s=args.write_timeout,
+        upstream_keepalive_s=args.upstream_keepalive,
     )
 
     async def main() -> None:

@@ -42,13 +42,20 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from yarl import URL
 
 from toposerve.router import health as hl
 from toposerve.router import strategies as st
 from toposerve.router.endpoints import BackendSpec
 from toposerve.router.errors import error_body
 from toposerve.router.frontdoor import Gate, GuardedRunner, Limits
+from toposerve.router.upstream import (
+    ConnectFailed,
+    ReadTimeout,
+    UpstreamClosed,
+    UpstreamError,
+    UpstreamPool,
+    UpstreamResponse,
+)
 
 log = logging.getLogger("toposerve.router")
 
@@ -58,7 +65,7 @@ BACKEND_HEADER = "x-toposerve-backend"
 REASON_HEADER = "x-toposerve-route-reason"
 
 # RFC 9110 7.6.1: hop-by-hop fields, plus whatever the `Connection` field names (`hop_by_hop`).
-# Content-Length and Host are recomputed by the client session / the response.
+# Content-Length and Host are recomputed by the upstream client / the response.
 _HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -72,6 +79,8 @@ _HOP_BY_HOP = frozenset(
         "upgrade",
         "host",
         "content-length",
+        # the router has read the whole body: an upstream 100 Continue would only cost a round trip
+        "expect",
     }
 )
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -127,6 +136,10 @@ class RouterConfig:
     probe_timeout_s: float = 2.0
     connect_timeout_s: float = 3.0
     read_timeout_s: float = 600.0  # between two chunks of one response
+    # An idle upstream connection is closed after this: below the engine's own idle limit (vLLM:
+    # uvicorn with VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s), so the router never sends on a connection
+    # the engine is closing at that moment.
+    upstream_keepalive_s: float = 4.0
     eject_after: int = 3  # consecutive blamed failures before ejection (connect failure: at once)
     eject_base_s: float = 5.0
     eject_max_s: float = 60.0
@@ -473,7 +486,8 @@ class Router:
         self._backends_changed = asyncio.Event()
         self.metrics = _Metrics(self)
         self._session: aiohttp.ClientSession | None = None
-        self._urls: dict[tuple[str, str], URL] = {}
+        # the completions' upstream client (upstream.py); probes and /v1/models use _session
+        self._upstream: UpstreamPool | None = None
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._probe_task: asyncio.Task[None] | None = None
         self._probe_wakeup = asyncio.Event()
@@ -614,6 +628,10 @@ class Router:
             ),
             skip_auto_headers=("User-Agent",),
         )
+        self._upstream = UpstreamPool(
+            self.cfg.connect_timeout_s, self.cfg.read_timeout_s, self.cfg.upstream_keepalive_s
+        )
+        self._upstream.start()
         if probe:
             self._probe_task = asyncio.create_task(self._probe_loop())
         if self.cfg.write_timeout_s > 0:
@@ -627,6 +645,8 @@ class Router:
                     await task
         if self._session is not None:
             await self._session.close()
+        if self._upstream is not None:
+            await self._upstream.close()
 
     async def _write_watchdog(self) -> None:
         """Abort client connections whose pending write is older than ``write_timeout_s``.
@@ -724,17 +744,6 @@ class Router:
             if not fut.done():
                 fut.set_result(None)
                 return
-
-    def _upstream_url(self, backend: str, path: str) -> URL:
-        """The parsed upstream URL, kept per (backend, path): parsing it is a share of a short
-        request's CPU, and the paths are the two completion routes."""
-        key = (backend, path)
-        u = self._urls.get(key)
-        if u is None:
-            if len(self._urls) > 4 * len(self.backends) + 64:  # backends come and go
-                self._urls.clear()
-            u = self._urls[key] = URL(backend + path)
-        return u
 
     def _capacity_blocks(self, url: str) -> int:
         """The backend's KV capacity in the router's prefix blocks (0: unknown)."""
@@ -926,31 +935,29 @@ class Router:
         t0: float,
         attempts: list[tuple[str, str]],
     ) -> web.StreamResponse:
-        assert self._session is not None
+        assert self._upstream is not None
         url = d.backend
         req = parsed.request
         ticket = self.ledger.acquire(url, req.prompt_tokens, req.max_tokens)
         code = "error"
         try:
             try:
-                upstream = await self._session.post(
-                    self._upstream_url(url, request.path), data=raw, headers=headers
-                )
-            except aiohttp.SocketTimeoutError:
+                upstream = await self._upstream.request(url, "POST", request.rel_url.raw_path, headers, raw)
+            except ReadTimeout:
                 # Connected, sent, and no answer within read_timeout_s: not retried (it would
                 # double a long wait, and a request that hangs one engine may hang the next),
                 # not blamed (no second opinion); a wholly hung engine fails its probes.
                 attempts.append((url, hl.TIMEOUT))
                 raise _GatewayTimeout() from None
-            except (TimeoutError, aiohttp.ClientConnectorError) as e:
+            except ConnectFailed as e:
                 raise _Retryable(hl.UNREACHABLE) from e
-            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+            except UpstreamClosed as e:
                 raise _Retryable(hl.DISCONNECT) from e
             async with upstream:
                 if upstream.status >= 500:
                     try:
-                        err = await upstream.content.read(_ERROR_BODY_MAX)
-                    except (TimeoutError, aiohttp.ClientError, OSError):
+                        err = await upstream.read(_ERROR_BODY_MAX)
+                    except UpstreamError:
                         err = b""
                     raise _Retryable(hl.STATUS_5XX, upstream.status, err)
                 # Settle now, before relaying: an answer clears (or convicts) the backends this
@@ -984,7 +991,7 @@ class Router:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         out: web.StreamResponse,
         parsed: _Parsed,
         strategy: str,
@@ -1010,9 +1017,8 @@ class Router:
         body_parts: list[bytes] = []
         kept = 0
         finished = False  # the client has the whole response
-        content = upstream.content
         try:
-            while chunk := await content.readany():
+            while chunk := await upstream.readany():
                 if first:
                     first = False
                     self.metrics.child(self.metrics.ttft, strategy).observe(time.perf_counter() - t0)
@@ -1031,19 +1037,14 @@ class Router:
                     kept += len(chunk)
                 if client is not None:  # the write deadline: stamped here, swept by _write_watchdog
                     writing[client] = time.monotonic()
-                if content.at_eof() or (stream and _ends_stream(chunk)):
+                if upstream.at_eof() or (stream and _ends_stream(chunk)):
                     finished = True
                     await out.write_eof(chunk)
                 else:
                     await out.write(chunk)
                 if client is not None:
                     writing.pop(client, None)
-        except (
-            TimeoutError,
-            aiohttp.ClientPayloadError,
-            aiohttp.ServerDisconnectedError,
-            aiohttp.ClientOSError,
-        ) as e:
+        except UpstreamError as e:
             if finished:  # the client has every event; only the upstream's framing end broke
                 log.debug("stream from %s broke after [DONE]: %r", ticket.backend, e)
                 self._learn_usage(parsed, b"".join(tail))

@@ -250,16 +250,16 @@ async def test_the_router_keeps_no_cookies_between_clients(relay: tuple[Router, 
 
 
 async def test_upstream_connections_have_nagle_off(relay: tuple[Router, str, Scripted]) -> None:
-    """Small SSE writes must not wait for ACKs. The router no longer sets TCP_NODELAY per request
-    (a syscall each): aiohttp's protocol and the event loop (asyncio, uvloop) both set it when a
-    connection is made. This fails if both ever stop."""
+    """Small SSE writes must not wait for ACKs. The router sets TCP_NODELAY once per upstream
+    connection (upstream.py), not per request (a syscall each); the event loops set it too. This
+    fails if the connection is not kept or all of them ever stop."""
     router, url, engine = relay
     engine.pieces = [STREAM]
     status, _, _ = await fetch(url)
     assert status == 200
     await settled(router)
-    assert router._session is not None
-    pooled = [proto for conns in router._session.connector._conns.values() for proto, _ in conns]  # type: ignore[union-attr]
+    assert router._upstream is not None
+    pooled = router._upstream.idle_connections()
     assert pooled, "the upstream connection is kept for reuse"
     for proto in pooled:
         sock = proto.transport.get_extra_info("socket")
