@@ -61,8 +61,12 @@ def _engine_config(seed: int, time_scale: float = 0.0) -> EngineConfig:
     )
 
 
-async def _start(n: int = 2, time_scale: float = 0.0, sndbuf: int = 0, **cfg: Any) -> tuple[Fleet, list[Any]]:
-    """Engines and a router on 127.0.0.1; ``sndbuf``: the router's client sockets get that send
+@contextlib.asynccontextmanager
+async def _fleet(
+    n: int = 2, time_scale: float = 0.0, sndbuf: int = 0, **cfg: Any
+) -> AsyncIterator[tuple[Fleet, list[Any]]]:
+    """Engines and a router on 127.0.0.1, stopped on the way out (with whatever the test adds to
+    the closers, e.g. a restarted engine); ``sndbuf``: the router's client sockets get that send
     buffer (inherited from the listening socket), so that a client that stops reading blocks the
     relay after kilobytes rather than after the megabytes Linux autotunes on loopback."""
     engines = []
@@ -88,17 +92,19 @@ async def _start(n: int = 2, time_scale: float = 0.0, sndbuf: int = 0, **cfg: An
     else:
         runner = await serve(router, "127.0.0.1", 0, probe=False)
     port = runner.addresses[0][1]
-    fleet = Fleet(router, f"http://127.0.0.1:{port}", "127.0.0.1", port, engines)
-    return fleet, [runner, *engines]
+    closers: list[Any] = list(engines)
+    try:
+        yield Fleet(router, f"http://127.0.0.1:{port}", "127.0.0.1", port, engines), closers
+    finally:
+        await runner.cleanup()
+        for e in closers:
+            await e.stop()
 
 
 @pytest.fixture
 async def fleet() -> AsyncIterator[Fleet]:
-    f, closers = await _start()
-    yield f
-    await closers[0].cleanup()
-    for e in closers[1:]:
-        await e.stop()
+    async with _fleet() as (f, _):
+        yield f
 
 
 async def post(url: str, body: Any = None, data: bytes | None = None, **kw: Any) -> tuple[int, Any]:
@@ -336,8 +342,7 @@ async def _read_all(reader: asyncio.StreamReader, pause: float = 0.0, every: int
 async def test_a_client_that_stops_reading_is_cut_off_and_its_engine_slot_freed() -> None:
     """A stream nobody reads: the relay's write blocks, so it stops reading the engine; without a
     write deadline the engine's sequence (and its KV cache) would be held until TCP gives up."""
-    f, closers = await _start(write_timeout_s=0.5, sndbuf=4096)
-    try:
+    async with _fleet(write_timeout_s=0.5, sndbuf=4096) as (f, _):
         # ~3,800 SSE events (~670 KB): far more than the two small socket buffers and the relay's
         # 64 KiB write buffer
         reader, writer = await _stream_request(f, 4096, 3800)
@@ -359,17 +364,12 @@ async def test_a_client_that_stops_reading_is_cut_off_and_its_engine_slot_freed(
             assert "toposerve_router_write_timeouts_total 1.0" in await r.text()
         await assert_fleet_serves_normally(f)
         assert f.router.gate.write_timeouts == 1
-    finally:
-        await closers[0].cleanup()
-        for e in closers[1:]:
-            await e.stop()
 
 
 async def test_a_slow_reader_that_keeps_reading_is_not_cut_off() -> None:
     """The deadline bounds one write, not the response: a reader that pauses, each pause well
     within the deadline, gets the whole stream although the pauses add up to more."""
-    f, closers = await _start(write_timeout_s=2.0, sndbuf=4096)
-    try:
+    async with _fleet(write_timeout_s=2.0, sndbuf=4096) as (f, _):
         reader, writer = await _stream_request(f, 8192, 3800)  # ~670 KB
         t0 = time.monotonic()
         # 0.4 s pauses after each 64 KiB: ~4 s of pauses in all, twice the deadline, while no
@@ -379,15 +379,10 @@ async def test_a_slow_reader_that_keeps_reading_is_not_cut_off() -> None:
         assert data.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")  # the last event, then the chunked end
         assert time.monotonic() - t0 > 1.5 * f.router.cfg.write_timeout_s  # longer than the deadline
         assert f.router.gate.write_timeouts == 0
-    finally:
-        await closers[0].cleanup()
-        for e in closers[1:]:
-            await e.stop()
 
 
 async def test_connection_cap_refuses_with_503_and_recovers() -> None:
-    f, closers = await _start(max_connections=4, header_timeout_s=600)
-    try:
+    async with _fleet(max_connections=4, header_timeout_s=600) as (f, _):
         held = [await asyncio.open_connection(f.host, f.port) for _ in range(4)]
         for _ in range(500):
             if f.router.gate.open == 4:
@@ -406,17 +401,12 @@ async def test_connection_cap_refuses_with_503_and_recovers() -> None:
             await asyncio.sleep(0.01)
         await assert_fleet_serves_normally(f)
         assert f.router.gate.refused == 1
-    finally:
-        await closers[0].cleanup()
-        for e in closers[1:]:
-            await e.stop()
 
 
 async def test_an_engine_crash_ejects_once_and_its_restart_is_re_admitted_by_the_probe() -> None:
-    f, closers = await _start(time_scale=0.05)
-    victim = f.engines[0]
-    port = victim.port
-    try:
+    async with _fleet(time_scale=0.05) as (f, closers):
+        victim = f.engines[0]
+        port = victim.port
         async with aiohttp.ClientSession() as s:
             h = {"x-toposerve-strategy": "round-robin"}
             body = {"model": MODEL, "prompt": "a long answer", "max_tokens": 3000, "stream": True}
@@ -446,10 +436,6 @@ async def test_an_engine_crash_ejects_once_and_its_restart_is_re_admitted_by_the
         assert b.healthy(time.monotonic())
         f.engines[0] = restarted
         await assert_fleet_serves_normally(f)
-    finally:
-        await closers[0].cleanup()
-        for e in closers[1:]:
-            await e.stop()
 
 
 # ------------------------------------------------------------------------------------ fuzzed corpus
