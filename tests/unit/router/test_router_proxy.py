@@ -34,7 +34,8 @@ from toposerve.router.proxy import (
 
 @dataclass
 class Upstream:
-    """A fake engine. `mode`: ok | error500 | break | gate (stream waits on `gate` after one chunk)."""
+    """A fake engine. `mode`: ok | error500 | break | gate (stream waits on `gate` after one chunk)
+    | drop (closes the connection without an answer) | garbage (answers bytes that are not HTTP)."""
 
     mode: str = "ok"
     health: int = 200
@@ -54,6 +55,12 @@ class Upstream:
         self.headers.append(dict(request.headers))
         if self.mode == "hang":
             await asyncio.Event().wait()
+        if self.mode in ("drop", "garbage"):
+            assert request.transport is not None
+            if self.mode == "garbage":
+                request.transport.write(b"SSH-2.0-OpenSSH_9.6\r\n\r\n")
+            request.transport.abort()
+            return web.Response()
         if self.mode == "error500" or self.poison in json.dumps(body):
             return web.json_response({"error": "boom"}, status=500)
         prompt_tokens = 40
@@ -231,6 +238,23 @@ async def test_both_fail_passes_on_the_engine_error_and_blames_nobody(harness: H
     # exactly one retry per request, and a request that fails everywhere is the request's fault
     assert len(ups[0].received) + len(ups[1].received) == 2 * router.cfg.eject_after * 3
     assert all(b.healthy(time.monotonic()) and b.health.failures == 0 for b in router.backends.values())
+    assert ledger_idle(router)
+
+
+@pytest.mark.parametrize("mode", ["drop", "garbage"])
+async def test_an_engine_that_breaks_off_before_answering_is_retried_elsewhere_and_blamed(
+    harness: Harness, mode: str
+) -> None:
+    """A connection closed before the answer's head, or bytes that are not HTTP, is a disconnect:
+    retried once on another backend, and blamed on the first because the retry succeeded."""
+    router, url, ups = await harness(2, cfg=RouterConfig(strategy=st.ROUND_ROBIN))
+    ups[0].mode = mode
+    for _ in range(2):  # round-robin: each request tries the broken one, then the other
+        status, _ = await _post(url + "/v1/chat/completions", chat())
+        assert status == 200
+    assert len(ups[0].received) == 2 and len(ups[1].received) == 2
+    assert router.backends[ups[0].url].health.failures == 2  # each blamed (under eject_after, 3)
+    assert router.backends[ups[1].url].health.failures == 0
     assert ledger_idle(router)
 
 
