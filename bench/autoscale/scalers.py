@@ -43,7 +43,7 @@ from toposerve.autoscale.decision import (
     record_scale,
     stabilize,
 )
-from toposerve.autoscale.forecast import slice_offset, spec_demand_floor
+from toposerve.autoscale.forecast import spec_demand_floor, spec_slice_offset
 from toposerve.autoscale.schedule import schedule_floor
 
 # Mirrors of the operator loop's cadence (toposerve.autoscale.loop, which imports the Kubernetes
@@ -189,9 +189,9 @@ class Toposerve:
             return 0
         if self._forecast and now - self._forecast[0] < FORECAST_REFRESH_SECONDS:
             return self._forecast[1]
-        lead = float(a.startup_grace_seconds if f.lead_seconds is None else f.lead_seconds)
-        offset = slice_offset(lead, f.window_seconds)
-        kv, waiting = history.range_query(now, offset, PERIOD_SECONDS[f.period], f.lookback, f.window_seconds)
+        kv, waiting = history.range_query(
+            now, spec_slice_offset(a), PERIOD_SECONDS[f.period], f.lookback, f.window_seconds
+        )
         value = spec_demand_floor(a, kv, waiting)
         self._forecast = (now, value)
         return value

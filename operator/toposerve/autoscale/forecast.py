@@ -75,6 +75,14 @@ def slice_offset(lead: float, window: float) -> float:
     return lead + window / 2
 
 
+def spec_slice_offset(a: AutoscalingSpec) -> float:
+    """``slice_offset`` for ``spec.autoscaling``: the lead is ``forecast.leadSeconds``, else one
+    start-up time (``startupGraceSeconds``); for the operator's loop and bench/autoscale alike."""
+    f = a.forecast
+    lead = float(a.startup_grace_seconds if f.lead_seconds is None else f.lead_seconds)
+    return slice_offset(lead, f.window_seconds)
+
+
 def slice_times(now: float, offset: float, period_s: float, lookback: int) -> tuple[float, float]:
     """(start, end) of the range query whose step is ``period_s``: the instants ``now + offset - k x
     period`` for k = lookback .. 1 (oldest first)."""

@@ -28,7 +28,7 @@ from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
 from toposerve.api.spec import AutoscalingSpec
 from toposerve.autoscale.decision import Config, Decision, Inputs, decide
-from toposerve.autoscale.forecast import slice_offset, spec_demand_floor
+from toposerve.autoscale.forecast import spec_demand_floor, spec_slice_offset
 from toposerve.autoscale.report import TTFT, event_of, history_from_status, replicas, status_of
 from toposerve.autoscale.schedule import schedule_floor
 from toposerve.autoscale.sources import PrometheusSource, Source, source_for
@@ -220,13 +220,12 @@ class Autoscaler:
         if cached and now - cached[0] < FORECAST_REFRESH_SECONDS:
             return cached[1]
         f = a.forecast
-        lead = float(a.startup_grace_seconds if f.lead_seconds is None else f.lead_seconds)
         try:
             kv, waiting = self.source.history(
                 ns,
                 name,
                 now,
-                slice_offset(lead, f.window_seconds),
+                spec_slice_offset(a),
                 PERIOD_SECONDS[f.period],
                 f.lookback,
                 f.window_seconds,

@@ -344,6 +344,18 @@ def test_demand_floor_takes_the_median_comparable_slice() -> None:
     assert slice_offset(300.0, 900.0) == 750.0  # the window [300 - 450, 300 + 450] is centred at the lead
 
 
+def test_the_forecast_lead_is_one_start_up_unless_set() -> None:
+    from toposerve.api.spec import AutoscalingSpec
+    from toposerve.autoscale.forecast import spec_slice_offset
+
+    a = AutoscalingSpec.model_validate({"startupGraceSeconds": 420, "forecast": {"windowSeconds": 600}})
+    assert spec_slice_offset(a) == 420 + 300
+    a = AutoscalingSpec.model_validate(
+        {"startupGraceSeconds": 420, "forecast": {"windowSeconds": 600, "leadSeconds": 60}}
+    )
+    assert spec_slice_offset(a) == 60 + 300
+
+
 def test_a_one_day_spike_does_not_become_tomorrows_floor() -> None:
     """Yesterday's spike, backlog and all, at the same minute: the median day is a normal one."""
     from toposerve.autoscale.forecast import demand_floor
