@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.autoscale import decision_strategies as strat
 from toposerve.api.spec import AutoscalingSpec, ScalingPolicy, ScalingRules
 from toposerve.autoscale.decision import (
     Config,
@@ -311,23 +312,8 @@ def test_defaults_answer_a_burst_on_eight_replicas_in_one_pass() -> None:
 
 # ---- properties ----------------------------------------------------------------------------------------
 
-policy = st.builds(
-    Policy,
-    st.sampled_from(["Pods", "Percent"]),
-    st.integers(1, 200),
-    st.sampled_from([15.0, 60.0, 120.0, 300.0]),
-)
-rules = st.builds(
-    Rules, st.sampled_from([0.0, 30.0, 60.0, 300.0]), st.lists(policy, min_size=1, max_size=3).map(tuple),
-    st.sampled_from(["Max", "Min", "Disabled"]),
-)  # fmt: skip
-configs = st.builds(
-    lambda lo, span, t, up, down, tol: cfg(min_replicas=lo, max_replicas=lo + span, target_kv=t, up=up, down=down,
-                                           tolerance=tol),
-    st.integers(0, 5), st.integers(1, 20), st.floats(0.05, 1.0), rules, rules, st.sampled_from([0.0, 0.1, 0.3]),
-)  # fmt: skip
-kv = st.one_of(st.none(), st.floats(0.0, 1.0), st.just(math.nan))
-replica = st.builds(Replica, st.just("r"), st.booleans(), st.floats(0, 2000), kv, kv)
+configs = strat.configs(cfg, 5, 20, strat.rules([0.0, 30.0, 60.0, 300.0], [15.0, 60.0, 120.0, 300.0], 3))
+replica = strat.replicas(2000)
 
 
 @settings(max_examples=300, deadline=None)

@@ -7,7 +7,6 @@ the beta-0 proposal, a headroom share that shrinks as the load grows.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import replace
 from unittest import mock
@@ -15,6 +14,7 @@ from unittest import mock
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.unit.autoscale import decision_strategies as strat
 from toposerve.autoscale import decision
 from toposerve.autoscale.decision import (
     Config,
@@ -160,22 +160,10 @@ def test_the_forecast_floor_is_staffed_the_same_way() -> None:
 
 # ---- properties -------------------------------------------------------------------------------
 
-rules = st.builds(
-    Rules,
-    st.sampled_from([0.0, 60.0, 300.0]),
-    st.lists(
-        st.builds(Policy, st.sampled_from(["Pods", "Percent"]), st.integers(1, 200), st.sampled_from([15.0, 60.0])),
-        min_size=1, max_size=2,
-    ).map(tuple),
-    st.sampled_from(["Max", "Min", "Disabled"]),
-)  # fmt: skip
-configs = st.builds(
-    lambda lo, span, t, tol, up, down: cfg(min_replicas=lo, max_replicas=lo + span, target_kv=t, tolerance=tol,
-                                           up=up, down=down, target_waiting=4.0),
-    st.integers(0, 4), st.integers(1, 30), st.floats(0.05, 1.0), st.sampled_from([0.0, 0.1, 0.3]), rules, rules,
-)  # fmt: skip
-metric = st.one_of(st.none(), st.floats(0.0, 1.0), st.just(math.nan))
-replica = st.builds(Replica, st.just("r"), st.booleans(), st.floats(0, 1200), metric, metric)
+configs = strat.configs(
+    lambda **kw: cfg(target_waiting=4.0, **kw), 4, 30, strat.rules([0.0, 60.0, 300.0], [15.0, 60.0], 2)
+)
+replica = strat.replicas(1200)
 
 
 @settings(max_examples=400, deadline=None)
