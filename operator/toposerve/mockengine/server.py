@@ -1,7 +1,8 @@
 """The aiohttp shell around the pure core: HTTP routes, the engine loop, faults and shutdown.
 
-The engine loop runs the scheduler step by step, sleeping ``duration * time_scale`` per step,
-then makes that step's tokens visible to the request handlers. The simulated clock advances by
+The engine loop runs the scheduler step by step, each step ending ``duration * time_scale`` after
+it began (its own Python work included), then makes that step's tokens visible to the request
+handlers. The simulated clock advances by
 step durations while busy (so metrics are in simulated seconds and do not depend on how busy
 this CPU is) and catches up with wall time / time_scale when idle.
 """
@@ -167,15 +168,29 @@ class Engine:
 
     async def _loop(self) -> None:
         sched = self.scheduler
+        # Real-time pacing by deadline: a step ends `duration x time_scale` after it started, the
+        # mock's own work for it (scheduling, block hashing, the handlers' writes) included.
+        # Why: the timing model gives a GPU step's whole time, of which the host's scheduling is
+        # a part (vLLM's step times are measured end to end), so sleeping the whole duration
+        # *after* the work made every step longer than modelled by the mock's Python time and the
+        # loop's wake-up lateness, more so on a busy machine (measured: a stream's pieces drifted
+        # ~60 us per step later when a proxy shared the cores, bench/router/timeline.py).
+        # Lateness is made up by at most one step's time (the next sleep is shortened), so a
+        # stall does not make the engine race through steps back to back.
+        due: float | None = None  # when the current step ends, in the clock's time
         while True:
             if not sched.has_work:
                 self._wake.clear()
                 await self._wake.wait()
+                due = None
                 continue
+            started = self._clock()
             stats = sched.step(self.sim_now)
             self.steps += 1
             self.sim_now = stats.end
-            delay = stats.duration * self.cfg.time_scale
+            length = stats.duration * self.cfg.time_scale
+            due = (started if due is None else max(due, started - length)) + length
+            delay = due - self._clock()
             await asyncio.sleep(delay if delay > 0 else 0)
             for req in stats.updated:
                 h = self._handles.get(req.req_id)
@@ -189,6 +204,7 @@ class Engine:
                 # Nothing fits (e.g. every block pinned): wait for an arrival or abort instead of spinning.
                 self._wake.clear()
                 await self._wake.wait()
+                due = None
 
     def submit(self, params: GenerationParams) -> _Handle:
         if self.crashed:

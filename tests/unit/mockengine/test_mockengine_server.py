@@ -15,15 +15,18 @@ import sys
 import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from types import SimpleNamespace
 from typing import Any
+from unittest import mock
 
 import aiohttp
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from toposerve.mockengine import server as server_mod
 from toposerve.mockengine.faults import FaultConfig
-from toposerve.mockengine.server import EngineConfig, MockServer
+from toposerve.mockengine.server import Engine, EngineConfig, MockServer
 
 MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 USAGE_NULL = ',"usage":null}\n\n'
@@ -584,6 +587,59 @@ async def test_engine_loop_crash_turns_the_engine_unready(monkeypatch: pytest.Mo
         assert_error(st, b, 500, "InternalServerError")
         async with s.get(srv.url + "/health") as r:
             assert r.status == 503
+
+
+class _Stop(Exception):
+    pass
+
+
+async def test_steps_are_paced_by_deadline_with_the_mocks_own_work_inside(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A step lasts its modelled time in all, the mock's own work for it included; a late wake-up
+    is made up on the next sleep, a stall by at most one step, and an idle gap starts afresh.
+    (Before: the whole duration was slept after the work, so every step ran long.) A fake clock
+    and a fake sleep: nothing here waits."""
+    now = [100.0]
+    engine = Engine(EngineConfig(model=MODEL, time_scale=1.0), clock=lambda: now[0])
+    # (modelled duration, the mock's own work in it, work left after it?)
+    plan = iter([(0.010, 0.003, True), (0.010, 0.003, True), (0.010, 0.050, True), (0.010, 0.002, True),
+                 (0.010, 0.001, False), (0.010, 0.004, True)])  # fmt: skip
+    work = [True]
+
+    class Sched:
+        @property
+        def has_work(self) -> bool:
+            return work[0]
+
+        def step(self, sim_now: float) -> Any:
+            d, busy, more = next(plan)
+            now[0] += busy
+            work[0] = more
+            return SimpleNamespace(duration=d, end=sim_now + d, updated=[])
+
+    sleeps: list[float] = []
+
+    async def fake_sleep(delay: float) -> None:
+        sleeps.append(round(delay, 6))
+        now[0] += delay + 0.001  # every wake-up comes 1 ms late
+        if len(sleeps) == 6:
+            raise _Stop
+
+    async def idle_then_work() -> None:  # the engine waits for work: 5 s of idle, then a request
+        now[0] += 5.0
+        work[0] = True
+
+    monkeypatch.setattr(engine, "scheduler", Sched())
+    monkeypatch.setattr(engine, "metrics", mock.Mock())
+    monkeypatch.setattr(engine._wake, "wait", idle_then_work)
+    monkeypatch.setattr(server_mod.asyncio, "sleep", fake_sleep)
+    with pytest.raises(_Stop):
+        await engine._loop()
+    # 10 ms steps: 3 ms of work -> 7 ms sleep; the next makes up the 1 ms late wake-up (6); a
+    # 50 ms stall -> no sleep, and the step after it runs without one too (one step made up, not
+    # four); the last before the idle gap is on time again (6); after the gap it starts afresh
+    assert sleeps == [0.007, 0.006, 0.0, 0.0, 0.006, 0.006]
 
 
 # -- hostile input and protection ------------------------------------------------------------------------
