@@ -328,7 +328,12 @@ class UpstreamPool:
         head = _request_head(method, path, target[2], headers, len(body))
         conn = self._take(backend) or await self._connect(backend, target)
         r = UpstreamResponse(conn)
-        conn.send(head, body, r)
+        try:
+            conn.send(head, body, r)
+        except (RuntimeError, OSError) as e:  # the transport closed under us (uvloop raises then)
+            conn.response = None
+            conn.abort()
+            raise UpstreamClosed(f"upstream connection closed before the request was sent: {e}") from e
         try:
             await conn.head(r)
         except BaseException:

@@ -340,6 +340,25 @@ async def test_idle_connections_expire_and_closed_ones_are_not_reused() -> None:
         assert srv.connections == 2
 
 
+async def test_a_pooled_connection_that_fails_on_send_is_upstream_closed() -> None:
+    """A kept connection whose transport refuses the write (closed under us between reads):
+    the request fails as a disconnect, which the proxy retries elsewhere, never as a 500."""
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    async with serving(writes(ok)) as srv, pool() as p:
+        async with await p.request(srv.url, "POST", "/", {}, b"") as r:
+            await body_of(r)
+        (conn,) = p.idle_connections()
+        assert conn.transport is not None
+
+        def refuse(_data: object) -> None:
+            raise RuntimeError("unable to perform operation on <TCPTransport closed=True>")
+
+        conn.transport.writelines = refuse  # type: ignore[method-assign]
+        with pytest.raises(UpstreamClosed, match="before the request was sent"):
+            await p.request(srv.url, "POST", "/", {}, b"")
+        assert p.idle_connections() == []
+
+
 def test_header_fields_cannot_split_the_request() -> None:
     assert _request_head("POST", "/p", "h:1", {"A": "b"}, 3) == (
         b"POST /p HTTP/1.1\r\nHost: h:1\r\nA: b\r\nContent-Length: 3\r\n\r\n"
