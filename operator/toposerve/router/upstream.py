@@ -11,7 +11,7 @@ redirects, auth, proxies or decompression. This client keeps what a reverse prox
 - a keep-alive pool per backend, last-in first-out (the warmest connection), idle connections
   closed after ``keepalive_s``: below the upstream's own idle limit, so that the router does
   not send on a connection the engine is closing (vLLM serves with uvicorn and
-  ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, 5 s by default, vllm/envs.py);
+  ``VLLM_HTTP_TIMEOUT_KEEP_ALIVE``, 5 s by default: vllm/envs.py of the pinned vLLM 0.33.0);
 - back-pressure: a response that buffers more than ``_HIGH_WATER`` bytes stops reading its
   socket until the relay catches up (a slow client slows its engine stream, as before);
 - time limits without a timer per read: one sweep task stamps nothing on the hot path but two
@@ -368,10 +368,15 @@ class UpstreamPool:
         now = time.monotonic()
         while conns:
             c = conns.pop()
-            if not c.closed and now - c.idle_since < self.keepalive_s:
+            if self._reusable_now(c, now):
                 return c
             c.abort()
         return None
+
+    def _reusable_now(self, c: _Connection, now: float) -> bool:
+        """An idle connection may carry a request: still open and idle for under ``keepalive_s``
+        (the one rule for taking a connection and for the sweep's closing of idle ones)."""
+        return not c.closed and now - c.idle_since < self.keepalive_s
 
     def _put(self, conn: _Connection) -> None:
         if self.keepalive_s <= 0:
@@ -413,11 +418,12 @@ class UpstreamPool:
             for r, since in list(self._waiting.items()):
                 if since < late:
                     r._fail(ReadTimeout(f"no answer from upstream within {self.read_timeout_s:g}s"))
-            stale = now - self.keepalive_s
             for key, conns in list(self._idle.items()):
-                keep = [c for c in conns if not c.closed and c.idle_since >= stale]
+                keep = []
                 for c in conns:
-                    if c.closed or c.idle_since < stale:
+                    if self._reusable_now(c, now):
+                        keep.append(c)
+                    else:
                         c.abort()
                 if keep:
                     self._idle[key] = keep
