@@ -32,6 +32,13 @@ def _non_negative(v: str) -> float:
     return f
 
 
+def _non_negative_int(v: str) -> int:
+    i = int(v)
+    if i < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return i
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("server")
     g.add_argument(
@@ -51,11 +58,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="names the API accepts (first one labels the metrics)",
     )
     g.add_argument(
-        "--shutdown-grace",
-        type=_non_negative,
-        default=30.0,
+        "--shutdown-timeout",
+        type=_non_negative_int,
+        default=0,
         metavar="S",
-        help="seconds in-flight requests get to finish after SIGTERM (default: 30)",
+        help="as vLLM 0.33.0: on SIGTERM, 0 aborts in-flight requests (finish_reason abort), "
+        "S > 0 lets them finish for up to S seconds (default: 0, vLLM's)",
     )
     g.add_argument(
         "--max-waiting",
@@ -194,6 +202,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="multiply every step time (thermal throttling; default: 1.0)",
     )
+    f.add_argument(
+        "--health-delay",
+        type=_non_negative,
+        default=0.0,
+        metavar="S",
+        help="/health answers after S seconds (a busy API server loop; default: 0)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> object:
@@ -231,9 +246,10 @@ def config_from_args(args: argparse.Namespace) -> object:
             die_after_tokens=args.die_after_tokens,
             unready=args.unready,
             slowdown=args.slowdown,
+            health_delay=args.health_delay,
             poison=args.poison,
         ),
-        shutdown_grace_s=args.shutdown_grace,
+        shutdown_timeout_s=args.shutdown_timeout,
         admin=args.enable_admin,
         admin_token=args.admin_token,
     )
@@ -281,10 +297,11 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
-        log.info("signal received: draining (grace %.0fs, %d in flight)", cfg.shutdown_grace_s, e.inflight)
-        left = await server.drain(cfg.shutdown_grace_s)
+        mode = "abort" if cfg.shutdown_timeout_s == 0 else "drain"
+        log.info("[shutdown] mode=%s timeout=%ss, %d in flight", mode, cfg.shutdown_timeout_s, e.inflight)
+        left = await server.shutdown()
         if left:
-            log.warning("grace period over with %d requests still in flight", left)
+            log.warning("shutdown timeout over with %d requests still in flight", left)
         return 0
 
     return asyncio.run(serve())

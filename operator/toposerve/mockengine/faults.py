@@ -4,8 +4,10 @@ Each mode models something real: ``fail_rate`` an engine returning 5xx (CUDA err
 ``poison`` a "query of death" (every request whose prompt contains that text fails with
 ``fail_status``, on every replica alike: what a router must not blame on the backend),
 ``hang_rate`` a wedged engine that accepts but never answers (NCCL hang), ``die_rate`` a pod
-killed mid-stream, ``unready`` a failing readiness probe, and ``slowdown`` thermal throttling
-(every step takes longer). Decisions draw from a seeded RNG so a test run is reproducible.
+killed mid-stream, ``unready`` a failing readiness probe, ``slowdown`` thermal throttling
+(every step takes longer), and ``health_delay`` an engine whose ``/health`` answers late because
+its API server's event loop is busy (a long prefill, thousands of streams: vLLM serves /health
+on the same loop), which probes with the kubelet's 1 s default take for a dead engine. Decisions draw from a seeded RNG so a test run is reproducible.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class FaultConfig:
     unready: bool = False
     slowdown: float = 1.0
     poison: str = ""  # non-empty: prompts containing it fail with fail_status
+    health_delay: float = 0.0  # seconds /health waits before answering (200)
 
     def __post_init__(self) -> None:
         for name in ("fail_rate", "hang_rate", "die_rate"):
@@ -41,6 +44,8 @@ class FaultConfig:
                 raise ValueError(f"{name} must be within [0, 1], got {v}")
         if self.slowdown <= 0:
             raise ValueError("slowdown must be positive")
+        if not 0.0 <= self.health_delay <= 600:
+            raise ValueError("health_delay must be within [0, 600] seconds")
         if not 400 <= self.fail_status <= 599:
             raise ValueError("fail_status must be an HTTP error status (400-599)")
         if self.die_after_tokens < 0:

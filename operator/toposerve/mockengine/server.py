@@ -36,7 +36,7 @@ from toposerve.mockengine.protocol import (
     parse_completion,
     usage,
 )
-from toposerve.mockengine.scheduler import Request, Scheduler, SchedulerConfig
+from toposerve.mockengine.scheduler import Request, Scheduler, SchedulerConfig, Status
 from toposerve.mockengine.timing import TimingModel, default_num_gpu_blocks, gpu_weight_for
 from toposerve.mockengine.tokenizer import MockTokenizer, TextGenerator, render_chat
 
@@ -69,7 +69,9 @@ class EngineConfig:
     prefill_s_per_token: float = 5e-5
     deprecated_gpu_cache_metric: bool = False
     faults: FaultConfig = field(default_factory=FaultConfig)
-    shutdown_grace_s: float = 30.0
+    # vLLM 0.33.0's --shutdown-timeout: 0 (its default) aborts in-flight requests on SIGTERM,
+    # N > 0 finishes them for up to N s (see Engine.begin_shutdown).
+    shutdown_timeout_s: int = 0
     # /admin/* and /reset_prefix_cache change the engine's behaviour: off unless enabled, like
     # vLLM's dev-mode-only endpoints; with a token they also need `Authorization: Bearer TOKEN`.
     admin: bool = False
@@ -86,6 +88,7 @@ class _Handle:
     event: asyncio.Event = field(default_factory=asyncio.Event)
     visible: int = 0
     done: bool = False
+    error: APIError | None = None  # the engine died under it (shutdown deadline passed)
 
 
 class Engine:
@@ -144,7 +147,8 @@ class Engine:
         self._release = asyncio.Event()  # frees hung requests (fault cleared or shutdown)
         self._handles: dict[str, _Handle] = {}
         self._ids = itertools.count()
-        self.draining = False
+        self.draining = False  # shutting down: new requests are aborted at once (begin_shutdown)
+        self.dead = False  # the shutdown deadline passed: what was left got EngineDeadError
         self.crashed = False
         self.inflight = 0
         self.steps = 0
@@ -209,8 +213,6 @@ class Engine:
     def submit(self, params: GenerationParams) -> _Handle:
         if self.crashed:
             raise APIError(500, "the engine loop has crashed")
-        if self.draining:
-            raise APIError(503, "the engine is shutting down")
         if len(self.scheduler.waiting) >= self.cfg.max_waiting:
             raise APIError(503, f"overloaded: {len(self.scheduler.waiting)} requests waiting")
         limit = self.max_model_len
@@ -236,6 +238,15 @@ class Engine:
         req = self.scheduler.make_request(
             req_id, ids, params.max_tokens, self.generator, params.seed, self.cfg.default_output_range
         )
+        if self.draining:
+            # vLLM 0.33.0 EngineCore._reject_add_in_shutdown: a request that arrives while the engine
+            # shuts down (either mode) is finished at once with finish_reason "abort" and no tokens;
+            # the HTTP server still listens, so the client gets a 200 with an empty answer.
+            req.status, req.finish_reason = Status.ABORTED, "abort"
+            self.metrics.observe_abort()
+            h = _Handle(req, done=True)
+            h.event.set()
+            return h
         self._catch_up()
         self.scheduler.add(req, self.sim_now)
         h = _Handle(req)
@@ -243,6 +254,41 @@ class Engine:
         self.metrics.observe_state(self.scheduler)
         self._wake.set()
         return h
+
+    def begin_shutdown(self) -> None:
+        """SIGTERM, as vLLM 0.33.0 handles it (entrypoints/launchers/launcher.py handle_shutdown ->
+        v1/engine/core.py EngineCore._handle_shutdown): with --shutdown-timeout 0 ("abort", the
+        default) every unfinished request is finished at once with finish_reason "abort" (a stream
+        gets that finish chunk and [DONE] after the tokens it already had); with N > 0 ("drain")
+        they go on. Either way new requests are aborted at once (submit) and /health stays 200
+        (the engine is not dead); the HTTP server keeps listening until the engine has stopped."""
+        self.draining = True
+        self.stop_hangs()
+        if self.cfg.shutdown_timeout_s == 0:
+            self._abort_all()
+
+    def _abort_all(self) -> None:
+        for h in list(self._handles.values()):
+            if not h.req.finished and self.scheduler.abort(h.req.req_id, self.sim_now) is not None:
+                self.metrics.observe_abort()
+                h.done = True
+                h.event.set()
+        self.metrics.observe_state(self.scheduler)
+
+    def die(self) -> None:
+        """The drain's deadline passed: vLLM's process manager kills EngineCore
+        (v1/engine/utils.py CoreEngineProcManager.shutdown), and each request still running gets
+        EngineDeadError, which the OpenAI server streams as an error event before [DONE]
+        (entrypoints/openai/chat_completion/serving.py) or answers with a 500."""
+        self.dead = True
+        for h in list(self._handles.values()):
+            if not h.req.finished:
+                self.scheduler.abort(h.req.req_id, self.sim_now)
+                h.error = APIError(
+                    500, "EngineCore encountered an issue. See stack trace (above) for the root cause."
+                )
+                h.done = True
+                h.event.set()
 
     def release(self, h: _Handle) -> None:
         """Forget a handle; abort its request if it is still in the scheduler (client went away)."""
@@ -366,6 +412,8 @@ async def _unary(
             _kill_connection(request)
             raise asyncio.CancelledError  # the connection is gone; nothing to send
     req = h.req
+    if h.error is not None:
+        raise h.error
     if not req.finished:  # the engine loop crashed under it
         raise APIError(500, "the engine loop has crashed")
     u = usage(len(req.prompt_ids), len(req.output_ids), max(req.num_cached_tokens, 0))
@@ -413,6 +461,10 @@ async def _stream(
             if die_at >= 0 and sent >= die_at:
                 _kill_connection(request)
                 raise asyncio.CancelledError
+            if h.done and h.error is not None:  # the engine died: an error event, then [DONE]
+                await resp.write(b"data: " + dumps(h.error.body()).encode() + b"\n\n" + DONE)
+                await resp.write_eof()
+                return resp
             if h.done:
                 if not req.finished:  # the engine loop crashed: end the stream without [DONE]
                     _kill_connection(request)
@@ -456,7 +508,9 @@ async def models(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    if engine.draining or engine.crashed or engine.faults.config.unready:
+    if engine.faults.config.health_delay:
+        await asyncio.sleep(engine.faults.config.health_delay)
+    if engine.dead or engine.crashed or engine.faults.config.unready:
         return web.Response(status=503)
     return web.Response(status=200)
 
@@ -634,21 +688,28 @@ class MockServer:
             self.port = int(sockets[0].getsockname()[1])
         return self
 
-    async def drain(self, grace_s: float) -> int:
-        """Graceful stop: refuse new work, stop listening, let in-flight requests finish.
+    async def shutdown(self, flush_s: float = 5.0) -> int:
+        """What vLLM 0.33.0 does on SIGTERM (Engine.begin_shutdown): abort or drain for up to
+        --shutdown-timeout seconds while still listening, then, if requests are left, the engine
+        dies under them; then the HTTP server closes. ``flush_s`` bounds the handlers' last writes.
 
-        Returns how many requests were still in flight when the grace period ran out.
+        Returns how many requests were still in flight when the drain's deadline passed.
         """
-        assert self.engine is not None
-        self.engine.draining = True
-        self.engine.stop_hangs()
+        engine = self.engine
+        assert engine is not None
+        engine.begin_shutdown()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (engine.cfg.shutdown_timeout_s or flush_s)
+        while engine.inflight and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        left = engine.inflight
+        if left:
+            engine.die()
+            end = loop.time() + flush_s
+            while engine.inflight and loop.time() < end:
+                await asyncio.sleep(0.02)
         if self._site is not None:
             await self._site.stop()
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace_s
-        while self.engine.inflight and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        left = self.engine.inflight
         await self.stop()
         return left
 

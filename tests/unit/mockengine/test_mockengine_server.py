@@ -440,28 +440,89 @@ async def test_tcp_nodelay_is_set() -> None:
         assert (await r.json())["tcp_nodelay"] is True
 
 
-async def test_graceful_drain_finishes_inflight_stream_and_refuses_new_work() -> None:
-    srv = await MockServer(EngineConfig(model=MODEL, time_scale=0.02, num_gpu_blocks=256)).start()
+def _finish_reasons(data: bytes) -> list[str]:
+    events = [json.loads(line[6:]) for line in data.split(b"\n\n") if line.startswith(b"data: {")]
+    return [c["finish_reason"] for e in events for c in e.get("choices", []) if c.get("finish_reason")]
+
+
+async def test_drain_mode_finishes_inflight_aborts_new_requests_and_stays_healthy() -> None:
+    """--shutdown-timeout N > 0, as vLLM 0.33.0: in-flight requests finish; a request that comes
+    in meanwhile is answered 200 with finish_reason "abort" and no tokens (EngineCore's
+    _reject_add_in_shutdown); /health stays 200; the listener closes once the engine stopped."""
+    # time_scale 2: the 30 tokens take about 0.7 s, time for the requests made during the drain
+    cfg = EngineConfig(model=MODEL, time_scale=2, num_gpu_blocks=256, shutdown_timeout_s=30)
+    srv = await MockServer(cfg).start()
     async with aiohttp.ClientSession() as s:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 30, "stream": True}
         resp = await s.post(srv.url + "/v1/completions", json=body)
         first = await resp.content.readline()
         assert first.startswith(b"data: {")
-        drain = asyncio.create_task(srv.drain(grace_s=30))
+        shutdown = asyncio.create_task(srv.shutdown())
+        await asyncio.sleep(0.05)
+        async with s.get(srv.url + "/health") as h:
+            assert h.status == 200
+        st, late = await post(
+            s,
+            srv.url + "/v1/chat/completions",
+            {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        )
+        assert st == 200 and late["choices"][0]["finish_reason"] == "abort"
+        assert late["choices"][0]["message"]["content"] == "" and late["usage"]["completion_tokens"] == 0
         rest = await resp.content.read()
-        assert (first + rest).endswith(b"data: [DONE]\n\n")
-        assert await drain == 0
+        data = first + rest
+        assert data.endswith(b"data: [DONE]\n\n") and _finish_reasons(data) == ["length"]
+        assert data.count(b'"text":') == 31  # 30 tokens and the finish chunk
+        assert await shutdown == 0
         with pytest.raises(aiohttp.ClientConnectionError):
             async with s.get(srv.url + "/health"):
                 pass
 
 
-def test_sigterm_drains_and_exits_zero(tmp_path: Any) -> None:
-    """The real CLI process: ready, SIGTERM with a stream in flight, the stream completes, exit 0."""
+async def test_abort_mode_cuts_inflight_streams_with_finish_reason_abort() -> None:
+    """--shutdown-timeout 0 (vLLM's default): in-flight requests are finished at once with
+    finish_reason "abort" after the tokens they had (EngineCore._handle_shutdown, mode=abort)."""
+    srv = await MockServer(EngineConfig(model=MODEL, time_scale=0.02, num_gpu_blocks=256)).start()
+    async with aiohttp.ClientSession() as s:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "stream": True}
+        resp = await s.post(srv.url + "/v1/completions", json=body)
+        first = await resp.content.readline()
+        shutdown = asyncio.create_task(srv.shutdown())
+        data = first + await resp.content.read()
+        assert data.endswith(b"data: [DONE]\n\n") and _finish_reasons(data) == ["abort"]
+        assert data.count(b'"text":') < 100
+        assert await shutdown == 0
+
+
+async def test_drain_deadline_kills_the_engine_under_what_is_left() -> None:
+    """Past --shutdown-timeout vLLM's process manager kills EngineCore: a stream still running
+    gets an error event and [DONE], a non-streamed request a 500; shutdown reports them."""
+    cfg = EngineConfig(model=MODEL, time_scale=0.05, num_gpu_blocks=256, shutdown_timeout_s=1)
+    srv = await MockServer(cfg).start()
+    async with aiohttp.ClientSession() as s:
+        body = {"model": MODEL, "prompt": "x", "max_tokens": 2000, "stream": True}
+        resp = await s.post(srv.url + "/v1/completions", json=body)
+        first = await resp.content.readline()
+        unary = asyncio.create_task(post(s, srv.url + "/v1/completions", {**body, "stream": False}))
+        await asyncio.sleep(0.1)
+        shutdown = asyncio.create_task(srv.shutdown())
+        data = first + await resp.content.read()
+        error = json.loads(data.split(b"\n\n")[-3][6:])
+        assert error["error"]["code"] == 500 and data.endswith(b"data: [DONE]\n\n")
+        st, b = await unary
+        assert_error(st, b, 500, "InternalServerError")
+        assert await shutdown == 2
+
+
+@pytest.mark.parametrize("timeout", [None, 30])
+def test_sigterm_aborts_or_drains_as_told_and_exits_zero(timeout: int | None) -> None:
+    """The real CLI process: ready, SIGTERM with a stream in flight; without --shutdown-timeout
+    (vLLM's default 0) the stream ends at once with finish_reason abort, with 30 it completes;
+    exit 0 either way."""
+    flag = "" if timeout is None else f"'--shutdown-timeout', '{timeout}', "
     code = (
         "import sys; from toposerve.cli import main; "
         "sys.exit(main(['mock-engine', '--host', '127.0.0.1', '--port', '0', '--model', 'm', "
-        "'--gpu-type', 'SomeFutureGPU', '--time-scale', '0.02', '--num-gpu-blocks', '128']))"
+        f"{flag}'--gpu-type', 'SomeFutureGPU', '--time-scale', '0.02', '--num-gpu-blocks', '128']))"
     )
     proc = subprocess.Popen([sys.executable, "-c", code], stderr=subprocess.PIPE, text=True)
     watchdog = threading.Timer(60, proc.kill)  # a wedged child must not hang the suite
@@ -488,7 +549,11 @@ def test_sigterm_drains_and_exits_zero(tmp_path: Any) -> None:
                     return first + await r.content.read()
 
         data = asyncio.run(client())
-        assert data.endswith(b"data: [DONE]\n\n") and data.count(b'"text":') == 26
+        assert data.endswith(b"data: [DONE]\n\n")
+        if timeout is None:
+            assert _finish_reasons(data) == ["abort"] and data.count(b'"text":') < 26
+        else:
+            assert _finish_reasons(data) == ["length"] and data.count(b'"text":') == 26
         assert proc.wait(timeout=30) == 0
     finally:
         watchdog.cancel()
@@ -744,3 +809,18 @@ def test_cli_binds_loopback_by_default_and_reads_the_admin_token(monkeypatch: py
     assert isinstance(cfg, EngineConfig) and cfg.admin_token == "t0k" and cfg.faults.poison == "boom"
     cfg = config_from_args(build_parser().parse_args(["mock-engine", "--enable-admin"]))
     assert isinstance(cfg, EngineConfig) and cfg.admin
+
+
+async def test_health_delay_answers_late_but_healthy() -> None:
+    """--health-delay: /health is 200 after the delay (what a busy API server loop does)."""
+    async with serve(faults=FaultConfig(health_delay=0.3)) as srv, aiohttp.ClientSession() as s:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        async with s.get(srv.url + "/health") as r:
+            assert r.status == 200
+        assert loop.time() - t0 >= 0.3
+        with pytest.raises(asyncio.TimeoutError):  # a 0.1 s probe gives up first
+            async with s.get(srv.url + "/health", timeout=aiohttp.ClientTimeout(total=0.1)):
+                pass
+    with pytest.raises(ValueError, match="health_delay"):
+        FaultConfig(health_delay=-1)
