@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     sr.add_argument("--config", help="operator config YAML")
     sr.add_argument("--inventory", help="node inventory YAML/JSON to plan against")
     sr.add_argument("--namespace", default=None, help="namespace for objects without one (default: default)")
+    sr.add_argument(
+        "--kubernetes-version",
+        metavar="X.Y",
+        help="refuse, naming the field, what an API server of this version would not serve (e.g. 1.33)",
+    )
     sr.set_defaults(func=_cmd_render)
 
     sc = sub.add_parser("crd", help="print the LLMDeployment CustomResourceDefinition (generated)")

@@ -7,10 +7,7 @@ engine is idle, and no request fails before it started streaming."""
 from __future__ import annotations
 
 import subprocess
-import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +15,7 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import ROOT, Cluster, start_health_agent, wait_for
+from tests.cluster.load import Load
 from tests.cluster.operator_harness import Operator, apply, events, install_crd, wait_condition
 from tests.cluster.test_router_cluster import ready_ips
 from toposerve.dev import fakenvml
@@ -50,48 +48,6 @@ def evac_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
     yield op
     op.stop()
     print(f"--- operator log (last lines)\n{op.tail(60)}")
-
-
-@dataclass
-class Load:
-    """Streaming chat completions through the router until stopped, each one's outcome recorded."""
-
-    url: str
-    model: str
-    stop: threading.Event = field(default_factory=threading.Event)
-    ok: int = 0
-    failed_before_stream: list[str] = field(default_factory=list)
-    failed_mid_stream: list[str] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def worker(self, i: int) -> None:
-        import openai
-
-        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60)
-        n = 0
-        while not self.stop.is_set():
-            n += 1
-            started = False
-            try:
-                stream = client.chat.completions.create(
-                    model=self.model,
-                    messages=[{"role": "user", "content": f"client {i} request {n}"}],
-                    max_tokens=64,
-                    stream=True,
-                )
-                for _ in stream:
-                    started = True
-                with self.lock:
-                    self.ok += 1
-            except Exception as e:  # recorded, and judged by the test
-                with self.lock:
-                    (self.failed_mid_stream if started else self.failed_before_stream).append(repr(e))
-
-    def run(self, clients: int) -> ThreadPoolExecutor:
-        pool = ThreadPoolExecutor(clients)
-        for i in range(clients):
-            pool.submit(self.worker, i)
-        return pool
 
 
 def _deploy(cluster: Cluster, namespace: str, spec: dict[str, Any]) -> tuple[str, str]:
@@ -210,6 +166,7 @@ def test_an_ecc_burst_moves_the_replica_off_the_node_without_failing_requests(
         pool.shutdown(wait=True)
     assert load.failed_before_stream == [], load.failed_before_stream
     assert load.failed_mid_stream == [], load.failed_mid_stream  # drained, not cut
+    assert load.cut == [], load.cut
     said = [m for r, m in _reasons(cluster, namespace) if r == "Evacuating"]
     assert any("GPU 1: 7 uncorrected ECC errors" in m for m in said), said
     # Recovery: the agent lifts the taint and the condition.
@@ -245,5 +202,6 @@ def test_a_spot_termination_notice_replaces_first_then_drains(
         cluster.core.patch_node(node, {"spec": {"taints": rest}})
     assert load.failed_before_stream == [], load.failed_before_stream
     assert load.failed_mid_stream == [], load.failed_mid_stream
+    assert load.cut == [], load.cut
     said = [m for r, m in _reasons(cluster, namespace) if r == "Evacuating"]
     assert any(f"termination notice (taint {NOTICE})" in m for m in said), said

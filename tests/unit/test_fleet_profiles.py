@@ -20,7 +20,8 @@ from toposerve.dev.placeable import parse_quantity
 ROOT = Path(__file__).resolve().parents[2]
 FLEET = fleet.load(ROOT / "hack" / "cluster" / "fleet.yaml")
 PROFILES = sorted(FLEET["profiles"])
-GPU_PROFILES = [p for p in PROFILES if p != "nogpu"]
+# eks-zero: a GPU pool at zero nodes (CPU nodes only until a provisioner acts; dev/provisioner.py)
+GPU_PROFILES = [p for p in PROFILES if p not in ("nogpu", "eks-zero")]
 GFD_PREFIX = "nvidia.com/gpu."
 # The label each provider puts on spot nodes (DESIGN.md "Real fleets label GPUs differently").
 SPOT_LABELS = {
@@ -44,7 +45,7 @@ def gpus(n: dict[str, Any]) -> int:
 
 
 def test_every_profile_is_named() -> None:
-    assert set(PROFILES) == {"gpu", "nogpu", "gke", "eks", "onprem", "gb200"}
+    assert set(PROFILES) == {"gpu", "nogpu", "gke", "eks", "onprem", "gb200", "eks-zero"}
 
 
 @pytest.mark.parametrize("profile", PROFILES)

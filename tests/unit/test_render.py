@@ -106,8 +106,14 @@ def test_multi_node_pool_is_a_leaderworkerset_in_one_nvlink_domain() -> None:
     assert "--headless" not in la and "--port" in la
     assert "readinessProbe" in leader and "readinessProbe" not in worker
     # The budget covers workers too: a group is down when any of its pods is.
-    (pdb,) = [o for o in objs if o["kind"] == "PodDisruptionBudget" and "router" not in o["metadata"]["name"]]
+    (pdb,) = [
+        o
+        for o in objs
+        if o["kind"] == "PodDisruptionBudget" and o["metadata"]["name"] == lws["metadata"]["name"]
+    ]
     assert "app.kubernetes.io/component" not in pdb["spec"]["selector"]["matchLabels"]
+    # Counted in groups: one eviction (one pod, so one group) at a time.
+    assert pdb["spec"]["minAvailable"] == lws["spec"]["replicas"] * 2 - 1
 
 
 def test_mock_engine_renders_the_same_objects_without_gpus() -> None:
@@ -176,7 +182,12 @@ def test_heterogeneous_pools_render_one_workload_each_and_one_service() -> None:
     a100 = svcs["llm-a100-a100-40gb-http"]["metadata"]["labels"]
     assert a100["toposerve.io/pool"] == "a100" and a100["toposerve.io/gpu-type"] == "A100-40GB"
     assert svcs["llm-a100-a100-40gb-http"]["spec"]["selector"]["toposerve.io/gpu-type"] == "A100-40GB"
-    assert len(by_kind(objs, "PodDisruptionBudget")) == 2
+    # one budget per pool, and one for the pods the operator moves (render_evacuation_budget)
+    assert sorted(p["metadata"]["name"] for p in by_kind(objs, "PodDisruptionBudget")) == [
+        "llm-a100-a100-40gb",
+        "llm-evacuating",
+        "llm-h100-h100",
+    ]
 
 
 def test_router_is_rendered_with_discovery_rbac_and_routing_knobs() -> None:

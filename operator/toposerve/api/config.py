@@ -50,6 +50,11 @@ class EvacuationConfig(BaseModel):
         description="A termination notice (interruption taints): 60 + 45 s fits AWS's 2-minute spot "
         "notice; GKE gives 30 s (set e.g. 0 and 25).",
     )
+    node_drain: DrainTiming = Field(
+        default_factory=lambda: DrainTiming(drain_after_seconds=1800, drain_timeout_seconds=300),
+        description="A cordoned node (kubectl drain) under a Surge deployment: wait up to 30 minutes for the "
+        "replacement (a model load) while the budget holds the drain, then drain anyway.",
+    )
     min_drain_seconds: float = Field(
         default=5,
         ge=0,
@@ -152,6 +157,25 @@ class OperatorConfig(BaseModel):
         gt=0,
         description="Assumed GB/s for downloading/reading weights, sizes the start-up probe.",
     )
+    engine_shutdown_timeout_seconds: int = Field(
+        default=120,
+        ge=0,
+        le=3600,
+        description="Default of spec.serving.shutdownTimeoutSeconds: how long an engine finishes in-flight "
+        "requests after SIGTERM (vLLM --shutdown-timeout). 120 s covers a few thousand output tokens.",
+    )
+    pre_stop_seconds: int = Field(
+        default=10,
+        ge=0,
+        le=120,
+        description="Engines and routers pause this long in preStop before SIGTERM, so EndpointSlice "
+        "consumers (the router, kube-proxy, gateways) stop sending them new requests first.",
+    )
+    runtime_class_name: str | None = Field(
+        default=None,
+        description="RuntimeClass of engine pods unless the spec names one (e.g. nvidia); unset: the "
+        "node's default runtime.",
+    )
     evacuation: EvacuationConfig = Field(
         default_factory=EvacuationConfig,
         description="Deadlines for replacing pods on nodes whose GPUs turned unhealthy or that got a "
@@ -180,6 +204,31 @@ class OperatorConfig(BaseModel):
         default="vllm_num_requests_waiting",
         max_length=253,
         description="Name under which the custom metrics adapter serves vllm:num_requests_waiting (hpa mode).",
+    )
+    prometheus_operator: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="PodMonitors (monitoring.coreos.com/v1) for each LLMDeployment's engine and router "
+        "pods: auto renders them when API discovery finds the Prometheus Operator's PodMonitor kind "
+        "(looked up at start and again every minute), on always (applying fails without the CRD), off "
+        "never (the pods keep their prometheus.io/* annotations either way).",
+    )
+    monitor_labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra labels on the PodMonitors, for a Prometheus whose podMonitorSelector wants "
+        "them (kube-prometheus-stack: release: <its release name>, unless its "
+        "podMonitorSelectorNilUsesHelmValues is false).",
+    )
+    monitor_interval: str | None = Field(
+        default="15s",
+        pattern=r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$",
+        description="Scrape interval of the PodMonitors (the autoscaler reads these series); null: the "
+        "Prometheus's own scrapeInterval.",
+    )
+    enabled_feature_gates: list[str] = Field(
+        default_factory=list,
+        description="Kubernetes feature gates this cluster turned on ahead of its version's defaults "
+        "(e.g. ImageVolume on 1.33): the operator's minimum-version check (api/kubeversion.py) then "
+        "accepts them from the version where the gate exists.",
     )
     mock_cpu: str = Field(default="100m", description="CPU request of a mock-engine pod.")
     mock_memory: str = Field(default="128Mi", description="Memory request of a mock-engine pod.")

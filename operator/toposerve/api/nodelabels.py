@@ -81,6 +81,24 @@ class TaintMatch(_Cfg):
         )
 
 
+class ProvisionedNodes(_Cfg):
+    """What a node a provisioner creates from zero is sure to carry, so that a GPU pool at zero nodes
+    is never given a required pod affinity on a label its first node will lack (kube-scheduler then
+    rejects every node for the group's first pod, and the provisioner, asked for a node no launch can
+    satisfy, creates none)."""
+
+    name: str = Field(description="Provider or provisioner (karpenter, gke, eks, aks).")
+    detect: list[str] = Field(
+        description="Node labels that only nodes of this provider carry: any node in the cluster with one "
+        "of them says new GPU nodes come from it."
+    )
+    topology: list[str] = Field(
+        description="Topology labels every node it creates carries, whatever the machine or pool: a "
+        "multi-node replica may require one of them. Others (blocks, racks, NVLink cliques) are only "
+        "preferred."
+    )
+
+
 class LabelSchemes(_Cfg):
     """Every label scheme toposerve reads; defaults cover GFD, GKE, EKS (Karpenter, managed) and AKS."""
 
@@ -158,6 +176,29 @@ class LabelSchemes(_Cfg):
             "toposerve.io/rack",
         ],
         description="Node labels naming a tightly connected domain, best first; the zone is the last resort.",
+    )
+    provisioned: list[ProvisionedNodes] = Field(
+        default_factory=lambda: [
+            # Karpenter sets the zone it launched in, karpenter.sh/nodepool, karpenter.sh/capacity-type
+            # and node.kubernetes.io/instance-type on every node (karpenter.sh/docs/concepts/scheduling
+            # "Well-Known Labels"). It provisions for pod affinity only on labels it knows (zone,
+            # hostname, capacity type, NodePool requirement labels): with another topologyKey it
+            # launches nothing (aws/karpenter-provider-aws#1863). topology.k8s.aws/network-node-layer-*
+            # come with the instance type (p4d/p5 and newer), so they are only preferred.
+            ProvisionedNodes(name="karpenter", detect=["karpenter.sh/nodepool"], topology=[ZONE_LABEL]),
+            # GKE (Standard pools scaled from zero, node auto-provisioning): the zone and the node pool
+            # on every node; cloud.google.com/gce-topology-block only on A3/A4 pools created with a
+            # compact placement policy (cloud.google.com/kubernetes-engine/docs/how-to/compact-placement:
+            # "GKE provisions workloads within a compact placement in the same zone").
+            ProvisionedNodes(name="gke", detect=["cloud.google.com/gke-nodepool"], topology=[ZONE_LABEL]),
+            # EKS managed node groups and the Cluster Autoscaler: the zone (set by the cloud provider).
+            ProvisionedNodes(name="eks", detect=["eks.amazonaws.com/nodegroup"], topology=[ZONE_LABEL]),
+            # AKS: the zone ("<region>-<n>", or "0" in a pool without availability zones).
+            ProvisionedNodes(name="aks", detect=["kubernetes.azure.com/agentpool"], topology=[ZONE_LABEL]),
+        ],
+        description="Providers whose GPU node pools scale from zero, and the topology labels every node "
+        "they create carries (gpuNodeProvisioning on-demand, GPU type with no node now). A cluster "
+        "matching none: the labels every current node carries.",
     )
 
 

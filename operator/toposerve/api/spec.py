@@ -835,6 +835,42 @@ class ServingSpec(_Model):
         max_length=253,
         description="Secret with key HF_TOKEN; gated models (e.g. meta-llama/*) need it to download weights.",
     )
+    shutdown_timeout_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        le=3600,
+        description="Seconds an engine lets in-flight requests finish after SIGTERM (vLLM --shutdown-timeout; "
+        "0 aborts them, vLLM's own default). Unset: the operator's engineShutdownTimeoutSeconds. The pod's "
+        "grace period and the router's drain are sized above it.",
+    )
+    runtime_class_name: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="RuntimeClass of the engine pods (e.g. nvidia where the GPU operator's runtime is not the "
+        "node's default). Unset: the operator's runtimeClassName.",
+    )
+
+    @field_validator("extra_args")
+    @classmethod
+    def _no_shutdown_timeout(cls, v: list[str]) -> list[str]:
+        # The pod's grace period and the router's drain are sized from it: it has a field.
+        if any(a == "--shutdown-timeout" or a.startswith("--shutdown-timeout=") for a in v):
+            raise ValueError("--shutdown-timeout: set spec.serving.shutdownTimeoutSeconds instead")
+        return v
+
+
+class DisruptionSpec(_Model):
+    """How replicas are replaced on a template change and moved off a drained node."""
+
+    strategy: Literal["Surge", "InPlace"] = Field(
+        default="Surge",
+        description="Surge: a replacement replica is up before the old one goes (rollouts: maxSurge 1, "
+        "maxUnavailable 0; drains: the operator surges a replacement and the budget blocks eviction until it "
+        "is Ready), which needs one spare replica's GPUs. InPlace: the old replica goes first (maxSurge 0, "
+        "maxUnavailable 1), for clusters with no spare GPUs; every change or node drain then takes a replica "
+        "down for its whole start-up, and a one-replica pool is down meanwhile (said in an Event).",
+    )
 
 
 def _nested_default() -> dict[str, Any]:
@@ -882,6 +918,11 @@ class LLMDeploymentSpec(_Model):
     )
     serving: ServingSpec = Field(
         default_factory=ServingSpec, description="Engine runtime knobs.", json_schema_extra=_nested_default()
+    )
+    disruption: DisruptionSpec = Field(
+        default_factory=DisruptionSpec,
+        description="Rollouts and node drains: surge (default) or in place.",
+        json_schema_extra=_nested_default(),
     )
 
     model_config = ConfigDict(

@@ -74,6 +74,13 @@ class PoolStatus(_Status):
         default=None, description="Multi-node replicas: the node label whose domain holds each replica."
     )
     topology_reason: str | None = Field(default=None, description="Why that topology key (or none).")
+    fabric: str | None = Field(
+        default=None,
+        description="Multi-node replicas: the interconnect their pods use between nodes: efa, "
+        "gke-gpudirect-rdma, infiniband, roce, imex (multi-node NVLink), or tcp when the nodes offer "
+        "none (multi-node traffic then goes over the pod network).",
+    )
+    fabric_reason: str | None = Field(default=None, description="Why that fabric: what the nodes offer.")
     cost_per_hour: float | None = Field(default=None, description="USD per hour for the desired replicas.")
     order: int | None = Field(
         default=None,

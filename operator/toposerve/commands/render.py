@@ -1,4 +1,9 @@
-"""`toposerve render`: every child object of each LLMDeployment as multi-document YAML (like helm template)."""
+"""`toposerve render`: every child object of each LLMDeployment as multi-document YAML (like helm template).
+
+``--kubernetes-version X.Y`` checks the objects against that API server version as the operator
+does (api/kubeversion.py) and refuses, naming the field, what it would not serve: an ``image``
+model cache before 1.35, multi-node group co-location before 1.31, ...
+"""
 
 from __future__ import annotations
 
@@ -7,15 +12,24 @@ import sys
 
 import yaml
 
+from toposerve.api import kubeversion
 from toposerve.api.errors import SpecError
 from toposerve.commands.common import load_config, load_deployments, load_inventory
 from toposerve.planner.plan import plan_deployment
+from toposerve.render.autoscaling import render_autoscaler
+from toposerve.render.monitoring import render_monitors
 from toposerve.render.objects import render_deployment
 
 
 def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     inventory = load_inventory(args.inventory, config)
+    server: kubeversion.Version | None = None
+    if getattr(args, "kubernetes_version", None):
+        try:
+            server = kubeversion.parse_version(args.kubernetes_version)
+        except ValueError as e:
+            raise SpecError("--kubernetes-version", str(e)) from None
     docs = []
     for d in load_deployments(args.filename):
         plan = plan_deployment(d.name, d.spec, config, inventory)
@@ -24,6 +38,17 @@ def run(args: argparse.Namespace) -> int:
             path = "spec.pools" if d.spec.pools else "spec.placement.gpuTypes"
             raise SpecError(f"{d.name}: {path}", reasons)
         namespace = d.namespace or args.namespace or "default"
-        docs += render_deployment(d.name, namespace, d.spec, plan, config)
+        objs = render_deployment(d.name, namespace, d.spec, plan, config)
+        # Offline there is no API discovery: PodMonitors only with prometheusOperator: on.
+        objs += render_monitors(d.name, namespace, d.spec, config)
+        if server is not None:
+            checked = objs + render_autoscaler(d.name, namespace, d.spec, config)[0]
+            text = f"{args.kubernetes_version} (--kubernetes-version)"
+            found = kubeversion.missing(
+                server, d.spec, plan, checked, config.enabled_feature_gates, server_text=text
+            )
+            if found:
+                raise SpecError(d.name, "; ".join(found))
+        docs += objs
     sys.stdout.write(yaml.safe_dump_all(docs, sort_keys=False, width=120))
     return 0

@@ -173,7 +173,7 @@ class InventoryStore:
         if slim is None:
             return False
         info = node_info(slim, self.catalog, self.schemes)
-        return info.gpu_unhealthy or info.interrupted
+        return info.gpu_unhealthy or info.interrupted or info.cordoned  # cordoned: a drain began
 
     def replace_nodes(self, nodes: Iterable[Mapping[str, Any]]) -> Change:
         with self._lock:

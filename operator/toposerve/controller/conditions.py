@@ -14,6 +14,9 @@ from typing import Any
 from toposerve.api.status import Condition, LLMDeploymentStatus, ObservedCost, Placement, PoolStatus
 from toposerve.planner.cost import DeploymentCost, PoolCost
 
+# The reason of a refusal because the API server lacks a feature the spec needs.
+UNSUPPORTED = "KubernetesVersionTooOld"
+
 
 @dataclass(frozen=True)
 class PlacementObs:
@@ -39,6 +42,8 @@ class PoolObs:
     blocked: str | None = None  # e.g. LeaderWorkerSet missing
     topology_key: str | None = None  # multi-node pools: the label whose domain holds a replica
     topology_reason: str | None = None
+    fabric: str | None = None  # multi-node vLLM pools: the interconnect (render/fabric.py)
+    fabric_reason: str | None = None
     order: int | None = None  # place in the growth order (poolOrder tier)
     room: int | None = None  # replicas free capacity lets it hold; None: unbounded
     max_replicas: int | None = None
@@ -55,6 +60,8 @@ class Observation:
     engine_reason: str
     pools: Sequence[PoolObs] = ()
     invalid: str | None = None  # SpecError text
+    # The API server is too old for a feature the spec needs (api/kubeversion.py): nothing applied.
+    unsupported: str | None = None
     moves: Sequence[str] = field(default_factory=tuple)
     router: tuple[int, int] | None = None  # (router pods, ready ones); None when routing is off
     apply_error: str | None = None  # the API server refused a child: what and why
@@ -103,13 +110,17 @@ def compute_status(
     prev = {str(c.get("type")): dict(c) for c in previous_conditions}
     gen = obs.generation
     conds: list[Condition]
-    if obs.invalid:
-        msg = obs.invalid
+    if obs.invalid or obs.unsupported:
+        if obs.invalid:
+            msg, reason, todo = obs.invalid, "InvalidSpec", "fix the spec to continue"
+        else:
+            msg, reason = obs.unsupported or "", UNSUPPORTED
+            todo = "upgrade the cluster or change the spec to continue; nothing was applied"
         conds = [
-            _cond("Ready", False, "InvalidSpec", msg, gen, now, prev),
-            _cond("Progressing", False, "InvalidSpec", "fix the spec to continue", gen, now, prev),
-            _cond("Degraded", True, "InvalidSpec", msg, gen, now, prev),
-            _cond("Schedulable", False, "InvalidSpec", msg, gen, now, prev),
+            _cond("Ready", False, reason, msg, gen, now, prev),
+            _cond("Progressing", False, reason, todo, gen, now, prev),
+            _cond("Degraded", True, reason, msg, gen, now, prev),
+            _cond("Schedulable", False, reason, msg, gen, now, prev),
         ]
         return LLMDeploymentStatus(
             observed_generation=gen,
@@ -150,6 +161,8 @@ def compute_status(
                 pending_reason=pending,
                 topology_key=p.topology_key,
                 topology_reason=p.topology_reason,
+                fabric=p.fabric,
+                fabric_reason=p.fabric_reason,
                 order=p.order,
                 room=p.room,
                 max_replicas=p.max_replicas,

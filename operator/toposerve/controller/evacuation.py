@@ -1,4 +1,6 @@
-"""Moving serving pods off nodes that are going bad: GPUs unhealthy, or a termination notice (spot).
+"""Moving serving pods off nodes that are going bad: GPUs unhealthy, a termination notice (spot), or
+cordoned for a drain (``kubectl drain`` first cordons, then evicts; with ``spec.disruption.strategy:
+Surge`` the pool's budget refuses the eviction until this surge has a replacement serving).
 
 Pure: the decision is a function of plain data (the deployment's pods, which nodes are in trouble,
 how many replicas each pool wants, what the engines say is in flight, the clock); the reconcile
@@ -18,6 +20,10 @@ an operator restart resumes where it was:
 3. **delete**: once the engine reports nothing running or waiting (after at least ``min_drain``
    seconds, so requests the router dispatched just before it noticed have arrived), or at the
    latest ``drain_timeout`` seconds after the drain began.
+
+A marked pod carries ``toposerve.io/evacuating: "true"`` while it serves: the deployment's
+evacuation budget (render/objects.py ``render_evacuation_budget``) refuses its eviction until the
+drain step takes it out of that budget's selector.
 
 Multi-node replicas (LeaderWorkerSet groups) are left alone: a group cannot be surged pod by pod.
 """
@@ -46,6 +52,7 @@ COMPONENT_DRAINING = "draining"
 
 REASON_UNHEALTHY = "GPUUnhealthy"
 REASON_INTERRUPTED = "NodeInterrupted"
+REASON_DRAINED = "NodeDrained"  # cordoned (spec.unschedulable), the start of a kubectl drain
 
 
 @dataclass(frozen=True)
@@ -215,12 +222,17 @@ def decide(
     return Decision(marks, drains, deletes, requeue)
 
 
-def node_troubles(nodes: Iterable[tuple[str, bool, str, str | None]]) -> dict[str, Trouble]:
-    """(name, GPUs unhealthy, health message, interruption taint key or None) -> troubles by node.
+def node_troubles(
+    nodes: Iterable[tuple[str, bool, str, str | None]], cordoned: Iterable[str] = ()
+) -> dict[str, Trouble]:
+    """(name, GPUs unhealthy, health message, interruption taint key or None) -> troubles by node;
+    ``cordoned``: nodes being drained whose pods should be surged away (Surge deployments only).
 
     An interruption wins over unhealthy GPUs: the node is going away whatever its GPUs say, and its
-    deadlines are the shorter ones."""
-    out: dict[str, Trouble] = {}
+    deadlines are the shorter ones; both win over a cordon (their deadlines are shorter)."""
+    out: dict[str, Trouble] = {
+        name: Trouble(REASON_DRAINED, "node cordoned (kubectl drain or cordon)") for name in cordoned
+    }
     for name, unhealthy, message, interruption in nodes:
         if interruption:
             out[name] = Trouble(REASON_INTERRUPTED, f"termination notice (taint {interruption})")

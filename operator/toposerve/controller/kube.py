@@ -41,6 +41,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("rbac.authorization.k8s.io/v1", "RoleBinding"): "rolebindings",
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
+    ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
 }
 CHILD_KINDS: list[tuple[str, str]] = [
     ("apps/v1", "Deployment"),
@@ -52,6 +53,7 @@ CHILD_KINDS: list[tuple[str, str]] = [
     ("rbac.authorization.k8s.io/v1", "RoleBinding"),
     ("autoscaling/v2", "HorizontalPodAutoscaler"),  # autoscaling.mode hpa
     ("keda.sh/v1alpha1", "ScaledObject"),  # autoscaling.mode keda (lists as empty without KEDA)
+    ("monitoring.coreos.com/v1", "PodMonitor"),  # with the Prometheus Operator (render/monitoring.py)
 ]
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 
@@ -274,6 +276,21 @@ class Kube:
             if e.status == 404:
                 return False
             raise
+
+    def serves(self, api_version: str, plural: str) -> bool:
+        """Whether the API serves ``plural`` in ``api_version`` (API discovery: no RBAC needed, every
+        authenticated client may read it; a group that is not installed answers 404)."""
+        try:
+            found = self.request("GET", f"/apis/{api_version}")
+        except ApiException as e:
+            if e.status == 404:
+                return False
+            raise
+        return any(r.get("name") == plural for r in found.get("resources") or [])
+
+    def server_version(self) -> dict[str, Any]:
+        """The API server's ``/version`` answer (gitVersion, major, minor, ...): public to every client."""
+        return dict(self.request("GET", "/version"))
 
     def event(self, involved: Mapping[str, Any], reason: str, message: str, warning: bool = False) -> None:
         """A core/v1 Event on ``involved`` (what `kubectl describe` shows)."""

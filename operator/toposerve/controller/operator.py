@@ -244,8 +244,8 @@ def _on_inventory(rt: Runtime, change: Change) -> None:
     A new or vanished GPU type can change any plan (and ``engine: auto``), so everyone is requeued;
     a change in free capacity only concerns the deployments waiting for it (in fallback, pending,
     or not fitting). The short delay coalesces a burst of events into one reconcile each. A node
-    turning GPU-unhealthy or getting a termination notice wakes the deployments with pods on it
-    at once (controller/evacuation.py).
+    turning GPU-unhealthy, getting a termination notice or being cordoned (a drain) wakes the
+    deployments with pods on it at once (controller/evacuation.py).
     """
     for key in rt.known if change.types else rt.waiting:
         rt.queue.add(key, INVENTORY_COALESCE_SECONDS)
@@ -285,6 +285,11 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         loop.call_soon_threadsafe(_wake, rt, keys)
 
     ctx = rt.ctx
+    # What this API server serves, said once at start (and looked up again by reconciles): its
+    # version, against which specs are checked (api/kubeversion.py), and the PodMonitor kind.
+    await asyncio.to_thread(ctx.server_version)
+    if ctx.config.prometheus_operator == "auto":
+        await asyncio.to_thread(ctx.has_pod_monitors)
     ctx.cache = InventoryCache(ctx.kube, ctx.config.catalog(), ctx.config.label_schemes, changed)
     ctx.cache.start()
     ctx.children = ChildCache(ctx.kube, LABEL_DEPLOYMENT, rt.namespaces, wake)

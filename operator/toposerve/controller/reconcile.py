@@ -22,6 +22,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from toposerve import API_GROUP, API_VERSION
+from toposerve.api import kubeversion
 from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
@@ -31,7 +32,13 @@ from toposerve.controller import engineprobe, evacuation, metrics
 from toposerve.controller.allocation import TypeState, allocate
 from toposerve.controller.cache import InventoryCache
 from toposerve.controller.children import ChildCache, resource_version
-from toposerve.controller.conditions import Observation, PlacementObs, PoolObs, compute_status
+from toposerve.controller.conditions import (
+    UNSUPPORTED,
+    Observation,
+    PlacementObs,
+    PoolObs,
+    compute_status,
+)
 from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
 from toposerve.controller.observe import PodFacts, bound_replicas, parse_time, router_readiness, summarize
 from toposerve.controller.throughput import ThroughputSource, deployment_cost
@@ -40,9 +47,12 @@ from toposerve.planner.inventory import Inventory, PodShape, inventory_from_node
 from toposerve.planner.memory import GIB
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, assign_replicas, plan_deployment
 from toposerve.render.autoscaling import render_autoscaler
+from toposerve.render.fabric import fabric_for
+from toposerve.render.monitoring import POD_MONITOR, POD_MONITOR_PLURAL, render_monitors
 from toposerve.render.objects import (
     LABEL_COMPONENT,
     LABEL_DEPLOYMENT,
+    LABEL_EVACUATING,
     LABEL_POOL,
     Owner,
     endpoint_url,
@@ -51,6 +61,7 @@ from toposerve.render.objects import (
     render_deployment,
     render_pool,
     selector_string,
+    workload_name,
 )
 
 log = logging.getLogger("toposerve.reconcile")
@@ -86,6 +97,10 @@ class Context:
     engine_in_flight: Callable[[str], int | None] = engineprobe.in_flight
     _inventory: tuple[float, Inventory] | None = None
     _lws: tuple[float, bool] | None = None
+    _monitors: tuple[float, bool] | None = None
+    # The API server's version (read at start, again every VERSION_TTL: control planes get upgraded
+    # under a running operator); None inside: could not be read, so nothing is refused for it.
+    _version: tuple[float, tuple[kubeversion.Version, str] | None] | None = None
 
     def inventory(self) -> Inventory:
         """Nodes plus what bound pods request: from the watch-fed cache once it has synced, else
@@ -128,10 +143,12 @@ class Context:
         """The objects of ``kind`` labelled for deployment ``name``: from the watches once they have
         synced, else listed. A kind the watch found unserved is listed once the API serves it."""
         c = self.children
-        unserved_but_now_there = (
-            kind == "LeaderWorkerSet" and c is not None and not c.served(api_version, kind)
+        unserved = c is not None and not c.served(api_version, kind)
+        unserved_but_now_there = unserved and (
+            (kind == "LeaderWorkerSet" and self.has_lws())
+            or ((api_version, kind) == POD_MONITOR and self.has_pod_monitors())
         )
-        if c is not None and c.synced and not (unserved_but_now_there and self.has_lws()):
+        if c is not None and c.synced and not unserved_but_now_there:
             return c.objects(api_version, kind, namespace, name)
         return self.kube.list(api_version, kind, namespace, selector=f"{LABEL_DEPLOYMENT}={name}")
 
@@ -142,6 +159,54 @@ class Context:
         present = self.kube.has_crd(LWS_CRD)
         self._lws = (now, present)
         return present
+
+    def has_pod_monitors(self) -> bool:
+        """Whether the API serves the Prometheus Operator's PodMonitor (API discovery, every minute)."""
+        now = time.monotonic()
+        if self._monitors and now - self._monitors[0] < 60:
+            return self._monitors[1]
+        try:
+            present = self.kube.serves(POD_MONITOR[0], POD_MONITOR_PLURAL)
+        except Exception as e:  # discovery failing must not stop serving: no monitors this time
+            log.warning("API discovery of %s failed: %s", POD_MONITOR[0], e)
+            present = False
+        if self._monitors is None or self._monitors[1] != present:
+            log.info("%s %s served: %s", POD_MONITOR[0], POD_MONITOR[1], present)
+        self._monitors = (now, present)
+        return present
+
+    def server_version(self) -> tuple[kubeversion.Version, str] | None:
+        """The API server's (major, minor) and gitVersion; None when it could not be read."""
+        now = time.monotonic()
+        if self._version and now - self._version[0] < VERSION_TTL:
+            return self._version[1]
+        try:
+            got: tuple[kubeversion.Version, str] | None = kubeversion.server_version(
+                self.kube.server_version()
+            )
+        except Exception as e:  # unknown: refuse nothing for it (the API server still validates)
+            log.warning("reading the API server's version failed: %s", e)
+            got = None
+        if got is not None and (self._version is None or self._version[1] != got):
+            log.info("API server version %s", got[1])
+        self._version = (now, got)
+        return got
+
+
+VERSION_TTL = 300.0  # seconds; the resync (5 minutes) then retries a refused spec after an upgrade
+
+
+def too_old(
+    ctx: Context, spec: LLMDeploymentSpec, plan: DeploymentPlan, objects: list[dict[str, Any]]
+) -> str | None:
+    """Why the API server cannot serve what was rendered (api/kubeversion.py), or None."""
+    server = ctx.server_version()
+    if server is None:
+        return None
+    found = kubeversion.missing(
+        server[0], spec, plan, objects, ctx.config.enabled_feature_gates, server_text=server[1]
+    )
+    return "; ".join(found) or None
 
 
 def _now() -> datetime:
@@ -213,7 +278,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     result = Result()
     owner = Owner(name=name, uid=uid)
     pods = ctx.owned("v1", "Pod", namespace, name)
-    pods, evacuate_again = _evacuate(ctx, body, owner, dplan, inv, pods, now)
+    pods, evacuate_again = _evacuate(ctx, body, spec, owner, dplan, inv, pods, now)
     facts = summarize(pods, now, ctx.settings.fallback_after_seconds)
     # The children as they are, listed once: the current fallback split is read from the workloads,
     # and whatever is no longer wanted is pruned from the same lists (anything this reconcile
@@ -304,8 +369,9 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                     continue
             if keep:
                 desired += render_pool(
-                    name, namespace, spec, dplan, p.model_copy(update={"replicas": n}), ctx.config, owner
-                )
+                    name, namespace, spec, dplan, p.model_copy(update={"replicas": n}), ctx.config, owner,
+                    inventory=inv,
+                )  # fmt: skip
             placements.append(
                 PlacementObs(
                     gpu_type=p.gpu_type or "",
@@ -319,6 +385,14 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                     cost_per_hour_per_replica=p.cost_per_hour_per_replica,
                 )
             )
+        # The multi-node interconnect of the preferred type (render/fabric.py); say so once when
+        # there is none and the replicas' traffic crosses nodes over TCP.
+        fabric = fabric_for(
+            plans[0], dplan.engine, inv, ctx.config.catalog(), workload_name(name, pool.name, order[0])
+        )
+        was = next((x.get("fabric") for x in previous.get("pools") or [] if x.get("name") == pool.name), None)
+        if fabric.over_tcp and was != fabric.name:
+            events.append(("MultiNodeOverTCP", f"pool {pool.name}: {fabric.reason}", True))
         pool_obs.append(
             PoolObs(
                 name=pool.name,
@@ -329,6 +403,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 blocked=blocked,
                 topology_key=plans[0].topology_key,
                 topology_reason=plans[0].topology_reason,
+                fabric=fabric.name or None,
+                fabric_reason=fabric.reason or None,
                 order=pool.order,
                 room=pool.room,
                 max_replicas=pool.max_replicas,
@@ -339,7 +415,20 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     desired += render_deployment(name, namespace, spec, _no_pools(dplan), ctx.config, owner)
     autoscaler, autoscaler_notices = render_autoscaler(name, namespace, spec, ctx.config, owner)
     desired += autoscaler  # hpa / keda modes: the one writer of spec.replicas (builtin: none)
+    mode = ctx.config.prometheus_operator
+    desired += render_monitors(
+        name, namespace, spec, ctx.config, owner, served=mode == "auto" and ctx.has_pod_monitors()
+    )
     endpoint = endpoint_url(name, namespace, spec)
+    refusal = too_old(ctx, spec, dplan, desired)
+    if refusal is not None:
+        # Like an invalid spec: say why (condition + Event) and touch nothing, so what serves keeps
+        # serving; no apply, no prune, no fallback Events for moves that were not made.
+        obs = Observation(
+            gen, spec.replicas, selector, endpoint, dplan.engine, dplan.engine_reason, unsupported=refusal
+        )
+        _write_status(ctx, body, obs, previous, now)
+        return Result()
     router = router_readiness(pods) if spec.routing.enabled else None
     notices = _notices(spec, dplan) + autoscaler_notices
     for obj in desired:
@@ -467,17 +556,20 @@ def _pools_scaled(spec: LLMDeploymentSpec, plan: DeploymentPlan, moved: list[tup
 def _evacuate(
     ctx: Context,
     body: Mapping[str, Any],
+    spec: LLMDeploymentSpec,
     owner: Owner,
     dplan: DeploymentPlan,
     inv: Inventory,
     pods: list[dict[str, Any]],
     now: datetime,
 ) -> tuple[list[dict[str, Any]], float | None]:
-    """Move pods off nodes with unhealthy GPUs or a termination notice (the decision is
+    """Move pods off nodes with unhealthy GPUs, a termination notice or a cordon (the decision is
     ``evacuation.decide``; this only writes it). Returns the pods as they now are, and when to look
     again."""
+    surge = spec.disruption.strategy == "Surge"
     troubles = evacuation.node_troubles(
-        (n.name, n.gpu_unhealthy, n.health_message, n.interruption) for n in inv.nodes
+        ((n.name, n.gpu_unhealthy, n.health_message, n.interruption) for n in inv.nodes),
+        cordoned=[n.name for n in inv.nodes if n.cordoned] if surge else (),
     )
     views = {v.name: v for p in pods if (v := evacuation.pod_view(p)) is not None}
     if not troubles and not any(v.reason for v in views.values()):
@@ -489,6 +581,9 @@ def _evacuate(
         ),
         evacuation.REASON_INTERRUPTED: evacuation.Timing(
             cfg.interruption.drain_after_seconds, cfg.interruption.drain_timeout_seconds
+        ),
+        evacuation.REASON_DRAINED: evacuation.Timing(
+            cfg.node_drain.drain_after_seconds, cfg.node_drain.drain_timeout_seconds
         ),
     }
     in_flight = {
@@ -508,7 +603,8 @@ def _evacuate(
     for m in decision.mark:
         ref = {**owner.reference(), "blockOwnerDeletion": False}
         patches[m.pod] = {
-            "labels": {LABEL_POOL: None},
+            # Out of the pool's budget, into the evacuation budget while it serves.
+            "labels": {LABEL_POOL: None, LABEL_EVACUATING: "true"},
             "annotations": {
                 evacuation.ANNOTATION_REASON: m.trouble.reason,
                 evacuation.ANNOTATION_MESSAGE: m.trouble.detail,
@@ -528,7 +624,7 @@ def _evacuate(
         )
     for d in decision.drain:
         p = patches.setdefault(d.pod, {"labels": {}, "annotations": {}})
-        p["labels"][LABEL_COMPONENT] = evacuation.COMPONENT_DRAINING
+        p["labels"][LABEL_COMPONENT] = evacuation.COMPONENT_DRAINING  # out of the Services and budgets
         p["annotations"][evacuation.ANNOTATION_DRAINING] = stamp
         why = {
             "ReplacementReady": "its replacement is Ready",
@@ -644,7 +740,7 @@ def _write_status(
         ready["reason"],
         ready["message"],
     ):
-        if ready["reason"] in ("InvalidSpec", "DoesNotFit", "LeaderWorkerSetRequired"):
+        if ready["reason"] in ("InvalidSpec", "DoesNotFit", "LeaderWorkerSetRequired", UNSUPPORTED):
             ctx.kube.event(body, ready["reason"], ready["message"], warning=True)
         elif ready["status"] == "True" and (not prev_ready or prev_ready.get("status") != "True"):
             ctx.kube.event(body, "Ready", ready["message"])

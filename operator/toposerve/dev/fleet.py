@@ -123,97 +123,121 @@ def _taints(where: str, value: Any) -> list[dict[str, str]]:
     return out
 
 
-def nodes(fleet: Mapping[str, Any], profile: str) -> list[dict[str, Any]]:
-    """Node manifests for one profile of the fleet, in file order."""
+def _pools(fleet: Mapping[str, Any], profile: str) -> list[Mapping[str, Any]]:
     if profile not in fleet["profiles"]:
         raise FleetError(f"unknown profile {profile!r}; have {sorted(fleet['profiles'])}")
+    return list(fleet["profiles"][profile] or [])
+
+
+def _pool_nodes(
+    fleet: Mapping[str, Any], profile: str, j: int, pool: Any, cidrs: Iterator[str], count: int | None = None
+) -> list[dict[str, Any]]:
+    """The nodes of the ``j``-th pool of a profile (``count`` of them: the pool's own by default)."""
     gpu_types: Mapping[str, Mapping[str, Any]] = fleet.get("gpuTypes") or {}
     machines = {name: _machine(name, m) for name, m in (fleet.get("machines") or {}).items()}
+    if not isinstance(pool, Mapping) or not isinstance(pool.get("pool"), str):
+        raise FleetError(f"profiles.{profile}[{j}]: each pool needs a 'pool' name")
+    where = f"profile {profile}, pool {pool['pool']}"
+    if unknown := set(pool) - POOL_FIELDS:
+        raise FleetError(f"{where}: unknown fields {sorted(unknown)}")
+    if pool.get("machine") not in machines:
+        raise FleetError(f"{where}: machine {pool.get('machine')!r} is not in machines")
+    machine = machines[pool["machine"]]
+    pool_count = pool.get("count", 1)
+    if not isinstance(pool_count, int) or isinstance(pool_count, bool) or pool_count < 0:
+        raise FleetError(f"{where}: count must be a whole number >= 0, got {pool_count!r}")
+    count = pool_count if count is None else count
+    labels: dict[str, str] = {
+        "kubernetes.io/os": "linux",
+        "kubernetes.io/arch": machine["arch"],
+        "type": "kwok",
+        "toposerve.io/pool": pool["pool"],
+    }
+    if "zone" in pool:
+        labels["topology.kubernetes.io/zone"] = str(pool["zone"])
+    if "capacityType" in pool:
+        if pool["capacityType"] not in ("spot", "on-demand"):
+            raise FleetError(f"{where}: capacityType must be spot or on-demand")
+        labels[CAPACITY_TYPE_LABEL] = pool["capacityType"]
+    capacity = dict(machine["capacity"])
+    allocatable = dict(machine["allocatable"])
+    if product := pool.get("gpu"):
+        if product not in gpu_types:
+            raise FleetError(f"{where}: gpu {product!r} is not in gpuTypes")
+        gpus = pool.get("gpus")
+        if not isinstance(gpus, int) or gpus < 1:
+            raise FleetError(f"{where}: gpus must be a whole number >= 1 with gpu, got {gpus!r}")
+        if capacity.get(GPU_RESOURCE, str(gpus)) != str(gpus):
+            raise FleetError(f"{where}: gpus {gpus} but machine capacity has {capacity[GPU_RESOURCE]}")
+        # Labels as GFD writes them (NVIDIA/k8s-device-plugin docs/gpu-feature-discovery/README.md).
+        labels |= {
+            "nvidia.com/gpu.present": "true",
+            "nvidia.com/gpu.product": product,
+            "nvidia.com/gpu.count": str(gpus),
+            "nvidia.com/gpu.memory": str(gpu_types[product]["memoryMiB"]),
+            "nvidia.com/gpu.family": str(gpu_types[product]["family"]),
+        }
+        if "clique" in pool:
+            labels["nvidia.com/gpu.clique"] = str(pool["clique"])
+        capacity[GPU_RESOURCE] = allocatable[GPU_RESOURCE] = str(gpus)
+    elif "clique" in pool or "gpus" in pool:
+        raise FleetError(f"{where}: clique/gpus need gpu (the GFD product)")
+    labels |= machine["labels"] | _strings(f"{where}: labels", pool.get("labels"))
+    taints = _taints(f"{where}: taints", pool.get("taints"))
+    capacity.setdefault("pods", "110")
+    capacity.setdefault("ephemeral-storage", "100Gi")
+    # The kubelet reserves only cpu, memory, ephemeral-storage and pids; extended resources
+    # (nvidia.com/gpu) and pods are allocatable in full.
+    allocatable = {res: allocatable.get(res, q) for res, q in capacity.items()}
+    out: list[dict[str, Any]] = []
+    for i in range(count):
+        name = f"{pool['pool']}-{i}"
+        try:
+            cidr = next(cidrs)
+        except StopIteration:
+            raise FleetError(f"{where}: podNetwork has no /24 left for node {name}") from None
+        spec: dict[str, Any] = {"podCIDR": cidr, "podCIDRs": [cidr]}
+        if taints:
+            spec["taints"] = [dict(t) for t in taints]
+        if pool.get("unschedulable"):
+            spec["unschedulable"] = True
+        out.append(
+            {
+                "apiVersion": "v1",
+                "kind": "Node",
+                "metadata": {
+                    "name": name,
+                    "labels": {"kubernetes.io/hostname": name, **labels},
+                    # kwokctl's kwok manages nodes carrying this annotation.
+                    "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+                },
+                "spec": spec,
+                "status": {"capacity": dict(capacity), "allocatable": dict(allocatable)},
+            }
+        )
+    return out
+
+
+def nodes(fleet: Mapping[str, Any], profile: str) -> list[dict[str, Any]]:
+    """Node manifests for one profile of the fleet, in file order."""
     cidrs = node_cidrs(fleet.get("podNetwork", "10.244.0.0/16"))
     out: list[dict[str, Any]] = []
-    for j, pool in enumerate(fleet["profiles"][profile] or []):
-        if not isinstance(pool, Mapping) or not isinstance(pool.get("pool"), str):
-            raise FleetError(f"profiles.{profile}[{j}]: each pool needs a 'pool' name")
-        where = f"profile {profile}, pool {pool['pool']}"
-        if unknown := set(pool) - POOL_FIELDS:
-            raise FleetError(f"{where}: unknown fields {sorted(unknown)}")
-        if pool.get("machine") not in machines:
-            raise FleetError(f"{where}: machine {pool.get('machine')!r} is not in machines")
-        machine = machines[pool["machine"]]
-        count = pool.get("count", 1)
-        if not isinstance(count, int) or isinstance(count, bool) or count < 0:
-            raise FleetError(f"{where}: count must be a whole number >= 0, got {count!r}")
-        labels: dict[str, str] = {
-            "kubernetes.io/os": "linux",
-            "kubernetes.io/arch": machine["arch"],
-            "type": "kwok",
-            "toposerve.io/pool": pool["pool"],
-        }
-        if "zone" in pool:
-            labels["topology.kubernetes.io/zone"] = str(pool["zone"])
-        if "capacityType" in pool:
-            if pool["capacityType"] not in ("spot", "on-demand"):
-                raise FleetError(f"{where}: capacityType must be spot or on-demand")
-            labels[CAPACITY_TYPE_LABEL] = pool["capacityType"]
-        capacity = dict(machine["capacity"])
-        allocatable = dict(machine["allocatable"])
-        if product := pool.get("gpu"):
-            if product not in gpu_types:
-                raise FleetError(f"{where}: gpu {product!r} is not in gpuTypes")
-            gpus = pool.get("gpus")
-            if not isinstance(gpus, int) or gpus < 1:
-                raise FleetError(f"{where}: gpus must be a whole number >= 1 with gpu, got {gpus!r}")
-            if capacity.get(GPU_RESOURCE, str(gpus)) != str(gpus):
-                raise FleetError(f"{where}: gpus {gpus} but machine capacity has {capacity[GPU_RESOURCE]}")
-            # Labels as GFD writes them (NVIDIA/k8s-device-plugin docs/gpu-feature-discovery/README.md).
-            labels |= {
-                "nvidia.com/gpu.present": "true",
-                "nvidia.com/gpu.product": product,
-                "nvidia.com/gpu.count": str(gpus),
-                "nvidia.com/gpu.memory": str(gpu_types[product]["memoryMiB"]),
-                "nvidia.com/gpu.family": str(gpu_types[product]["family"]),
-            }
-            if "clique" in pool:
-                labels["nvidia.com/gpu.clique"] = str(pool["clique"])
-            capacity[GPU_RESOURCE] = allocatable[GPU_RESOURCE] = str(gpus)
-        elif "clique" in pool or "gpus" in pool:
-            raise FleetError(f"{where}: clique/gpus need gpu (the GFD product)")
-        labels |= machine["labels"] | _strings(f"{where}: labels", pool.get("labels"))
-        taints = _taints(f"{where}: taints", pool.get("taints"))
-        capacity.setdefault("pods", "110")
-        capacity.setdefault("ephemeral-storage", "100Gi")
-        # The kubelet reserves only cpu, memory, ephemeral-storage and pids; extended resources
-        # (nvidia.com/gpu) and pods are allocatable in full.
-        allocatable = {res: allocatable.get(res, q) for res, q in capacity.items()}
-        for i in range(count):
-            name = f"{pool['pool']}-{i}"
-            try:
-                cidr = next(cidrs)
-            except StopIteration:
-                raise FleetError(f"{where}: podNetwork has no /24 left for node {name}") from None
-            spec: dict[str, Any] = {"podCIDR": cidr, "podCIDRs": [cidr]}
-            if taints:
-                spec["taints"] = [dict(t) for t in taints]
-            if pool.get("unschedulable"):
-                spec["unschedulable"] = True
-            out.append(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Node",
-                    "metadata": {
-                        "name": name,
-                        "labels": {"kubernetes.io/hostname": name, **labels},
-                        # kwokctl's kwok manages nodes carrying this annotation.
-                        "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
-                    },
-                    "spec": spec,
-                    "status": {"capacity": dict(capacity), "allocatable": dict(allocatable)},
-                }
-            )
+    for j, pool in enumerate(_pools(fleet, profile)):
+        out += _pool_nodes(fleet, profile, j, pool, cidrs)
     names = [n["metadata"]["name"] for n in out]
     if dups := sorted({n for n in names if names.count(n) > 1}):
         raise FleetError(f"profile {profile}: duplicate node names {dups} (pool names must be unique)")
     return out
+
+
+def pool_template(fleet: Mapping[str, Any], profile: str, pool: str, pod_cidr: str) -> dict[str, Any]:
+    """One node of a profile's pool, built as ``nodes`` builds them, whatever the pool's count (a pool
+    scaled to zero still says what its nodes look like): what a provisioner launches
+    (``toposerve.dev.provisioner``). Named ``<pool>-0``; the caller renames it."""
+    for j, p in enumerate(_pools(fleet, profile)):
+        if isinstance(p, Mapping) and p.get("pool") == pool:
+            return _pool_nodes(fleet, profile, j, p, iter([pod_cidr]), count=1)[0]
+    raise FleetError(f"profile {profile}: no pool {pool!r}")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,7 +51,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -752,9 +752,19 @@ class PodRunner:
         log.info("stopped %s/%s[%s]", m.namespace, m.name, m.container)
 
     def _finish_pod(self, uid: str, namespace: str, name: str) -> None:
-        """Like the kubelet: SIGTERM, wait out the grace period, then delete the pod for good."""
+        """Like the kubelet: the preStop hooks, then SIGTERM, both within the grace period, which
+        counts from the deletion (kubernetes.io/docs "Pod Lifecycle", "Termination of Pods": the
+        hook runs first, SIGTERM follows when it returns, SIGKILL when the grace period is over);
+        then delete the pod for good."""
         managed = self.dying.get(uid, [])
+        start = time.monotonic()
+        hooks = [threading.Thread(target=self._pre_stop, args=(m, start)) for m in managed]
+        for t in hooks:  # each container's hook at once, as the kubelet runs them
+            t.start()
+        for t in hooks:
+            t.join()
         for m in managed:
+            m.grace = max(0.0, m.grace - (time.monotonic() - start))
             self._kill(m)
             log.info("stopped %s/%s[%s] (pod deleted)", m.namespace, m.name, m.container)
         with self.lock:
@@ -768,6 +778,22 @@ class PodRunner:
             )
         except Exception as e:  # already gone
             log.debug("final delete %s/%s: %s", namespace, name, e)
+
+    def _pre_stop(self, m: Managed, start: float) -> None:
+        """A container's preStop hook, cut at its grace period: the ``sleep`` action (beta and on
+        by default since Kubernetes 1.30) and ``httpGet`` are run; ``exec`` needs the image's
+        binaries, which the runner does not have, so it is skipped with a warning."""
+        hook = ((m.spec.get("lifecycle") or {}).get("preStop")) or {}
+        left = m.grace - (time.monotonic() - start)
+        if "sleep" in hook:
+            seconds = min(float(hook["sleep"].get("seconds", 0)), max(0.0, left))
+            log.info("%s/%s[%s] preStop: sleep %.0fs", m.namespace, m.name, m.container, seconds)
+            self.stopping.wait(seconds)
+        elif "httpGet" in hook:
+            ports = {p["name"]: p["containerPort"] for p in m.spec.get("ports") or [] if p.get("name")}
+            probe_ok(m.ip, {"httpGet": hook["httpGet"], "timeoutSeconds": max(1.0, left)}, ports)
+        elif hook:
+            log.warning("%s/%s[%s] preStop %s: not simulated", m.namespace, m.name, m.container, sorted(hook))
 
     def _begin_termination(self, pod: Mapping[str, Any]) -> None:
         meta = pod["metadata"]
@@ -923,10 +949,14 @@ def _pump(src: socket.socket, dst: socket.socket) -> None:
                 s.close()
 
 
-def forward(listen: tuple[str, int], target: tuple[str, int]) -> socket.socket:
+def forward(
+    listen: tuple[str, int], target: tuple[str, int] | Callable[[], tuple[str, int] | None]
+) -> socket.socket:
     """Relay TCP from ``listen`` to ``target`` in threads: the API server listens on loopback only,
-    and pods reach it at the pod network's bridge address through this relay."""
+    and pods reach it at the pod network's bridge address through this relay. ``target`` may be a
+    function choosing one per connection (None: refuse it), as dev/serviceproxy.py does."""
     server = socket.create_server(listen)
+    choose = target if callable(target) else lambda: target
 
     def serve() -> None:
         while True:
@@ -934,11 +964,15 @@ def forward(listen: tuple[str, int], target: tuple[str, int]) -> socket.socket:
                 client, _ = server.accept()
             except OSError:
                 return  # closed
+            to = choose()
+            if to is None:
+                client.close()
+                continue
             try:
-                upstream = socket.create_connection(target, timeout=10)
+                upstream = socket.create_connection(to, timeout=10)
                 upstream.settimeout(None)
             except OSError as e:
-                log.warning("forward %s -> %s: %s", listen, target, e)
+                log.warning("forward %s -> %s: %s", listen, to, e)
                 client.close()
                 continue
             threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()

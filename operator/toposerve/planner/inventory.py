@@ -15,10 +15,10 @@ import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from toposerve.api.gpus import GPUCatalog, GPUType
-from toposerve.api.nodelabels import DEFAULT_SCHEMES, ZONE_LABEL, LabelSchemes
+from toposerve.api.nodelabels import DEFAULT_SCHEMES, GFD_CLIQUE, ZONE_LABEL, LabelSchemes
 
 GPU_RESOURCE = "nvidia.com/gpu"
 # Set by the GPU health agent (health/node.py; the names are the agent's, repeated so the planner
@@ -144,6 +144,7 @@ class NodeInfo:
     interruption: str | None = None  # that taint's key
     gpu_unhealthy: bool = False  # GPUHealthy=False or the gpu-unhealthy taint (the health agent's)
     health_message: str = ""  # the GPUHealthy condition's message
+    cordoned: bool = False  # spec.unschedulable: `kubectl cordon` / the first step of `kubectl drain`
     schedulable: bool = True
     labels: Mapping[str, str] = field(default_factory=dict)
     taints: tuple[Taint, ...] = ()
@@ -154,6 +155,10 @@ class NodeInfo:
     used_memory: float = 0.0
     allocatable_ephemeral: float = math.inf
     used_ephemeral: float = 0.0
+    # Allocatable extended resources other than GPUs, as device plugins advertise them (EFA
+    # ``vpc.amazonaws.com/efa``, ``rdma/*``, GKE ``networking.gke.io.networks/*``): render/fabric.py
+    # requests a fabric only where every node of the GPU type offers it.
+    extended: Mapping[str, int] = field(default_factory=dict)
 
     def admits(self, node_selector: Mapping[str, str], tolerations: Iterable[Mapping[str, Any]]) -> bool:
         """Whether a pod with this node selector and these tolerations may be scheduled here."""
@@ -326,6 +331,7 @@ def node_info(
         interrupted=stopping,
         interruption=notice,
         gpu_unhealthy=unhealthy,
+        cordoned=bool(spec.get("unschedulable", False)),
         health_message=str(health.get("message") or ""),
         # A node about to go, or whose GPUs are unhealthy, offers no capacity, whatever the taint's effect.
         schedulable=ready and not spec.get("unschedulable", False) and not stopping and not unhealthy,
@@ -337,6 +343,7 @@ def node_info(
         used_memory=used.memory,
         allocatable_ephemeral=_qty(alloc.get("ephemeral-storage"), math.inf),
         used_ephemeral=used.ephemeral,
+        extended={k: int(_qty(v)) for k, v in alloc.items() if "/" in k and k != GPU_RESOURCE},
     )
 
 
@@ -366,28 +373,104 @@ def usage_by_node(pods: Iterable[Mapping[str, Any]]) -> dict[str, Usage]:
     return out
 
 
+class TopologyChoice(NamedTuple):
+    """Where the pods of one multi-node replica must be, and where they had better be.
+
+    ``key``: the label every pod of a replica shares, required (None: no label can be required, the
+    pods land wherever the scheduler puts them). ``preferred``: better labels, best first, that the
+    nodes may or may not carry, rendered as preferred pod affinity. ``reason``: what status says.
+    """
+
+    key: str | None
+    reason: str
+    preferred: tuple[str, ...] = ()
+
+
+def provisioned_topology(
+    inventory: Inventory, schemes: LabelSchemes = DEFAULT_SCHEMES
+) -> tuple[str, tuple[str, ...]]:
+    """(where new nodes come from, the topology labels each of them will carry) in a cluster whose
+    GPU pools scale from zero.
+
+    Recognised by the provider's own node labels on any node (CPU nodes included: a pool at zero has
+    none of its own): Karpenter, GKE, EKS, AKS (``labelSchemes.provisioned``). A cluster matching no
+    provider: the topology labels every node now carries (its own convention, e.g. an on-prem zone
+    per rack); no nodes at all: none.
+    """
+    for p in schemes.provisioned:
+        if any(key in n.labels for n in inventory.nodes for key in p.detect):
+            return p.name, tuple(p.topology)
+    if not inventory.nodes:
+        return "an empty cluster", ()
+    looked = [*schemes.topology, ZONE_LABEL]
+    every = tuple(k for k in looked if all(k in n.labels for n in inventory.nodes))
+    return "this cluster (no provisioner recognised; labels every node carries)", every
+
+
 def topology_key_for(
     inventory: Inventory | None,
     gpu_type: str,
     nodes_per_replica: int,
     candidates: Sequence[str],
     fallback: str = ZONE_LABEL,
-) -> tuple[str | None, str]:
+    schemes: LabelSchemes = DEFAULT_SCHEMES,
+    multi_node_nvlink: bool = False,
+    on_demand: bool = False,
+) -> TopologyChoice:
     """The label that keeps a multi-node replica inside one tightly connected domain, and why.
 
-    The first of ``candidates`` (best first) whose domain holds ``nodes_per_replica`` nodes of this
-    type wins; then ``fallback`` (the zone). Without an inventory the first candidate is assumed.
-    None when no label the nodes carry groups enough of them: the replica's pods then land wherever
-    the scheduler puts them, and status says so.
+    With nodes of this type: the first of ``candidates`` (best first) whose domain holds
+    ``nodes_per_replica`` of them wins; then ``fallback`` (the zone); None when no label the nodes
+    carry groups enough of them (status says so). Without an inventory the first candidate is
+    assumed.
+
+    With no node of this type now (a pool scaled to zero, gpuNodeProvisioning on-demand), the key is
+    chosen from the labels a node the provisioner creates will carry (``provisioned_topology``), never
+    from what existing nodes of other types carry: kube-scheduler rejects a node lacking a required
+    pod-affinity topology key even for a group's first pod (InterPodAffinity: "all topology labels
+    must exist on the node"), so requiring ``nvidia.com/gpu.clique`` of an H100 pool at zero keeps
+    the leader Pending and the provisioner never creates the node. The first candidate (or the
+    fallback) every new node carries is required; the better candidates are preferred, with the
+    NVLink clique left out unless the GPU type's NVLink domain spans nodes (``multi_node_nvlink``).
+    With ``on_demand`` the better candidates stay preferred once nodes exist, so that a pool going
+    from zero to some nodes does not change the pods' template (a rolling restart of every group)
+    while the required key stays the same.
     """
     if inventory is None:
-        return (candidates[0] if candidates else fallback), "no node inventory: assumed"
+        return TopologyChoice((candidates[0] if candidates else fallback), "no node inventory: assumed")
     if not inventory.nodes_of(gpu_type):
-        return (candidates[0] if candidates else fallback), f"no {gpu_type} nodes now: assumed"
-    for key in [*candidates, fallback]:
+        source, carried = provisioned_topology(inventory, schemes)
+        order = list(dict.fromkeys([*candidates, fallback]))
+        key = next((k for k in order if k in carried), None)
+        better = order[: order.index(key)] if key else order
+        preferred = tuple(k for k in better if k != GFD_CLIQUE or multi_node_nvlink)
+        pref = f"; preferred {', '.join(preferred)} (only some new nodes carry them)" if preferred else ""
+        if key is None:
+            reason = (
+                f"no {gpu_type} nodes now: none of {', '.join(order)} is on every node {source} creates, so "
+                f"none is required (a group's pods may land in different domains){pref}"
+            )
+        else:
+            reason = (
+                f"no {gpu_type} nodes now: required {key}, which every node {source} creates carries{pref}; "
+                "a required key the new node lacked would keep the group's first pod Pending and no node "
+                "would be created"
+            )
+        return TopologyChoice(key, reason, preferred)
+    order = [*candidates, fallback]
+    for i, key in enumerate(order):
         groups = inventory.domains(gpu_type, key)
         if groups and max(len(g) for g in groups.values()) >= nodes_per_replica:
             biggest = max(len(g) for g in groups.values())
-            return key, f"{gpu_type} nodes carry {key} ({len(groups)} domain(s), up to {biggest} nodes)"
+            reason = f"{gpu_type} nodes carry {key} ({len(groups)} domain(s), up to {biggest} nodes)"
+            if not on_demand:
+                return TopologyChoice(key, reason)
+            kept = tuple(
+                k for k in dict.fromkeys(order[:i]) if k != key and (k != GFD_CLIQUE or multi_node_nvlink)
+            )
+            pref = f"; preferred {', '.join(kept)} (nodes created on demand may carry them)" if kept else ""
+            return TopologyChoice(key, f"required {key}: {reason}{pref}", kept)
     looked = ", ".join([*candidates, fallback])
-    return None, f"no topology label groups {nodes_per_replica} {gpu_type} nodes (looked for {looked})"
+    return TopologyChoice(
+        None, f"no topology label groups {nodes_per_replica} {gpu_type} nodes (looked for {looked})"
+    )

@@ -28,7 +28,7 @@ from toposerve.api.nodelabels import GFD_CLIQUE
 from toposerve.api.spec import DTYPE_BYTES, Architecture, LLMDeploymentSpec, ParallelismSpec, PoolSpec
 from toposerve.planner import poolorder, quantization, resources
 from toposerve.planner.cost import gpu_hourly_price
-from toposerve.planner.inventory import Inventory, PodShape, topology_key_for
+from toposerve.planner.inventory import Inventory, PodShape, provisioned_topology, topology_key_for
 from toposerve.planner.memory import GIB, Fit, Layout, ModelMemory, evaluate
 from toposerve.planner.tiers import tier_order
 
@@ -73,6 +73,9 @@ class PoolPlan(_Out):
     memory_gib_per_pod: int = Field(default=0, alias="memoryGiBPerPod")
     ephemeral_gib_per_pod: int = Field(default=0, alias="ephemeralGiBPerPod")  # weights + scratch
     topology_key: str | None = None  # multi-node replicas: the label whose domain holds a replica
+    # Better domains a replica is only steered to (preferred pod affinity), best first: the pool has
+    # no node now and the nodes a provisioner creates may lack these labels (planner/inventory.py).
+    preferred_topology_keys: list[str] = Field(default_factory=list)
     topology_reason: str | None = None
     nvlink_across_nodes: bool = Field(
         default=False, alias="nvlinkAcrossNodes"
@@ -404,6 +407,21 @@ def plan_pool(
         domain = gpu.nvlink_domain_gpus
         if nodes_now and not any(GFD_CLIQUE in n.labels for n in nodes_now):
             domain = 0
+        clique_note = ""
+        # A pool at zero: TP may span nodes only where every node the provisioner creates says its
+        # NVLink domain (a clique label it is sure to carry); else pipeline stages cross the nodes.
+        if (
+            domain
+            and live
+            and inventory is not None
+            and not inventory.nodes_of(name)
+            and GFD_CLIQUE not in provisioned_topology(inventory, config.label_schemes)[1]
+        ):
+            domain = 0
+            clique_note = (
+                f"; tensor parallelism stays inside a node: a new {name} node need not carry {GFD_CLIQUE} "
+                "(its NVLink domain)"
+            )
         choice, why = _search(m, arch, par, gpu, gpn, ctx, spec, config, domain)
         if choice is None:
             rejected.append(Rejected(gpu_type=name, reason=why))
@@ -416,6 +434,7 @@ def plan_pool(
         nvlink_span = choice.nodes > 1 and layout.tp > per_pod
         topo_key: str | None = None
         topo_reason: str | None = None
+        topo_preferred: list[str] = []
         if choice.nodes > 1:
             # TP across nodes needs the NVLink domain itself; PP stages tolerate a rack or a zone.
             if nvlink_span:
@@ -425,9 +444,17 @@ def plan_pool(
             else:
                 candidates = list(config.label_schemes.topology)
             fallback = GFD_CLIQUE if nvlink_span else spec.placement.fallback_topology_key
-            topo_key, topo_reason = topology_key_for(
-                inventory if live else None, name, choice.nodes, candidates, fallback
+            topo = topology_key_for(
+                inventory if live else None,
+                name,
+                choice.nodes,
+                candidates,
+                fallback,
+                config.label_schemes,
+                multi_node_nvlink=gpu.nvlink_domain_gpus > per_pod,
+                on_demand=not static,
             )
+            topo_key, topo_reason, topo_preferred = topo.key, topo.reason + clique_note, list(topo.preferred)
         weights_gib = round(arch.parameters * 1e9 * DTYPE_BYTES[dtype] / GIB, 1)
         ephemeral = ephemeral_gib(spec, weights_gib)
         if nodes_now:
@@ -515,6 +542,7 @@ def plan_pool(
             cpu_per_pod=res.cpu,
             memory_gib_per_pod=res.memory_gib,
             topology_key=topo_key,
+            preferred_topology_keys=topo_preferred,
             topology_reason=topo_reason,
             nvlink_across_nodes=nvlink_span,
             spot=spot,

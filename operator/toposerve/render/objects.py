@@ -23,9 +23,12 @@ from toposerve import API_GROUP, API_VERSION
 from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
 from toposerve.api.spec import LLMDeploymentSpec
+from toposerve.planner.inventory import Inventory
 from toposerve.planner.memory import GIB
 from toposerve.planner.plan import IMAGE_WEIGHTS_DIR, DeploymentPlan, PoolPlan, cache_gib
 from toposerve.planner.resources import cpu_quantity
+from toposerve.render.disruption import EVACUATION_MIN_AVAILABLE, disruption
+from toposerve.render.fabric import NO_FABRIC, fabric_for
 from toposerve.render.placement import router_affinity, serving_affinity, serving_tolerations
 
 ENGINE_PORT = 8000
@@ -42,6 +45,27 @@ ANNOTATION_PLAN = "toposerve.io/plan"
 MASTER_PORT = 29500  # torch.distributed rendezvous on the group leader (vLLM --master-port)
 MODELS_DIR = "/models"
 MAX_HOLD_SECONDS = 300
+LABEL_EVACUATING = "toposerve.io/evacuating"  # on a pod the operator is moving (covered by its own budget)
+# After the drain: vLLM releases GPU memory and its worker processes exit (seconds, measured by
+# nobody: a margin; the mock exits at once).
+ENGINE_TEARDOWN_SECONDS = 30
+MOCK_TEARDOWN_SECONDS = 5
+ROUTER_TEARDOWN_SECONDS = 5
+# The router image's user (hack/image, the chart's runAsUser): routers and mock engines meet the
+# `restricted` Pod Security Standard.
+IMAGE_UID = 65532
+SECCOMP_DEFAULT = {"type": "RuntimeDefault"}
+RESTRICTED_POD = {
+    "runAsNonRoot": True,
+    "runAsUser": IMAGE_UID,
+    "runAsGroup": IMAGE_UID,
+    "seccompProfile": SECCOMP_DEFAULT,
+}
+RESTRICTED_CONTAINER = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+}
 
 _ENV = jinja2.Environment(
     loader=jinja2.FileSystemLoader(str(Path(__file__).parent / "templates")),
@@ -148,10 +172,21 @@ class _Ctx:
     pod_labels: dict[str, str] = field(default_factory=dict)
     worker_labels: dict[str, str] = field(default_factory=dict)
     pod_annotations: dict[str, str] = field(default_factory=dict)
+    worker_annotations: dict[str, str] = field(default_factory=dict)
     lws_annotations: dict[str, str] = field(default_factory=dict)
     topology_key: str = ""
     grace_seconds: int = 120
-    startup_failure_threshold: int = 180
+    pre_stop_seconds: int = 0
+    probes: dict[str, Any] = field(default_factory=dict)
+    pod_security_context: dict[str, Any] = field(default_factory=dict)
+    security_context: dict[str, Any] = field(default_factory=dict)
+    resource_claims: list[dict[str, Any]] = field(default_factory=list)  # pod-level (DRA), fabric only
+    claims: list[dict[str, str]] = field(default_factory=list)  # the engine container's resources.claims
+    runtime_class_name: str | None = None
+    disruption_strategy: str = "Surge"
+    rolling_update: dict[str, Any] = field(default_factory=dict)
+    pdb_min_available: int = 0
+    pdb_comment: str = ""
     service_name: str = ""
     service_port: int = ENGINE_PORT
 
@@ -211,21 +246,46 @@ def pod_tolerations(spec: LLMDeploymentSpec, plan: PoolPlan, config: OperatorCon
     return serving_tolerations(plan.spot, config.label_schemes, user)
 
 
-def _vllm_commands(plan: PoolPlan) -> tuple[list[str], list[str], list[str]]:
+def shutdown_timeout(spec: LLMDeploymentSpec, config: OperatorConfig) -> int:
+    """The engines' --shutdown-timeout: the spec's, else the operator's default."""
+    t = spec.serving.shutdown_timeout_seconds
+    return config.engine_shutdown_timeout_seconds if t is None else t
+
+
+def engine_probes(startup_failure_threshold: int) -> dict[str, Any]:
+    """Probes that do not kill a loaded engine: an engine busy with a long prefill answers /health
+    late (vLLM serves it on the same event loop as the streams), so readiness waits 5 s and three
+    misses before taking it out of rotation, and liveness restarts it (a full model reload) only
+    after five misses of 10 s, 30 s apart: about 2.5 minutes of silence. KServe's vLLM templates
+    use 10 s / 5 s timeouts, llm-d 5 s with liveness every 30 s (docs/production.md)."""
+    get = {"path": "/health", "port": "http"}
+    return {
+        "startup": {"httpGet": get, "periodSeconds": 10, "timeoutSeconds": 5,
+                    "failureThreshold": startup_failure_threshold},
+        "readiness": {"httpGet": get, "periodSeconds": 5, "timeoutSeconds": 5, "failureThreshold": 3},
+        "liveness": {"httpGet": get, "periodSeconds": 30, "timeoutSeconds": 10, "failureThreshold": 5},
+    }  # fmt: skip
+
+
+def _vllm_commands(plan: PoolPlan, shutdown_s: int) -> tuple[list[str], list[str], list[str]]:
     """(command, leader args, worker args) for vLLM.
 
     Multi-node replicas use vLLM's native multi-node launch (no Ray cluster to form): every pod runs
     ``vllm serve`` with the same plan and ``--nnodes``; the leader (rank 0) serves HTTP, workers
     run ``--headless`` with their LeaderWorkerSet index as node rank, and all meet at the leader's
     address. Kubernetes expands ``$(LWS_...)``, which LeaderWorkerSet injects into every pod.
+
+    ``--shutdown-timeout`` on every pod: vLLM 0.33.0 defaults it to 0, which aborts in-flight
+    requests on SIGTERM (``entrypoints/launchers/launcher.py``); EngineCore reads it on every node.
     """
-    serve = [*plan.vllm_args, "--port", str(ENGINE_PORT)]
+    args = [*plan.vllm_args, "--shutdown-timeout", str(shutdown_s)]
+    serve = [*args, "--port", str(ENGINE_PORT)]
     if plan.nodes_per_replica <= 1:
         return ["vllm", "serve"], serve, []
     multi = ["--nnodes", str(plan.nodes_per_replica), "--master-addr", "$(LWS_LEADER_ADDRESS)",
              "--master-port", str(MASTER_PORT)]  # fmt: skip
     leader = [*serve, *multi, "--node-rank", "0"]
-    worker = [*plan.vllm_args, *multi, "--node-rank", "$(LWS_WORKER_INDEX)", "--headless"]
+    worker = [*args, *multi, "--node-rank", "$(LWS_WORKER_INDEX)", "--headless"]
     return ["vllm", "serve"], leader, worker
 
 
@@ -273,10 +333,11 @@ def _engine_storage(
 LISTEN_ALL = "0.0.0.0"
 
 
-def _mock_args(plan: PoolPlan, served: str) -> list[str]:
+def _mock_args(plan: PoolPlan, served: str, shutdown_s: int) -> list[str]:
     assert plan.gpu_type is not None
     return [
         "--host", LISTEN_ALL,
+        "--shutdown-timeout", str(shutdown_s),
         "--port", str(ENGINE_PORT),
         "--model", served,
         "--gpu-type", plan.gpu_type,
@@ -303,9 +364,14 @@ def render_pool(
     config: OperatorConfig,
     owner: Owner | None = None,
     _baseline: bool = False,
+    _budget_replicas: int | None = None,
+    inventory: Inventory | None = None,
 ) -> list[dict[str, Any]]:
     """The workload (Deployment or LeaderWorkerSet), PodDisruptionBudget and Service of one pool on
-    one GPU type.
+    one GPU type, then what the pool's fabric needs (a GB200 ComputeDomain; render/fabric.py).
+
+    ``inventory``: the nodes, from which a multi-node replica's fabric is chosen (EFA, GPUDirect
+    RDMA, InfiniBand/RoCE, IMEX); without one no fabric is requested.
 
     A spot pool with an on-demand baseline gets a second workload ``<workload>-od`` holding the
     baseline's replicas on on-demand nodes only (its pods and selector carry ``toposerve.io/capacity:
@@ -317,12 +383,16 @@ def render_pool(
         od = min(plan.on_demand_baseline, plan.replicas)
         rest = plan.model_copy(update={"on_demand_baseline": 0, "replicas": plan.replicas - od})
         od_plan = plan.model_copy(update={"on_demand_baseline": 0, "spot": False, "replicas": od})
-        objs = render_pool(name, namespace, spec, dplan, rest, config, owner)
-        return (
-            objs[:1]
-            + render_pool(name, namespace, spec, dplan, od_plan, config, owner, _baseline=True)[:1]
-            + objs[1:]
+        # the pool's budget selects both workloads: it counts all of the pool's replicas
+        inv = inventory
+        objs = render_pool(
+            name, namespace, spec, dplan, rest, config, owner, _budget_replicas=plan.replicas, inventory=inv
         )
+        od_objs = render_pool(
+            name, namespace, spec, dplan, od_plan, config, owner, _baseline=True, inventory=inv
+        )
+        # the baseline's own workload, and its fabric objects (past its budget and Service)
+        return objs[:1] + od_objs[:1] + objs[1:] + od_objs[3:]
     catalog = config.catalog()
     gpu = catalog.get(plan.gpu_type)
     mock = dplan.engine == "mock"
@@ -347,20 +417,27 @@ def render_pool(
     volumes: list[dict[str, Any]] = [dshm]
     mounts: list[dict[str, Any]] = [{"name": "dshm", "mountPath": "/dev/shm"}]
     startup = 300
+    shutdown_s = shutdown_timeout(spec, config)
+    pod_security: dict[str, Any] = {"seccompProfile": SECCOMP_DEFAULT}
+    container_security: dict[str, Any] = {"allowPrivilegeEscalation": False}
     if mock:
         image = config.toposerve_image
         command, leader_args, worker_args = (
             ["toposerve", "mock-engine"],
-            _mock_args(plan, dplan.served_name),
+            _mock_args(plan, dplan.served_name, shutdown_s),
             [],
         )
+        pod_security, container_security = RESTRICTED_POD, RESTRICTED_CONTAINER  # the project's image
         requests = {"cpu": config.mock_cpu, "memory": config.mock_memory}
         limits = {"memory": "1Gi"}
         if config.mock_holds_gpus:  # a simulated fleet: occupy the GPUs vLLM would
             requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(plan.gpus_per_pod)
     else:
         image = spec.serving.image or config.vllm_image
-        command, leader_args, worker_args = _vllm_commands(plan)
+        command, leader_args, worker_args = _vllm_commands(plan, shutdown_s)
+        # vLLM's get_ip() guesses an interface otherwise; the pod IP is the one peers reach
+        # (production-stack sets the same).
+        env.append({"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
         gpus = str(plan.gpus_per_pod)
         store_env, store_volumes, store_mounts, storage = _engine_storage(plan, spec)
         env += store_env
@@ -374,7 +451,22 @@ def render_pool(
         }
         limits = {"nvidia.com/gpu": gpus}
         startup = startup_seconds(plan, spec, config)
+    # The fast interconnect of a multi-node vLLM replica (render/fabric.py): none for single-node
+    # replicas and the mock engine.
+    fabric = fabric_for(plan, dplan.engine, inventory, catalog, object_name) if multi else NO_FABRIC
+    requests = {**requests, **fabric.resources}
+    limits = {**limits, **fabric.resources}
+    env += fabric.env
+    volumes += fabric.volumes
+    mounts += fabric.volume_mounts
+    if fabric.capabilities:  # RDMA pins memory: IPC_LOCK, and only there
+        container_security = {**container_security, "capabilities": {"add": list(fabric.capabilities)}}
     group_key = plan.topology_key if multi else None
+    rules = disruption(
+        spec.disruption.strategy,
+        plan.replicas if _budget_replicas is None else _budget_replicas,
+        plan.nodes_per_replica if multi else 1,
+    )
     affinity = serving_affinity(
         gpu,
         plan.gpus_per_pod,
@@ -383,6 +475,7 @@ def render_pool(
         gpu_backed(dplan, config),
         group_key,
         pool_sel,
+        group_preferred_keys=plan.preferred_topology_keys if multi else (),
     )
     ctx = _Ctx(
         object_name=object_name,
@@ -418,11 +511,23 @@ def render_pool(
             "prometheus.io/scrape": "true",
             "prometheus.io/port": str(ENGINE_PORT),
             "prometheus.io/path": "/metrics",
+            **fabric.pod_annotations,
         },
+        worker_annotations=dict(fabric.pod_annotations),
         lws_annotations={ANNOTATION_PLAN: plan_summary(plan)},
         topology_key=plan.topology_key or "",
-        grace_seconds=30 if mock else 120,
-        startup_failure_threshold=max(30, math.ceil(startup / 10)),
+        pre_stop_seconds=config.pre_stop_seconds,
+        grace_seconds=config.pre_stop_seconds
+        + shutdown_s
+        + (MOCK_TEARDOWN_SECONDS if mock else ENGINE_TEARDOWN_SECONDS),
+        probes=engine_probes(max(30, math.ceil(startup / 10))),
+        pod_security_context=pod_security,
+        security_context=container_security,
+        resource_claims=fabric.resource_claims,
+        claims=fabric.claims,
+        runtime_class_name=None if mock else (spec.serving.runtime_class_name or config.runtime_class_name),
+        disruption_strategy=spec.disruption.strategy,
+        rolling_update=rules.rolling_update,
         # A rollout may take as long as a start, plus time to be scheduled (and a node provisioned).
         progress_deadline_seconds=startup + 600,
     )
@@ -431,7 +536,7 @@ def render_pool(
     pdb_sel = pool_sel if multi else {**pool_sel, LABEL_COMPONENT: "engine"}
     pdb_ctx = _Ctx(
         object_name=ctx.object_name, namespace=namespace, labels=labels, owner_refs=ctx.owner_refs,
-        selector=pdb_sel,
+        selector=pdb_sel, pdb_min_available=rules.min_available, pdb_comment=rules.comment,
     )  # fmt: skip
     svc_labels = {**labels, LABEL_COMPONENT: "engine"}
     if plan.context_parallel > 1:
@@ -441,7 +546,12 @@ def render_pool(
         object_name=f"{ctx.object_name}-http", namespace=namespace, labels=svc_labels, owner_refs=ctx.owner_refs,
         selector={**pool_sel, LABEL_COMPONENT: "engine"},
     )  # fmt: skip
-    return [workload, _render("pdb.yaml.j2", pdb_ctx), _render("service.yaml.j2", svc_ctx)]
+    extra = [
+        {**o, "metadata": {**o["metadata"], "namespace": namespace, "labels": dict(labels),
+                           **({"ownerReferences": ctx.owner_refs} if ctx.owner_refs else {})}}
+        for o in fabric.objects
+    ]  # fmt: skip
+    return [workload, _render("pdb.yaml.j2", pdb_ctx), _render("service.yaml.j2", svc_ctx), *extra]
 
 
 def render_deployment(
@@ -451,8 +561,9 @@ def render_deployment(
     plan: DeploymentPlan,
     config: OperatorConfig | None = None,
     owner: Owner | None = None,
+    inventory: Inventory | None = None,
 ) -> list[dict[str, Any]]:
-    """Every child object of one LLMDeployment, in apply order."""
+    """Every child object of one LLMDeployment, in apply order (``inventory``: see render_pool)."""
     config = config or OperatorConfig()
     if len(name) > MAX_NAME:
         raise SpecError(
@@ -460,16 +571,37 @@ def render_deployment(
         )
     objects: list[dict[str, Any]] = []
     for pool in plan.pools:
-        objects += render_pool(name, namespace, spec, plan, pool, config, owner)
+        objects += render_pool(name, namespace, spec, plan, pool, config, owner, inventory=inventory)
     svc = _Ctx(
         object_name=engine_service_name(name), namespace=namespace,
         labels={**common_labels(name), LABEL_COMPONENT: "engine"},
         owner_refs=[owner.reference()] if owner else [], selector=engine_selector(name),
     )  # fmt: skip
     objects.append(_render("service.yaml.j2", svc))
+    objects.append(render_evacuation_budget(name, namespace, owner))
     if spec.routing.enabled:
         objects += render_router(name, namespace, spec, config, owner)
     return objects
+
+
+def evacuation_budget_name(name: str) -> str:
+    return f"{name}-evacuating"
+
+
+def render_evacuation_budget(name: str, namespace: str, owner: Owner | None = None) -> dict[str, Any]:
+    """The budget of the pods the operator is moving (controller/evacuation.py marks them with
+    LABEL_EVACUATING when it takes them out of their pool): none of them may be evicted while it
+    is Ready, so a ``kubectl drain`` waits until the operator has drained the pod from the router
+    (it then leaves this budget's selector) instead of cutting its replica before its replacement
+    serves. Unready ones may go (``unhealthyPodEvictionPolicy: AlwaysAllow``)."""
+    ctx = _Ctx(
+        object_name=evacuation_budget_name(name), namespace=namespace, labels=common_labels(name),
+        owner_refs=[owner.reference()] if owner else [],
+        selector={LABEL_DEPLOYMENT: name, LABEL_COMPONENT: "engine", LABEL_EVACUATING: "true"},
+        pdb_min_available=EVACUATION_MIN_AVAILABLE,
+        pdb_comment="none of the pods the operator is moving while they serve (render/disruption.py)",
+    )  # fmt: skip
+    return _render("pdb.yaml.j2", ctx)
 
 
 def router_name(name: str) -> str:
@@ -483,11 +615,15 @@ def endpoint_url(name: str, namespace: str, spec: LLMDeploymentSpec) -> str:
     return f"http://{engine_service_name(name)}.{namespace}.svc:{ENGINE_PORT}/v1"
 
 
-def router_args(name: str, spec: LLMDeploymentSpec) -> list[str]:
+def router_args(name: str, spec: LLMDeploymentSpec, config: OperatorConfig | None = None) -> list[str]:
     r = spec.routing
     args = [
-        "--host", LISTEN_ALL,
+        # Dual-stack: "::" listens on IPv6 and IPv4 (proxy._dual_stack_socket), IPv4 only where
+        # the pod has no IPv6.
+        "--host", "::",
         "--port", str(ROUTER_PORT),
+        # A stream through the router lasts as long as its engine lets it (--shutdown-timeout).
+        "--drain-timeout", str(shutdown_timeout(spec, config or OperatorConfig())),
         "--llmdeployment", name,
         "--strategy", r.strategy,
         "--session-header", r.session_header,
@@ -526,7 +662,11 @@ def render_router(
         affinity=router_affinity(config.label_schemes, config.router_node_placement, selector),
         image=config.toposerve_image,
         command=["toposerve", "router"],
-        leader_args=router_args(name, spec),
+        leader_args=router_args(name, spec, config),
+        pre_stop_seconds=config.pre_stop_seconds,
+        grace_seconds=config.pre_stop_seconds + shutdown_timeout(spec, config) + ROUTER_TEARDOWN_SECONDS,
+        pod_security_context=RESTRICTED_POD,
+        security_context=RESTRICTED_CONTAINER,
         requests={"cpu": "250m", "memory": "128Mi"},
         limits={"memory": "1Gi"},
         pod_labels=labels,

@@ -9,6 +9,7 @@ the label, which is what makes "not spot" safe on providers that never set a giv
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from toposerve.api.gpus import GPUType
@@ -52,6 +53,7 @@ def serving_affinity(
     requires_gpu: bool,
     group_topology_key: str | None = None,
     group_selector: dict[str, str] | None = None,
+    group_preferred_keys: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The affinity of a serving pod.
 
@@ -61,6 +63,12 @@ def serving_affinity(
     to the pod's own group by ``matchLabelKeys`` (the API server adds the group-key value at pod
     creation; the key may not also appear in the selector), so several groups can share one big
     domain (a GB200 rack holds many 2-node replicas).
+
+    ``group_preferred_keys`` (best first) only steer the group's pods into one domain of those
+    labels, as preferred pod affinity with falling weights: for a GPU pool at zero nodes, whose new
+    nodes may lack them (a required key a node lacks rejects even the group's first pod, so nothing
+    schedules and no node is provisioned). Karpenter treats preferences as requirements first and
+    relaxes them when they cannot be met (karpenter.sh/docs/concepts/scheduling, "Preferences").
     """
     node: dict[str, Any]
     terms = gpu_terms(gpu, gpus_per_pod, spot, schemes)
@@ -77,16 +85,25 @@ def serving_affinity(
                 "nodeSelectorTerms": [{"matchExpressions": _not_spot(schemes)}]
             }
     out: dict[str, Any] = {"nodeAffinity": node}
-    if group_topology_key:
-        out["podAffinity"] = {
-            "requiredDuringSchedulingIgnoredDuringExecution": [
-                {
-                    "labelSelector": {"matchLabels": dict(group_selector or {})},
-                    "matchLabelKeys": [GROUP_KEY_LABEL],
-                    "topologyKey": group_topology_key,
-                }
-            ]
+
+    def term(key: str) -> dict[str, Any]:
+        return {
+            "labelSelector": {"matchLabels": dict(group_selector or {})},
+            "matchLabelKeys": [GROUP_KEY_LABEL],
+            "topologyKey": key,
         }
+
+    pod: dict[str, Any] = {}
+    if group_topology_key:
+        pod["requiredDuringSchedulingIgnoredDuringExecution"] = [term(group_topology_key)]
+    preferred = [k for k in dict.fromkeys(group_preferred_keys) if k != group_topology_key]
+    if preferred:
+        # 100 for the best, halving after: one better domain outweighs all the worse ones together.
+        pod["preferredDuringSchedulingIgnoredDuringExecution"] = [
+            {"weight": max(1, 100 >> i), "podAffinityTerm": term(k)} for i, k in enumerate(preferred)
+        ]
+    if pod:
+        out["podAffinity"] = pod
     return out
 
 

@@ -140,6 +140,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="after start-up, freeze its objects out of Python's cyclic GC and collect the young "
         "generation every N allocations (Python: 700); 0 leaves the GC as Python sets it",
     )
+    t.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=float(os.environ.get("TOPOSERVE_ROUTER_DRAIN_TIMEOUT", "120")),
+        help="on SIGTERM: seconds in-flight requests get to finish (the pod's grace period must be "
+        "longer; the operator renders it above the engines' --shutdown-timeout)",
+    )
+    t.add_argument(
+        "--drain-quiet",
+        type=float,
+        default=5.0,
+        help="on SIGTERM: stop once nothing is in flight and no request came for this long",
+    )
     t.add_argument("--log-level", default=os.environ.get("TOPOSERVE_LOG_LEVEL", "INFO"))
 
 
@@ -163,6 +176,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit("toposerve router: error: --write-timeout must be 0 (off) or more seconds")
     if args.upstream_keepalive < 0:
         raise SystemExit("toposerve router: error: --upstream-keepalive must be 0 (no reuse) or more seconds")
+    if args.drain_timeout < 0 or args.drain_quiet < 0:
+        raise SystemExit(
+            "toposerve router: error: --drain-timeout and --drain-quiet must be 0 or more seconds"
+        )
     if args.gc_gen0_threshold < 0:
         raise SystemExit("toposerve router: error: --gc-gen0-threshold must be 0 (off) or more")
     selector = args.selector or (engine_selector(args.llmdeployment) if args.llmdeployment else None)
@@ -228,9 +245,16 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await stop.wait()
+        # Drain: unready, `Connection: close` on every answer, in-flight streams finish (the
+        # engines behind keep being discovered, for retries); then close what is left.
+        log = logging.getLogger("toposerve.router")
+        router.begin_drain()
+        log.info("SIGTERM: draining (%d in flight, up to %.0fs)", router.active, args.drain_timeout)
+        if not await router.drained(min(args.drain_quiet, args.drain_timeout), args.drain_timeout):
+            log.warning("drain timeout: %d requests still in flight are cut", router.active)
         if watcher is not None:
             watcher.stop()
-        await runner.cleanup()  # stops accepting, lets in-flight handlers finish (aiohttp shutdown_timeout)
+        await runner.cleanup()  # stops listening, closes idle connections, cancels what is left
 
     try:  # a dependency (less CPU per relayed chunk); plain asyncio where it cannot be installed
         import uvloop

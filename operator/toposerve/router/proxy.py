@@ -494,6 +494,31 @@ class Router:
         # client transport -> when the relay's pending write to it began (write deadline)
         self._writing: dict[asyncio.BaseTransport, float] = {}
         self._watchdog: asyncio.Task[None] | None = None
+        # Shutdown (begin_drain): requests being handled, and when the last one came in.
+        self.active = 0
+        self.last_request = time.monotonic()
+        self.draining = False
+
+    # ---------------------------------------------------------------------------------- shutdown
+
+    def begin_drain(self) -> None:
+        """SIGTERM: stop being ready (/health 503) and answer every request from now on with
+        ``Connection: close``, so clients on a kept-alive connection leave after their answer
+        instead of finding it closed under a new request. Requests keep being served, new
+        connections too (a Service may still send some until its endpoints catch up)."""
+        self.draining = True
+
+    async def drained(self, quiet_s: float, timeout_s: float, poll_s: float = 0.1) -> bool:
+        """Wait until nothing is in flight and no request came for ``quiet_s`` (an idle kept-alive
+        connection the router then closes is one its client has not used for that long: httpx's
+        default keep-alive expiry is 5 s), or ``timeout_s`` passed. True when drained in time."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while loop.time() < deadline:
+            if self.active == 0 and time.monotonic() - self.last_request >= quiet_s:
+                return True
+            await asyncio.sleep(poll_s)
+        return self.active == 0
 
     # ---------------------------------------------------------------------------------- backend set
 
@@ -676,6 +701,15 @@ class Router:
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
 
+        async def _closing(_: web.Request, response: web.StreamResponse) -> None:
+            if self.draining:  # the client reconnects elsewhere after this answer
+                response.force_close()
+                # aiohttp 3.14 closes after the answer without saying so; said, a client does
+                # not pick the connection for its next request in the meantime (RFC 9112 9.6)
+                response.headers["Connection"] = "close"
+
+        app.on_response_prepare.append(_closing)
+
         async def _startup(_: web.Application) -> None:
             await self.start(probe)
 
@@ -688,7 +722,12 @@ class Router:
 
     @web.middleware
     async def _errors(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """Whatever goes wrong before a response starts becomes one JSON error, logged once."""
+        """Whatever goes wrong before a response starts becomes one JSON error, logged once.
+        Also counts the API requests in progress (not probes or scrapes) for the drain."""
+        api = request.path.startswith("/v1/")
+        if api:
+            self.active += 1
+            self.last_request = time.monotonic()
         try:
             resp: web.StreamResponse = await handler(request)
             return resp
@@ -707,6 +746,9 @@ class Router:
                 raise ConnectionResetError("response aborted") from None
             log.exception("router error on %s %s", request.method, request.path)
             return self._error(500, "internal router error", "internal", logged=True)
+        finally:
+            if api:
+                self.active -= 1
 
     # ---------------------------------------------------------------------------------- queueing
 
@@ -715,7 +757,7 @@ class Router:
         self._backends_changed.set()
         self._backends_changed = asyncio.Event()
 
-    async def _hold(self, exclude: set[str]) -> web.Response | None:
+    async def _hold(self, exclude: set[str], hold_s: float) -> web.Response | None:
         """No replica can take the request (zero replicas, or none ready yet): wait, bounded in
         time and in count, for one to appear. None when one did; else the 503 to answer."""
         if self.held >= self.cfg.max_held:
@@ -723,12 +765,14 @@ class Router:
                 503, "no replica is ready and the hold queue is full", "hold_full", retry_after=True
             )
         self.held += 1
-        deadline = time.monotonic() + self.cfg.hold_at_zero_s
+        deadline = time.monotonic() + hold_s
         try:
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    msg = f"no replica became ready within {self.cfg.hold_at_zero_s:g}s"
+                    if not self.cfg.hold_at_zero_s:
+                        return self._error(503, "no healthy backend", "no_backend", retry_after=True)
+                    msg = f"no replica became ready within {hold_s:g}s"
                     return self._error(503, msg, "hold_timeout", retry_after=True)
                 changed = self._backends_changed
                 with contextlib.suppress(asyncio.TimeoutError):
@@ -757,9 +801,16 @@ class Router:
         while True:
             snap = self.snapshot(exclude)
             if not any(st.is_eligible(b) for b in snap):
-                if self.cfg.hold_at_zero_s <= 0:
+                # Scale from zero holds long. Otherwise, while a replica is draining, a first
+                # attempt waits up to the queue timeout: a replica handing over to its successor (a
+                # rollout, a drain) is marked draining in one EndpointSlice event and its successor
+                # may arrive in the next, a gap of milliseconds that must not answer 503 (seen in
+                # tests/cluster/test_production.py). No replica at all, or a retry: 503 at once.
+                handover = not exclude and any(b.draining for b in self.backends.values())
+                hold_s = self.cfg.hold_at_zero_s or (self.cfg.queue_timeout_s if handover else 0.0)
+                if hold_s <= 0:
                     return self._error(503, "no healthy backend", "no_backend", retry_after=True)
-                refused = await self._hold(exclude)
+                refused = await self._hold(exclude, hold_s)
                 if refused is not None:
                     return refused
                 continue
@@ -814,6 +865,8 @@ class Router:
         Backend health (active probes only; passive ejection is client-influenced) is in the body
         and in the metrics."""
         healthy = sum(1 for b in self.backends.values() if b.health.probe_ok and not b.draining)
+        if self.draining:  # shutting down: out of the Service, still serving what comes
+            return web.json_response({"status": "draining", "healthyBackends": healthy}, status=503)
         return web.json_response({"status": "ok", "healthyBackends": healthy})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from toposerve.api.config import OperatorConfig
+from toposerve.api.spec import LLMDeploymentSpec
 from toposerve.controller import evacuation as ev
 from toposerve.controller.engineprobe import parse_in_flight
 from toposerve.controller.observe import summarize
@@ -242,6 +243,20 @@ def test_node_troubles_prefer_the_interruption() -> None:
     }  # fmt: skip
 
 
+def test_a_cordon_is_a_trouble_that_the_others_outrank() -> None:
+    t = ev.node_troubles(
+        [("a", True, "GPU 0: 92 C", None), ("b", False, "", None), ("c", False, "", None)],
+        cordoned=["a", "b"],
+    )
+    assert t == {
+        "a": ev.Trouble(ev.REASON_UNHEALTHY, "GPUs unhealthy (GPU 0: 92 C)"),
+        "b": ev.Trouble(ev.REASON_DRAINED, "node cordoned (kubectl drain or cordon)"),
+    }
+    cordoned = node_info({**_node([{"type": "Ready", "status": "True"}]), "spec": {"unschedulable": True}},
+                         __import__("toposerve.api.gpus", fromlist=["DEFAULT_CATALOG"]).DEFAULT_CATALOG)  # fmt: skip
+    assert cordoned.cordoned and not cordoned.schedulable
+
+
 def _node(conditions: list[dict[str, str]], taints: list[dict[str, str]] | None = None) -> dict[str, Any]:
     return {"metadata": {"name": "n", "labels": {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}},
             "spec": {"taints": taints or []},
@@ -319,6 +334,7 @@ class _Plan:
         ]
 
 
+SPEC = LLMDeploymentSpec.model_validate({"model": {"name": "meta-llama/Llama-3.1-8B-Instruct"}})
 BODY = {"apiVersion": "toposerve.io/v1alpha1", "kind": "LLMDeployment",
         "metadata": {"name": "llm", "namespace": "ns", "uid": "u1"}}  # fmt: skip
 SICK = NodeInfo(name="bad", gpu_type="H100", gpu_count=8, allocatable_gpus=8, gpu_unhealthy=True,
@@ -329,7 +345,7 @@ def run(kube: FakeKube, now: datetime, flights: int | None = 0) -> float | None:
     ctx = Context(kube=kube, config=OperatorConfig(), engine_in_flight=lambda ip: flights)  # type: ignore[arg-type]
     plan: Any = _Plan(2)
     _, again = _evacuate(
-        ctx, BODY, Owner("llm", "u1"), plan, Inventory((SICK,)), list(kube.pods.values()), now
+        ctx, BODY, SPEC, Owner("llm", "u1"), plan, Inventory((SICK,)), list(kube.pods.values()), now
     )
     return again
 
@@ -338,7 +354,8 @@ def test_the_shell_marks_drains_and_deletes_through_the_api() -> None:
     kube = FakeKube([pod("a"), pod("b", node="bad")])
     assert run(kube, T0) == 600
     meta = kube.patches["b"]["metadata"]
-    assert meta["labels"] == {"toposerve.io/pool": None}  # out of the ReplicaSet: it starts a replacement
+    # out of the ReplicaSet (it starts a replacement) and of the pool's budget, into the evacuation budget
+    assert meta["labels"] == {"toposerve.io/pool": None, "toposerve.io/evacuating": "true"}
     assert meta["ownerReferences"] == [{"apiVersion": "toposerve.io/v1alpha1", "kind": "LLMDeployment",
                                         "name": "llm", "uid": "u1", "controller": True, "blockOwnerDeletion": False}]  # fmt: skip
     assert meta["annotations"][ev.ANNOTATION_POOL] == "default"
@@ -366,7 +383,7 @@ def test_the_shell_does_nothing_without_troubles() -> None:
     kube = FakeKube([pod("a"), pod("b")])
     ctx = Context(kube=kube, config=OperatorConfig())  # type: ignore[arg-type]
     pods = list(kube.pods.values())
-    assert _evacuate(ctx, BODY, Owner("llm", "u1"), _Plan(2), Inventory(), pods, T0) == (pods, None)  # type: ignore[arg-type]
+    assert _evacuate(ctx, BODY, SPEC, Owner("llm", "u1"), _Plan(2), Inventory(), pods, T0) == (pods, None)  # type: ignore[arg-type]
     assert kube.calls == []
 
 
@@ -388,7 +405,7 @@ def test_warm_standby_pods_do_not_count_as_replicas_the_pool_needs_in_rotation()
     ctx = Context(kube=kube, config=OperatorConfig(), engine_in_flight=lambda ip: 0)  # type: ignore[arg-type]
 
     def step(at: datetime) -> None:
-        _evacuate(ctx, BODY, Owner("llm", "u1"), plan, Inventory((SICK,)), list(kube.pods.values()), at)
+        _evacuate(ctx, BODY, SPEC, Owner("llm", "u1"), plan, Inventory((SICK,)), list(kube.pods.values()), at)
 
     step(T0)
     assert kube.events[-1][0] == "Evacuating"

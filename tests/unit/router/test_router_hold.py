@@ -58,3 +58,17 @@ async def test_without_hold_zero_replicas_is_503_at_once(harness: Harness) -> No
     router.reconcile({})
     assert (await _post(url + "/v1/chat/completions", chat()))[0] == 503
     assert router.held == 0
+
+
+async def test_a_request_during_a_handover_waits_for_the_successor(harness: Harness) -> None:
+    """Rollouts and drains: the only replica turns draining a moment before its successor is
+    discovered. Without scale from zero configured, a request in that gap waits for the successor
+    (up to the queue timeout) instead of a 503; with nothing draining it is still 503 at once."""
+    router, url, ups = await harness(2, cfg=RouterConfig(strategy=st.ROUND_ROBIN, queue_timeout_s=10))
+    a, b = ups[0].url, ups[1].url
+    router.reconcile({a: (BackendSpec(a), True)})  # the old replica drains; b not yet discovered
+    pending = asyncio.create_task(_post(url + "/v1/chat/completions", chat()))
+    await eventually(lambda: router.held == 1)
+    router.reconcile({a: (BackendSpec(a), True), b: (BackendSpec(b), False)})  # the successor
+    status, _ = await pending
+    assert status == 200 and len(ups[1].received) == 1 and not ups[0].received and router.held == 0

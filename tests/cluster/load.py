@@ -1,0 +1,81 @@
+"""Streaming load from the openai SDK for the cluster tests that claim "no request lost".
+
+A request counts as served only when its stream ends the way a client wants it to: no exception,
+and a finish_reason of "stop" or "length" with text. vLLM 0.33.0 answers a request it aborts on
+SIGTERM (--shutdown-timeout 0) or rejects while draining with a *successful* HTTP stream whose
+finish_reason is "abort" (v1/engine/core.py), so counting exceptions alone would miss exactly the
+failures a rollout causes.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Load:
+    """Streaming chat completions until stopped, each one's outcome recorded."""
+
+    url: str
+    model: str
+    max_tokens: int = 64
+    stop: threading.Event = field(default_factory=threading.Event)
+    ok: int = 0
+    failed_before_stream: list[str] = field(default_factory=list)
+    failed_mid_stream: list[str] = field(default_factory=list)
+    cut: list[str] = field(default_factory=list)  # the stream ended, but not as a client wants
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def failures(self) -> list[str]:
+        with self.lock:
+            return [*self.failed_before_stream, *self.failed_mid_stream, *self.cut]
+
+    def worker(self, i: int) -> None:
+        import openai
+
+        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60)
+        n = 0
+        while not self.stop.is_set():
+            n += 1
+            started = False
+            text, finish = [], None
+            try:
+                stream = client.chat.completions.create(
+                    model=self.model,
+                    messages=[{"role": "user", "content": f"client {i} request {n}"}],
+                    max_tokens=self.max_tokens,
+                    stream=True,
+                )
+                for chunk in stream:
+                    started = True
+                    for c in chunk.choices:
+                        text.append(c.delta.content or "")
+                        finish = c.finish_reason or finish
+                with self.lock:
+                    if finish in ("stop", "length") and "".join(text):
+                        self.ok += 1
+                    else:
+                        self.cut.append(
+                            f"client {i} request {n}: finish_reason={finish!r}, {len(text)} chunks"
+                        )
+            except Exception as e:  # recorded, and judged by the test
+                with self.lock:
+                    (self.failed_mid_stream if started else self.failed_before_stream).append(
+                        f"{_now()} {e!r}"
+                    )
+
+    def run(self, clients: int) -> ThreadPoolExecutor:
+        pool = ThreadPoolExecutor(clients)
+        for i in range(clients):
+            pool.submit(self.worker, i)
+        return pool
+
+
+def _now() -> str:
+    """Wall time with milliseconds, to line a failure up with the pods' logs."""
+    t = time.time()
+    return time.strftime("%H:%M:%S", time.localtime(t)) + f".{int(t * 1000) % 1000:03d}"
