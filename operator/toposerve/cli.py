@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sr.add_argument("-f", "--filename", required=True, help="YAML file with LLMDeployment(s); - for stdin")
     sr.add_argument("--config", help="operator config YAML")
-    sr.add_argument("--inventory", help="node inventory YAML/JSON to plan against")
+    sr.add_argument(
+        "--inventory",
+        help="node inventory YAML/JSON to plan against; multi-node replicas then ask for the fabric it offers",
+    )
     sr.add_argument("--namespace", default=None, help="namespace for objects without one (default: default)")
     sr.add_argument(
         "--kubernetes-version",

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 
@@ -28,6 +27,7 @@ class Load:
     failed_mid_stream: list[str] = field(default_factory=list)
     cut: list[str] = field(default_factory=list)  # the stream ended, but not as a client wants
     lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: list[threading.Thread] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
@@ -64,15 +64,35 @@ class Load:
                         )
             except Exception as e:  # recorded, and judged by the test
                 with self.lock:
+                    # The cause too: the SDK's APIConnectionError hides which connection broke how.
+                    cause = f" <- {e.__cause__!r}" if e.__cause__ else ""
+                    where = "mid-stream" if started else "before the stream"
                     (self.failed_mid_stream if started else self.failed_before_stream).append(
-                        f"{_now()} {e!r}"
+                        f"{_now()} client {i} request {n} {where}: {e!r}{cause}"
                     )
 
-    def run(self, clients: int) -> ThreadPoolExecutor:
-        pool = ThreadPoolExecutor(clients)
+    def run(self, clients: int) -> Load:
+        """Start ``clients`` workers. They are daemon threads, and ``close`` (or leaving the ``with``
+        block) stops them: a test that fails half-way must neither hang the interpreter's exit on
+        a worker that never stops (CI's timeout) nor leave its load running into the next test."""
         for i in range(clients):
-            pool.submit(self.worker, i)
-        return pool
+            t = threading.Thread(target=self.worker, args=(i,), name=f"load-{i}", daemon=True)
+            t.start()
+            self.threads.append(t)
+        return self
+
+    def close(self, timeout: float = 70.0) -> None:
+        """Stop the workers; each finishes the request it is in (bounded by the client's timeout)."""
+        self.stop.set()
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+
+    def __enter__(self) -> Load:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def _now() -> str:

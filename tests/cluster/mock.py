@@ -19,7 +19,12 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
 
 
 def deploy_mock_engine(
-    cluster: Cluster, namespace: str, name: str = "mock", replicas: int = 1, liveness: bool = True
+    cluster: Cluster,
+    namespace: str,
+    name: str = "mock",
+    replicas: int = 1,
+    liveness: bool = True,
+    grace: int = 2,
 ) -> None:
     labels = {"app": name}
     container = {
@@ -78,7 +83,7 @@ def deploy_mock_engine(
                             }
                         }
                     },
-                    "terminationGracePeriodSeconds": 2,
+                    "terminationGracePeriodSeconds": grace,
                 },
             },
         },

@@ -153,8 +153,7 @@ def test_an_ecc_burst_moves_the_replica_off_the_node_without_failing_requests(
     node = victim.spec.node_name
     state = agent_for(node)
     wait_for(lambda: (c := _condition(cluster, node)) and c["status"] == "True", "GPUHealthy=True")
-    load = Load(url, model)
-    pool = load.run(8)
+    load = Load(url, model).run(8)
     try:
         wait_for(lambda: load.ok > 10 or None, "load flowing through the router")
         fakenvml.write_state(state, [H100, {**H100, "ecc.vol.uncorrected": 7}])
@@ -162,8 +161,7 @@ def test_an_ecc_burst_moves_the_replica_off_the_node_without_failing_requests(
         wait_for(lambda: _tainted(cluster, node, TAINT_KEY) or None, "the gpu-unhealthy taint")
         _evacuated_while_serving(cluster, namespace, load, victim, node)
     finally:
-        load.stop.set()
-        pool.shutdown(wait=True)
+        load.close()
     assert load.failed_before_stream == [], load.failed_before_stream
     assert load.failed_mid_stream == [], load.failed_mid_stream  # drained, not cut
     assert load.cut == [], load.cut
@@ -185,8 +183,7 @@ def test_a_spot_termination_notice_replaces_first_then_drains(
     victim = _engines(cluster, namespace)[0]
     node = victim.spec.node_name
     assert cluster.core.read_node(node).metadata.labels.get("toposerve.io/capacity-type") == "spot"
-    load = Load(url, model)
-    pool = load.run(8)
+    load = Load(url, model).run(8)
     taint = {"key": NOTICE, "value": "true", "effect": "NoSchedule"}
     try:
         wait_for(lambda: load.ok > 10 or None, "load flowing through the router")
@@ -195,8 +192,7 @@ def test_a_spot_termination_notice_replaces_first_then_drains(
         cluster.core.patch_node(node, {"spec": {"taints": [*taints, taint]}})
         _evacuated_while_serving(cluster, namespace, load, victim, node)
     finally:
-        load.stop.set()
-        pool.shutdown(wait=True)
+        load.close()
         n = cluster.core.read_node(node)
         rest = [cluster.api.sanitize_for_serialization(t) for t in n.spec.taints or [] if t.key != NOTICE]
         cluster.core.patch_node(node, {"spec": {"taints": rest}})

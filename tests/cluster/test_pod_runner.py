@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from kubernetes.client.exceptions import ApiException
 
 from tests.cluster.conftest import Cluster, wait_for
 from tests.cluster.mock import PORT, deploy_mock_engine, http_get, http_send, in_node_cidr, ready_pods
@@ -49,10 +50,22 @@ def test_mock_engine_pod_serves_http_on_its_pod_ip(cluster: Cluster, namespace: 
 
 
 def test_deleting_the_pod_stops_its_process(cluster: Cluster, namespace: str) -> None:
-    deploy_mock_engine(cluster, namespace)
+    # A long grace period, as the render gives engines: the process exits at once on SIGTERM
+    # (no --shutdown-timeout: abort), so the runner removes the pod then, like the kubelet, and
+    # not when the grace period is over (kwok's fallback stage).
+    deploy_mock_engine(cluster, namespace, grace=600)
     (pod,) = ready_pods(cluster, namespace)
     old_ip = pod.status.pod_ip
     cluster.core.delete_namespaced_pod(pod.metadata.name, namespace)
+
+    def pod_object_gone() -> bool:
+        try:
+            cluster.core.read_namespaced_pod(pod.metadata.name, namespace)
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_for(pod_object_gone, "the deleted pod's object removed once its process stopped", timeout=60)
 
     def replaced() -> list[Any] | None:
         pods = ready_pods(cluster, namespace)

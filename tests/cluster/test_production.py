@@ -14,7 +14,7 @@ import json
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,24 @@ def prod_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
     yield op
     op.stop()
     print(f"--- operator log (last lines)\n{op.tail(60)}")
+
+
+Serve = Callable[[dict[str, Any]], "Serving"]
+
+
+@pytest.fixture
+def serve(cluster: Cluster, namespace: str) -> Iterator[Serve]:
+    """Start serving ``spec`` under load; the load and the proxy are stopped whatever the test did
+    (a failed test must not leave clients running into the next one)."""
+    started: list[Serving] = []
+
+    def start(spec: dict[str, Any]) -> Serving:
+        started.append(Serving(cluster, namespace, spec))
+        return started[-1]
+
+    yield start
+    for s in started:
+        s.close()
 
 
 def manifest(replicas: int, shutdown: int | None = 60, **spec: Any) -> dict[str, Any]:
@@ -92,17 +110,18 @@ class Serving:
         wait_for(lambda: len(self.proxy.endpoints()) == 2, "the router Service's endpoints")
         # Streams longer than the preStop pause (about 6 s each, 5 ms a token on the mock's B200):
         # the old engine still has requests in flight when SIGTERM comes, as with real generations.
-        self.load = Load(f"http://{host}:{port}", MODEL, max_tokens=1200)
-        self.pool = self.load.run(clients)
+        self.load = Load(f"http://{host}:{port}", MODEL, max_tokens=1200).run(clients)
         wait_for(lambda: self.load.ok >= clients or None, "load flowing", timeout=60)
+
+    def close(self) -> None:
+        self.load.close()
+        self.proxy.stop()
 
     def finish(self, more: int = 10) -> Load:
         """Keep the load on until `more` further requests succeeded, then stop and return it."""
         ok = self.load.ok
         wait_for(lambda: self.load.ok >= ok + more or None, "requests served after the change", timeout=90)
-        self.load.stop.set()
-        self.pool.shutdown(wait=True)
-        self.proxy.stop()
+        self.close()
         return self.load
 
 
@@ -121,11 +140,27 @@ def rolled(cluster: Cluster, namespace: str, before: set[str], n: int, component
     return not (names & before) and len(fresh) == n
 
 
+def patch_llmd(cluster: Cluster, namespace: str, spec: dict[str, Any]) -> None:
+    """A merge patch of the spec that must change it (the API server prunes an unknown field
+    without a word, and a test would then wait for a rollout that never comes)."""
+
+    def generation() -> int:
+        out = kubectl(cluster, "get", "llmd", NAME, "-n", namespace, "-o", "jsonpath={.metadata.generation}")
+        return int(out.stdout)
+
+    before = generation()
+    kubectl(cluster, "patch", "llmd", NAME, "-n", namespace, "--type=merge", "-p", json.dumps({"spec": spec}))
+    assert generation() == before + 1, f"the patch {spec} changed nothing"
+
+
 def trigger_rollout(cluster: Cluster, namespace: str, n: int) -> None:
     """A template change of the engines (a new toleration), then wait until every pod is new."""
     before = {p.metadata.name for p in engines(cluster, namespace)}
-    patch = {"spec": {"placement": {"tolerations": [{"key": "example.com/rollout", "operator": "Exists"}]}}}
-    kubectl(cluster, "patch", "llmd", NAME, "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+    patch_llmd(
+        cluster,
+        namespace,
+        {"placement": {"tolerations": [{"key": "example.com/rollout", "operator": "Exists"}]}},
+    )
     wait_for(
         lambda: rolled(cluster, namespace, before, n), f"{n} new engines, the old gone", timeout=240, every=1
     )
@@ -133,9 +168,9 @@ def trigger_rollout(cluster: Cluster, namespace: str, n: int) -> None:
 
 @pytest.mark.parametrize("replicas", [1, 2])
 def test_a_rolling_update_loses_no_request(
-    cluster: Cluster, namespace: str, prod_operator: Operator, replicas: int
+    cluster: Cluster, namespace: str, prod_operator: Operator, serve: Serve, replicas: int
 ) -> None:
-    s = Serving(cluster, namespace, manifest(replicas))
+    s = serve(manifest(replicas))
     (dep,) = cluster.apps.list_namespaced_deployment(
         namespace, label_selector=f"toposerve.io/deployment={NAME},toposerve.io/pool=default"
     ).items
@@ -146,11 +181,11 @@ def test_a_rolling_update_loses_no_request(
 
 
 def test_without_a_shutdown_timeout_a_rollout_cuts_streams(
-    cluster: Cluster, namespace: str, prod_operator: Operator
+    cluster: Cluster, namespace: str, prod_operator: Operator, serve: Serve
 ) -> None:
     """The control: vLLM's default (0 = abort on SIGTERM) with everything else the same. If this
     passed with no failures, the test above could not tell a drain from an abort."""
-    s = Serving(cluster, namespace, manifest(2, shutdown=0))
+    s = serve(manifest(2, shutdown=0))
     trigger_rollout(cluster, namespace, 2)
     load = s.finish()
     assert load.cut, f"no stream was cut ({load.ok} served): the engines did not abort on SIGTERM"
@@ -158,9 +193,9 @@ def test_without_a_shutdown_timeout_a_rollout_cuts_streams(
 
 
 def test_a_node_drain_waits_for_a_replacement_and_loses_no_request(
-    cluster: Cluster, namespace: str, prod_operator: Operator
+    cluster: Cluster, namespace: str, prod_operator: Operator, serve: Serve
 ) -> None:
-    s = Serving(cluster, namespace, manifest(1))
+    s = serve(manifest(1))
     (victim,) = engines(cluster, namespace)
     node = victim.spec.node_name
     drain: dict[str, Any] = {}
@@ -171,7 +206,7 @@ def test_a_node_drain_waits_for_a_replacement_and_loses_no_request(
             "--timeout=300s", check=False,
         )  # fmt: skip
 
-    t = threading.Thread(target=run_drain)
+    t = threading.Thread(target=run_drain, daemon=True)
     try:
         t.start()
         # The budget holds the eviction while the operator surges a replacement elsewhere.
@@ -193,11 +228,12 @@ def test_a_node_drain_waits_for_a_replacement_and_loses_no_request(
     assert load.failures == [], load.failures[:5]
 
 
-def test_a_router_rollout_loses_no_request(cluster: Cluster, namespace: str, prod_operator: Operator) -> None:
-    s = Serving(cluster, namespace, manifest(1))
+def test_a_router_rollout_loses_no_request(
+    cluster: Cluster, namespace: str, prod_operator: Operator, serve: Serve
+) -> None:
+    s = serve(manifest(1))
     before = {p.metadata.name for p in engines(cluster, namespace, "router")}
-    patch = {"spec": {"routing": {"sessionTtlSeconds": 901}}}
-    kubectl(cluster, "patch", "llmd", NAME, "-n", namespace, "--type=merge", "-p", json.dumps(patch))
+    patch_llmd(cluster, namespace, {"routing": {"sessionTTLSeconds": 901}})
     wait_for(lambda: rolled(cluster, namespace, before, 2, "router"), "2 new routers", timeout=240, every=1)
     load = s.finish()
     assert load.failures == [], load.failures[:5]
@@ -254,8 +290,7 @@ def test_a_slow_health_under_load_costs_no_readiness_or_restart(
         "a ready engine",
         timeout=120,
     )
-    load = Load(f"http://{pod.status.pod_ip}:8000", MODEL, max_tokens=160)
-    pool = load.run(4)
+    load = Load(f"http://{pod.status.pod_ip}:8000", MODEL, max_tokens=160).run(4)
     try:
         wait_for(lambda: load.ok >= 4 or None, "load flowing", timeout=60)
         lost = None
@@ -266,8 +301,7 @@ def test_a_slow_health_under_load_costs_no_readiness_or_restart(
                 lost = f"ready={ready(now)} restarts={restarts(now)}"
             time.sleep(1)
     finally:
-        load.stop.set()
-        pool.shutdown(wait=True)
+        load.close()
     if probes == "rendered":
         assert lost is None, f"the slow /health cost the engine: {lost}"
         assert load.failures == [], load.failures[:5]

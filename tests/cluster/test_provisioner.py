@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,26 @@ def _gb200_nodes(cluster: Cluster) -> list[Any]:
     return list(cluster.core.list_node(label_selector="nvidia.com/gpu.product=NVIDIA-GB200").items)
 
 
+PREFIX = "gb200-prov-"
+STALE_AFTER = timedelta(minutes=10)  # no run of this module lasts that long
+
+
+def _delete_stale_nodes(cluster: Cluster) -> None:
+    """Nodes an earlier run of this module left behind (killed before its clean-up ran); a run in
+    progress elsewhere keeps its own nodes (younger than STALE_AFTER)."""
+    now = datetime.now(UTC)
+    for n in cluster.core.list_node(label_selector=OWNER_LABEL).items:
+        owner = n.metadata.labels.get(OWNER_LABEL, "")
+        if owner.startswith(PREFIX) and now - n.metadata.creation_timestamp > STALE_AFTER:
+            cluster.core.delete_node(n.metadata.name)
+
+
 @pytest.fixture
 def provisioner(cluster: Cluster, namespace: str) -> Iterator[Provisioner]:
+    _delete_stale_nodes(cluster)
     if _gb200_nodes(cluster):
         pytest.skip("the running fleet has GB200 nodes: this test needs the GB200 pool at zero")
-    name = f"gb200-prov-{uuid.uuid4().hex[:5]}"
+    name = f"{PREFIX}{uuid.uuid4().hex[:5]}"
     tpl = Template.from_fleet(FLEET, "eks-zero", "eks-gb200", zone="us-east-1b", name=name)
     prov = Provisioner(
         cluster.core, tpl, FLEET.get("podNetwork", "10.244.0.0/16"), max_nodes=4, namespace=namespace
@@ -63,21 +79,31 @@ def provisioner(cluster: Cluster, namespace: str) -> Iterator[Provisioner]:
 
 
 @pytest.fixture
-def on_demand_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
+def on_demand_operator(cluster: Cluster, namespace: str, tmp_path: Path) -> Iterator[Operator]:
+    """An operator with ``gpuNodeProvisioning: on-demand`` for this test's namespace only: the
+    cluster is shared, and other namespaces' LLMDeployments belong to their own tests' operators
+    (with their own configs)."""
     install_crd(cluster)
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({"gpuNodeProvisioning": "on-demand"}))
-    op = Operator(cluster, tmp_path / "operator.log", "--config", str(config), "--resync", "5")
+    op = Operator(
+        cluster, tmp_path / "operator.log", "--config", str(config), "--resync", "5", "--namespace", namespace
+    )
     op.start()
-    yield op
-    op.stop()
-    print(f"--- operator log (last lines)\n{op.tail()}")
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(f"--- operator log (last lines)\n{op.tail()}")
+
+
+# The group's leader (component engine) and worker (component worker); not the router's pods, which
+# carry the deployment label too and are placed on CPU nodes.
+GROUP_PODS = "toposerve.io/deployment=gb200-pp2,app.kubernetes.io/component in (engine,worker)"
 
 
 def _group_pods(cluster: Cluster, namespace: str) -> list[Any]:
-    return list(
-        cluster.core.list_namespaced_pod(namespace, label_selector="toposerve.io/deployment=gb200-pp2").items
-    )
+    return list(cluster.core.list_namespaced_pod(namespace, label_selector=GROUP_PODS).items)
 
 
 def test_a_two_node_group_on_a_pool_at_zero_gets_nodes_and_is_bound_in_one_zone(

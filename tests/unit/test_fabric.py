@@ -25,6 +25,7 @@ from tests.unit.controller.test_pool_scaling import FakeKube
 from tests.unit.test_placement_profiles import EXTRA, FLEET, ROOT
 from toposerve.api.config import OperatorConfig
 from toposerve.api.manifest import load_manifests
+from toposerve.controller.kube import CHILD_KINDS
 from toposerve.controller.reconcile import Context, reconcile
 from toposerve.dev import fleet
 from toposerve.dev.placeable import placeable_nodes, pod_templates
@@ -364,3 +365,44 @@ def test_status_says_the_fabric_and_an_event_says_tcp_once(profile: str, want: s
     assert len([r for r, _, _ in kube.events if r == "MultiNodeOverTCP"]) == len(over_tcp)
     lws = [o for (k, _), o in kube.objects.items() if k == "LeaderWorkerSet"]
     assert lws and all(fabric_of(p) == want for w in lws for _, p, _ in pod_templates(w))
+
+
+def _gb200_body() -> dict[str, Any]:
+    (dep,) = load_manifests(MANIFESTS["gb200-llama-405b"])
+    return {
+        "apiVersion": "toposerve.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": dep.name, "namespace": "ns", "uid": "u1", "generation": 1},
+        "spec": {**yaml.safe_load(MANIFESTS["gb200-llama-405b"])["spec"], "engine": "vllm"},
+    }
+
+
+class _Pruning(_LWSKube):
+    def __init__(self, body: dict[str, Any], nodes: list[dict[str, Any]]) -> None:
+        super().__init__(body, nodes)
+        self.deleted: list[tuple[str, str, str]] = []
+
+    def delete(self, api_version: str, kind: str, namespace: str | None, name: str) -> None:
+        self.deleted.append((api_version, kind, name))
+        super().delete(api_version, kind, namespace, name)
+
+
+def test_a_compute_domain_is_a_child_kept_while_wanted_and_pruned_after() -> None:
+    assert (fab.COMPUTE_DOMAIN_API, "ComputeDomain") in CHILD_KINDS  # the rendered apiVersion
+    kube = _Pruning(_gb200_body(), fleet.nodes(FLEET_X, "gb200"))
+    ctx = Context(kube=kube, config=OperatorConfig())  # type: ignore[arg-type]
+    reconcile(ctx, "ns", "llama-405b-gb200")
+    (domain,) = [o for (k, _), o in kube.objects.items() if k == "ComputeDomain"]
+    assert domain["apiVersion"] == fab.COMPUTE_DOMAIN_API
+    assert [r["uid"] for r in domain["metadata"]["ownerReferences"]] == ["u1"]
+    assert domain["metadata"]["labels"]["toposerve.io/deployment"] == "llama-405b-gb200"
+    # wanted: a second reconcile keeps it (listed under the same apiVersion it is rendered with)
+    reconcile(ctx, "ns", "llama-405b-gb200")
+    assert not [d for d in kube.deleted if d[1] == "ComputeDomain"]
+    # no longer wanted (the mock engine simulates a replica in one pod): pruned, not left to the
+    # LLMDeployment's deletion
+    kube.body["spec"]["engine"] = "mock"
+    kube.body["metadata"]["generation"] = 2
+    reconcile(ctx, "ns", "llama-405b-gb200")
+    assert (fab.COMPUTE_DOMAIN_API, "ComputeDomain", domain["metadata"]["name"]) in kube.deleted
+    assert not [k for k in kube.objects if k[0] == "ComputeDomain"]

@@ -12,6 +12,8 @@ import yaml
 
 from toposerve.api import kubeversion as kv
 from toposerve.api.config import OperatorConfig
+from toposerve.dev import fleet
+from toposerve.planner.inventory import inventory_from_nodes
 from toposerve.planner.plan import plan_deployment
 from toposerve.render.autoscaling import render_autoscaler
 from toposerve.render.objects import render_deployment
@@ -71,6 +73,10 @@ def test_the_table_is_kubernetes_own_feature_gate_history() -> None:
         (1, 33),
         (1, 35),
     )
+    # GA and on by default in 1.34 (resource.k8s.io/v1); an enabled gate counts from its 1.32 beta,
+    # the first release NVIDIA's DRA driver supports (the 1.26-1.29 alpha was classic DRA)
+    dra = f["DynamicResourceAllocation"]
+    assert (dra.available, dra.default_on, dra.stage) == ((1, 32), (1, 34), "GA, on by default")
     for feature in f.values():
         assert feature.available <= feature.default_on and feature.kep.startswith("https://kep.k8s.io/")
 
@@ -217,3 +223,66 @@ def test_render_includes_pod_monitors_only_when_told_the_prometheus_operator_is_
     code, out, _ = _render(tmp_path, capsys, "--config", str(config))
     kinds = [d["kind"] for d in yaml.safe_load_all(out) if d]
     assert code == 0 and kinds.count("PodMonitor") == 2
+
+
+GB200_405B = make_spec(
+    L405, 131072, ["GB200"], engine="vllm", placement={"topologyKey": "nvidia.com/gpu.clique"}
+)
+
+
+def _gb200(spec: Any) -> tuple[Any, list[dict[str, Any]]]:
+    """The plan and objects on the gb200 fleet, the nodes as the inventory (the IMEX fabric)."""
+    config = OperatorConfig()
+    nodes = fleet.nodes(fleet.load(ROOT / "hack" / "cluster" / "fleet.yaml"), "gb200")
+    inv = inventory_from_nodes(nodes, config.catalog(), config.label_schemes)
+    plan = plan_deployment("llm", spec, config, inv)
+    return plan, render_deployment("llm", "ns", spec, plan, config, inventory=inv)
+
+
+def test_pod_resource_claims_need_dynamic_resource_allocation() -> None:
+    plan, objs = _gb200(GB200_405B)
+    assert any(o["kind"] == "ComputeDomain" for o in objs)
+    assert (
+        {n.gate for n in kv.needs(GB200_405B, plan, objs)}
+        == kv.used_in(objs)
+        == {
+            "MatchLabelKeysInPodAffinity",
+            "DynamicResourceAllocation",
+        }
+    )
+    got = kv.missing((1, 33), GB200_405B, plan, objs, server_text="v1.33.5-eks-1a2b")
+    (msg,) = [m for m in got if "DynamicResourceAllocation" in m]
+    assert msg == (
+        "spec.placement.gpuTypes: GB200 (pool default): its replicas span the nodes of one NVLink "
+        "domain through an IMEX channel the pods claim (pod resourceClaims), needs Kubernetes >= 1.34 "
+        "(DynamicResourceAllocation GA, on by default); the API server is v1.33.5-eks-1a2b"
+    )
+    assert kv.missing((1, 34), GB200_405B, plan, objs) == []
+    # a 1.32/1.33 cluster that turned DRA on (NVIDIA's driver supports 1.32+) is believed; 1.31 not
+    assert kv.missing((1, 32), GB200_405B, plan, objs, enabled_gates=["DynamicResourceAllocation"]) == []
+    assert kv.missing((1, 31), GB200_405B, plan, objs, enabled_gates=["DynamicResourceAllocation"])
+
+
+def test_no_claims_no_dra_need() -> None:
+    # without nodes (or without the inventory) no fabric is chosen, nothing claims a device
+    plan = plan_deployment("llm", GB200_405B)
+    objs = render_deployment("llm", "ns", GB200_405B, plan)
+    assert "DynamicResourceAllocation" not in kv.used_in(objs)
+    assert not [m for m in kv.missing((1, 30), GB200_405B, plan, objs) if "DynamicResourceAllocation" in m]
+    # the mock engine simulates a replica in one pod: no fabric, no claims
+    mock = make_spec(
+        L405, 131072, ["GB200"], engine="mock", placement={"topologyKey": "nvidia.com/gpu.clique"}
+    )
+    plan, objs = _gb200(mock)
+    assert "DynamicResourceAllocation" not in kv.used_in(objs)
+
+
+def test_claims_only_in_the_objects_name_a_field_too() -> None:
+    spec = make_spec(L70, 8192, ["H100"])
+    pod = {
+        "containers": [{"name": "engine"}],
+        "resourceClaims": [{"name": "c", "resourceClaimTemplateName": "t"}],
+    }
+    objs = [{"kind": "Deployment", "metadata": {"labels": {}}, "spec": {"template": {"spec": pod}}}]
+    (msg,) = kv.missing((1, 33), spec, plan_deployment("llm", spec), objs)
+    assert msg.startswith("spec.placement.gpuTypes: ") and "(DynamicResourceAllocation GA" in msg

@@ -232,3 +232,53 @@ def test_budgets_disrupt_at_most_one_replica_or_group_and_surge_none_without_a_s
             assert in_place_outage(strategy, replicas, size) == (
                 replicas == 1 and (strategy == "InPlace" or size > 1)
             )
+
+
+# -- the consequence of the strategy, in status and Events ----------------------------------------
+
+
+def _llmd(replicas: int, strategy: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "toposerve.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": "m", "namespace": "ns", "uid": "u1", "generation": 1},
+        "spec": {
+            "model": {"name": "Qwen/Qwen2.5-0.5B-Instruct", "maxContextLength": 4096},
+            "engine": "mock",
+            "replicas": replicas,
+            "disruption": {"strategy": strategy},
+        },
+    }
+
+
+@pytest.mark.parametrize(
+    ("replicas", "strategy", "outage"),
+    [(1, "InPlace", True), (2, "InPlace", False), (1, "Surge", False), (3, "Surge", False)],
+)
+def test_status_states_what_a_drain_costs_and_an_outage_is_an_event_once(
+    replicas: int, strategy: str, outage: bool
+) -> None:
+    from tests.unit.controller.test_pool_scaling import FakeKube
+    from toposerve.controller.reconcile import Context, reconcile
+
+    kube = FakeKube(_llmd(replicas, strategy), fleet.nodes(FLEET, "onprem"))
+    ctx = Context(kube=kube, config=OperatorConfig())  # type: ignore[arg-type]
+    reconcile(ctx, "ns", "m")
+    (pool,) = kube.body["status"]["pools"]
+    assert pool["disruption"].startswith(strategy)
+    assert ("down" in pool["disruption"]) == outage, pool["disruption"]
+    said = [m for r, m, warn in kube.events if r == "DisruptionOutage" and warn]
+    assert len(said) == (1 if outage else 0), kube.events
+    reconcile(ctx, "ns", "m")  # the status already says so: no second Event
+    assert len([r for r, _, _ in kube.events if r == "DisruptionOutage"]) == len(said)
+
+
+@pytest.mark.parametrize("strategy", ["Surge", "InPlace"])
+@pytest.mark.parametrize("replicas", [0, 1, 2, 5])
+@pytest.mark.parametrize("nodes", [1, 2, 4])
+def test_the_note_names_an_outage_exactly_when_there_is_one(strategy: str, replicas: int, nodes: int) -> None:
+    from toposerve.render.disruption import disruption_note
+
+    note = disruption_note(strategy, replicas, nodes)  # type: ignore[arg-type]
+    assert ("down" in note) == in_place_outage(strategy, replicas, nodes)  # type: ignore[arg-type]
+    assert note.startswith(strategy)

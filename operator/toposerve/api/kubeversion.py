@@ -4,10 +4,11 @@ Some fields the renderer emits only work from a Kubernetes version on, and an ol
 does not say so clearly: ``matchLabelKeys`` in pod affinity (group co-location of multi-node
 replicas) is dropped without a word where the feature gate is off, so a replica's pods scatter
 over racks; an ``image`` volume (``model.cache.type: image``) is rejected at pod creation, long
-after the LLMDeployment was accepted; ``behavior.*.tolerance`` of an HPA is dropped. So the
-operator reads the server's version at start and refuses such a spec up front (a condition and an
-Event naming the field, nothing applied), and ``toposerve render --kubernetes-version`` does the
-same offline.
+after the LLMDeployment was accepted; ``behavior.*.tolerance`` of an HPA is dropped; a pod's
+``resourceClaims`` (the IMEX channel of a GB200 ComputeDomain, DRA) are dropped where DRA is off,
+and the engines start without multi-node NVLink. So the operator reads the server's version at
+start and refuses such a spec up front (a condition and an Event naming the field, nothing
+applied), and ``toposerve render --kubernetes-version`` does the same offline.
 
 The table gives the version from which each feature is *on by default* (what a managed cluster
 has: EKS, GKE and AKS do not let users turn feature gates on), and the version where the gate
@@ -68,6 +69,17 @@ FEATURES: dict[str, Feature] = {
             "HorizontalPodAutoscaler behavior.scaleUp/scaleDown.tolerance (autoscaling.mode: hpa)",
             "https://kep.k8s.io/4951",
         ),
+        # Versioned spec: alpha 1.26, beta (off by default) 1.32, GA and on by default 1.34
+        # (resource.k8s.io/v1), locked on from 1.35. Where the gate is off the API server drops a
+        # pod's resourceClaims without a word, and the engine runs without its IMEX channel. The
+        # gate's 1.26-1.29 alpha was "classic" DRA, a different API; NVIDIA's DRA driver (the
+        # ComputeDomain's) needs structured parameters and names 1.32 as its minimum, with DRA
+        # enabled: that is where an enabled gate counts from.
+        Feature(
+            "DynamicResourceAllocation", (1, 32), (1, 34), "GA, on by default",
+            "pod resourceClaims (DRA): the IMEX channel of a GB200 ComputeDomain (NVIDIA's DRA driver)",
+            "https://kep.k8s.io/4381",
+        ),
     )
 }  # fmt: skip
 
@@ -111,9 +123,15 @@ def show(v: Version) -> str:
     return f"{v[0]}.{v[1]}"
 
 
-def needs(spec: LLMDeploymentSpec, plan: DeploymentPlan | None = None) -> list[Need]:
+def needs(
+    spec: LLMDeploymentSpec,
+    plan: DeploymentPlan | None = None,
+    objects: Iterable[Mapping[str, Any]] = (),
+) -> list[Need]:
     """The features ``spec`` (and its ``plan``, a DeploymentPlan, for what the planner decided)
-    makes the rendered objects use."""
+    makes the rendered objects use. Some depend on the nodes as well (a fabric is chosen from what
+    they offer, render/fabric.py): those are read from the ``objects`` rendered, and named by the
+    pool and GPU type their workload carries in its labels."""
     out: list[Need] = []
     if plan is not None:
         for pool in plan.pools:
@@ -131,7 +149,38 @@ def needs(spec: LLMDeploymentSpec, plan: DeploymentPlan | None = None) -> list[N
     a = spec.autoscaling
     if a.effective_mode == "hpa" and abs(a.tolerance - 0.1) > 1e-9:
         out.append(Need("HPAConfigurableTolerance", "spec.autoscaling.tolerance", f"{a.tolerance:g}"))
+    # DRA: the pods of a workload claim an IMEX channel (GB200 multi-node NVLink).
+    claimed: list[tuple[str, str]] = []
+    for obj in objects:
+        if not _claims_resources(obj):
+            continue
+        labels = (obj.get("metadata") or {}).get("labels") or {}
+        key = (str(labels.get(_LABEL_POOL, "default")), str(labels.get(_LABEL_GPU_TYPE, "?")))
+        if key not in claimed:
+            claimed.append(key)
+    for pool_name, gpu in claimed:
+        field = f"spec.pools[{pool_name}].gpuTypes" if spec.pools else "spec.placement.gpuTypes"
+        detail = (
+            f"{gpu} (pool {pool_name}): its replicas span the nodes of one NVLink domain through an "
+            "IMEX channel the pods claim (pod resourceClaims),"
+        )
+        out.append(Need("DynamicResourceAllocation", field, detail))
     return out
+
+
+_LABEL_POOL = "toposerve.io/pool"  # render/objects.py: LABEL_POOL, LABEL_GPU_TYPE
+_LABEL_GPU_TYPE = "toposerve.io/gpu-type"
+
+
+def _claims_resources(node: Any) -> bool:
+    """Whether an object holds a pod spec (``containers``) with ``resourceClaims``."""
+    if isinstance(node, dict):
+        if node.get("resourceClaims") and "containers" in node:
+            return True
+        return any(_claims_resources(v) for v in node.values())
+    if isinstance(node, list):
+        return any(_claims_resources(v) for v in node)
+    return False
 
 
 def lacks(server: Version, need: Need, enabled_gates: Iterable[str] = ()) -> bool:
@@ -159,6 +208,8 @@ _FIELD_OF = {
                                     "nodes (group co-location by matchLabelKeys in pod affinity)"),
     "ImageVolume": ("spec.model.cache.type", "image"),
     "HPAConfigurableTolerance": ("spec.autoscaling.tolerance", "a tolerance other than 0.1"),
+    "DynamicResourceAllocation": ("spec.placement.gpuTypes", "a GPU type whose replicas claim an IMEX "
+                                  "channel (pod resourceClaims)"),
 }  # fmt: skip
 
 
@@ -173,7 +224,8 @@ def missing(
     """One message per feature that ``spec`` (its ``plan``, the ``objects`` rendered from them)
     needs and a server of version ``server`` lacks; empty: the server serves all of it."""
     gates = list(enabled_gates)
-    found = needs(spec, plan)
+    objects = list(objects)
+    found = needs(spec, plan, objects)
     named = {n.gate for n in found}
     found += [Need(g, *_FIELD_OF[g]) for g in sorted(used_in(objects) - named)]
     text = server_text or f"v{show(server)}"
@@ -194,6 +246,8 @@ def used_in(objects: Iterable[Mapping[str, Any]]) -> set[str]:
                 found.add("ImageVolume")
             if parent in ("scaleUp", "scaleDown") and "tolerance" in node:
                 found.add("HPAConfigurableTolerance")
+            if node.get("resourceClaims") and "containers" in node:
+                found.add("DynamicResourceAllocation")
             for k, v in node.items():
                 walk(v, k)
         elif isinstance(node, list):

@@ -81,6 +81,11 @@ class PoolStatus(_Status):
         "none (multi-node traffic then goes over the pod network).",
     )
     fabric_reason: str | None = Field(default=None, description="Why that fabric: what the nodes offer.")
+    disruption: str | None = Field(
+        default=None,
+        description="What a rollout and a node drain do to this pool (spec.disruption.strategy, replicas "
+        "and nodes per replica), including whether they take it down.",
+    )
     cost_per_hour: float | None = Field(default=None, description="USD per hour for the desired replicas.")
     order: int | None = Field(
         default=None,

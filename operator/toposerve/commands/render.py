@@ -3,6 +3,9 @@
 ``--kubernetes-version X.Y`` checks the objects against that API server version as the operator
 does (api/kubeversion.py) and refuses, naming the field, what it would not serve: an ``image``
 model cache before 1.35, multi-node group co-location before 1.31, ...
+
+``--inventory nodes.yaml`` (``kubectl get nodes -o yaml``) plans against those nodes and renders the
+fabric they offer to multi-node replicas (render/fabric.py).
 """
 
 from __future__ import annotations
@@ -38,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
             path = "spec.pools" if d.spec.pools else "spec.placement.gpuTypes"
             raise SpecError(f"{d.name}: {path}", reasons)
         namespace = d.namespace or args.namespace or "default"
-        objs = render_deployment(d.name, namespace, d.spec, plan, config)
+        # With --inventory, a multi-node replica's pods ask for the fabric those nodes offer (EFA,
+        # RDMA, a GB200 ComputeDomain; render/fabric.py), as the operator renders them; without, none.
+        objs = render_deployment(d.name, namespace, d.spec, plan, config, inventory=inventory)
         # Offline there is no API discovery: PodMonitors only with prometheusOperator: on.
         objs += render_monitors(d.name, namespace, d.spec, config)
         if server is not None:

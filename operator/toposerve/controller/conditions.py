@@ -44,6 +44,7 @@ class PoolObs:
     topology_reason: str | None = None
     fabric: str | None = None  # multi-node vLLM pools: the interconnect (render/fabric.py)
     fabric_reason: str | None = None
+    disruption: str | None = None  # what a rollout or drain does to it (render/disruption.py)
     order: int | None = None  # place in the growth order (poolOrder tier)
     room: int | None = None  # replicas free capacity lets it hold; None: unbounded
     max_replicas: int | None = None
@@ -163,6 +164,7 @@ def compute_status(
                 topology_reason=p.topology_reason,
                 fabric=p.fabric,
                 fabric_reason=p.fabric_reason,
+                disruption=p.disruption,
                 order=p.order,
                 room=p.room,
                 max_replicas=p.max_replicas,

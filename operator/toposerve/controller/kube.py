@@ -42,6 +42,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("autoscaling/v2", "HorizontalPodAutoscaler"): "horizontalpodautoscalers",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
+    ("resource.nvidia.com/v1beta1", "ComputeDomain"): "computedomains",
 }
 CHILD_KINDS: list[tuple[str, str]] = [
     ("apps/v1", "Deployment"),
@@ -54,6 +55,8 @@ CHILD_KINDS: list[tuple[str, str]] = [
     ("autoscaling/v2", "HorizontalPodAutoscaler"),  # autoscaling.mode hpa
     ("keda.sh/v1alpha1", "ScaledObject"),  # autoscaling.mode keda (lists as empty without KEDA)
     ("monitoring.coreos.com/v1", "PodMonitor"),  # with the Prometheus Operator (render/monitoring.py)
+    # GB200 IMEX with NVIDIA's DRA driver (render/fabric.py: COMPUTE_DOMAIN_API); lists as empty without it
+    ("resource.nvidia.com/v1beta1", "ComputeDomain"),
 ]
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 

@@ -39,7 +39,7 @@ from toposerve.controller.conditions import (
     PoolObs,
     compute_status,
 )
-from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, Kube
+from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, PLURALS, Kube
 from toposerve.controller.observe import PodFacts, bound_replicas, parse_time, router_readiness, summarize
 from toposerve.controller.throughput import ThroughputSource, deployment_cost
 from toposerve.planner import poolorder
@@ -47,6 +47,7 @@ from toposerve.planner.inventory import Inventory, PodShape, inventory_from_node
 from toposerve.planner.memory import GIB
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, assign_replicas, plan_deployment
 from toposerve.render.autoscaling import render_autoscaler
+from toposerve.render.disruption import disruption_note, in_place_outage
 from toposerve.render.fabric import fabric_for
 from toposerve.render.monitoring import POD_MONITOR, POD_MONITOR_PLURAL, render_monitors
 from toposerve.render.objects import (
@@ -97,7 +98,8 @@ class Context:
     engine_in_flight: Callable[[str], int | None] = engineprobe.in_flight
     _inventory: tuple[float, Inventory] | None = None
     _lws: tuple[float, bool] | None = None
-    _monitors: tuple[float, bool] | None = None
+    # API discovery per (apiVersion, plural): (when asked, served)
+    _served: dict[tuple[str, str], tuple[float, bool]] = field(default_factory=dict)
     # The API server's version (read at start, again every VERSION_TTL: control planes get upgraded
     # under a running operator); None inside: could not be read, so nothing is refused for it.
     _version: tuple[float, tuple[kubeversion.Version, str] | None] | None = None
@@ -145,8 +147,9 @@ class Context:
         c = self.children
         unserved = c is not None and not c.served(api_version, kind)
         unserved_but_now_there = unserved and (
-            (kind == "LeaderWorkerSet" and self.has_lws())
-            or ((api_version, kind) == POD_MONITOR and self.has_pod_monitors())
+            self.has_lws()
+            if kind == "LeaderWorkerSet"
+            else self.serves(api_version, PLURALS[(api_version, kind)])
         )
         if c is not None and c.synced and not unserved_but_now_there:
             return c.objects(api_version, kind, namespace, name)
@@ -160,20 +163,27 @@ class Context:
         self._lws = (now, present)
         return present
 
-    def has_pod_monitors(self) -> bool:
-        """Whether the API serves the Prometheus Operator's PodMonitor (API discovery, every minute)."""
+    def serves(self, api_version: str, plural: str) -> bool:
+        """Whether the API serves ``plural`` in ``api_version`` (API discovery, asked again every
+        minute): a CRD installed (the Prometheus Operator's, NVIDIA's DRA driver's, KEDA's) after the
+        operator started is found without a restart."""
         now = time.monotonic()
-        if self._monitors and now - self._monitors[0] < 60:
-            return self._monitors[1]
+        held = self._served.get((api_version, plural))
+        if held and now - held[0] < 60:
+            return held[1]
         try:
-            present = self.kube.serves(POD_MONITOR[0], POD_MONITOR_PLURAL)
-        except Exception as e:  # discovery failing must not stop serving: no monitors this time
-            log.warning("API discovery of %s failed: %s", POD_MONITOR[0], e)
+            present = self.kube.serves(api_version, plural)
+        except Exception as e:  # discovery failing must not stop serving: taken as not served this time
+            log.warning("API discovery of %s failed: %s", api_version, e)
             present = False
-        if self._monitors is None or self._monitors[1] != present:
-            log.info("%s %s served: %s", POD_MONITOR[0], POD_MONITOR[1], present)
-        self._monitors = (now, present)
+        if held is None or held[1] != present:
+            log.info("%s %s served: %s", api_version, plural, present)
+        self._served[(api_version, plural)] = (now, present)
         return present
+
+    def has_pod_monitors(self) -> bool:
+        """Whether the API serves the Prometheus Operator's PodMonitor."""
+        return self.serves(POD_MONITOR[0], POD_MONITOR_PLURAL)
 
     def server_version(self) -> tuple[kubeversion.Version, str] | None:
         """The API server's (major, minor) and gitVersion; None when it could not be read."""
@@ -393,6 +403,15 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         was = next((x.get("fabric") for x in previous.get("pools") or [] if x.get("name") == pool.name), None)
         if fabric.over_tcp and was != fabric.name:
             events.append(("MultiNodeOverTCP", f"pool {pool.name}: {fabric.reason}", True))
+        # What a rollout or a drain does to the pool; an outage is said once, when it starts to be one.
+        note = disruption_note(spec.disruption.strategy, pool.replicas, plans[0].nodes_per_replica or 1)
+        said = next(
+            (x.get("disruption") for x in previous.get("pools") or [] if x.get("name") == pool.name), None
+        )
+        if note != said and in_place_outage(
+            spec.disruption.strategy, pool.replicas, plans[0].nodes_per_replica or 1
+        ):
+            events.append(("DisruptionOutage", f"pool {pool.name}: {note}", True))
         pool_obs.append(
             PoolObs(
                 name=pool.name,
@@ -405,6 +424,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 topology_reason=plans[0].topology_reason,
                 fabric=fabric.name or None,
                 fabric_reason=fabric.reason or None,
+                disruption=note,
                 order=pool.order,
                 room=pool.room,
                 max_replicas=pool.max_replicas,

@@ -773,11 +773,17 @@ class PodRunner:
             self.dying.pop(uid, None)
             self._forget_pod(uid)
         try:
+            # In the body: with a DeleteOptions body the API server ignores the
+            # gracePeriodSeconds query parameter (seen on 1.35), and the pod would stay
+            # Terminating for its whole grace period.
             self.api.delete_namespaced_pod(
-                name, namespace, grace_period_seconds=0, body={"preconditions": {"uid": uid}}
+                name, namespace, body={"gracePeriodSeconds": 0, "preconditions": {"uid": uid}}
             )
-        except Exception as e:  # already gone
-            log.debug("final delete %s/%s: %s", namespace, name, e)
+        except Exception as e:
+            if getattr(e, "status", None) == 404:  # already gone
+                log.debug("final delete %s/%s: %s", namespace, name, e)
+            else:  # the pod would stay Terminating until the kwok fallback stage: say why
+                log.warning("final delete %s/%s failed: %s", namespace, name, e)
 
     def _pre_stop(self, m: Managed, start: float) -> None:
         """A container's preStop hook, cut at its grace period: the ``sleep`` action (beta and on

@@ -207,7 +207,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=_non_negative,
         default=0.0,
         metavar="S",
-        help="/health answers after S seconds (a busy API server loop; default: 0)",
+        help="/health answers after S seconds while requests run (a busy API server loop; default: 0)",
     )
 
 

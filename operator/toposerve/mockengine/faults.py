@@ -35,7 +35,7 @@ class FaultConfig:
     unready: bool = False
     slowdown: float = 1.0
     poison: str = ""  # non-empty: prompts containing it fail with fail_status
-    health_delay: float = 0.0  # seconds /health waits before answering (200)
+    health_delay: float = 0.0  # seconds /health waits before answering while requests run
 
     def __post_init__(self) -> None:
         for name in ("fail_rate", "hang_rate", "die_rate"):

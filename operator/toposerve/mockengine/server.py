@@ -508,7 +508,9 @@ async def models(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    if engine.faults.config.health_delay:
+    # Late only while the engine has work: vLLM answers /health on the API server's event loop,
+    # which is slow when that loop is busy with requests, not when it is idle.
+    if engine.faults.config.health_delay and engine.scheduler.has_work:
         await asyncio.sleep(engine.faults.config.health_delay)
     if engine.dead or engine.crashed or engine.faults.config.unready:
         return web.Response(status=503)

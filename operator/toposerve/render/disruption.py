@@ -69,3 +69,24 @@ def in_place_outage(strategy: Strategy, replicas: int, nodes_per_replica: int) -
     """Whether a rollout or a node drain takes the whole pool down: a one-replica pool replaced in
     place, or a one-group multi-node pool drained (groups cannot be surged on a drain)."""
     return replicas == 1 and (strategy == "InPlace" or nodes_per_replica > 1)
+
+
+def disruption_note(strategy: Strategy, replicas: int, nodes_per_replica: int) -> str:
+    """What a rollout and a node drain do to this pool, for its status (and an Event when it turns
+    into an outage): the consequence of spec.disruption.strategy, stated where users look."""
+    if in_place_outage(strategy, replicas, nodes_per_replica):
+        if strategy == "InPlace":
+            return (
+                "InPlace with 1 replica: a rollout or a node drain takes the pool down until its "
+                "replacement has loaded the model (Surge avoids this with one spare replica's GPUs)"
+            )
+        return (
+            f"Surge with 1 replica of {nodes_per_replica} nodes: a rollout surges a new group, but a node drain "
+            "restarts the only group and the pool is down until it has loaded the model again "
+            "(2 replicas avoid this)"
+        )
+    if strategy == "InPlace":
+        return "InPlace: rollouts and drains take one replica at a time; the others keep serving"
+    if nodes_per_replica > 1:
+        return "Surge: rollouts bring a new group up before an old one goes; drains take one group at a time"
+    return "Surge: rollouts and drains bring a successor up before a replica goes"

@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
     )
 
     async def main() -> None:
-        router = Router(backends, cfg)
+        router = Router(backends, cfg, discovering=not backends)
         runner = await serve(router, args.host, args.port)
         watcher = None
         if not backends:

@@ -467,8 +467,14 @@ _USAGE_TAIL = 4096  # of a stream's end kept for its usage event (~250 bytes) an
 class Router:
     """Holds backends, routing memory and the ledger; serves the OpenAI-compatible API."""
 
-    def __init__(self, backends: Iterable[BackendSpec], cfg: RouterConfig | None = None) -> None:
+    def __init__(
+        self, backends: Iterable[BackendSpec], cfg: RouterConfig | None = None, discovering: bool = False
+    ) -> None:
         self.cfg = cfg or RouterConfig()
+        # With discovery: not ready until its first answer (reconcile). A router that took clients
+        # before it knew its engines would answer each one 503 (seen when a new router replica
+        # joined its Service under load, tests/cluster/test_production.py).
+        self.discovering = discovering
         if self.cfg.strategy not in st.STRATEGIES:
             raise ValueError(f"unknown strategy {self.cfg.strategy!r}; known: {', '.join(st.STRATEGIES)}")
         self.backends: dict[str, Backend] = {b.url: Backend(b) for b in backends}
@@ -524,6 +530,7 @@ class Router:
 
     def reconcile(self, desired: Mapping[str, tuple[BackendSpec, bool]]) -> None:
         """Apply discovery's view: url -> (spec, draining). Gone backends drain, then disappear."""
+        self.discovering = False
         for url, (spec, draining) in desired.items():
             b = self.backends.get(url)
             if b is None:
@@ -865,6 +872,8 @@ class Router:
         Backend health (active probes only; passive ejection is client-influenced) is in the body
         and in the metrics."""
         healthy = sum(1 for b in self.backends.values() if b.health.probe_ok and not b.draining)
+        if self.discovering:  # starting: its engines not known yet
+            return web.json_response({"status": "discovering", "healthyBackends": 0}, status=503)
         if self.draining:  # shutting down: out of the Service, still serving what comes
             return web.json_response({"status": "draining", "healthyBackends": healthy}, status=503)
         return web.json_response({"status": "ok", "healthyBackends": healthy})

@@ -811,9 +811,17 @@ def test_cli_binds_loopback_by_default_and_reads_the_admin_token(monkeypatch: py
     assert isinstance(cfg, EngineConfig) and cfg.admin
 
 
-async def test_health_delay_answers_late_but_healthy() -> None:
-    """--health-delay: /health is 200 after the delay (what a busy API server loop does)."""
-    async with serve(faults=FaultConfig(health_delay=0.3)) as srv, aiohttp.ClientSession() as s:
+async def test_health_delay_answers_late_but_healthy_only_while_busy() -> None:
+    """--health-delay: idle, /health answers at once; while a request runs it is 200 after the
+    delay (what a busy API server loop does), so a 0.1 s probe gives up first."""
+    async with (
+        serve(faults=FaultConfig(health_delay=0.3), time_scale=1.0) as srv,
+        aiohttp.ClientSession() as s,
+    ):
+        async with s.get(srv.url + "/health", timeout=aiohttp.ClientTimeout(total=0.2)) as r:
+            assert r.status == 200  # idle: no delay
+        body = {"model": MODEL, "prompt": "keep busy", "max_tokens": 5000, "stream": True}
+        stream = await s.post(srv.url + "/v1/completions", json=body)
         loop = asyncio.get_running_loop()
         t0 = loop.time()
         async with s.get(srv.url + "/health") as r:
@@ -822,5 +830,7 @@ async def test_health_delay_answers_late_but_healthy() -> None:
         with pytest.raises(asyncio.TimeoutError):  # a 0.1 s probe gives up first
             async with s.get(srv.url + "/health", timeout=aiohttp.ClientTimeout(total=0.1)):
                 pass
+        stream.close()
+        await wait_for(lambda: _idle(srv), "the hung-up stream is aborted")
     with pytest.raises(ValueError, match="health_delay"):
         FaultConfig(health_delay=-1)

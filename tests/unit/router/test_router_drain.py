@@ -47,3 +47,19 @@ async def test_probes_and_scrapes_do_not_hold_the_drain(harness: Harness) -> Non
             async with s.get(url + path):
                 pass
     assert await router.drained(quiet_s=5, timeout_s=0.5)
+
+
+async def test_a_discovering_router_is_unready_until_it_knows_its_engines(harness: Harness) -> None:
+    """A router that joined its Service before discovery answered would 503 every client it got."""
+    router, url, _ = await harness(1, cfg=RouterConfig(strategy=st.ROUND_ROBIN))
+    known = {u: (b.spec, False) for u, b in router.backends.items()}
+    router.discovering = True  # as `toposerve router` starts without static backends
+    async with aiohttp.ClientSession() as s:
+        async with s.get(url + "/health") as r:
+            assert r.status == 503 and (await r.json())["status"] == "discovering"
+        router.reconcile(known)  # discovery's first answer
+        async with s.get(url + "/health") as r:
+            assert r.status == 200 and (await r.json())["healthyBackends"] == 1
+        router.reconcile({})  # engines going away later do not take the router out
+        async with s.get(url + "/health") as r:
+            assert r.status == 200
