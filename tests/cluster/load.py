@@ -28,6 +28,8 @@ class Load:
     cut: list[str] = field(default_factory=list)  # the stream ended, but not as a client wants
     lock: threading.Lock = field(default_factory=threading.Lock)
     threads: list[threading.Thread] = field(default_factory=list)
+    # Spread the clients over these base URLs (client i uses the i-th, round robin) instead of url.
+    urls: list[str] = field(default_factory=list)
 
     @property
     def failures(self) -> list[str]:
@@ -37,7 +39,8 @@ class Load:
     def worker(self, i: int) -> None:
         import openai
 
-        client = openai.OpenAI(base_url=f"{self.url}/v1", api_key="x", max_retries=0, timeout=60)
+        base = self.urls[i % len(self.urls)] if self.urls else self.url
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=60)
         n = 0
         while not self.stop.is_set():
             n += 1

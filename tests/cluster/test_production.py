@@ -4,8 +4,9 @@ that holds an engine, a router rollout; and the control that proves the test can
 rollout with the engines' --shutdown-timeout at 0 (vLLM's own default, what the render was
 before) cuts streams. A slow /health under load costs no restart.
 
-Clients go through a kube-proxy stand-in (dev/serviceproxy.py) to the router's Service, as they
-would in a real cluster, so a router rollout is judged by Service semantics, not by one pod IP.
+In the router rollout, clients go through a kube-proxy stand-in (dev/serviceproxy.py) to the
+router's Service, as they would in a real cluster, so it is judged by Service semantics, not by one
+pod IP; elsewhere they are spread over the router pods.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def prod_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
     print(f"--- operator log (last lines)\n{op.tail(60)}")
 
 
-Serve = Callable[[dict[str, Any]], "Serving"]
+Serve = Callable[..., "Serving"]
 
 
 @pytest.fixture
@@ -54,8 +55,8 @@ def serve(cluster: Cluster, namespace: str) -> Iterator[Serve]:
     (a failed test must not leave clients running into the next one)."""
     started: list[Serving] = []
 
-    def start(spec: dict[str, Any]) -> Serving:
-        started.append(Serving(cluster, namespace, spec))
+    def start(spec: dict[str, Any], via_service: bool = False) -> Serving:
+        started.append(Serving(cluster, namespace, spec, via_service=via_service))
         return started[-1]
 
     yield start
@@ -97,7 +98,14 @@ def restarts(pod: Any) -> int:
 class Serving:
     """The deployment Ready, a Service proxy in front of its routers, load flowing."""
 
-    def __init__(self, cluster: Cluster, namespace: str, spec: dict[str, Any], clients: int = 6) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        namespace: str,
+        spec: dict[str, Any],
+        clients: int = 6,
+        via_service: bool = False,
+    ) -> None:
         assert apply(cluster, namespace, spec).returncode == 0
         wait_condition(cluster, namespace, NAME, "Ready", "True", timeout=180)
         n = spec["spec"]["replicas"]
@@ -110,7 +118,16 @@ class Serving:
         wait_for(lambda: len(self.proxy.endpoints()) == 2, "the router Service's endpoints")
         # Streams longer than the preStop pause (about 6 s each, 5 ms a token on the mock's B200):
         # the old engine still has requests in flight when SIGTERM comes, as with real generations.
-        self.load = Load(f"http://{host}:{port}", MODEL, max_tokens=1200).run(clients)
+        # Clients of the Service (the proxy) where the routers change; elsewhere each client keeps
+        # to one router, spread over both, as kube-proxy's per-connection choice would leave them.
+        # Why not always the proxy: it is a test stand-in, and in about one run in three of an
+        # engine rollout a client's new connection through it was reset with neither router
+        # nor proxy seeing an error (docs/production.md, known limits); engine rollouts do not
+        # depend on Service semantics, router rollouts do.
+        direct = [f"http://{h}:{p}" for h, p in self.proxy.endpoints()]
+        self.load = Load(
+            f"http://{host}:{port}", MODEL, max_tokens=1200, urls=[] if via_service else direct
+        ).run(clients)
         wait_for(lambda: self.load.ok >= clients or None, "load flowing", timeout=60)
 
     def close(self) -> None:
@@ -231,7 +248,7 @@ def test_a_node_drain_waits_for_a_replacement_and_loses_no_request(
 def test_a_router_rollout_loses_no_request(
     cluster: Cluster, namespace: str, prod_operator: Operator, serve: Serve
 ) -> None:
-    s = serve(manifest(1))
+    s = serve(manifest(1), via_service=True)  # the routers change: clients meet Service semantics
     before = {p.metadata.name for p in engines(cluster, namespace, "router")}
     patch_llmd(cluster, namespace, {"routing": {"sessionTTLSeconds": 901}})
     wait_for(lambda: rolled(cluster, namespace, before, 2, "router"), "2 new routers", timeout=240, every=1)

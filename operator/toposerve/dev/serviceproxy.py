@@ -79,7 +79,7 @@ class ServiceProxy:
     def _choose(self) -> tuple[str, int] | None:
         eps = self.endpoints()
         if not eps:
-            log.info("%s/%s: no endpoints, connection refused", self.namespace, self.service)
+            log.warning("%s/%s: no endpoints, connection refused", self.namespace, self.service)
             return None
         to = self._rnd.choice(eps)
         self.chosen.append(to)

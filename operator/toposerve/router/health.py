@@ -19,6 +19,12 @@ The rules, and the failures they prevent:
   unreachable, or when a probe has failed since the ejection began (it went down and came
   back: a restart). An ejection for 5xx answers while `/health` stayed 200 serves its hold:
   that is exactly the engine whose health endpoint does not see its failures.
+- **A slow probe is a busy engine.** vLLM answers `/health` on the event loop that streams, so
+  under a long prefill or thousands of streams it answers late. A probe that *times out* takes a
+  backend out of rotation only after `PROBE_TIMEOUTS_DOWN` in a row (about as long as the
+  rendered readiness probe tolerates: 3 misses); a refusal or a non-200 answer does at once.
+  One timeout of a busy engine used to take it out, and with a loaded fleet all at once (seen
+  as "503 no healthy backend" on the local cluster's two cores).
 - **Never empty the fleet.** Like Envoy's `max_ejection_percent`: at most that share of the
   backends in service (probe-healthy, not draining) may be ejected at once, and never the last
   one. Probes, not client traffic, decide when a fleet has nothing left.
@@ -36,6 +42,10 @@ DISCONNECT = "disconnect"  # connection dropped before a response: maybe the req
 STATUS_5XX = "status_5xx"  # a 5xx before the first byte: maybe the request's
 STREAM_BROKEN = "stream_broken"  # broke after bytes went out: counted (no retry spreads it)
 TIMEOUT = "timeout"  # no answer in time: not retried, not blamed (probes catch a hung engine)
+
+# Consecutive /health probe timeouts before a backend is taken out of rotation (refusals and
+# non-200 answers: at once).
+PROBE_TIMEOUTS_DOWN = 3
 
 # Outcomes of one attempt of one request.
 OK = "ok"  # 1xx-3xx answer: the backend did its job
@@ -60,6 +70,7 @@ class HealthState:
     ejected_until: float = 0.0
     eject_kind: str = ""
     probe_failed_since_eject: bool = False
+    probe_timeouts: int = 0  # consecutive probe timeouts (a busy engine answers /health late)
 
     def ejected(self, now: float) -> bool:
         return now < self.ejected_until
@@ -139,8 +150,15 @@ def record_success(s: HealthState, now: float) -> None:
         s.ejections = 0
 
 
-def record_probe(s: HealthState, ok: bool, now: float) -> bool:
-    """Apply one `/health` result; returns True when it re-admitted an ejected backend."""
+def record_probe(s: HealthState, ok: bool, now: float, timed_out: bool = False) -> bool:
+    """Apply one `/health` result (``timed_out``: no answer within the probe timeout, which is
+    not ``ok``); returns True when it re-admitted an ejected backend."""
+    if timed_out and not ok:
+        s.probe_timeouts += 1
+        if s.probe_ok and s.probe_timeouts < PROBE_TIMEOUTS_DOWN:
+            return False  # busy, not down (yet): it stays as it was
+    else:
+        s.probe_timeouts = 0
     s.probe_ok = ok
     if not ok:
         if s.ejected(now):

@@ -608,13 +608,16 @@ class Router:
         assert self._session is not None
         url = b.spec.url
         timeout = aiohttp.ClientTimeout(total=self.cfg.probe_timeout_s)
+        timed_out = False
         try:
             async with self._session.get(url + "/health", timeout=timeout) as r:
                 await r.read()
                 ok = r.status == 200
-        except (TimeoutError, aiohttp.ClientError, OSError):
+        except TimeoutError:
+            ok, timed_out = False, True
+        except (aiohttp.ClientError, OSError):
             ok = False
-        if hl.record_probe(b.health, ok, time.monotonic()):
+        if hl.record_probe(b.health, ok, time.monotonic(), timed_out):
             log.info("re-admitted %s: its /health probe passes again", url)
         if not ok:
             return

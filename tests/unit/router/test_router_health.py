@@ -123,3 +123,28 @@ def test_no_failure_sequence_ejects_every_backend(
         hl.record_failure(states, states, f"b{i % n}", kind, now, cfg)
         assert any(s.healthy(now) for s in states.values())
         assert sum(s.ejected(now) for s in states.values()) <= max(0, int(n * pct / 100 + 1e-9))
+
+
+def test_a_probe_timeout_is_a_busy_engine_until_it_repeats() -> None:
+    """vLLM answers /health on the loop that streams: a late answer is a busy engine, taken out
+    only after PROBE_TIMEOUTS_DOWN timeouts in a row; a refusal or non-200 at once."""
+    b = hl.HealthState()
+    for i in range(hl.PROBE_TIMEOUTS_DOWN - 1):
+        assert not hl.record_probe(b, False, float(i), timed_out=True)
+        assert b.healthy(float(i)), i
+    hl.record_probe(b, False, 5.0, timed_out=True)
+    assert not b.healthy(5.0)
+    hl.record_probe(b, True, 6.0)
+    assert b.healthy(6.0) and b.probe_timeouts == 0
+    # a success between timeouts starts the count again
+    hl.record_probe(b, False, 7.0, timed_out=True)
+    hl.record_probe(b, True, 8.0)
+    for t in (9.0, 10.0):
+        hl.record_probe(b, False, t, timed_out=True)
+    assert b.healthy(10.0)
+    # a refusal (or a 503) is not a busy engine
+    hl.record_probe(b, False, 11.0)
+    assert not b.healthy(11.0)
+    # already out: a timeout keeps it out
+    hl.record_probe(b, False, 12.0, timed_out=True)
+    assert not b.healthy(12.0)
