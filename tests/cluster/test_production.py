@@ -113,6 +113,10 @@ class Serving:
         wait_for(
             lambda: len([p for p in engines(cluster, namespace, "router") if ready(p)]) == 2, "2 routers"
         )
+        # Each router knows the n engines (its discovery may trail the pods' Ready by a moment,
+        # and a router with no engine answers 503, rightly).
+        routers = [p.status.pod_ip for p in engines(cluster, namespace, "router") if ready(p)]
+        wait_for(lambda: all(router_backends(ip) == n for ip in routers), f"both routers see {n} engines")
         self.proxy = ServiceProxy(cluster.discovery, namespace, NAME)
         host, port = self.proxy.start()
         wait_for(lambda: len(self.proxy.endpoints()) == 2, "the router Service's endpoints")

@@ -943,41 +943,16 @@ class PodRunner:
                             os.killpg(m.pid, signal.SIGKILL)
 
 
-def _pump(src: socket.socket, dst: socket.socket, upstream_first: str = "") -> None:
-    why = "closed"
+def _pump(src: socket.socket, dst: socket.socket) -> None:
     try:
         while data := src.recv(65536):
             dst.sendall(data)
-    except OSError as e:
-        why = repr(e)
+    except OSError:
+        pass
     finally:  # either side done: end the connection (TLS and HTTP need no half-close here)
-        if upstream_first and why == "closed" and src.fileno() >= 0:
-            log.warning("%s: %s closed the connection first", upstream_first, _name(src))
-        # Bytes the other side sent that nobody will read turn the close into a reset: say so,
-        # with who ended first (a kept-alive connection closed under a new request).
-        with contextlib.suppress(OSError):
-            pending = dst.recv(65536, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            if pending:
-                log.warning(
-                    "relay %s -> %s ended (%s) with %d unread bytes from %s: %r",
-                    _name(src),
-                    _name(dst),
-                    why,
-                    len(pending),
-                    _name(dst),
-                    pending[:80],
-                )
         for s in (src, dst):
             with contextlib.suppress(OSError):
                 s.close()
-
-
-def _name(s: socket.socket) -> str:
-    try:
-        host, port = s.getpeername()[:2]
-        return f"{host}:{port}"
-    except OSError:
-        return "?"
 
 
 def forward(
@@ -1007,7 +982,7 @@ def forward(
                 client.close()
                 continue
             threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=_pump, args=(upstream, client, f"{listen}"), daemon=True).start()
+            threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True, name="forward").start()
     return server
