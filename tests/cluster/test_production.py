@@ -126,8 +126,8 @@ class Serving:
         # to one router, spread over both, as kube-proxy's per-connection choice would leave them.
         # Why not always the proxy: it is a test stand-in, and in about one run in three of an
         # engine rollout a client's new connection through it was reset with neither router
-        # nor proxy seeing an error (docs/production.md, known limits); engine rollouts do not
-        # depend on Service semantics, router rollouts do.
+        # nor proxy seeing an error (docs/production.md); engine rollouts do not depend on
+        # Service semantics, router rollouts do.
         direct = [f"http://{h}:{p}" for h, p in self.proxy.endpoints()]
         self.load = Load(
             f"http://{host}:{port}", MODEL, max_tokens=1200, urls=[] if via_service else direct

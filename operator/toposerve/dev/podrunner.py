@@ -943,16 +943,43 @@ class PodRunner:
                             os.killpg(m.pid, signal.SIGKILL)
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
+class _Pair:
+    """The two sockets of one relayed connection, closed only once both pumps are done.
+
+    Why not close them in whichever pump ends first: the other pump's thread may be about to
+    enter ``recv``/``send`` on the same file descriptor, and a closed descriptor's number is
+    reused by the next ``accept``. That thread then reads or writes *another* connection's bytes:
+    seen through dev/serviceproxy.py as a client's next request reset, or answered with the tail
+    of an earlier answer ("server disconnected without sending a response"), in about one
+    rollout test in three. ``shutdown`` ends both directions (the other pump's ``recv`` returns)
+    without giving the descriptors up."""
+
+    def __init__(self, a: socket.socket, b: socket.socket) -> None:
+        self.socks = (a, b)
+        self.left = 2
+        self.lock = threading.Lock()
+
+    def done(self) -> None:
+        for s in self.socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+        with self.lock:
+            self.left -= 1
+            last = self.left == 0
+        if last:
+            for s in self.socks:
+                with contextlib.suppress(OSError):
+                    s.close()
+
+
+def _pump(src: socket.socket, dst: socket.socket, pair: _Pair) -> None:
     try:
         while data := src.recv(65536):
             dst.sendall(data)
     except OSError:
         pass
     finally:  # either side done: end the connection (TLS and HTTP need no half-close here)
-        for s in (src, dst):
-            with contextlib.suppress(OSError):
-                s.close()
+        pair.done()
 
 
 def forward(
@@ -981,8 +1008,9 @@ def forward(
                 log.warning("forward %s -> %s: %s", listen, to, e)
                 client.close()
                 continue
-            threading.Thread(target=_pump, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
+            pair = _Pair(client, upstream)
+            threading.Thread(target=_pump, args=(client, upstream, pair), daemon=True).start()
+            threading.Thread(target=_pump, args=(upstream, client, pair), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True, name="forward").start()
     return server
