@@ -108,7 +108,7 @@ def test_pod_monitors_appear_with_the_crds_and_select_the_running_pods(
             # Without the CRDs: no monitor attempted, nothing failed.
             assert condition(obj, "Progressing")["reason"] != "ApplyFailed"  # type: ignore[index]
             log = Path(scoped_operator.log).read_text(errors="replace")
-            assert "PodMonitor served: False" in log
+            assert "monitoring.coreos.com/v1 podmonitors served: False" in log  # Context.serves
             bad = [
                 line
                 for line in log.splitlines()
