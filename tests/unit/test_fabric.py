@@ -340,13 +340,14 @@ class _LWSKube(FakeKube):
         return True
 
 
-def _body() -> dict[str, Any]:
-    (dep,) = load_manifests(MANIFESTS["llama-405b-multinode.yaml"])
+def _body(key: str = "llama-405b-multinode.yaml", **spec: Any) -> dict[str, Any]:
+    """The LLMDeployment object of one of MANIFESTS, as the API server hands it over."""
+    doc = yaml.safe_load(MANIFESTS[key])
     return {
         "apiVersion": "toposerve.io/v1alpha1",
         "kind": "LLMDeployment",
-        "metadata": {"name": dep.name, "namespace": "ns", "uid": "u1", "generation": 1},
-        "spec": yaml.safe_load(MANIFESTS["llama-405b-multinode.yaml"])["spec"],
+        "metadata": {"name": doc["metadata"]["name"], "namespace": "ns", "uid": "u1", "generation": 1},
+        "spec": {**doc["spec"], **spec},
     }
 
 
@@ -367,16 +368,6 @@ def test_status_says_the_fabric_and_an_event_says_tcp_once(profile: str, want: s
     assert lws and all(fabric_of(p) == want for w in lws for _, p, _ in pod_templates(w))
 
 
-def _gb200_body() -> dict[str, Any]:
-    (dep,) = load_manifests(MANIFESTS["gb200-llama-405b"])
-    return {
-        "apiVersion": "toposerve.io/v1alpha1",
-        "kind": "LLMDeployment",
-        "metadata": {"name": dep.name, "namespace": "ns", "uid": "u1", "generation": 1},
-        "spec": {**yaml.safe_load(MANIFESTS["gb200-llama-405b"])["spec"], "engine": "vllm"},
-    }
-
-
 class _Pruning(_LWSKube):
     def __init__(self, body: dict[str, Any], nodes: list[dict[str, Any]]) -> None:
         super().__init__(body, nodes)
@@ -389,7 +380,7 @@ class _Pruning(_LWSKube):
 
 def test_a_compute_domain_is_a_child_kept_while_wanted_and_pruned_after() -> None:
     assert (fab.COMPUTE_DOMAIN_API, "ComputeDomain") in CHILD_KINDS  # the rendered apiVersion
-    kube = _Pruning(_gb200_body(), fleet.nodes(FLEET_X, "gb200"))
+    kube = _Pruning(_body("gb200-llama-405b", engine="vllm"), fleet.nodes(FLEET_X, "gb200"))
     ctx = Context(kube=kube, config=OperatorConfig())  # type: ignore[arg-type]
     reconcile(ctx, "ns", "llama-405b-gb200")
     (domain,) = [o for (k, _), o in kube.objects.items() if k == "ComputeDomain"]

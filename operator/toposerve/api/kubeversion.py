@@ -152,7 +152,7 @@ def needs(
     # DRA: the pods of a workload claim an IMEX channel (GB200 multi-node NVLink).
     claimed: list[tuple[str, str]] = []
     for obj in objects:
-        if not _claims_resources(obj):
+        if "DynamicResourceAllocation" not in used_in([obj]):
             continue
         labels = (obj.get("metadata") or {}).get("labels") or {}
         key = (str(labels.get(_LABEL_POOL, "default")), str(labels.get(_LABEL_GPU_TYPE, "?")))
@@ -170,17 +170,6 @@ def needs(
 
 _LABEL_POOL = "toposerve.io/pool"  # render/objects.py: LABEL_POOL, LABEL_GPU_TYPE
 _LABEL_GPU_TYPE = "toposerve.io/gpu-type"
-
-
-def _claims_resources(node: Any) -> bool:
-    """Whether an object holds a pod spec (``containers``) with ``resourceClaims``."""
-    if isinstance(node, dict):
-        if node.get("resourceClaims") and "containers" in node:
-            return True
-        return any(_claims_resources(v) for v in node.values())
-    if isinstance(node, list):
-        return any(_claims_resources(v) for v in node)
-    return False
 
 
 def lacks(server: Version, need: Need, enabled_gates: Iterable[str] = ()) -> bool:

@@ -400,17 +400,15 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         fabric = fabric_for(
             plans[0], dplan.engine, inv, ctx.config.catalog(), workload_name(name, pool.name, order[0])
         )
-        was = next((x.get("fabric") for x in previous.get("pools") or [] if x.get("name") == pool.name), None)
-        if fabric.over_tcp and was != fabric.name:
+        said: Mapping[str, Any] = next(
+            (x for x in previous.get("pools") or [] if x.get("name") == pool.name), {}
+        )
+        if fabric.over_tcp and said.get("fabric") != fabric.name:
             events.append(("MultiNodeOverTCP", f"pool {pool.name}: {fabric.reason}", True))
         # What a rollout or a drain does to the pool; an outage is said once, when it starts to be one.
-        note = disruption_note(spec.disruption.strategy, pool.replicas, plans[0].nodes_per_replica or 1)
-        said = next(
-            (x.get("disruption") for x in previous.get("pools") or [] if x.get("name") == pool.name), None
-        )
-        if note != said and in_place_outage(
-            spec.disruption.strategy, pool.replicas, plans[0].nodes_per_replica or 1
-        ):
+        nodes = plans[0].nodes_per_replica or 1
+        note = disruption_note(spec.disruption.strategy, pool.replicas, nodes)
+        if note != said.get("disruption") and in_place_outage(spec.disruption.strategy, pool.replicas, nodes):
             events.append(("DisruptionOutage", f"pool {pool.name}: {note}", True))
         pool_obs.append(
             PoolObs(
