@@ -508,8 +508,10 @@ async def models(request: web.Request) -> web.Response:
 
 async def health(request: web.Request) -> web.Response:
     engine = request.app[ENGINE_KEY]
-    # Late only while the engine has work: vLLM answers /health on the API server's event loop,
-    # which is slow when that loop is busy with requests, not when it is idle.
+    # Late only while the engine has work: vLLM 0.33.0 answers /health from an async handler on the
+    # API server's event loop (entrypoints/serve/instrumentator/health.py: `await
+    # client.check_health()`), the loop that also turns engine output into every stream's chunks,
+    # so it is slow when that loop is busy with requests, not when it is idle.
     if engine.faults.config.health_delay and engine.scheduler.has_work:
         await asyncio.sleep(engine.faults.config.health_delay)
     if engine.dead or engine.crashed or engine.faults.config.unready:
