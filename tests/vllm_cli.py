@@ -41,6 +41,9 @@ PLACEHOLDERS: dict[str, str] = {
     "HOSTNAME": "llm-0",
     "HF_TOKEN": "hf_placeholder",
     "HUGGING_FACE_HUB_TOKEN": "hf_placeholder",
+    # Not Kubernetes': the shell variable a multi-node worker's script sets to the leader's
+    # resolved address before it execs vLLM (render/multinode.py).
+    "LEADER_IP": "10.0.0.1",
 }
 FIELD_PLACEHOLDERS: dict[str, str] = {
     "status.podIP": "10.0.0.2",
@@ -85,13 +88,15 @@ def _pod_specs(obj: Any, path: str = "") -> Iterator[tuple[str, Mapping[str, Any
 def _env(container: Mapping[str, Any], leader: bool) -> dict[str, str]:
     """What ``$(VAR)`` resolves to in this container: its env, then run-time placeholders."""
     env = dict(PLACEHOLDERS)
-    if leader:
+    fields = dict(FIELD_PLACEHOLDERS)
+    if leader:  # the leader's pod IP is what its workers resolve LWS_LEADER_ADDRESS to
         env["LWS_WORKER_INDEX"] = "0"
+        fields["status.podIP"] = env["POD_IP"] = env["LEADER_IP"]
     for item in container.get("env") or []:
         if "value" in item:
             env[item["name"]] = str(item["value"])
         elif (field := (item.get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath")) is not None:
-            env[item["name"]] = FIELD_PLACEHOLDERS.get(field, PLACEHOLDERS.get(item["name"], "placeholder"))
+            env[item["name"]] = fields.get(field, PLACEHOLDERS.get(item["name"], "placeholder"))
         elif "valueFrom" in item:  # secret / config map: any non-empty value will do
             env[item["name"]] = PLACEHOLDERS.get(item["name"], "placeholder")
     return env

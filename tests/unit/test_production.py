@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests.vllm_cli import serve_argvs_in_script
 from toposerve.api.config import OperatorConfig
 from toposerve.api.manifest import load_manifests
 from toposerve.api.spec import LLMDeploymentSpec
@@ -76,9 +77,13 @@ def test_every_pod_drains_within_its_grace_period(example: str, profile: str, en
                     assert drain == 90 and pod["terminationGracePeriodSeconds"] > 7 + drain
                     assert flag(c["args"], "--host") == "::"  # dual-stack
                     continue
-                # vLLM 0.33.0 defaults --shutdown-timeout to 0 = abort: it must be rendered.
-                assert flag(c["args"], "--shutdown-timeout") == "90", c["args"]
-                teardown = ENGINE_TEARDOWN_SECONDS if c["command"][0] == "vllm" else MOCK_TEARDOWN_SECONDS
+                # vLLM 0.33.0 defaults --shutdown-timeout to 0 = abort: it must be rendered, on
+                # multi-node workers too (their vllm serve runs from the leader-wait script).
+                wrapped = c["command"][:2] == ["/bin/sh", "-c"]
+                (argv,) = serve_argvs_in_script(c["command"][2], {}) if wrapped else [c["args"]]
+                assert flag(argv, "--shutdown-timeout") == "90", argv
+                vllm = wrapped or c["command"][0] == "vllm"
+                teardown = ENGINE_TEARDOWN_SECONDS if vllm else MOCK_TEARDOWN_SECONDS
                 assert pod["terminationGracePeriodSeconds"] == 7 + 90 + teardown
 
 

@@ -8,6 +8,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 
+from tests.vllm_cli import serve_argvs_in_script
 from toposerve.api.errors import SpecError
 from toposerve.planner.plan import plan_deployment
 from toposerve.render.objects import Owner, render_deployment, workload_name
@@ -97,12 +98,19 @@ def test_multi_node_pool_is_a_leaderworkerset_in_one_nvlink_domain() -> None:
         == worker["resources"]["limits"]["nvidia.com/gpu"]
     )
     # vLLM's native multi-node launch: same plan everywhere, rank 0 serves, workers are headless.
-    assert leader["command"] == worker["command"] == ["vllm", "serve"]
-    la, wa = leader["args"], worker["args"]
+    assert leader["command"] == ["vllm", "serve"]
+    # The worker first resolves the leader's name (render/multinode.py), then execs vllm serve.
+    assert worker["command"][:2] == ["/bin/sh", "-c"] and worker["args"] == []
+    (wa,) = serve_argvs_in_script(worker["command"][2], {})
+    la = leader["args"]
     assert la[la.index("--pipeline-parallel-size") + 1] == "2" == wa[wa.index("--pipeline-parallel-size") + 1]
     assert la[la.index("--nnodes") + 1] == "2" and la[la.index("--node-rank") + 1] == "0"
     assert wa[wa.index("--node-rank") + 1] == "$(LWS_WORKER_INDEX)" and "--headless" in wa
-    assert la[la.index("--master-addr") + 1] == "$(LWS_LEADER_ADDRESS)" == wa[wa.index("--master-addr") + 1]
+    # Addresses, not names: the leader is the rendezvous at its own pod IP; the worker passes what
+    # the leader's name resolved to.
+    assert la[la.index("--master-addr") + 1] == "$(POD_IP)"
+    assert wa[wa.index("--master-addr") + 1] == ""  # $LEADER_IP, set by the script at run time
+    assert "$LEADER_IP" in worker["command"][2]
     assert "--headless" not in la and "--port" in la
     assert "readinessProbe" in leader and "readinessProbe" not in worker
     # The budget covers workers too: a group is down when any of its pods is.

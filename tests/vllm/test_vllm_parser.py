@@ -343,7 +343,7 @@ def test_extraction_of_shell_scripts_and_kubernetes_references() -> None:
     ]  # fmt: skip
     commands = find_vllm_commands(objs)
     assert [c.argv for c in commands] == [
-        ["m", "--node-rank", "0", "--host", "10.0.0.2"],
+        ["m", "--node-rank", "0", "--host", "10.0.0.1"],  # the leader's pod IP is the leader address
         ["m", "--headless", "--node-rank", "1", "--master-addr", "10.0.0.1", "--port", "8000"],
     ]
     assert "leaderTemplate" in commands[0].where and "workerTemplate" in commands[1].where

@@ -29,6 +29,7 @@ from toposerve.planner.plan import IMAGE_WEIGHTS_DIR, DeploymentPlan, PoolPlan, 
 from toposerve.planner.resources import cpu_quantity
 from toposerve.render.disruption import EVACUATION_MIN_AVAILABLE, disruption
 from toposerve.render.fabric import NO_FABRIC, fabric_for
+from toposerve.render.multinode import worker_script
 from toposerve.render.placement import router_affinity, serving_affinity, serving_tolerations
 
 ENGINE_PORT = 8000
@@ -165,6 +166,7 @@ class _Ctx:
     tolerations: list[dict[str, Any]] = field(default_factory=list)
     image: str = ""
     command: list[str] = field(default_factory=list)
+    worker_command: list[str] = field(default_factory=list)  # when it differs from command
     leader_args: list[str] = field(default_factory=list)
     worker_args: list[str] = field(default_factory=list)
     requests: dict[str, str] = field(default_factory=dict)
@@ -267,13 +269,16 @@ def engine_probes(startup_failure_threshold: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _vllm_commands(plan: PoolPlan, shutdown_s: int) -> tuple[list[str], list[str], list[str]]:
-    """(command, leader args, worker args) for vLLM.
+def _vllm_commands(
+    plan: PoolPlan, shutdown_s: int, leader_wait_s: int
+) -> tuple[list[str], list[str], list[str], list[str]]:
+    """(command, leader args, worker command, worker args) for vLLM.
 
     Multi-node replicas use vLLM's native multi-node launch (no Ray cluster to form): every pod runs
-    ``vllm serve`` with the same plan and ``--nnodes``; the leader (rank 0) serves HTTP, workers
-    run ``--headless`` with their LeaderWorkerSet index as node rank, and all meet at the leader's
-    address. Kubernetes expands ``$(LWS_...)``, which LeaderWorkerSet injects into every pod.
+    ``vllm serve`` with the same plan and ``--nnodes``; the leader (rank 0) serves HTTP and is the
+    rendezvous at its own pod IP, workers run ``--headless`` with their LeaderWorkerSet index as
+    node rank and first resolve the leader's name to an address (render/multinode.py).
+    Kubernetes expands ``$(LWS_...)``, which LeaderWorkerSet injects into every pod.
 
     ``--shutdown-timeout`` on every pod: vLLM 0.33.0 defaults it to 0, which aborts in-flight
     requests on SIGTERM (``entrypoints/launchers/launcher.py``); EngineCore reads it on every node.
@@ -281,12 +286,13 @@ def _vllm_commands(plan: PoolPlan, shutdown_s: int) -> tuple[list[str], list[str
     args = [*plan.vllm_args, "--shutdown-timeout", str(shutdown_s)]
     serve = [*args, "--port", str(ENGINE_PORT)]
     if plan.nodes_per_replica <= 1:
-        return ["vllm", "serve"], serve, []
-    multi = ["--nnodes", str(plan.nodes_per_replica), "--master-addr", "$(LWS_LEADER_ADDRESS)",
-             "--master-port", str(MASTER_PORT)]  # fmt: skip
-    leader = [*serve, *multi, "--node-rank", "0"]
-    worker = [*args, *multi, "--node-rank", "$(LWS_WORKER_INDEX)", "--headless"]
-    return ["vllm", "serve"], leader, worker
+        return ["vllm", "serve"], serve, [], []
+    nnodes = ["--nnodes", str(plan.nodes_per_replica)]
+    port = ["--master-port", str(MASTER_PORT)]
+    leader = [*serve, *nnodes, "--master-addr", "$(POD_IP)", *port, "--node-rank", "0"]
+    worker = [*args, *nnodes, "--master-addr", "", *port, "--node-rank", "$(LWS_WORKER_INDEX)", "--headless"]
+    script = worker_script(worker, worker.index("--master-addr") + 1, leader_wait_s)
+    return ["vllm", "serve"], leader, ["/bin/sh", "-c", script], []
 
 
 def startup_seconds(plan: PoolPlan, spec: LLMDeploymentSpec, config: OperatorConfig) -> int:
@@ -422,6 +428,7 @@ def render_pool(
     container_security: dict[str, Any] = {"allowPrivilegeEscalation": False}
     if mock:
         image = config.toposerve_image
+        worker_command: list[str] = []
         command, leader_args, worker_args = (
             ["toposerve", "mock-engine"],
             _mock_args(plan, dplan.served_name, shutdown_s),
@@ -434,7 +441,9 @@ def render_pool(
             requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(plan.gpus_per_pod)
     else:
         image = spec.serving.image or config.vllm_image
-        command, leader_args, worker_args = _vllm_commands(plan, shutdown_s)
+        startup = startup_seconds(plan, spec, config)
+        # A worker waits for the leader's name as long as the leader may take to start.
+        command, leader_args, worker_command, worker_args = _vllm_commands(plan, shutdown_s, startup)
         # vLLM's get_ip() guesses an interface otherwise; the pod IP is the one peers reach
         # (production-stack sets the same).
         env.append({"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
@@ -450,7 +459,6 @@ def render_pool(
             "nvidia.com/gpu": gpus,
         }
         limits = {"nvidia.com/gpu": gpus}
-        startup = startup_seconds(plan, spec, config)
     # The fast interconnect of a multi-node vLLM replica (render/fabric.py): none for single-node
     # replicas and the mock engine.
     fabric = fabric_for(plan, dplan.engine, inventory, catalog, object_name) if multi else NO_FABRIC
@@ -494,6 +502,7 @@ def render_pool(
         tolerations=pod_tolerations(spec, plan, config),
         image=image,
         command=command,
+        worker_command=worker_command,
         leader_args=leader_args,
         worker_args=worker_args,
         requests=requests,
