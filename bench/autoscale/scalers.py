@@ -46,7 +46,7 @@ from toposerve.autoscale.decision import (
 from toposerve.autoscale.forecast import spec_demand_floor, spec_slice_offset
 from toposerve.autoscale.schedule import schedule_floor
 
-# Mirrors of the operator loop's cadence (toposerve.autoscale.loop, which imports the Kubernetes
+# Mirrors of the operator loop's cadence (toposerve.controller.autoscaler, which imports the Kubernetes
 # client; the bench keeps to the pure modules). A unit test checks they still match.
 FORECAST_REFRESH_SECONDS = 300.0
 PERIOD_SECONDS = {"daily": 86400.0, "weekly": 7 * 86400.0}

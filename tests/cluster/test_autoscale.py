@@ -18,7 +18,15 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import Cluster, kubectl, wait_for
-from tests.cluster.operator_harness import Operator, apply, events, get_llmd, install_crd, wait_condition
+from tests.cluster.operator_harness import (
+    Operator,
+    apply,
+    condition,
+    events,
+    get_llmd,
+    install_crd,
+    wait_condition,
+)
 
 pytestmark = pytest.mark.cluster
 _NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -170,6 +178,11 @@ def test_builtin_autoscaler_scales_on_kv_cache_through_prometheus(
     st = wait_for(autoscaling, "status.autoscaling with fresh metrics from Prometheus", timeout=120)
     assert st["source"] == f"prometheus {cluster.prometheus_url}"
     assert st["mode"] == "builtin" and st["desiredReplicas"] == 1 and st["floorSource"] == "minReplicas"
+    # The flag's flip reached the reconcile, which says it as a condition (kubectl get / Argo CD).
+    active = condition(
+        wait_condition(cluster, namespace, name, "ScalingActive", "True", timeout=60), "ScalingActive"
+    )
+    assert active["reason"] == "MetricsAvailable" and cluster.prometheus_url in active["message"]
 
     router = wait_for(lambda: (r := ips(cluster, namespace, name)) and r[0], "a ready router")
     with Load(f"http://{router}:8080") as load:

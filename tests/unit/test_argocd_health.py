@@ -61,6 +61,11 @@ SCENARIOS: dict[str, tuple[Observation | None, int, str, str]] = {
         1, "Progressing", "Unschedulable: " + UNSCHED,
     ),
     "old-generation": (_obs(2, _pl("L4", 2, 2)), 2, "Progressing", "observe generation 2"),
+    "metrics-unavailable": (
+        _obs(2, _pl("L4", 2, 2), autoscaling_mode="builtin",
+             autoscaling={"mode": "builtin", "metricsAvailable": False, "source": "prometheus http://p (unavailable: x)"}),
+        1, "Healthy", "AllReplicasReady: 2/2 replicas ready; autoscaling: MetricsUnavailable: no metrics from prometheus",
+    ),
 }  # fmt: skip
 
 

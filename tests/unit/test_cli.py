@@ -55,6 +55,25 @@ def test_every_example_plans_as_json_and_renders(example: Path, capsys: pytest.C
     assert any(d["kind"] in ("Deployment", "LeaderWorkerSet") for d in docs)
 
 
+def test_render_prints_the_autoscaler_the_operator_would_apply(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Like helm template: hpa and keda modes' HPA / ScaledObject are children the operator applies."""
+    hpa = MIN + "  autoscaling: {enabled: true, mode: hpa, maxReplicas: 6}\n"
+    code, out, err = run(tmp_path, hpa, "render", capsys=capsys)
+    assert code == 0 and err == ""
+    (h,) = [d for d in yaml.safe_load_all(out) if d and d["kind"] == "HorizontalPodAutoscaler"]
+    assert h["spec"]["maxReplicas"] == 6 and h["spec"]["scaleTargetRef"]["kind"] == "LLMDeployment"
+    keda = MIN + "  autoscaling: {enabled: true, mode: keda}\n"
+    code, out, err = run(tmp_path, keda, "render", capsys=capsys)
+    assert code == 0 and "PrometheusRequired" in err and "prometheusUrl" in err
+    config = tmp_path / "config.yaml"
+    config.write_text("prometheusUrl: http://prometheus.monitoring:9090\n")
+    code, out, err = run(tmp_path, keda, "render", "--config", str(config), capsys=capsys)
+    assert code == 0 and err == ""
+    assert [d["kind"] for d in yaml.safe_load_all(out) if d and d["kind"] == "ScaledObject"] == ["ScaledObject"]
+
+
 def test_minimal_manifest_plans_tp4_on_h100(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(tmp_path, MIN, "plan", "-o", "json", capsys=capsys)
     assert code == 0
@@ -91,7 +110,24 @@ BAD = [
     ),
     (
         "model: {name: meta-llama/Llama-3.1-8B-Instruct}\n  autoscaling: {minReplicas: 5, maxReplicas: 2}",
-        "spec.autoscaling",
+        "spec.autoscaling.minReplicas",  # where the API server's CEL rule names it (fieldPath)
+    ),
+    (
+        "model: {name: meta-llama/Llama-3.1-8B-Instruct}\n  autoscaling: {enabled: true, mode: keda, warmStandby: 1}",
+        "spec.autoscaling.warmStandby",
+    ),
+    (
+        "model: {name: meta-llama/Llama-3.1-8B-Instruct, cache: {type: pvc}}",
+        "spec.model.cache.claimName",
+    ),
+    (
+        "model: {name: meta-llama/Llama-3.1-8B-Instruct}\n  placement: {gpuTypes: [H100]}\n"
+        "  pools: [{name: a, gpuTypes: [H100]}]",
+        "spec.pools",
+    ),
+    (
+        "model: {name: meta-llama/Llama-3.1-8B-Instruct}\n  pools: [{name: a, gpuTypes: [H100]}, {name: a, gpuTypes: [L4]}]",
+        "spec.pools",
     ),
     (
         "model: {name: meta-llama/Llama-3.1-8B-Instruct}\n  placement: {gpuTypes: [H100, H1OO]}",
@@ -111,7 +147,7 @@ def test_bad_input_is_one_line_naming_the_field(
     code, out, err = run(tmp_path, text, "plan", capsys=capsys)
     assert code == 2 and out == ""
     assert len(err.strip().splitlines()) == 1, err
-    assert field in err and "Traceback" not in err
+    assert f"{field}: " in err and "Traceback" not in err, err
 
 
 def test_malformed_yaml_and_impossible_fit(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -16,7 +16,7 @@ import yaml
 from tests.unit.autoscale.test_render_autoscaler import errors, strict
 from tests.unit.chart_helpers import template
 from toposerve.api.config import OperatorConfig
-from toposerve.autoscale import loop as autoscale_loop
+from toposerve.controller import autoscaler as autoscale_loop
 from toposerve.controller import evacuation
 from toposerve.planner.plan import plan_deployment
 from toposerve.render.monitoring import (

@@ -290,6 +290,25 @@ def test_assign_replicas_grows_from_what_runs_within_room_and_max_replicas() -> 
     assert (by["h100"].room, by["a100"].room, by["a100"].max_replicas) == (2, None, 3)
 
 
+@pytest.mark.parametrize(
+    ("replicas", "auto", "planned"),
+    [
+        (9, {"maxReplicas": 4}, 4),  # not 9 pods until the autoscaler's first decision
+        (0, {"minReplicas": 2}, 2),
+        (0, {"minReplicas": 0}, 0),  # scaled to zero stays there
+        (3, {"minReplicas": 1, "maxReplicas": 4}, 3),
+        (9, {"enabled": False, "maxReplicas": 4}, 9),  # no autoscaler: spec.replicas as written
+        (9, {"mode": "hpa", "maxReplicas": 4}, 4),
+    ],
+)
+def test_spec_replicas_is_held_within_the_autoscalers_bounds(
+    replicas: int, auto: dict[str, object], planned: int
+) -> None:
+    spec = two_pools("throughput", replicas=replicas, **auto)
+    assert spec.replicas == replicas  # the spec is left as written: the autoscaler writes it
+    assert sum(p.replicas for p in plan_deployment("x", spec).pools) == planned
+
+
 def test_warm_standby_sits_at_the_end_of_the_order() -> None:
     spec = two_pools("latency-critical", replicas=2, h100={"maxReplicas": 2}, warmStandby=1)
     d = plan_deployment("x", spec)

@@ -85,6 +85,14 @@ class OperatorConfig(BaseModel):
         "its KV-cache and queue metrics (unset: the pods' /metrics), and keda mode's ScaledObject queries "
         "it (unset: keda mode is refused). Unset: no throughput.",
     )
+    prometheus_timeout_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Deadline of one read from Prometheus (all the queries of one deployment's decision "
+        "together), without retries: a slow Prometheus makes that deployment hold this pass, not the others "
+        "(the builtin autoscaler reads deployments concurrently).",
+    )
     throughput_window: str = Field(
         default="5m",
         pattern=r"^[0-9]+[smh]$",

@@ -15,6 +15,16 @@ class SpecError(ValueError):
         self.message = message
 
 
+class FieldValueError(ValueError):
+    """Raised by a cross-field (model) validator for the field it is about: pydantic would name only
+    the model, the API server's CEL rule names ``fieldPath``; spec_error appends ``field`` so that
+    the CLI, status and the API server say the same path."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 def _loc(prefix: str, loc: tuple[int | str, ...]) -> str:
     path = prefix
     for part in loc:
@@ -35,6 +45,9 @@ def spec_error(err: ValidationError, prefix: str = "spec") -> SpecError:
     if msg.startswith("Value error, "):
         msg = msg[len("Value error, ") :]
     where = _loc(prefix, tuple(first["loc"]))
+    cause = (first.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldValueError):
+        where = f"{where}.{cause.field}" if where else cause.field
     got = first.get("input")
     tail = ""
     if first["type"] not in ("missing",) and not isinstance(got, dict | list) and got is not None:

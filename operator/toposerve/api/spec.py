@@ -10,6 +10,8 @@ checked by the planner and reported in status instead.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -23,6 +25,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic.alias_generators import to_camel
+
+from toposerve.api.errors import FieldValueError
 
 Dtype = Literal["bf16", "fp16", "fp8", "int8", "int4"]
 KVCacheDtype = Literal["bf16", "fp16", "fp8"]
@@ -106,7 +110,7 @@ class Architecture(_Model):
     @model_validator(mode="after")
     def _kv_le_heads(self) -> Architecture:
         if self.kv_heads > self.attention_heads:
-            raise ValueError("kvHeads must not exceed attentionHeads")
+            raise FieldValueError("kvHeads", "kvHeads must not exceed attentionHeads")
         return self
 
 
@@ -160,7 +164,7 @@ class ModelCacheSpec(_Model):
         need = {"pvc": ("claimName", self.claim_name), "host-path": ("hostPath", self.host_path),
                 "image": ("image", self.image)}.get(self.type)  # fmt: skip
         if need and not need[1]:
-            raise ValueError(f"type {self.type} needs {need[0]}")
+            raise FieldValueError(need[0], f"type {self.type} needs {need[0]}")
         return self
 
 
@@ -461,7 +465,7 @@ class ScheduleWindow(_Model):
     @model_validator(mode="after")
     def _not_empty(self) -> ScheduleWindow:
         if self.start == self.end:
-            raise ValueError("start and end must differ")
+            raise FieldValueError("end", "start and end must differ")
         return self
 
 
@@ -517,6 +521,76 @@ BURST_HEADROOM_MESSAGE = (
     "burstHeadroom needs mode builtin: in hpa and keda modes the HorizontalPodAutoscaler computes "
     "the replicas as ceil(load / target) and cannot add beta x sqrt(load)"
 )
+
+
+@dataclass(frozen=True)
+class CrossFieldRule:
+    """One cross-field rule, checked twice from one definition: by the API server (the CEL rule in
+    the generated CRD) and by the CLI and the operator (``violated``), with the same message and
+    the same field, so ``kubectl apply`` and ``toposerve plan`` name the same path."""
+
+    field: str  # camelCase, relative to the object the rule is on
+    message: str
+    cel: str
+    violated: Callable[[Any], bool]
+
+    def validation(self) -> dict[str, Any]:
+        return {"rule": self.cel, "message": self.message, "fieldPath": f".{self.field}"}
+
+
+_HPA_KEDA = "!has(self.mode) || !(self.mode in ['hpa', 'keda'])"
+AUTOSCALING_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        "minReplicas", "minReplicas must be <= maxReplicas",
+        "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
+        lambda a: a.min_replicas > a.max_replicas,
+    ),
+    CrossFieldRule(
+        "mode", "mode builtin, hpa or keda needs enabled: true",
+        "!has(self.mode) || self.mode == 'off' || (has(self.enabled) && self.enabled)",
+        lambda a: a.mode not in (None, "off") and not a.enabled,
+    ),
+    CrossFieldRule(
+        "schedules", "a schedule's minReplicas must be <= maxReplicas",
+        "!has(self.schedules) || !has(self.maxReplicas) || self.schedules.all(s, s.minReplicas <= self.maxReplicas)",
+        lambda a: any(s.min_replicas > a.max_replicas for s in a.schedules),
+    ),
+    CrossFieldRule(
+        "schedules", "schedules need mode builtin or keda (an HPA has no schedules)",
+        "!has(self.mode) || self.mode != 'hpa' || !has(self.schedules) || size(self.schedules) == 0",
+        lambda a: a.mode == "hpa" and bool(a.schedules),
+    ),
+    CrossFieldRule(
+        "forecast", "forecast needs mode builtin",
+        f"{_HPA_KEDA} || !has(self.forecast) || !has(self.forecast.enabled) || !self.forecast.enabled",
+        lambda a: a.mode in ("hpa", "keda") and a.forecast.enabled,
+    ),
+    CrossFieldRule(
+        "minReplicas", "mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)",
+        "!has(self.mode) || self.mode != 'hpa' || !has(self.minReplicas) || self.minReplicas >= 1",
+        lambda a: a.mode == "hpa" and a.min_replicas < 1,
+    ),
+    CrossFieldRule(
+        "ttftSLO", TTFT_HPA_MESSAGE,
+        "!has(self.mode) || self.mode != 'hpa' || !has(self.ttftSLO)",
+        lambda a: a.mode == "hpa" and a.ttft_slo is not None,
+    ),
+    CrossFieldRule(
+        "warmStandby", "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)",
+        f"{_HPA_KEDA} || !has(self.warmStandby) || self.warmStandby == 0",
+        lambda a: a.mode in ("hpa", "keda") and bool(a.warm_standby),
+    ),
+    CrossFieldRule(
+        "warmStandbyPercent", STANDBY_PERCENT_MESSAGE,
+        f"{_HPA_KEDA} || !has(self.warmStandbyPercent) || self.warmStandbyPercent == 0",
+        lambda a: a.mode in ("hpa", "keda") and bool(a.warm_standby_percent),
+    ),
+    CrossFieldRule(
+        "burstHeadroom", BURST_HEADROOM_MESSAGE,
+        f"{_HPA_KEDA} || !has(self.burstHeadroom) || self.burstHeadroom == 0.0",
+        lambda a: a.mode in ("hpa", "keda") and bool(a.burst_headroom),
+    ),
+)  # fmt: skip
 
 
 class AutoscalingSpec(_Model):
@@ -647,88 +721,17 @@ class AutoscalingSpec(_Model):
     )
 
     model_config = ConfigDict(
-        json_schema_extra={
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.minReplicas) || !has(self.maxReplicas) || self.minReplicas <= self.maxReplicas",
-                    "message": "minReplicas must be <= maxReplicas",
-                    "fieldPath": ".minReplicas",
-                },
-                {
-                    "rule": "!has(self.mode) || self.mode == 'off' || (has(self.enabled) && self.enabled)",
-                    "message": "mode builtin, hpa or keda needs enabled: true",
-                    "fieldPath": ".mode",
-                },
-                {
-                    "rule": "!has(self.schedules) || !has(self.maxReplicas) || "
-                    "self.schedules.all(s, s.minReplicas <= self.maxReplicas)",
-                    "message": "a schedule's minReplicas must be <= maxReplicas",
-                    "fieldPath": ".schedules",
-                },
-                {
-                    "rule": "!has(self.mode) || self.mode != 'hpa' || !has(self.schedules) || size(self.schedules) == 0",
-                    "message": "schedules need mode builtin or keda (an HPA has no schedules)",
-                    "fieldPath": ".schedules",
-                },
-                {
-                    "rule": "!has(self.mode) || !(self.mode in ['hpa', 'keda']) || !has(self.forecast) || "
-                    "!has(self.forecast.enabled) || !self.forecast.enabled",
-                    "message": "forecast needs mode builtin",
-                    "fieldPath": ".forecast",
-                },
-                {
-                    "rule": "!has(self.mode) || self.mode != 'hpa' || !has(self.minReplicas) || self.minReplicas >= 1",
-                    "message": "mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)",
-                    "fieldPath": ".minReplicas",
-                },
-                {
-                    "rule": "!has(self.mode) || self.mode != 'hpa' || !has(self.ttftSLO)",
-                    "message": TTFT_HPA_MESSAGE,
-                    "fieldPath": ".ttftSLO",
-                },
-                {
-                    "rule": "!has(self.mode) || !(self.mode in ['hpa', 'keda']) || !has(self.warmStandby) || "
-                    "self.warmStandby == 0",
-                    "message": "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)",
-                    "fieldPath": ".warmStandby",
-                },
-                {
-                    "rule": "!has(self.mode) || !(self.mode in ['hpa', 'keda']) || "
-                    "!has(self.warmStandbyPercent) || self.warmStandbyPercent == 0",
-                    "message": STANDBY_PERCENT_MESSAGE,
-                    "fieldPath": ".warmStandbyPercent",
-                },
-                {
-                    "rule": "!has(self.mode) || !(self.mode in ['hpa', 'keda']) || "
-                    "!has(self.burstHeadroom) || self.burstHeadroom == 0.0",
-                    "message": BURST_HEADROOM_MESSAGE,
-                    "fieldPath": ".burstHeadroom",
-                },
-            ]
-        }
+        json_schema_extra={"x-kubernetes-validations": [r.validation() for r in AUTOSCALING_RULES]}
     )
 
     @model_validator(mode="after")
     def _consistent(self) -> AutoscalingSpec:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError("minReplicas must be <= maxReplicas")
-        if self.mode not in (None, "off") and not self.enabled:
-            raise ValueError(f"mode {self.mode} needs enabled: true")
-        if any(s.min_replicas > self.max_replicas for s in self.schedules):
-            raise ValueError("a schedule's minReplicas must be <= maxReplicas")
+        for rule in AUTOSCALING_RULES:
+            if rule.violated(self):
+                raise FieldValueError(rule.field, rule.message)
         names = [s.name for s in self.schedules]
-        if len(names) != len(set(names)):
-            raise ValueError("schedule names must be unique")
-        if self.mode == "hpa" and self.schedules:
-            raise ValueError("schedules need mode builtin or keda (an HPA has no schedules)")
-        if self.mode == "hpa" and self.min_replicas < 1:
-            raise ValueError("mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)")
-        if self.mode in ("hpa", "keda") and self.forecast.enabled:
-            raise ValueError("forecast needs mode builtin")
-        if self.mode in ("hpa", "keda") and self.warm_standby:
-            raise ValueError("warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)")
-        if self.mode in ("hpa", "keda") and self.warm_standby_percent:
-            raise ValueError(STANDBY_PERCENT_MESSAGE)
+        if len(names) != len(set(names)):  # the API server: x-kubernetes-list-map-keys [name]
+            raise FieldValueError("schedules", "schedule names must be unique")
         return self
 
     @property
@@ -938,13 +941,25 @@ class LLMDeploymentSpec(_Model):
         }
     )
 
+    @property
+    def effective_replicas(self) -> int:
+        """spec.replicas, within [minReplicas, maxReplicas] while an autoscaler owns it: ``replicas: 9``
+        with ``maxReplicas: 4`` runs 4 pods from the start instead of starting 9 (GPUs, model loads)
+        until the autoscaler's first decision writes 4 back. spec.replicas itself is left as written:
+        the autoscaler (or the HPA / KEDA) is its one writer."""
+        a = self.autoscaling
+        if a.effective_mode == "off":
+            return self.replicas
+        return min(max(self.replicas, a.min_replicas), a.max_replicas)
+
     @model_validator(mode="after")
     def _pools_xor_gpu_types(self) -> LLMDeploymentSpec:
         if self.pools and self.placement.gpu_types:
-            raise ValueError(
-                "set GPU types either in placement.gpuTypes or per pool in pools[].gpuTypes, not both"
+            raise FieldValueError(
+                "pools",
+                "set GPU types either in placement.gpuTypes or per pool in pools[].gpuTypes, not both",
             )
         names = [p.name for p in self.pools]
         if len(names) != len(set(names)):
-            raise ValueError("pool names must be unique")
+            raise FieldValueError("pools", "pool names must be unique")
         return self

@@ -20,7 +20,10 @@ class _Status(BaseModel):
 class Condition(_Status):
     """A standard Kubernetes condition (metav1.Condition)."""
 
-    type: str = Field(max_length=316, description="Ready, Progressing, Degraded or Schedulable.")
+    type: str = Field(
+        max_length=316,
+        description="Ready, Progressing, Degraded, Schedulable or ScalingActive (builtin autoscaling).",
+    )
     status: Literal["True", "False", "Unknown"] = Field(description="True, False or Unknown.")
     reason: str = Field(max_length=1024, description="CamelCase reason for the last transition.")
     message: str = Field(default="", max_length=32768, description="Human-readable details.")

@@ -16,14 +16,24 @@ def selector(template: str, namespace: str, name: str) -> str:
     return template.replace("{namespace}", namespace).replace("{name}", name)
 
 
+# Within one pod vLLM exports one series per engine (labels model_name and engine: vLLM 0.33.0
+# v1/metrics/loggers.py, create_metric_per_engine), several with data parallelism. KV usage is a
+# fraction of each engine's own cache: averaged within the pod (0.4 and 0.4 is 0.4, not 0.8);
+# waiting and running are request counts: summed within the pod. The scrape fallback
+# (report.parse_metrics_text) combines a pod's series the same way.
+WITHIN_POD: dict[str, str] = {KV: "avg", WAITING: "sum", RUNNING: "sum"}
+
+
 def per_pod(metric: str, sel: str, window_s: int) -> str:
-    """One smoothed value per pod: the mean over the window, so one noisy scrape decides nothing."""
-    return f"avg by (pod) (avg_over_time({metric}{{{sel}}}[{window_s}s]))"
+    """One smoothed value per pod: the mean over the window, so one noisy scrape decides nothing,
+    with the pod's engine series combined as WITHIN_POD says."""
+    agg = WITHIN_POD.get(metric, "avg")
+    return f"{agg} by (pod) (avg_over_time({metric}{{{sel}}}[{window_s}s]))"
 
 
 def total(metric: str, sel: str, window_s: int) -> str:
-    """The sum over pods of the smoothed value; 0 when no pod reports (e.g. at zero replicas)."""
-    return f"sum(avg_over_time({metric}{{{sel}}}[{window_s}s])) or vector(0)"
+    """The sum over pods of the per-pod value; 0 when no pod reports (e.g. at zero replicas)."""
+    return f"sum({per_pod(metric, sel, window_s)}) or vector(0)"
 
 
 def held(router_sel: str) -> str:

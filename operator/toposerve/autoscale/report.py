@@ -124,29 +124,35 @@ def prometheus_samples(
 
 
 def parse_metrics_text(text: str) -> PodSample:
-    """vLLM's /metrics text -> the three gauges and the TTFT buckets (summed over model_name
-    series); garbage -> empty."""
-    found: dict[str, float] = {}
+    """vLLM's /metrics text -> the three gauges and the TTFT buckets; garbage -> empty.
+
+    A pod's engine series (one per engine with data parallelism, and per model_name) are combined
+    as Prometheus is asked to (promql.WITHIN_POD): KV usage averaged, request counts and TTFT
+    buckets summed."""
+    found: dict[str, list[float]] = {}
     buckets: dict[float, float] = {}
-    want = {promql.KV, promql.WAITING, promql.RUNNING}
     bucket_name = f"{promql.TTFT}_bucket"
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
-                if s.name in want:
+                if s.name in promql.WITHIN_POD:
                     x = _number(s.value)
                     if x is not None:
-                        found[s.name] = found.get(s.name, 0.0) + x
+                        found.setdefault(s.name, []).append(x)
                 elif s.name == bucket_name:
                     le, n = _le(s.labels.get("le")), _number(s.value)
                     if le is not None and n is not None:
                         buckets[le] = buckets.get(le, 0.0) + n
     except Exception:  # the parser raises ValueError and others on malformed text
         return PodSample()
+    combined = {
+        name: (sum(xs) / len(xs) if promql.WITHIN_POD[name] == "avg" else sum(xs))
+        for name, xs in found.items()
+    }
     return PodSample(
-        found.get(promql.KV),
-        found.get(promql.WAITING),
-        found.get(promql.RUNNING),
+        combined.get(promql.KV),
+        combined.get(promql.WAITING),
+        combined.get(promql.RUNNING),
         tuple(sorted(buckets.items())),
     )
 

@@ -6,6 +6,10 @@ model cache before 1.35, multi-node group co-location before 1.31, ...
 
 ``--inventory nodes.yaml`` (``kubectl get nodes -o yaml``) plans against those nodes and renders the
 fabric they offer to multi-node replicas (render/fabric.py).
+
+The output is what the operator applies: the serving objects, PodMonitors (offline only with
+``prometheusOperator: on``) and, in hpa / keda autoscaling modes, the HorizontalPodAutoscaler or
+KEDA ScaledObject; what stops one (keda without ``prometheusUrl``) is said on stderr.
 """
 
 from __future__ import annotations
@@ -46,11 +50,15 @@ def run(args: argparse.Namespace) -> int:
         objs = render_deployment(d.name, namespace, d.spec, plan, config, inventory=inventory)
         # Offline there is no API discovery: PodMonitors only with prometheusOperator: on.
         objs += render_monitors(d.name, namespace, d.spec, config)
+        # hpa / keda modes: the HPA or ScaledObject the operator applies (it owns spec.replicas).
+        autoscaler, notices = render_autoscaler(d.name, namespace, d.spec, config)
+        objs += autoscaler
+        for reason, message in notices:  # e.g. keda without prometheusUrl: said, not silently dropped
+            print(f"toposerve render: {d.name}: {reason}: {message}", file=sys.stderr)
         if server is not None:
-            checked = objs + render_autoscaler(d.name, namespace, d.spec, config)[0]
             text = f"{args.kubernetes_version} (--kubernetes-version)"
             found = kubeversion.missing(
-                server, d.spec, plan, checked, config.enabled_feature_gates, server_text=text
+                server, d.spec, plan, objs, config.enabled_feature_gates, server_text=text
             )
             if found:
                 raise SpecError(d.name, "; ".join(found))

@@ -7,7 +7,7 @@ when the status value flips, so writing the same status twice is a no-op for the
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,6 +69,10 @@ class Observation:
     notices: Sequence[tuple[str, str]] = ()  # (Reason, message) problems that do not stop serving
     cost: DeploymentCost | None = None  # observed cost and throughput (planner/cost.py)
     pool_order: str | None = None  # tier or weight
+    # The builtin autoscaler's last status.autoscaling (it writes that part; the reconcile turns it
+    # into the ScalingActive condition), and the spec's effective autoscaling mode.
+    autoscaling: Mapping[str, Any] | None = None
+    autoscaling_mode: str = "off"
 
 
 def _sig(value: float | None, digits: int = 4) -> float | None:
@@ -99,6 +103,38 @@ def _cond(
         status=status,
         reason=reason,
         message=message,
+        last_transition_time=since or now,
+        observed_generation=gen,
+    )
+
+
+def scaling_active(
+    mode: str, autoscaling: Mapping[str, Any] | None, gen: int, now: str, prev: dict[str, dict[str, Any]]
+) -> Condition | None:
+    """ScalingActive, as the HPA names it, for the builtin autoscaler: can it read the metrics it
+    decides on? status.autoscaling says so in detail; a condition is what ``kubectl get``, ``kubectl
+    wait`` and Argo CD read. None in the other modes: an HPA (or KEDA's) reports on its own object."""
+    if mode != "builtin":
+        return None
+    auto = autoscaling or {}
+    if auto.get("mode") != "builtin" or "metricsAvailable" not in auto:
+        status, reason, msg = "Unknown", "NoDecisionYet", "the builtin autoscaler has not decided yet"
+    elif auto.get("metricsAvailable"):
+        status, reason = "True", "MetricsAvailable"
+        msg = f"deciding on metrics from {auto.get('source')}"
+    else:
+        status, reason = "False", "MetricsUnavailable"
+        msg = (
+            f"no metrics from {auto.get('source')}: holding spec.replicas (no scale-down; scale-up only on "
+            "what the replicas with metrics show)"
+        )
+    prior = prev.get("ScalingActive")
+    since = prior.get("lastTransitionTime") if prior and prior.get("status") == status else None
+    return Condition(
+        type="ScalingActive",
+        status=status,
+        reason=reason,
+        message=msg[:32768],
         last_transition_time=since or now,
         observed_generation=gen,
     )
@@ -249,9 +285,12 @@ def compute_status(
     placed = [pl for p in pools for pl in p.placements if pl.replicas > 0]
     gpu_types = ",".join(dict.fromkeys(pl.gpu_type for pl in placed)) or None
     first = next((p for p in pools if p.tensor_parallel), None)
+    conditions = [ready_c, prog, degraded, sched]
+    if (active := scaling_active(obs.autoscaling_mode, obs.autoscaling, gen, now, prev)) is not None:
+        conditions.append(active)
     return LLMDeploymentStatus(
         observed_generation=gen,
-        conditions=[ready_c, prog, degraded, sched],
+        conditions=conditions,
         replicas=total,
         ready_replicas=ready_total,
         selector=obs.selector,

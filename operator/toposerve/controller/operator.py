@@ -37,7 +37,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import start_http_server
 
 from toposerve import API_GROUP, API_VERSION
-from toposerve.autoscale import loop as autoscale_loop
+from toposerve.controller import autoscaler as autoscale_loop
 from toposerve.controller import metrics
 from toposerve.controller.cache import Change, InventoryCache, waits_for_capacity
 from toposerve.controller.children import ChildCache, Key
@@ -299,7 +299,7 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
     _set_leader(rt, not rt.leader_elect)
     rt.tasks = [asyncio.create_task(_worker(rt)) for _ in range(rt.workers)]
     rt.tasks.append(asyncio.create_task(_resync_loop(rt)))
-    # The builtin autoscaler (autoscale/loop.py): leader only, like the workers; it reads the same
+    # The builtin autoscaler (controller/autoscaler.py): leader only, like the workers; it reads the same
     # watch caches as the reconciles.
 
     def pods_of(namespace: str, name: str) -> list[dict[str, Any]]:
@@ -328,13 +328,17 @@ def trigger(body: Mapping[str, Any]) -> tuple[Any, ...]:
     """What of an LLMDeployment, when it changes, calls for a reconcile: the generation (the spec),
     labels, annotations and deletion. A change of status alone (our own write, coming back as an
     event) carries nothing new, so it is not one (controller-runtime's GenerationChangedPredicate,
-    widened to metadata)."""
+    widened to metadata), except the builtin autoscaler's metricsAvailable flipping: the reconcile
+    turns it into the ScalingActive condition."""
     meta = body.get("metadata") or {}
+    auto = (body.get("status") or {}).get("autoscaling") or {}
     return (
         meta.get("generation"),
         hash(json.dumps(meta.get("labels") or {}, sort_keys=True)),
         hash(json.dumps(meta.get("annotations") or {}, sort_keys=True)),
         meta.get("deletionTimestamp"),
+        auto.get("mode"),
+        auto.get("metricsAvailable"),
     )
 
 

@@ -76,7 +76,7 @@ PERMISSIONS: tuple[Permission, ...] = (
     Permission("", "pods", ("list", "watch", "patch", "delete"), "watched",
                "serving pods, watched by label; pods on a node with unhealthy GPUs or a termination "
                "notice are relabelled out of their workload and deleted once drained (evacuation.py); "
-               "warm standby pods are relabelled in and out of rotation (autoscale/loop.py)"),
+               "warm standby pods are relabelled in and out of rotation (controller/autoscaler.py)"),
     Permission("", "events", ("create",), "watched", "the operator's and kopf's Events"),
     # Inventory (controller/cache.py watches): free capacity = node allocatable minus the requests
     # of every bound pod, in every namespace.

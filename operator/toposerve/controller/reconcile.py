@@ -443,7 +443,13 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         # Like an invalid spec: say why (condition + Event) and touch nothing, so what serves keeps
         # serving; no apply, no prune, no fallback Events for moves that were not made.
         obs = Observation(
-            gen, spec.replicas, selector, endpoint, dplan.engine, dplan.engine_reason, unsupported=refusal
+            gen,
+            spec.effective_replicas,
+            selector,
+            endpoint,
+            dplan.engine,
+            dplan.engine_reason,
+            unsupported=refusal,
         )
         _write_status(ctx, body, obs, previous, now)
         return Result()
@@ -457,7 +463,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
             what = f"{obj['kind']} {obj['metadata']['name']}"
             msg = f"applying {what} failed: {e.status} {_api_message(e)}"
             obs = Observation(
-                gen, spec.replicas, selector, endpoint, dplan.engine, dplan.engine_reason, pool_obs,
+                gen, spec.effective_replicas, selector, endpoint, dplan.engine, dplan.engine_reason, pool_obs,
                 router=router, apply_error=msg, notices=notices,
                 pool_order=spec.autoscaling.effective_pool_order,
             )  # fmt: skip
@@ -489,7 +495,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     metrics.record_cost(cost)
     obs = Observation(
         generation=gen,
-        replicas=spec.replicas,
+        replicas=spec.effective_replicas,
         selector=selector,
         endpoint=endpoint,
         engine=dplan.engine,
@@ -499,6 +505,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         notices=notices,
         cost=cost,
         pool_order=spec.autoscaling.effective_pool_order,
+        autoscaling=previous.get("autoscaling"),
+        autoscaling_mode=spec.autoscaling.effective_mode,
     )
     status = _write_status(ctx, body, obs, previous, now)
     pending = any(f.pending for f in facts.values())
@@ -568,7 +576,11 @@ def _pools_scaled(spec: LLMDeploymentSpec, plan: DeploymentPlan, moved: list[tup
     parts = ", ".join(f"pool {n} {a} -> {b}" for n, a, b in moved)
     standby = sum(p.replicas - p.serving_replicas for p in plan.pools)
     extra = f" (+{standby} warm standby)" if standby else ""
-    return f"spec.replicas {spec.replicas}{extra} over pools by {rule}: {parts}"
+    replicas = str(spec.replicas)
+    if spec.effective_replicas != spec.replicas:
+        a = spec.autoscaling
+        replicas += f" (held to {spec.effective_replicas} by autoscaling {a.min_replicas}-{a.max_replicas})"
+    return f"spec.replicas {replicas}{extra} over pools by {rule}: {parts}"
 
 
 def _evacuate(

@@ -647,7 +647,8 @@ def assign_replicas(
     current: Mapping[str, int] | None = None,
     room: Mapping[str, int | None] | None = None,
 ) -> DeploymentPlan:
-    """Spread spec.replicas (plus warm standby) over the pools by ``autoscaling.poolOrder``.
+    """Spread spec.replicas (plus warm standby) over the pools by ``autoscaling.poolOrder``; while an
+    autoscaler owns spec.replicas, within its [minReplicas, maxReplicas].
 
     ``current``: replicas each pool's workloads run now (tier order grows and shrinks from there);
     ``room``: replicas each pool's free capacity can hold now (the controller knows; None: unbounded).
@@ -670,17 +671,16 @@ def assign_replicas(
     ]
     # Warm standby (builtin autoscaling): loaded pods beyond spec.replicas, kept out of rotation by the
     # autoscaler (autoscale/standby.py); they run, and cost, like serving ones.
-    standby = (
-        spec.autoscaling.standby_for(spec.replicas) if spec.autoscaling.effective_mode == "builtin" else 0
-    )
+    replicas = spec.effective_replicas  # within the autoscaler's bounds while it owns spec.replicas
+    standby = spec.autoscaling.standby_for(replicas) if spec.autoscaling.effective_mode == "builtin" else 0
     how = spec.autoscaling.effective_pool_order
     tier = spec.placement.tier
-    totals = poolorder.split(spec.replicas + standby, how, tier, views)
+    totals = poolorder.split(replicas + standby, how, tier, views)
     if how == "weight":
-        serving = poolorder.split(spec.replicas, how, tier, views).replicas
+        serving = poolorder.split(replicas, how, tier, views).replicas
     else:  # the serving share fills the same order from scratch within each pool's total
         bounded = [replace(v, max_replicas=totals.replicas[v.name], room=None, current=0) for v in views]
-        serving = poolorder.fill(spec.replicas, poolorder.rank(tier, views), bounded)
+        serving = poolorder.fill(replicas, poolorder.rank(tier, views), bounded)
     pools = [
         p.model_copy(
             update={

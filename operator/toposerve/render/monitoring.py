@@ -55,7 +55,7 @@ POD_MONITOR_PLURAL = "podmonitors"
 PORT_NAME = "http"  # the container port of engines (8000) and routers (8080)
 METRICS_PATH = "/metrics"
 # Every value app.kubernetes.io/component takes on a pod whose engine serves /metrics: in rotation,
-# warm standby (autoscale/loop.py), draining before eviction (controller/evacuation.py). Workers of
+# warm standby (controller/autoscaler.py), draining before eviction (controller/evacuation.py). Workers of
 # a multi-node replica (``worker``) run vLLM headless, without an HTTP server, and are left out.
 ENGINE_COMPONENTS = ("engine", "standby", "draining")
 TARGET_LABELS = [LABEL_DEPLOYMENT, LABEL_COMPONENT, LABEL_POOL, LABEL_GPU_TYPE, LABEL_ENGINE]

@@ -9,7 +9,7 @@ import pytest
 from toposerve.api.crd import crd
 from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
-from toposerve.api.spec import BURST_HEADROOM_MESSAGE, AutoscalingSpec
+from toposerve.api.spec import AUTOSCALING_RULES, BURST_HEADROOM_MESSAGE, AutoscalingSpec
 
 M = {"name": "Qwen/Qwen2.5-0.5B-Instruct"}
 
@@ -34,27 +34,31 @@ def test_effective_mode(auto: dict[str, Any], mode: str) -> None:
 
 
 BAD = [
-    ({"mode": "hpa"}, "spec.autoscaling", "mode hpa needs enabled: true"),
+    ({"mode": "hpa"}, "spec.autoscaling.mode", "mode builtin, hpa or keda needs enabled: true"),
+    ({"enabled": True, "minReplicas": 5, "maxReplicas": 4}, "spec.autoscaling.minReplicas",
+     "minReplicas must be <= maxReplicas"),
     ({"enabled": True, "mode": "vpa"}, "spec.autoscaling.mode", "Input should be 'builtin', 'hpa', 'keda' or 'off'"),
     ({"enabled": True, "tolerance": 1.0}, "spec.autoscaling.tolerance", "less than 1"),
     ({"enabled": True, "targetWaitingRequests": 0}, "spec.autoscaling.targetWaitingRequests", "greater than 0"),
     ({"enabled": True, "maxReplicas": 3, "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 5}]},
-     "spec.autoscaling", "a schedule's minReplicas must be <= maxReplicas"),
+     "spec.autoscaling.schedules", "a schedule's minReplicas must be <= maxReplicas"),
     ({"enabled": True, "mode": "hpa", "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 1}]},
-     "spec.autoscaling", "schedules need mode builtin or keda"),
-    ({"enabled": True, "mode": "hpa", "minReplicas": 0}, "spec.autoscaling", "mode hpa needs minReplicas >= 1"),
-    ({"enabled": True, "mode": "keda", "forecast": {"enabled": True}}, "spec.autoscaling", "forecast needs mode builtin"),
+     "spec.autoscaling.schedules", "schedules need mode builtin or keda (an HPA has no schedules)"),
+    ({"enabled": True, "mode": "hpa", "minReplicas": 0}, "spec.autoscaling.minReplicas",
+     "mode hpa needs minReplicas >= 1 (an HPA does not scale to zero; keda does)"),
+    ({"enabled": True, "mode": "keda", "forecast": {"enabled": True}}, "spec.autoscaling.forecast", "forecast needs mode builtin"),
     ({"enabled": True, "forecast": {"period": "hourly"}}, "spec.autoscaling.forecast.period", "Input should be"),
-    ({"enabled": True, "mode": "keda", "warmStandby": 1}, "spec.autoscaling", "warmStandby needs mode builtin"),
-    ({"enabled": True, "mode": "hpa", "warmStandbyPercent": 25}, "spec.autoscaling",
-     "warmStandbyPercent needs mode builtin"),
+    ({"enabled": True, "mode": "keda", "warmStandby": 1}, "spec.autoscaling.warmStandby",
+     "warmStandby needs mode builtin (an HPA or KEDA cannot promote a standby)"),
+    ({"enabled": True, "mode": "hpa", "warmStandbyPercent": 25}, "spec.autoscaling.warmStandbyPercent",
+     "warmStandbyPercent needs mode builtin (an HPA or KEDA cannot promote a standby)"),
     ({"enabled": True, "warmStandbyPercent": 101}, "spec.autoscaling.warmStandbyPercent", "less than or equal to 100"),
     ({"enabled": True, "schedules": [{"name": "a", "start": "8:00", "end": "18:00", "minReplicas": 1}]},
      "spec.autoscaling.schedules[0].start", "should match pattern"),
     ({"enabled": True, "schedules": [{"name": "a", "start": "08:00", "end": "24:00", "minReplicas": 1}]},
      "spec.autoscaling.schedules[0].end", "should match pattern"),
     ({"enabled": True, "schedules": [{"name": "a", "start": "08:00", "end": "08:00", "minReplicas": 1}]},
-     "spec.autoscaling.schedules[0]", "start and end must differ"),
+     "spec.autoscaling.schedules[0].end", "start and end must differ"),
     ({"enabled": True, "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 1,
                                       "timeZone": "Mars/Olympus"}]},
      "spec.autoscaling.schedules[0].timeZone", "unknown time zone 'Mars/Olympus'"),
@@ -63,15 +67,14 @@ BAD = [
      "spec.autoscaling.schedules[0].days[0]", "Input should be 'Mon'"),
     ({"enabled": True, "schedules": [{"name": "a", "start": "08:00", "end": "18:00", "minReplicas": 1},
                                      {"name": "a", "start": "19:00", "end": "20:00", "minReplicas": 1}]},
-     "spec.autoscaling", "schedule names must be unique"),
+     "spec.autoscaling.schedules", "schedule names must be unique"),
     ({"enabled": True, "scaleUp": {"selectPolicy": "Sometimes"}}, "spec.autoscaling.scaleUp.selectPolicy",
      "Input should be 'Max', 'Min' or 'Disabled'"),
     ({"enabled": True, "mode": "hpa", "ttftSLO": {"seconds": 1}}, "spec.autoscaling.ttftSLO",
      "ttftSLO needs mode builtin or keda: an HPA would read it as an External metric, which needs a metrics "
      "adapter that serves a histogram quantile"),
     ({"enabled": True, "ttftSLO": {"seconds": 0}}, "spec.autoscaling.ttftSLO.seconds", "greater than 0"),
-    ({"enabled": True, "mode": "hpa", "burstHeadroom": 1}, "spec.autoscaling.burstHeadroom",
-     "burstHeadroom needs mode builtin: in hpa and keda modes the HorizontalPodAutoscaler computes"),
+    ({"enabled": True, "mode": "hpa", "burstHeadroom": 1}, "spec.autoscaling.burstHeadroom", BURST_HEADROOM_MESSAGE),
     ({"enabled": True, "mode": "keda", "burstHeadroom": 0.5}, "spec.autoscaling.burstHeadroom",
      "burstHeadroom needs mode builtin"),
     ({"enabled": True, "burstHeadroom": -0.5}, "spec.autoscaling.burstHeadroom", "greater than or equal to 0"),
@@ -101,6 +104,19 @@ def test_bad_input_names_the_field(auto: dict[str, Any], field: str, message: st
         parse_spec(spec(**auto))
     assert e.value.field == field
     assert message in e.value.message
+
+
+def test_each_cross_field_rule_is_named_where_the_api_servers_cel_names_it() -> None:
+    """The CLI and the operator name the field the API server's CEL rule names (its fieldPath), with
+    its message: one table (AUTOSCALING_RULES) feeds both, and each rule has a case above."""
+    auto = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"][
+        "autoscaling"
+    ]
+    cel = {(r["message"], r["fieldPath"]) for r in auto["x-kubernetes-validations"]}
+    assert cel == {(r.message, f".{r.field}") for r in AUTOSCALING_RULES}
+    covered = {(message, field) for _, field, message in BAD}
+    for message, path in cel:
+        assert (message, f"spec.autoscaling{path}") in covered, (message, path)
 
 
 def test_the_crd_carries_the_same_rules_for_the_api_server() -> None:

@@ -4,7 +4,9 @@ writes (scale subresource only, status.autoscaling only, an Event per change) an
 from __future__ import annotations
 
 import math
+import threading
 from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -13,8 +15,9 @@ from hypothesis import strategies as st
 from kubernetes.client.exceptions import ApiException
 
 from toposerve.api.config import OperatorConfig
+from toposerve.autoscale import promql
 from toposerve.autoscale.decision import History
-from toposerve.autoscale.loop import Autoscaler
+from toposerve.autoscale.promql import per_pod
 from toposerve.autoscale.report import (
     PodSample,
     Reading,
@@ -23,7 +26,8 @@ from toposerve.autoscale.report import (
     parse_vector,
     prometheus_samples,
 )
-from toposerve.autoscale.sources import PrometheusSource, ScrapeSource, source_for
+from toposerve.controller.autoscale_sources import PrometheusSource, ScrapeSource, source_for
+from toposerve.controller.autoscaler import Autoscaler
 
 # ---- parsing -----------------------------------------------------------------------------------------
 
@@ -66,6 +70,27 @@ def test_parse_metrics_text_reads_vllm_gauges_and_survives_garbage() -> None:
     assert parse_metrics_text("") == PodSample()
 
 
+def test_a_pods_engine_series_average_kv_usage_and_add_request_counts() -> None:
+    """vLLM 0.33.0 exports one series per engine (labels model_name, engine): a data-parallel pod
+    with two engines at 40 % KV usage is at 40 %, not 80 %; its waiting requests are both engines'."""
+    text = (
+        "# TYPE vllm:kv_cache_usage_perc gauge\n"
+        'vllm:kv_cache_usage_perc{engine="0",model_name="m"} 0.4\n'
+        'vllm:kv_cache_usage_perc{engine="1",model_name="m"} 0.4\n'
+        "# TYPE vllm:num_requests_waiting gauge\n"
+        'vllm:num_requests_waiting{engine="0",model_name="m"} 2\n'
+        'vllm:num_requests_waiting{engine="1",model_name="m"} 3\n'
+        "# TYPE vllm:num_requests_running gauge\n"
+        'vllm:num_requests_running{engine="0",model_name="m"} 5\n'
+        'vllm:num_requests_running{engine="1",model_name="m"} 1\n'
+    )
+    assert parse_metrics_text(text) == PodSample(0.4, 5.0, 6.0)
+    # Prometheus is asked the same way, per pod: avg for KV usage, sum for request counts.
+    assert per_pod(promql.KV, "x", 30).startswith("avg by (pod)")
+    assert per_pod(promql.WAITING, "x", 30).startswith("sum by (pod)")
+    assert per_pod(promql.RUNNING, "x", 30).startswith("sum by (pod)")
+
+
 def test_history_round_trips_through_status_and_ignores_junk() -> None:
     status = {"autoscaling": {"recommendations": [{"time": 1.5, "replicas": 3}, {"time": "x", "replicas": 2}, "junk"],
                               "scaleUps": [{"time": 2, "replicas": 1}], "scaleDowns": None}}  # fmt: skip
@@ -79,9 +104,11 @@ def test_history_round_trips_through_status_and_ignores_junk() -> None:
 class FakeProm:
     def __init__(self, answers: dict[str, Any] | Exception) -> None:
         self.answers, self.queries = answers, []
+        self.timeouts: list[float | None] = []
 
-    def custom_query(self, query: str) -> Any:
+    def custom_query(self, query: str, timeout: float | None = None) -> Any:
         self.queries.append(query)
+        self.timeouts.append(timeout)
         if isinstance(self.answers, Exception):
             raise self.answers
         for key, value in self.answers.items():
@@ -112,6 +139,77 @@ def test_prometheus_source_queries_per_pod_windowed_means_and_freshness() -> Non
 def test_prometheus_down_slow_or_garbage_is_unavailable_not_an_exception(error: Exception) -> None:
     r = PrometheusSource("http://prom:9090", SEL, client=FakeProm(error)).read("ns", "llm", [], 30, 60)
     assert not r.ok and r.pods == {} and type(error).__name__ in r.error
+
+
+def test_one_deadline_covers_all_queries_of_a_read() -> None:
+    """Each query gets what is left of the read's deadline; once it has passed, no more queries are
+    sent and the read is unavailable (hold), naming the deadline."""
+    t = [0.0]
+
+    class SlowProm(FakeProm):
+        def custom_query(self, query: str, timeout: float | None = None) -> Any:
+            t[0] += 2.0  # every answer takes 2 s
+            return super().custom_query(query, timeout)
+
+    prom = SlowProm({"kv_cache": vec(p1="0.5")})
+    r = PrometheusSource("http://p", SEL, timeout=5.0, client=prom, clock=lambda: t[0]).read(
+        "ns", "llm", [], 30, 60
+    )
+    assert prom.timeouts == [5.0, 3.0, 1.0]  # the fourth query is never sent
+    assert not r.ok and "TimeoutError" in r.error and "5 s deadline" in r.error
+    fast = FakeProm({"kv_cache": vec(p1="0.5")})
+    assert (
+        PrometheusSource("http://p", SEL, timeout=5.0, client=fast, clock=lambda: 0.0)
+        .read("ns", "llm", [], 30, 60)
+        .ok
+    )
+    assert fast.timeouts == [5.0] * 4
+
+
+def test_the_real_client_does_not_retry_a_failing_prometheus() -> None:
+    """prometheus-api-client retries 503s 3 times with backoff by default; a read must cost one
+    request, so that one slow or failing Prometheus cannot stretch the autoscaler's pass."""
+    hits: list[str] = []
+
+    class Unavailable(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(503)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        r = PrometheusSource(url, SEL, timeout=10.0).read("ns", "llm", [], 30, 60)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not r.ok
+    assert len(hits) == 1 and hits[0].startswith("/api/v1/query"), hits
+
+
+def test_the_pinned_client_has_the_timeout_the_source_passes() -> None:
+    """prometheus-api-client added ``timeout=`` (PrometheusConnect and custom_query) in 0.5.7; on an
+    older one every read raised TypeError, was caught, and the deployment sat in "metrics
+    unavailable" forever. The lower bound in pyproject.toml must keep it."""
+    import inspect
+    import tomllib
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+    from prometheus_api_client import PrometheusConnect
+
+    deps = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())["project"][
+        "dependencies"
+    ]
+    (req,) = [Requirement(d) for d in deps if d.startswith("prometheus-api-client")]
+    assert not req.specifier.contains("0.5.6") and req.specifier.contains("0.5.7")
+    assert "timeout" in inspect.signature(PrometheusConnect.custom_query).parameters
 
 
 def test_scrape_source_marks_unreachable_pods_missing() -> None:
@@ -217,6 +315,46 @@ class Clock:
 
 def scaler(kube: FakeKube, source: FakeSource, clock: Clock) -> Autoscaler:
     return Autoscaler(kube, OperatorConfig(), source=source, clock=clock)  # type: ignore[arg-type]
+
+
+def test_a_slow_read_holds_only_its_own_deployment() -> None:
+    """Deployments are decided concurrently and each at most once at a time: while one waits on a
+    slow source, another is decided, and later passes do not queue the slow one again."""
+    bodies = {n: llmd(2) for n in ("slow", "fast")}
+    for n, b in bodies.items():
+        b["metadata"]["name"] = n
+    release, scaled = threading.Event(), threading.Event()
+    reads: list[str] = []
+
+    class Source(FakeSource):
+        def read(self, namespace: str, name: str, pods: Any, window_s: int, stale_after_s: int) -> Reading:
+            reads.append(name)
+            if name == "slow":
+                assert release.wait(60)
+            return super().read(namespace, name, pods, window_s, stale_after_s)
+
+    class Kube(FakeKube):
+        def request(
+            self, method: str, url: str, body: Any = None, content_type: str = "", query: Any = None
+        ) -> Any:
+            name = url.split("/llmdeployments/")[1].split("/")[0]
+            self.scales.append((name, body))
+            if name == "fast":
+                scaled.set()
+            return {}
+
+    kube = Kube(llmd(2), [])
+    a = Autoscaler(kube, OperatorConfig(), source=Source(0.95), clock=Clock(),  # type: ignore[arg-type]
+                   bodies=lambda: list(bodies.values()), pods_of=lambda ns, n: [pod(f"{n}-a"), pod(f"{n}-b")])  # fmt: skip
+    try:
+        a.run_once([], wait=0.0)  # handed to the workers; returns what is done by then
+        assert scaled.wait(60), "the fast deployment waited for the slow one"
+        a.run_once([], wait=0.0)  # the slow one is still being decided: not queued again
+        assert reads.count("slow") == 1
+    finally:
+        release.set()
+    a._workers.shutdown(wait=True)
+    assert sorted(name for name, _ in kube.scales) == ["fast", "slow"]
 
 
 def test_scale_up_goes_through_the_scale_subresource_with_an_event_and_status() -> None:
@@ -443,7 +581,7 @@ def test_prometheus_history_is_one_range_query_per_metric_stepping_a_period() ->
     assert kv == [1.4, 0.7] and waiting == [0.7]
     (q, start, end, step), _ = prom.queries
     assert step == "86400s" and start == 1e6 + 600 - 7 * 86400 and end == 1e6 + 600 - 86400
-    assert "[900s]" in q and q.startswith("sum(avg_over_time(vllm:kv_cache_usage_perc")
+    assert "[900s]" in q and q.startswith("sum(avg by (pod) (avg_over_time(vllm:kv_cache_usage_perc")
 
 
 def test_the_loop_raises_the_floor_to_the_forecast_and_reports_it() -> None:

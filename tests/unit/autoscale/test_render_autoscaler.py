@@ -166,7 +166,8 @@ def test_keda_mode_renders_a_scaled_object_against_the_real_crd() -> None:
     sel = 'namespace="team-a",toposerve_io_deployment="llm",app_kubernetes_io_component="engine"'
     assert kv["metadata"] == {
         "serverAddress": "http://prometheus.monitoring:9090",
-        "query": f"sum(avg_over_time(vllm:kv_cache_usage_perc{{{sel}}}[30s])) or vector(0)",
+        # per pod first: a pod's engine series (data parallelism) are averaged, not added
+        "query": f"sum(avg by (pod) (avg_over_time(vllm:kv_cache_usage_perc{{{sel}}}[30s]))) or vector(0)",
         "threshold": "0.7",
         "activationThreshold": "0",
     }

@@ -22,7 +22,7 @@ from toposerve.autoscale.report import (
     summed,
     ttft_of,
 )
-from toposerve.autoscale.sources import PrometheusSource, ScrapeSource
+from toposerve.controller.autoscale_sources import PrometheusSource, ScrapeSource
 
 from .test_builtin import Clock, FakeKube, llmd, pod, scaler
 from .test_decision import cfg, ready, run, starting
@@ -166,7 +166,7 @@ class FakeProm:
     def __init__(self, answers: dict[str, Any], fail: bool = False) -> None:
         self.answers, self.fail, self.asked = answers, fail, []
 
-    def custom_query(self, q: str) -> Any:
+    def custom_query(self, q: str, timeout: float | None = None) -> Any:
         self.asked.append(q)
         if self.fail:
             raise ConnectionError("refused")

@@ -19,7 +19,7 @@ import daytrace  # noqa: E402
 import fleetsim  # noqa: E402
 import scalers  # noqa: E402
 
-from toposerve.autoscale import loop  # noqa: E402
+from toposerve.controller import autoscaler as loop  # noqa: E402
 
 # run.py under a name of its own: other benches have a run.py too.
 _spec = importlib.util.spec_from_file_location("bench_autoscale_run", BENCH / "run.py")

@@ -310,6 +310,19 @@ def test_our_own_status_write_coming_back_is_no_trigger() -> None:
         assert trigger(edited) != trigger(body), change
 
 
+def test_the_autoscalers_metrics_flipping_is_a_trigger_its_every_decision_is_not() -> None:
+    """The reconcile turns status.autoscaling.metricsAvailable into the ScalingActive condition, so
+    a flip must reconcile; the autoscaler's other writes (one per sync period) must not."""
+    from toposerve.controller.operator import trigger
+
+    def body(**auto: Any) -> dict[str, Any]:
+        return {"metadata": {"generation": 3}, "status": {"autoscaling": {"mode": "builtin", **auto}}}
+
+    ok = body(metricsAvailable=True, desiredReplicas=2, lastDecisionTime="2026-12-01T10:00:00Z")
+    assert trigger(ok) == trigger(body(metricsAvailable=True, desiredReplicas=3, lastDecisionTime="x"))
+    assert trigger(ok) != trigger(body(metricsAvailable=False, desiredReplicas=2))
+
+
 def _health(
     n: dict[str, Any], status: str, message: str = "", hb: str = "2026-12-01T10:00:00Z"
 ) -> dict[str, Any]:

@@ -64,6 +64,30 @@ def test_a_refused_apply_is_a_condition_with_the_generation() -> None:
     assert deg["status"] == "True" and deg["reason"] == "ApplyFailed" and "422" in deg["message"]
 
 
+def test_scaling_active_says_whether_the_builtin_autoscaler_has_metrics() -> None:
+    pools = [PoolObs("default", True, placements=[placement("H100", 2, 2)])]
+    src = "prometheus http://p:9090 (unavailable: TimeoutError: no answer within the 5 s deadline)"
+    down = {"mode": "builtin", "metricsAvailable": False, "source": src}
+    s = compute_status(obs(pools=pools, autoscaling_mode="builtin", autoscaling=down), [], "t1")
+    c = cond(s, "ScalingActive")
+    assert (c["status"], c["reason"], c["observedGeneration"]) == ("False", "MetricsUnavailable", 3)
+    assert "5 s deadline" in c["message"] and "holding spec.replicas" in c["message"]
+    assert cond(s, "Ready")["status"] == "True"  # serving is not the autoscaler's trouble
+    up = {**down, "metricsAvailable": True, "source": "prometheus http://p:9090"}
+    s2 = compute_status(obs(pools=pools, autoscaling_mode="builtin", autoscaling=up), [c], "t2")
+    c2 = cond(s2, "ScalingActive")
+    assert (c2["status"], c2["reason"], c2["lastTransitionTime"]) == ("True", "MetricsAvailable", "t2")
+    again = compute_status(obs(pools=pools, autoscaling_mode="builtin", autoscaling=up), [c2], "t3")
+    assert cond(again, "ScalingActive")["lastTransitionTime"] == "t2"  # moves only on a flip
+    first = compute_status(obs(pools=pools, autoscaling_mode="builtin"), [], "t")
+    assert (cond(first, "ScalingActive")["status"], cond(first, "ScalingActive")["reason"]) == (
+        "Unknown", "NoDecisionYet",
+    )  # fmt: skip
+    for mode in ("off", "hpa", "keda"):  # no claim: an HPA reports on its own object
+        other = compute_status(obs(pools=pools, autoscaling_mode=mode, autoscaling=down), [], "t")
+        assert "ScalingActive" not in {x["type"] for x in other.model_dump(by_alias=True)["conditions"]}
+
+
 def test_notices_degrade_without_blocking() -> None:
     pools = [PoolObs("default", True, placements=[placement("H100", 2, 2)])]
     s = compute_status(

@@ -65,6 +65,11 @@ end
 if ready.status == "True" then
   hs.status = "Healthy"
   hs.message = text(ready)
+  -- Serving, but the builtin autoscaler cannot read its metrics (it holds spec.replicas): say so.
+  local scaling = conditions["ScalingActive"]
+  if scaling ~= nil and scaling.status == "False" then
+    hs.message = hs.message .. "; autoscaling: " .. text(scaling)
+  end
   return hs
 end
 hs.status = "Progressing"

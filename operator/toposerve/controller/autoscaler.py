@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from datetime import UTC, datetime
 from typing import Any
 
@@ -31,9 +34,9 @@ from toposerve.autoscale.decision import Config, Decision, Inputs, decide
 from toposerve.autoscale.forecast import spec_demand_floor, spec_slice_offset
 from toposerve.autoscale.report import TTFT, event_of, history_from_status, replicas, status_of
 from toposerve.autoscale.schedule import schedule_floor
-from toposerve.autoscale.sources import PrometheusSource, Source, source_for
 from toposerve.autoscale.standby import Pod as StandbyPod
 from toposerve.autoscale.standby import relabel
+from toposerve.controller.autoscale_sources import PrometheusSource, Source, source_for
 from toposerve.controller.kube import Kube, path
 from toposerve.controller.observe import ANNOTATION_EVACUATION, parse_time
 from toposerve.render.objects import LABEL_COMPONENT, LABEL_DEPLOYMENT
@@ -41,6 +44,7 @@ from toposerve.render.objects import LABEL_COMPONENT, LABEL_DEPLOYMENT
 log = logging.getLogger("toposerve.autoscaler")
 API = f"{API_GROUP}/{API_VERSION}"
 TICK_SECONDS = 1.0
+WORKERS = 8  # deployments decided at once; each decision's reads are bounded by prometheusTimeoutSeconds
 FORECAST_REFRESH_SECONDS = 300.0  # history changes slowly: one pair of range queries per 5 minutes
 PERIOD_SECONDS = {"daily": 86400.0, "weekly": 7 * 86400.0}
 
@@ -84,30 +88,51 @@ class Autoscaler:
         self.kube, self.config, self.clock = kube, config, clock
         self.bodies, self.pods_of = bodies, pods_of
         self.source = source or source_for(
-            config.prometheus_url, config.prometheus_selector, config.prometheus_router_selector
+            config.prometheus_url,
+            config.prometheus_selector,
+            config.prometheus_router_selector,
+            config.prometheus_timeout_seconds,
         )
         self._last: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        self._running: set[tuple[str, str]] = set()  # deployments whose decision is under way
+        self._workers = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="autoscaler")
         self._forecast: dict[tuple[str, str], tuple[float, int | None]] = {}  # key -> (when, floor)
 
-    def run_once(self, namespaces: Sequence[str]) -> list[Decision]:
-        """Decide for every builtin-mode LLMDeployment whose sync period has passed."""
-        out: list[Decision] = []
+    def run_once(self, namespaces: Sequence[str], wait: float | None = None) -> list[Decision]:
+        """Decide for every builtin-mode LLMDeployment whose sync period has passed.
+
+        Deployments are decided concurrently (WORKERS at a time), each at most once at a time: a
+        slow Prometheus answer holds that deployment's decision, never the others' (read one after
+        another, a dozen deployments at 26 s each outlasted the router's hold at zero). ``wait``:
+        how long to wait for the decisions (None: all of them); those still running finish in the
+        background and the next pass skips their deployments until they do."""
         targets: list[str | None] = list(namespaces) if namespaces else [None]
         if self.bodies is not None:
             listed: list[Mapping[str, Any]] = list(self.bodies())
         else:
             listed = [b for ns in targets for b in self.kube.list(API, "LLMDeployment", ns)]
+        futures: list[Future[Decision | None]] = []
         for body in listed:
             meta = body.get("metadata") or {}
             key = (str(meta.get("namespace")), str(meta.get("name")))
-            try:
-                d = self.tick(body)
-            except Exception as e:  # one deployment's trouble must not stop the others
-                log.warning("autoscaling %s/%s failed: %s", *key, e)
-                continue
-            if d is not None:
-                out.append(d)
-        return out
+            with self._lock:
+                if key in self._running:
+                    continue
+                self._running.add(key)
+            futures.append(self._workers.submit(self._tick_one, key, body))
+        done, _ = futures_wait(futures, timeout=wait)
+        return [d for f in futures if f in done and (d := f.result()) is not None]
+
+    def _tick_one(self, key: tuple[str, str], body: Mapping[str, Any]) -> Decision | None:
+        try:
+            return self.tick(body)
+        except Exception as e:  # one deployment's trouble must not stop the others
+            log.warning("autoscaling %s/%s failed: %s", *key, e)
+            return None
+        finally:
+            with self._lock:
+                self._running.discard(key)
 
     def _pods(self, ns: str, name: str) -> list[dict[str, Any]]:
         if self.pods_of is not None:
@@ -308,7 +333,9 @@ async def run(autoscaler: Autoscaler, leading: asyncio.Event, namespaces: Sequen
     while True:
         await leading.wait()
         try:
-            await asyncio.to_thread(autoscaler.run_once, namespaces)
+            # wait=0: hand the due decisions to the workers and come back next tick; a slow one
+            # keeps only its own deployment waiting.
+            await asyncio.to_thread(autoscaler.run_once, namespaces, 0.0)
         except Exception as e:  # listing failed: the API server is away; try again
             log.warning("autoscaler pass failed: %s", e)
         await asyncio.sleep(TICK_SECONDS)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 import urllib.request
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -56,33 +56,66 @@ class Source(Protocol):
 
 
 class PrometheusSource:
+    """PromQL reads, each method's queries under one deadline of ``timeout`` seconds and without
+    retries: prometheus-api-client retries 3 times with backoff by default (on 5xx and connection
+    errors), which turned a slow Prometheus into ~26 s per deployment per pass. A read that misses
+    its deadline is "unavailable" (hold, no scale-down), decided again next sync period."""
+
     name = "prometheus"
 
     def __init__(
-        self, url: str, selector: str, timeout: float = 5.0, client: Any = None, router_selector: str = ""
+        self,
+        url: str,
+        selector: str,
+        timeout: float = 5.0,
+        client: Any = None,
+        router_selector: str = "",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.url, self.selector, self.timeout = url, selector, timeout
         self.router_selector = router_selector
         self._client = client
+        self._clock = clock
 
     def _prom(self) -> Any:
         if self._client is None:
             from prometheus_api_client import PrometheusConnect
+            from urllib3.util.retry import Retry
 
-            self._client = PrometheusConnect(url=self.url, disable_ssl=True, timeout=int(self.timeout))
+            # timeout= (constructor and per query) needs prometheus-api-client >= 0.5.7 (pyproject).
+            self._client = PrometheusConnect(
+                url=self.url, disable_ssl=True, timeout=self.timeout, retry=Retry(total=0)
+            )
         return self._client
+
+    def _queries(self, *queries: str) -> list[Any]:
+        """Answers to ``queries`` in order, all within one deadline; raises TimeoutError once it passed."""
+        deadline = self._clock() + self.timeout
+        answers = []
+        for q in queries:
+            left = deadline - self._clock()
+            if left <= 0:
+                raise TimeoutError(
+                    f"no answer within the {self.timeout:g} s deadline (prometheusTimeoutSeconds)"
+                )
+            answers.append(self._prom().custom_query(q, timeout=left))
+        return answers
 
     def read(
         self, namespace: str, name: str, pods: Sequence[Mapping[str, Any]], window_s: int, stale_after_s: int
     ) -> Reading:
         sel = promql.selector(self.selector, namespace, name)
         try:
-            prom = self._prom()
             now = time.time()
-            kv = parse_vector(prom.custom_query(promql.per_pod(promql.KV, sel, window_s)))
-            waiting = parse_vector(prom.custom_query(promql.per_pod(promql.WAITING, sel, window_s)))
-            running = parse_vector(prom.custom_query(promql.per_pod(promql.RUNNING, sel, window_s)))
-            seen = parse_vector(prom.custom_query(f"max by (pod) (timestamp({promql.KV}{{{sel}}}))"))
+            kv, waiting, running, seen = (
+                parse_vector(a)
+                for a in self._queries(
+                    promql.per_pod(promql.KV, sel, window_s),
+                    promql.per_pod(promql.WAITING, sel, window_s),
+                    promql.per_pod(promql.RUNNING, sel, window_s),
+                    f"max by (pod) (timestamp({promql.KV}{{{sel}}}))",
+                )
+            )
         except Exception as e:  # connection refused, timeout, 5xx, non-JSON: all "unavailable"
             return Reading(f"prometheus {self.url}", False, {}, f"{type(e).__name__}: {e}"[:300])
         samples = prometheus_samples(kv, waiting, running, seen, now, stale_after_s)
@@ -91,7 +124,8 @@ class PrometheusSource:
     def held(self, namespace: str, name: str, routers: Sequence[Mapping[str, Any]]) -> int:
         try:
             sel = promql.selector(self.router_selector, namespace, name)
-            total = vector_sum(self._prom().custom_query(promql.held(sel)))
+            (answer,) = self._queries(promql.held(sel))
+            total = vector_sum(answer)
         except Exception:  # unknown is 0: nothing wakes a deployment at zero on a broken answer
             return 0
         return max(0, round(total or 0))
@@ -99,9 +133,10 @@ class PrometheusSource:
     def ttft(self, namespace: str, name: str, quantile: float, window_s: int) -> TTFT:
         sel = promql.selector(self.selector, namespace, name)
         try:
-            prom = self._prom()
-            requests = vector_sum(prom.custom_query(promql.ttft_requests(sel, window_s)))
-            seconds = vector_sum(prom.custom_query(promql.ttft_quantile(sel, quantile, window_s)))
+            count, quant = self._queries(
+                promql.ttft_requests(sel, window_s), promql.ttft_quantile(sel, quantile, window_s)
+            )
+            requests, seconds = vector_sum(count), vector_sum(quant)
         except Exception:  # down, slow, garbage: unknown, so no scale-down
             return TTFT()
         if requests is None:
@@ -196,8 +231,10 @@ class ScrapeSource:
         return TTFT() if window is None else ttft_of(window, quantile)
 
 
-def source_for(prometheus_url: str | None, selector: str, router_selector: str = "") -> Source:
+def source_for(
+    prometheus_url: str | None, selector: str, router_selector: str = "", timeout: float = 5.0
+) -> Source:
     """Prometheus when the operator config names one, else the pods' own /metrics."""
     if prometheus_url:
-        return PrometheusSource(prometheus_url, selector, router_selector=router_selector)
+        return PrometheusSource(prometheus_url, selector, timeout, router_selector=router_selector)
     return ScrapeSource()
