@@ -123,6 +123,29 @@ def parse_completion(body: object) -> GenerationParams:
     raise APIError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
 
 
+def _check_content(i: int, content: object) -> None:
+    """A message's content as vLLM's pydantic request model types it: a string, a list of parts
+    (a text part's `text` a string), or absent/null. vLLM answers anything else 400; serving it
+    would let a client test against the mock what the real engine refuses."""
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        kind = type(content).__name__
+        raise APIError(
+            400, f"messages[{i}].content must be a string or a list of parts, not {kind}", "messages"
+        )
+    for j, part in enumerate(content):
+        if (
+            isinstance(part, Mapping)
+            and part.get("type", "text") == "text"
+            and not isinstance(part.get("text"), str)
+        ):
+            kind = type(part.get("text")).__name__
+            raise APIError(
+                400, f"messages[{i}].content[{j}].text must be a string, not {kind}", param="messages"
+            )
+
+
 def parse_chat(body: object, render: Any) -> GenerationParams:
     if not isinstance(body, Mapping):
         raise APIError(400, "request body must be a JSON object")
@@ -130,9 +153,10 @@ def parse_chat(body: object, render: Any) -> GenerationParams:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise APIError(400, "messages must be a non-empty list", param="messages")
-    for m in messages:
+    for i, m in enumerate(messages):
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise APIError(400, "each message must be an object with a string role", param="messages")
+        _check_content(i, m.get("content"))
     return GenerationParams(model, stream, usage, max_tokens, seed, render(messages), None)
 
 

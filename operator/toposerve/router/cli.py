@@ -28,6 +28,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--port", type=int, default=int(os.environ.get("TOPOSERVE_ROUTER_PORT", "8080")))
     p.add_argument(
+        "--metrics-port",
+        type=int,
+        default=int(os.environ.get("TOPOSERVE_ROUTER_METRICS_PORT", "0")),
+        help="also serve /metrics with per-backend series (labelled by pod address) on this port, "
+        "on --host; 0 (default): off. The client port's /metrics never names backends",
+    )
+    p.add_argument(
         "--backends",
         default=os.environ.get("TOPOSERVE_ROUTER_BACKENDS", ""),
         help="static backends, comma-separated: http://host:port[#gpu=H100&pool=NAME&long-context=true]",
@@ -111,6 +118,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     c = p.add_argument_group("client limits")
     c.add_argument("--max-connections", type=int, default=4096, help="open client connections; more get 503")
     c.add_argument(
+        "--max-connections-per-client",
+        type=int,
+        default=1024,
+        help="open connections from one source IP; more are answered 503 and closed (0: no cap; "
+        "raise it behind a gateway or NAT that sends many clients from one address)",
+    )
+    c.add_argument(
         "--header-timeout", type=float, default=10.0, help="seconds to receive a request's headers"
     )
     c.add_argument("--body-timeout", type=float, default=60.0, help="seconds to receive a request body")
@@ -125,6 +139,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     c.add_argument(
         "--max-body-bytes", type=int, default=64 * 1024 * 1024, help="largest request body (413 beyond)"
+    )
+    c.add_argument(
+        "--max-buffered-body-bytes",
+        type=int,
+        default=256 * 1024 * 1024,
+        help="request-body bytes held at once over all requests (a body counts until its request "
+        "ends); a body that would pass it gets 503 (0: no cap)",
     )
     t.add_argument(
         "--upstream-keepalive",
@@ -163,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
 
     from toposerve.router import strategies as st
     from toposerve.router.endpoints import engine_selector, parse_backends
-    from toposerve.router.proxy import Router, RouterConfig, serve, tune_gc
+    from toposerve.router.proxy import Router, RouterConfig, serve, serve_metrics, tune_gc
 
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -179,6 +200,11 @@ def run(args: argparse.Namespace) -> int:
     if args.drain_timeout < 0 or args.drain_quiet < 0:
         raise SystemExit(
             "toposerve router: error: --drain-timeout and --drain-quiet must be 0 or more seconds"
+        )
+    if min(args.max_connections_per_client, args.max_buffered_body_bytes, args.metrics_port) < 0:
+        raise SystemExit(
+            "toposerve router: error: --max-connections-per-client, --max-buffered-body-bytes and "
+            "--metrics-port must be 0 (off) or more"
         )
     if args.gc_gen0_threshold < 0:
         raise SystemExit("toposerve router: error: --gc-gen0-threshold must be 0 (off) or more")
@@ -209,6 +235,8 @@ def run(args: argparse.Namespace) -> int:
         max_ejection_percent=args.max_ejection_percent,
         expose_backend=args.expose_backend,
         max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
+        max_buffered_body_bytes=args.max_buffered_body_bytes,
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
         keepalive_timeout_s=args.keepalive_timeout,
@@ -220,6 +248,9 @@ def run(args: argparse.Namespace) -> int:
     async def main() -> None:
         router = Router(backends, cfg, discovering=not backends)
         runner = await serve(router, args.host, args.port)
+        metrics_runner = (
+            await serve_metrics(router, args.host, args.metrics_port) if args.metrics_port else None
+        )
         watcher = None
         if not backends:
             from toposerve.router.discovery import SliceWatcher
@@ -255,6 +286,8 @@ def run(args: argparse.Namespace) -> int:
         if watcher is not None:
             watcher.stop()
         await runner.cleanup()  # stops listening, closes idle connections, cancels what is left
+        if metrics_runner is not None:
+            await metrics_runner.cleanup()
 
     try:  # a dependency (less CPU per relayed chunk); plain asyncio where it cannot be installed
         import uvloop

@@ -17,6 +17,7 @@ ERROR_TYPES = {
     405: "MethodNotAllowedError",
     408: "RequestTimeoutError",
     413: "RequestEntityTooLargeError",
+    417: "ExpectationFailedError",
     429: "RateLimitError",
     431: "BadRequestError",
     500: "InternalServerError",

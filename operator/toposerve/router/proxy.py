@@ -39,15 +39,18 @@ from typing import Any, cast
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.web_protocol import RequestPayloadError
+from multidict import CIMultiDictProxy
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from toposerve.router import health as hl
 from toposerve.router import strategies as st
 from toposerve.router.endpoints import BackendSpec
 from toposerve.router.errors import error_body
-from toposerve.router.frontdoor import Gate, GuardedRunner, Limits
+from toposerve.router.frontdoor import BodyBudget, Gate, GuardedRunner, Limits
 from toposerve.router.upstream import (
     ConnectFailed,
     ReadTimeout,
@@ -160,7 +163,11 @@ class RouterConfig:
     body_timeout_s: float = 60.0  # reading the whole body
     keepalive_timeout_s: float = 75.0  # idle keep-alive connection
     max_connections: int = 4096  # open client connections; more are answered 503 and closed
+    max_connections_per_client: int = 1024  # from one source IP; 0: no per-client cap
     max_body_bytes: int = 64 * 1024 * 1024
+    # Request-body bytes held at once across all connections (a body counts until its request
+    # ends: it is kept for a retry); past it, 503. Why: 8 bodies of 60 MB took RSS to 1.2 GB.
+    max_buffered_body_bytes: int = 256 * 1024 * 1024
     # A client that takes no bytes of a response for this long is cut off (0: never). Why: a
     # relay that cannot write stops reading its upstream, so a client that stops reading would
     # hold an engine's sequence and KV cache until TCP gives up. Like nginx's send_timeout
@@ -359,6 +366,10 @@ class _Metrics:
             registry=r,
         )
         r.register(_BackendCollector(router))
+        # What the client-facing port serves: the same metrics without the `backend` label, whose
+        # values are pod addresses (the full registry is served on --metrics-port only).
+        self.public = CollectorRegistry(auto_describe=False)
+        self.public.register(_WithoutBackend(r))
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
 
     def child(self, metric: Any, *values: str) -> Any:
@@ -370,6 +381,38 @@ class _Metrics:
         if c is None:
             c = self._children[key] = metric.labels(*values)
         return c
+
+
+class _WithoutBackend(Collector):
+    """A registry's metrics with the `backend` label dropped, its series merged: summed (counts,
+    loads, healthy backends), the highest KV usage, the earliest `_created` timestamp."""
+
+    _HIGHEST = frozenset({"toposerve_router_backend_kv_cache_usage"})
+
+    def __init__(self, full: CollectorRegistry) -> None:
+        self.full = full
+
+    def collect(self) -> Iterator[Metric]:
+        for fam in self.full.collect():
+            if not any("backend" in s.labels for s in fam.samples):
+                yield fam
+                continue
+            merged: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+            for smp in fam.samples:
+                key = (smp.name, tuple((k, v) for k, v in smp.labels.items() if k != "backend"))
+                old = merged.get(key)
+                if old is None:
+                    merged[key] = smp.value
+                elif smp.name.endswith("_created"):
+                    merged[key] = min(old, smp.value)
+                elif fam.name in self._HIGHEST:
+                    merged[key] = max(old, smp.value)
+                else:
+                    merged[key] = old + smp.value
+            out = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            for (name, labels), value in merged.items():
+                out.add_sample(name, dict(labels), value)
+            yield out
 
 
 class _BackendCollector(Collector):
@@ -427,6 +470,21 @@ class _BackendCollector(Collector):
             ("bad_http_requests", "Malformed HTTP requests answered 4xx.", g.bad_http),
         ):
             yield CounterMetricFamily(f"toposerve_router_{name}", help_, value=value)
+        yield CounterMetricFamily(
+            "toposerve_router_client_connections_refused",
+            "Connections refused at --max-connections-per-client (one source IP's share).",
+            value=g.refused_per_client,
+        )
+        yield CounterMetricFamily(
+            "toposerve_router_body_budget_refused",
+            "Requests answered 503 at --max-buffered-body-bytes.",
+            value=self.router.bodies.refused,
+        )
+        yield GaugeMetricFamily(
+            "toposerve_router_buffered_body_bytes",
+            "Request-body bytes held now (counted against --max-buffered-body-bytes).",
+            value=self.router.bodies.used,
+        )
 
 
 class _Retryable(Exception):
@@ -458,6 +516,47 @@ def _ends_stream(chunk: bytes) -> bool:
     return chunk == _SSE_DONE or chunk.endswith(b"\n\n" + _SSE_DONE)
 
 
+@dataclass
+class _Held:
+    """Bytes of the body budget one request holds (given back when it ends)."""
+
+    bytes: int = 0
+
+
+class _BodyRefused(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+_DECODED = frozenset({"gzip", "deflate", "br", "zstd"})  # what aiohttp's parser inflates
+
+
+def _inflated(headers: CIMultiDictProxy[str]) -> bool:
+    """Whether aiohttp's parser inflated the request body (it does for one of `_DECODED`)."""
+    return any(v.isascii() and v.strip().lower() in _DECODED for v in headers.getall("Content-Encoding", ()))
+
+
+async def _answer_and_close(request: web.Request, resp: web.Response) -> web.Response:
+    """Send `resp` and close the connection now. Why: with a request body unread, aiohttp would
+    otherwise linger (up to 10 s) reading it before closing."""
+    resp.force_close()
+    await resp.prepare(request)
+    await resp.write_eof()
+    if request.protocol is not None:
+        request.protocol.force_close()
+    return resp
+
+
+def _payload_error_message(request: web.Request, e: RequestPayloadError) -> str:
+    """What was wrong with a body aiohttp could not read, for the client's 400."""
+    if isinstance(e.__cause__, ContentEncodingError):
+        enc = request.headers.get("Content-Encoding", "?")
+        return f"invalid {enc[:32]} body: it could not be decoded as Content-Encoding {enc[:32]}"
+    return " ".join(f"invalid request body: {str(e)[:256]}".split())
+
+
 _STARTED = web.RequestKey("toposerve_started", bool)  # response headers are out (or will be)
 _ERROR_BODY_MAX = 64 * 1024  # of an upstream 5xx body kept to pass on
 _USAGE_BODY_MAX = 4 << 20  # of a non-streamed body kept to learn the usage from
@@ -486,8 +585,10 @@ class Router:
                 header_timeout_s=self.cfg.header_timeout_s,
                 keepalive_timeout_s=self.cfg.keepalive_timeout_s,
                 max_connections=self.cfg.max_connections,
+                max_connections_per_client=self.cfg.max_connections_per_client,
             )
         )
+        self.bodies = BodyBudget(self.cfg.max_buffered_body_bytes)
         self.held = 0  # requests waiting for a replica to exist (scale from zero)
         self._backends_changed = asyncio.Event()
         self.metrics = _Metrics(self)
@@ -705,14 +806,19 @@ class Router:
 
     def app(self, probe: bool = True) -> web.Application:
         app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors])
-        app.router.add_post("/v1/chat/completions", self.handle_completion)
-        app.router.add_post("/v1/completions", self.handle_completion)
+        app.router.add_post("/v1/chat/completions", self.handle_completion, expect_handler=self._expect)
+        app.router.add_post("/v1/completions", self.handle_completion, expect_handler=self._expect)
         app.router.add_get("/v1/models", self.handle_models)
         app.router.add_get("/health", self.handle_health)
         app.router.add_get("/metrics", self.handle_metrics)
 
-        async def _closing(_: web.Request, response: web.StreamResponse) -> None:
-            if self.draining:  # the client reconnects elsewhere after this answer
+        async def _closing(request: web.Request, response: web.StreamResponse) -> None:
+            # HTTP/1.0 has no chunked coding: an answer of unknown length (a stream) ends only
+            # with the connection. aiohttp 3.14 says so in no header and keeps the connection
+            # (its local keep_alive=False is computed after it stored the flag), so the client
+            # waited out the keep-alive timeout after [DONE].
+            unframed = request.version < aiohttp.HttpVersion11 and response.content_length is None
+            if self.draining or unframed:  # the client reconnects (elsewhere) after this answer
                 response.force_close()
                 # aiohttp 3.14 closes after the answer without saying so; said, a client does
                 # not pick the connection for its next request in the meantime (RFC 9112 9.6)
@@ -879,9 +985,15 @@ class Router:
             return web.json_response({"status": "discovering", "healthyBackends": 0}, status=503)
         if self.draining:  # shutting down: out of the Service, still serving what comes
             return web.json_response({"status": "draining", "healthyBackends": healthy}, status=503)
-        return web.json_response({"status": "ok", "healthyBackends": healthy})
+        # Zero healthy backends stays 200 (docs/router.md, "Health"): the status says so.
+        return web.json_response({"status": "ok" if healthy else "no_backends", "healthyBackends": healthy})
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
+        """The client port's /metrics: no backend addresses (see `_WithoutBackend`)."""
+        return web.Response(body=generate_latest(self.metrics.public), content_type="text/plain")
+
+    async def handle_full_metrics(self, request: web.Request) -> web.Response:
+        """--metrics-port's /metrics: every series, labelled by backend address."""
         return web.Response(body=generate_latest(self.metrics.registry), content_type="text/plain")
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
@@ -904,28 +1016,93 @@ class Router:
                 pass
         return self._error(503, "no healthy backend", "no_backend", retry_after=True)
 
-    async def _read_body(self, request: web.Request) -> bytes | web.StreamResponse:
-        """The whole body within `body_timeout_s` (a slow sender must not hold a slot forever)."""
-        if request.content.is_eof():
-            # All of it is in already (the usual case: a small body arrives with its headers), so
-            # reading cannot wait: no deadline task and timer (wait_for's) per request.
-            return await request.read()
+    def _body_refusal(self, length: int | None) -> tuple[int, str] | None:
+        """(status, message) when a declared body length is refused before a byte of it is read."""
+        if length is None:
+            return None
+        cap = self.bodies.cap
+        limit = min(self.cfg.max_body_bytes, cap) if cap > 0 else self.cfg.max_body_bytes
+        if length > limit:
+            return 413, f"request body of {length} bytes is larger than {limit}"
+        if not self.bodies.fits(length):
+            return 503, "the router is buffering too many request bodies; retry"
+        return None
+
+    def _refuse_body(self, status: int, message: str) -> web.Response:
+        if status == 503:
+            self.bodies.refused += 1
+        return self._error(status, message, "body_limit", retry_after=status == 503)
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect:` before the body is sent: refuse a body that will not fit at once (no
+        `100 Continue`, so the client need not send it), an unknown expectation with JSON."""
+        if request.version < aiohttp.HttpVersion11:
+            return None  # HTTP/1.0 has no 100 Continue (RFC 9110 10.1.1): the body just follows
+        expect = request.headers.get("Expect", "")
+        if expect.strip().lower() != "100-continue":
+            return self._error(417, f"unsupported Expect: {expect[:64]!r}", "bad_request")
+        refusal = self._body_refusal(request.content_length)
+        if refusal is not None:  # the body is not coming: nothing to wait for, close at once
+            return await _answer_and_close(request, self._refuse_body(*refusal))
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer's own bytes have not started
+        return None
+
+    async def _read_body(self, request: web.Request, held: _Held) -> bytes | web.StreamResponse:
+        """The whole body within `body_timeout_s` (a slow sender must not hold a slot forever),
+        within `max_body_bytes`, and within the budget of all bodies buffered at once (`held`
+        says what this one has reserved of it). Refusals are answered before a byte is read
+        where the length is declared; aiohttp then drains the unread body (for at most its
+        lingering time) without keeping it."""
+        refusal = self._body_refusal(request.content_length)
+        if refusal is not None:
+            return self._refuse_body(*refusal)
+        if request.content_length and self.bodies.take(request.content_length):
+            held.bytes = request.content_length  # admitted whole: it will not be refused half-sent
         try:
-            return await asyncio.wait_for(request.read(), self.cfg.body_timeout_s)
+            if request.content.is_eof():
+                # All of it is in already (the usual case: a small body arrives with its headers),
+                # so reading cannot wait: no deadline task and timer (wait_for's) per request.
+                return await self._collect(request, held)
+            return await asyncio.wait_for(self._collect(request, held), self.cfg.body_timeout_s)
+        except _BodyRefused as e:
+            return self._refuse_body(e.status, e.message)
+        except RequestPayloadError as e:  # undecodable Content-Encoding, broken chunked framing
+            # closed at once: aiohttp would linger reading the rest, and log the same error again
+            resp = self._error(400, _payload_error_message(request, e), "bad_request")
+            return await _answer_and_close(request, resp)
         except TimeoutError:
-            resp = self._error(
-                408, f"request body not received within {self.cfg.body_timeout_s:g}s", "timeout"
-            )
-            # Send it and close now: aiohttp would otherwise linger reading the rest of the body.
-            await resp.prepare(request)
-            await resp.write_eof()
-            if request.protocol is not None:
-                request.protocol.force_close()
-            return resp
+            msg = f"request body not received within {self.cfg.body_timeout_s:g}s"
+            return await _answer_and_close(request, self._error(408, msg, "timeout"))
+
+    async def _collect(self, request: web.Request, held: _Held) -> bytes:
+        """Read the (decoded) body, reserving its bytes in the budget as they come: a declared
+        length can understate it (gzip) or be absent (chunked)."""
+        parts: list[bytes] = []
+        total = 0
+        while chunk := await request.content.readany():
+            total += len(chunk)
+            if total > self.cfg.max_body_bytes:
+                raise _BodyRefused(413, f"request body larger than {self.cfg.max_body_bytes} bytes")
+            if total > held.bytes:
+                if not self.bodies.take(total - held.bytes):
+                    if 0 < self.bodies.cap < total:
+                        raise _BodyRefused(413, f"request body larger than {self.bodies.cap} bytes")
+                    raise _BodyRefused(503, "the router is buffering too many request bodies; retry")
+                held.bytes = total
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def handle_completion(self, request: web.Request) -> web.StreamResponse:
+        held = _Held()
+        try:
+            return await self._completion(request, held)
+        finally:
+            self.bodies.give(held.bytes)
+
+    async def _completion(self, request: web.Request, held: _Held) -> web.StreamResponse:
         t0 = time.perf_counter()
-        raw = await self._read_body(request)
+        raw = await self._read_body(request, held)
         if isinstance(raw, web.StreamResponse):
             return raw
         try:
@@ -945,6 +1122,8 @@ class Router:
         need_hashes = strategy in (st.PREFIX_AWARE, st.AUTO)
         parsed = parse_request(request.path, body, request.headers, self.estimator, self.cfg, need_hashes)
         skip = hop_by_hop(request.headers)
+        if _inflated(request.headers):  # aiohttp inflated the body: forward it as it now is
+            skip = skip | {"content-encoding"}
         headers = {k: v for k, v in request.headers.items() if k.lower() not in skip}
         tried: set[str] = set()
         attempts: list[tuple[str, str]] = []  # (backend, outcome) for `health.blame`
@@ -1206,5 +1385,22 @@ async def serve(router: Router, host: str, port: int, probe: bool = True) -> web
         site = web.TCPSite(
             runner, "0.0.0.0" if host == "::" else host, port, reuse_address=True, backlog=2048
         )
+    await site.start()
+    return runner
+
+
+async def serve_metrics(router: Router, host: str, port: int) -> web.AppRunner:
+    """The operators' port (--metrics-port): /metrics with every backend-labelled series. Kept
+    off the client port, whose /metrics would otherwise list the engines' pod addresses."""
+    app = web.Application()
+    app.router.add_get("/metrics", router.handle_full_metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    sock = _dual_stack_socket(port) if host == "::" else None
+    site: web.BaseSite
+    if sock is not None:
+        site = web.SockSite(runner, sock)
+    else:
+        site = web.TCPSite(runner, "0.0.0.0" if host == "::" else host, port, reuse_address=True)
     await site.start()
     return runner

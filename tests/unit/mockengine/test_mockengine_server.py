@@ -721,6 +721,34 @@ async def test_lone_surrogate_is_a_400_not_a_500() -> None:
         assert srv.engine is not None and len(srv.engine.tokenizer.encode("a \ud800 b")) == 3
 
 
+async def test_content_that_vllm_types_otherwise_is_a_400_as_in_vllm() -> None:
+    """vLLM's pydantic model refuses a text part whose `text` is not a string and a `content`
+    that is neither a string nor a list; the mock served them (200)."""
+    bad_contents: list[Any] = [
+        [{"type": "text", "text": 12}],
+        [{"type": "text", "text": None}],
+        [{"type": "text", "text": "ok"}, {"type": "text", "text": ["x"]}],
+        5,
+        {"text": "hi"},
+    ]
+    async with serve() as srv, aiohttp.ClientSession() as s:
+        for content in bad_contents:
+            body = {"model": MODEL, "max_tokens": 2, "messages": [{"role": "user", "content": content}]}
+            st, b = await post(s, srv.url + "/v1/chat/completions", body)
+            assert_error(st, b, 400, "BadRequestError")
+            assert b["error"]["param"] == "messages", b
+        # what vLLM accepts still works: text parts, non-text parts next to them, null content
+        for content in (
+            [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "x"}}],
+            None,
+        ):
+            msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content}]
+            st, b = await post(
+                s, srv.url + "/v1/chat/completions", {"model": MODEL, "max_tokens": 2, "messages": msgs}
+            )
+            assert st == 200 and b["choices"], b
+
+
 async def test_huge_prompt_is_tokenized_only_up_to_the_context_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     async with serve(max_model_len=2048) as srv, aiohttp.ClientSession() as s:
         assert srv.engine is not None
@@ -742,7 +770,7 @@ async def test_huge_prompt_is_tokenized_only_up_to_the_context_limit(monkeypatch
         assert seen == [2049]  # stopped one past the limit instead of walking ten megabytes
 
 
-async def test_deeply_nested_json_and_odd_content_parts_are_400_or_served() -> None:
+async def test_deeply_nested_json_and_odd_content_parts_are_400() -> None:
     async with serve() as srv, aiohttp.ClientSession() as s:
         deep = "[" * 100_000 + "]" * 100_000
         async with s.post(srv.url + "/v1/completions", data=deep) as r:
@@ -750,8 +778,8 @@ async def test_deeply_nested_json_and_odd_content_parts_are_400_or_served() -> N
         body = {"model": MODEL, "max_tokens": 2, "messages": [
             {"role": "user", "content": [{"type": "text", "text": 7}, {"type": "text", "text": None}]}
         ]}  # fmt: skip
-        st, _ = await post(s, srv.url + "/v1/chat/completions", body)
-        assert st == 200
+        st, b = await post(s, srv.url + "/v1/chat/completions", body)
+        assert_error(st, b, 400, "BadRequestError")  # as vLLM's pydantic model answers
 
 
 async def test_poisoned_prompt_fails_every_time_others_succeed() -> None:
