@@ -71,7 +71,9 @@ def test_render_prints_the_autoscaler_the_operator_would_apply(
     config.write_text("prometheusUrl: http://prometheus.monitoring:9090\n")
     code, out, err = run(tmp_path, keda, "render", "--config", str(config), capsys=capsys)
     assert code == 0 and err == ""
-    assert [d["kind"] for d in yaml.safe_load_all(out) if d and d["kind"] == "ScaledObject"] == ["ScaledObject"]
+    assert [d["kind"] for d in yaml.safe_load_all(out) if d and d["kind"] == "ScaledObject"] == [
+        "ScaledObject"
+    ]
 
 
 def test_minimal_manifest_plans_tp4_on_h100(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
