@@ -210,6 +210,16 @@ def test_builtin_autoscaler_scales_on_kv_cache_through_prometheus(
         wait_for(
             lambda: all(served(ip) > 0 for ip in engines), "traffic on every engine", timeout=120, every=1
         )
+
+        # Each replica's start-up, read off its pod by the reconcile, is in the pool's status.
+        def measured() -> dict[str, Any] | None:
+            pools = (get_llmd(cluster, namespace, name).get("status") or {}).get("pools") or []
+            su = pools[0].get("startup") if pools else None
+            return su if su and su["samples"] >= 2 else None
+
+        su = wait_for(measured, "two measured start-ups in status.pools[].startup", timeout=90)
+        assert 0 < su["p50Seconds"] <= su["p90Seconds"], su
+        assert all(r["totalSeconds"] > 0 and "loadingSeconds" in r for r in su["recent"]), su
         peak = get_llmd(cluster, namespace, name)["spec"]["replicas"]
     assert load.ok > 0, (load.ok, load.failed)
 

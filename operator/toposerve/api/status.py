@@ -113,6 +113,38 @@ class PoolStatus(_Status):
     observed_cost: ObservedCost | None = Field(
         default=None, description="Cost and throughput of this pool's pods now (see docs/cost.md)."
     )
+    startup: StartupStatus | None = Field(
+        default=None,
+        description="Measured start-up of this pool's replicas; the builtin autoscaler plans with its p90.",
+    )
+
+
+class StartupRecord(_Status):
+    """One engine pod's start-up, from the times the scheduler and the kubelet wrote on it."""
+
+    pod: str = Field(description="Pod name.")
+    total_seconds: float = Field(description="Created to Ready.")
+    scheduling_seconds: float | None = Field(default=None, description="Created to scheduled.")
+    pulling_seconds: float | None = Field(
+        default=None, description="Scheduled to the engine container running (image pull, sandbox)."
+    )
+    loading_seconds: float | None = Field(
+        default=None, description="Container running to Ready (weights, compile, graphs, first /health)."
+    )
+
+
+class StartupStatus(_Status):
+    """Measured start-up of this pool's replicas (autoscale/startup.py)."""
+
+    samples: int = Field(description="Start-ups measured (the last 20 are kept).")
+    p50_seconds: float = Field(description="Median created-to-Ready time.")
+    p90_seconds: float = Field(description="90th percentile created-to-Ready time.")
+    scheduling_p50_seconds: float | None = Field(default=None, description="Median created-to-scheduled.")
+    pulling_p50_seconds: float | None = Field(default=None, description="Median scheduled-to-running.")
+    loading_p50_seconds: float | None = Field(default=None, description="Median running-to-Ready.")
+    recent: list[StartupRecord] = Field(
+        default_factory=list, description="The measured start-ups, oldest first."
+    )
 
 
 class AutoscalingInputs(_Status):
@@ -181,6 +213,13 @@ class AutoscalingStatus(_Status):
     floor: int = Field(default=0, description="The floor in force: max(minReplicas, schedules, forecast).")
     floor_source: str = Field(default="minReplicas", description="minReplicas, schedule/<name> or forecast.")
     forecast: int | None = Field(default=None, description="Forecast floor one start-up time ahead, if any.")
+    startup_seconds: float | None = Field(
+        default=None,
+        description="The start-up time the decision planned with (capacity on the way, forecast lead).",
+    )
+    startup_source: str | None = Field(
+        default=None, description="Where that figure came from: startupGraceSeconds or measured (which pool)."
+    )
     inputs: AutoscalingInputs = Field(default_factory=AutoscalingInputs, description="What was observed.")
     last_decision_time: str | None = Field(default=None, description="When it decided (RFC 3339).")
     last_scale_time: str | None = Field(default=None, description="When it last changed spec.replicas.")

@@ -75,11 +75,13 @@ def slice_offset(lead: float, window: float) -> float:
     return lead + window / 2
 
 
-def spec_slice_offset(a: AutoscalingSpec) -> float:
+def spec_slice_offset(a: AutoscalingSpec, startup_s: float | None = None) -> float:
     """``slice_offset`` for ``spec.autoscaling``: the lead is ``forecast.leadSeconds``, else one
-    start-up time (``startupGraceSeconds``); for the operator's loop and bench/autoscale alike."""
+    start-up time (``startup_s``, the measured one the loop plans with, else
+    ``startupGraceSeconds``); for the operator's loop and bench/autoscale alike."""
     f = a.forecast
-    lead = float(a.startup_grace_seconds if f.lead_seconds is None else f.lead_seconds)
+    startup = float(a.startup_grace_seconds if startup_s is None else startup_s)
+    lead = startup if f.lead_seconds is None else float(f.lead_seconds)
     return slice_offset(lead, f.window_seconds)
 
 

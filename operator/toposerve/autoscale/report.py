@@ -284,6 +284,7 @@ def status_of(
     forecast: int | None = None,
     ttft_slo: float | None = None,
     burst_headroom: float = 0.0,
+    startup: tuple[float, str] | None = None,
 ) -> dict[str, Any]:
     """status.autoscaling for a decision (camelCase, as the CRD's status schema has it)."""
     prev = (previous or {}).get("autoscaling") or {}
@@ -310,6 +311,7 @@ def status_of(
         "floor": d.floor,
         "floorSource": d.floor_source,
         "forecast": forecast,
+        **({"startupSeconds": round(startup[0], 1), "startupSource": startup[1]} if startup else {}),
         "inputs": {
             "kvCacheUtilization": _round(d.kv),
             "waitingRequests": _round(d.waiting),

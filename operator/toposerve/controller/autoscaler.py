@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +37,7 @@ from toposerve.autoscale.report import TTFT, event_of, history_from_status, repl
 from toposerve.autoscale.schedule import schedule_floor
 from toposerve.autoscale.standby import Pod as StandbyPod
 from toposerve.autoscale.standby import relabel
+from toposerve.autoscale.startup import planning_startup
 from toposerve.controller.autoscale_sources import PrometheusSource, Source, source_for
 from toposerve.controller.kube import Kube, path
 from toposerve.controller.observe import ANNOTATION_EVACUATION, parse_time
@@ -178,7 +180,15 @@ class Autoscaler:
         floor, window = schedule_floor(a.schedules, datetime.fromtimestamp(now, UTC))
         status = body.get("status") or {}
         current = spec.replicas
-        forecast = self._forecast_floor(ns, name, a, now)
+        # Start-up as measured on this deployment's pods (status.pools[].startup), unless the spec
+        # says startupGraceSeconds: how long a starting replica counts as capacity on the way, and
+        # how far ahead the forecast looks.
+        startup_s, startup_from = planning_startup(
+            status.get("pools") or [],
+            float(a.startup_grace_seconds),
+            "startup_grace_seconds" in a.model_fields_set,
+        )
+        forecast = self._forecast_floor(ns, name, a, now, startup_s)
         held = 0
         if current == 0:  # scale from zero: what the routers hold is the only demand there is
             routers = [p for p in self._pods(ns, name) if _component(p) == "router"]
@@ -202,7 +212,7 @@ class Autoscaler:
             ttft=ttft.seconds,
             ttft_idle=ttft.idle,
         )
-        d = decide(Config.from_spec(a), inputs, history_from_status(status))
+        d = decide(replace(Config.from_spec(a), startup_grace=startup_s), inputs, history_from_status(status))
         self._note_override(body, status, current)
         if d.desired != current:
             if not self._scale(body, ns, name, d.desired):
@@ -230,12 +240,15 @@ class Autoscaler:
                     forecast=forecast,
                     ttft_slo=a.ttft_slo.seconds if a.ttft_slo else None,
                     burst_headroom=a.burst_headroom,
+                    startup=(startup_s, startup_from),
                 )
             },
         )
         return d
 
-    def _forecast_floor(self, ns: str, name: str, a: AutoscalingSpec, now: float) -> int | None:
+    def _forecast_floor(
+        self, ns: str, name: str, a: AutoscalingSpec, now: float, startup_s: float | None = None
+    ) -> int | None:
         """The forecast floor, refreshed every few minutes; None when off or without history
         (the pods' /metrics have none; a failed query keeps the last known value a while)."""
         if not a.forecast.enabled or not isinstance(self.source, PrometheusSource):
@@ -250,7 +263,7 @@ class Autoscaler:
                 ns,
                 name,
                 now,
-                spec_slice_offset(a),
+                spec_slice_offset(a, startup_s),
                 PERIOD_SECONDS[f.period],
                 f.lookback,
                 f.window_seconds,

@@ -11,7 +11,17 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from toposerve.api.status import Condition, LLMDeploymentStatus, ObservedCost, Placement, PoolStatus
+from toposerve.api.status import (
+    Condition,
+    LLMDeploymentStatus,
+    ObservedCost,
+    Placement,
+    PoolStatus,
+    StartupRecord,
+    StartupStatus,
+)
+from toposerve.autoscale import startup
+from toposerve.autoscale.startup import StartupSample
 from toposerve.planner.cost import DeploymentCost, PoolCost
 
 # The reason of a refusal because the API server lacks a feature the spec needs.
@@ -49,6 +59,7 @@ class PoolObs:
     room: int | None = None  # replicas free capacity lets it hold; None: unbounded
     max_replicas: int | None = None
     decode_step_ms: float | None = None
+    startup: Sequence[StartupSample] = ()  # measured start-ups, oldest first (autoscale/startup.py)
 
 
 @dataclass(frozen=True)
@@ -105,6 +116,25 @@ def _cond(
         message=message,
         last_transition_time=since or now,
         observed_generation=gen,
+    )
+
+
+def startup_status(samples: Sequence[StartupSample]) -> StartupStatus | None:
+    summary = startup.summarize(samples)
+    if summary is None:
+        return None
+
+    def r(x: float | None) -> float | None:
+        return None if x is None else round(x, 1)
+
+    return StartupStatus(
+        samples=summary.samples,
+        p50_seconds=round(summary.p50, 1),
+        p90_seconds=round(summary.p90, 1),
+        scheduling_p50_seconds=r(summary.scheduling_p50),
+        pulling_p50_seconds=r(summary.pulling_p50),
+        loading_p50_seconds=r(summary.loading_p50),
+        recent=[StartupRecord.model_validate(s.to_status()) for s in samples],
     )
 
 
@@ -205,6 +235,7 @@ def compute_status(
                 room=p.room,
                 max_replicas=p.max_replicas,
                 decode_step_ms=p.decode_step_ms,
+                startup=startup_status(p.startup),
                 cost_per_hour=round(
                     sum(pl.cost_per_hour_per_replica * pl.replicas for pl in p.placements), 4
                 ),

@@ -28,6 +28,7 @@ from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
 from toposerve.api.spec import LLMDeploymentSpec
 from toposerve.api.status import WRITTEN_ELSEWHERE
+from toposerve.autoscale import startup
 from toposerve.controller import engineprobe, evacuation, metrics
 from toposerve.controller.allocation import TypeState, allocate
 from toposerve.controller.cache import InventoryCache
@@ -427,6 +428,10 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 room=pool.room,
                 max_replicas=pool.max_replicas,
                 decode_step_ms=pool.decode_step_ms,
+                startup=startup.merge(
+                    ((said.get("startup") or {}).get("recent") or []),
+                    (p for p in pods if _engine_of_pool(p, pool.name)),
+                ),
             )
         )
     # The Service (and any other deployment-wide object) comes from the same renderer.
@@ -684,6 +689,12 @@ def _evacuate(
     gone = {x.pod for x in decision.delete}
     out = [changed.get(n, p) for p in pods if (n := str((p.get("metadata") or {}).get("name"))) not in gone]
     return out, decision.requeue_after
+
+
+def _engine_of_pool(pod: Mapping[str, Any], pool: str) -> bool:
+    """A serving (or warm standby) engine pod of the pool, the one a replica's start-up is read from."""
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    return labels.get(LABEL_POOL) == pool and labels.get(LABEL_COMPONENT) in ("engine", "standby")
 
 
 def _notices(spec: LLMDeploymentSpec, plan: DeploymentPlan) -> list[tuple[str, str]]:

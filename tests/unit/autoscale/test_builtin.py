@@ -488,10 +488,11 @@ def test_the_forecast_lead_is_one_start_up_unless_set() -> None:
 
     a = AutoscalingSpec.model_validate({"startupGraceSeconds": 420, "forecast": {"windowSeconds": 600}})
     assert spec_slice_offset(a) == 420 + 300
+    assert spec_slice_offset(a, 90.0) == 90 + 300  # the measured start-up the loop plans with
     a = AutoscalingSpec.model_validate(
         {"startupGraceSeconds": 420, "forecast": {"windowSeconds": 600, "leadSeconds": 60}}
     )
-    assert spec_slice_offset(a) == 60 + 300
+    assert spec_slice_offset(a) == 60 + 300 == spec_slice_offset(a, 90.0)  # leadSeconds wins
 
 
 def test_a_one_day_spike_does_not_become_tomorrows_floor() -> None:
@@ -746,3 +747,27 @@ def test_pods_being_evacuated_are_neither_counted_nor_relabelled() -> None:
     (d,) = scaler(kube, StandbySource(0.7), Clock()).run_once([])
     assert d.ready == 2 and d.starting == 0  # "old" is out of the count; "new" became the standby
     assert kube.relabels == [("new", "standby")]
+
+
+def test_the_loop_plans_with_the_measured_start_up_unless_the_spec_sets_one() -> None:
+    """A replica not Ready after 2 minutes is capacity on the way under the default 600 s grace,
+    and stuck where this deployment's replicas measured a 40 s p90 start-up (x1.5 = 60 s)."""
+    young = pod("c", ready=False)
+    young["metadata"]["creationTimestamp"] = "2026-12-01T11:58:00Z"  # 120 s before T0
+    measured = {
+        "pools": [{"name": "default", "startup": {"samples": 4, "p50Seconds": 30.0, "p90Seconds": 40.0}}]
+    }
+
+    def decide_once(**auto: Any) -> tuple[Any, dict[str, Any]]:
+        body = llmd(3, **auto)
+        body["status"] = measured
+        kube = FakeKube(body, [pod("a"), pod("b"), young])
+        (d,) = scaler(kube, FakeSource(0.5), Clock()).run_once([])
+        return d, kube.statuses[-1]["autoscaling"]
+
+    d, st = decide_once()
+    assert (d.starting, d.stuck) == (0, 1)
+    assert st["startupSeconds"] == 60.0 and "measured: pool default p90 40 s over 4" in st["startupSource"]
+    d, st = decide_once(startupGraceSeconds=600)
+    assert (d.starting, d.stuck) == (1, 0)
+    assert (st["startupSeconds"], st["startupSource"]) == (600.0, "startupGraceSeconds")

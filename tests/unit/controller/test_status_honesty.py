@@ -88,6 +88,23 @@ def test_scaling_active_says_whether_the_builtin_autoscaler_has_metrics() -> Non
         assert "ScalingActive" not in {x["type"] for x in other.model_dump(by_alias=True)["conditions"]}
 
 
+def test_measured_start_up_is_in_pool_status() -> None:
+    from toposerve.autoscale.startup import StartupSample
+
+    samples = [StartupSample("a", 90.0, 2.0, 28.0, 60.0), StartupSample("b", 30.0, 1.0)]
+    pools = [PoolObs("default", True, placements=[placement("H100", 2, 2)], startup=samples)]
+    (p,) = compute_status(obs(pools=pools), [], "t").model_dump(by_alias=True, exclude_none=True)["pools"]
+    assert p["startup"] == {
+        "samples": 2, "p50Seconds": 60.0, "p90Seconds": 84.0, "schedulingP50Seconds": 1.5,
+        "pullingP50Seconds": 28.0, "loadingP50Seconds": 60.0,
+        "recent": [{"pod": "a", "totalSeconds": 90.0, "schedulingSeconds": 2.0, "pullingSeconds": 28.0,
+                    "loadingSeconds": 60.0}, {"pod": "b", "totalSeconds": 30.0, "schedulingSeconds": 1.0}],
+    }  # fmt: skip
+    empty = [PoolObs("default", True, placements=[placement("H100", 2, 2)])]
+    (q,) = compute_status(obs(pools=empty), [], "t").model_dump(by_alias=True, exclude_none=True)["pools"]
+    assert "startup" not in q
+
+
 def test_notices_degrade_without_blocking() -> None:
     pools = [PoolObs("default", True, placements=[placement("H100", 2, 2)])]
     s = compute_status(
