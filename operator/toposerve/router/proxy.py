@@ -29,7 +29,6 @@ import contextlib
 import gc
 import json
 import logging
-import math
 import socket
 import time
 from collections import deque
@@ -46,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from toposerve.router import demand as dm
 from toposerve.router import health as hl
 from toposerve.router import strategies as st
 from toposerve.router.endpoints import BackendSpec
@@ -300,32 +300,11 @@ def parse_kv_capacity(text: str) -> int | None:
 
 
 def parse_engine_metrics(text: str) -> tuple[float | None, int | None]:
-    """(kv_cache_usage 0..1, requests waiting) from a vLLM /metrics page, summed over label sets.
-
-    A line scan rather than the full exposition parser: this runs every second per backend.
-    Accepts the older `vllm:gpu_cache_usage_perc` name too.
-    """
-    kv: float | None = None
-    waiting: float | None = None
-    for line in text.splitlines():
-        if not line.startswith("vllm:"):
-            continue
-        brace = line.rfind("}")
-        if brace >= 0:
-            name, rest = line[: line.index("{")], line[brace + 1 :].split()
-        else:
-            name, *rest = line.split()
-        try:
-            value = float(rest[0])
-        except (ValueError, IndexError):
-            continue
-        if math.isnan(value):
-            continue
-        if name in ("vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"):
-            kv = max(kv or 0.0, value)
-        elif name == "vllm:num_requests_waiting":
-            waiting = (waiting or 0.0) + value
-    return kv, (int(waiting) if waiting is not None else None)
+    """(kv_cache_usage 0..1, requests waiting) from a vLLM /metrics page, summed over label sets
+    (KV usage: the highest). Accepts the older `vllm:gpu_cache_usage_perc` name too. The probe
+    loop reads the whole `demand.parse_engine_page` (token counters, running requests)."""
+    page = dm.parse_engine_page(text)
+    return page.kv_usage, page.waiting
 
 
 class _Metrics:
@@ -421,7 +400,7 @@ class _BackendCollector(Collector):
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         now = time.monotonic()
         fams = {
             "in_flight": GaugeMetricFamily(
@@ -485,6 +464,116 @@ class _BackendCollector(Collector):
             "Request-body bytes held now (counted against --max-buffered-body-bytes).",
             value=self.router.bodies.used,
         )
+        yield from _demand_metrics(self.router, now)
+
+
+_ARRIVAL_GAUGES = (
+    ("requests", "Requests that entered routing per second (held and queued ones included)."),
+    ("prompt_tokens", "Prompt tokens (the router's estimate) of those requests per second."),
+    ("decode_tokens", "Expected decode tokens (max_tokens as routed, x n, capped) per second."),
+)
+
+
+def _demand_metrics(router: Router, now: float) -> Iterator[Metric]:
+    """The autoscaler's leading signal, per pool (docs/router.md, "Demand metrics"). No backend
+    label: served as is on the client port. O(pools x window) per scrape."""
+    ready: dict[str, int] = {}
+    for b in list(router.backends.values()):
+        ready[b.spec.pool] = ready.get(b.spec.pool, 0) + (1 if b.healthy(now) and not b.draining else 0)
+    demand, service = router.demand, router.service
+    demand.prune(now, ready)
+    service.prune(now, ready)
+    pools = sorted(set(ready) | set(demand.pools))
+    gauges = {
+        kind: GaugeMetricFamily(
+            f"toposerve_router_arrival_{kind}_per_second", help_, labels=["pool", "window"]
+        )
+        for kind, help_ in _ARRIVAL_GAUGES
+    }
+    counters = {
+        "requests": CounterMetricFamily(
+            "toposerve_router_arrivals", "Requests that entered routing, cumulative.", labels=["pool"]
+        ),
+        "prompt_tokens": CounterMetricFamily(
+            "toposerve_router_arrival_prompt_tokens",
+            "Prompt tokens of arrivals, cumulative.",
+            labels=["pool"],
+        ),
+        "decode_tokens": CounterMetricFamily(
+            "toposerve_router_arrival_decode_tokens",
+            "Expected decode tokens of arrivals, cumulative.",
+            labels=["pool"],
+        ),
+    }
+    in_flight = GaugeMetricFamily(
+        "toposerve_router_in_flight_requests",
+        "Requests sent to an engine of the pool and not finished.",
+        labels=["pool"],
+    )
+    in_flight_tokens = GaugeMetricFamily(
+        "toposerve_router_in_flight_tokens",
+        "Prompt + expected decode tokens of the pool's in-flight requests.",
+        labels=["pool"],
+    )
+    replicas = GaugeMetricFamily(
+        "toposerve_router_pool_ready_replicas",
+        "Backends of the pool that take new requests (probe-healthy, not ejected, not draining).",
+        labels=["pool"],
+    )
+    for pool in pools:
+        for w in dm.WINDOWS:
+            r = demand.rates(pool, w, now)
+            lab = [pool, f"{w}s"]
+            gauges["requests"].add_metric(lab, r.requests)
+            gauges["prompt_tokens"].add_metric(lab, r.prompt_tokens)
+            gauges["decode_tokens"].add_metric(lab, r.decode_tokens)
+        p = demand.pools.get(pool)
+        counters["requests"].add_metric([pool], p.requests if p else 0)
+        counters["prompt_tokens"].add_metric([pool], p.prompt_tokens if p else 0)
+        counters["decode_tokens"].add_metric([pool], p.decode_tokens if p else 0)
+        in_flight.add_metric([pool], p.in_flight if p else 0)
+        in_flight_tokens.add_metric([pool], p.in_flight_tokens if p else 0)
+        replicas.add_metric([pool], ready.get(pool, 0))
+    yield from gauges.values()
+    yield from counters.values()
+    yield from (in_flight, in_flight_tokens, replicas)
+    yield GaugeMetricFamily(
+        "toposerve_router_queued_requests",
+        "Requests waiting because every eligible backend is saturated (one queue per router).",
+        value=router.queued,
+    )
+    window = [f"{service.window}s"]
+    decode = GaugeMetricFamily(
+        "toposerve_router_pool_decode_tokens_per_second_per_replica",
+        "vllm:generation_tokens_total rate per ready replica (mean over replica-seconds polled).",
+        labels=["pool", "window"],
+    )
+    prompt = GaugeMetricFamily(
+        "toposerve_router_pool_prompt_tokens_per_second_per_replica",
+        "vllm:prompt_tokens_total rate per ready replica (mean over replica-seconds polled).",
+        labels=["pool", "window"],
+    )
+    running = GaugeMetricFamily(
+        "toposerve_router_pool_running_requests_per_replica",
+        "Mean vllm:num_requests_running over the intervals the decode rate was measured in.",
+        labels=["pool", "window"],
+    )
+    seconds = GaugeMetricFamily(
+        "toposerve_router_pool_observed_replica_seconds",
+        "Replica-seconds of engine counter intervals behind the service-rate figures.",
+        labels=["pool", "window"],
+    )
+    for pool in sorted(service.pools):
+        sr = service.rate(pool, now)
+        if sr is None:  # nothing known is not 0 tokens/s
+            continue
+        decode.add_metric([pool, *window], sr.decode_tokens_per_replica)
+        seconds.add_metric([pool, *window], sr.replica_seconds)
+        if sr.prompt_tokens_per_replica is not None:
+            prompt.add_metric([pool, *window], sr.prompt_tokens_per_replica)
+        if sr.running_per_replica is not None:
+            running.add_metric([pool, *window], sr.running_per_replica)
+    yield from (decode, prompt, running, seconds)
 
 
 class _Retryable(Exception):
@@ -590,6 +679,11 @@ class Router:
         )
         self.bodies = BodyBudget(self.cfg.max_buffered_body_bytes)
         self.held = 0  # requests waiting for a replica to exist (scale from zero)
+        self.queued = 0  # requests waiting because every eligible backend is saturated
+        # The autoscaler's leading signal (demand.py, docs/router.md "Demand metrics"): arrivals
+        # and in-flight work per pool, and each pool's service rate from the engines' counters.
+        self.demand = dm.Demand(time.monotonic())
+        self.service = dm.ServiceRates(max_gap_s=max(10.0, 5 * self.cfg.probe_interval_s))
         self._backends_changed = asyncio.Event()
         self.metrics = _Metrics(self)
         self._session: aiohttp.ClientSession | None = None
@@ -651,6 +745,7 @@ class Router:
         if b is not None and b.removed and self.ledger.in_flight(url) == 0:
             del self.backends[url]
             self.memory.prefix.forget(url)
+            self.service.forget(url)
 
     def snapshot(self, exclude: Iterable[str] = ()) -> list[st.BackendState]:
         now = time.monotonic()
@@ -726,12 +821,15 @@ class Router:
             async with self._session.get(url + "/metrics", timeout=timeout) as r:
                 if r.status == 200:
                     text = await r.text()
-                    kv, waiting = parse_engine_metrics(text)
+                    page = dm.parse_engine_page(text)
                     b.kv_capacity_tokens = parse_kv_capacity(text) or b.kv_capacity_tokens
-                    if kv is not None:
-                        b.kv_usage = kv
-                    if waiting is not None:
-                        b.waiting = waiting
+                    if page.kv_usage is not None:
+                        b.kv_usage = page.kv_usage
+                    if page.waiting is not None:
+                        b.waiting = page.waiting
+                    now = time.monotonic()
+                    ready = b.healthy(now) and not b.draining
+                    self.service.observe(url, b.spec.pool, now, page, ready)
         except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
             pass
 
@@ -912,11 +1010,24 @@ class Router:
             return 0
         return max(1, int(b.kv_capacity_tokens * self.estimator.chars_per_token / self.cfg.block_chars))
 
-    async def _decide(self, strategy: str, req: st.Request, exclude: set[str]) -> st.Decision | web.Response:
+    def _arrive(self, pool: str, req: st.Request, now: float) -> None:
+        """Count one arrival (demand.py): once per request, when routing first decides, holds,
+        queues or refuses it, so held and queued requests count as demand while they wait."""
+        self.demand.arrive(pool, req.prompt_tokens, req.max_tokens, now)
+
+    async def _decide(
+        self, strategy: str, req: st.Request, exclude: set[str], first: bool = True
+    ) -> st.Decision | web.Response:
+        """A backend for `req`, or the error to answer. `first`: the request's first attempt,
+        which counts its arrival (a retry is the same demand)."""
         deadline = time.monotonic() + self.cfg.queue_timeout_s
+        counted = not first
         while True:
             snap = self.snapshot(exclude)
             if not any(st.is_eligible(b) for b in snap):
+                if not counted:  # no replica to take it: the pool all known backends share, if one
+                    self._arrive(dm.common_pool(b.pool for b in snap), req, time.monotonic())
+                    counted = True
                 # Scale from zero holds long. Otherwise, while a replica is draining, a first
                 # attempt waits up to the queue timeout: a replica handing over to its successor (a
                 # rollout, a drain) is marked draining in one EndpointSlice event and its successor
@@ -932,6 +1043,14 @@ class Router:
                 continue
             now = time.monotonic()
             d = st.choose(strategy, req, snap, self.memory, self.cfg.routing, now)
+            if not counted:
+                if d is not None:
+                    self._arrive(self.backends[d.backend].spec.pool, req, now)
+                else:  # every candidate is saturated: the pool they share, if one
+                    eligible = [b for b in snap if st.is_eligible(b)]
+                    narrowed, _ = st.long_context_filter(req, eligible, self.cfg.routing)
+                    self._arrive(dm.common_pool(b.pool for b in narrowed), req, now)
+                counted = True
             if d is not None:
                 st.commit(
                     self.memory, strategy, req, d, self.cfg.routing, now, self._capacity_blocks(d.backend)
@@ -943,11 +1062,13 @@ class Router:
                 return self._error(429, "all backends are saturated", "saturated", retry_after=True)
             fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
             self._waiters.append(fut)
+            self.queued += 1
             try:
                 await asyncio.wait_for(fut, min(left, self.cfg.probe_interval_s))
             except TimeoutError:
                 pass
             finally:
+                self.queued -= 1
                 fut.cancel()
                 with contextlib.suppress(ValueError):
                     self._waiters.remove(fut)
@@ -1132,7 +1253,7 @@ class Router:
             # At most one retry, on one other backend: a request that makes engines fail must not
             # walk the whole fleet (and its failures are not blamed unless the retry succeeds).
             for _attempt in range(2):
-                d = await self._decide(strategy, parsed.request, tried)
+                d = await self._decide(strategy, parsed.request, tried, first=_attempt == 0)
                 if isinstance(d, web.Response):
                     return d if last is None else self._upstream_failed(last)
                 tried.add(d.backend)
@@ -1183,6 +1304,9 @@ class Router:
         url = d.backend
         req = parsed.request
         ticket = self.ledger.acquire(url, req.prompt_tokens, req.max_tokens)
+        b = self.backends.get(url)
+        pool = b.spec.pool if b is not None else ""  # kept: a rediscovered spec may change it
+        self.demand.sent(pool, req.cost)
         code = "error"
         try:
             try:
@@ -1227,6 +1351,7 @@ class Router:
                 return out
         finally:
             self.ledger.release(ticket)
+            self.demand.finished(pool, req.cost)
             self.metrics.child(self.metrics.requests, url, strategy, code).inc()
             self.metrics.child(self.metrics.e2e, strategy).observe(time.perf_counter() - t0)
             self._drop_if_idle(url)

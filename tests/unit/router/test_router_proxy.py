@@ -48,6 +48,7 @@ class Upstream:
     poison: str = "POISON"  # a prompt containing it gets a 500 on every upstream (a query of death)
     cancelled: int = 0
     url: str = ""
+    metrics_extra: str = ""  # more /metrics lines (token counters), read at each scrape
 
     async def completion(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -106,6 +107,7 @@ class Upstream:
             f'vllm:num_requests_waiting{{engine="0",model_name="m"}} {self.waiting}\n'
             'vllm:num_requests_running{model_name="m"} 1.0\n'
             'vllm:cache_config_info{block_size="16",cache_dtype="auto",num_gpu_blocks="40"} 1.0\n'
+            + self.metrics_extra
         )
         return web.Response(text=text)
 
