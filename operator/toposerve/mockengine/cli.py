@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 
 def _rate(v: str) -> float:
@@ -118,6 +119,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     e.add_argument("--enable-prefix-caching", dest="enable_prefix_caching", action="store_true", default=True)
     e.add_argument(
+        "--kv-events-config",
+        type=_kv_events_config,
+        default=None,
+        help='vLLM\'s KV-cache events, as JSON: {"enable_kv_cache_events": true, "publisher": "zmq", '
+        '"endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558", "topic": "..."} '
+        "(published in vLLM 0.33.0's wire format; kvevents/)",
+    )
+    e.add_argument(
         "--enable-deprecated-gpu-cache-metric",
         action="store_true",
         help="also export vllm:gpu_cache_usage_perc for older routers",
@@ -211,6 +220,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _kv_events_config(raw: str) -> Any:
+    """--kv-events-config as vLLM parses it: a JSON object of KVEventsConfig's fields."""
+    import json
+
+    from toposerve.kvevents.publisher import KVEventsConfig
+
+    try:
+        data = json.loads(raw)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"not JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    try:
+        return KVEventsConfig.from_json(data)
+    except (TypeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def config_from_args(args: argparse.Namespace) -> object:
     """Build an EngineConfig (imports the engine, so only call it when actually serving)."""
     from toposerve.mockengine.faults import FaultConfig
@@ -228,6 +255,7 @@ def config_from_args(args: argparse.Namespace) -> object:
         block_size=args.block_size,
         max_model_len=args.max_model_len,
         enable_prefix_caching=args.enable_prefix_caching,
+        kv_events=args.kv_events_config,
         time_scale=args.time_scale,
         seed=args.seed,
         max_waiting=args.max_waiting,

@@ -15,41 +15,43 @@ mock keeps the same bookkeeping as vLLM v1's block pool:
 
 from __future__ import annotations
 
-import hashlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
-_ROOT_HASH = 0
+from toposerve.kvevents import hashing
+from toposerve.kvevents.wire import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, BlockStored
 
-
-def chain_hash(parent: int, tokens: Sequence[int]) -> int:
-    """Hash of one block given its parent block's hash (the root's parent is 0)."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(parent.to_bytes(8, "little"))
-    h.update(b"".join(t.to_bytes(4, "little", signed=False) for t in tokens))
-    return int.from_bytes(h.digest(), "little")
+BlockHash = bytes
 
 
-def block_hashes(tokens: Sequence[int], block_size: int, known: Sequence[int] = ()) -> list[int]:
+def chain_hash(parent: BlockHash | None, tokens: Sequence[int], root: BlockHash) -> BlockHash:
+    """Hash of one full block given its parent's (None: the first block), as vLLM 0.33.0 hashes it
+    (kvevents/hashing.py: SHA-256 of the pickled (parent, tokens, None), the first parent being
+    ``root``, vLLM's NONE_HASH): the router can name the mock's blocks as it names vLLM's."""
+    return hashing.hash_block(parent, tokens, root)
+
+
+def block_hashes(
+    tokens: Sequence[int], block_size: int, known: Sequence[BlockHash] = (), seed: str | None = None
+) -> list[BlockHash]:
     """Chained hashes of every full block of ``tokens``; reuses the ``known`` leading hashes."""
-    hashes = list(known)
-    for i in range(len(hashes), len(tokens) // block_size):
-        parent = hashes[-1] if hashes else _ROOT_HASH
-        hashes.append(chain_hash(parent, tokens[i * block_size : (i + 1) * block_size]))
-    return hashes
+    return hashing.block_hashes(tokens, block_size, known, seed)
 
 
 @dataclass
 class _Block:
     ref_count: int = 0
-    hash: int | None = None
+    hash: BlockHash | None = None
 
 
 class BlockManager:
     """The block pool: allocation, reference counts, the prefix-cache map and its LRU free queue."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True, kv_events: bool = False
+    ) -> None:
         if num_blocks <= 0 or block_size <= 0:
             raise ValueError("num_blocks and block_size must be positive")
         self.num_blocks = num_blocks
@@ -58,7 +60,11 @@ class BlockManager:
         self._blocks = [_Block() for _ in range(num_blocks)]
         # ref_count == 0 blocks in eviction order (front is evicted first).
         self._free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self._cached: dict[int, int] = {}  # block hash -> block id
+        self._cached: dict[BlockHash, int] = {}  # block hash -> block id
+        # KV-cache events (vLLM's --kv-events-config): what this pool stored, evicted or cleared
+        # since the last take_events(), in vLLM 0.33.0's shapes (v1/core/block_pool.py).
+        self.kv_events = kv_events
+        self._events: list[Any] = []
 
     # -- queries -------------------------------------------------------------------------------
     @property
@@ -81,7 +87,7 @@ class BlockManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def computed_blocks(self, hashes: Sequence[int], num_tokens: int) -> list[int]:
+    def computed_blocks(self, hashes: Sequence[BlockHash], num_tokens: int) -> list[int]:
         """Block ids of the longest cached prefix, leaving at least one token to compute.
 
         vLLM must run the model on at least the last prompt token to produce logits, so a fully
@@ -120,16 +126,47 @@ class BlockManager:
             owned.append(b)
         return True
 
-    def cache_blocks(self, owned: Sequence[int], hashes: Sequence[int]) -> None:
-        """Publish the hashes of full blocks so later requests can hit them."""
+    def cache_blocks(
+        self,
+        owned: Sequence[int],
+        hashes: Sequence[BlockHash],
+        parent: BlockHash | None = None,
+        tokens: Sequence[int] = (),
+    ) -> None:
+        """Publish the hashes of full blocks so later requests can hit them. ``parent``: the hash
+        of the block before ``owned[0]`` (None at the start of the sequence); ``tokens``: the
+        token ids of these blocks, for the KV event (vLLM's ``BlockPool.cache_full_blocks``
+        emits one BlockStored for the newly cached blocks of a request, with their token ids)."""
         if not self.enable_prefix_caching:
             return
-        for bid, h in zip(owned, hashes, strict=False):
+        new: list[tuple[int, BlockHash]] = []
+        for i, (bid, h) in enumerate(zip(owned, hashes, strict=False)):
             blk = self._blocks[bid]
             if blk.hash is not None:
                 continue
             blk.hash = h
-            self._cached.setdefault(h, bid)
+            if self._cached.setdefault(h, bid) == bid:
+                new.append((i, h))
+        if self.kv_events and new:
+            first, last = new[0][0], new[-1][0]
+            self._events.append(
+                BlockStored(
+                    block_hashes=[h for _, h in new],
+                    parent_block_hash=hashes[first - 1] if first > 0 else parent,
+                    token_ids=list(tokens[first * self.block_size : (last + 1) * self.block_size]),
+                    block_size=self.block_size,
+                    lora_id=None,
+                    medium=MEDIUM_GPU,
+                    lora_name=None,
+                    extra_keys=[None] * len(new),  # to_event_extra_keys of a plain text request
+                    group_idx=0,
+                )
+            )
+
+    def take_events(self) -> list[Any]:
+        """The events since the last call (one engine step's worth), oldest first."""
+        events, self._events = self._events, []
+        return events
 
     def free(self, owned: Sequence[int]) -> None:
         """Drop a sequence's references; tail blocks go first so they are evicted first."""
@@ -141,11 +178,17 @@ class BlockManager:
                 if blk.hash is None:  # nothing worth keeping: reuse it before cached blocks
                     self._free.move_to_end(b, last=False)
 
-    def reset_prefix_cache(self) -> None:
-        for h, b in list(self._cached.items()):
-            if self._blocks[b].ref_count == 0:
-                self._blocks[b].hash = None
-                del self._cached[h]
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block; like vLLM's ``BlockPool.reset_prefix_cache``, refused (False)
+        while any block is in use, else AllBlocksCleared."""
+        if self.num_used:
+            return False
+        for b in self._cached.values():
+            self._blocks[b].hash = None
+        self._cached.clear()
+        if self.kv_events:
+            self._events.append(AllBlocksCleared())
+        return True
 
     def _pop_free(self) -> int:
         b, _ = self._free.popitem(last=False)
@@ -153,5 +196,7 @@ class BlockManager:
         if blk.hash is not None:
             if self._cached.get(blk.hash) == b:
                 del self._cached[blk.hash]
+                if self.kv_events:  # evicted: the router must stop counting on it
+                    self._events.append(BlockRemoved(block_hashes=[blk.hash], medium=MEDIUM_GPU, group_idx=0))
             blk.hash = None
         return b

@@ -18,11 +18,13 @@ tokens; tests drive it directly with a fake ``now``.
 
 from __future__ import annotations
 
+import os
 import random
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
+from toposerve.kvevents.hashing import none_hash
 from toposerve.mockengine.kvcache import BlockManager, chain_hash
 from toposerve.mockengine.timing import TimingModel
 from toposerve.mockengine.tokenizer import MockTokenizer, TextGenerator
@@ -51,7 +53,7 @@ class Request:
     num_computed: int = 0
     num_cached_tokens: int = -1  # prompt tokens served from the prefix cache at first admission
     blocks: list[int] = field(default_factory=list)
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
     num_published: int = 0  # leading blocks whose hashes are in the prefix cache
     first_scheduled_time: float | None = None
     first_token_time: float | None = None
@@ -80,11 +82,11 @@ class Request:
             return self.output_ids[start - n : stop - n]
         return self.prompt_ids[start:] + self.output_ids[: stop - n]
 
-    def extend_hashes(self, block_size: int) -> None:
+    def extend_hashes(self, block_size: int, root: bytes) -> None:
         """Hash newly completed full blocks only: O(block) per block, not O(sequence) per token."""
         for i in range(len(self.hashes), self.num_tokens // block_size):
             block = self.tokens(i * block_size, (i + 1) * block_size)
-            self.hashes.append(chain_hash(self.hashes[-1] if self.hashes else 0, block))
+            self.hashes.append(chain_hash(self.hashes[-1] if self.hashes else None, block, root))
 
     @property
     def finished(self) -> bool:
@@ -124,6 +126,7 @@ class SchedulerConfig:
     block_size: int = 16
     max_model_len: int = 8192
     enable_prefix_caching: bool = True
+    kv_events: bool = False  # collect vLLM-shaped KV-cache events (--kv-events-config)
 
 
 class Scheduler:
@@ -133,7 +136,11 @@ class Scheduler:
         self.config = config
         self.timing = timing
         self.tokenizer = tokenizer
-        self.blocks = BlockManager(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
+        self.blocks = BlockManager(
+            config.num_gpu_blocks, config.block_size, config.enable_prefix_caching, config.kv_events
+        )
+        # vLLM's NONE_HASH: PYTHONHASHSEED when the pod sets it, else vLLM's fixed default seed.
+        self.root = none_hash(os.environ.get("PYTHONHASHSEED"))
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.slowdown = 1.0  # thermal-throttling fault: multiplies step time
@@ -214,7 +221,7 @@ class Scheduler:
 
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
-            req.extend_hashes(self.config.block_size)
+            req.extend_hashes(self.config.block_size, self.root)
             hit = self.blocks.computed_blocks(req.hashes, req.num_tokens)
             cached = len(hit) * self.config.block_size
             n = min(req.num_tokens - cached, budget)
@@ -250,9 +257,15 @@ class Scheduler:
             req.num_computed += n
             full = req.num_computed // self.config.block_size
             if full > req.num_published:  # publish blocks as soon as they are full and computed
-                req.extend_hashes(self.config.block_size)
+                req.extend_hashes(self.config.block_size, self.root)
                 start = req.num_published
-                self.blocks.cache_blocks(req.blocks[start:full], req.hashes[start:full])
+                bs = self.config.block_size
+                self.blocks.cache_blocks(
+                    req.blocks[start:full],
+                    req.hashes[start:full],
+                    req.hashes[start - 1] if start else None,
+                    req.tokens(start * bs, full * bs) if self.blocks.kv_events else (),
+                )
                 req.num_published = full
             if req.num_computed < req.num_tokens:
                 continue  # still prefilling (chunked)

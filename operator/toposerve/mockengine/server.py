@@ -23,6 +23,8 @@ from typing import Any
 
 from aiohttp import web
 
+from toposerve.kvevents.publisher import KVEventsConfig, ZmqPublisher
+from toposerve.kvevents.wire import KVEventBatch
 from toposerve.mockengine.faults import Fate, FaultConfig, FaultInjector
 from toposerve.mockengine.metrics import CONTENT_TYPE, EngineMetrics
 from toposerve.mockengine.protocol import (
@@ -58,6 +60,7 @@ class EngineConfig:
     block_size: int = 16
     max_model_len: int = 8192
     enable_prefix_caching: bool = True
+    kv_events: KVEventsConfig | None = None  # vLLM's --kv-events-config (None: off)
     time_scale: float = 1.0
     seed: int = 0
     max_waiting: int = 4096
@@ -123,6 +126,7 @@ class Engine:
             block_size=cfg.block_size,
             max_model_len=self.max_model_len,
             enable_prefix_caching=cfg.enable_prefix_caching,
+            kv_events=bool(cfg.kv_events and cfg.kv_events.publishes),
         )
         self.tokenizer = MockTokenizer()
         self.generator = TextGenerator(cfg.seed)
@@ -136,10 +140,13 @@ class Engine:
             "cache_dtype": "auto",
             "enable_prefix_caching": cfg.enable_prefix_caching,
             "gpu_memory_utilization": 0.9,
-            "prefix_caching_hash_algo": "blake2b",
+            "prefix_caching_hash_algo": "sha256",  # vLLM 0.33.0's default, as kvevents/hashing.py
         }
         self.metrics = EngineMetrics(cfg.names[0], cache_info, cfg.deprecated_gpu_cache_metric)
         self.metrics.observe_state(self.scheduler)
+        # KV-cache events: one batch per engine step that stored, evicted or cleared blocks, on a
+        # ZeroMQ PUB socket in vLLM 0.33.0's format (kvevents/), as vLLM's scheduler publishes them.
+        self.kv_publisher = ZmqPublisher(cfg.kv_events) if cfg.kv_events and cfg.kv_events.publishes else None
         self._clock = clock
         self._t0 = clock()
         self.sim_now = 0.0
@@ -152,6 +159,11 @@ class Engine:
         self.crashed = False
         self.inflight = 0
         self.steps = 0
+
+    def publish_kv_events(self) -> None:
+        events = self.scheduler.blocks.take_events()
+        if events and self.kv_publisher is not None:
+            self.kv_publisher.publish(KVEventBatch(ts=time.time(), events=events))
 
     # -- the loop ------------------------------------------------------------------------------
     def _catch_up(self) -> None:
@@ -190,6 +202,7 @@ class Engine:
                 continue
             started = self._clock()
             stats = sched.step(self.sim_now)
+            self.publish_kv_events()
             self.steps += 1
             self.sim_now = stats.end
             length = stats.duration * self.cfg.time_scale
@@ -614,7 +627,9 @@ async def admin_state(request: web.Request) -> web.Response:
 
 
 async def reset_prefix_cache(request: web.Request) -> web.Response:
-    request.app[ENGINE_KEY].scheduler.blocks.reset_prefix_cache()
+    engine = request.app[ENGINE_KEY]
+    engine.scheduler.blocks.reset_prefix_cache()
+    engine.publish_kv_events()  # AllBlocksCleared goes out now, not with the next step
     return web.Response(status=200)
 
 
@@ -659,6 +674,8 @@ def build_app(engine: Engine) -> web.Application:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        if engine.kv_publisher is not None:
+            engine.kv_publisher.close()
 
     app.cleanup_ctx.append(_loop)
     return app

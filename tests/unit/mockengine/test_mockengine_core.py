@@ -407,7 +407,7 @@ def test_incremental_hashes_match_batch_hashes() -> None:
     sched, gen, _ = make(block_size=16)
     r = submit(sched, gen, "a", prompt(37), 60)
     run_until_idle(sched)
-    r.extend_hashes(16)
+    r.extend_hashes(16, sched.root)
     assert r.hashes == block_hashes(r.all_ids(), 16)
     assert r.tokens(30, 50) == r.all_ids()[30:50]
     assert r.tokens(0, 10) == r.prompt_ids[:10] and r.tokens(40, 45) == r.output_ids[3:8]

@@ -673,6 +673,8 @@ async def test_steps_are_paced_by_deadline_with_the_mocks_own_work_inside(
     work = [True]
 
     class Sched:
+        blocks = SimpleNamespace(take_events=lambda: [])
+
         @property
         def has_work(self) -> bool:
             return work[0]

@@ -1,0 +1,56 @@
+"""Prefix-cache block hashes computed exactly as vLLM 0.33.0 computes them (pure).
+
+A router that scores engines by what they really cache must name blocks the way the engines do.
+vLLM 0.33.0, default ``--prefix-caching-hash-algo sha256`` (``vllm/config/cache.py``):
+
+* ``vllm/utils/hashing.py`` ``sha256(x)`` = SHA-256 of ``pickle.dumps(x, HIGHEST_PROTOCOL)``;
+* ``vllm/v1/core/kv_cache_utils.py`` ``hash_block_tokens``: a full block's hash is
+  ``sha256((parent_hash, tuple(block_token_ids), extra_keys))``, the first block's parent being
+  ``NONE_HASH`` = ``sha256(seed)``, where the seed is ``PYTHONHASHSEED`` when set, else the fixed
+  ``"vllm-none-hash"`` for the cryptographic algorithms (``resolve_none_hash_seed``), so every
+  engine of a deployment names the same prefix the same way;
+* only full blocks are hashed; ``extra_keys`` is None for a plain text request (no LoRA, no
+  multi-modal input, no ``cache_salt``).
+
+Events carry the hashes as bytes unless ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`` is set
+(``maybe_convert_block_hash``: the low 64 bits, big-endian); ``as_int`` does that conversion.
+The test suite checks these functions against vLLM's own (tests/vllm).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from collections.abc import Sequence
+from typing import Any
+
+DEFAULT_NONE_HASH_SEED = "vllm-none-hash"
+
+
+def sha256(value: Any) -> bytes:
+    return hashlib.sha256(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)).digest()
+
+
+def none_hash(seed: str | None = None) -> bytes:
+    """The parent of every prefix's first block (``seed``: PYTHONHASHSEED, when the engines set it)."""
+    return sha256(DEFAULT_NONE_HASH_SEED if seed is None else seed)
+
+
+def hash_block(parent: bytes | None, tokens: Sequence[int], root: bytes, extra_keys: Any = None) -> bytes:
+    return sha256((parent or root, tuple(tokens), extra_keys))
+
+
+def block_hashes(
+    tokens: Sequence[int], block_size: int, known: Sequence[bytes] = (), seed: str | None = None
+) -> list[bytes]:
+    """Chained hashes of every full block of ``tokens``, reusing the ``known`` leading ones."""
+    root = none_hash(seed)
+    out = list(known)
+    for i in range(len(out), len(tokens) // block_size):
+        out.append(hash_block(out[-1] if out else None, tokens[i * block_size : (i + 1) * block_size], root))
+    return out
+
+
+def as_int(block_hash: bytes) -> int:
+    """What an engine with VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES publishes for ``block_hash``."""
+    return int.from_bytes(block_hash, byteorder="big") & ((1 << 64) - 1)
