@@ -36,6 +36,7 @@ from toposerve.autoscale.report import (
     ttft_of,
     vector_sum,
 )
+from toposerve.autoscale.router_figures import RouterFigures, combine, parse_router_page
 from toposerve.render.objects import ENGINE_PORT, ROUTER_PORT
 
 
@@ -229,6 +230,27 @@ class ScrapeSource:
         """From the last two reads (the sync period apart), not ``window_s``: /metrics has no history."""
         window = self._window.get((namespace, name))
         return TTFT() if window is None else ttft_of(window, quantile)
+
+
+def read_routers(
+    routers: Sequence[Mapping[str, Any]], timeout: float = 2.0, port: int = ROUTER_PORT
+) -> RouterFigures:
+    """The deployment's routers' demand and service figures, read from each router pod's /metrics
+    directly (not through Prometheus: its scrape interval would give back the lead); a router that
+    does not answer in ``timeout`` is left out (``routers`` in the result counts those that did)."""
+    ips = [str(ip) for r in routers if (ip := (r.get("status") or {}).get("podIP"))]
+    if not ips:
+        return RouterFigures()
+
+    def page(ip: str) -> Any:
+        try:
+            with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout) as resp:
+                return parse_router_page(resp.read(4 << 20).decode("utf-8", "replace"))
+        except Exception:  # refused, timeout, reset: this router's share is unknown
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, len(ips))) as pool:
+        return combine(pool.map(page, ips))
 
 
 def source_for(
