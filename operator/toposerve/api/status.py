@@ -113,6 +113,12 @@ class PoolStatus(_Status):
     observed_cost: ObservedCost | None = Field(
         default=None, description="Cost and throughput of this pool's pods now (see docs/cost.md)."
     )
+    kv_cache_tokens_per_replica: int | None = Field(
+        alias="kvCacheTokensPerReplica",
+        default=None,
+        description="KV-cache capacity of one replica on the preferred GPU type, in tokens (the plan's): "
+        "what the builtin autoscaler's demand rule sizes resident tokens against.",
+    )
     startup: StartupStatus | None = Field(
         default=None,
         description="Measured start-up of this pool's replicas; the builtin autoscaler plans with its p90.",

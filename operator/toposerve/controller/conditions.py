@@ -60,6 +60,7 @@ class PoolObs:
     max_replicas: int | None = None
     decode_step_ms: float | None = None
     startup: Sequence[StartupSample] = ()  # measured start-ups, oldest first (autoscale/startup.py)
+    kv_cache_tokens_per_replica: int | None = None  # the plan's, on the preferred GPU type
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,7 @@ def compute_status(
                 max_replicas=p.max_replicas,
                 decode_step_ms=p.decode_step_ms,
                 startup=startup_status(p.startup),
+                kv_cache_tokens_per_replica=p.kv_cache_tokens_per_replica,
                 cost_per_hour=round(
                     sum(pl.cost_per_hour_per_replica * pl.replicas for pl in p.placements), 4
                 ),

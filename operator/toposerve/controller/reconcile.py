@@ -428,6 +428,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 room=pool.room,
                 max_replicas=pool.max_replicas,
                 decode_step_ms=pool.decode_step_ms,
+                kv_cache_tokens_per_replica=plans[0].kv_cache_tokens_per_replica or None,
                 startup=startup.merge(
                     ((said.get("startup") or {}).get("recent") or []),
                     (p for p in pods if _engine_of_pool(p, pool.name)),

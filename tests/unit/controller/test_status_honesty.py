@@ -92,8 +92,17 @@ def test_measured_start_up_is_in_pool_status() -> None:
     from toposerve.autoscale.startup import StartupSample
 
     samples = [StartupSample("a", 90.0, 2.0, 28.0, 60.0), StartupSample("b", 30.0, 1.0)]
-    pools = [PoolObs("default", True, placements=[placement("H100", 2, 2)], startup=samples)]
+    pools = [
+        PoolObs(
+            "default",
+            True,
+            placements=[placement("H100", 2, 2)],
+            startup=samples,
+            kv_cache_tokens_per_replica=9000,
+        )
+    ]
     (p,) = compute_status(obs(pools=pools), [], "t").model_dump(by_alias=True, exclude_none=True)["pools"]
+    assert p["kvCacheTokensPerReplica"] == 9000  # what the autoscaler's demand rule sizes against
     assert p["startup"] == {
         "samples": 2, "p50Seconds": 60.0, "p90Seconds": 84.0, "schedulingP50Seconds": 1.5,
         "pullingP50Seconds": 28.0, "loadingP50Seconds": 60.0,
