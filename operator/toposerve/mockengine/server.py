@@ -384,7 +384,7 @@ def _check_text(text: str | None) -> None:
 async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     body = await _json(request)
-    params = parse_chat(body, render_chat) if chat else parse_completion(body)
+    params = parse_chat(body, chat_renderer(body)) if chat else parse_completion(body)
     model = _check_model(engine, params.model)
     _check_text(params.prompt_text)
     if engine.faults.poisoned(params.prompt_text):
@@ -532,14 +532,58 @@ async def health(request: web.Request) -> web.Response:
     return web.Response(status=200)
 
 
+_GENERATION_PROMPT = "<|assistant|>\n"  # what render_chat ends with
+
+
+def _flag(body: Any, name: str, default: bool) -> bool:
+    v = body.get(name, default) if isinstance(body, dict) else default
+    if not isinstance(v, bool):
+        raise APIError(400, f"{name} must be a boolean", param=name)
+    return v
+
+
+def chat_renderer(body: Any) -> Callable[[Any], str]:
+    """The chat template with vLLM's ``add_generation_prompt`` (default true) and
+    ``continue_final_message`` (default false; the last message left open, no generation prompt),
+    shared by /v1/chat/completions and /tokenize so that both give the same ids: what the router
+    hashes from /tokenize must be what the engine caches (docs/router.md, "Routing on KV-cache
+    events"). Both true is a 400, as vLLM's ``check_generation_prompt`` answers."""
+    add = _flag(body, "add_generation_prompt", True)
+    cont = _flag(body, "continue_final_message", False)
+    if add and cont and isinstance(body, dict) and "add_generation_prompt" in body:
+        raise APIError(400, "Cannot set both `continue_final_message` and `add_generation_prompt` to True.")
+
+    def render(messages: Any) -> str:
+        text = render_chat(messages)
+        if cont or not add:
+            text = text.removesuffix(_GENERATION_PROMPT)
+        if cont:
+            text = text.removesuffix("\n")
+        return text
+
+    return render
+
+
 async def tokenize(request: web.Request) -> web.Response:
+    """vLLM 0.33.0's ``POST /tokenize`` (entrypoints/serve/tokenize/): a completion-style
+    ``{"prompt": str}`` or a chat-style ``{"messages": [...], "add_generation_prompt": true, ...}``
+    request; ``{"count", "max_model_len", "tokens", "token_strs"}`` back. The ids are exactly
+    those a completion or chat request with the same fields is served (and its blocks hashed)
+    with. The mock's tokenizer has no special tokens, so ``add_special_tokens`` changes nothing."""
     engine = request.app[ENGINE_KEY]
     body = await _json(request)
     if not isinstance(body, dict):
         raise APIError(400, "request body must be a JSON object")
-    _check_model(engine, body.get("model"))
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise APIError(400, "model must be a string", param="model")
+    _check_model(engine, model)
+    _flag(body, "add_special_tokens", "messages" not in body)
+    strs = body.get("return_token_strs", False)
+    if strs is not None and not isinstance(strs, bool):
+        raise APIError(400, "return_token_strs must be a boolean", param="return_token_strs")
     if "messages" in body:
-        text = parse_chat(body, render_chat).prompt_text or ""
+        text = parse_chat(body, chat_renderer(body)).prompt_text or ""
     elif isinstance(body.get("prompt"), str):
         text = body["prompt"]
     else:
@@ -547,13 +591,16 @@ async def tokenize(request: web.Request) -> web.Response:
     _check_text(text)
     ids = engine.tokenizer.encode(text, engine.max_model_len)
     if len(ids) > engine.max_model_len:
+        # vLLM tokenizes any length here; the mock stops one past the limit (a 20 MB prompt
+        # would stall its loop) and says so rather than answer a truncated list
         raise APIError(
             400,
             f"This model's maximum context length is {engine.max_model_len} tokens; the prompt is longer.",
             param="prompt",
         )
+    token_strs = [engine.tokenizer.decode([i]) for i in ids] if strs else None
     return web.json_response(
-        {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": None},
+        {"count": len(ids), "max_model_len": engine.max_model_len, "tokens": ids, "token_strs": token_strs},
         dumps=dumps,
     )
 

@@ -175,6 +175,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="on SIGTERM: stop once nothing is in flight and no request came for this long",
     )
     t.add_argument("--log-level", default=os.environ.get("TOPOSERVE_LOG_LEVEL", "INFO"))
+    k = p.add_argument_group(
+        "routing on the engines' KV-cache events (docs/router.md, 'Routing on KV-cache events')"
+    )
+    k.add_argument(
+        "--kv-events",
+        action="store_true",
+        default=os.environ.get("TOPOSERVE_ROUTER_KV_EVENTS", "") in ("1", "true"),
+        help="subscribe to every engine's KV-cache events (vLLM --kv-events-config) and score "
+        "prefix-aware / auto on what the engines really cache; off: the approximate index only",
+    )
+    k.add_argument(
+        "--kv-events-port",
+        type=int,
+        default=5557,
+        help="the engines' event PUB port on each backend's host (a backend's kv-events= tag overrides)",
+    )
+    k.add_argument(
+        "--kv-events-replay-port",
+        type=int,
+        default=5558,
+        help="the engines' replay ROUTER port (kv-replay= overrides); 0: the engines serve no replay",
+    )
+    k.add_argument("--kv-events-topic", default="", help="the engines' topic (vLLM's default: empty)")
+    k.add_argument(
+        "--kv-events-block-size",
+        type=int,
+        default=0,
+        help="the engines' KV block size in tokens; 0: read from their vllm:cache_config_info",
+    )
+    k.add_argument(
+        "--kv-events-hash-seed",
+        default=None,
+        help="PYTHONHASHSEED, when the engines set it (it seeds vLLM's block hashes)",
+    )
+    k.add_argument(
+        "--kv-events-max-blocks",
+        type=int,
+        default=1 << 18,
+        help="most blocks indexed per engine (~128 bytes each)",
+    )
+    k.add_argument(
+        "--kv-events-silence",
+        type=float,
+        default=5.0,
+        help="seconds without an event that was due (new blocks were prefilled) before an engine's "
+        "index counts as stale",
+    )
+    k.add_argument(
+        "--kv-tokenize-timeout",
+        type=float,
+        default=0.5,
+        help="seconds to wait for an engine's /tokenize before scoring on the approximation",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -184,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
 
     from toposerve.router import strategies as st
     from toposerve.router.endpoints import engine_selector, parse_backends
+    from toposerve.router.kvindex import KVEventsOptions
     from toposerve.router.proxy import Router, RouterConfig, serve, serve_metrics, tune_gc
 
     logging.basicConfig(
@@ -243,6 +297,17 @@ def run(args: argparse.Namespace) -> int:
         max_body_bytes=args.max_body_bytes,
         write_timeout_s=args.write_timeout,
         upstream_keepalive_s=args.upstream_keepalive,
+        kv_events=KVEventsOptions(
+            enabled=args.kv_events,
+            port=args.kv_events_port,
+            replay_port=args.kv_events_replay_port,
+            topic=args.kv_events_topic,
+            block_size=max(args.kv_events_block_size, 0),
+            hash_seed=args.kv_events_hash_seed,
+            max_blocks=max(args.kv_events_max_blocks, 1),
+            silence_s=args.kv_events_silence,
+            tokenize_timeout_s=args.kv_tokenize_timeout,
+        ),
     )
 
     async def main() -> None:

@@ -41,6 +41,9 @@ class BackendSpec:
     gpu_type: str = ""
     pool: str = ""
     long_context: bool = False
+    # KV-event endpoints when not the convention ports on the host (router/kvindex.py)
+    kv_events: str = ""
+    kv_replay: str = ""
 
     @property
     def weight(self) -> float:
@@ -48,18 +51,30 @@ class BackendSpec:
 
     @classmethod
     def parse(cls, text: str) -> BackendSpec:
-        """`http://host:port[#gpu=H100&pool=fast&long-context=true]` (tags ride in the URL fragment)."""
+        """`http://host:port[#gpu=H100&pool=fast&long-context=true&kv-events=tcp://host:5557&kv-replay=tcp://host:5558]`
+        (tags ride in the URL fragment)."""
         parts = urlsplit(text.strip())
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"backend {text!r}: expected http(s)://host:port")
         tags = {k: v[-1] for k, v in parse_qs(parts.fragment, keep_blank_values=True).items()}
-        unknown = set(tags) - {"gpu", "pool", "long-context"}
+        unknown = set(tags) - {"gpu", "pool", "long-context", "kv-events", "kv-replay"}
         if unknown:
             raise ValueError(f"backend {text!r}: unknown tag(s) {', '.join(sorted(unknown))}")
         url = urlunsplit((parts.scheme, parts.netloc, parts.path.rstrip("/"), "", ""))
         gpu = tags.get("gpu", "")
         long_ctx = tags.get("long-context", "false").lower() in ("", "1", "true", "yes")
-        return cls(url=url, gpu_type=gpu, pool=tags.get("pool", gpu.lower()), long_context=long_ctx)
+        kv = {k: tags.get(k, "") for k in ("kv-events", "kv-replay")}
+        for k, v in kv.items():
+            if v and not v.startswith(("tcp://", "ipc://")):
+                raise ValueError(f"backend {text!r}: {k} must be a tcp:// or ipc:// ZeroMQ endpoint")
+        return cls(
+            url=url,
+            gpu_type=gpu,
+            pool=tags.get("pool", gpu.lower()),
+            long_context=long_ctx,
+            kv_events=kv["kv-events"],
+            kv_replay=kv["kv-replay"],
+        )
 
 
 def parse_backends(text: str) -> list[BackendSpec]:

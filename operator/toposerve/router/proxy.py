@@ -33,7 +33,7 @@ import socket
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import aiohttp
@@ -51,6 +51,7 @@ from toposerve.router import strategies as st
 from toposerve.router.endpoints import BackendSpec
 from toposerve.router.errors import error_body
 from toposerve.router.frontdoor import BodyBudget, Gate, GuardedRunner, Limits
+from toposerve.router.kvindex import KVEventsOptions, KVIndex
 from toposerve.router.upstream import (
     ConnectFailed,
     ReadTimeout,
@@ -124,6 +125,7 @@ class Backend:
     kv_usage: float = 0.0
     waiting: int = 0
     kv_capacity_tokens: int = 0  # from vllm:cache_config_info; 0 until scraped (or never exported)
+    kv_block_size: int = 0  # the same metric's block_size: how the engine cuts prompts into blocks
 
     def healthy(self, now: float) -> bool:
         return self.health.healthy(now)
@@ -173,6 +175,8 @@ class RouterConfig:
     # hold an engine's sequence and KV cache until TCP gives up. Like nginx's send_timeout
     # (60 s by default there too), it bounds one write, not the whole response.
     write_timeout_s: float = 60.0
+    # Routing on the engines' KV-cache events (kvindex.py; off by default)
+    kv_events: KVEventsOptions = field(default_factory=KVEventsOptions)
 
     @property
     def health(self) -> hl.HealthConfig:
@@ -189,6 +193,42 @@ class _Parsed:
     text_chars: int
     request: st.Request
     stream: bool
+    kv_keys: list[int] | None = None  # the prompt's engine block keys (KV-event routing)
+    kv_block_size: int = 0
+
+
+def tokenize_body(path: str, body: Mapping[str, Any]) -> dict[str, Any] | list[int] | None:
+    """What to ask an engine's ``POST /tokenize`` so that its ids are the ones the request will be
+    served with: the chat fields that change the rendering, or the completion's prompt. A prompt
+    given as token ids is its own answer (the list); None when there is no one prompt to tokenize
+    (a batch of prompts, or a body the engine will refuse anyway)."""
+    if path.endswith("/chat/completions"):
+        if not isinstance(body.get("messages"), list):
+            return None
+        keep = (
+            "model",
+            "messages",
+            "add_generation_prompt",
+            "continue_final_message",
+            "add_special_tokens",
+            "chat_template",
+            "chat_template_kwargs",
+            "tools",
+            "mm_processor_kwargs",
+        )
+        return {k: body[k] for k in keep if k in body}
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and all(type(x) is int for x in prompt):
+        return cast(list[int], prompt)
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        return None
+    out: dict[str, Any] = {"prompt": prompt}
+    for k in ("model", "add_special_tokens"):
+        if k in body:
+            out[k] = body[k]
+    return out
 
 
 def _part_text(content: object) -> str:
@@ -296,6 +336,21 @@ def parse_kv_capacity(text: str) -> int | None:
         except ValueError:
             return None
         return blocks * size if blocks > 0 and size > 0 else None
+    return None
+
+
+def parse_block_size(text: str) -> int | None:
+    """The engine's KV block size in tokens (``block_size`` of `vllm:cache_config_info`)."""
+    for line in text.splitlines():
+        if line.startswith("vllm:cache_config_info{"):
+            for kv in line[line.index("{") + 1 : line.rindex("}")].split(","):
+                name, _, value = kv.partition("=")
+                if name.strip() == "block_size":
+                    try:
+                        size = int(value.strip().strip('"'))
+                    except ValueError:
+                        return None
+                    return size if size > 0 else None
     return None
 
 
@@ -431,6 +486,7 @@ class _BackendCollector(Collector):
             fams["healthy"].add_metric(lab, 1.0 if b.healthy(now) and not b.draining else 0.0)
             fams["kv"].add_metric(lab, b.kv_usage)
         yield from fams.values()
+        yield from _kv_metrics(self.router, now)
         g = self.router.gate
         yield GaugeMetricFamily("toposerve_router_connections_open", "Open client connections.", value=g.open)
         yield GaugeMetricFamily(
@@ -465,6 +521,49 @@ class _BackendCollector(Collector):
             value=self.router.bodies.used,
         )
         yield from _demand_metrics(self.router, now)
+
+
+def _kv_metrics(router: Router, now: float) -> Iterator[Metric]:
+    """KV-event routing (docs/router.md, "Routing on KV-cache events"); nothing when it is off.
+    Per-backend gauges: the client port serves them summed (stale engines, blocks indexed)."""
+    kv = router.kvindex
+    if kv is None:
+        return
+    stale = GaugeMetricFamily(
+        "toposerve_router_kv_index_stale",
+        "1 while the backend's KV-event index is not trusted (routing uses the approximation).",
+        labels=["backend"],
+    )
+    blocks = GaugeMetricFamily(
+        "toposerve_router_kv_index_blocks",
+        "Cached blocks in the backend's KV-event index.",
+        labels=["backend"],
+    )
+    batches = CounterMetricFamily(
+        "toposerve_router_kv_index_batches",
+        "KV-event batches applied (live and replayed).",
+        labels=["backend"],
+    )
+    resyncs = CounterMetricFamily(
+        "toposerve_router_kv_index_resyncs",
+        "Catch-ups through the replay socket, by cause (gap, restart, reconnect, rebuild).",
+        labels=["backend", "kind"],
+    )
+    for url, feed in list(kv.feeds.items()):
+        stale.add_metric([url], 1.0 if feed.stale(now) else 0.0)
+        blocks.add_metric([url], len(feed.index))
+        batches.add_metric([url], feed.batches)
+        for kind, n in feed.resyncs.items():
+            resyncs.add_metric([url, kind], n)
+    yield from (stale, blocks, batches, resyncs)
+    fallbacks = CounterMetricFamily(
+        "toposerve_router_kv_index_fallbacks",
+        "Requests scored (wholly or for some backends) on the approximate prefix index, by why.",
+        labels=["reason"],
+    )
+    for reason, n in kv.fallbacks.items():
+        fallbacks.add_metric([reason], n)
+    yield fallbacks
 
 
 _ARRIVAL_GAUGES = (
@@ -683,6 +782,9 @@ class Router:
         # The autoscaler's leading signal (demand.py, docs/router.md "Demand metrics"): arrivals
         # and in-flight work per pool, and each pool's service rate from the engines' counters.
         self.demand = dm.Demand(time.monotonic())
+        # the engines' real caches from their KV-cache events (None: off, the approximation only)
+        self.kvindex: KVIndex | None = None
+        self._tokenize_rr = 0
         self.service = dm.ServiceRates(max_gap_s=max(10.0, 5 * self.cfg.probe_interval_s))
         self._backends_changed = asyncio.Event()
         self.metrics = _Metrics(self)
@@ -737,6 +839,7 @@ class Router:
             if url not in desired:
                 b.draining = b.removed = True
                 self._drop_if_idle(url)
+        self._sync_kv()
         self._wake_waiters()
         self._wake_held()
 
@@ -746,6 +849,12 @@ class Router:
             del self.backends[url]
             self.memory.prefix.forget(url)
             self.service.forget(url)
+            self._sync_kv()
+
+    def _sync_kv(self) -> None:
+        """Subscribe to every backend's KV events, and only to those (once started)."""
+        if self.kvindex is not None:
+            self.kvindex.sync({u: b.spec for u, b in self.backends.items()})
 
     def snapshot(self, exclude: Iterable[str] = ()) -> list[st.BackendState]:
         now = time.monotonic()
@@ -823,6 +932,7 @@ class Router:
                     text = await r.text()
                     page = dm.parse_engine_page(text)
                     b.kv_capacity_tokens = parse_kv_capacity(text) or b.kv_capacity_tokens
+                    b.kv_block_size = parse_block_size(text) or b.kv_block_size
                     if page.kv_usage is not None:
                         b.kv_usage = page.kv_usage
                     if page.waiting is not None:
@@ -866,6 +976,9 @@ class Router:
             self.cfg.connect_timeout_s, self.cfg.read_timeout_s, self.cfg.upstream_keepalive_s
         )
         self._upstream.start()
+        if self.cfg.kv_events.enabled and self.kvindex is None:
+            self.kvindex = KVIndex(self.cfg.kv_events)
+            self._sync_kv()
         if probe:
             self._probe_task = asyncio.create_task(self._probe_loop())
         if self.cfg.write_timeout_s > 0:
@@ -881,6 +994,9 @@ class Router:
             await self._session.close()
         if self._upstream is not None:
             await self._upstream.close()
+        if self.kvindex is not None:
+            kvindex, self.kvindex = self.kvindex, None
+            await kvindex.close()
 
     async def _write_watchdog(self) -> None:
         """Abort client connections whose pending write is older than ``write_timeout_s``.
@@ -1010,13 +1126,62 @@ class Router:
             return 0
         return max(1, int(b.kv_capacity_tokens * self.estimator.chars_per_token / self.cfg.block_chars))
 
+    def _block_size(self) -> int:
+        """The engines' KV block size: the flag, else the first one an engine reported."""
+        if self.cfg.kv_events.block_size:
+            return self.cfg.kv_events.block_size
+        return next((b.kv_block_size for b in self.backends.values() if b.kv_block_size), 0)
+
+    def _kv_request(
+        self, req: st.Request, keys: list[int], block_size: int, snap: list[st.BackendState]
+    ) -> st.Request:
+        """`req` with what the engines' KV events say of its prefix (`st.KVMatch`)."""
+        assert self.kvindex is not None
+        ids = [b.id for b in snap if st.is_eligible(b)]
+        sizes = {u: b.kv_block_size for u, b in self.backends.items()}
+        scored = self.kvindex.score(keys, block_size, sizes, ids)
+        if scored.stale:
+            self.kvindex.fallbacks["stale"] += 1
+        return replace(req, kv=st.KVMatch(scored.blocks, scored.matched))
+
+    async def _token_ids(self, path: str, body: Mapping[str, Any], exclude: set[str]) -> list[int] | None:
+        """The prompt's token ids from one healthy engine's ``/tokenize`` (the ids it will be
+        served with), or None: no engine, no answer within the timeout, or no single prompt."""
+        ask = tokenize_body(path, body)
+        if ask is None or isinstance(ask, list):
+            return ask
+        now = time.monotonic()
+        urls = [u for u, b in self.backends.items() if b.healthy(now) and not b.draining and u not in exclude]
+        if not urls or self._session is None:
+            return None
+        self._tokenize_rr += 1
+        url = urls[self._tokenize_rr % len(urls)]
+        timeout = aiohttp.ClientTimeout(total=self.cfg.kv_events.tokenize_timeout_s)
+        try:
+            async with self._session.post(url + "/tokenize", json=ask, timeout=timeout) as r:
+                if r.status != 200:
+                    return None
+                doc = await r.json()
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return None
+        tokens = doc.get("tokens") if isinstance(doc, dict) else None
+        if not isinstance(tokens, list) or not all(type(t) is int for t in tokens):
+            return None
+        return cast(list[int], tokens)
+
     def _arrive(self, pool: str, req: st.Request, now: float) -> None:
         """Count one arrival (demand.py): once per request, when routing first decides, holds,
         queues or refuses it, so held and queued requests count as demand while they wait."""
         self.demand.arrive(pool, req.prompt_tokens, req.max_tokens, now)
 
     async def _decide(
-        self, strategy: str, req: st.Request, exclude: set[str], first: bool = True
+        self,
+        strategy: str,
+        req: st.Request,
+        exclude: set[str],
+        first: bool = True,
+        kv_keys: list[int] | None = None,
+        kv_block_size: int = 0,
     ) -> st.Decision | web.Response:
         """A backend for `req`, or the error to answer. `first`: the request's first attempt,
         which counts its arrival (a retry is the same demand)."""
@@ -1042,6 +1207,8 @@ class Router:
                     return refused
                 continue
             now = time.monotonic()
+            if kv_keys is not None:
+                req = self._kv_request(req, kv_keys, kv_block_size, snap)
             d = st.choose(strategy, req, snap, self.memory, self.cfg.routing, now)
             if not counted:
                 if d is not None:
@@ -1242,6 +1409,8 @@ class Router:
             )
         need_hashes = strategy in (st.PREFIX_AWARE, st.AUTO)
         parsed = parse_request(request.path, body, request.headers, self.estimator, self.cfg, need_hashes)
+        if need_hashes and self.kvindex is not None:
+            await self._kv_parse(request.path, body, parsed)
         skip = hop_by_hop(request.headers)
         if _inflated(request.headers):  # aiohttp inflated the body: forward it as it now is
             skip = skip | {"content-encoding"}
@@ -1253,7 +1422,9 @@ class Router:
             # At most one retry, on one other backend: a request that makes engines fail must not
             # walk the whole fleet (and its failures are not blamed unless the retry succeeds).
             for _attempt in range(2):
-                d = await self._decide(strategy, parsed.request, tried, first=_attempt == 0)
+                d = await self._decide(
+                    strategy, parsed.request, tried, _attempt == 0, parsed.kv_keys, parsed.kv_block_size
+                )
                 if isinstance(d, web.Response):
                     return d if last is None else self._upstream_failed(last)
                 tried.add(d.backend)
@@ -1275,6 +1446,24 @@ class Router:
             return self._upstream_failed(last)
         finally:
             self._settle(attempts)
+
+    async def _kv_parse(self, path: str, body: Mapping[str, Any], parsed: _Parsed) -> None:
+        """Token ids and engine block keys for KV-event routing; on any failure the request is
+        scored as without it (the approximation), and counted."""
+        assert self.kvindex is not None
+        size = self._block_size()
+        if size <= 0:
+            self.kvindex.fallbacks["block_size"] += 1
+            return
+        ids = await self._token_ids(path, body, set())
+        if ids is None or self.kvindex is None:
+            if self.kvindex is not None:
+                self.kvindex.fallbacks["tokenize"] += 1
+            return
+        parsed.kv_keys = self.kvindex.block_keys(ids, size)
+        parsed.kv_block_size = size
+        if ids:  # the exact prompt length, for load too
+            parsed.request = replace(parsed.request, prompt_tokens=len(ids))
 
     def _upstream_failed(self, e: _Retryable) -> web.Response:
         """Every attempt failed before the first byte: pass on the engine's own error when it gave
@@ -1392,6 +1581,8 @@ class Router:
                     first = False
                     self.metrics.child(self.metrics.ttft, strategy).observe(time.perf_counter() - t0)
                     self.ledger.first_token(ticket)
+                    if parsed.kv_keys and self.kvindex is not None and upstream.status == 200:
+                        self.kvindex.expect(ticket.backend, parsed.kv_keys)
                 if finished:  # bytes after [DONE]: no client may read them, so none are sent
                     log.debug("%s sent %d bytes after [DONE]; dropped", ticket.backend, len(chunk))
                     continue

@@ -84,6 +84,16 @@ class BackendState:
 
 
 @dataclass(frozen=True, slots=True)
+class KVMatch:
+    """What the engines' own KV-cache events say (router/kvindex.py): of the prompt's ``blocks``
+    full engine blocks, how many leading ones each backend with a fresh index caches. Backends
+    not in ``matched`` (stale index) are scored on the approximate index, scaled to these blocks."""
+
+    blocks: int
+    matched: Mapping[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class Request:
     """What routing needs to know about one request (extracted by the proxy)."""
 
@@ -94,6 +104,7 @@ class Request:
     # stable digest of the conversation's root (`affinity_key`): the same in every router replica
     affinity: int | None = None
     affinity_blocks: int = 0  # full blocks of that root: what the home is presumed to hold
+    kv: KVMatch | None = None  # set only when routing on KV-cache events
 
     @property
     def cost(self) -> int:
@@ -215,6 +226,23 @@ def _presume_home(matches: dict[str, int], home: str | None, req: Request) -> di
     if home is not None and home in matches:
         matches[home] = max(matches[home], min(req.affinity_blocks, len(req.block_hashes)))
     return matches
+
+
+def prefix_matches(req: Request, mem: RoutingMemory, ids: Sequence[str]) -> tuple[dict[str, int], int]:
+    """Leading blocks each backend caches, and how many blocks the prompt has.
+
+    Without ``req.kv``: the approximate index, in the router's character blocks (what `prefix-aware`
+    and `auto` always did). With it: the engines' real caches in engine blocks, and for a backend
+    whose index is stale the approximation scaled to engine blocks (rounded down)."""
+    approx = mem.prefix.match(req.block_hashes, ids) if req.block_hashes else {}
+    if req.kv is None:
+        return approx, len(req.block_hashes)
+    n, m, approx_n = req.kv.blocks, req.kv.matched, len(req.block_hashes)
+    out = {}
+    for i in ids:
+        exact = m.get(i)
+        out[i] = exact if exact is not None else (approx.get(i, 0) * n // approx_n if approx_n else 0)
+    return out, n
 
 
 def is_saturated(b: BackendState, cfg: Config) -> bool:
@@ -450,8 +478,12 @@ def _prefix(cands: Sequence[BackendState], req: Request, mem: RoutingMemory, cfg
     caps = bounded_caps(cands, cfg)
     under = [b for b in cands if b.in_flight + 1 <= caps[b.id]]
     home = _home(req, under, cfg)
-    seen = mem.prefix.match(req.block_hashes, [b.id for b in cands])
-    matches = _presume_home(dict(seen), home, req)
+    if req.kv is None:
+        seen = mem.prefix.match(req.block_hashes, [b.id for b in cands])
+        matches = _presume_home(dict(seen), home, req)
+    else:  # the engines say what they hold: nothing to presume
+        seen, _ = prefix_matches(req, mem, [b.id for b in cands])
+        matches = seen
     best_match = max(matches.values(), default=0)
     if best_match >= cfg.min_prefix_blocks:
         hits = sorted(
@@ -489,6 +521,7 @@ def auto_scores(
     now: float,
     matches: Mapping[str, int] | None = None,
     home: str | None = None,
+    n_blocks: int | None = None,
 ) -> dict[str, float]:
     """The `auto` scorer: each signal normalised to [0, 1] across candidates, then weighted.
 
@@ -497,9 +530,11 @@ def auto_scores(
     shared system prompt every backend matches most of the prompt, and what matters is the
     conversation history only one of them holds. The same uncached estimate feeds the load term.
     `home` (the rendezvous choice for the conversation's root) gets `w_home`: another router
-    replica that routed this conversation's earlier turns sent them there too.
+    replica that routed this conversation's earlier turns sent them there too. `n_blocks`: what
+    `matches` counts out of (default: the router's blocks of the prompt).
     """
-    n_blocks = len(req.block_hashes)
+    if n_blocks is None:
+        n_blocks = len(req.block_hashes)
     if matches is None:
         matches = mem.prefix.match(req.block_hashes, [b.id for b in cands]) if n_blocks else {}
     uncached = {
@@ -536,10 +571,15 @@ def _auto(
 ) -> Decision:
     caps = bounded_caps(cands, cfg)
     under = [b for b in cands if b.in_flight + 1 <= caps[b.id]]
-    seen = mem.prefix.match(req.block_hashes, [b.id for b in under]) if req.block_hashes else {}
     home = _home(req, under, cfg)
-    matches = _presume_home(dict(seen), home, req) if seen else seen
-    scores = auto_scores(under, req, mem, cfg, now, matches, home)
+    if req.kv is None:
+        seen = mem.prefix.match(req.block_hashes, [b.id for b in under]) if req.block_hashes else {}
+        matches = _presume_home(dict(seen), home, req) if seen else seen
+        n_blocks = len(req.block_hashes)
+    else:  # the engines say what they hold: nothing to presume
+        seen, n_blocks = prefix_matches(req, mem, [b.id for b in under])
+        matches = seen
+    scores = auto_scores(under, req, mem, cfg, now, matches, home, n_blocks)
     chosen = _argmin(under, {k: -v for k, v in scores.items()}, mem.counter)
     matched = seen.get(chosen.id, 0)
     bound = mem.sessions.get(req.session_id, now) if req.session_id else None
