@@ -17,7 +17,8 @@ mock engine's pure model (``toposerve.mockengine.timing``):
   sequences hold now (prompt + tokens generated so far) over its capacity, like
   ``vllm:kv_cache_usage_perc``; waiting and running counts are ``vllm:num_requests_*``.
 
-Replicas (pods) take ``startup_s`` to load the model and count GPU time from creation to deletion
+Replicas (pods) take ``startup_s`` to load the model (with ``startup_sigma`` > 0, each pod draws its
+own from a log-normal with that median and sigma, seeded per run, the same for every policy) and count GPU time from creation to deletion
 (starting, standby and draining included). The router sends each request to the in-rotation replica
 with the fewest waiting requests, then the least KV reserved; a request that waits longer than
 ``timeout_s`` for admission is dropped (the client gave up). A deleted replica leaves rotation and
@@ -31,9 +32,11 @@ from __future__ import annotations
 
 import heapq
 import math
+import random
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Protocol
 
 from daytrace import DAY, Trace
@@ -52,20 +55,36 @@ class EngineModel:
     gpu: str
     timing: TimingModel
     kv_tokens: int
-    startup_s: float = 300.0  # model load: pod created -> ready
+    startup_s: float = 300.0  # model load: pod created -> ready (the median with startup_sigma > 0)
     promote_s: float = 5.0  # standby relabelled -> the router sends it traffic
     max_num_seqs: int = 256
     block_size: int = 16
+    startup_sigma: float = 0.0  # log-normal sigma of each pod's model load; 0: every load is startup_s
 
     @classmethod
-    def for_gpu(cls, gpu: str, startup_s: float = 300.0, promote_s: float = 5.0) -> EngineModel:
+    def for_gpu(
+        cls, gpu: str, startup_s: float = 300.0, promote_s: float = 5.0, startup_sigma: float = 0.0
+    ) -> EngineModel:
         weight, known = gpu_weight_for(gpu)
         if not known:
             raise ValueError(f"gpu: unknown GPU type {gpu!r} (see toposerve.api.gpus)")
-        if startup_s < 0 or promote_s < 0:
-            raise ValueError("startup_s and promote_s must be >= 0")
+        if startup_s < 0 or promote_s < 0 or startup_sigma < 0:
+            raise ValueError("startup_s, promote_s and startup_sigma must be >= 0")
         blocks = default_num_gpu_blocks(gpu)
-        return cls(gpu, TimingModel(gpu_weight=weight), blocks * 16, startup_s, promote_s)
+        return cls(
+            gpu,
+            TimingModel(gpu_weight=weight),
+            blocks * 16,
+            startup_s,
+            promote_s,
+            startup_sigma=startup_sigma,
+        )
+
+    def startup_quantile(self, q: float) -> float:
+        """The q-quantile of a pod's model load (the figure toposerve's measured start-up plans with)."""
+        if self.startup_sigma <= 0:
+            return self.startup_s
+        return self.startup_s * math.exp(self.startup_sigma * NormalDist().inv_cdf(q))
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,26 @@ class PodView:
     kv: float | None
     waiting: float | None
     running: float | None
+    decode_rate: float | None = None  # decode tokens/s over the window (vllm:generation_tokens_total)
+
+
+@dataclass(frozen=True)
+class RouterView:
+    """What toposerve's router sees, at the moment of the observation (router/demand.py's figures).
+
+    Expected decode tokens are the router's learned mean output (of finished requests), never the
+    request's true length, which no router knows in advance."""
+
+    short_s: float  # the short window, seconds
+    long_s: float
+    arrivals_short: int  # requests that entered routing within the window
+    arrivals_long: int
+    prompt_short: int  # their prompt tokens
+    prompt_long: int
+    expected_decode: float  # learned mean decode tokens per request
+    in_flight: int  # sent to an engine and not finished (running + waiting on engines)
+    in_flight_prompt: int  # their prompt tokens
+    held: int  # held at the router (no replica in rotation)
 
 
 @dataclass(frozen=True)
@@ -87,6 +126,7 @@ class Observation:
     current: int  # spec.replicas: the serving replicas asked for
     pods: tuple[PodView, ...]  # live pods (deleted ones excluded)
     inflight: int  # running + waiting on every live pod, plus requests held by the router
+    router: RouterView | None = None  # only for policies with ``router_windows``
 
 
 class Policy(Protocol):
@@ -120,7 +160,10 @@ class Engine:
     waiting: deque[int] = field(default_factory=deque)
     pf_free: float = 0.0  # the prefill is busy until then
     debt: float = 0.0  # prefill seconds not yet taken out of decode time
-    samples: deque[tuple[float, float, int, int]] = field(default_factory=deque)  # (t, kv, waiting, running)
+    samples: deque[tuple[float, float, int, int, float]] = field(
+        default_factory=deque
+    )  # (t, kv, waiting, running, gen)
+    gen: float = 0.0  # decode tokens generated, cumulative (vllm:generation_tokens_total)
 
     def ready(self, now: float) -> bool:
         return now >= self.ready_at
@@ -189,6 +232,7 @@ class Fleet:
         metrics_window_s: float = 60.0,
         dt: float = 1.0,
         until: float | None = None,
+        seed: int = 0,
     ) -> None:
         if dt <= 0 or timeout_s <= 0 or metrics_window_s <= 0:
             raise ValueError("dt, timeout_s and metrics_window_s must be > 0")
@@ -207,11 +251,19 @@ class Fleet:
         self.scale_events = self.pod_starts = self.promotions = 0
         self._seq = 0
         self._prefill: Callable[[int], float] = engine.timing.prefill_time
+        self._rng = random.Random(seed)  # start-up draws (same seed for every policy of a run)
+        # the router's view: arrivals of the longest window a policy asks for, learned output mean
+        self.router_windows: tuple[float, float] | None = getattr(policy, "router_windows", None)
+        self._recent: deque[int] = deque()
+        self._out_sum, self._out_n = 256.0, 1  # prior: one request of 256 decode tokens
 
     # ---- pods ---------------------------------------------------------------------------------
     def _new_engine(self, now: float, loaded: bool) -> Engine:
         self._seq += 1
-        ready = now if loaded else now + self.model.startup_s
+        load = self.model.startup_s
+        if self.model.startup_sigma > 0:
+            load *= math.exp(self._rng.gauss(0.0, self.model.startup_sigma))
+        ready = now if loaded else now + load
         e = Engine(f"pod-{self._seq:05d}", created=now, ready_at=ready, rotation_at=ready)
         self.engines.append(e)
         return e
@@ -276,6 +328,8 @@ class Fleet:
         e.sum_prompt -= p
         e.sum_start -= self.dstart[rid]
         self.served += 1
+        self._out_sum += o
+        self._out_n += 1
 
     def _drain_queue(self, e: Engine, t: float, d_at: float) -> None:
         arrival = self.trace.arrival
@@ -304,10 +358,32 @@ class Fleet:
                 kv = sum(s[1] for s in recent) / n
                 waiting = sum(s[2] for s in recent) / n
                 running = sum(s[3] for s in recent) / n
-                pods.append(PodView(e.name, e.standby, True, now - e.created, kv, waiting, running))
+                span = recent[-1][0] - recent[0][0]
+                rate = (recent[-1][4] - recent[0][4]) / span if span > 0 else None
+                pods.append(PodView(e.name, e.standby, True, now - e.created, kv, waiting, running, rate))
             else:
                 pods.append(PodView(e.name, e.standby, e.ready(now), now - e.created, None, None, None))
-        return Observation(now, self.current, tuple(pods), inflight)
+        return Observation(now, self.current, tuple(pods), inflight, self._router(now))
+
+    def _router(self, now: float) -> RouterView | None:
+        if self.router_windows is None:
+            return None
+        short, long = self.router_windows
+        arrival, prompt = self.trace.arrival, self.trace.prompt
+        while self._recent and arrival[self._recent[0]] <= now - long:
+            self._recent.popleft()
+        ns = ps = pl = 0
+        for rid in self._recent:
+            pl += prompt[rid]
+            if arrival[rid] > now - short:
+                ns += 1
+                ps += prompt[rid]
+        flight = flight_prompt = 0
+        for e in self.live():
+            flight += e.running + len(e.waiting)
+            flight_prompt += e.sum_prompt + sum(prompt[r] for r in e.waiting)
+        return RouterView(short, long, ns, len(self._recent), ps, pl, self._out_sum / self._out_n,
+                          flight, flight_prompt, len(self.held))  # fmt: skip
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(self) -> Result:
@@ -356,12 +432,15 @@ class Fleet:
                 if e.running:
                     step = self.model.timing.decode_step_time(e.running, int(e.context()))
                     rate[e.name] = (dt - used) / step
+                    e.gen += e.running * rate[e.name]  # sequences finishing mid-tick: a slight over-count
                 else:
                     rate[e.name] = 0.0
             # Arrivals of this tick.
             while i < n and arrival[i] < t1:
                 rid = i
                 i += 1
+                if self.router_windows is not None:
+                    self._recent.append(rid)
                 need = tr.prompt[rid] + tr.output[rid]
                 if need > cap:
                     self.dropped[rid] = True  # can never fit (vLLM rejects it)
@@ -396,7 +475,7 @@ class Fleet:
                 next_scrape += SCRAPE_S
                 for e in self.engines:
                     if e.ready(t1):
-                        s = (t1, e.context() / cap, len(e.waiting), e.running)
+                        s = (t1, e.context() / cap, len(e.waiting), e.running, e.gen)
                         e.samples.append(s)
                         while e.samples and e.samples[0][0] <= t1 - self.window:
                             e.samples.popleft()

@@ -17,6 +17,8 @@
   every ``FORECAST_REFRESH_SECONDS`` like the operator's loop), schedule windows
   (``schedule.schedule_floor``) and warm standby (``standby.relabel``, in the fleet). Nothing of
   its policy is re-implemented here; this module only feeds it what the operator's loop would.
+* ``ToposerveLeading``: the same, plus the router's demand (``Inputs.demand``,
+  ``autoscale/queueing.py``): what the simulated router saw, as the real router exports it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from toposerve.autoscale.decision import (
     stabilize,
 )
 from toposerve.autoscale.forecast import spec_demand_floor, spec_slice_offset
+from toposerve.autoscale.queueing import Demand
 from toposerve.autoscale.schedule import schedule_floor
 
 # Mirrors of the operator loop's cadence (toposerve.controller.autoscaler, which imports the Kubernetes
@@ -215,4 +218,82 @@ class Toposerve:
         self.history = d.history
         self.standby = self.spec.standby_for(d.desired)
         self.last_floor_source = d.floor_source
+        return d.desired
+
+
+class ToposerveLeading(Toposerve):
+    """toposerve with the router's leading signal: ``Inputs.demand`` built from what the simulated
+    router sees (arrivals over a short and a long window, requests in flight and held, the learned
+    mean output) and the engines' counters (decode tokens/s per replica at the observed batch),
+    passed to the product's ``decide`` beside the KV metrics. The fleet fills ``obs.router``
+    because this policy has ``router_windows``. ``demand_headroom`` is the rule's beta
+    (``Config.demand_headroom``; None: the spec's burstHeadroom)."""
+
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        kv_tokens: int,
+        short_s: float = 5.0,
+        long_s: float = 60.0,
+        demand_headroom: float | None = None,
+        name: str = "toposerve-leading",
+    ) -> None:
+        super().__init__(spec, name=name)
+        if not 0 < short_s <= long_s:
+            raise ValueError("need 0 < short_s <= long_s")
+        self.router_windows = (short_s, long_s)
+        self.kv_tokens = kv_tokens
+        self.cfg = replace(self.cfg, demand_headroom=demand_headroom)
+        self._service: tuple[float, float] | None = None  # last (decode tokens/s per replica, batch)
+        self.last_signal = ""
+
+    def demand(self, obs: Observation) -> Demand | None:
+        r = obs.router
+        if r is None:
+            return None
+        busy = [p for p in obs.pods if not p.standby and p.decode_rate is not None and p.running]
+        if busy:
+            batch = sum(p.running or 0.0 for p in busy) / len(busy)
+            rate = sum(p.decode_rate or 0.0 for p in busy) / len(busy)
+            if batch >= 0.5 and rate > 0:  # an idle engine says nothing about its speed under load
+                self._service = (rate, batch)
+        short, long = r.short_s, min(r.long_s, max(obs.now, r.short_s))
+        rate_s, rate_l = r.arrivals_short / short, r.arrivals_long / long
+        return Demand(
+            kv_tokens_per_replica=float(self.kv_tokens),
+            arrivals_short=rate_s,
+            arrivals_long=rate_l,
+            prompt_tokens_short=r.prompt_short / short,
+            prompt_tokens_long=r.prompt_long / long,
+            decode_tokens_short=rate_s * r.expected_decode,
+            decode_tokens_long=rate_l * r.expected_decode,
+            in_flight=float(r.in_flight),
+            in_flight_tokens=r.in_flight_prompt + r.in_flight * r.expected_decode,
+            held=float(r.held),
+            decode_tokens_per_replica=self._service[0] if self._service else None,
+            batch=self._service[1] if self._service else None,
+        )
+
+    def decide(self, obs: Observation, history: FleetHistory) -> int:
+        now = obs.now
+        floor, window = schedule_floor(self.spec.schedules, EPOCH + timedelta(seconds=now))
+        serving = tuple(
+            Replica(p.name, p.ready, p.age, p.kv, p.waiting, p.running) for p in obs.pods if not p.standby
+        )
+        inputs = Inputs(
+            now=now,
+            current=obs.current,
+            replicas=tuple(sorted(serving, key=lambda r: r.name)),
+            standby_ready=sum(1 for p in obs.pods if p.standby and p.ready),
+            held_requests=obs.router.held if obs.router else 0,
+            schedule_floor=floor,
+            schedule_name=window,
+            forecast_floor=self.forecast_floor(now, history),
+            demand=self.demand(obs),
+        )
+        d = decide(self.cfg, inputs, self.history)
+        self.history = d.history
+        self.standby = self.spec.standby_for(d.desired)
+        self.last_floor_source = d.floor_source
+        self.last_signal = d.signal
         return d.desired

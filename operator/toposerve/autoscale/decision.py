@@ -37,8 +37,11 @@ from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from toposerve.api.spec import AutoscalingSpec, ScalingRules
+from toposerve.autoscale.queueing import Demand, Proposal, demand_replicas
+from toposerve.autoscale.queueing import staffed as staffed  # re-exported: forecast and tests use it here
 
 PolicyKind = Literal["Pods", "Percent"]
+ROUTER_ARRIVALS = "router arrivals"  # the metric name of the demand proposal (status, Events)
 Select = Literal["Max", "Min", "Disabled"]
 
 
@@ -84,6 +87,9 @@ class Config:
     ttft_slo: float | None = None  # seconds the TTFT quantile must stay under; None: no TTFT input
     ttft_quantile: float = 0.95
     burst_headroom: float = 0.0  # beta of square-root staffing on the KV proposal; 0: the HPA's rule
+    # beta of the router-arrivals proposal (Inputs.demand, queueing.demand_replicas); None: burst_headroom.
+    # Unused without a demand input.
+    demand_headroom: float | None = None
 
     @classmethod
     def from_spec(cls, a: AutoscalingSpec) -> Config:
@@ -129,6 +135,9 @@ class Inputs:
     # The TTFT quantile over the serving replicas in the metrics window (seconds); None: unknown.
     ttft: float | None = None
     ttft_idle: bool = False  # fresh data, but no request started in the window: TTFT says nothing
+    # What the routers see (arrivals, in flight, learned service rate): the leading signal. None:
+    # decide on the engines' metrics alone, exactly as before.
+    demand: Demand | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,8 @@ class Decision:
     headroom: float = 0.0  # replicas of burst headroom on top of kv_load (beta x sqrt(kv_load))
     limited: str = ""  # ScaleUpLimit, ScaleDownLimit, TooManyReplicas... when a limit bit
     history: History = field(default_factory=History)
+    signal: str = ""  # the metric whose proposal won ("kv-cache", "router arrivals", ...); "" if none
+    demand: Proposal | None = None  # the router-arrivals proposal (None: no demand input, or unusable)
 
 
 # ---- replica calculator -----------------------------------------------------------------------
@@ -176,17 +187,6 @@ def _ceil(x: float) -> int:
 
 def _within(ratio: float, tolerance: float) -> bool:
     return (1.0 - tolerance) <= ratio <= (1.0 + tolerance)
-
-
-def staffed(load: float, beta: float) -> float:
-    """Square-root staffing (Halfin-Whitt): replicas for an offered ``load`` (in replicas at
-    target) are load + beta x sqrt(load). The headroom share beta / sqrt(load) shrinks as the
-    fleet grows, because Poisson bursts grow with sqrt(load) while the mean grows with load: the
-    same beta gives about the same chance of a queue at every fleet size, where a constant target
-    starves small fleets and over-provisions big ones."""
-    if beta <= 0 or load <= 0:
-        return max(load, 0.0)
-    return load + beta * math.sqrt(load)
 
 
 def _with_headroom(ratio: float, n: int, beta: float) -> float:
@@ -402,8 +402,21 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
     kv_load = sum(fresh_kv) / cfg.target_kv if fresh_kv else None
     headroom = staffed(kv_load, cfg.burst_headroom) - kv_load if kv_load is not None else 0.0
 
+    beta = cfg.burst_headroom if cfg.demand_headroom is None else cfg.demand_headroom
+    demand = (
+        demand_replicas(inputs.demand, cfg.target_kv, beta, cfg.max_replicas)
+        if inputs.demand is not None
+        else None
+    )
+
     def done(
-        desired: int, reason: str, message: str, proposal: int, hist: History, limited: str = ""
+        desired: int,
+        reason: str,
+        message: str,
+        proposal: int,
+        hist: History,
+        limited: str = "",
+        signal: str = "",
     ) -> Decision:
         return Decision(
             desired=desired, reason=reason, message=message, proposal=proposal, floor=floor,
@@ -411,20 +424,19 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
             running=_mean(fresh_run), ready=len(ready), starting=starting, stuck=stuck, missing=missing,
             current=current, promote=min(max(0, desired - current), inputs.standby_ready), limited=limited,
             history=record_scale(_prune(hist, cfg, now), now, current, desired), ttft=ttft,
-            ttft_missing=ttft_missing, kv_load=kv_load, headroom=headroom,
+            ttft_missing=ttft_missing, kv_load=kv_load, headroom=headroom, signal=signal, demand=demand,
         )  # fmt: skip
 
     # reconcileAutoscaler's guards, with scale from zero on held requests added.
     if current == 0:
         if inputs.held_requests > 0:
-            want = min(max(1, floor), cfg.max_replicas)
-            return done(
-                want,
-                "ScaleFromZero",
-                f"{inputs.held_requests} request(s) held at zero replicas",
-                want,
-                history,
-            )
+            # the routers' demand may already say how many one replica will not serve
+            asked = demand.replicas if demand is not None else 0
+            want = min(max(1, floor, asked), cfg.max_replicas)
+            msg = f"{inputs.held_requests} request(s) held at zero replicas"
+            if demand is not None:
+                msg += f"; {demand.explanation}"
+            return done(want, "ScaleFromZero", msg, want, history, signal="held requests")
         if floor > 0:
             return done(
                 floor, "BelowFloor", f"0 replicas is below the floor {floor} ({floor_source})", floor, history
@@ -455,12 +467,19 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
     if ttft is not None and cfg.ttft_slo is not None and ready:
         n = ttft_replicas(ttft, cfg.ttft_slo, current, len(ready), cfg.tolerance)
         proposals.append((n, f"TTFT p{cfg.ttft_quantile * 100:g}"))
+    if demand is not None:
+        # An absolute count (replicas starting are in ``current`` already: capacity on the way),
+        # with the HPA's tolerance band on the staffed load over the current count.
+        ratio = (demand.load + demand.headroom) / current
+        proposals.append((current if _within(ratio, cfg.tolerance) else demand.replicas, ROUTER_ARRIVALS))
     if not proposals:
         why = "metrics source unavailable" if not inputs.source_ok else "no ready replica has fresh metrics"
         return done(current, "MetricsUnavailable", f"{why}: holding {current} replicas", current, history)
     proposal, metric = max(proposals)
-    if not metrics_ok or ttft_missing:
-        proposal = max(proposal, current)  # never scale down on partial data
+    engines_say = any(m != ROUTER_ARRIVALS for _, m in proposals)
+    if not metrics_ok or ttft_missing or not engines_say:
+        # never scale down on partial data, nor on the router's word alone (no engine metric)
+        proposal = max(proposal, current)
     recommendation = min(max(proposal, floor), cfg.max_replicas)
     # No history (a new deployment, or status lost): as if the current count was just recommended,
     # so a fresh loop waits a full window in either direction instead of acting on one sample.
@@ -497,4 +516,6 @@ def decide(cfg: Config, inputs: Inputs, history: History = History()) -> Decisio
             f"; kv-cache load {kv_load:.2f} replicas + burst headroom {headroom:.2f} "
             f"(beta {cfg.burst_headroom:g} x sqrt(load))"
         )
-    return done(desired, reason, msg, proposal, hist, limited)
+    if demand is not None:
+        msg += f"; {demand.explanation}"
+    return done(desired, reason, msg, proposal, hist, limited, signal=metric)
