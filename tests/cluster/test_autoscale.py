@@ -437,3 +437,51 @@ def test_ttft_slo_scales_up_into_pools_in_tier_order_and_back(
     moved = [e["message"] for e in events(cluster, namespace, name) if e["reason"] == "PoolsScaled"]
     assert any("pool l4 0 -> 1" in msg for msg in moved), moved
     assert any("pool l4 1 -> 0" in msg for msg in moved), moved
+
+
+def test_the_routers_arrivals_scale_up_before_kv_usage_rises(
+    cluster: Cluster, namespace: str, scaling_operator: Operator
+) -> None:
+    """leadingSignal: long streams (2,000 tokens each) arrive through the router. The router counts
+    each one's whole reservation at once, while the engine's KV usage grows token by token and
+    Prometheus averages it over a minute: the first scale-up is decided on the routers' arrivals,
+    with the KV metric still below its target."""
+    name = "leading"
+    m = manifest(name)
+    m["spec"]["model"]["maxContextLength"] = 8192  # the KV cache is still about 40k tokens (manifest)
+    m["spec"]["autoscaling"].update(
+        {
+            "leadingSignal": True,
+            "targetKVCacheUtilization": 0.9,
+            "metricsWindowSeconds": 60,
+            "syncPeriodSeconds": 15,
+        }
+    )
+    assert apply(cluster, namespace, m).returncode == 0
+    wait_condition(cluster, namespace, name, "Ready", "True", timeout=180)
+    wait_for(
+        lambda: ((get_llmd(cluster, namespace, name).get("status") or {}).get("autoscaling") or {}).get(
+            "mode"
+        ),
+        "a first decision",
+        timeout=120,
+    )
+    router = wait_for(lambda: (r := ips(cluster, namespace, name)) and r[0], "a ready router")
+    # 24 streams x ~2,100 reserved tokens: ~50k tokens, 1.4 replicas at the 0.9 target
+    with Load(f"http://{router}:8080", workers=24, prompt_tokens=100, max_tokens=2000):
+
+        def scaled_up() -> dict[str, Any] | None:
+            obj = get_llmd(cluster, namespace, name)
+            return obj if obj["spec"]["replicas"] >= 2 else None
+
+        obj = wait_for(scaled_up, "spec.replicas raised", timeout=180, every=1)
+    st = obj["status"]["autoscaling"]
+    up = sorted(
+        (e for e in events(cluster, namespace, name) if e["reason"] == "ScaledUp"),
+        key=lambda e: e["metadata"]["creationTimestamp"],
+    )
+    assert up and "router arrivals" in up[0]["message"], up
+    assert st["signal"] == "router arrivals", st
+    assert st["inputs"]["demandReplicas"] >= 2 and "router arrivals" in st["inputs"]["demandExplanation"]
+    kv = st["inputs"].get("kvCacheUtilization")
+    assert kv is None or kv < 0.9, st  # the engines' metric had not asked for it

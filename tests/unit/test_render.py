@@ -124,6 +124,26 @@ def test_multi_node_pool_is_a_leaderworkerset_in_one_nvlink_domain() -> None:
     assert pdb["spec"]["minAvailable"] == lws["spec"]["replicas"] * 2 - 1
 
 
+@pytest.mark.parametrize("engine", ["vllm", "mock"])
+def test_kv_events_are_published_by_engines_and_read_by_routers_only_when_asked(engine: str) -> None:
+    on = render(make_spec(L70, 8192, ["H100"], engine=engine, routing={"kvEvents": True}))
+    off = render(make_spec(L70, 8192, ["H100"], engine=engine))
+    for objs, wanted in ((on, True), (off, False)):
+        (dep,) = by_kind(objs, "Deployment")
+        (router,) = by_kind(objs, "Deployment", "router")
+        c = dep["spec"]["template"]["spec"]["containers"][0]
+        args = c["args"]
+        ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+        assert ("--kv-events-config" in args) is wanted and ("kv-events" in ports) is wanted
+        assert ("--kv-events" in router["spec"]["template"]["spec"]["containers"][0]["args"]) is wanted
+        if wanted:
+            config = json.loads(args[args.index("--kv-events-config") + 1])
+            # vLLM's default PUB port, and the ports the router connects to by default (router/cli.py)
+            assert config == {"enable_kv_cache_events": True, "publisher": "zmq",
+                              "endpoint": "tcp://*:5557", "replay_endpoint": "tcp://*:5558"}  # fmt: skip
+            assert (ports["kv-events"], ports["kv-replay"]) == (5557, 5558)
+
+
 def test_mock_engine_renders_the_same_objects_without_gpus() -> None:
     objs = render(make_spec(L70, 8192, ["H100"], engine="mock"))
     dep = by_kind(objs, "Deployment")[0]

@@ -101,6 +101,10 @@ SPECS: dict[str, LLMDeploymentSpec] = {
     ),
     "gpu-memory-utilization": spec("meta-llama/Llama-3.2-3B-Instruct", serving={"gpuMemoryUtilization": 0.85},
                                    placement={"gpuTypes": ["L4"]}),
+    "kv-events": spec("meta-llama/Llama-3.1-8B-Instruct", routing={"kvEvents": True}),
+    "kv-events-multinode": spec("meta-llama/Llama-3.1-405B-Instruct", routing={"kvEvents": True},
+                                parallelism={"tensor": 8, "pipeline": 2},
+                                placement={"gpuTypes": ["H100"], "topologyKey": "nvidia.com/gpu.clique"}),
 }  # fmt: skip
 
 

@@ -586,6 +586,11 @@ AUTOSCALING_RULES: tuple[CrossFieldRule, ...] = (
         lambda a: a.mode in ("hpa", "keda") and bool(a.warm_standby_percent),
     ),
     CrossFieldRule(
+        "leadingSignal", "leadingSignal needs mode builtin (only the operator's loop reads the routers)",
+        f"{_HPA_KEDA} || !has(self.leadingSignal) || !self.leadingSignal",
+        lambda a: a.mode in ("hpa", "keda") and a.leading_signal,
+    ),
+    CrossFieldRule(
         "burstHeadroom", BURST_HEADROOM_MESSAGE,
         f"{_HPA_KEDA} || !has(self.burstHeadroom) || self.burstHeadroom == 0.0",
         lambda a: a.mode in ("hpa", "keda") and bool(a.burst_headroom),
@@ -647,6 +652,14 @@ class AutoscalingSpec(_Model):
         "burstHeadroom x sqrt(R)), R = the KV load in replicas at targetKVCacheUtilization (what the HPA "
         "rule rounds up). Proportionally more headroom for small fleets, less for big ones; 0 (default): "
         "the HPA rule.",
+    )
+
+    leading_signal: bool = Field(
+        default=False,
+        description="Also size from what the routers see (builtin mode, routing enabled): arrivals per "
+        "second over 5 s and 60 s, in-flight tokens and the engines' decode speed, turned into replicas by "
+        "Little's law in tokens (docs/autoscaling.md, 'Leading signal'); the largest proposal wins, the "
+        "HPA behaviour still guards, and decisions come every 5 s instead of every syncPeriodSeconds.",
     )
 
     @field_validator("burst_headroom")
@@ -785,6 +798,13 @@ class RoutingSpec(_Model):
         default=None,
         ge=1,
         description="Prompts with more tokens than this go to the pool planned for long context.",
+    )
+    kv_events: bool = Field(
+        default=False,
+        description="Route on the engines' real KV-cache events: engines publish them (vLLM "
+        "--kv-events-config, ZeroMQ on ports 5557/5558) and the routers score prefix-aware and auto on "
+        "what each engine really caches (docs/router.md, 'Routing on KV-cache events'). Off: the routers' "
+        "approximate prefix index.",
     )
     gpu_weighting: bool = Field(
         default=True, description="Divide load by the GPU type's throughput weight (H100 ~1.6 x A100)."

@@ -193,6 +193,19 @@ class AutoscalingInputs(_Status):
         description="With burstHeadroom: the replicas added on top of kvLoadReplicas (burstHeadroom x "
         "sqrt(kvLoadReplicas)).",
     )
+    demand_replicas: int | None = Field(
+        default=None, description="With leadingSignal: what the routers' demand asked for (router arrivals)."
+    )
+    demand_load_replicas: float | None = Field(
+        default=None,
+        description="With leadingSignal: that demand in replicas at the KV target, before headroom.",
+    )
+    demand_window: str | None = Field(
+        default=None, description="With leadingSignal: which estimate was largest: short, long or in-flight."
+    )
+    demand_explanation: str | None = Field(
+        default=None, description="With leadingSignal: the arithmetic, in words (arrivals, tokens, speed)."
+    )
 
 
 class Sample(_Status):
@@ -219,6 +232,11 @@ class AutoscalingStatus(_Status):
     floor: int = Field(default=0, description="The floor in force: max(minReplicas, schedules, forecast).")
     floor_source: str = Field(default="minReplicas", description="minReplicas, schedule/<name> or forecast.")
     forecast: int | None = Field(default=None, description="Forecast floor one start-up time ahead, if any.")
+    signal: str | None = Field(
+        default=None,
+        description="The metric whose proposal decided: kv-cache, waiting requests, TTFT pNN, router arrivals "
+        "or held requests (empty when no metric did: a floor, a limit, missing metrics).",
+    )
     startup_seconds: float | None = Field(
         default=None,
         description="The start-up time the decision planned with (capacity on the way, forecast lead).",

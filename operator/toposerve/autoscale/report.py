@@ -299,6 +299,16 @@ def status_of(
         if burst_headroom
         else {}
     )
+    demand = (
+        {
+            "demandReplicas": d.demand.replicas,
+            "demandLoadReplicas": _round(d.demand.load),
+            "demandWindow": d.demand.window,
+            "demandExplanation": d.demand.explanation[:1024],
+        }
+        if d.demand is not None
+        else {}
+    )
     return {
         "mode": mode,
         "source": reading.source if reading.ok else f"{reading.source} (unavailable: {reading.error})"[:1024],
@@ -312,6 +322,7 @@ def status_of(
         "floorSource": d.floor_source,
         "forecast": forecast,
         **({"startupSeconds": round(startup[0], 1), "startupSource": startup[1]} if startup else {}),
+        "signal": d.signal or None,
         "inputs": {
             "kvCacheUtilization": _round(d.kv),
             "waitingRequests": _round(d.waiting),
@@ -323,6 +334,7 @@ def status_of(
             "heldRequests": held_requests,
             **slo,
             **staffing,
+            **demand,
         },
         "lastDecisionTime": now_rfc3339,
         "lastScaleTime": now_rfc3339 if scaled else prev.get("lastScaleTime"),

@@ -30,15 +30,17 @@ from toposerve import API_GROUP, API_VERSION
 from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
 from toposerve.api.manifest import parse_spec
-from toposerve.api.spec import AutoscalingSpec
+from toposerve.api.spec import AutoscalingSpec, LLMDeploymentSpec
 from toposerve.autoscale.decision import Config, Decision, Inputs, decide
 from toposerve.autoscale.forecast import spec_demand_floor, spec_slice_offset
+from toposerve.autoscale.queueing import Demand
 from toposerve.autoscale.report import TTFT, event_of, history_from_status, replicas, status_of
+from toposerve.autoscale.router_figures import RouterFigures
 from toposerve.autoscale.schedule import schedule_floor
 from toposerve.autoscale.standby import Pod as StandbyPod
 from toposerve.autoscale.standby import relabel
 from toposerve.autoscale.startup import planning_startup
-from toposerve.controller.autoscale_sources import PrometheusSource, Source, source_for
+from toposerve.controller.autoscale_sources import PrometheusSource, Source, read_routers, source_for
 from toposerve.controller.kube import Kube, path
 from toposerve.controller.observe import ANNOTATION_EVACUATION, parse_time
 from toposerve.render.objects import LABEL_COMPONENT, LABEL_DEPLOYMENT
@@ -46,6 +48,7 @@ from toposerve.render.objects import LABEL_COMPONENT, LABEL_DEPLOYMENT
 log = logging.getLogger("toposerve.autoscaler")
 API = f"{API_GROUP}/{API_VERSION}"
 TICK_SECONDS = 1.0
+LEADING_PERIOD_SECONDS = 5  # with leadingSignal: the routers' 5 s window, decided on as often
 WORKERS = 8  # deployments decided at once; each decision's reads are bounded by prometheusTimeoutSeconds
 FORECAST_REFRESH_SECONDS = 300.0  # history changes slowly: one pair of range queries per 5 minutes
 PERIOD_SECONDS = {"daily": 86400.0, "weekly": 7 * 86400.0}
@@ -88,6 +91,7 @@ class Autoscaler:
         last delivered them, a deployment's pods from controller/children.py); without them the
         loop lists through the API, which every second would load the API server for nothing."""
         self.kube, self.config, self.clock = kube, config, clock
+        self.read_routers: Callable[[Sequence[Mapping[str, Any]]], RouterFigures] = read_routers
         self.bodies, self.pods_of = bodies, pods_of
         self.source = source or source_for(
             config.prometheus_url,
@@ -163,7 +167,10 @@ class Autoscaler:
             self._last.pop((ns, name), None)
             return None
         now = self.clock()
-        if not force and not self._due((ns, name), a.sync_period_seconds, now):
+        period = (
+            min(a.sync_period_seconds, LEADING_PERIOD_SECONDS) if a.leading_signal else a.sync_period_seconds
+        )
+        if not force and not self._due((ns, name), period, now):
             return None
         every = [p for p in self._pods(ns, name) if _component(p) in (ENGINE, STANDBY)]
         # Terminating pods are gone already; pods being evacuated (controller/evacuation.py) are on
@@ -211,6 +218,7 @@ class Autoscaler:
             standby_ready=sum(1 for p in spares if _ready(p)),
             ttft=ttft.seconds,
             ttft_idle=ttft.idle,
+            demand=self._demand(ns, name, spec, status) if a.leading_signal else None,
         )
         d = decide(replace(Config.from_spec(a), startup_grace=startup_s), inputs, history_from_status(status))
         self._note_override(body, status, current)
@@ -245,6 +253,40 @@ class Autoscaler:
             },
         )
         return d
+
+    def _demand(
+        self, ns: str, name: str, spec: LLMDeploymentSpec, status: Mapping[str, Any]
+    ) -> Demand | None:
+        """What the deployment's routers see, read from each router pod (router_figures.py), with
+        the KV capacity of one replica from status (the plan's); None when no router answered,
+        routing is off or the capacity is unknown: the decision then uses the engines' metrics."""
+        if not spec.routing.enabled:
+            return None
+        capacities = [
+            int(c)
+            for p in status.get("pools") or []
+            if isinstance(c := p.get("kvCacheTokensPerReplica"), int) and c > 0
+        ]
+        if not capacities:
+            return None
+        routers = [p for p in self._pods(ns, name) if _component(p) == "router"]
+        f = self.read_routers(routers)
+        if not f.routers:
+            return None
+        return Demand(
+            kv_tokens_per_replica=float(min(capacities)),  # the smallest pool's: the conservative one
+            arrivals_short=f.arrivals_short,
+            arrivals_long=f.arrivals_long,
+            prompt_tokens_short=f.prompt_tokens_short,
+            prompt_tokens_long=f.prompt_tokens_long,
+            decode_tokens_short=f.decode_tokens_short,
+            decode_tokens_long=f.decode_tokens_long,
+            in_flight=f.in_flight_requests,
+            in_flight_tokens=f.in_flight_tokens,
+            held=f.held + f.queued,  # queued: every backend saturated, waiting like held requests
+            decode_tokens_per_replica=f.decode_tokens_per_replica,
+            batch=f.running_per_replica,
+        )
 
     def _forecast_floor(
         self, ns: str, name: str, a: AutoscalingSpec, now: float, startup_s: float | None = None

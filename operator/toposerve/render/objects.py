@@ -43,6 +43,13 @@ LABEL_ENGINE = "toposerve.io/engine"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_CAPACITY = "toposerve.io/capacity"  # on the on-demand baseline's pods of a spot pool
 ANNOTATION_PLAN = "toposerve.io/plan"
+# vLLM's KV-cache events (routing.kvEvents): its default PUB port, and the replay port next to it.
+KV_EVENTS_PORT, KV_REPLAY_PORT = 5557, 5558
+KV_EVENTS_CONFIG = json.dumps(
+    {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": f"tcp://*:{KV_EVENTS_PORT}",
+     "replay_endpoint": f"tcp://*:{KV_REPLAY_PORT}"},
+    separators=(",", ":"),
+)  # fmt: skip
 MASTER_PORT = 29500  # torch.distributed rendezvous on the group leader (vLLM --master-port)
 MODELS_DIR = "/models"
 MAX_HOLD_SECONDS = 300
@@ -191,6 +198,8 @@ class _Ctx:
     pdb_comment: str = ""
     service_name: str = ""
     service_port: int = ENGINE_PORT
+    kv_events: bool = False  # the engine publishes KV-cache events: name their ports
+    kv_ports: tuple[int, int] = (KV_EVENTS_PORT, KV_REPLAY_PORT)
 
 
 def _render(template: str, ctx: _Ctx) -> dict[str, Any]:
@@ -270,7 +279,7 @@ def engine_probes(startup_failure_threshold: int) -> dict[str, Any]:
 
 
 def _vllm_commands(
-    plan: PoolPlan, shutdown_s: int, leader_wait_s: int
+    plan: PoolPlan, shutdown_s: int, leader_wait_s: int, kv_events: bool = False
 ) -> tuple[list[str], list[str], list[str], list[str]]:
     """(command, leader args, worker command, worker args) for vLLM.
 
@@ -285,6 +294,8 @@ def _vllm_commands(
     """
     args = [*plan.vllm_args, "--shutdown-timeout", str(shutdown_s)]
     serve = [*args, "--port", str(ENGINE_PORT)]
+    if kv_events:  # the scheduler publishes them: on the serving (leader) pod only
+        serve += ["--kv-events-config", KV_EVENTS_CONFIG]
     if plan.nodes_per_replica <= 1:
         return ["vllm", "serve"], serve, [], []
     nnodes = ["--nnodes", str(plan.nodes_per_replica)]
@@ -339,9 +350,10 @@ def _engine_storage(
 LISTEN_ALL = "0.0.0.0"
 
 
-def _mock_args(plan: PoolPlan, served: str, shutdown_s: int) -> list[str]:
+def _mock_args(plan: PoolPlan, served: str, shutdown_s: int, kv_events: bool = False) -> list[str]:
     assert plan.gpu_type is not None
-    return [
+    events = ["--kv-events-config", KV_EVENTS_CONFIG] if kv_events else []
+    return [*events,
         "--host", LISTEN_ALL,
         "--shutdown-timeout", str(shutdown_s),
         "--port", str(ENGINE_PORT),
@@ -431,7 +443,7 @@ def render_pool(
         worker_command: list[str] = []
         command, leader_args, worker_args = (
             ["toposerve", "mock-engine"],
-            _mock_args(plan, dplan.served_name, shutdown_s),
+            _mock_args(plan, dplan.served_name, shutdown_s, spec.routing.kv_events),
             [],
         )
         pod_security, container_security = RESTRICTED_POD, RESTRICTED_CONTAINER  # the project's image
@@ -443,7 +455,9 @@ def render_pool(
         image = spec.serving.image or config.vllm_image
         startup = startup_seconds(plan, spec, config)
         # A worker waits for the leader's name as long as the leader may take to start.
-        command, leader_args, worker_command, worker_args = _vllm_commands(plan, shutdown_s, startup)
+        command, leader_args, worker_command, worker_args = _vllm_commands(
+            plan, shutdown_s, startup, spec.routing.kv_events
+        )
         # vLLM's get_ip() guesses an interface otherwise; the pod IP is the one peers reach
         # (production-stack sets the same).
         env.append({"name": "VLLM_HOST_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}})
@@ -503,6 +517,7 @@ def render_pool(
         image=image,
         command=command,
         worker_command=worker_command,
+        kv_events=spec.routing.kv_events,
         leader_args=leader_args,
         worker_args=worker_args,
         requests=requests,
@@ -643,6 +658,8 @@ def router_args(name: str, spec: LLMDeploymentSpec, config: OperatorConfig | Non
         args += ["--long-context-threshold", str(r.long_context_threshold)]
     if not r.gpu_weighting:
         args.append("--no-gpu-weighting")
+    if r.kv_events:  # subscribe to every engine's events on KV_EVENTS_PORT / KV_REPLAY_PORT
+        args.append("--kv-events")
     a = spec.autoscaling
     if a.effective_mode in ("builtin", "keda") and a.min_replicas == 0:
         # Scale from zero: hold requests while the autoscaler starts a replica (as long as one is

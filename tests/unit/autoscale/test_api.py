@@ -75,6 +75,8 @@ BAD = [
      "adapter that serves a histogram quantile"),
     ({"enabled": True, "ttftSLO": {"seconds": 0}}, "spec.autoscaling.ttftSLO.seconds", "greater than 0"),
     ({"enabled": True, "mode": "hpa", "burstHeadroom": 1}, "spec.autoscaling.burstHeadroom", BURST_HEADROOM_MESSAGE),
+    ({"enabled": True, "mode": "hpa", "leadingSignal": True}, "spec.autoscaling.leadingSignal",
+     "leadingSignal needs mode builtin (only the operator's loop reads the routers)"),
     ({"enabled": True, "mode": "keda", "burstHeadroom": 0.5}, "spec.autoscaling.burstHeadroom",
      "burstHeadroom needs mode builtin"),
     ({"enabled": True, "burstHeadroom": -0.5}, "spec.autoscaling.burstHeadroom", "greater than or equal to 0"),

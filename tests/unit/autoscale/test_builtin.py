@@ -771,3 +771,44 @@ def test_the_loop_plans_with_the_measured_start_up_unless_the_spec_sets_one() ->
     d, st = decide_once(startupGraceSeconds=600)
     assert (d.starting, d.stuck) == (1, 0)
     assert (st["startupSeconds"], st["startupSource"]) == (600.0, "startupGraceSeconds")
+
+
+def test_the_loop_reads_its_routers_only_with_leading_signal_and_says_which_signal_decided() -> None:
+    """A burst the routers see and the engines do not yet (KV 0.5, below target): the routers'
+    demand scales up, status says so; without leadingSignal the routers are not read at all."""
+    from toposerve.autoscale.router_figures import RouterFigures
+
+    burst = RouterFigures(
+        routers=2, arrivals_short=8.0, arrivals_long=2.0, prompt_tokens_short=8000.0, prompt_tokens_long=2000.0,
+        decode_tokens_short=4000.0, decode_tokens_long=1000.0, in_flight_requests=20.0, in_flight_tokens=30000.0,
+        decode_tokens_per_replica=400.0, running_per_replica=10.0, ready_replicas=2.0,
+    )  # fmt: skip
+    asked: list[list[str]] = []
+
+    def run(**auto: Any) -> tuple[Any, dict[str, Any], Autoscaler]:
+        body = llmd(2, **auto)
+        body["status"] = {"pools": [{"name": "default", "kvCacheTokensPerReplica": 20000}]}
+        kube = FakeKube(body, [pod("a"), pod("b")])
+        a = scaler(kube, FakeSource(0.5), Clock())
+        a.read_routers = lambda routers: asked.append([r["metadata"]["name"] for r in routers]) or burst  # type: ignore[func-returns-value]
+        (d,) = a.run_once([])
+        return d, kube.statuses[-1]["autoscaling"], a
+
+    d, st, _ = run()
+    assert (
+        asked == []
+        and d.signal != "router arrivals"
+        and d.desired == 2
+        and "demandReplicas" not in st["inputs"]
+    )
+    d, st, a = run(leadingSignal=True)
+    assert asked == [["router-0"]]  # the deployment's router pods, read directly
+    assert d.signal == "router arrivals" and d.desired > 2, d
+    assert st["signal"] == "router arrivals" and st["inputs"]["demandReplicas"] == d.demand.replicas
+    assert (
+        st["inputs"]["demandWindow"] in ("short", "long", "in-flight")
+        and "router arrivals" in st["inputs"]["demandExplanation"]
+    )
+    # decided every 5 s with the leading signal, not every syncPeriodSeconds (10 here)
+    a.clock.t += 5  # type: ignore[attr-defined]
+    assert len(a.run_once([])) == 1
