@@ -140,3 +140,77 @@ def test_two_pools_serve_through_the_router(cluster: Cluster, namespace: str, op
         cluster.core.delete_namespaced_pod(victim.metadata.name, namespace)
         results = [f.result() for f in futures]
     assert all(code == 200 for code, _ in results), results
+
+
+def metric_sum(url: str, name: str) -> float:
+    with _NO_PROXY.open(f"{url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+def test_kv_events_reach_every_router_over_the_pod_network(
+    cluster: Cluster, namespace: str, operator: Operator
+) -> None:
+    """routing.kvEvents as rendered: the engines publish vLLM-format KV events on their pod's port
+    5557 (replay 5558), every router replica subscribes to every engine and indexes what they
+    cache; a shared prefix then goes to the engine that holds it."""
+    name = "kvevents"
+    manifest: dict[str, Any] = {
+        "apiVersion": "toposerve.io/v1alpha1",
+        "kind": "LLMDeployment",
+        "metadata": {"name": name},
+        "spec": {
+            "model": {"name": "Qwen/Qwen2.5-0.5B-Instruct", "maxContextLength": 4096},
+            "engine": "mock",
+            "replicas": 2,
+            "placement": {"gpuTypes": ["L4"]},
+            "routing": {"kvEvents": True, "strategy": "prefix-aware", "replicas": 2},
+        },
+    }
+    assert apply(cluster, namespace, manifest).returncode == 0
+    wait_condition(cluster, namespace, name, "Ready", "True", timeout=180)
+    engines = set(
+        wait_for(
+            lambda: (ips := ready_ips(cluster, namespace, f"{name}-engine")) and len(ips) == 2 and ips,
+            "2 ready engines",
+        )
+    )
+    routers = wait_for(
+        lambda: (ips := ready_ips(cluster, namespace, name)) and len(ips) == 2 and ips, "2 ready routers"
+    )
+    system = "You are the assistant of a long-running conversation about KV caches. " * 12
+
+    def ask(url: str, i: int) -> None:
+        body = json.dumps({"model": "Qwen/Qwen2.5-0.5B-Instruct", "max_tokens": 4,
+                           "messages": [{"role": "system", "content": system},
+                                        {"role": "user", "content": f"question {i}"}]}).encode()  # fmt: skip
+        req = urllib.request.Request(
+            f"{url}/v1/chat/completions", data=body, headers={"content-type": "application/json"}
+        )
+        with _NO_PROXY.open(req, timeout=60) as r:
+            assert r.status == 200
+
+    first = {ip: served(ip) for ip in engines}
+    ask(f"http://{routers[0]}:8080", 0)  # one engine now caches the system prompt
+    (holder,) = [ip for ip in engines if served(ip) > first[ip]]
+    # Both routers learn it from the engines' events (not from having routed it themselves), and
+    # no engine's index is stale.
+    for ip in routers:
+        url = f"http://{ip}:8080"
+        wait_for(lambda url=url: metric_sum(url, "toposerve_router_kv_index_blocks") > 0,
+                 f"router {ip} indexed the engines' blocks", timeout=60)  # fmt: skip
+        wait_for(lambda url=url: metric_sum(url, "toposerve_router_kv_index_stale") == 0,
+                 f"router {ip} has no stale engine", timeout=60)  # fmt: skip
+    # The other router sends the same prefix to the engine that holds it.
+    before = {ip: served(ip) for ip in engines}
+    for i in range(1, 7):
+        ask(f"http://{routers[1]}:8080", i)
+    took = {ip for ip in engines if served(ip) > before[ip]}
+    # All to the holder, from the first one on: router 1 never routed this prefix itself, so only
+    # the engines' events can have told it (its own approximate index had nothing on it).
+    assert took == {holder}, (holder, before, {ip: served(ip) for ip in engines})
+    assert metric_sum(f"http://{routers[1]}:8080", "toposerve_router_kv_index_fallbacks_total") == 0
