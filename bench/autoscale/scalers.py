@@ -182,6 +182,7 @@ class Toposerve:
         self.history = History()
         self._forecast: tuple[float, int] | None = None
         self.last_floor_source = "minReplicas"
+        self.last_signal = ""
 
     def initial(self) -> int:
         return self.cfg.min_replicas
@@ -199,13 +200,13 @@ class Toposerve:
         self._forecast = (now, value)
         return value
 
-    def decide(self, obs: Observation, history: FleetHistory) -> int:
+    def inputs(self, obs: Observation, history: FleetHistory) -> Inputs:
         now = obs.now
         floor, window = schedule_floor(self.spec.schedules, EPOCH + timedelta(seconds=now))
         serving = tuple(
             Replica(p.name, p.ready, p.age, p.kv, p.waiting, p.running) for p in obs.pods if not p.standby
         )
-        inputs = Inputs(
+        return Inputs(
             now=now,
             current=obs.current,
             replicas=tuple(sorted(serving, key=lambda r: r.name)),
@@ -214,10 +215,13 @@ class Toposerve:
             schedule_name=window,
             forecast_floor=self.forecast_floor(now, history),
         )
-        d = decide(self.cfg, inputs, self.history)
+
+    def decide(self, obs: Observation, history: FleetHistory) -> int:
+        d = decide(self.cfg, self.inputs(obs, history), self.history)
         self.history = d.history
         self.standby = self.spec.standby_for(d.desired)
         self.last_floor_source = d.floor_source
+        self.last_signal = d.signal
         return d.desired
 
 
@@ -245,7 +249,6 @@ class ToposerveLeading(Toposerve):
         self.kv_tokens = kv_tokens
         self.cfg = replace(self.cfg, demand_headroom=demand_headroom)
         self._service: tuple[float, float] | None = None  # last (decode tokens/s per replica, batch)
-        self.last_signal = ""
 
     def demand(self, obs: Observation) -> Demand | None:
         r = obs.router
@@ -274,26 +277,9 @@ class ToposerveLeading(Toposerve):
             batch=self._service[1] if self._service else None,
         )
 
-    def decide(self, obs: Observation, history: FleetHistory) -> int:
-        now = obs.now
-        floor, window = schedule_floor(self.spec.schedules, EPOCH + timedelta(seconds=now))
-        serving = tuple(
-            Replica(p.name, p.ready, p.age, p.kv, p.waiting, p.running) for p in obs.pods if not p.standby
-        )
-        inputs = Inputs(
-            now=now,
-            current=obs.current,
-            replicas=tuple(sorted(serving, key=lambda r: r.name)),
-            standby_ready=sum(1 for p in obs.pods if p.standby and p.ready),
+    def inputs(self, obs: Observation, history: FleetHistory) -> Inputs:
+        return replace(
+            super().inputs(obs, history),
             held_requests=obs.router.held if obs.router else 0,
-            schedule_floor=floor,
-            schedule_name=window,
-            forecast_floor=self.forecast_floor(now, history),
             demand=self.demand(obs),
         )
-        d = decide(self.cfg, inputs, self.history)
-        self.history = d.history
-        self.standby = self.spec.standby_for(d.desired)
-        self.last_floor_source = d.floor_source
-        self.last_signal = d.signal
-        return d.desired
