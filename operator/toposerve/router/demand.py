@@ -17,8 +17,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 SHORT_WINDOW_S = 5
+# The autoscaler's leading window: in bench/autoscale a 5 s rate scaled up on Poisson noise, 15 s
+# kept most of the lead (docs/benchmarks.md, "Leading signal"); 5 s stays for dashboards.
+LEADING_WINDOW_S = 15
 LONG_WINDOW_S = 60
-WINDOWS: tuple[int, ...] = (SHORT_WINDOW_S, LONG_WINDOW_S)
+WINDOWS: tuple[int, ...] = (SHORT_WINDOW_S, LEADING_WINDOW_S, LONG_WINDOW_S)
 SERVICE_WINDOW_S = 60  # engines' counters move once per poll (1 s): a minute smooths batches
 MIN_SPAN_S = 1.0  # a rate is never taken over less than one bucket (a fresh router's first second)
 

@@ -35,10 +35,11 @@ async def test_a_real_routers_page_reads_as_its_demand(harness: Harness) -> None
 
 
 PAGE = """# TYPE toposerve_router_arrival_requests_per_second gauge
-toposerve_router_arrival_requests_per_second{pool="a",window="5s"} 4.0
+toposerve_router_arrival_requests_per_second{pool="a",window="5s"} 99.0
+toposerve_router_arrival_requests_per_second{pool="a",window="15s"} 4.0
 toposerve_router_arrival_requests_per_second{pool="a",window="60s"} 2.0
-toposerve_router_arrival_requests_per_second{pool="",window="5s"} 1.0
-toposerve_router_arrival_requests_per_second{pool="b",window="5s"} NaN
+toposerve_router_arrival_requests_per_second{pool="",window="15s"} 1.0
+toposerve_router_arrival_requests_per_second{pool="b",window="15s"} NaN
 # TYPE toposerve_router_in_flight_tokens gauge
 toposerve_router_in_flight_tokens{pool="a"} 1000
 toposerve_router_in_flight_tokens{pool="b"} 500
@@ -60,7 +61,8 @@ toposerve_router_pool_running_requests_per_replica{pool="a",window="60s"} 8
 def test_demand_is_summed_over_pools_and_routers_service_weighted_by_ready_replicas() -> None:
     f = combine([parse_router_page(PAGE), parse_router_page(PAGE.replace("300", "500")), None])
     assert f.routers == 2
-    assert (f.arrivals_short, f.arrivals_long) == (10.0, 4.0)  # NaN left out, pool "" counted
+    # the 15 s window is "short" (the 5 s one is for dashboards); NaN left out, pool "" counted
+    assert (f.arrivals_short, f.arrivals_long) == (10.0, 4.0)
     assert (f.in_flight_tokens, f.held, f.queued) == (3000.0, 4.0, 6.0)
     # pool a: mean of 300 and 500 = 400 over 3 replicas, pool b 100 over 1
     assert f.decode_tokens_per_replica == pytest.approx((400 * 3 + 100 * 1) / 4)
