@@ -1393,6 +1393,13 @@ class Router:
         raw = await self._read_body(request, held)
         if isinstance(raw, web.StreamResponse):
             return raw
+        body = self._json_object(raw)
+        if isinstance(body, web.Response):
+            return body
+        return await self.route(request, raw, body, t0)
+
+    def _json_object(self, raw: bytes) -> dict[str, Any] | web.Response:
+        """The body as a JSON object, or the 400 that says why it is not one."""
         try:
             body = json.loads(raw)
             if not isinstance(body, dict):
@@ -1400,6 +1407,13 @@ class Router:
         except (ValueError, RecursionError) as e:  # RecursionError: nesting deeper than Python's stack
             msg = "JSON nested too deeply" if isinstance(e, RecursionError) else str(e)
             return self._error(400, f"invalid JSON body: {msg}", "bad_request")
+        return body
+
+    async def route(
+        self, request: web.Request, raw: bytes, body: dict[str, Any], t0: float
+    ) -> web.StreamResponse:
+        """Pick a replica for a request whose body is read and parsed, and relay it there. The
+        gateway (gateway.py) calls this on the member router of the model the body names."""
         strategy = request.headers.get(STRATEGY_HEADER) or self.cfg.strategy
         if strategy not in st.STRATEGIES:
             return self._error(
