@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 STRATEGY_NAMES = (
     "round-robin",
@@ -230,45 +231,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
-    import asyncio
-    import logging
-    import signal
-
+def config_from_args(args: argparse.Namespace) -> Any:
+    """The RouterConfig the flags describe (also the gateway's member routers' template)."""
     from toposerve.router import strategies as st
-    from toposerve.router.endpoints import engine_selector, parse_backends
     from toposerve.router.kvindex import KVEventsOptions
-    from toposerve.router.proxy import Router, RouterConfig, serve, serve_metrics, tune_gc
+    from toposerve.router.proxy import RouterConfig
 
-    logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    try:
-        backends = parse_backends(args.backends)
-    except ValueError as e:
-        raise SystemExit(f"toposerve router: error: {e}") from None
-    if args.write_timeout < 0:
-        raise SystemExit("toposerve router: error: --write-timeout must be 0 (off) or more seconds")
-    if args.upstream_keepalive < 0:
-        raise SystemExit("toposerve router: error: --upstream-keepalive must be 0 (no reuse) or more seconds")
-    if args.drain_timeout < 0 or args.drain_quiet < 0:
-        raise SystemExit(
-            "toposerve router: error: --drain-timeout and --drain-quiet must be 0 or more seconds"
-        )
-    if min(args.max_connections_per_client, args.max_buffered_body_bytes, args.metrics_port) < 0:
-        raise SystemExit(
-            "toposerve router: error: --max-connections-per-client, --max-buffered-body-bytes and "
-            "--metrics-port must be 0 (off) or more"
-        )
-    if args.gc_gen0_threshold < 0:
-        raise SystemExit("toposerve router: error: --gc-gen0-threshold must be 0 (off) or more")
-    selector = args.selector or (engine_selector(args.llmdeployment) if args.llmdeployment else None)
-    if not backends and not (selector and args.namespace):
-        raise SystemExit(
-            "toposerve router: error: give --backends, or --namespace with --llmdeployment "
-            "(or --selector) for EndpointSlice discovery"
-        )
-    cfg = RouterConfig(
+    return RouterConfig(
         strategy=args.strategy,
         routing=st.Config(
             bounded_load_factor=args.bounded_load_factor,
@@ -309,6 +278,45 @@ def run(args: argparse.Namespace) -> int:
             tokenize_timeout_s=args.kv_tokenize_timeout,
         ),
     )
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from toposerve.router.endpoints import engine_selector, parse_backends
+    from toposerve.router.proxy import Router, serve, serve_metrics, tune_gc
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        backends = parse_backends(args.backends)
+    except ValueError as e:
+        raise SystemExit(f"toposerve router: error: {e}") from None
+    if args.write_timeout < 0:
+        raise SystemExit("toposerve router: error: --write-timeout must be 0 (off) or more seconds")
+    if args.upstream_keepalive < 0:
+        raise SystemExit("toposerve router: error: --upstream-keepalive must be 0 (no reuse) or more seconds")
+    if args.drain_timeout < 0 or args.drain_quiet < 0:
+        raise SystemExit(
+            "toposerve router: error: --drain-timeout and --drain-quiet must be 0 or more seconds"
+        )
+    if min(args.max_connections_per_client, args.max_buffered_body_bytes, args.metrics_port) < 0:
+        raise SystemExit(
+            "toposerve router: error: --max-connections-per-client, --max-buffered-body-bytes and "
+            "--metrics-port must be 0 (off) or more"
+        )
+    if args.gc_gen0_threshold < 0:
+        raise SystemExit("toposerve router: error: --gc-gen0-threshold must be 0 (off) or more")
+    selector = args.selector or (engine_selector(args.llmdeployment) if args.llmdeployment else None)
+    if not backends and not (selector and args.namespace):
+        raise SystemExit(
+            "toposerve router: error: give --backends, or --namespace with --llmdeployment "
+            "(or --selector) for EndpointSlice discovery"
+        )
+    cfg = config_from_args(args)
 
     async def main() -> None:
         router = Router(backends, cfg, discovering=not backends)
