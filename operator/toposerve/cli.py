@@ -56,6 +56,12 @@ def _cmd_router(args: argparse.Namespace) -> int:
     return router_cli.run(args)
 
 
+def _cmd_gateway(args: argparse.Namespace) -> int:
+    from toposerve.router import gateway_cli
+
+    return gateway_cli.run(args)
+
+
 def _cmd_cost(args: argparse.Namespace) -> int:
     from toposerve.commands import cost
 
@@ -119,6 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     router_cli.add_arguments(so)
     so.set_defaults(func=_cmd_router)
+
+    sg = sub.add_parser("gateway", help="run the router's gateway mode: one endpoint for every LLMDeployment")
+    from toposerve.router import gateway_cli
+
+    gateway_cli.add_arguments(sg)
+    sg.set_defaults(func=_cmd_gateway)
 
     sk = sub.add_parser("cost", help="cost per hour and per million output tokens of LLMDeployments (live)")
     from toposerve.commands import cost as cost_cmd

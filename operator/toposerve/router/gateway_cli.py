@@ -1,0 +1,72 @@
+"""`toposerve gateway`: the router's gateway mode (one endpoint for every LLMDeployment in scope).
+
+Takes the router's flags (they are the member routers' defaults: strategy, timeouts, front-door
+limits, hold at zero) plus `--watch-namespace`. Only the standard library at module level, as
+for `toposerve router`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from toposerve.router import cli as router_cli
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    router_cli.add_arguments(p)
+    p.add_argument(
+        "--watch-namespace",
+        default=os.environ.get("TOPOSERVE_GATEWAY_NAMESPACE", ""),
+        help="route the LLMDeployments of this namespace only (default: every namespace)",
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+    import logging
+    import signal
+
+    from toposerve.router.gateway import Gateway
+    from toposerve.router.gateway_watch import watches
+    from toposerve.router.proxy import serve, tune_gc
+
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if args.drain_timeout < 0 or args.drain_quiet < 0:
+        raise SystemExit(
+            "toposerve gateway: error: --drain-timeout and --drain-quiet must be 0 or more seconds"
+        )
+    cfg = router_cli.config_from_args(args)
+    scope = args.watch_namespace or None
+
+    async def main() -> None:
+        log = logging.getLogger("toposerve.router.gateway")
+        gw = Gateway(cfg, scope)
+        runner = await serve(gw, args.host, args.port)
+        ws = watches(gw, asyncio.get_running_loop())
+        for w in ws:
+            w.start()
+        tune_gc(args.gc_gen0_threshold)
+        log.info("gateway listening on %s port %d, scope %s", args.host, args.port, scope or "all namespaces")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        gw.begin_drain()
+        log.info("SIGTERM: draining (%d in flight, up to %.0fs)", gw.active, args.drain_timeout)
+        if not await gw.drained(min(args.drain_quiet, args.drain_timeout), args.drain_timeout):
+            log.warning("drain timeout: %d requests still in flight are cut", gw.active)
+        for w in ws:
+            w.stop()
+        await runner.cleanup()
+
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+    return 0

@@ -1,0 +1,201 @@
+"""The gateway (router/gateway.py) on loopback, in front of real mock engines: one endpoint for
+several LLMDeployments, fed the LLMDeployment and EndpointSlice objects its watches would hand it,
+driven by the openai SDK."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from toposerve.mockengine.server import EngineConfig, MockServer
+from toposerve.router.gateway import Gateway
+from toposerve.router.proxy import RouterConfig, serve
+
+LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
+QWEN = "Qwen/Qwen2.5-7B-Instruct"
+
+
+def llmd(name: str, model: str, ns: str = "team-a", aliases: list[str] | None = None, **spec: Any) -> dict[str, Any]:
+    m: dict[str, Any] = {"name": model, **({"aliases": aliases} if aliases else {})}
+    return {
+        "metadata": {"name": name, "namespace": ns, "creationTimestamp": "2026-12-01T00:00:00Z"},
+        "spec": {"model": m, **spec},
+    }
+
+
+def engine_slice(name: str, dep: str, engines: list[MockServer], ns: str = "team-a") -> dict[str, Any]:
+    """An EndpointSlice as the API serves it for an engine Service (labels copied from it)."""
+    assert len({e.port for e in engines}) <= 1, "one slice has one port"
+    return {
+        "metadata": {
+            "name": name,
+            "namespace": ns,
+            "labels": {"toposerve.io/deployment": dep, "app.kubernetes.io/component": "engine"},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": engines[0].port if engines else 8000}],
+        "endpoints": [{"addresses": ["127.0.0.1"], "conditions": {"ready": True}} for _ in engines],
+    }
+
+
+async def engine(*names: str, time_scale: float = 0.0) -> MockServer:
+    cfg = EngineConfig(model=names[0], served_model_names=list(names), time_scale=time_scale)
+    return await MockServer(cfg).start()
+
+
+async def until(pred: Callable[[], bool], what: str, timeout: float = 10.0) -> None:
+    for _ in range(int(timeout / 0.02)):
+        if pred():
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"not within {timeout}s: {what}")
+
+
+@contextlib.asynccontextmanager
+async def gateway(cfg: RouterConfig | None = None, reap_s: float = 1.0) -> AsyncIterator[tuple[Gateway, str]]:
+    gw = Gateway(cfg or RouterConfig(expose_backend=True, probe_interval_s=0.05), reap_period_s=reap_s)
+    runner = await serve(gw, "127.0.0.1", 0)
+    try:
+        yield gw, f"http://127.0.0.1:{runner.addresses[0][1]}"
+    finally:
+        await runner.cleanup()
+
+
+def healthy(gw: Gateway, model: str) -> bool:
+    return gw.routable().get(model, 0) > 0
+
+
+async def test_one_endpoint_routes_each_model_and_alias_to_its_own_deployment() -> None:
+    llama, qwen = await engine(LLAMA, "llama"), await engine(QWEN)
+    try:
+        async with gateway() as (gw, base):
+            async with aiohttp.ClientSession() as s, s.get(base + "/health") as r:
+                assert r.status == 503  # nothing heard from the watches yet: not ready
+            gw.deployments_listed([llmd("llama", LLAMA, aliases=["llama"]), llmd("qwen", QWEN)])
+            gw.slices_listed([engine_slice("llama-x", "llama", [llama]), engine_slice("qwen-x", "qwen", [qwen])])
+            await until(lambda: healthy(gw, LLAMA) and healthy(gw, QWEN), "both deployments healthy")
+            client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+            for model, srv in ((LLAMA, llama), ("llama", llama), (QWEN, qwen)):
+                raw = await client.chat.completions.with_raw_response.create(
+                    model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3
+                )
+                assert raw.headers["x-toposerve-backend"] == srv.url
+                assert raw.parse().model == model
+            stream = await client.completions.create(model=QWEN, prompt="count", max_tokens=4, stream=True)
+            assert len([c async for c in stream]) >= 4
+            listed = {m.id for m in (await client.models.list()).data}
+            assert listed == {LLAMA, "llama", QWEN}
+            async with aiohttp.ClientSession() as s, s.get(base + "/health") as r:
+                assert r.status == 200
+                assert (await r.json())["models"] == {LLAMA: 1, "llama": 1, QWEN: 1}
+    finally:
+        await llama.stop()
+        await qwen.stop()
+
+
+async def test_unknown_model_is_a_404_naming_the_closest_and_a_missing_model_a_400() -> None:
+    async with gateway() as (gw, base):
+        gw.deployments_listed([llmd("llama", LLAMA)])
+        gw.slices_listed([])
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+        with pytest.raises(openai.NotFoundError) as e:
+            await client.completions.create(model="meta-llama/Llama-3.1-8b-instruct", prompt="x", max_tokens=1)
+        assert e.value.status_code == 404
+        assert f"`{LLAMA}`" in str(e.value) and "does not exist" in str(e.value)
+        async with aiohttp.ClientSession() as s, s.post(base + "/v1/completions", json={"prompt": "x"}) as r:
+            assert r.status == 400
+            assert "`model`" in (await r.json())["error"]["message"]
+
+
+async def test_a_model_at_zero_replicas_is_held_until_a_replica_appears() -> None:
+    srv = await engine(LLAMA)
+    try:
+        async with gateway(RouterConfig(hold_at_zero_s=30, probe_interval_s=0.05)) as (gw, base):
+            gw.deployments_listed([llmd("llama", LLAMA, routing={"mode": "gateway"})])
+            gw.slices_listed([])
+            client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+            req = asyncio.create_task(client.completions.create(model=LLAMA, prompt="x", max_tokens=2))
+            member = gw.members["team-a/llama"]
+            await until(lambda: member.held == 1, "the request is held")
+            gw.slice_event("ADDED", engine_slice("llama-x", "llama", [srv]))
+            assert (await asyncio.wait_for(req, 20)).choices
+            assert member.held == 0
+    finally:
+        await srv.stop()
+
+
+async def test_removing_a_deployment_finishes_its_streams_and_then_answers_404() -> None:
+    srv = await engine(LLAMA, time_scale=1.0)  # 64 tokens: most of a second of streaming
+    try:
+        async with gateway(reap_s=0.01) as (gw, base):  # a removed member is stopped once idle: at once
+            obj = llmd("llama", LLAMA)
+            gw.deployments_listed([obj])
+            gw.slices_listed([engine_slice("llama-x", "llama", [srv])])
+            await until(lambda: healthy(gw, LLAMA), "healthy")
+            client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+            stream = await client.completions.create(model=LLAMA, prompt="x", max_tokens=64, stream=True)
+            it = stream.__aiter__()
+            await it.__anext__()  # the stream is under way
+            gw.deployment_event("DELETED", obj)
+            await asyncio.sleep(0.1)  # ten reaper rounds; the stream has most of a second to go
+            assert "team-a/llama" in gw._retired  # kept while its request is in flight
+            rest = [c async for c in it]
+            assert rest and rest[-1].choices[0].finish_reason == "length"  # ran to its end
+            with pytest.raises(openai.NotFoundError):
+                await client.completions.create(model=LLAMA, prompt="x", max_tokens=1)
+            await until(lambda: not gw._retired, "the removed member router is stopped once idle")
+    finally:
+        await srv.stop()
+
+
+async def test_a_mode_none_deployment_is_not_routed_and_a_mode_change_takes_effect() -> None:
+    srv = await engine(LLAMA)
+    try:
+        async with gateway() as (gw, _base):
+            gw.deployments_listed([llmd("llama", LLAMA, routing={"mode": "none"})])
+            gw.slices_listed([engine_slice("llama-x", "llama", [srv])])
+            assert gw.table.routes == {}
+            gw.deployment_event("MODIFIED", llmd("llama", LLAMA, routing={"mode": "gateway"}))
+            await until(lambda: healthy(gw, LLAMA), "routed after the change")
+    finally:
+        await srv.stop()
+
+
+async def test_metrics_count_per_model_and_label_member_series_by_deployment() -> None:
+    llama, qwen = await engine(LLAMA), await engine(QWEN)
+    try:
+        async with gateway() as (gw, base):
+            gw.deployments_listed([llmd("llama", LLAMA), llmd("qwen", QWEN, ns="team-b")])
+            gw.slices_listed([engine_slice("a", "llama", [llama]), engine_slice("b", "qwen", [qwen], ns="team-b")])
+            await until(lambda: healthy(gw, LLAMA) and healthy(gw, QWEN), "healthy")
+            client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+            for m in (LLAMA, LLAMA, QWEN):
+                await client.completions.create(model=m, prompt="x", max_tokens=1)
+            with contextlib.suppress(openai.NotFoundError):
+                await client.completions.create(model="<script>", prompt="x", max_tokens=1)
+            async with aiohttp.ClientSession() as s, s.get(base + "/metrics") as r:
+                text = await r.text()
+            fams = {f.name: f for f in text_string_to_metric_families(text)}  # parses: no duplicate family
+            reqs = {
+                (x.labels["model"], x.labels["code"]): x.value
+                for x in fams["toposerve_gateway_requests"].samples
+                if x.name.endswith("_total")
+            }
+            assert reqs == {(LLAMA, "200"): 2, (QWEN, "200"): 1, ("unknown", "404"): 1}
+            member = {
+                (x.labels["namespace"], x.labels["llmdeployment"])
+                for x in fams["toposerve_router_requests"].samples
+                if x.name.endswith("_total")
+            }
+            assert member == {("team-a", "llama"), ("team-b", "qwen")}
+            assert "127.0.0.1" not in text  # backend addresses stay off the client port
+    finally:
+        await llama.stop()
+        await qwen.stop()
