@@ -191,13 +191,14 @@ def _rule_grants(rules: list[dict[str, Any]]) -> set[Grant]:
     return out
 
 
-def chart_grants(objs: list[dict[str, Any]]) -> dict[str, set[Grant]]:
-    """Grants of the chart's ServiceAccount per place: 'cluster' or a namespace."""
+def chart_grants(objs: list[dict[str, Any]], sa: str = "toposerve") -> dict[str, set[Grant]]:
+    """Grants of one of the chart's ServiceAccounts per place: 'cluster' or a namespace."""
     roles = {(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]): o for o in objs
              if o["kind"] in ("Role", "ClusterRole")}  # fmt: skip
     out: dict[str, set[Grant]] = {}
     for b in by_kind(objs, "ClusterRoleBinding") + by_kind(objs, "RoleBinding"):
-        assert b["subjects"] == [{"kind": "ServiceAccount", "name": "toposerve", "namespace": NS}]
+        if b["subjects"] != [{"kind": "ServiceAccount", "name": sa, "namespace": NS}]:
+            continue
         ref = b["roleRef"]
         ns = b["metadata"].get("namespace")
         role = roles[(ref["kind"], ns if ref["kind"] == "Role" else None, ref["name"])]
@@ -233,7 +234,32 @@ def test_rbac_create_false_renders_no_rbac() -> None:
 @pytest.mark.parametrize("values", [{}, {"watchNamespaces": ["a"]}])
 def test_the_chart_grants_nothing_to_anyone_else(values: dict[str, Any]) -> None:
     for b in by_kind(template(values), "ClusterRoleBinding") + by_kind(template(values), "RoleBinding"):
-        assert [s["name"] for s in b["subjects"]] == ["toposerve"]
+        assert [s["name"] for s in b["subjects"]] in (["toposerve"], ["toposerve-gateway"])
+        assert b["subjects"][0]["namespace"] == NS
+
+
+def _gateway_grants() -> set[Grant]:
+    return {(p.group, p.resource, v, "") for p in permissions.GATEWAY_PERMISSIONS for v in p.verbs}
+
+
+def test_the_gateway_reads_llmdeployments_and_endpointslices_only_cluster_wide_or_in_its_namespace() -> None:
+    assert chart_grants(template(), "toposerve-gateway") == {"cluster": _gateway_grants()}
+    scoped = template({"gateway": {"watchNamespace": "team-a"}})
+    assert chart_grants(scoped, "toposerve-gateway") == {"team-a": _gateway_grants()}
+    assert chart_grants(template({"gateway": {"enabled": False}}), "toposerve-gateway") == {}
+    assert all(set(p.verbs) <= {"get", "list", "watch"} for p in permissions.GATEWAY_PERMISSIONS)
+
+
+def test_the_gateway_watches_what_it_is_granted() -> None:
+    """gateway_watch.py lists and watches exactly the kinds GATEWAY_PERMISSIONS grants."""
+    from toposerve.router import gateway_watch
+
+    src = Path(gateway_watch.__file__).read_text()
+    assert "list_cluster_custom_object" in src and "list_namespaced_custom_object" in src
+    assert gateway_watch.PLURAL == "llmdeployments"
+    assert "list_endpoint_slice_for_all_namespaces" in src and "list_namespaced_endpoint_slice" in src
+    kinds = {(p.group, p.resource) for p in permissions.GATEWAY_PERMISSIONS}
+    assert kinds == {("toposerve.io", "llmdeployments"), ("discovery.k8s.io", "endpointslices")}
 
 
 def test_every_inventory_reflector_can_list_and_watch_cluster_wide() -> None:

@@ -105,6 +105,13 @@ AGENT_PERMISSIONS: tuple[Permission, ...] = (
     Permission("", "nodes/status", ("patch",), "cluster", "the GPUHealthy condition (strategic merge)"),
 )
 
+# The gateway (`toposerve gateway`, charts/toposerve/templates/gateway.yaml): reads only. Its
+# scope is the cluster, or the one namespace of gateway.watchNamespace (a Role there).
+GATEWAY_PERMISSIONS: tuple[Permission, ...] = (
+    Permission("toposerve.io", "llmdeployments", ("get", "list", "watch"), "watched", "the model table"),
+    Permission("discovery.k8s.io", "endpointslices", ("get", "list", "watch"), "watched", "engine endpoints"),
+)
+
 
 def needed(scope: Scope, namespaced: bool) -> list[Permission]:
     """The permissions of one scope; ``namespaced``: the operator watches a list of namespaces."""
