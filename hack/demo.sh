@@ -4,7 +4,8 @@
 #   2. bring up the local cluster (real control plane + kwok GPU fleet; binaries build the first time);
 #   3. install the operator with the Helm chart (it runs as a pod under its own ServiceAccount),
 #      apply the quickstart, the heterogeneous example and a simulated-vLLM 70B;
-#   4. wait for Ready, send chat completions to the serving pods, print where every replica landed.
+#   4. wait for Ready, send chat completions through the chart's gateway (which replica took each
+#      and why), print where every replica landed.
 # The cluster's GPUs are simulated, so the operator runs with autoEngine: mock (hack/demo-config.yaml,
 # passed as the chart's operatorConfig):
 # engine auto serves the CPU mock engine, placed on nodes of the planned GPU type. The 70B example is
@@ -48,7 +49,9 @@ done
 $BIN/python - "$OUT/values.yaml" <<'PY'
 import sys, yaml
 config = yaml.safe_load(open("hack/demo-config.yaml")) or {}
-values = {"operatorConfig": config, "operator": {"fallbackAfterSeconds": 20}}
+# The gateway says which replica took each request and why (x-toposerve-backend / -route-reason).
+values = {"operatorConfig": config, "operator": {"fallbackAfterSeconds": 20},
+          "gateway": {"extraArgs": ["--expose-backend"]}}
 yaml.safe_dump(values, open(sys.argv[1], "w"))
 PY
 "$CLUSTER_BIN/helm" upgrade --install toposerve charts/toposerve -n toposerve-system --create-namespace \
@@ -65,8 +68,8 @@ say "waiting for Ready"
 $KC wait -n $NS --for=condition=Ready llmd --all --timeout=300s
 $KC get llmd -n $NS
 
-say "chat completions, straight to each serving pod (pod IPs from the Services' EndpointSlices)"
-$BIN/python hack/demo_report.py "$KC" $NS chat quickstart llama-70b-mixed
+say "chat completions through the gateway: one endpoint, the request's model picks the deployment"
+$BIN/python hack/demo_report.py "$KC" $NS chat toposerve-system/toposerve-gateway quickstart llama-70b-mixed
 
 say "where every replica landed, and why"
 $BIN/python hack/demo_report.py "$KC" $NS placement
@@ -78,6 +81,8 @@ cat <<EOF
   $KC get llmd -A                      # printer columns: model, GPU, TP/PP, ready, desired, endpoint
   $KC describe llmd llama-70b -n $NS   # conditions and Events
   $KC scale llmd quickstart -n $NS --replicas=3
+  $KC port-forward -n toposerve-system svc/toposerve-gateway 8080:80 &   # one endpoint, every model:
+  curl -s localhost:8080/v1/models; curl -s localhost:8080/health      # which models are routable
   $KC explain llmd.spec --recursive
   $CLUSTER_BIN/helm status toposerve -n toposerve-system
   tail -f .cluster/pods/toposerve-system_toposerve-*_operator.log   # the operator pods' output

@@ -1,6 +1,6 @@
-"""Parts of `make demo` that are easier in Python: chat with the serving pods, show placement.
+"""Parts of `make demo` that are easier in Python: chat through the gateway, show placement.
 
-Usage: demo_report.py KUBECTL NAMESPACE chat NAME...   |   demo_report.py KUBECTL NAMESPACE placement
+Usage: demo_report.py KUBECTL NAMESPACE chat GATEWAY_NS/SERVICE NAME...   |   demo_report.py KUBECTL NAMESPACE placement
 """
 
 from __future__ import annotations
@@ -17,32 +17,58 @@ def kc(kubectl: str, *args: str) -> dict:  # type: ignore[type-arg]
     return dict(json.loads(subprocess.check_output([kubectl, *args, "-o", "json"])))
 
 
-def chat(kubectl: str, ns: str, names: list[str]) -> None:
+def _ready_ips(kubectl: str, ns: str, service: str) -> list[str]:
+    slices = kc(kubectl, "get", "endpointslices", "-n", ns, "-l", f"kubernetes.io/service-name={service}")
+    return [
+        a
+        for s in slices["items"]
+        for e in s.get("endpoints") or []
+        if (e.get("conditions") or {}).get("ready")
+        for a in e["addresses"]
+    ]
+
+
+def chat(kubectl: str, ns: str, gateway: str, names: list[str]) -> None:
+    """Chat completions through the gateway (one endpoint, `model` picks the deployment): which
+    replica each request reached and why (the gateway runs with --expose-backend for the demo)."""
+    gw_ns, gw_svc = gateway.split("/", 1)
+    (ip, *_) = _ready_ips(kubectl, gw_ns, gw_svc) or ["-"]
+    base = f"http://{ip}:8080"
+    with NO_PROXY.open(base + "/v1/models", timeout=30) as r:
+        models = [m["id"] for m in json.loads(r.read())["data"]]
+    print(f"gateway {gateway} ({ip}:8080) serves: {', '.join(models)}")
+    pods = {
+        (p.get("status") or {}).get("podIP"): p["metadata"]["name"]
+        for p in kc(kubectl, "get", "pods", "-n", ns, "-l", "app.kubernetes.io/component=engine")["items"]
+    }
+    system = "You are the demo assistant of toposerve. " * 8  # a shared prefix: prefix affinity shows
     for name in names:
-        model = kc(kubectl, "get", "llmd", name, "-n", ns)["spec"]["model"]["name"]
-        slices = kc(
-            kubectl, "get", "endpointslices", "-n", ns, "-l", f"kubernetes.io/service-name={name}-engine"
-        )
-        ips = [
-            a
-            for s in slices["items"]
-            for e in s.get("endpoints") or []
-            if (e.get("conditions") or {}).get("ready")
-            for a in e["addresses"]
-        ]
-        for ip in ips:
-            body = {"model": model, "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 12}
+        spec = kc(kubectl, "get", "llmd", name, "-n", ns)["spec"]
+        model = spec["model"].get("servedName") or spec["model"]["name"]
+        for i in range(4):
+            body = {
+                "model": model,
+                "messages": [
+                    {"role": "system", "content": system},
+                    {"role": "user", "content": f"Say hello {i}"},
+                ],
+                "max_tokens": 12,
+            }
             req = urllib.request.Request(
-                f"http://{ip}:8000/v1/chat/completions",
+                base + "/v1/chat/completions",
                 data=json.dumps(body).encode(),
                 headers={"content-type": "application/json"},
             )
-            with NO_PROXY.open(req, timeout=30) as r:
+            with NO_PROXY.open(req, timeout=60) as r:
                 reply = json.loads(r.read())
-            text = reply["choices"][0]["message"]["content"][:48]
+                backend = r.headers.get("x-toposerve-backend", "")
+                reason = r.headers.get("x-toposerve-route-reason", "")
+            host = backend.split("//", 1)[-1].rsplit(":", 1)[0]
+            text = reply["choices"][0]["message"]["content"][:32]
             usage = reply["usage"]
             print(
-                f"{name:16} {ip:13} -> {text!r}  ({usage['prompt_tokens']}+{usage['completion_tokens']} tokens)"
+                f"{name:16} -> {pods.get(host, host)[:40]:40} {reason:14} {text!r} "
+                f"({usage['prompt_tokens']}+{usage['completion_tokens']} tokens)"
             )
 
 
@@ -73,4 +99,4 @@ def placement(kubectl: str, ns: str) -> None:
 
 if __name__ == "__main__":
     kubectl, ns, what, *rest = sys.argv[1:]
-    chat(kubectl, ns, rest) if what == "chat" else placement(kubectl, ns)
+    chat(kubectl, ns, rest[0], rest[1:]) if what == "chat" else placement(kubectl, ns)

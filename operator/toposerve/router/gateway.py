@@ -15,9 +15,9 @@ answered.
 
 Metrics: the gateway's own ``toposerve_gateway_requests{model,code}`` (every name the table
 knows, adapters included; anything else counts as ``model="unknown"`` so a client cannot grow
-the series), plus every member's public series with ``namespace`` and ``llmdeployment`` labels
-added (TTFT, latency, errors, decisions, demand), which is what the autoscaler reads for
-gateway-mode deployments.
+the series), plus every member's public series with ``llmdeployment_namespace`` and ``llmdeployment``
+labels added (TTFT, latency, errors, decisions, demand), which is what the autoscaler reads for
+gateway-mode deployments. Not ``namespace``: Prometheus puts its target's namespace there.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ class _Members(Collector):
                 if out is None:
                     out = fams[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
                 for s in fam.samples:
-                    labels = {**s.labels, "namespace": ns, "llmdeployment": name}
+                    labels = {**s.labels, "llmdeployment_namespace": ns, "llmdeployment": name}
                     out.add_sample(s.name, labels, s.value, s.timestamp, s.exemplar)
         yield from fams.values()
 

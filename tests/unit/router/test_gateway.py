@@ -190,7 +190,7 @@ async def test_metrics_count_per_model_and_label_member_series_by_deployment() -
             }
             assert reqs == {(LLAMA, "200"): 2, (QWEN, "200"): 1, ("unknown", "404"): 1}
             member = {
-                (x.labels["namespace"], x.labels["llmdeployment"])
+                (x.labels["llmdeployment_namespace"], x.labels["llmdeployment"])
                 for x in fams["toposerve_router_requests"].samples
                 if x.name.endswith("_total")
             }
