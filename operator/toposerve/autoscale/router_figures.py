@@ -14,7 +14,7 @@ their ready replicas.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
@@ -45,7 +45,7 @@ class RouterFigures:
 
 
 @dataclass
-class _One:
+class RouterPage:
     """One router's page."""
 
     sums: dict[str, float]
@@ -78,14 +78,27 @@ def _finite(x: float) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x >= 0
 
 
-def parse_router_page(text: str) -> _One | None:
-    """One router's /metrics; None when it does not parse (the router counts as not answering)."""
-    one = _One({}, {}, {})
+# The gateway (router/gateway.py) labels each member router's series with its deployment.
+DEPLOYMENT_LABELS = ("llmdeployment_namespace", "llmdeployment")
+
+
+def parse_router_page(text: str, only: tuple[str, str] | None = None) -> RouterPage | None:
+    """One router's /metrics; None when it does not parse (the router counts as not answering).
+
+    ``only`` (namespace, name): a gateway's page carries every deployment it routes, each series
+    labelled with its deployment; only that deployment's series count, and a page without any is
+    None (that gateway does not route it). A dedicated router's series carry no such labels: all
+    of them are its deployment's."""
+    one = RouterPage({}, {}, {})
+    matched = False
     try:
         for family in text_string_to_metric_families(text):
             for s in family.samples:
                 if not s.name.startswith(PREFIX) or not _finite(s.value):
                     continue
+                if only is not None and not _mine(s.labels, only):
+                    continue
+                matched = True
                 name = s.name[len(PREFIX) :]
                 window = s.labels.get("window")
                 key = _SUMMED.get((name, window))
@@ -98,10 +111,19 @@ def parse_router_page(text: str) -> _One | None:
                     one.ready[pool] = one.ready.get(pool, 0.0) + float(s.value)
     except Exception:  # the parser raises ValueError and others on malformed text
         return None
+    if only is not None and not matched and text.strip():
+        return None
     return one
 
 
-def combine(pages: Iterable[_One | None]) -> RouterFigures:
+def _mine(labels: Mapping[str, str], only: tuple[str, str]) -> bool:
+    """A dedicated router's series (no deployment labels), or the gateway's of that deployment."""
+    if DEPLOYMENT_LABELS[1] not in labels:
+        return True
+    return (labels.get(DEPLOYMENT_LABELS[0]), labels.get(DEPLOYMENT_LABELS[1])) == only
+
+
+def combine(pages: Iterable[RouterPage | None]) -> RouterFigures:
     """Sum the routers' demand, average their views of the engines (see the module docstring)."""
     got = [p for p in pages if p is not None]
     if not got:

@@ -73,3 +73,32 @@ def test_demand_is_summed_over_pools_and_routers_service_weighted_by_ready_repli
 def test_no_router_or_garbage_is_no_figure() -> None:
     assert combine([]) == RouterFigures() == combine([parse_router_page("<html>502</html>{")])
     assert parse_router_page("") is not None  # an empty page parses: a router with nothing to say
+
+
+def test_a_gateway_page_counts_only_the_deployments_own_series() -> None:
+    """The page of a real Gateway (router/gateway.py) routing two deployments, one holding requests
+    at zero replicas: each deployment reads its own figures; a deployment the gateway does not
+    route reads as "not answering"; a dedicated router's unlabelled page counts whole."""
+    from prometheus_client import generate_latest
+
+    from toposerve.router.gateway import Gateway
+
+    gw = Gateway()
+    objs = [
+        {"metadata": {"name": n, "namespace": "ns"}, "spec": {"model": {"name": f"org/{n}"}}}
+        for n in ("a", "b")
+    ]
+    gw.deployments_listed(objs)
+    gw.members["ns/a"].held = 3
+    gw.members["ns/b"].queued = 2
+    page = generate_latest(gw.gw_registry).decode()
+    a = combine([parse_router_page(page, ("ns", "a"))])
+    b = combine([parse_router_page(page, ("ns", "b"))])
+    assert (a.routers, a.held, a.queued) == (1, 3, 0)
+    assert (b.routers, b.held, b.queued) == (1, 0, 2)
+    assert parse_router_page(page, ("ns", "c")) is None
+    assert parse_router_page(page, ("other", "a")) is None
+    whole = combine([parse_router_page(page)])
+    assert (whole.held, whole.queued) == (3, 2)
+    dedicated = PAGE
+    assert parse_router_page(dedicated, ("ns", "a")) == parse_router_page(dedicated)
