@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +38,14 @@ from toposerve.render.objects import render_deployment
 pytestmark = pytest.mark.vllm
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def _runs_vllm(path: Path) -> bool:
+    """Examples pinned to the mock engine (engine: mock, for the local cluster) render no vLLM line."""
+    return any(d.spec.engine != "mock" for d in load_manifests(path.read_text()))
+
+
+VLLM_EXAMPLES = [p for p in EXAMPLES if _runs_vllm(p)]
 CONFIG = OperatorConfig(auto_engine="vllm")
 
 
@@ -105,6 +114,18 @@ SPECS: dict[str, LLMDeploymentSpec] = {
     "kv-events-multinode": spec("meta-llama/Llama-3.1-405B-Instruct", routing={"kvEvents": True},
                                 parallelism={"tensor": 8, "pipeline": 2},
                                 placement={"gpuTypes": ["H100"], "topologyKey": "nvidia.com/gpu.clique"}),
+    # LoRA (docs/lora.md): --enable-lora, --max-loras, --max-lora-rank (a Literal of ranks in
+    # vLLM's parser), --max-cpu-loras; aliases as more --served-model-name values.
+    "lora": spec("meta-llama/Llama-3.1-8B-Instruct", lora={},
+                 adapters=[{"name": "sql", "source": "org/sql-lora"}]),
+    "lora-aliases": spec("meta-llama/Llama-3.1-8B-Instruct",
+                         model_fields={"servedName": "llama", "aliases": ["llama-8b", "default"]},
+                         lora={"maxLoras": 4, "maxLoraRank": 320, "maxCpuLoras": 16},
+                         adapters=[{"name": "legal", "source": "cache://adapters/legal"}]),
+    "lora-multinode": spec("meta-llama/Llama-3.1-405B-Instruct", lora={"maxLoras": 2, "maxLoraRank": 64},
+                           model_fields={"aliases": ["llama-405b"]},
+                           parallelism={"tensor": 8, "pipeline": 2},
+                           placement={"gpuTypes": ["H100"], "topologyKey": "nvidia.com/gpu.clique"}),
 }  # fmt: skip
 
 
@@ -133,7 +154,7 @@ def _cases(label: str, name: str, s: LLMDeploymentSpec, inventory: Inventory | N
 def collect() -> list[Case]:
     cases: list[Case] = []
     inventory = gpu_fleet()
-    for path in EXAMPLES:
+    for path in VLLM_EXAMPLES:
         for d in load_manifests(path.read_text()):
             cases += _cases(f"example-{path.stem}-{d.name}", d.name, d.spec, None)
             cases += _cases(f"example-{path.stem}-{d.name}-on-fleet", d.name, d.spec, inventory)
@@ -193,7 +214,7 @@ def test_vllm_accepts_rendered_command_line(case: Case, verdicts: dict[tuple[str
 
 def _vllm_images() -> set[str]:
     images: set[str] = set()
-    for path in EXAMPLES:
+    for path in VLLM_EXAMPLES:
         for d in load_manifests(path.read_text()):
             objs = render_deployment(
                 d.name, "default", d.spec, plan_deployment(d.name, d.spec, CONFIG), CONFIG
@@ -209,10 +230,12 @@ def test_rendered_image_is_the_checked_vllm_version() -> None:
 
 
 def test_every_example_and_spec_renders_vllm() -> None:
-    assert EXAMPLES, "no examples found"
+    assert VLLM_EXAMPLES, "no examples found"
     ids = {c.id.split(":")[0] for c in CASES}
     assert {f"spec-{k}" for k in SPECS} <= ids
-    assert all(any(i.startswith(f"example-{p.stem}-") for i in ids) for p in EXAMPLES)
+    assert all(any(i.startswith(f"example-{p.stem}-") for i in ids) for p in VLLM_EXAMPLES)
+    # an engine: mock example is one on purpose, with a vLLM twin among SPECS when it shows a flag
+    assert len(EXAMPLES) - len(VLLM_EXAMPLES) <= 1, [p.stem for p in EXAMPLES if p not in VLLM_EXAMPLES]
 
 
 def test_parsed_values_match_what_the_plan_meant(verdicts: dict[tuple[str, ...], VllmResult]) -> None:
@@ -240,6 +263,11 @@ def test_parsed_values_match_what_the_plan_meant(verdicts: dict[tuple[str, ...],
     assert awq["quantization"] == "awq"
     named = verdicts[by_id["spec-served-name-and-extra-args"].argv]["values"]
     assert named["served_model_name"] == ["qwen"]
+    aliased = verdicts[by_id["spec-lora-aliases"].argv]["values"]
+    assert aliased["served_model_name"] == ["llama", "llama-8b", "default"]  # the first labels metrics
+    lora_multi = by_id["spec-lora-multinode:0"].argv, by_id["spec-lora-multinode:1"].argv
+    for argv in lora_multi:  # every node of a replica builds the LoRA layers
+        assert " --enable-lora --max-loras 2 --max-lora-rank 64 --max-cpu-loras 2 " in f" {' '.join(argv)} "
 
 
 # --- the harness itself -------------------------------------------------------------------------

@@ -10,6 +10,7 @@ checked by the planner and reported in status instead.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -41,6 +42,11 @@ DTYPE_BYTES: dict[str, float] = {"bf16": 2.0, "fp16": 2.0, "fp8": 1.0, "int8": 1
 
 GPU_TYPE_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
 DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]{0,18}[a-z0-9])?$"
+# A name clients put in the OpenAI "model" field (aliases, LoRA adapters): no spaces, no "=" (the
+# router's --adapter NAME=SOURCE splits on the first "="), no leading or trailing punctuation.
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9]([A-Za-z0-9._:/-]{0,126}[A-Za-z0-9])?$"
+MODEL_NAME_MAX = 128
+ModelName = Annotated[str, Field(pattern=MODEL_NAME_PATTERN, max_length=MODEL_NAME_MAX)]
 
 
 def _positive_or_auto(v: int | str) -> int | str:
@@ -168,6 +174,9 @@ class ModelCacheSpec(_Model):
         return self
 
 
+ALIAS_IS_SERVED_NAME = "aliases must not repeat the served name (servedName, else name)"
+
+
 class ModelSpec(_Model):
     """Which model to serve and at what precision and context length."""
 
@@ -201,6 +210,13 @@ class ModelSpec(_Model):
         max_length=253,
         description="Name clients use in the OpenAI 'model' field; default: model.name.",
     )
+    aliases: list[ModelName] = Field(
+        default_factory=list,
+        max_length=16,
+        description="More names clients may use for the same model, served after the primary one "
+        "(vLLM --served-model-name takes several; the first, servedName, labels the metrics).",
+        json_schema_extra={"x-kubernetes-list-type": "set"},
+    )
     architecture: Architecture | None = Field(
         default=None,
         description="Explicit architecture; required for models missing from the built-in catalog.",
@@ -217,6 +233,194 @@ class ModelSpec(_Model):
         description="Where the weights are kept on the node (default: an emptyDir sized from the weights).",
         json_schema_extra={"default": {}},
     )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.aliases) || "
+                    "!((has(self.servedName) ? self.servedName : self.name) in self.aliases)",
+                    "message": ALIAS_IS_SERVED_NAME,
+                    "fieldPath": ".aliases",
+                }
+            ]
+        }
+    )
+
+    @property
+    def primary_served_name(self) -> str:
+        """The name vLLM serves first (and labels its metrics with): servedName, else name."""
+        return self.served_name or self.name
+
+    @property
+    def served_names(self) -> list[str]:
+        """Every name the base model answers to: the primary one, then the aliases."""
+        return [self.primary_served_name, *self.aliases]
+
+    @model_validator(mode="after")
+    def _aliases_distinct(self) -> ModelSpec:
+        if self.primary_served_name in self.aliases:
+            raise FieldValueError("aliases", ALIAS_IS_SERVED_NAME)
+        if len(self.aliases) != len(set(self.aliases)):  # the API server: x-kubernetes-list-type set
+            raise FieldValueError("aliases", "aliases must be unique")
+        return self
+
+
+# LoRA serving (docs/lora.md). Bounds from vLLM 0.33.0: config/lora.py's MaxLoRARanks and LoRAConfig
+# (max_loras >= 1, default 1; max_cpu_loras >= max_loras, default max_loras; rank default 16).
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+MAX_CPU_LORAS_MESSAGE = (
+    "maxCpuLoras must be >= maxLoras (vLLM keeps every adapter of a batch in CPU memory too)"
+)
+# Where the engine pods mount the model cache (model.cache); adapters on the cache resolve under it.
+MODEL_CACHE_MOUNT = "/models"
+MAX_ADAPTERS = 1000
+
+
+class LoraSpec(_Model):
+    """LoRA adapter serving: present (even as ``lora: {}``) turns it on (vLLM --enable-lora)."""
+
+    max_loras: int = Field(
+        default=1,
+        ge=1,
+        le=256,
+        description="Adapters one batch may use at once, each with a GPU slot (vLLM --max-loras; default 1).",
+    )
+    max_lora_rank: LoraRank = Field(
+        default=16,
+        description="Largest adapter rank a replica accepts (vLLM --max-lora-rank: 1, 8, 16, 32, 64, 128, "
+        "256, 320 or 512; default 16). GPU memory for the slots is sized from it; a higher-rank adapter "
+        "fails to load.",
+    )
+    max_cpu_loras: int | None = Field(
+        default=None,
+        ge=1,
+        le=4096,
+        description="Adapters a replica keeps loaded in CPU memory, >= maxLoras (vLLM --max-cpu-loras; "
+        "default: maxLoras). Adapters beyond it are evicted least recently used and reloaded on demand.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.maxCpuLoras) || self.maxCpuLoras >= (has(self.maxLoras) ? self.maxLoras : 1)",
+                    "message": MAX_CPU_LORAS_MESSAGE,
+                    "fieldPath": ".maxCpuLoras",
+                }
+            ]
+        }
+    )
+
+    @model_validator(mode="after")
+    def _cpu_holds_the_batch(self) -> LoraSpec:
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise FieldValueError("maxCpuLoras", MAX_CPU_LORAS_MESSAGE)
+        return self
+
+    @property
+    def effective_max_cpu_loras(self) -> int:
+        """vLLM's own default: maxLoras."""
+        return self.max_loras if self.max_cpu_loras is None else self.max_cpu_loras
+
+
+# hf://org/repo or org/repo | https://... or s3://... | cache://relative/path or /models/path
+ADAPTER_SOURCE_PATTERN = (
+    r"^((hf://)?[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*"
+    r"|(https|s3)://[^\s]+"
+    r"|cache://[A-Za-z0-9._-][A-Za-z0-9._/-]*"
+    rf"|{MODEL_CACHE_MOUNT}/[A-Za-z0-9._-][A-Za-z0-9._/-]*)$"
+)
+ADAPTER_SOURCE_MESSAGE = (
+    f"must be hf://org/repo or org/repo (Hugging Face), an https:// or s3:// URL, or on the model cache: "
+    f"cache://relative/path or {MODEL_CACHE_MOUNT}/path"
+)
+ADAPTER_DOTDOT_MESSAGE = "a source on the model cache must not contain '..'"
+ADAPTER_REVISION_MESSAGE = "revision is for Hugging Face sources (hf://org/repo or org/repo) only"
+AdapterSourceKind = Literal["hf", "url", "cache"]
+
+
+class AdapterSpec(_Model):
+    """One LoRA adapter, served under its own OpenAI model name."""
+
+    name: ModelName = Field(
+        description="The OpenAI model name clients use for this adapter (letters, digits, '.', '_', ':', "
+        "'/', '-'; at most 128). Unique, and different from the served name and the aliases.",
+    )
+    source: str = Field(
+        max_length=512,
+        json_schema_extra={"pattern": ADAPTER_SOURCE_PATTERN},  # checked below, with a readable message
+        description="Where the adapter's files are: a Hugging Face repo (hf://org/repo or org/repo), an "
+        "https:// or s3:// URL, or a directory on the model cache (cache://relative/path, or an absolute "
+        f"path under {MODEL_CACHE_MOUNT}, where the engine pods mount model.cache).",
+    )
+    revision: str | None = Field(
+        default=None,
+        max_length=255,
+        pattern=r"^[A-Za-z0-9._/-]+$",
+        description="Hugging Face revision (branch, tag or commit) of an hf source; default: the main branch.",
+    )
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!(self.source.startsWith('cache://') || self.source.startsWith('/')) || "
+                    "!self.source.contains('..')",
+                    "message": ADAPTER_DOTDOT_MESSAGE,
+                    "fieldPath": ".source",
+                },
+                {
+                    "rule": "!has(self.revision) || !(self.source.startsWith('https://') || "
+                    "self.source.startsWith('s3://') || self.source.startsWith('cache://') || "
+                    "self.source.startsWith('/'))",
+                    "message": ADAPTER_REVISION_MESSAGE,
+                    "fieldPath": ".revision",
+                },
+            ]
+        }
+    )
+
+    @field_validator("source")
+    @classmethod
+    def _source_form(cls, v: str) -> str:
+        if not re.match(ADAPTER_SOURCE_PATTERN, v):
+            raise ValueError(ADAPTER_SOURCE_MESSAGE)
+        return v
+
+    @model_validator(mode="after")
+    def _source_shape(self) -> AdapterSpec:
+        if self.source_kind == "cache" and ".." in self.source:
+            raise FieldValueError("source", ADAPTER_DOTDOT_MESSAGE)
+        if self.revision is not None and self.source_kind != "hf":
+            raise FieldValueError("revision", ADAPTER_REVISION_MESSAGE)
+        return self
+
+    @property
+    def source_kind(self) -> AdapterSourceKind:
+        if self.source.startswith(("https://", "s3://")):
+            return "url"
+        if self.source.startswith(("cache://", "/")):
+            return "cache"
+        return "hf"
+
+    @property
+    def engine_source(self) -> str:
+        """The source as the router passes it on (``--adapter NAME=SOURCE``, docs/lora.md):
+
+        - ``/models/...``: a directory in the engine pod (a cache source under the model cache mount);
+        - ``org/repo``: a Hugging Face repo id (vLLM's /v1/load_lora_adapter downloads it itself);
+        - with a scheme (``https://``, ``s3://``, ``hf://org/repo@revision``): files vLLM 0.33.0
+          cannot fetch itself (no URLs, no revision pinning); whoever loads it must stage them first.
+        """
+        if self.source_kind == "cache":
+            if self.source.startswith("cache://"):
+                return f"{MODEL_CACHE_MOUNT}/{self.source.removeprefix('cache://').lstrip('/')}"
+            return self.source
+        if self.source_kind == "url":
+            return self.source
+        repo = self.source.removeprefix("hf://")
+        return f"hf://{repo}@{self.revision}" if self.revision else repo
 
 
 class ParallelismSpec(_Model):
@@ -769,10 +973,40 @@ class AutoscalingSpec(_Model):
         return self.mode or "builtin"
 
 
-class RoutingSpec(_Model):
-    """How toposerve's router spreads requests over replicas."""
+RoutingMode = Literal["dedicated", "gateway", "none"]
+ROUTING_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        "mode", "mode none contradicts enabled: true (enabled is the older switch: set enabled: false "
+        "or remove it; objects created before routing.mode carry enabled: true from its old default)",
+        "!has(self.mode) || self.mode != 'none' || !has(self.enabled) || !self.enabled",
+        lambda r: r.mode == "none" and r.router_enabled is True,
+    ),
+    CrossFieldRule(
+        "mode", "mode dedicated or gateway contradicts enabled: false (enabled: false is mode none: "
+        "remove enabled)",
+        "!has(self.mode) || self.mode == 'none' || !has(self.enabled) || self.enabled",
+        lambda r: r.mode in ("dedicated", "gateway") and r.router_enabled is False,
+    ),
+)  # fmt: skip
 
-    enabled: bool = Field(default=True, description="Deploy the router in front of the replicas.")
+
+class RoutingSpec(_Model):
+    """How requests reach the replicas: a router per deployment, the cluster's gateway, or neither."""
+
+    mode: RoutingMode | None = Field(
+        default=None,
+        description="dedicated (default): a router per deployment (<name>-router, Service <name>) in front "
+        "of its replicas; gateway: no router of its own, the cluster's shared gateway routes to the engine "
+        "Services (labelled and annotated for discovery); none: clients use the engine Service "
+        "<name>-engine directly. Default: dedicated, or none with enabled: false.",
+    )
+    # ``enabled`` on the wire; the attribute of the same name is the effective answer (below).
+    router_enabled: bool | None = Field(
+        default=None,
+        alias="enabled",
+        description="The older switch, kept working: enabled: false is mode: none, enabled: true allows "
+        "dedicated and gateway. Prefer mode; the two must not contradict.",
+    )
     strategy: Strategy = Field(
         default="auto",
         description="auto (prefix affinity + load + KV usage + queue, weighted), round-robin, least-request, "
@@ -812,6 +1046,34 @@ class RoutingSpec(_Model):
     replicas: int = Field(
         default=2, ge=1, le=50, description="Router pods (2 by default, spread over nodes, with a PDB)."
     )
+
+    model_config = ConfigDict(
+        json_schema_extra={"x-kubernetes-validations": [r.validation() for r in ROUTING_RULES]}
+    )
+
+    @model_validator(mode="after")
+    def _mode_and_enabled_agree(self) -> RoutingSpec:
+        for rule in ROUTING_RULES:
+            if rule.violated(self):
+                raise FieldValueError(rule.field, rule.message)
+        return self
+
+    @property
+    def effective_mode(self) -> RoutingMode:
+        """mode when set, none for enabled: false, else dedicated: the one answer every reader uses."""
+        if self.mode is not None:
+            return self.mode
+        return "none" if self.router_enabled is False else "dedicated"
+
+    @property
+    def dedicated_router(self) -> bool:
+        """Whether this deployment gets its own router (Deployment, Service <name>, PDB, RBAC)."""
+        return self.effective_mode == "dedicated"
+
+    @property
+    def enabled(self) -> bool:
+        """Kept for older readers: whether a per-deployment router is rendered (= dedicated_router)."""
+        return self.dedicated_router
 
 
 class CostSpec(_Model):
@@ -900,6 +1162,28 @@ def _nested_default() -> dict[str, Any]:
     return {"default": {}}
 
 
+ADAPTERS_NEED_LORA = (
+    "adapters need spec.lora (e.g. lora: {maxLoras: 4}): vLLM serves adapters only with --enable-lora"
+)
+ADAPTER_NAME_TAKEN = (
+    "an adapter's name must differ from the model's served name (servedName, else name) and aliases"
+)
+SPEC_RULES: tuple[CrossFieldRule, ...] = (
+    CrossFieldRule(
+        "adapters", ADAPTERS_NEED_LORA,
+        "!has(self.adapters) || size(self.adapters) == 0 || has(self.lora)",
+        lambda s: bool(s.adapters) and s.lora is None,
+    ),
+    CrossFieldRule(
+        "adapters", ADAPTER_NAME_TAKEN,
+        "!has(self.adapters) || self.adapters.all(a, "
+        "a.name != (has(self.model.servedName) ? self.model.servedName : self.model.name) && "
+        "(!has(self.model.aliases) || !(a.name in self.model.aliases)))",
+        lambda s: any(a.name in s.model.served_names for a in s.adapters),
+    ),
+)  # fmt: skip
+
+
 class LLMDeploymentSpec(_Model):
     """Desired state of an LLMDeployment. Written by users (and spec.replicas by one autoscaler)."""
 
@@ -947,6 +1231,18 @@ class LLMDeploymentSpec(_Model):
         description="Rollouts and node drains: surge (default) or in place.",
         json_schema_extra=_nested_default(),
     )
+    lora: LoraSpec | None = Field(
+        default=None,
+        description="LoRA adapter serving (vLLM --enable-lora); present, even empty ({}), turns it on. "
+        "Adapters are loaded at run time (docs/lora.md).",
+    )
+    adapters: list[AdapterSpec] = Field(
+        default_factory=list,
+        max_length=MAX_ADAPTERS,
+        description="LoRA adapters served beside the base model, each under its own OpenAI model name; "
+        "needs lora.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["name"]},
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -956,7 +1252,8 @@ class LLMDeploymentSpec(_Model):
                     "!has(self.placement.gpuTypes) || size(self.placement.gpuTypes) == 0",
                     "message": "set GPU types either in placement.gpuTypes or per pool in pools[].gpuTypes, not both",
                     "fieldPath": ".pools",
-                }
+                },
+                *(r.validation() for r in SPEC_RULES),
             ]
         }
     )
@@ -983,3 +1280,18 @@ class LLMDeploymentSpec(_Model):
         if len(names) != len(set(names)):
             raise FieldValueError("pools", "pool names must be unique")
         return self
+
+    @model_validator(mode="after")
+    def _adapters(self) -> LLMDeploymentSpec:
+        for rule in SPEC_RULES:
+            if rule.violated(self):
+                raise FieldValueError(rule.field, rule.message)
+        names = [a.name for a in self.adapters]
+        if len(names) != len(set(names)):  # the API server: x-kubernetes-list-map-keys [name]
+            raise FieldValueError("adapters", "adapter names must be unique")
+        return self
+
+    @property
+    def openai_model_names(self) -> list[str]:
+        """Every OpenAI model name this deployment answers to: served name, aliases, adapters."""
+        return [*self.model.served_names, *(a.name for a in self.adapters)]

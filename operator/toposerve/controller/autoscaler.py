@@ -197,6 +197,8 @@ class Autoscaler:
         )
         forecast = self._forecast_floor(ns, name, a, now, startup_s)
         held = 0
+        # gateway mode: no router pods of its own (routers is empty, held 0); the shared gateway
+        # will have to report what it holds for this deployment here to scale it from zero.
         if current == 0:  # scale from zero: what the routers hold is the only demand there is
             routers = [p for p in self._pods(ns, name) if _component(p) == "router"]
             held = self.source.held(ns, name, routers)
@@ -260,7 +262,9 @@ class Autoscaler:
         """What the deployment's routers see, read from each router pod (router_figures.py), with
         the KV capacity of one replica from status (the plan's); None when no router answered,
         routing is off or the capacity is unknown: the decision then uses the engines' metrics."""
-        if not spec.routing.enabled:
+        # gateway mode: the leading signal will come from the shared gateway's figures for this
+        # deployment; until it exports them, the engines' metrics decide (as with mode none).
+        if not spec.routing.dedicated_router:
             return None
         capacities = [
             int(c)

@@ -459,7 +459,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         )
         _write_status(ctx, body, obs, previous, now)
         return Result()
-    router = router_readiness(pods) if spec.routing.enabled else None
+    # gateway mode: no router pods of the deployment's own to count (the gateway reports its own health).
+    router = router_readiness(pods) if spec.routing.dedicated_router else None
     notices = _notices(spec, dplan) + autoscaler_notices
     for obj in desired:
         try:

@@ -139,7 +139,7 @@ def render_monitors(
             engine_service_name(name), name, namespace, "engine", engine_monitor_selector(name), config, owner
         )
     ]
-    if spec.routing.enabled:
+    if spec.routing.dedicated_router:  # gateway mode: the gateway's own monitor, not one per deployment
         out.append(
             _monitor(
                 router_name(name), name, namespace, "router", router_monitor_selector(name), config, owner

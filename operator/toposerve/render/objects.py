@@ -22,7 +22,7 @@ import yaml
 from toposerve import API_GROUP, API_VERSION
 from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
-from toposerve.api.spec import LLMDeploymentSpec
+from toposerve.api.spec import MODEL_CACHE_MOUNT, LLMDeploymentSpec
 from toposerve.planner.inventory import Inventory
 from toposerve.planner.memory import GIB
 from toposerve.planner.plan import IMAGE_WEIGHTS_DIR, DeploymentPlan, PoolPlan, cache_gib
@@ -51,7 +51,14 @@ KV_EVENTS_CONFIG = json.dumps(
     separators=(",", ":"),
 )  # fmt: skip
 MASTER_PORT = 29500  # torch.distributed rendezvous on the group leader (vLLM --master-port)
-MODELS_DIR = "/models"
+MODELS_DIR = MODEL_CACHE_MOUNT  # adapters on the cache (cache://...) resolve under it (api/spec.py)
+# On the engine Services (every one, whatever the routing mode), for a gateway's discovery: the
+# OpenAI model names served ({"servedName", "aliases", "adapters"}: names only, to stay well under
+# the 256 KiB annotation limit with 1000 adapters; sources are in the spec and the router's args).
+ANNOTATION_MODELS = "toposerve.io/models"
+ANNOTATION_ROUTING_MODE = "toposerve.io/routing-mode"
+# vLLM 0.33.0 serves /v1/load_lora_adapter and /v1/unload_lora_adapter only with this set (envs.py).
+RUNTIME_LORA_ENV = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
 MAX_HOLD_SECONDS = 300
 LABEL_EVACUATING = "toposerve.io/evacuating"  # on a pod the operator is moving (covered by its own budget)
 # After the drain: vLLM releases GPU memory and its worker processes exit (seconds, measured by
@@ -278,8 +285,40 @@ def engine_probes(startup_failure_threshold: int) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _with_aliases(args: list[str], aliases: list[str]) -> list[str]:
+    """``args`` with the aliases after the served name: vLLM's --served-model-name takes several
+    names and labels its metrics with the first, which stays the planned one."""
+    if not aliases or "--served-model-name" not in args:
+        return list(args)
+    at = args.index("--served-model-name") + 2
+    return [*args[:at], *aliases, *args[at:]]
+
+
+def lora_args(spec: LLMDeploymentSpec) -> list[str]:
+    """vLLM's LoRA flags (the mock engine takes the same names), none without spec.lora.
+
+    No --lora-modules and no LoRA resolver plugin: adapters are loaded at run time by the router
+    through /v1/load_lora_adapter (hence VLLM_ALLOW_RUNTIME_LORA_UPDATING), because which replica
+    holds which adapter is a placement decision made per replica and per request, which is the
+    router's job; a static list would load every adapter on every replica at start.
+    """
+    lora = spec.lora
+    if lora is None:
+        return []
+    return ["--enable-lora", "--max-loras", str(lora.max_loras), "--max-lora-rank", str(lora.max_lora_rank),
+            "--max-cpu-loras", str(lora.effective_max_cpu_loras)]  # fmt: skip
+
+
+def lora_env(spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
+    return [{"name": RUNTIME_LORA_ENV, "value": "True"}] if spec.lora is not None else []
+
+
 def _vllm_commands(
-    plan: PoolPlan, shutdown_s: int, leader_wait_s: int, kv_events: bool = False
+    plan: PoolPlan,
+    shutdown_s: int,
+    leader_wait_s: int,
+    kv_events: bool = False,
+    spec: LLMDeploymentSpec | None = None,
 ) -> tuple[list[str], list[str], list[str], list[str]]:
     """(command, leader args, worker command, worker args) for vLLM.
 
@@ -292,7 +331,9 @@ def _vllm_commands(
     ``--shutdown-timeout`` on every pod: vLLM 0.33.0 defaults it to 0, which aborts in-flight
     requests on SIGTERM (``entrypoints/launchers/launcher.py``); EngineCore reads it on every node.
     """
-    args = [*plan.vllm_args, "--shutdown-timeout", str(shutdown_s)]
+    base = plan.vllm_args if spec is None else _with_aliases(plan.vllm_args, spec.model.aliases)
+    # LoRA on every pod of a replica: each node's workers build the LoRA layers.
+    args = [*base, *(lora_args(spec) if spec is not None else []), "--shutdown-timeout", str(shutdown_s)]
     serve = [*args, "--port", str(ENGINE_PORT)]
     if kv_events:  # the scheduler publishes them: on the serving (leader) pod only
         serve += ["--kv-events-config", KV_EVENTS_CONFIG]
@@ -350,9 +391,20 @@ def _engine_storage(
 LISTEN_ALL = "0.0.0.0"
 
 
-def _mock_args(plan: PoolPlan, served: str, shutdown_s: int, kv_events: bool = False) -> list[str]:
+def _mock_args(
+    plan: PoolPlan,
+    served: str,
+    shutdown_s: int,
+    kv_events: bool = False,
+    spec: LLMDeploymentSpec | None = None,
+) -> list[str]:
     assert plan.gpu_type is not None
     events = ["--kv-events-config", KV_EVENTS_CONFIG] if kv_events else []
+    extra: list[str] = []
+    if spec is not None:
+        if spec.model.aliases:
+            extra += ["--served-model-name", served, *spec.model.aliases]
+        extra += lora_args(spec)
     return [*events,
         "--host", LISTEN_ALL,
         "--shutdown-timeout", str(shutdown_s),
@@ -363,7 +415,21 @@ def _mock_args(plan: PoolPlan, served: str, shutdown_s: int, kv_events: bool = F
         "--max-model-len", str(plan.max_context_length),
         # The KV cache the plan gives a replica, in vLLM's default 16-token blocks.
         "--num-gpu-blocks", str(max(1, plan.kv_cache_tokens_per_replica // 16)),
+        *extra,
     ]  # fmt: skip
+
+
+def models_annotation(spec: LLMDeploymentSpec) -> str:
+    """ANNOTATION_MODELS' value: the OpenAI model names this deployment serves."""
+    return json.dumps(
+        {"servedName": spec.model.primary_served_name, "aliases": list(spec.model.aliases),
+         "adapters": [a.name for a in spec.adapters]},
+        separators=(",", ":"),
+    )  # fmt: skip
+
+
+def engine_service_annotations(spec: LLMDeploymentSpec) -> dict[str, str]:
+    return {ANNOTATION_MODELS: models_annotation(spec), ANNOTATION_ROUTING_MODE: spec.routing.effective_mode}
 
 
 def plan_summary(plan: PoolPlan) -> str:
@@ -443,7 +509,7 @@ def render_pool(
         worker_command: list[str] = []
         command, leader_args, worker_args = (
             ["toposerve", "mock-engine"],
-            _mock_args(plan, dplan.served_name, shutdown_s, spec.routing.kv_events),
+            _mock_args(plan, dplan.served_name, shutdown_s, spec.routing.kv_events, spec),
             [],
         )
         pod_security, container_security = RESTRICTED_POD, RESTRICTED_CONTAINER  # the project's image
@@ -456,7 +522,7 @@ def render_pool(
         startup = startup_seconds(plan, spec, config)
         # A worker waits for the leader's name as long as the leader may take to start.
         command, leader_args, worker_command, worker_args = _vllm_commands(
-            plan, shutdown_s, startup, spec.routing.kv_events
+            plan, shutdown_s, startup, spec.routing.kv_events, spec
         )
         # vLLM's get_ip() guesses an interface otherwise; the pod IP is the one peers reach
         # (production-stack sets the same).
@@ -473,6 +539,7 @@ def render_pool(
             "nvidia.com/gpu": gpus,
         }
         limits = {"nvidia.com/gpu": gpus}
+    env += lora_env(spec)
     # The fast interconnect of a multi-node vLLM replica (render/fabric.py): none for single-node
     # replicas and the mock engine.
     fabric = fabric_for(plan, dplan.engine, inventory, catalog, object_name) if multi else NO_FABRIC
@@ -568,7 +635,7 @@ def render_pool(
     # "<workload>-http": LeaderWorkerSet owns a headless Service named after the workload itself.
     svc_ctx = _Ctx(
         object_name=f"{ctx.object_name}-http", namespace=namespace, labels=svc_labels, owner_refs=ctx.owner_refs,
-        selector={**pool_sel, LABEL_COMPONENT: "engine"},
+        selector={**pool_sel, LABEL_COMPONENT: "engine"}, annotations=engine_service_annotations(spec),
     )  # fmt: skip
     extra = [
         {**o, "metadata": {**o["metadata"], "namespace": namespace, "labels": dict(labels),
@@ -600,10 +667,13 @@ def render_deployment(
         object_name=engine_service_name(name), namespace=namespace,
         labels={**common_labels(name), LABEL_COMPONENT: "engine"},
         owner_refs=[owner.reference()] if owner else [], selector=engine_selector(name),
+        annotations=engine_service_annotations(spec),
     )  # fmt: skip
     objects.append(_render("service.yaml.j2", svc))
     objects.append(render_evacuation_budget(name, namespace, owner))
-    if spec.routing.enabled:
+    # gateway mode: no router of its own; the cluster's gateway finds the engine Services by their
+    # labels (toposerve.io/deployment, app.kubernetes.io/component: engine) and annotations.
+    if spec.routing.dedicated_router:
         objects += render_router(name, namespace, spec, config, owner)
     return objects
 
@@ -633,8 +703,11 @@ def router_name(name: str) -> str:
 
 
 def endpoint_url(name: str, namespace: str, spec: LLMDeploymentSpec) -> str:
-    """The OpenAI base URL clients use: the router's Service, or the engines' when routing is off."""
-    if spec.routing.enabled:
+    """The OpenAI base URL clients use: the router's Service, or the engines' when routing is off.
+
+    gateway mode: the engines' Service too, until the gateway (which owns its own URL) reports one.
+    """
+    if spec.routing.dedicated_router:
         return f"http://{name}.{namespace}.svc:{ENGINE_PORT}/v1"
     return f"http://{engine_service_name(name)}.{namespace}.svc:{ENGINE_PORT}/v1"
 
@@ -660,6 +733,14 @@ def router_args(name: str, spec: LLMDeploymentSpec, config: OperatorConfig | Non
         args.append("--no-gpu-weighting")
     if r.kv_events:  # subscribe to every engine's events on KV_EVENTS_PORT / KV_REPLAY_PORT
         args.append("--kv-events")
+    # The adapter table: the router loads each adapter on the replicas it picks, at run time
+    # (/v1/load_lora_adapter). SOURCE is AdapterSpec.engine_source (split on the first "=", which
+    # names cannot contain): a path in the engine pod, a Hugging Face repo id, or a URI with a
+    # scheme that must be staged first (docs/lora.md).
+    for adapter in spec.adapters:
+        args += ["--adapter", f"{adapter.name}={adapter.engine_source}"]
+    if spec.lora is not None:  # adapters an engine keeps registered: its --max-cpu-loras
+        args += ["--adapter-slots", str(spec.lora.effective_max_cpu_loras)]
     a = spec.autoscaling
     if a.effective_mode in ("builtin", "keda") and a.min_replicas == 0:
         # Scale from zero: hold requests while the autoscaler starts a replica (as long as one is
