@@ -9,7 +9,9 @@ Rules (docs/gateway.md):
   ``routing.enabled: false``): ``gateway`` deployments have no router of their own, ``dedicated``
   ones keep theirs and are reachable through the gateway as well.
 - Its names: the served name (``model.servedName``, else ``model.name``), then
-  ``model.aliases``, then each ``adapters[].name`` (an adapter's parent is the served name).
+  ``model.aliases``, then each ``adapters[].name`` (an adapter's parent is the served name; its
+  source is passed on as the engines load it, ``AdapterSpec.engine_source``, as the renderer
+  passes it to a dedicated router).
 - Two deployments claiming one name: the older one (creationTimestamp, then namespace/name)
   keeps it, deterministically in every gateway replica; the other is reported as a conflict and
   keeps its other names. A deployment being deleted is not routed.
@@ -21,6 +23,10 @@ import difflib
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from pydantic import ValidationError
+
+from toposerve.api.spec import AdapterSpec
 
 MODE_DEDICATED = "dedicated"
 MODE_GATEWAY = "gateway"
@@ -85,6 +91,17 @@ def _strs(v: object) -> list[str]:
     return [x for x in v if isinstance(x, str) and x] if isinstance(v, list) else []
 
 
+def _engine_source(a: object) -> str | None:
+    """The adapter's source as the engines load it (AdapterSpec.engine_source: a cache source is
+    a path in the engine pod); None for an entry the API server would not have admitted."""
+    if not isinstance(a, Mapping) or not isinstance(a.get("name"), str):
+        return None
+    try:
+        return AdapterSpec.model_validate(a).engine_source
+    except ValidationError:
+        return None
+
+
 def _mode(routing: Mapping[str, Any]) -> str:
     mode = routing.get("mode")
     if mode in (MODE_DEDICATED, MODE_GATEWAY, MODE_NONE):
@@ -109,8 +126,9 @@ def entry_from_object(obj: Mapping[str, Any]) -> Entry | None:
     served = tuple(dict.fromkeys([primary, *_strs(model.get("aliases"))]))
     adapters: dict[str, str] = {}
     for a in spec.get("adapters") or ():
-        if isinstance(a, Mapping) and isinstance(a.get("name"), str) and a["name"] not in served:
-            adapters.setdefault(a["name"], str(a.get("source") or ""))
+        source = _engine_source(a)
+        if source is not None and a["name"] not in served:
+            adapters.setdefault(a["name"], source)
     return Entry(
         namespace=str(meta.get("namespace") or ""),
         name=str(meta.get("name") or ""),

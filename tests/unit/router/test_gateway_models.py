@@ -73,8 +73,28 @@ def test_the_elder_keeps_a_contested_name_in_any_order_and_the_other_keeps_its_o
         assert t.conflicts == (md.Conflict("m/m", "team-a/old", "team-b/new"),)
 
 
+def test_adapter_sources_are_passed_on_as_the_engines_load_them() -> None:
+    t = md.build([dep("a", model="a/a", adapters=[
+        {"name": "c", "source": "cache://adapters/c"}, {"name": "h", "source": "hf://org/h", "revision": "v2"},
+        {"name": "p", "source": "org/p"}, {"name": "bad name", "source": "org/x"},
+    ])])  # fmt: skip
+    assert dict(t.entries["team-a/a"].adapters) == {
+        "c": "/models/adapters/c",
+        "h": "hf://org/h@v2",
+        "p": "org/p",
+    }
+
+
 def test_an_adapter_named_like_a_served_name_is_not_an_adapter() -> None:
-    t = md.build([dep("a", model="a/a", adapters=[{"name": "a/a", "source": "x"}, {"name": "ok", "source": "y"}])])
+    t = md.build(
+        [
+            dep(
+                "a",
+                model="a/a",
+                adapters=[{"name": "a/a", "source": "org/x"}, {"name": "ok", "source": "org/y"}],
+            )
+        ]
+    )
     assert t.resolve("a/a") == md.Route("team-a/a")
     assert t.resolve("ok") == md.Route("team-a/a", "ok")
 
@@ -102,7 +122,7 @@ def test_model_cards_are_shaped_like_vllms_with_parent_for_adapters() -> None:
     assert cards["object"] == "list"
     by_id = {c["id"]: c for c in cards["data"]}
     assert set(by_id) == {"m/m", "m", "lora1"}
-    assert by_id["lora1"]["parent"] == "m/m" and by_id["lora1"]["root"] == "hf://o/l"
+    assert by_id["lora1"]["parent"] == "m/m" and by_id["lora1"]["root"] == "o/l"  # as the engines load it
     assert by_id["m"]["parent"] is None
     assert all(c["object"] == "model" and c["created"] == 123 for c in cards["data"])
 
@@ -119,7 +139,7 @@ names = hs.text(alphabet="abc/-", min_size=1, max_size=4)
 )
 def test_every_name_routes_to_exactly_one_claimant_whatever_the_order(specs: Any, rnd: Any) -> None:
     objs = [
-        dep(f"d{i}", model=m, aliases=al, adapters=[{"name": a, "source": "s"} for a in ad],
+        dep(f"d{i}", model=m, aliases=al, adapters=[{"name": a, "source": "org/s"} for a in ad],
             created=f"2026-01-0{day + 1}T00:00:00Z")
         for i, (m, al, ad, day) in enumerate(specs)
     ]  # fmt: skip
