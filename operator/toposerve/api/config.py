@@ -201,6 +201,18 @@ class OperatorConfig(BaseModel):
         description="PromQL label matchers of one LLMDeployment's router series (held requests at zero "
         "replicas, for scale from zero).",
     )
+    gateway_selector: str = Field(
+        default="app.kubernetes.io/component=gateway,app.kubernetes.io/part-of=toposerve",
+        max_length=1024,
+        description="Label selector of the gateway pods (the chart's `toposerve gateway`, docs/gateway.md): "
+        "the builtin autoscaler reads what they hold and see for each deployment they route (scale from "
+        "zero, leading signal).",
+    )
+    gateway_namespace: str | None = Field(
+        default=None,
+        max_length=63,
+        description="Namespace of the gateway pods; default: every namespace (the selector alone).",
+    )
     hpa_kv_cache_metric: str = Field(
         alias="hpaKVCacheMetric",
         default="vllm_kv_cache_usage_perc",

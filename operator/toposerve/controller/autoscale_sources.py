@@ -233,11 +233,16 @@ class ScrapeSource:
 
 
 def read_routers(
-    routers: Sequence[Mapping[str, Any]], timeout: float = 2.0, port: int = ROUTER_PORT
+    routers: Sequence[Mapping[str, Any]],
+    only: tuple[str, str] | None = None,
+    timeout: float = 2.0,
+    port: int = ROUTER_PORT,
 ) -> RouterFigures:
     """The deployment's routers' demand and service figures, read from each router pod's /metrics
     directly (not through Prometheus: its scrape interval would give back the lead); a router that
-    does not answer in ``timeout`` is left out (``routers`` in the result counts those that did)."""
+    does not answer in ``timeout`` is left out (``routers`` in the result counts those that did).
+    ``only`` (namespace, name): gateway pods are among them; of their pages, only that
+    deployment's series count (router_figures.parse_router_page)."""
     ips = [str(ip) for r in routers if (ip := (r.get("status") or {}).get("podIP"))]
     if not ips:
         return RouterFigures()
@@ -245,7 +250,7 @@ def read_routers(
     def page(ip: str) -> Any:
         try:
             with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout) as resp:
-                return parse_router_page(resp.read(4 << 20).decode("utf-8", "replace"))
+                return parse_router_page(resp.read(4 << 20).decode("utf-8", "replace"), only)
         except Exception:  # refused, timeout, reset: this router's share is unknown
             return None
 

@@ -48,6 +48,7 @@ from toposerve.render.objects import LABEL_COMPONENT, LABEL_DEPLOYMENT
 log = logging.getLogger("toposerve.autoscaler")
 API = f"{API_GROUP}/{API_VERSION}"
 TICK_SECONDS = 1.0
+GATEWAY_LIST_SECONDS = 5.0  # how stale the list of gateway pods may be
 LEADING_PERIOD_SECONDS = 5  # with leadingSignal: the routers' 5 s window, decided on as often
 WORKERS = 8  # deployments decided at once; each decision's reads are bounded by prometheusTimeoutSeconds
 FORECAST_REFRESH_SECONDS = 300.0  # history changes slowly: one pair of range queries per 5 minutes
@@ -91,7 +92,10 @@ class Autoscaler:
         last delivered them, a deployment's pods from controller/children.py); without them the
         loop lists through the API, which every second would load the API server for nothing."""
         self.kube, self.config, self.clock = kube, config, clock
-        self.read_routers: Callable[[Sequence[Mapping[str, Any]]], RouterFigures] = read_routers
+        self.read_routers: Callable[[Sequence[Mapping[str, Any]], tuple[str, str]], RouterFigures] = (
+            read_routers
+        )
+        self._gateways: tuple[float, list[dict[str, Any]]] | None = None  # (when listed, pods)
         self.bodies, self.pods_of = bodies, pods_of
         self.source = source or source_for(
             config.prometheus_url,
@@ -145,6 +149,32 @@ class Autoscaler:
             return self.pods_of(ns, name)
         return self.kube.list("v1", "Pod", ns, selector=f"{LABEL_DEPLOYMENT}={name}")
 
+    def _gateway_pods(self) -> list[dict[str, Any]]:
+        """The gateway's running pods (docs/gateway.md), listed at most every GATEWAY_LIST_SECONDS
+        for all deployments: they route every deployment in their scope."""
+        now = self.clock()
+        with self._lock:
+            if self._gateways is not None and now - self._gateways[0] < GATEWAY_LIST_SECONDS:
+                return self._gateways[1]
+        try:
+            pods = self.kube.list("v1", "Pod", self.config.gateway_namespace, selector=self.config.gateway_selector)
+        except Exception as e:  # no gateway is not an error; an API hiccup: none this time
+            log.debug("listing gateway pods failed: %s", e)
+            pods = []
+        running = [p for p in pods if (p.get("status") or {}).get("podIP") and _ready(p)]
+        with self._lock:
+            self._gateways = (now, running)
+        return running
+
+    def _routers(self, ns: str, name: str, spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
+        """Every router that routes this deployment: its own (dedicated mode) and the gateway's
+        replicas (dedicated and gateway modes; mode none: no router at all)."""
+        mode = spec.routing.effective_mode
+        if mode == "none":
+            return []
+        own = [p for p in self._pods(ns, name) if _component(p) == "router"] if spec.routing.dedicated_router else []
+        return own + self._gateway_pods()
+
     def _due(self, key: tuple[str, str], period: float, now: float) -> bool:
         last = self._last.get(key)
         if last is not None and now - last < period:
@@ -197,11 +227,13 @@ class Autoscaler:
         )
         forecast = self._forecast_floor(ns, name, a, now, startup_s)
         held = 0
-        # gateway mode: no router pods of its own (routers is empty, held 0); the shared gateway
-        # will have to report what it holds for this deployment here to scale it from zero.
         if current == 0:  # scale from zero: what the routers hold is the only demand there is
-            routers = [p for p in self._pods(ns, name) if _component(p) == "router"]
-            held = self.source.held(ns, name, routers)
+            # its own routers through the source (Prometheus or their pages); the gateway's
+            # share from the gateway pods' pages, this deployment's series only
+            own = [p for p in self._pods(ns, name) if _component(p) == "router"]
+            held = self.source.held(ns, name, own) if spec.routing.dedicated_router else 0
+            if spec.routing.effective_mode != "none" and (gateways := self._gateway_pods()):
+                held += round(self.read_routers(gateways, (ns, name)).held)
         ttft = TTFT()
         if a.ttft_slo is not None and reading.ok:
             try:
@@ -262,10 +294,6 @@ class Autoscaler:
         """What the deployment's routers see, read from each router pod (router_figures.py), with
         the KV capacity of one replica from status (the plan's); None when no router answered,
         routing is off or the capacity is unknown: the decision then uses the engines' metrics."""
-        # gateway mode: the leading signal will come from the shared gateway's figures for this
-        # deployment; until it exports them, the engines' metrics decide (as with mode none).
-        if not spec.routing.dedicated_router:
-            return None
         capacities = [
             int(c)
             for p in status.get("pools") or []
@@ -273,8 +301,10 @@ class Autoscaler:
         ]
         if not capacities:
             return None
-        routers = [p for p in self._pods(ns, name) if _component(p) == "router"]
-        f = self.read_routers(routers)
+        routers = self._routers(ns, name, spec)
+        if not routers:
+            return None
+        f = self.read_routers(routers, (ns, name))
         if not f.routers:
             return None
         return Demand(

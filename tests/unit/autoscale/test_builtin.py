@@ -238,6 +238,9 @@ class FakeKube:
     ) -> list[dict[str, Any]]:
         if kind == "LLMDeployment":
             return [self.body]
+        if selector == OperatorConfig().gateway_selector:  # the chart's gateway pods (none here)
+            assert ns is None
+            return list(getattr(self, "gateways", []))
         # every pod of the deployment, as ctx.owned (the watch cache) or a label-selected list gives
         assert selector == "toposerve.io/deployment=llm"
         router = {"metadata": {"name": "router-0", "labels": {"app.kubernetes.io/component": "router"}},
@@ -655,6 +658,54 @@ def test_held_requests_wake_a_deployment_at_zero() -> None:
     assert src2.held_asked == []
 
 
+def _gateway_pod(name: str, ready: bool = True) -> dict[str, Any]:
+    return {"metadata": {"name": name, "labels": {"app.kubernetes.io/component": "gateway"}},
+            "status": {"podIP": "10.244.9.9", "conditions": [{"type": "Ready", "status": str(ready)}]}}  # fmt: skip
+
+
+def test_the_gateway_wakes_a_deployment_it_routes_at_zero_and_mode_none_is_not_woken() -> None:
+    """Gateway mode has no router of its own: what the gateway replicas hold for this deployment
+    (their pages' series of this deployment, router_figures.parse_router_page) scales it from zero."""
+    from toposerve.autoscale.router_figures import RouterFigures
+
+    for mode, own_held, want in (("gateway", 0, (1, 5)), ("dedicated", 2, (1, 7)), ("none", 0, (0, 0))):
+        body = llmd(0, minReplicas=0)
+        body["spec"]["routing"] = {"mode": mode}
+        kube = FakeKube(body, [])
+        kube.gateways = [_gateway_pod("gw-0"), _gateway_pod("gw-1"), _gateway_pod("gw-2", ready=False)]  # type: ignore[attr-defined]
+        src = FakeSource(None, held=own_held)
+        a = scaler(kube, src, Clock())
+        asked: list[tuple[list[str], tuple[str, str]]] = []
+        a.read_routers = lambda routers, only, asked=asked: (
+            asked.append(([r["metadata"]["name"] for r in routers], only)) or RouterFigures(routers=2, held=5)
+        )  # type: ignore[func-returns-value, misc]
+        (d,) = a.run_once([])
+        assert (d.desired, kube.statuses[-1]["autoscaling"]["inputs"]["heldRequests"]) == want, mode
+        if mode == "none":
+            assert asked == [] and src.held_asked == []
+        else:
+            assert asked == [(["gw-0", "gw-1"], ("ns", "llm"))]  # ready gateway pods, this deployment
+            assert bool(src.held_asked) == (mode == "dedicated")  # its own routers only in dedicated mode
+
+
+def test_the_leading_signal_reads_the_gateway_and_own_routers() -> None:
+    from toposerve.autoscale.router_figures import RouterFigures
+
+    for mode, want in (("gateway", ["gw-0"]), ("dedicated", ["router-0", "gw-0"]), ("none", None)):
+        body = llmd(2, leadingSignal=True)
+        body["spec"]["routing"] = {"mode": mode}
+        body["status"] = {"pools": [{"name": "default", "kvCacheTokensPerReplica": 20000}]}
+        kube = FakeKube(body, [pod("a"), pod("b")])
+        kube.gateways = [_gateway_pod("gw-0")]  # type: ignore[attr-defined]
+        a = scaler(kube, FakeSource(0.5), Clock())
+        asked: list[list[str]] = []
+        a.read_routers = lambda routers, only, asked=asked: (
+            asked.append([r["metadata"]["name"] for r in routers]) or RouterFigures()
+        )  # type: ignore[func-returns-value, misc]
+        a.run_once([])
+        assert asked == ([] if want is None else [want]), mode
+
+
 # ---- warm standby ---------------------------------------------------------------------------------------
 
 
@@ -790,7 +841,7 @@ def test_the_loop_reads_its_routers_only_with_leading_signal_and_says_which_sign
         body["status"] = {"pools": [{"name": "default", "kvCacheTokensPerReplica": 20000}]}
         kube = FakeKube(body, [pod("a"), pod("b")])
         a = scaler(kube, FakeSource(0.5), Clock())
-        a.read_routers = lambda routers: asked.append([r["metadata"]["name"] for r in routers]) or burst  # type: ignore[func-returns-value]
+        a.read_routers = lambda routers, only: asked.append([r["metadata"]["name"] for r in routers]) or burst  # type: ignore[func-returns-value]
         (d,) = a.run_once([])
         return d, kube.statuses[-1]["autoscaling"], a
 
