@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import ROOT, Cluster, kubectl, wait_for
-from tests.cluster.operator_harness import wait_condition
+from tests.cluster.operator_harness import events, wait_condition
 from tests.cluster.test_helm import helm, release, values_file
 from tests.unit.chart_helpers import CHART
 
@@ -126,3 +126,44 @@ def test_one_gateway_endpoint_for_several_deployments(
         wait_for(lambda ip=ip: "small-b" not in health(ip)["models"] or None, f"gateway {ip} drops small-b")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="small-b", prompt="x", max_tokens=1)
+
+
+def test_a_gateway_mode_deployment_scales_from_zero_on_what_the_gateway_holds(
+    cluster: Cluster, namespace: str, release: str, tmp_path: Path
+) -> None:
+    """No router of its own: the gateway holds the first request, the in-cluster operator's builtin
+    autoscaler reads the gateway pods' held count for this deployment and scales 0 -> 1, and the
+    held request is served by the new replica."""
+    values = {
+        "replicaCount": 1,
+        "watchNamespaces": [namespace],
+        "operatorConfig": {"autoEngine": "mock"},
+        "gateway": {"watchNamespace": namespace, "replicas": 1},
+    }
+    helm(cluster, "install", release, str(CHART), "-n", namespace, "-f", values_file(tmp_path, values),
+         "--wait", "--timeout", "4m")  # fmt: skip
+    (ip,) = wait_for(
+        lambda: ready_ips(cluster, namespace, f"{release}-toposerve-gateway") or None, "the gateway"
+    )
+    obj = deployment("zero", "small-z", "gateway")
+    obj["spec"]["replicas"] = 0
+    obj["spec"]["autoscaling"] = {
+        "enabled": True, "minReplicas": 0, "maxReplicas": 1, "syncPeriodSeconds": 2, "startupGraceSeconds": 90,
+        "scaleUp": {"stabilizationWindowSeconds": 0}, "scaleDown": {"stabilizationWindowSeconds": 600},
+    }  # fmt: skip
+    kubectl(cluster, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(obj))
+    wait_condition(cluster, namespace, "zero", "Ready", "True", timeout=180)
+    wait_for(lambda: health(ip)["models"].get("small-z") == 0 or None, "the gateway knows small-z, at zero")
+    client = openai.OpenAI(base_url=f"http://{ip}:8080/v1", api_key="unused", max_retries=0, timeout=200)
+    reply = client.chat.completions.create(
+        model="small-z", messages=[{"role": "user", "content": "hi"}], max_tokens=4
+    )
+    assert reply.choices[0].message.content
+    llmd = cluster.custom.get_namespaced_custom_object(
+        "toposerve.io", "v1alpha1", namespace, "llmdeployments", "zero"
+    )
+    assert llmd["spec"]["replicas"] == 1
+    assert (
+        llmd["status"]["autoscaling"]["inputs"]["heldRequests"] >= 1
+        or llmd["status"]["autoscaling"]["reason"]
+    )
