@@ -260,6 +260,18 @@ class AutoscalingStatus(_Status):
 WRITTEN_ELSEWHERE = frozenset({"kopf", "autoscaling"})
 
 
+class GatewayStatus(_Status):
+    """Whether the chart's gateway routes this deployment (docs/gateway.md), from its /health."""
+
+    routed: bool = Field(description="The gateway routes the served name to this deployment.")
+    models: list[str] = Field(
+        default_factory=list,
+        description="The names (served name, aliases, adapters) the gateway routes here.",
+    )
+    ready_replicas: int | None = Field(default=None, description="Ready replicas the gateway reaches.")
+    reason: str | None = Field(default=None, description="Why not routed, or which names are not.")
+
+
 class LLMDeploymentStatus(_Status):
     """Observed state of an LLMDeployment."""
 
@@ -294,6 +306,9 @@ class LLMDeploymentStatus(_Status):
     )
     autoscaling: AutoscalingStatus | None = Field(
         default=None, description="The autoscaler's last decision (written by the autoscaler only)."
+    )
+    gateway: GatewayStatus | None = Field(
+        default=None, description="Whether the chart's gateway routes this deployment (docs/gateway.md)."
     )
     kopf: dict[str, Any] | None = Field(
         default=None,

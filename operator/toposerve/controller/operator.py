@@ -38,7 +38,7 @@ from prometheus_client import start_http_server
 
 from toposerve import API_GROUP, API_VERSION
 from toposerve.controller import autoscaler as autoscale_loop
-from toposerve.controller import metrics
+from toposerve.controller import gateway_status, metrics
 from toposerve.controller.cache import Change, InventoryCache, waits_for_capacity
 from toposerve.controller.children import ChildCache, Key
 from toposerve.controller.kube import Kube
@@ -309,6 +309,18 @@ async def _startup(settings: kopf.OperatorSettings, **_: Any) -> None:
         ctx.kube, ctx.config, bodies=lambda: list(bodies.values()), pods_of=pods_of
     )
     rt.tasks.append(asyncio.create_task(autoscale_loop.run(scaler, rt.leading, rt.namespaces)))
+    # status.gateway from the chart's gateway (controller/gateway_status.py): leader only too.
+    rt.tasks.append(
+        asyncio.create_task(
+            gateway_status.run(
+                ctx.kube,
+                lambda: list(bodies.values()),
+                ctx.config.gateway_selector,
+                ctx.config.gateway_namespace,
+                rt.leading,
+            )
+        )
+    )
     if rt.leader_elect:
         rt.tasks.append(asyncio.create_task(_lead_loop(rt)))
 

@@ -262,26 +262,42 @@ class Gateway(Router):
         self.gw_requests.labels(model, str(resp.status)).inc()
         return resp
 
+    def _ready(self, member: Router) -> int:
+        return sum(1 for b in member.backends.values() if b.health.probe_ok and not b.draining)
+
     def routable(self) -> dict[str, int]:
-        """model name -> healthy replicas behind it (0: known, but nothing to route to now)."""
+        """model name -> ready replicas behind it (0: known, but nothing to route to now)."""
         out: dict[str, int] = {}
         for name, route in self.table.routes.items():
             member = self.members.get(route.key)
             if member is not None:
-                out[name] = sum(1 for b in member.backends.values() if b.health.probe_ok and not b.draining)
+                out[name] = self._ready(member)
+        return out
+
+    def by_deployment(self) -> dict[str, dict[str, Any]]:
+        """`namespace/name` -> the names routed to it and its ready replicas (the operator writes
+        status.gateway from this: a name kept by an elder deployment is not listed here)."""
+        out: dict[str, dict[str, Any]] = {
+            key: {"models": [], "readyReplicas": self._ready(m)} for key, m in self.members.items()
+        }
+        for name, route in self.table.routes.items():
+            if route.key in out:
+                out[route.key]["models"].append(name)
         return out
 
     async def handle_health(self, request: web.Request) -> web.Response:
-        """Ready once both watches answered; the body says which models have a replica to go to.
-        A model at zero replicas stays listed (its requests are held for a replica to appear)."""
+        """Ready once both watches answered; the body says which models have a replica to go to,
+        and per deployment which names route to it. A model at zero replicas stays listed (its
+        requests are held for a replica to appear)."""
         if self.discovering:
-            return web.json_response({"status": "discovering", "models": {}}, status=503)
-        models = self.routable()
-        status = "draining" if self.draining else "ok"
-        return web.json_response(
-            {"status": status, "models": models, "conflicts": [c.model for c in self.table.conflicts]},
-            status=503 if self.draining else 200,
-        )
+            return web.json_response({"status": "discovering", "models": {}, "deployments": {}}, status=503)
+        body = {
+            "status": "draining" if self.draining else "ok",
+            "models": self.routable(),
+            "deployments": self.by_deployment(),
+            "conflicts": [c.model for c in self.table.conflicts],
+        }
+        return web.json_response(body, status=503 if self.draining else 200)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
         return web.json_response(md.model_cards(self.table, self.created))
