@@ -33,6 +33,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -423,6 +424,14 @@ def router_argv(p: Policy, engines: list[tuple[str, str]], port: int, rvenv: Pat
         tagged = ",".join(f"{u}#gpu={g}" for u, g in engines)
         return [PY, "-m", "toposerve.cli", "router", "--backends", tagged, "--strategy", p.arg,
                 "--host", HOST, "--port", str(port), "--log-level", "WARNING"]  # fmt: skip
+    if p.kind == "gateway":  # toposerve gateway, its table from a static file: one deployment, "m"
+        cfg = Path(tempfile.gettempdir()) / f"toposerve-bench-gateway-{port}.yaml"
+        cfg.write_text(json.dumps({
+            "deployments": [{"metadata": {"name": "m", "namespace": "bench"}, "spec": {"model": {"name": "m"}}}],
+            "backends": {"bench/m": urls},
+        }))  # fmt: skip
+        return [PY, "-m", "toposerve.cli", "gateway", "--static-config", str(cfg), "--strategy", p.arg,
+                "--host", HOST, "--port", str(port), "--log-level", "WARNING"]  # fmt: skip
     if p.kind == "vllm-router":
         return [str(rvenv / "bin" / "vllm-router"), "--worker-urls", *urls, "--policy", p.arg,
                 "--host", HOST, "--port", str(port), "--prometheus-host", HOST, "--prometheus-port", str(port + 1),
@@ -672,6 +681,8 @@ async def overhead(
     hit every target alike; the added latency is the target's p50 minus direct's p50.
     """
     cands = [Policy("toposerve", "toposerve", "round-robin")]
+    if args.gateway:  # the gateway mode (docs/gateway.md): one more lookup and a member router
+        cands.append(Policy("toposerve-gateway", "gateway", "round-robin"))
     if (rvenv / "bin" / "vllm-router").exists():
         cands.append(Policy("vllm-router", "vllm-router", "round_robin"))
     if (rvenv / "bin" / "sglang-router").exists():
@@ -693,7 +704,7 @@ async def overhead(
         port += 2
         env = {**os.environ, "PYTHONPATH": str(Path(src).resolve())} if src else None
         argv = router_argv(p, [engine], port, rvenv)
-        if p.kind == "toposerve":
+        if p.kind in ("toposerve", "gateway"):
             argv += args.toposerve_args.split() + list(p.extra)
         proc = procs.start(f"overhead-{p.name}", argv, env)
         started.append(proc)
@@ -801,6 +812,11 @@ def main() -> int:
                     "also measure this tree's router with them")  # fmt: skip
     ap.add_argument(
         "--variant-strategies", default="auto", help="workloads: strategies run from each --variant"
+    )
+    ap.add_argument(
+        "--gateway",
+        action="store_true",
+        help="overhead: also measure `toposerve gateway` in front of the engine",
     )
     ap.add_argument("--only", default="", help="subset of workloads by letter: a, b, c, m (many tenants, "
                     "cache-heavy; only when named), o (overhead), r (one vs two router replicas on workload a; only when named)")  # fmt: skip

@@ -26,7 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -112,7 +112,7 @@ class Gateway(Router):
     def _key_ok(self, key: str) -> bool:
         return self.namespace is None or key.split("/", 1)[0] == self.namespace
 
-    def deployments_listed(self, items: list[Mapping[str, Any]]) -> None:
+    def deployments_listed(self, items: Sequence[Mapping[str, Any]]) -> None:
         """A full list of LLMDeployments (the first answer, and every re-list after a watch ends)."""
         self._objects = {k: o for o in items if self._key_ok(k := _obj_key(o))}
         self._deployments_known = True
@@ -128,7 +128,7 @@ class Gateway(Router):
             self._objects[key] = obj
         self._rebuild()
 
-    def slices_listed(self, items: list[Mapping[str, Any]]) -> None:
+    def slices_listed(self, items: Sequence[Mapping[str, Any]]) -> None:
         fresh: dict[str, dict[str, tuple[ep.Endpoint, ...]]] = {}
         for o in items:
             key = slice_owner(o)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from toposerve.router import cli as router_cli
 
@@ -20,6 +21,38 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=os.environ.get("TOPOSERVE_GATEWAY_NAMESPACE", ""),
         help="route the LLMDeployments of this namespace only (default: every namespace)",
     )
+    p.add_argument(
+        "--static-config",
+        default="",
+        metavar="FILE",
+        help="no Kubernetes: a YAML file with `deployments` (LLMDeployment objects) and `backends` "
+        "({namespace/name: [http://IP:PORT, ...]}), for benchmarks and local runs",
+    )
+
+
+def static_config(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(LLMDeployments, engine EndpointSlices) from a --static-config file: one slice per backend,
+    shaped as the API serves them (so the same rules as with watches apply)."""
+    from urllib.parse import urlsplit
+
+    import yaml
+
+    with open(path) as f:
+        doc = yaml.safe_load(f) or {}
+    objs = list(doc.get("deployments") or [])
+    slices: list[dict[str, Any]] = []
+    for key, urls in (doc.get("backends") or {}).items():
+        ns, name = str(key).split("/", 1)
+        for i, url in enumerate(urls):
+            u = urlsplit(url)
+            slices.append({
+                "metadata": {"name": f"{name}-{i}", "namespace": ns,
+                             "labels": {"toposerve.io/deployment": name, "app.kubernetes.io/component": "engine"}},
+                "addressType": "IPv6" if ":" in (u.hostname or "") else "IPv4",
+                "ports": [{"name": "http", "port": u.port or 80}],
+                "endpoints": [{"addresses": [u.hostname], "conditions": {"ready": True}}],
+            })  # fmt: skip
+    return objs, slices
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
         log = logging.getLogger("toposerve.router.gateway")
         gw = Gateway(cfg, scope)
         runner = await serve(gw, args.host, args.port)
-        ws = watches(gw, asyncio.get_running_loop())
+        ws = [] if args.static_config else watches(gw, asyncio.get_running_loop())
+        if args.static_config:
+            objs, slices = static_config(args.static_config)
+            gw.deployments_listed(objs)
+            gw.slices_listed(slices)
         for w in ws:
             w.start()
         tune_gc(args.gc_gen0_threshold)

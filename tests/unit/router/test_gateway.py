@@ -22,7 +22,9 @@ LLAMA = "meta-llama/Llama-3.1-8B-Instruct"
 QWEN = "Qwen/Qwen2.5-7B-Instruct"
 
 
-def llmd(name: str, model: str, ns: str = "team-a", aliases: list[str] | None = None, **spec: Any) -> dict[str, Any]:
+def llmd(
+    name: str, model: str, ns: str = "team-a", aliases: list[str] | None = None, **spec: Any
+) -> dict[str, Any]:
     m: dict[str, Any] = {"name": model, **({"aliases": aliases} if aliases else {})}
     return {
         "metadata": {"name": name, "namespace": ns, "creationTimestamp": "2026-12-01T00:00:00Z"},
@@ -79,7 +81,9 @@ async def test_one_endpoint_routes_each_model_and_alias_to_its_own_deployment() 
             async with aiohttp.ClientSession() as s, s.get(base + "/health") as r:
                 assert r.status == 503  # nothing heard from the watches yet: not ready
             gw.deployments_listed([llmd("llama", LLAMA, aliases=["llama"]), llmd("qwen", QWEN)])
-            gw.slices_listed([engine_slice("llama-x", "llama", [llama]), engine_slice("qwen-x", "qwen", [qwen])])
+            gw.slices_listed(
+                [engine_slice("llama-x", "llama", [llama]), engine_slice("qwen-x", "qwen", [qwen])]
+            )
             await until(lambda: healthy(gw, LLAMA) and healthy(gw, QWEN), "both deployments healthy")
             client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
             for model, srv in ((LLAMA, llama), ("llama", llama), (QWEN, qwen)):
@@ -106,7 +110,9 @@ async def test_unknown_model_is_a_404_naming_the_closest_and_a_missing_model_a_4
         gw.slices_listed([])
         client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
         with pytest.raises(openai.NotFoundError) as e:
-            await client.completions.create(model="meta-llama/Llama-3.1-8b-instruct", prompt="x", max_tokens=1)
+            await client.completions.create(
+                model="meta-llama/Llama-3.1-8b-instruct", prompt="x", max_tokens=1
+            )
         assert e.value.status_code == 404
         assert f"`{LLAMA}`" in str(e.value) and "does not exist" in str(e.value)
         async with aiohttp.ClientSession() as s, s.post(base + "/v1/completions", json={"prompt": "x"}) as r:
@@ -173,7 +179,9 @@ async def test_metrics_count_per_model_and_label_member_series_by_deployment() -
     try:
         async with gateway() as (gw, base):
             gw.deployments_listed([llmd("llama", LLAMA), llmd("qwen", QWEN, ns="team-b")])
-            gw.slices_listed([engine_slice("a", "llama", [llama]), engine_slice("b", "qwen", [qwen], ns="team-b")])
+            gw.slices_listed(
+                [engine_slice("a", "llama", [llama]), engine_slice("b", "qwen", [qwen], ns="team-b")]
+            )
             await until(lambda: healthy(gw, LLAMA) and healthy(gw, QWEN), "healthy")
             client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
             for m in (LLAMA, LLAMA, QWEN):
@@ -199,3 +207,22 @@ async def test_metrics_count_per_model_and_label_member_series_by_deployment() -
     finally:
         await llama.stop()
         await qwen.stop()
+
+
+def test_static_config_builds_the_objects_the_watches_would_deliver(tmp_path: Any) -> None:
+    """`toposerve gateway --static-config` (benchmarks, local runs): the same table and backends."""
+    import yaml
+
+    from toposerve.router.gateway_cli import static_config
+
+    path = tmp_path / "gw.yaml"
+    path.write_text(yaml.safe_dump({
+        "deployments": [llmd("llama", LLAMA, aliases=["l"])],
+        "backends": {"team-a/llama": ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]},
+    }))  # fmt: skip
+    objs, slices = static_config(str(path))
+    gw = Gateway()
+    gw.deployments_listed(objs)
+    gw.slices_listed(slices)
+    assert sorted(gw.members["team-a/llama"].backends) == ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
+    assert gw.table.resolve("l") is not None and not gw.discovering
