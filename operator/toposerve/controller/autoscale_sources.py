@@ -183,11 +183,7 @@ class ScrapeSource:
         self._window: dict[tuple[str, str], Buckets | None] = {}
 
     def _get(self, ip: str, port: int) -> str | None:
-        try:
-            with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=self.timeout) as resp:
-                return str(resp.read(4 << 20).decode("utf-8", "replace"))
-        except Exception:  # refused, timeout, reset: no answer from this pod
-            return None
+        return metrics_page(ip, port, self.timeout)
 
     def _scrape(self, ip: str) -> PodSample:
         text = self._get(ip, self.port)
@@ -232,6 +228,15 @@ class ScrapeSource:
         return TTFT() if window is None else ttft_of(window, quantile)
 
 
+def metrics_page(ip: str, port: int, timeout: float) -> str | None:
+    """A pod's /metrics (at most 4 MiB), or None when it does not answer in ``timeout``."""
+    try:
+        with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout) as resp:
+            return str(resp.read(4 << 20).decode("utf-8", "replace"))
+    except Exception:  # refused, timeout, reset: no answer from this pod
+        return None
+
+
 def read_routers(
     routers: Sequence[Mapping[str, Any]],
     only: tuple[str, str] | None = None,
@@ -248,11 +253,8 @@ def read_routers(
         return RouterFigures()
 
     def page(ip: str) -> Any:
-        try:
-            with urllib.request.urlopen(f"http://{ip}:{port}/metrics", timeout=timeout) as resp:
-                return parse_router_page(resp.read(4 << 20).decode("utf-8", "replace"), only)
-        except Exception:  # refused, timeout, reset: this router's share is unknown
-            return None
+        text = metrics_page(ip, port, timeout)
+        return None if text is None else parse_router_page(text, only)  # None: its share is unknown
 
     with ThreadPoolExecutor(max_workers=min(8, len(ips))) as pool:
         return combine(pool.map(page, ips))
