@@ -141,6 +141,59 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="output length when a request sets no max_tokens (default: 16 256)",
     )
 
+    lo = p.add_argument_group("LoRA adapters (vLLM 0.33.0 flag names; the load times are the mock's)")
+    lo.add_argument("--enable-lora", action="store_true", help="serve LoRA adapters (default: off)")
+    lo.add_argument(
+        "--max-loras",
+        type=_positive_int,
+        default=1,
+        help="GPU adapter slots = distinct adapters one batch may use (default: 1, vLLM's)",
+    )
+    lo.add_argument(
+        "--max-lora-rank",
+        type=int,
+        default=16,
+        choices=[1, 8, 16, 32, 64, 128, 256, 320, 512],
+        help="largest adapter rank accepted (default: 16, vLLM's)",
+    )
+    lo.add_argument(
+        "--max-cpu-loras",
+        type=int,
+        default=None,
+        help="adapters kept in CPU memory, >= --max-loras (default: --max-loras, vLLM's)",
+    )
+    lo.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=None,
+        metavar="MODULE",
+        help="adapters loaded at startup: name=path or JSON "
+        '{"name": ..., "path": ..., "base_model_name": ...}',
+    )
+    lo.add_argument(
+        "--lora-load-seconds",
+        type=_non_negative,
+        default=0.3,
+        metavar="S",
+        help="mock: time to read a rank-16 adapter from disk into a CPU slot, scaled by rank/16; "
+        "the engine loop stalls meanwhile (default: 0.3)",
+    )
+    lo.add_argument(
+        "--lora-swap-seconds",
+        type=_non_negative,
+        default=0.003,
+        metavar="S",
+        help="mock: time to copy a rank-16 adapter from its CPU slot into a GPU slot, scaled by "
+        "rank/16 (default: 0.003)",
+    )
+    lo.add_argument(
+        "--lora-hub-dir",
+        default=None,
+        metavar="DIR",
+        help="mock: a directory standing in for the Hugging Face hub: lora_path ORG/NAME that is not "
+        "a local path is read from DIR/ORG/NAME (default: none, every hub id is not found)",
+    )
+
     t = p.add_argument_group("timing model (seconds at speed 1.0 = one A100-80GB)")
     t.add_argument(
         "--time-scale",
@@ -241,6 +294,7 @@ def _kv_events_config(raw: str) -> Any:
 def config_from_args(args: argparse.Namespace) -> object:
     """Build an EngineConfig (imports the engine, so only call it when actually serving)."""
     from toposerve.mockengine.faults import FaultConfig
+    from toposerve.mockengine.lora import LoRAConfig, parse_lora_module
     from toposerve.mockengine.server import EngineConfig
 
     lo, hi = args.output_len_range
@@ -280,6 +334,16 @@ def config_from_args(args: argparse.Namespace) -> object:
         shutdown_timeout_s=args.shutdown_timeout,
         admin=args.enable_admin,
         admin_token=args.admin_token,
+        lora=LoRAConfig(
+            enabled=args.enable_lora,
+            max_loras=args.max_loras,
+            max_lora_rank=args.max_lora_rank,
+            max_cpu_loras=args.max_cpu_loras,
+            modules=tuple(parse_lora_module(m) for m in args.lora_modules or [] if m),
+            load_s=args.lora_load_seconds,
+            swap_s=args.lora_swap_seconds,
+            hub_dir=args.lora_hub_dir,
+        ),
     )
 
 
@@ -304,7 +368,11 @@ def run(args: argparse.Namespace) -> int:
 
     async def serve() -> int:
         server = MockServer(cfg, args.host, args.port)
-        await server.start()
+        try:
+            await server.start()
+        except ValueError as err:  # e.g. a --lora-modules adapter that does not load
+            print(f"mock-engine: {err}", file=sys.stderr)
+            return 2
         assert server.engine is not None
         e = server.engine
         log.info(

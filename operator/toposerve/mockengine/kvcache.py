@@ -26,11 +26,15 @@ from toposerve.kvevents.wire import MEDIUM_GPU, AllBlocksCleared, BlockRemoved, 
 BlockHash = bytes
 
 
-def chain_hash(parent: BlockHash | None, tokens: Sequence[int], root: BlockHash) -> BlockHash:
+def chain_hash(
+    parent: BlockHash | None, tokens: Sequence[int], root: BlockHash, extra_keys: Any = None
+) -> BlockHash:
     """Hash of one full block given its parent's (None: the first block), as vLLM 0.33.0 hashes it
-    (kvevents/hashing.py: SHA-256 of the pickled (parent, tokens, None), the first parent being
-    ``root``, vLLM's NONE_HASH): the router can name the mock's blocks as it names vLLM's."""
-    return hashing.hash_block(parent, tokens, root)
+    (kvevents/hashing.py: SHA-256 of the pickled (parent, tokens, extra_keys), the first parent
+    being ``root``, vLLM's NONE_HASH): the router can name the mock's blocks as it names vLLM's.
+    ``extra_keys`` is None for a plain text request, ``(("lora", name, path),)`` for a LoRA one
+    (v1/core/kv_cache_utils.py generate_block_hash_extra_keys)."""
+    return hashing.hash_block(parent, tokens, root, extra_keys)
 
 
 def block_hashes(
@@ -132,6 +136,7 @@ class BlockManager:
         hashes: Sequence[BlockHash],
         parent: BlockHash | None = None,
         tokens: Sequence[int] = (),
+        lora: tuple[int, str] | None = None,
     ) -> None:
         """Publish the hashes of full blocks so later requests can hit them. ``parent``: the hash
         of the block before ``owned[0]`` (None at the start of the sequence); ``tokens``: the
@@ -155,10 +160,12 @@ class BlockManager:
                     parent_block_hash=hashes[first - 1] if first > 0 else parent,
                     token_ids=list(tokens[first * self.block_size : (last + 1) * self.block_size]),
                     block_size=self.block_size,
-                    lora_id=None,
+                    lora_id=lora[0] if lora else None,
                     medium=MEDIUM_GPU,
-                    lora_name=None,
-                    extra_keys=[None] * len(new),  # to_event_extra_keys of a plain text request
+                    lora_name=lora[1] if lora else None,
+                    # v1/core/kv_cache_utils.py to_event_extra_keys: None per block for a plain
+                    # text request, the bare adapter name per block for a LoRA one
+                    extra_keys=[(lora[1],) if lora else None for _ in new],
                     group_idx=0,
                 )
             )

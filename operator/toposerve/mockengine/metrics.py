@@ -9,6 +9,7 @@ several engines can live in one test process.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -95,6 +96,7 @@ class EngineMetrics:
         model_name: str,
         cache_config: Mapping[str, object],
         deprecated_gpu_cache_metric: bool = False,
+        max_loras: int | None = None,
     ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r, lbl = self.registry, ["model_name"]
@@ -192,6 +194,19 @@ class EngineMetrics:
         )
         for reason in ("stop", "length", "abort"):
             self.success.labels(m, reason)
+        # vLLM 0.33.0 v1/metrics/loggers.py: only with --enable-lora; no model_name label; one
+        # series per distinct label set, never removed, each set to the wall-clock time
+        # (set_to_current_time) whenever an engine step's stats carry that set, so the newest
+        # series is the one with the largest value. No series before the first step.
+        self.max_loras = max_loras
+        self.lora_info: Gauge | None = None
+        if max_loras is not None:
+            self.lora_info = Gauge(
+                "vllm:lora_requests_info",
+                "Running stats on lora requests.",
+                ["max_lora", "waiting_lora_adapters", "running_lora_adapters"],
+                registry=r,
+            )
 
     def observe_step(self, s: StepStats) -> None:
         if s.prefix_queries:
@@ -225,6 +240,19 @@ class EngineMetrics:
         kv.set(sched.blocks.usage)
         if self.gpu_cache_usage is not None:
             self.gpu_cache_usage.labels(self.model_name).set(sched.blocks.usage)
+
+    def observe_lora(self, adapters: list[str], now: float | None = None) -> None:
+        """One engine step's ``vllm:lora_requests_info``. ``adapters``: the adapters with a request
+        waiting or running, in the order each last became busy. vLLM 0.33.0 puts that same list in
+        *both* labels (v1/metrics/stats.py LoRARequestStates.update_scheduler_stats fills
+        waiting_lora_adapters and running_lora_adapters with every tracked adapter, whatever its
+        count; loggers.py joins the keys with ",")."""
+        if self.lora_info is None:
+            return
+        joined = ",".join(adapters)
+        self.lora_info.labels(
+            max_lora=str(self.max_loras), waiting_lora_adapters=joined, running_lora_adapters=joined
+        ).set(time.time() if now is None else now)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

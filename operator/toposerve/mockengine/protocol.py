@@ -10,6 +10,7 @@ an empty delta and the finish_reason, an optional usage chunk with ``choices: []
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,17 @@ DONE = b"data: [DONE]\n\n"
 
 def dumps(obj: object) -> str:
     return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def sanitize_message(message: str) -> str:
+    """vLLM 0.33.0's error-message scrubbing (entrypoints/serve/exception_handling/utils.py
+    sanitize_message), applied to every ErrorResponse it builds: object addresses, traceback
+    lines and file-system paths go. So an adapter under /tmp/x is reported as ``<path>``."""
+    message = re.sub(r" at 0x[0-9a-fA-F]+>", ">", message)
+    message = re.sub(r'\n?\s*File "[^"]+", line \d+, in \S+(\n\s+.*)?', "", message)
+    message = re.sub(r"/(?:home|usr|opt|var|tmp|root|lib|mnt|srv)(?:/[\w.\-]+)+", "<path>", message)
+    message = re.sub(r"(?:/[\w\-]+)+/[\w\-]+\.\w+", "<path>", message)
+    return message.strip()
 
 
 class APIError(Exception):

@@ -26,6 +26,7 @@ from enum import Enum
 
 from toposerve.kvevents.hashing import none_hash
 from toposerve.mockengine.kvcache import BlockManager, chain_hash
+from toposerve.mockengine.lora import Adapter, LoRASlots
 from toposerve.mockengine.timing import TimingModel
 from toposerve.mockengine.tokenizer import MockTokenizer, TextGenerator
 
@@ -61,6 +62,7 @@ class Request:
     finish_time: float | None = None
     finish_reason: str | None = None
     num_preemptions: int = 0
+    lora: Adapter | None = None  # the adapter it names (model = adapter name), else the base
 
     @property
     def num_tokens(self) -> int:
@@ -84,9 +86,10 @@ class Request:
 
     def extend_hashes(self, block_size: int, root: bytes) -> None:
         """Hash newly completed full blocks only: O(block) per block, not O(sequence) per token."""
+        extra = self.lora.hash_extra if self.lora is not None else None
         for i in range(len(self.hashes), self.num_tokens // block_size):
             block = self.tokens(i * block_size, (i + 1) * block_size)
-            self.hashes.append(chain_hash(self.hashes[-1] if self.hashes else None, block, root))
+            self.hashes.append(chain_hash(self.hashes[-1] if self.hashes else None, block, root, extra))
 
     @property
     def finished(self) -> bool:
@@ -112,6 +115,7 @@ class StepStats:
     queue_time: list[float] = field(default_factory=list)
     e2e: list[float] = field(default_factory=list)
     finished: list[Request] = field(default_factory=list)
+    lora_s: float = 0.0  # of duration: adapters read from disk or swapped into GPU slots
 
     @property
     def end(self) -> float:
@@ -127,6 +131,7 @@ class SchedulerConfig:
     max_model_len: int = 8192
     enable_prefix_caching: bool = True
     kv_events: bool = False  # collect vLLM-shaped KV-cache events (--kv-events-config)
+    max_loras: int = 0  # --max-loras with --enable-lora; 0: LoRA off
 
 
 class Scheduler:
@@ -144,6 +149,7 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.slowdown = 1.0  # thermal-throttling fault: multiplies step time
+        self.lora_slots: LoRASlots | None = None  # set by the engine with --enable-lora
         self._by_id: dict[str, Request] = {}
 
     # -- intake --------------------------------------------------------------------------------
@@ -219,8 +225,16 @@ class Scheduler:
             scheduled.append((req, n))
             budget -= n
 
+        # vLLM 0.33.0 v1/core/sched/scheduler.py: the adapters of every running request (scheduled
+        # this step or not) count; a waiting request naming another adapter while max_loras are
+        # in use is skipped (it keeps its place in the queue) and the ones behind it are tried.
+        loras = {r.lora.int_id for r in self.running if r.lora is not None}
+        skipped: list[Request] = []
         while self.waiting and not preempted and budget > 0 and len(self.running) < self.config.max_num_seqs:
             req = self.waiting[0]
+            if req.lora is not None and len(loras) >= self.config.max_loras and req.lora.int_id not in loras:
+                skipped.append(self.waiting.popleft())
+                continue
             req.extend_hashes(self.config.block_size, self.root)
             hit = self.blocks.computed_blocks(req.hashes, req.num_tokens)
             cached = len(hit) * self.config.block_size
@@ -241,6 +255,9 @@ class Scheduler:
             self.running.append(req)
             scheduled.append((req, n))
             budget -= n
+            if req.lora is not None:
+                loras.add(req.lora.int_id)
+        self.waiting.extendleft(reversed(skipped))
 
         for req, n in scheduled:
             if req.num_tokens - req.num_computed == 1 and req.output_ids and n == 1:
@@ -251,6 +268,11 @@ class Scheduler:
         stats.duration = (
             self.timing.step_time(stats.prefill_tokens, stats.decode_seqs, context) * self.slowdown
         )
+        if self.lora_slots is not None and scheduled:
+            # the step's model runner reads evicted adapters from disk and swaps CPU-only ones
+            # into GPU slots before the forward pass (lora/worker_manager.py _apply_adapters)
+            stats.lora_s = self.lora_slots.prepare_batch([r.lora for r, _ in scheduled if r.lora is not None])
+            stats.duration += stats.lora_s
         end = stats.end
 
         for req, n in scheduled:
@@ -265,6 +287,7 @@ class Scheduler:
                     req.hashes[start:full],
                     req.hashes[start - 1] if start else None,
                     req.tokens(start * bs, full * bs) if self.blocks.kv_events else (),
+                    (req.lora.int_id, req.lora.name) if req.lora is not None else None,
                 )
                 req.num_published = full
             if req.num_computed < req.num_tokens:

@@ -14,9 +14,11 @@ import contextlib
 import hmac
 import itertools
 import logging
+import os
 import socket
 import time
 import uuid
+from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,7 @@ from aiohttp import web
 from toposerve.kvevents.publisher import KVEventsConfig, ZmqPublisher
 from toposerve.kvevents.wire import KVEventBatch
 from toposerve.mockengine.faults import Fate, FaultConfig, FaultInjector
+from toposerve.mockengine.lora import Adapter, AdapterLoadError, LoRAConfig, LoRASlots, read_adapter
 from toposerve.mockengine.metrics import CONTENT_TYPE, EngineMetrics
 from toposerve.mockengine.protocol import (
     DONE,
@@ -36,6 +39,7 @@ from toposerve.mockengine.protocol import (
     dumps,
     parse_chat,
     parse_completion,
+    sanitize_message,
     usage,
 )
 from toposerve.mockengine.scheduler import Request, Scheduler, SchedulerConfig, Status
@@ -79,6 +83,17 @@ class EngineConfig:
     # vLLM's dev-mode-only endpoints; with a token they also need `Authorization: Bearer TOKEN`.
     admin: bool = False
     admin_token: str | None = None
+    # LoRA (vLLM 0.33.0's --enable-lora, --max-loras, ... plus the mock's timing; lora.py)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # VLLM_ALLOW_RUNTIME_LORA_UPDATING: None reads the environment as vLLM's envs.py does
+    # ("1" or "true", any case, stripped); tests set it here instead
+    allow_runtime_lora_updating: bool | None = None
+
+    @property
+    def runtime_lora_updating(self) -> bool:
+        if self.allow_runtime_lora_updating is not None:
+            return self.allow_runtime_lora_updating
+        return os.environ.get("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "0").strip().lower() in ("1", "true")
 
     @property
     def names(self) -> list[str]:
@@ -127,6 +142,7 @@ class Engine:
             max_model_len=self.max_model_len,
             enable_prefix_caching=cfg.enable_prefix_caching,
             kv_events=bool(cfg.kv_events and cfg.kv_events.publishes),
+            max_loras=cfg.lora.max_loras if cfg.lora.enabled else 0,
         )
         self.tokenizer = MockTokenizer()
         self.generator = TextGenerator(cfg.seed)
@@ -142,7 +158,12 @@ class Engine:
             "gpu_memory_utilization": 0.9,
             "prefix_caching_hash_algo": "sha256",  # vLLM 0.33.0's default, as kvevents/hashing.py
         }
-        self.metrics = EngineMetrics(cfg.names[0], cache_info, cfg.deprecated_gpu_cache_metric)
+        self.metrics = EngineMetrics(
+            cfg.names[0],
+            cache_info,
+            cfg.deprecated_gpu_cache_metric,
+            cfg.lora.max_loras if cfg.lora.enabled else None,
+        )
         self.metrics.observe_state(self.scheduler)
         # KV-cache events: one batch per engine step that stored, evicted or cleared blocks, on a
         # ZeroMQ PUB socket in vLLM 0.33.0's format (kvevents/), as vLLM's scheduler publishes them.
@@ -159,6 +180,117 @@ class Engine:
         self.crashed = False
         self.inflight = 0
         self.steps = 0
+        # LoRA. Engine side (LoRASlots, keyed by int id) and API side (``loras``: the adapters
+        # served by name, vLLM's OpenAIServingModels.lora_requests) are apart as in vLLM: an
+        # unloaded adapter keeps its slots until LRU evicts it.
+        self.lora_slots: LoRASlots | None = None
+        if cfg.lora.enabled:
+            cfg.lora.validate()
+            self.lora_slots = LoRASlots(
+                cfg.lora.max_loras, cfg.lora.cpu_slots, cfg.lora.load_s, cfg.lora.swap_s
+            )
+        self.scheduler.lora_slots = self.lora_slots
+        self.loras: dict[str, tuple[Adapter, str]] = {}  # name -> (adapter, parent model)
+        self.lora_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._lora_ids = itertools.count(1)  # models/serving.py lora_id_counter.inc(1)
+        self._lora_busy: OrderedDict[str, set[Request]] = OrderedDict()  # vllm:lora_requests_info
+        self._jobs: deque[tuple[Callable[[], float], asyncio.Future[None]]] = deque()
+        self._load_static_loras()
+
+    # -- LoRA ----------------------------------------------------------------------------------
+    def next_lora_id(self) -> int:
+        return next(self._lora_ids)
+
+    def engine_error(self, message: str) -> str:
+        """How an exception inside add_lora reaches the API server: v1/engine/core.py
+        _invoke_utility_method prefixes "Call to add_lora method failed: "; with several workers
+        (tp > 1) v1/executor/multiproc_executor.py wraps the worker's error first."""
+        if self.cfg.tensor_parallel_size > 1:
+            message = (
+                f"Worker failed with error '{message}', please check the stack trace above for the root cause"
+            )
+        return f"Call to add_lora method failed: {message}"
+
+    def _lora_job(self, a: Adapter, load_inplace: bool) -> Callable[[], float]:
+        def job() -> float:
+            if self.lora_slots is None:  # v1/worker/lora_model_runner_mixin.py _ensure_lora_enabled
+                raise AdapterLoadError("LoRA is not enabled. Use --enable-lora to enable LoRA.")
+            a.rank = read_adapter(a.name, a.path, self.cfg.lora.hub_dir, self.cfg.lora.max_lora_rank)
+            return self.lora_slots.add(a, load_inplace)
+
+        return job
+
+    def _load_static_loras(self) -> None:
+        """--lora-modules, loaded at startup in order (models/serving.py init_static_loras: any
+        failure stops the server with that error's message). Startup time is not modelled."""
+        for m in self.cfg.lora.modules:
+            if m.name in self.cfg.names:
+                raise ValueError(f"The lora adapter '{m.name}' conflicts with a served base model.")
+            if m.name in self.loras:
+                raise ValueError(
+                    f"The lora adapter '{m.name}' has already been loaded. If you want to load the "
+                    "adapter in place, set 'load_inplace' to True."
+                )
+            a = Adapter(self.next_lora_id(), m.name, m.path)
+            try:
+                self._lora_job(a, False)()
+            except AdapterLoadError as e:
+                raise ValueError(
+                    sanitize_message(e.message if e.not_found else self.engine_error(e.message))
+                ) from None
+            parent = m.base_model_name if m.base_model_name in self.cfg.names else self.cfg.names[0]
+            self.loras[m.name] = (a, parent)
+
+    async def add_lora(self, a: Adapter, load_inplace: bool = False) -> None:
+        """The engine's add_lora utility call: it runs in the engine loop between two steps and
+        holds the loop for the load's time (vLLM's EngineCore serves utility calls in the same
+        thread as its steps, so every running stream pauses while an adapter loads)."""
+        if self.crashed:
+            raise APIError(500, "the engine loop has crashed")
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._catch_up()
+        self._jobs.append((self._lora_job(a, load_inplace), fut))
+        self._wake.set()
+        await fut
+
+    async def _run_job(self) -> None:
+        job, fut = self._jobs.popleft()
+        try:
+            took = job()
+        except AdapterLoadError as e:
+            if not fut.done():
+                fut.set_exception(e)
+            return
+        self.sim_now += took
+        if took > 0 and self.cfg.time_scale > 0:
+            await asyncio.sleep(took * self.cfg.time_scale)
+        if not fut.done():
+            fut.set_result(None)
+
+    def lora_busy(self) -> list[str]:
+        """Adapters with a request waiting or running, in the order each last became busy
+        (v1/metrics/stats.py LoRARequestStates: an adapter's entry goes when its last request
+        finishes and comes back at the end with its next one)."""
+        for name in list(self._lora_busy):
+            reqs = self._lora_busy[name]
+            reqs.difference_update([r for r in reqs if r.finished])
+            if not reqs:
+                del self._lora_busy[name]
+        return list(self._lora_busy)
+
+    def lora_state(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "enabled": self.lora_slots is not None,
+            "runtime_updating": self.cfg.runtime_lora_updating,
+            "served": [
+                {"name": n, "id": a.int_id, "path": a.path, "rank": a.rank, "parent": p}
+                for n, (a, p) in self.loras.items()
+            ],
+            "busy": self.lora_busy(),
+        }
+        if self.lora_slots is not None:
+            state.update(self.lora_slots.state())
+        return state
 
     def publish_kv_events(self) -> None:
         events = self.scheduler.blocks.take_events()
@@ -181,6 +313,10 @@ class Engine:
             for h in self._handles.values():
                 h.done = True
                 h.event.set()
+            while self._jobs:
+                _, fut = self._jobs.popleft()
+                if not fut.done():
+                    fut.set_exception(APIError(500, "the engine loop has crashed"))
 
     async def _loop(self) -> None:
         sched = self.scheduler
@@ -195,6 +331,10 @@ class Engine:
         # stall does not make the engine race through steps back to back.
         due: float | None = None  # when the current step ends, in the clock's time
         while True:
+            if self._jobs:  # utility calls (add_lora) run between steps, before the next one
+                await self._run_job()
+                due = None
+                continue
             if not sched.has_work:
                 self._wake.clear()
                 await self._wake.wait()
@@ -217,13 +357,15 @@ class Engine:
                     h.event.set()
             self.metrics.observe_step(stats)
             self.metrics.observe_state(sched)
-            if stats.duration == 0 and sched.has_work:
+            if self.lora_slots is not None:
+                self.metrics.observe_lora(self.lora_busy())
+            if stats.duration == 0 and sched.has_work and not self._jobs:
                 # Nothing fits (e.g. every block pinned): wait for an arrival or abort instead of spinning.
                 self._wake.clear()
                 await self._wake.wait()
                 due = None
 
-    def submit(self, params: GenerationParams) -> _Handle:
+    def submit(self, params: GenerationParams, lora: Adapter | None = None) -> _Handle:
         if self.crashed:
             raise APIError(500, "the engine loop has crashed")
         if len(self.scheduler.waiting) >= self.cfg.max_waiting:
@@ -251,6 +393,7 @@ class Engine:
         req = self.scheduler.make_request(
             req_id, ids, params.max_tokens, self.generator, params.seed, self.cfg.default_output_range
         )
+        req.lora = lora
         if self.draining:
             # vLLM 0.33.0 EngineCore._reject_add_in_shutdown: a request that arrives while the engine
             # shuts down (either mode) is finished at once with finish_reason "abort" and no tokens;
@@ -262,6 +405,8 @@ class Engine:
             return h
         self._catch_up()
         self.scheduler.add(req, self.sim_now)
+        if lora is not None:
+            self._lora_busy.setdefault(lora.name, set()).add(req)
         h = _Handle(req)
         self._handles[req_id] = h
         self.metrics.observe_state(self.scheduler)
@@ -362,12 +507,29 @@ async def _json(request: web.Request) -> Any:
         raise APIError(400, "request body is not valid JSON") from None
 
 
-def _check_model(engine: Engine, model: str | None) -> str:
+async def _check_model(engine: Engine, model: str | None) -> tuple[str, Adapter | None]:
+    """The served name and adapter a request's ``model`` names, as vLLM 0.33.0's
+    entrypoints/serve/engine/serving.py _check_model decides: a base model name, a loaded adapter,
+    or (with runtime LoRA updating) an adapter whose load is under way: resolve_lora waits on the
+    adapter name's lock, which load_lora_adapter holds while loading. Anything else is a 404."""
     if model is None:
-        return engine.cfg.names[0]
-    if model not in engine.cfg.names:
-        raise APIError(404, f"The model `{model}` does not exist.", param="model")
-    return model
+        return engine.cfg.names[0], None
+    if model in engine.cfg.names:
+        return model, None
+    if model in engine.loras:
+        return model, engine.loras[model][0]
+    if engine.cfg.runtime_lora_updating and model:
+        async with engine.lora_locks[model]:
+            if model in engine.loras:
+                return model, engine.loras[model][0]
+            engine.next_lora_id()  # resolve_lora takes an id before asking its (here no) resolvers
+    raise APIError(
+        404,
+        sanitize_message(
+            f"The model `{model}` does not exist. Valid aliases: {', '.join(engine.cfg.names)}."
+        ),
+        param="model",
+    )
 
 
 def _check_text(text: str | None) -> None:
@@ -385,7 +547,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     engine = request.app[ENGINE_KEY]
     body = await _json(request)
     params = parse_chat(body, chat_renderer(body)) if chat else parse_completion(body)
-    model = _check_model(engine, params.model)
+    model, lora = await _check_model(engine, params.model)
     _check_text(params.prompt_text)
     if engine.faults.poisoned(params.prompt_text):
         raise APIError(engine.faults.config.fail_status, "injected failure: poisoned prompt")
@@ -395,7 +557,7 @@ async def _generate(request: web.Request, chat: bool) -> web.StreamResponse:
     if fate is Fate.HANG:
         await engine.hang()
         raise APIError(503, "injected hang released")
-    h = engine.submit(params)
+    h = engine.submit(params, lora)
     engine.inflight += 1
     try:
         if params.stream:
@@ -501,22 +663,187 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return await _generate(request, chat=True)
 
 
+def _model_card(
+    id: str, created: int, root: str | None, parent: str | None, max_model_len: int | None
+) -> dict[str, Any]:
+    """vLLM 0.33.0's ModelCard with one ModelPermission (entrypoints/serve/engine/protocol.py),
+    fields in their order."""
+    permission = {
+        "id": f"modelperm-{uuid.uuid4().hex}",
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
+    return {
+        "id": id,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": root,
+        "parent": parent,
+        "max_model_len": max_model_len,
+        "permission": [permission],
+    }
+
+
 async def models(request: web.Request) -> web.Response:
+    """Base models first (root: the model path), then the loaded adapters in load order (root:
+    the lora_path as given, parent: its base model, max_model_len null), as vLLM 0.33.0's
+    entrypoints/openai/models/serving.py show_available_models lists them."""
     engine = request.app[ENGINE_KEY]
     created = int(time.time())
     data = [
-        {
-            "id": name,
-            "object": "model",
-            "created": created,
-            "owned_by": "vllm",
-            "root": engine.cfg.model,
-            "parent": None,
-            "max_model_len": engine.max_model_len,
-        }
-        for name in engine.cfg.names
+        _model_card(name, created, engine.cfg.model, None, engine.max_model_len) for name in engine.cfg.names
     ]
+    data += [_model_card(name, created, a.path, parent, None) for name, (a, parent) in engine.loras.items()]
     return web.json_response({"object": "list", "data": data}, dumps=dumps)
+
+
+# -- LoRA endpoints (vLLM 0.33.0 entrypoints/serve/lora/, entrypoints/openai/models/serving.py) --
+def _validation_error(detail: str, param: str | None) -> APIError:
+    """A request that fails pydantic validation, as vLLM's validation_exception_handler answers it
+    (entrypoints/serve/exception_handling/handlers/validation.py): 400, type "Bad Request". The
+    message lists the error like pydantic's does (its exact text is approximated)."""
+    return APIError(
+        400, sanitize_message(f"1 validation error:\n  {detail}"), param=param, err_type="Bad Request"
+    )
+
+
+_PYDANTIC_TRUE = {"1", "on", "t", "true", "y", "yes"}
+_PYDANTIC_FALSE = {"0", "f", "false", "n", "no", "off"}
+
+
+async def _lora_body(request: web.Request, fields: dict[str, tuple[type, bool]]) -> dict[str, Any]:
+    """Parse LoadLoRAAdapterRequest / UnloadLoRAAdapterRequest (entrypoints/serve/lora/protocol.py)
+    with pydantic's lax rules: str fields must be strings, bools accept true/false, 0/1 and
+    pydantic's yes/no words, ints reject bools; unknown fields are ignored. The route first
+    insists on Content-Type application/json (entrypoints/serve/utils/api_utils.py
+    validate_json_request)."""
+    if request.content_type != "application/json":
+        raise _validation_error("Unsupported Media Type: Only 'application/json' is allowed", None)
+    try:
+        body = await request.json()
+    except (ValueError, RecursionError):
+        raise _validation_error(
+            "{'type': 'json_invalid', 'loc': 'body', 'msg': 'JSON decode error'}", "body"
+        ) from None
+    if not isinstance(body, dict):
+        raise _validation_error(
+            "{'type': 'model_attributes_type', 'loc': 'body', 'msg': 'Input should be a valid dictionary "
+            f"or object to extract fields from', 'input': {str(body)[:200]!r}}}",
+            "body",
+        )
+    out: dict[str, Any] = {}
+    for name, (kind, required) in fields.items():
+        loc = f"body.{name}"
+        if name not in body:
+            if required:
+                raise _validation_error(
+                    f"{{'type': 'missing', 'loc': '{loc}', 'msg': 'Field required'}}", loc
+                )
+            continue
+        v = body[name]
+        if kind is str and not isinstance(v, str):
+            raise _validation_error(
+                f"{{'type': 'string_type', 'loc': '{loc}', 'msg': 'Input should be a valid string'}}", loc
+            )
+        if kind is bool and not isinstance(v, bool):
+            if isinstance(v, int) and v in (0, 1):
+                v = bool(v)
+            elif isinstance(v, str) and v.strip().lower() in _PYDANTIC_TRUE | _PYDANTIC_FALSE:
+                v = v.strip().lower() in _PYDANTIC_TRUE
+            else:
+                raise _validation_error(
+                    f"{{'type': 'bool_parsing', 'loc': '{loc}', 'msg': 'Input should be a valid boolean, "
+                    "unable to interpret input'}",
+                    loc,
+                )
+        if kind is int and v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise _validation_error(
+                f"{{'type': 'int_type', 'loc': '{loc}', 'msg': 'Input should be a valid integer'}}", loc
+            )
+        out[name] = v
+    return out
+
+
+def _invalid(message: str) -> APIError:
+    return APIError(400, sanitize_message(message), err_type="InvalidUserInput")
+
+
+def _success(text: str) -> web.Response:
+    # vLLM answers `Response(status_code=200, content=...)`: the bare text, no JSON
+    return web.Response(status=200, text=text)
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    """POST /v1/load_lora_adapter {lora_name, lora_path, load_inplace=false, is_3d_lora_weight=false}:
+    models/serving.py load_lora_adapter under the name's lock: the request checks
+    (_check_load_lora_adapter_request), then the engine's add_lora (its load time passes in the
+    engine loop), then the name is served."""
+    engine = request.app[ENGINE_KEY]
+    body = await _lora_body(
+        request,
+        {
+            "lora_name": (str, True),
+            "lora_path": (str, True),
+            "load_inplace": (bool, False),
+            "is_3d_lora_weight": (bool, False),
+        },
+    )
+    name, path, inplace = body["lora_name"], body["lora_path"], body.get("load_inplace", False)
+    async with engine.lora_locks[name]:
+        if not name or not path:
+            raise _invalid("Both 'lora_name' and 'lora_path' must be provided.")
+        if name in engine.cfg.names:
+            raise _invalid(f"The lora adapter '{name}' conflicts with a served base model.")
+        if not inplace and name in engine.loras:
+            raise _invalid(
+                f"The lora adapter '{name}' has already been loaded. If you want to load the adapter "
+                "in place, set 'load_inplace' to True."
+            )
+        previous = engine.loras.get(name)
+        a = Adapter(previous[0].int_id if previous else engine.next_lora_id(), name, path)
+        try:
+            await engine.add_lora(a, inplace)
+        except AdapterLoadError as e:
+            if e.not_found:  # LoRAAdapterNotFoundError: NotFoundError, no param
+                raise APIError(404, sanitize_message(e.message), err_type="NotFoundError") from None
+            raise APIError(
+                500, sanitize_message(engine.engine_error(e.message)), err_type="InternalServerError"
+            ) from None
+        # a name loaded again in place keeps its place in /v1/models (a dict key re-set)
+        engine.loras[name] = (a, engine.cfg.names[0])
+        log.info("Loaded new LoRA adapter: name '%s', path '%s'", name, path)
+        return _success(f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    """POST /v1/unload_lora_adapter {lora_name, lora_int_id=null}: models/serving.py
+    unload_lora_adapter. vLLM 0.33.0 only forgets the name (it no longer routes to the adapter,
+    /v1/models stops listing it); the engine is not told, so the adapter keeps its GPU/CPU slot
+    until LRU evicts it, and requests already admitted with it finish with it. lora_int_id is
+    accepted and ignored, as there."""
+    engine = request.app[ENGINE_KEY]
+    body = await _lora_body(request, {"lora_name": (str, True), "lora_int_id": (int, False)})
+    name = body["lora_name"]
+    async with engine.lora_locks[name]:
+        if not name:
+            raise _invalid("'lora_name' needs to be provided to unload a LoRA adapter.")
+        if name not in engine.loras:
+            raise APIError(
+                404, sanitize_message(f"The lora adapter '{name}' cannot be found."), err_type="NotFoundError"
+            )
+        del engine.loras[name]
+        log.info("Removed LoRA adapter: name '%s'", name)
+        return _success(f"Success: LoRA adapter '{name}' removed successfully.")
 
 
 async def health(request: web.Request) -> web.Response:
@@ -577,7 +904,7 @@ async def tokenize(request: web.Request) -> web.Response:
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise APIError(400, "model must be a string", param="model")
-    _check_model(engine, model)
+    await _check_model(engine, model)
     _flag(body, "add_special_tokens", "messages" not in body)
     strs = body.get("return_token_strs", False)
     if strs is not None and not isinstance(strs, bool):
@@ -668,6 +995,7 @@ async def admin_state(request: web.Request) -> web.Response:
             "gpu_type": engine.cfg.gpu_type,
             "speed": engine.timing.speed,
             "max_model_len": engine.max_model_len,
+            "lora": engine.lora_state(),
         },
         dumps=dumps,
     )
@@ -706,6 +1034,13 @@ def build_app(engine: Engine) -> web.Application:
     app.router.add_post("/detokenize", detokenize)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/version", version)
+    if engine.cfg.runtime_lora_updating:  # entrypoints/serve/lora/api_router.py attach_router
+        log.warning(
+            "LoRA dynamic loading & unloading is enabled in the API server. "
+            "This should ONLY be used for local development!"
+        )
+        app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+        app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     if engine.cfg.admin or engine.cfg.admin_token:  # otherwise the routes do not exist (404)
         tok = engine.cfg.admin_token
         app.router.add_post("/reset_prefix_cache", _admin(reset_prefix_cache, tok))
