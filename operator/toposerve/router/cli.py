@@ -229,12 +229,40 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="seconds to wait for an engine's /tokenize before scoring on the approximation",
     )
+    a = p.add_argument_group("LoRA adapters (docs/router.md, 'LoRA adapters')")
+    a.add_argument(
+        "--adapter",
+        dest="adapters",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="serve LoRA adapter NAME, read from PATH as the engines see it (repeatable); the router "
+        "loads it on replicas at run time (vLLM /v1/load_lora_adapter, engines with "
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True)",
+    )
+    a.add_argument(
+        "--adapter-slots",
+        type=int,
+        default=0,
+        help="adapters kept registered per engine: its --max-cpu-loras; 0 (default): the max_lora "
+        "the engine reports (vLLM's default for max_cpu_loras)",
+    )
+    a.add_argument(
+        "--adapter-load-timeout", type=float, default=120.0, help="seconds one adapter load may take"
+    )
+    a.add_argument(
+        "--adapter-refresh",
+        type=float,
+        default=5.0,
+        help="seconds between reads of each engine's /v1/models (which adapters it holds)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
     """The RouterConfig the flags describe (also the gateway's member routers' template)."""
     from toposerve.router import strategies as st
     from toposerve.router.kvindex import KVEventsOptions
+    from toposerve.router.lora import Options as AdapterOptions
     from toposerve.router.proxy import RouterConfig
 
     return RouterConfig(
@@ -277,6 +305,11 @@ def config_from_args(args: argparse.Namespace) -> Any:
             silence_s=args.kv_events_silence,
             tokenize_timeout_s=args.kv_tokenize_timeout,
         ),
+        adapters=AdapterOptions(
+            slots=max(args.adapter_slots, 0),
+            load_timeout_s=args.adapter_load_timeout,
+            refresh_s=args.adapter_refresh,
+        ),
     )
 
 
@@ -286,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
     import signal
 
     from toposerve.router.endpoints import engine_selector, parse_backends
+    from toposerve.router.lora import parse_adapter_flags
     from toposerve.router.proxy import Router, serve, serve_metrics, tune_gc
 
     logging.basicConfig(
@@ -293,6 +327,7 @@ def run(args: argparse.Namespace) -> int:
     )
     try:
         backends = parse_backends(args.backends)
+        adapters = parse_adapter_flags(args.adapters)
     except ValueError as e:
         raise SystemExit(f"toposerve router: error: {e}") from None
     if args.write_timeout < 0:
@@ -308,6 +343,11 @@ def run(args: argparse.Namespace) -> int:
             "toposerve router: error: --max-connections-per-client, --max-buffered-body-bytes and "
             "--metrics-port must be 0 (off) or more"
         )
+    if args.adapter_slots < 0 or args.adapter_load_timeout <= 0 or args.adapter_refresh <= 0:
+        raise SystemExit(
+            "toposerve router: error: --adapter-slots must be 0 (the engines' max_lora) or more; "
+            "--adapter-load-timeout and --adapter-refresh more than 0 seconds"
+        )
     if args.gc_gen0_threshold < 0:
         raise SystemExit("toposerve router: error: --gc-gen0-threshold must be 0 (off) or more")
     selector = args.selector or (engine_selector(args.llmdeployment) if args.llmdeployment else None)
@@ -320,6 +360,8 @@ def run(args: argparse.Namespace) -> int:
 
     async def main() -> None:
         router = Router(backends, cfg, discovering=not backends)
+        if adapters:
+            router.set_adapters(adapters)
         runner = await serve(router, args.host, args.port)
         metrics_runner = (
             await serve_metrics(router, args.host, args.metrics_port) if args.metrics_port else None

@@ -45,8 +45,10 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from toposerve.router import adapters as ad
 from toposerve.router import demand as dm
 from toposerve.router import health as hl
+from toposerve.router import lora as lr
 from toposerve.router import strategies as st
 from toposerve.router.endpoints import BackendSpec
 from toposerve.router.errors import error_body
@@ -177,6 +179,8 @@ class RouterConfig:
     write_timeout_s: float = 60.0
     # Routing on the engines' KV-cache events (kvindex.py; off by default)
     kv_events: KVEventsOptions = field(default_factory=KVEventsOptions)
+    # LoRA adapters loaded at run time (lora.py, adapters.py; the names come from set_adapters)
+    adapters: lr.Options = field(default_factory=lr.Options)
 
     @property
     def health(self) -> hl.HealthConfig:
@@ -195,6 +199,8 @@ class _Parsed:
     stream: bool
     kv_keys: list[int] | None = None  # the prompt's engine block keys (KV-event routing)
     kv_block_size: int = 0
+    adapter: str | None = None  # the LoRA adapter the request names (adapters.py)
+    adapter_retry: bool = False  # an engine's 404 for it: re-place and retry (not relay)
 
 
 def tokenize_body(path: str, body: Mapping[str, Any]) -> dict[str, Any] | list[int] | None:
@@ -399,6 +405,7 @@ class _Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+        self.lora = lr.LoraMetrics(r)
         r.register(_BackendCollector(router))
         # What the client-facing port serves: the same metrics without the `backend` label, whose
         # values are pod addresses (the full registry is served on --metrics-port only).
@@ -487,6 +494,7 @@ class _BackendCollector(Collector):
             fams["kv"].add_metric(lab, b.kv_usage)
         yield from fams.values()
         yield from _kv_metrics(self.router, now)
+        yield from _lora_metrics(self.router)
         g = self.router.gate
         yield GaugeMetricFamily("toposerve_router_connections_open", "Open client connections.", value=g.open)
         yield GaugeMetricFamily(
@@ -564,6 +572,31 @@ def _kv_metrics(router: Router, now: float) -> Iterator[Metric]:
     for reason, n in kv.fallbacks.items():
         fallbacks.add_metric([reason], n)
     yield fallbacks
+
+
+def _lora_metrics(router: Router) -> Iterator[Metric]:
+    """Adapters per backend (docs/router.md, "LoRA adapters"); nothing while none is in play."""
+    lora: lr.AdapterManager | None = getattr(router, "lora", None)  # None: while it is built
+    if lora is None or not lora.active:
+        return
+    held = GaugeMetricFamily(
+        "toposerve_router_backend_lora_adapters",
+        "Adapters registered on the backend, as the router last saw them.",
+        labels=["backend"],
+    )
+    slots = GaugeMetricFamily(
+        "toposerve_router_backend_lora_slots",
+        "Adapters the router keeps registered on the backend at most (--adapter-slots or max_lora).",
+        labels=["backend"],
+    )
+    for url in list(router.backends):
+        e = lora.engines.get(url)
+        held.add_metric([url], len(e.registered) if e is not None else 0)
+        slots.add_metric([url], lora.slots(url))
+    yield from (held, slots)
+    yield GaugeMetricFamily(
+        "toposerve_router_lora_adapters", "Adapters in the router's spec.", value=len(lora.spec)
+    )
 
 
 _ARRIVAL_GAUGES = (
@@ -687,6 +720,15 @@ class _GatewayTimeout(Exception):
     pass
 
 
+class _AdapterMissing(Exception):
+    """The engine answered 404 "does not exist" for the request's adapter: it no longer holds it
+    (it restarted, or another router replica unloaded it)."""
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__("adapter missing")
+        self.body = body
+
+
 class _RelayResponse(web.StreamResponse):
     """A StreamResponse whose status line and headers leave with the first body bytes, in one
     socket write instead of two (aiohttp's own `web.Response` does the same for whole bodies).
@@ -788,6 +830,8 @@ class Router:
         self.service = dm.ServiceRates(max_gap_s=max(10.0, 5 * self.cfg.probe_interval_s))
         self._backends_changed = asyncio.Event()
         self.metrics = _Metrics(self)
+        # LoRA adapters: what each engine holds, loads and unloads (lora.py)
+        self.lora = lr.AdapterManager(self.cfg.adapters, self.metrics.lora)
         self._session: aiohttp.ClientSession | None = None
         # the completions' upstream client (upstream.py); probes and /v1/models use _session
         self._upstream: UpstreamPool | None = None
@@ -823,6 +867,108 @@ class Router:
             await asyncio.sleep(poll_s)
         return self.active == 0
 
+    # ---------------------------------------------------------------------------------- adapters
+
+    def set_adapters(self, adapters: Mapping[str, str]) -> None:
+        """The LoRA adapters this router serves: name -> path as the engines read it (callable at
+        any time: `--adapter` flags, the gateway's watches). A request whose ``model`` is one of
+        them is placed on a replica holding it, loaded where none does (docs/router.md, "LoRA
+        adapters"). A name dropped here is answered 404 from now on and unloaded from the
+        engines once this router's requests on it there have ended; nothing in flight is cut."""
+        self.lora.set_spec(adapters)
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # before start: the first probes do the upkeep
+            return
+        for url in list(self.backends):
+            self._adapter_upkeep(url)
+
+    def _adapter_states(self, exclude: Iterable[str]) -> list[ad.ReplicaState]:
+        return [
+            self.lora.state(s.id, st.is_eligible(s), s.in_flight / max(s.weight, 1e-9))
+            for s in self.snapshot(exclude)
+        ]
+
+    def _adapter_upkeep(self, url: str) -> None:
+        b = self.backends.get(url)
+        if b is None or not self.lora.active:
+            return
+        now = time.monotonic()
+        weight = b.spec.weight if self.cfg.gpu_weighting else 1.0
+        load = self.ledger.in_flight(url) / max(weight, 1e-9)
+        self.lora.upkeep(url, b.healthy(now) and not b.draining, load)
+
+    async def _refresh_adapters(self, b: Backend) -> None:
+        """Re-read which adapters the engine holds (every ``refresh_s``), then unload what it
+        should not hold and register again what it lost."""
+        assert self._session is not None
+        url = b.spec.url
+        now = time.monotonic()
+        if self.lora.due(url, now):
+            listing = await lr.read_models(self._session, url, self.cfg.probe_timeout_s)
+            if listing is not None:
+                self.lora.observe_models(url, listing, now)
+        self._adapter_upkeep(url)
+
+    async def _place_adapter(
+        self, name: str, exclude: set[str], first: bool
+    ) -> tuple[str, ...] | web.Response:
+        """The replicas a request for adapter `name` may go to, loading it first where none
+        holds it (adapters.place); or the error to answer. A failed load tries one other
+        replica; with every slot pinned by requests in flight, it waits up to the queue timeout."""
+        outcome = self.metrics.lora.requests
+        deadline = time.monotonic() + self.cfg.queue_timeout_s
+        failed: dict[str, lr.CallResult] = {}
+        while True:
+            if name not in self.lora.spec:  # removed while this request waited
+                msg = f"The model `{name}` does not exist."
+                return self._error(404, msg, "adapter_not_found", body=error_body(404, msg, "model"))
+            p = self.lora.place(name, self._adapter_states(exclude | set(failed)))
+            if p.action == ad.ROUTE:
+                if p.load_on is not None:
+                    self.lora.spread(p.load_on, name)
+                if first:
+                    self.metrics.child(outcome, "hit").inc()
+                return p.targets
+            if p.action == ad.LOAD:
+                assert p.load_on is not None
+                res = await self.lora.ensure(p.load_on, name, p.evict, lr.L_REQUEST)
+                if res.ok:
+                    if first:
+                        self.metrics.child(outcome, "load").inc()
+                    return (p.load_on,)
+                failed[p.load_on] = res
+                if len(failed) < 2:
+                    continue
+                break
+            if p.reason == ad.P_NO_REPLICA and not failed:
+                if self.cfg.hold_at_zero_s > 0 and not exclude:
+                    refused = await self._hold(set(), self.cfg.hold_at_zero_s)
+                    if refused is None:
+                        continue
+                    self.metrics.child(outcome, "unavailable").inc()
+                    return refused
+                self.metrics.child(outcome, "unavailable").inc()
+                return self._error(503, "no healthy backend", "no_backend", retry_after=True)
+            left = deadline - time.monotonic()
+            if p.reason == ad.P_NO_SLOT and left > 0:
+                await self.lora.changed(min(left, self.cfg.probe_interval_s))
+                continue
+            break
+        if failed:
+            self.metrics.child(outcome, "failed").inc()
+            res = list(failed.values())[-1]
+            status = res.status if 400 <= res.status < 600 else 502
+            if res.body is not None:  # the engine's own error (vLLM's status and message)
+                return self._error(
+                    status, f"adapter {name} load failed: {res.message}", "adapter_load", body=res.body
+                )
+            msg = f"LoRA adapter `{name}` could not be loaded: {res.message}"
+            return self._error(status, msg, "adapter_load", body=error_body(status, msg, "model"))
+        self.metrics.child(outcome, "unavailable").inc()
+        msg = f"no adapter slot is free for `{name}`: every replica's adapters serve requests in flight"
+        return self._error(503, msg, "adapter_no_slot", retry_after=True)
+
     # ---------------------------------------------------------------------------------- backend set
 
     def reconcile(self, desired: Mapping[str, tuple[BackendSpec, bool]]) -> None:
@@ -848,6 +994,7 @@ class Router:
         if b is not None and b.removed and self.ledger.in_flight(url) == 0:
             del self.backends[url]
             self.memory.prefix.forget(url)
+            self.lora.forget(url)
             self.service.forget(url)
             self._sync_kv()
 
@@ -937,11 +1084,15 @@ class Router:
                         b.kv_usage = page.kv_usage
                     if page.waiting is not None:
                         b.waiting = page.waiting
+                    if self.lora.active:
+                        self.lora.observe_metrics(url, text)
                     now = time.monotonic()
                     ready = b.healthy(now) and not b.draining
                     self.service.observe(url, b.spec.pool, now, page, ready)
         except (TimeoutError, aiohttp.ClientError, OSError, UnicodeDecodeError):
             pass
+        if self.lora.active:
+            await self._refresh_adapters(b)
 
     async def probe_all(self) -> None:
         await asyncio.gather(*(self._probe_one(b) for b in list(self.backends.values())))
@@ -976,6 +1127,7 @@ class Router:
             self.cfg.connect_timeout_s, self.cfg.read_timeout_s, self.cfg.upstream_keepalive_s
         )
         self._upstream.start()
+        self.lora.session = self._session
         if self.cfg.kv_events.enabled and self.kvindex is None:
             self.kvindex = KVIndex(self.cfg.kv_events)
             self._sync_kv()
@@ -990,6 +1142,7 @@ class Router:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+        await self.lora.close()
         if self._session is not None:
             await self._session.close()
         if self._upstream is not None:
@@ -1182,13 +1335,16 @@ class Router:
         first: bool = True,
         kv_keys: list[int] | None = None,
         kv_block_size: int = 0,
+        only: Iterable[str] | None = None,
     ) -> st.Decision | web.Response:
         """A backend for `req`, or the error to answer. `first`: the request's first attempt,
-        which counts its arrival (a retry is the same demand)."""
+        which counts its arrival (a retry is the same demand). `only`: the backends it may go
+        to (an adapter's holders); the strategy chooses among them."""
         deadline = time.monotonic() + self.cfg.queue_timeout_s
         counted = not first
+        skip = exclude if only is None else exclude | (self.backends.keys() - set(only))
         while True:
-            snap = self.snapshot(exclude)
+            snap = self.snapshot(skip)
             if not any(st.is_eligible(b) for b in snap):
                 if not counted:  # no replica to take it: the pool all known backends share, if one
                     self._arrive(dm.common_pool(b.pool for b in snap), req, time.monotonic())
@@ -1200,7 +1356,7 @@ class Router:
                 # tests/cluster/test_production.py). No replica at all, or a retry: 503 at once.
                 handover = not exclude and any(b.draining for b in self.backends.values())
                 hold_s = self.cfg.hold_at_zero_s or (self.cfg.queue_timeout_s if handover else 0.0)
-                if hold_s <= 0:
+                if hold_s <= 0 or only is not None:  # an adapter's holders went: placed again
                     return self._error(503, "no healthy backend", "no_backend", retry_after=True)
                 refused = await self._hold(exclude, hold_s)
                 if refused is not None:
@@ -1296,6 +1452,9 @@ class Router:
             try:
                 async with self._session.get(url + "/v1/models") as r:
                     body = await r.read()
+                    if r.status == 200 and self.lora.active:  # the spec's adapters, as served here
+                        with contextlib.suppress(ValueError, RecursionError):
+                            return web.json_response(self.lora.model_cards(json.loads(body)))
                     if r.status < 500:
                         return web.Response(body=body, status=r.status, content_type=r.content_type)
             except (TimeoutError, aiohttp.ClientConnectorError):
@@ -1421,8 +1580,18 @@ class Router:
                 f"unknown strategy {strategy[:64]!r}; known: {', '.join(st.STRATEGIES)}",
                 "bad_request",
             )
+        adapter: str | None = None
+        if self.lora.active:  # LoRA adapters in play: what does `model` name?
+            kind = self.lora.resolve(body.get("model"))
+            if kind == ad.UNKNOWN:  # removed from the spec: as vLLM answers an unknown model
+                self.metrics.child(self.metrics.lora.requests, "not_found").inc()
+                msg = f"The model `{body.get('model')}` does not exist."
+                return self._error(404, msg, "adapter_not_found", body=error_body(404, msg, "model"))
+            if kind == ad.ADAPTER:
+                adapter = cast(str, body["model"])
         need_hashes = strategy in (st.PREFIX_AWARE, st.AUTO)
         parsed = parse_request(request.path, body, request.headers, self.estimator, self.cfg, need_hashes)
+        parsed.adapter = adapter
         if need_hashes and self.kvindex is not None:
             await self._kv_parse(request.path, body, parsed)
         skip = hop_by_hop(request.headers)
@@ -1436,14 +1605,31 @@ class Router:
             # At most one retry, on one other backend: a request that makes engines fail must not
             # walk the whole fleet (and its failures are not blamed unless the retry succeeds).
             for _attempt in range(2):
+                only: tuple[str, ...] | None = None
+                if adapter is not None:  # to a replica holding it, loaded there first if need be
+                    placed = await self._place_adapter(adapter, tried, _attempt == 0)
+                    if isinstance(placed, web.Response):
+                        return placed if last is None else self._upstream_failed(last)
+                    only = placed
+                    parsed.adapter_retry = _attempt == 0
                 d = await self._decide(
-                    strategy, parsed.request, tried, _attempt == 0, parsed.kv_keys, parsed.kv_block_size
+                    strategy, parsed.request, tried, _attempt == 0, parsed.kv_keys, parsed.kv_block_size, only
                 )
                 if isinstance(d, web.Response):
                     return d if last is None else self._upstream_failed(last)
                 tried.add(d.backend)
+                if adapter is not None:
+                    self.lora.use(d.backend, adapter)  # pins it there: never evicted under a request
                 try:
                     return await self._forward(request, raw, headers, parsed, strategy, d, t0, attempts)
+                except _AdapterMissing as e:
+                    # The engine lost it (restart, another router unloaded it): placed again,
+                    # loaded again, once; the engine's 404 is the answer if that fails too.
+                    log.info("%s no longer holds adapter %s: placing it again", d.backend, adapter)
+                    assert adapter is not None
+                    self.lora.lost(d.backend, adapter)
+                    tried.discard(d.backend)
+                    last = _Retryable(hl.CLIENT_ERROR, 404, e.body)
                 except _GatewayTimeout:
                     self.metrics.errors.labels(d.backend, hl.TIMEOUT).inc()
                     msg = f"upstream did not answer within {self.cfg.read_timeout_s:g}s"
@@ -1456,6 +1642,10 @@ class Router:
                     last = e
                     if _attempt == 0:
                         self.metrics.retries.inc()
+                finally:
+                    if adapter is not None:
+                        self.lora.release(d.backend, adapter)
+                        self._adapter_upkeep(d.backend)
             assert last is not None
             return self._upstream_failed(last)
         finally:
@@ -1531,6 +1721,23 @@ class Router:
                     except UpstreamError:
                         err = b""
                     raise _Retryable(hl.STATUS_5XX, upstream.status, err)
+                if upstream.status == 404 and parsed.adapter_retry:
+                    try:
+                        err = await upstream.read(_ERROR_BODY_MAX)
+                    except UpstreamError:
+                        err = b""
+                    attempts.append((url, hl.CLIENT_ERROR))
+                    code = "404"
+                    if b"does not exist" in err:
+                        raise _AdapterMissing(err)
+                    # another 404 (read to look at it): answered as it came
+                    skip = hop_by_hop(upstream.headers)
+                    missing = web.Response(body=err, status=404)
+                    for k, v in upstream.headers.items():
+                        if k.lower() not in skip:
+                            missing.headers.add(k, v)
+                    missing.headers[REASON_HEADER] = d.reason
+                    return missing
                 # Settle now, before relaying: an answer clears (or convicts) the backends this
                 # request tried; a stream that then breaks is counted on its own.
                 attempts.append((url, hl.OK if upstream.status < 400 else hl.CLIENT_ERROR))
