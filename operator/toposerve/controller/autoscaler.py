@@ -157,7 +157,9 @@ class Autoscaler:
             if self._gateways is not None and now - self._gateways[0] < GATEWAY_LIST_SECONDS:
                 return self._gateways[1]
         try:
-            pods = self.kube.list("v1", "Pod", self.config.gateway_namespace, selector=self.config.gateway_selector)
+            pods = self.kube.list(
+                "v1", "Pod", self.config.gateway_namespace, selector=self.config.gateway_selector
+            )
         except Exception as e:  # no gateway is not an error; an API hiccup: none this time
             log.debug("listing gateway pods failed: %s", e)
             pods = []
@@ -172,7 +174,11 @@ class Autoscaler:
         mode = spec.routing.effective_mode
         if mode == "none":
             return []
-        own = [p for p in self._pods(ns, name) if _component(p) == "router"] if spec.routing.dedicated_router else []
+        own = (
+            [p for p in self._pods(ns, name) if _component(p) == "router"]
+            if spec.routing.dedicated_router
+            else []
+        )
         return own + self._gateway_pods()
 
     def _due(self, key: tuple[str, str], period: float, now: float) -> bool:
