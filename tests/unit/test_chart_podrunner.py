@@ -58,12 +58,31 @@ def test_container_mounts_follow_the_pod_spec(tmp_path: Path) -> None:
         Mount("/etc/toposerve", str(tmp_path / "volumes/config"), True),
         Mount("/tmp", str(tmp_path / "volumes/tmp"), False),
         Mount("/dev/shm", None, False, "64Mi"),  # medium Memory: a tmpfs, as the kubelet does
-        Mount(SA_DIR, str(tmp_path / "sa"), True),  # hostPath is not simulated: left out
+        Mount("/host", "/", False),  # hostPath: the node's directory, bind-mounted
+        Mount(SA_DIR, str(tmp_path / "sa"), True),
     ]
-    assert container_mounts(POD, POD["spec"]["containers"][0], tmp_path, None)[-1].target == "/dev/shm"
+    assert container_mounts(POD, POD["spec"]["containers"][0], tmp_path, None)[-1].target == "/host"
     # A checkout under /tmp: the emptyDir on /tmp would hide its venv, so the host's /tmp stays.
     kept = container_mounts(POD, POD["spec"]["containers"][0], tmp_path, None, ["/tmp/co/.venv/bin"])
-    assert "/tmp" not in [m.target for m in kept] and len(kept) == 2
+    assert "/tmp" not in [m.target for m in kept] and len(kept) == 3
+
+
+def test_host_path_volumes_are_bind_mounted_created_when_asked_and_left_out_when_missing(
+    tmp_path: Path,
+) -> None:
+    made, missing = tmp_path / "cache", tmp_path / "absent"
+    pod = {"spec": {"volumes": [
+        {"name": "a", "hostPath": {"path": str(made), "type": "DirectoryOrCreate"}},
+        {"name": "b", "hostPath": {"path": str(missing)}},
+    ]}}  # fmt: skip
+    c = {
+        "volumeMounts": [
+            {"name": "a", "mountPath": "/models", "readOnly": True},
+            {"name": "b", "mountPath": "/x"},
+        ]
+    }
+    assert container_mounts(pod, c, tmp_path, None) == [Mount("/models", str(made), True)]
+    assert made.is_dir() and not missing.exists()
 
 
 def test_a_mount_that_would_hide_a_source_comes_last(tmp_path: Path) -> None:

@@ -233,6 +233,34 @@ def test_the_mock_engine_gets_the_same_flags_and_names() -> None:
     assert "--served-model-name" in args and args.count(QWEN) == 2
 
 
+def test_the_mock_with_lora_mounts_the_model_cache_where_cache_adapters_resolve() -> None:
+    """cache:// adapters are /models/... in the engine pod: the mock reads them there as vLLM does,
+    and its own parser accepts every rendered argument."""
+    from toposerve.mockengine.cli import add_arguments
+
+    cache = {"type": "host-path", "hostPath": "/var/lib/models"}
+    s = spec(engine="mock", model_fields={"cache": cache}, lora=LORA,
+             adapters=[{"name": "sql", "source": "cache://adapters/sql"}])  # fmt: skip
+    objs = render(s)
+    (c,) = containers(objs)
+    (pod,) = [o["spec"]["template"]["spec"] for o in objs if o["kind"] == "Deployment"
+              and o["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "engine"]  # fmt: skip
+    assert {"name": "models", "mountPath": "/models"} in c["volumeMounts"]
+    assert {"name": "models", "hostPath": {"path": "/var/lib/models", "type": "DirectoryOrCreate"}} in pod[
+        "volumes"
+    ]
+    router = containers(objs, "router")[0]["args"]
+    assert "sql=/models/adapters/sql" in router
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    parsed = p.parse_args(c["args"])
+    assert parsed.enable_lora and parsed.max_loras == 4
+    no_lora = containers(render(spec(engine="mock", model_fields={"cache": cache})))[0]
+    assert all(m["mountPath"] != "/models" for m in no_lora.get("volumeMounts") or [])
+
+
 def test_the_router_gets_the_adapter_table() -> None:
     s = spec(lora=LORA, adapters=ADAPTERS)
     args = router_args("llm", s)

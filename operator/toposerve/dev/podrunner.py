@@ -14,7 +14,7 @@ What a kubelet gives a container, the runner gives the process: the container's 
 (``KUBERNETES_SERVICE_HOST``/``PORT``: the API server's address on the pod network) and a real,
 short-lived ServiceAccount token from the TokenRequest API, bound to the pod and refreshed, at
 ``/var/run/secrets/kubernetes.io/serviceaccount`` with ``ca.crt`` and ``namespace``; configMap,
-secret and emptyDir volumes at their ``mountPath``. Each process gets its own mount namespace
+secret, emptyDir and hostPath volumes at their ``mountPath``. Each process gets its own mount namespace
 (``unshare --mount``) where those are mounted; a mount point missing on the host appears through
 an overlay of its nearest existing parent that only the process sees, so nothing on the host
 changes. So a pod's RBAC is its ServiceAccount's: a missing permission is a 403, as in a real
@@ -232,7 +232,8 @@ def container_mounts(
     token_dir: Path | None,
     keep_visible: Iterable[str] = (),
 ) -> list[Mount]:
-    """The mounts of one container: its volumeMounts (configMap, secret, emptyDir) and the token.
+    """The mounts of one container: its volumeMounts (configMap, secret, emptyDir, hostPath: a bind
+    mount of the host's directory, created first for type DirectoryOrCreate) and the token.
 
     Volume contents live in ``pod_dir/volumes/<name>`` (written by the runner). Other volume types
     are not simulated and are left out, and so is a volume that would hide ``keep_visible`` (the
@@ -258,6 +259,15 @@ def container_mounts(
                 mounts.append(Mount(vm["mountPath"], str(pod_dir / "volumes" / vm["name"]), ro))
         elif "configMap" in v or "secret" in v:
             mounts.append(Mount(vm["mountPath"], str(pod_dir / "volumes" / vm["name"]), True))
+        elif "hostPath" in v:  # the node's directory, bind-mounted as the kubelet does
+            hp = v["hostPath"] or {}
+            path = str(hp.get("path") or "")
+            if hp.get("type") == "DirectoryOrCreate":
+                os.makedirs(path, mode=0o755, exist_ok=True)
+            if path and os.path.isdir(path):
+                mounts.append(Mount(vm["mountPath"], path, ro))
+            else:  # a kubelet fails such a pod (type Directory) or mounts what is there
+                log.info("not mounting hostPath %s at %s: no such directory", path, vm["mountPath"])
     if token_dir is not None and not any(m.target.rstrip("/") == SA_DIR for m in mounts):
         mounts.append(Mount(SA_DIR, str(token_dir), True))
     return mounts

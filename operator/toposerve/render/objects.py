@@ -513,6 +513,12 @@ def render_pool(
             [],
         )
         pod_security, container_security = RESTRICTED_POD, RESTRICTED_CONTAINER  # the project's image
+        if spec.lora is not None:
+            # Adapters on the model cache (cache:// sources) are read where vLLM reads them:
+            # the mock mounts the same cache volume at the same path (its weights are simulated).
+            _, store_volumes, store_mounts, _ = _engine_storage(plan, spec)
+            volumes += store_volumes
+            mounts += store_mounts
         requests = {"cpu": config.mock_cpu, "memory": config.mock_memory}
         limits = {"memory": "1Gi"}
         if config.mock_holds_gpus:  # a simulated fleet: occupy the GPUs vLLM would
