@@ -260,6 +260,17 @@ class AutoscalingStatus(_Status):
 WRITTEN_ELSEWHERE = frozenset({"kopf", "autoscaling"})
 
 
+class AdapterStatus(_Status):
+    """One LoRA adapter as the gateway sees it (docs/lora.md, "Status")."""
+
+    name: str = Field(description="The adapter's name (spec.adapters[].name).")
+    replicas: int = Field(default=0, description="Replicas it is loaded on now.")
+    last_error: str | None = Field(
+        default=None,
+        description="The last failed load (status and vLLM's message); cleared by a successful load.",
+    )
+
+
 class GatewayStatus(_Status):
     """Whether the chart's gateway routes this deployment (docs/gateway.md), from its /health."""
 
@@ -270,6 +281,9 @@ class GatewayStatus(_Status):
     )
     ready_replicas: int | None = Field(default=None, description="Ready replicas the gateway reaches.")
     reason: str | None = Field(default=None, description="Why not routed, or which names are not.")
+    adapters: list[AdapterStatus] = Field(
+        default_factory=list, description="Each LoRA adapter: replicas holding it, last load error."
+    )
 
 
 class LLMDeploymentStatus(_Status):

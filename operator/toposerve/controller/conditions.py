@@ -85,6 +85,10 @@ class Observation:
     # into the ScalingActive condition), and the spec's effective autoscaling mode.
     autoscaling: Mapping[str, Any] | None = None
     autoscaling_mode: str = "off"
+    # status.gateway as the operator last wrote it from the gateway (gateway_status.py), and the
+    # spec's adapter names: the reconcile turns it into the AdaptersLoaded condition.
+    gateway: Mapping[str, Any] | None = None
+    adapters: Sequence[str] = ()
 
 
 def _sig(value: float | None, digits: int = 4) -> float | None:
@@ -163,6 +167,42 @@ def scaling_active(
     since = prior.get("lastTransitionTime") if prior and prior.get("status") == status else None
     return Condition(
         type="ScalingActive",
+        status=status,
+        reason=reason,
+        message=msg[:32768],
+        last_transition_time=since or now,
+        observed_generation=gen,
+    )
+
+
+def adapters_loaded(
+    adapters: Sequence[str],
+    gateway: Mapping[str, Any] | None,
+    gen: int,
+    now: str,
+    prev: dict[str, dict[str, Any]],
+) -> Condition | None:
+    """AdaptersLoaded: every adapter of the spec loads where it is routed (status.gateway.adapters,
+    from the gateway's own loads). False names each adapter whose last load failed and why; the
+    base model and the other adapters keep serving (a failed adapter only fails its own requests).
+    None without adapters."""
+    if not adapters:
+        return None
+    seen = {str(a.get("name")): a for a in (gateway or {}).get("adapters") or [] if isinstance(a, Mapping)}
+    failed = [f"{n}: {seen[n]['lastError']}" for n in adapters if n in seen and seen[n].get("lastError")]
+    if failed:
+        status, reason = "False", "AdapterLoadFailed"
+        msg = "; ".join(failed) + " (the base model and the other adapters keep serving)"
+    elif not seen:
+        status, reason = "Unknown", "NotReported"
+        msg = "no gateway reports this deployment's adapters (status.gateway)"
+    else:
+        status, reason = "True", "NoLoadFailed"
+        msg = f"{len(adapters)} adapters, none failed to load (each is loaded where its requests go; status.gateway)"
+    prior = prev.get("AdaptersLoaded")
+    since = prior.get("lastTransitionTime") if prior and prior.get("status") == status else None
+    return Condition(
+        type="AdaptersLoaded",
         status=status,
         reason=reason,
         message=msg[:32768],
@@ -321,6 +361,8 @@ def compute_status(
     conditions = [ready_c, prog, degraded, sched]
     if (active := scaling_active(obs.autoscaling_mode, obs.autoscaling, gen, now, prev)) is not None:
         conditions.append(active)
+    if (loaded := adapters_loaded(obs.adapters, obs.gateway, gen, now, prev)) is not None:
+        conditions.append(loaded)
     return LLMDeploymentStatus(
         observed_generation=gen,
         conditions=conditions,

@@ -60,6 +60,19 @@ def gateway_status(
     if isinstance(mine, Mapping):
         replicas = mine.get("readyReplicas")
         out["readyReplicas"] = int(replicas) if isinstance(replicas, int | float) else 0
+        raw = mine.get("adapters")
+        seen: Mapping[str, Any] = raw if isinstance(raw, Mapping) else {}
+        adapters = []
+        for a in spec.adapters:
+            got = seen.get(a.name)
+            one: Mapping[str, Any] = got if isinstance(got, Mapping) else {}
+            n = one.get("replicas")
+            entry: dict[str, Any] = {"name": a.name, "replicas": int(n) if isinstance(n, int | float) else 0}
+            if isinstance(one.get("lastError"), str):
+                entry["lastError"] = one["lastError"][:1024]
+            adapters.append(entry)
+        if adapters:
+            out["adapters"] = adapters
     missing = [n for n in names if n not in here]
     conflicts = set(health.get("conflicts") or ()) & set(missing)
     if conflicts:

@@ -340,8 +340,9 @@ def trigger(body: Mapping[str, Any]) -> tuple[Any, ...]:
     """What of an LLMDeployment, when it changes, calls for a reconcile: the generation (the spec),
     labels, annotations and deletion. A change of status alone (our own write, coming back as an
     event) carries nothing new, so it is not one (controller-runtime's GenerationChangedPredicate,
-    widened to metadata), except the builtin autoscaler's metricsAvailable flipping: the reconcile
-    turns it into the ScalingActive condition."""
+    widened to metadata), except the builtin autoscaler's metricsAvailable flipping (the reconcile
+    turns it into the ScalingActive condition) and an adapter's load error in status.gateway
+    (AdaptersLoaded)."""
     meta = body.get("metadata") or {}
     auto = (body.get("status") or {}).get("autoscaling") or {}
     return (
@@ -351,6 +352,12 @@ def trigger(body: Mapping[str, Any]) -> tuple[Any, ...]:
         meta.get("deletionTimestamp"),
         auto.get("mode"),
         auto.get("metricsAvailable"),
+        # status.gateway's adapter load errors: the reconcile turns them into AdaptersLoaded
+        tuple(
+            (a.get("name"), a.get("lastError"))
+            for a in ((body.get("status") or {}).get("gateway") or {}).get("adapters") or []
+            if isinstance(a, dict)
+        ),
     )
 
 

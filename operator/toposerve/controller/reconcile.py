@@ -514,6 +514,8 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         pool_order=spec.autoscaling.effective_pool_order,
         autoscaling=previous.get("autoscaling"),
         autoscaling_mode=spec.autoscaling.effective_mode,
+        gateway=previous.get("gateway"),
+        adapters=[a.name for a in spec.adapters],
     )
     status = _write_status(ctx, body, obs, previous, now)
     pending = any(f.pending for f in facts.values())

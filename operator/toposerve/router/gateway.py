@@ -278,7 +278,8 @@ class Gateway(Router):
         """`namespace/name` -> the names routed to it and its ready replicas (the operator writes
         status.gateway from this: a name kept by an elder deployment is not listed here)."""
         out: dict[str, dict[str, Any]] = {
-            key: {"models": [], "readyReplicas": self._ready(m)} for key, m in self.members.items()
+            key: {"models": [], "readyReplicas": self._ready(m), "adapters": m.lora.report()}
+            for key, m in self.members.items()
         }
         for name, route in self.table.routes.items():
             if route.key in out:

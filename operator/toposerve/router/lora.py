@@ -215,6 +215,8 @@ class AdapterManager:
         self.session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._changed = asyncio.Event()
+        # adapter -> the last load failure's message (cleared by a successful load): status.gateway
+        self.errors: dict[str, str] = {}
 
     @property
     def active(self) -> bool:
@@ -235,6 +237,17 @@ class AdapterManager:
     def slots(self, url: str) -> int:
         e = self.engines.get(url)
         return max(1, self.opts.slots or (e.max_lora if e is not None else 0) or 1)
+
+    def report(self) -> dict[str, dict[str, Any]]:
+        """Each spec adapter: on how many engines it is registered, and its last load error (None
+        once a load succeeded). What /health says, and the operator writes to status.gateway."""
+        return {
+            name: {
+                "replicas": sum(1 for e in self.engines.values() if name in e.registered),
+                "lastError": self.errors.get(name),
+            }
+            for name in self.spec
+        }
 
     def registered_names(self) -> set[str]:
         return {n for e in self.engines.values() for n in e.registered}
@@ -387,12 +400,14 @@ class AdapterManager:
                 e.unloading.discard(evict)
             res = await load_adapter(self.session, url, name, path, self.opts.load_timeout_s)
             if res.ok:
+                self.errors.pop(name, None)
                 e.registered[name] = path
                 e.placed.add(name)
                 self.metrics.loads.labels(url, reason).inc()
                 self.metrics.load_seconds.observe(time.monotonic() - t0)
                 log.info("loaded adapter %s (%s) on %s: %s", name, path, url, reason)
             else:
+                self.errors[name] = f"{res.status} {res.message}"[:1024]
                 self.metrics.load_failures.labels(url, res.kind).inc()
                 log.warning(
                     "loading adapter %s (%s) on %s failed: %d %s", name, path, url, res.status, res.message

@@ -1430,7 +1430,10 @@ class Router:
         if self.draining:  # shutting down: out of the Service, still serving what comes
             return web.json_response({"status": "draining", "healthyBackends": healthy}, status=503)
         # Zero healthy backends stays 200 (docs/router.md, "Health"): the status says so.
-        return web.json_response({"status": "ok" if healthy else "no_backends", "healthyBackends": healthy})
+        body: dict[str, Any] = {"status": "ok" if healthy else "no_backends", "healthyBackends": healthy}
+        if self.lora.active:  # each adapter: engines holding it, last load error
+            body["adapters"] = self.lora.report()
+        return web.json_response(body)
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         """The client port's /metrics: no backend addresses (see `_WithoutBackend`)."""

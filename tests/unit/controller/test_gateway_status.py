@@ -37,7 +37,25 @@ def test_routed_under_every_name_with_its_ready_replicas() -> None:
     h = health_of([obj("a", SPEC)], {"small": 2})
     assert gs.gateway_status("ns/a", parse_spec(SPEC), h, True) == {
         "routed": True, "models": ["small", "s", "sql"], "readyReplicas": 2,
+        "adapters": [{"name": "sql", "replicas": 0}],
     }  # fmt: skip
+
+
+def test_an_adapter_whose_load_failed_is_named_with_the_engines_error_and_becomes_a_false_condition() -> None:
+    from toposerve.controller.conditions import adapters_loaded
+
+    h = health_of([obj("a", SPEC)], {"small": 2})
+    err = "404 Loading lora sql failed: No adapter found for org/sql"
+    h["deployments"]["ns/a"]["adapters"] = {"sql": {"replicas": 0, "lastError": err}}
+    st = gs.gateway_status("ns/a", parse_spec(SPEC), h, True)
+    assert st["adapters"] == [{"name": "sql", "replicas": 0, "lastError": err}]
+    assert st["routed"] is True  # the base model is not affected
+    c = adapters_loaded(["sql"], st, 3, "now", {})
+    assert c is not None and (c.status, c.reason) == ("False", "AdapterLoadFailed") and err in c.message
+    ok = {"adapters": [{"name": "sql", "replicas": 1}]}
+    assert adapters_loaded(["sql"], ok, 3, "now", {}).status == "True"  # type: ignore[union-attr]
+    assert adapters_loaded(["sql"], None, 3, "now", {}).status == "Unknown"  # type: ignore[union-attr]
+    assert adapters_loaded([], None, 3, "now", {}) is None
 
 
 def test_a_name_kept_by_an_elder_deployment_is_said() -> None:

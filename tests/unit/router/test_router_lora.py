@@ -243,6 +243,11 @@ async def test_failed_load_tries_another_replica_then_answers_the_engines_error(
             assert fails == [1, 1]
             assert sample(router, "toposerve_router_lora_requests_total", outcome="failed") == 1
             await complete(s, base, "ok")  # the others are unaffected
+            # /health reports each adapter: where it is loaded, its last load error (status.gateway)
+            async with s.get(base + "/health") as r:
+                report = (await r.json())["adapters"]
+            assert report["ok"] == {"replicas": 1, "lastError": None}
+            assert report["broken"]["replicas"] == 0 and "No adapter found" in report["broken"]["lastError"]
     finally:
         await a.stop()
         await b.stop()
