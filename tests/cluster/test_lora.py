@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import ROOT, Cluster, kubectl, wait_for
-from tests.cluster.operator_harness import wait_condition
+from tests.cluster.operator_harness import condition, get_llmd, wait_condition
 from tests.cluster.test_helm import helm, release, values_file
 from tests.unit.chart_helpers import CHART
 
@@ -158,6 +158,42 @@ def test_adapters_behind_the_gateway_added_removed_under_load_and_reloaded_after
         client.completions.create(model="legal", prompt="x", max_tokens=2)
     wait_for(lambda: all("legal" not in engine_adapters(ip) for ip in engines) or None,
              "the removed adapter unloaded from the engines")  # fmt: skip
+
+    # -- an adapter whose source is not there: its requests get vLLM's 404, the operator says which
+    #    adapter and why (status.gateway.adapters, AdaptersLoaded False), everything else serves.
+    ghost = deployment("lora", "base-a", cache, ["sql", "support", "medical", "ghost"])
+    kubectl(cluster, "apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump(ghost))
+    wait_for(
+        lambda: "ghost" in get(f"http://{gws[0]}:8080/health")["models"] or None, "the gateway knows ghost"
+    )
+    with pytest.raises(openai.NotFoundError) as e:
+        client.completions.create(model="ghost", prompt="x", max_tokens=2)
+    assert "No adapter found" in str(e.value)
+
+    def ghost_reported() -> Any:
+        st = get_llmd(cluster, namespace, "lora").get("status") or {}
+        bad = [
+            a
+            for a in (st.get("gateway") or {}).get("adapters") or []
+            if a["name"] == "ghost" and a.get("lastError")
+        ]
+        cond = condition(get_llmd(cluster, namespace, "lora"), "AdaptersLoaded")
+        return bad and cond and cond["status"] == "False" and (bad[0], cond)
+
+    try:
+        bad, cond = wait_for(ghost_reported, "status.gateway and AdaptersLoaded to name ghost", timeout=120)
+    except BaseException:
+        print("DEBUG status", json.dumps(get_llmd(cluster, namespace, "lora").get("status"), indent=1)[:6000])
+        print("DEBUG health", json.dumps([get(f"http://{ip}:8080/health") for ip in gws])[:4000])
+        raise
+    assert (
+        "No adapter found" in bad["lastError"]
+        and "ghost:" in cond["message"]
+        and "sql" not in cond["message"]
+    )
+    assert condition(get_llmd(cluster, namespace, "lora"), "Ready")["status"] == "True"  # type: ignore[index]
+    assert client.completions.create(model="sql", prompt="x", max_tokens=2).model == "sql"
+    assert client.completions.create(model="base-a", prompt="x", max_tokens=2).choices
 
     # -- a replica's engine restarts (same pod, same IP): the gateway loads back what it held.
     victim = max(engines, key=lambda ip: len(engine_adapters(ip)))

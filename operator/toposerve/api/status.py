@@ -257,7 +257,7 @@ class AutoscalingStatus(_Status):
 
 
 # Status fields written by someone other than reconcile's compute_status (which leaves them alone).
-WRITTEN_ELSEWHERE = frozenset({"kopf", "autoscaling"})
+WRITTEN_ELSEWHERE = frozenset({"kopf", "autoscaling", "gateway"})
 
 
 class AdapterStatus(_Status):

@@ -3,8 +3,9 @@ with how many ready replicas behind it (docs/gateway.md).
 
 Why the operator asks the gateway rather than computing it from the spec: only the gateway knows
 whether it has picked the deployment up (its watches), whether a name went to an older
-deployment (a conflict), and how many replicas it can reach. The operator reads one ready gateway
-pod's `/health` (every replica has the same table) every PERIOD_SECONDS and writes
+deployment (a conflict), and how many replicas it can reach. The operator reads every ready gateway
+pod's `/health` (merged: each replica has the same table but its own loads) every
+PERIOD_SECONDS and writes
 `status.gateway` only when it changes (no timestamps in it: no write per period). A status write
 alone does not trigger a reconcile (operator.trigger).
 
@@ -82,8 +83,41 @@ def gateway_status(
     return out
 
 
+def merge(answers: Iterable[Health]) -> Health | None:
+    """One view from every gateway replica's /health: each replica has the same table, but its
+    own loads (an adapter that failed to load through one replica is an error from that one only):
+    names and deployments are united, replica counts the highest seen, an adapter's last error
+    any replica's. None without answers."""
+    answers = list(answers)
+    if not answers:
+        return None
+    models: dict[str, int] = {}
+    deps: dict[str, dict[str, Any]] = {}
+    conflicts: set[str] = set()
+    for h in answers:
+        for m, n in (h.get("models") or {}).items():
+            models[m] = max(models.get(m, 0), int(n) if isinstance(n, int | float) else 0)
+        conflicts |= set(h.get("conflicts") or ())
+        for key, d in (h.get("deployments") or {}).items():
+            if not isinstance(d, Mapping):
+                continue
+            into = deps.setdefault(key, {"models": [], "readyReplicas": 0, "adapters": {}})
+            into["models"] += [m for m in d.get("models") or () if m not in into["models"]]
+            r = d.get("readyReplicas")
+            into["readyReplicas"] = max(into["readyReplicas"], int(r) if isinstance(r, int | float) else 0)
+            for name, a in (d.get("adapters") or {}).items():
+                if not isinstance(a, Mapping):
+                    continue
+                was = into["adapters"].setdefault(name, {"replicas": 0, "lastError": None})
+                n = a.get("replicas")
+                was["replicas"] = max(was["replicas"], int(n) if isinstance(n, int | float) else 0)
+                was["lastError"] = was["lastError"] or a.get("lastError")
+    return {"models": models, "deployments": deps, "conflicts": sorted(conflicts)}
+
+
 def fetch_health(pods: Iterable[Mapping[str, Any]], timeout: float = 2.0) -> Health | None:
-    """The first ready gateway pod's /health that answers 200."""
+    """Every ready gateway pod's /health that answers 200, merged (`merge`)."""
+    answers: list[Health] = []
     for p in pods:
         ip = (p.get("status") or {}).get("podIP")
         if not ip:
@@ -92,10 +126,10 @@ def fetch_health(pods: Iterable[Mapping[str, Any]], timeout: float = 2.0) -> Hea
             with _NO_PROXY.open(f"http://{ip}:{GATEWAY_PORT}/health", timeout=timeout) as r:
                 body = json.loads(r.read(1 << 20))
                 if isinstance(body, dict):
-                    return body
-        except Exception:  # refused, timeout, 503 while starting or draining: try the next one
+                    answers.append(body)
+        except Exception:  # refused, timeout, 503 while starting or draining: the others answer
             continue
-    return None
+    return merge(answers)
 
 
 def _ready(pod: Mapping[str, Any]) -> bool:

@@ -37,3 +37,16 @@ def test_reconcile_status_write_leaves_status_autoscaling_alone() -> None:
     # The same status again, with the autoscaler's part beside it: nothing to write.
     _write_status(ctx, BODY, OBS, {**first, "autoscaling": AUTO}, NOW)
     assert len(kube.patches) == 1
+
+
+def test_reconcile_status_write_leaves_status_gateway_alone() -> None:
+    """status.gateway is the gateway-status loop's (controller/gateway_status.py): a reconcile's
+    merge patch with `gateway: null` deleted it after every spec change (seen on the local cluster)."""
+    kube = FakeKube()
+    ctx = Context(kube=kube)  # type: ignore[arg-type]
+    gw = {"routed": True, "models": ["m"], "adapters": [{"name": "a", "replicas": 0, "lastError": "404 x"}]}
+    first = _write_status(ctx, BODY, OBS, {"gateway": gw}, NOW)
+    assert "gateway" not in first
+    assert kube.patches and all("gateway" not in p for p in kube.patches)
+    _write_status(ctx, BODY, OBS, {**first, "gateway": gw}, NOW)
+    assert len(kube.patches) == 1

@@ -117,3 +117,17 @@ def test_the_pass_writes_only_what_changed_and_skips_invalid_and_deleted() -> No
     unready = FakeKube([{"status": {"podIP": "10.0.0.2", "conditions": []}}])
     assert gs.sync_once(unready, [a], "sel", None, fetch) == 1  # type: ignore[arg-type]
     assert unready.patches[0][1]["gateway"]["reason"].startswith("no gateway pods")
+
+
+def test_the_replicas_answers_are_merged_an_error_seen_by_one_replica_counts() -> None:
+    one = health_of([obj("a", SPEC)], {"small": 2})
+    two = health_of([obj("a", SPEC)], {"small": 1})
+    one["deployments"]["ns/a"]["adapters"] = {"sql": {"replicas": 1, "lastError": None}}
+    two["deployments"]["ns/a"]["adapters"] = {"sql": {"replicas": 0, "lastError": "404 gone"}}
+    merged = gs.merge([one, two])
+    assert merged is not None
+    assert merged["deployments"]["ns/a"]["adapters"]["sql"] == {"replicas": 1, "lastError": "404 gone"}
+    assert merged["deployments"]["ns/a"]["readyReplicas"] == 2 and set(merged["models"]) == {"small", "s", "sql"}
+    assert gs.merge([]) is None
+    st = gs.gateway_status("ns/a", parse_spec(SPEC), merged, True)
+    assert st["adapters"] == [{"name": "sql", "replicas": 1, "lastError": "404 gone"}]
