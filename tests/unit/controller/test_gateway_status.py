@@ -127,7 +127,11 @@ def test_the_replicas_answers_are_merged_an_error_seen_by_one_replica_counts() -
     merged = gs.merge([one, two])
     assert merged is not None
     assert merged["deployments"]["ns/a"]["adapters"]["sql"] == {"replicas": 1, "lastError": "404 gone"}
-    assert merged["deployments"]["ns/a"]["readyReplicas"] == 2 and set(merged["models"]) == {"small", "s", "sql"}
+    assert merged["deployments"]["ns/a"]["readyReplicas"] == 2 and set(merged["models"]) == {
+        "small",
+        "s",
+        "sql",
+    }
     assert gs.merge([]) is None
     st = gs.gateway_status("ns/a", parse_spec(SPEC), merged, True)
     assert st["adapters"] == [{"name": "sql", "replicas": 1, "lastError": "404 gone"}]
