@@ -62,6 +62,10 @@ class Options:
     slots: int = 0  # adapters kept registered per engine (its max_cpu_loras); 0: its max_lora
     load_timeout_s: float = 120.0  # one load_lora_adapter call (reads the adapter from disk)
     refresh_s: float = 5.0  # how often each engine's /v1/models is re-read
+    # after an adapter failed to load by its own fault (4xx: no such source, rank too high), its
+    # requests get that answer again for this long without a new load (a typo'd adapter under
+    # load would otherwise cost a load, and a disk read, per request)
+    failure_backoff_s: float = 10.0
     placement: ad.Config = field(default_factory=ad.Config)
 
 
@@ -217,6 +221,8 @@ class AdapterManager:
         self._changed = asyncio.Event()
         # adapter -> the last load failure's message (cleared by a successful load): status.gateway
         self.errors: dict[str, str] = {}
+        # adapter -> (when, result) of its last 4xx load failure: answered again for a while
+        self.failed_at: dict[str, tuple[float, CallResult]] = {}
 
     @property
     def active(self) -> bool:
@@ -356,12 +362,13 @@ class AdapterManager:
         if task is not None:
             return task
         path = self.spec[name]
+        keep: tuple[str, bool] | None = None  # the evictee's path and whether this router placed it
         if evict is not None:  # no request of this router routes to it from now on
-            e.registered.pop(evict, None)
+            keep = (e.registered.pop(evict, ""), evict in e.placed)
             e.placed.discard(evict)
             e.unloading.add(evict)
         e.changed_at = time.monotonic()
-        task = asyncio.create_task(self._load(url, name, path, evict, reason))
+        task = asyncio.create_task(self._load(url, name, path, evict, reason, keep))
         e.loading[name] = task
         return task
 
@@ -382,36 +389,53 @@ class AdapterManager:
         """Load a hot adapter on one more replica, in the background."""
         self._keep(self.start_load(url, name, None, L_SPREAD))
 
-    async def _load(self, url: str, name: str, path: str, evict: str | None, reason: str) -> CallResult:
+    async def _load(
+        self,
+        url: str,
+        name: str,
+        path: str,
+        evict: str | None,
+        reason: str,
+        keep: tuple[str, bool] | None = None,
+    ) -> CallResult:
+        """Load `name`, and only once it loaded unload `evict` (the engine briefly registers one
+        more adapter than the router's slots; vLLM's own CPU cache stays bounded by its LRU): an
+        adapter that cannot load (a wrong source, too high a rank) never evicts a working one."""
         e = self.engine(url)
         t0 = time.monotonic()
         try:
             if self.session is None:
                 return CallResult(False, 503, "the router is not started", None, "unreachable")
-            if evict is not None:
-                out = await unload_adapter(self.session, url, evict, self.opts.load_timeout_s)
-                if out.ok:
-                    self.metrics.evictions.labels(url).inc()
-                    self.metrics.unloads.labels(url, U_EVICTED).inc()
-                    log.info("evicted adapter %s from %s for %s", evict, url, name)
-                else:  # the engine keeps it registered; its own CPU LRU still bounds memory
-                    log.warning("unloading adapter %s from %s failed: %s", evict, url, out.message)
-                    e.listed_at = float("-inf")
-                e.unloading.discard(evict)
             res = await load_adapter(self.session, url, name, path, self.opts.load_timeout_s)
             if res.ok:
                 self.errors.pop(name, None)
+                self.failed_at.pop(name, None)
                 e.registered[name] = path
                 e.placed.add(name)
                 self.metrics.loads.labels(url, reason).inc()
                 self.metrics.load_seconds.observe(time.monotonic() - t0)
                 log.info("loaded adapter %s (%s) on %s: %s", name, path, url, reason)
+                if evict is not None:
+                    out = await unload_adapter(self.session, url, evict, self.opts.load_timeout_s)
+                    if out.ok:
+                        self.metrics.evictions.labels(url).inc()
+                        self.metrics.unloads.labels(url, U_EVICTED).inc()
+                        log.info("evicted adapter %s from %s for %s", evict, url, name)
+                    else:  # the engine keeps it registered; its own CPU LRU still bounds memory
+                        log.warning("unloading adapter %s from %s failed: %s", evict, url, out.message)
+                        e.listed_at = float("-inf")
             else:
                 self.errors[name] = f"{res.status} {res.message}"[:1024]
+                if 400 <= res.status < 500:  # the adapter's own fault: not retried for a while
+                    self.failed_at[name] = (time.monotonic(), res)
                 self.metrics.load_failures.labels(url, res.kind).inc()
                 log.warning(
                     "loading adapter %s (%s) on %s failed: %d %s", name, path, url, res.status, res.message
                 )
+                if evict is not None and keep is not None and keep[0]:  # nothing was evicted
+                    e.registered[evict] = keep[0]
+                    if keep[1]:
+                        e.placed.add(evict)
             return res
         finally:
             if evict is not None:
@@ -420,6 +444,14 @@ class AdapterManager:
             if e.loading.get(name) is asyncio.current_task():
                 del e.loading[name]
             self.notify()
+
+    def recent_failure(self, name: str, now: float) -> CallResult | None:
+        """The adapter's last load failure when it was its own fault (4xx) and recent: answered
+        again without a load, so a request stream for a broken adapter costs no load per request."""
+        got = self.failed_at.get(name)
+        if got is None or now - got[0] > self.opts.failure_backoff_s:
+            return None
+        return got[1]
 
     # ------------------------------------------------------------------------------- upkeep
 

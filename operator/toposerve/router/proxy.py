@@ -924,6 +924,13 @@ class Router:
                 msg = f"The model `{name}` does not exist."
                 return self._error(404, msg, "adapter_not_found", body=error_body(404, msg, "model"))
             p = self.lora.place(name, self._adapter_states(exclude | set(failed)))
+            if (
+                p.action == ad.LOAD
+                and not failed
+                and (recent := self.lora.recent_failure(name, time.monotonic()))
+            ):
+                failed["(recent)"] = recent  # its source is broken: the same answer, no new load
+                break
             if p.action == ad.ROUTE:
                 if p.load_on is not None:
                     self.lora.spread(p.load_on, name)

@@ -177,6 +177,31 @@ async def test_least_recently_used_adapter_is_evicted_never_one_in_use(tmp_path:
         await a.stop()
 
 
+async def test_a_broken_adapter_never_evicts_a_working_one_and_is_not_reloaded_per_request(
+    tmp_path: Path,
+) -> None:
+    """Seen on the local cluster: a request for an adapter whose source is missing evicted the
+    working adapters of both replicas before its load failed. Now the load comes first and the
+    eviction only after it succeeded; and for a while the failure is answered again without a load."""
+    a = await engine(max_loras=1, max_cpu_loras=1)
+    spec = {"x": adapter_dir(tmp_path, "x"), "ghost": str(tmp_path / "nowhere")}
+    try:
+        async with router_for([a], spec, slots=1) as (router, base), aiohttp.ClientSession() as s:
+            await complete(s, base, "x")
+            assert held(a) == {"x"}
+            for _ in range(3):
+                _, doc = await complete(s, base, "ghost", status=404)
+                assert "No adapter found" in doc["error"]["message"]
+            assert held(a) == {"x"}  # never evicted for an adapter that does not load
+            assert sample(router, "toposerve_router_lora_evictions_total", backend=a.url) == 0
+            fails = sample(router, "toposerve_router_lora_load_failures_total", backend=a.url, kind="404")
+            assert fails == 1  # tried once; the next two got the same answer without a load
+            await complete(s, base, "x")  # still a hit, no load
+            assert loads(router) == 1
+    finally:
+        await a.stop()
+
+
 async def test_removed_adapter_finishes_its_requests_then_is_unloaded(tmp_path: Path) -> None:
     a = await engine(time_scale=20.0)
     spec = {n: adapter_dir(tmp_path, n) for n in ("x", "y")}
