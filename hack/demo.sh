@@ -62,7 +62,9 @@ $KC get pods -n toposerve-system -o wide
 say "apply: quickstart, heterogeneous (mock engines that serve) and llama-70b (simulated vLLM on H100)"
 $KC create namespace $NS --dry-run=client -o yaml | $KC apply -f - >/dev/null
 $KC apply -n $NS -f examples/quickstart.yaml -f examples/heterogeneous.yaml
-sed 's/^spec:/spec:\n  engine: vllm/' examples/llama-70b-h100.yaml | $KC apply -n $NS -f -
+# Simulated vLLM pods answer no HTTP, so the gateway must not route its model name to them (the
+# mixed example serves the same name and answers): routing.mode none.
+sed 's/^spec:/spec:\n  engine: vllm\n  routing: {mode: none}/' examples/llama-70b-h100.yaml | $KC apply -n $NS -f -
 
 say "waiting for Ready"
 $KC wait -n $NS --for=condition=Ready llmd --all --timeout=300s
