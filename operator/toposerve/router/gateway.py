@@ -15,7 +15,8 @@ answered.
 
 Metrics: the gateway's own ``toposerve_gateway_requests{model,code}`` (every name the table
 knows, adapters included; anything else counts as ``model="unknown"`` so a client cannot grow
-the series), plus every member's public series with ``llmdeployment_namespace`` and ``llmdeployment``
+the series), ``toposerve_gateway_ttft_seconds{model}`` and ``toposerve_gateway_tokens{model,kind}``
+(from the engines' usage), plus every member's public series with ``llmdeployment_namespace`` and ``llmdeployment``
 labels added (TTFT, latency, errors, decisions, demand), which is what the autoscaler reads for
 gateway-mode deployments. Not ``namespace``: Prometheus puts its target's namespace there.
 """
@@ -31,13 +32,13 @@ from dataclasses import replace
 from typing import Any
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from toposerve.router import endpoints as ep
 from toposerve.router import models as md
-from toposerve.router.proxy import Router, RouterConfig, _Held
+from toposerve.router.proxy import _LATENCY_BUCKETS, TTFT_KEY, USAGE_KEY, Router, RouterConfig, _Held
 
 log = logging.getLogger("toposerve.router.gateway")
 
@@ -103,6 +104,20 @@ class Gateway(Router):
             "toposerve_gateway_requests",
             "Requests through the gateway by requested model (served name, alias or adapter) and code.",
             ["model", "code"],
+            registry=self.gw_registry,
+        )
+        self.gw_ttft = Histogram(
+            "toposerve_gateway_ttft_seconds",
+            "Time to the first response bytes, by requested model.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.gw_registry,
+        )
+        self.gw_tokens = Counter(
+            "toposerve_gateway_tokens",
+            "Tokens by requested model and kind (prompt, completion), as the engines report them in "
+            "their usage (every non-streaming answer; streams with stream_options.include_usage).",
+            ["model", "kind"],
             registry=self.gw_registry,
         )
         self.gw_registry.register(_Members(self))
@@ -254,7 +269,13 @@ class Gateway(Router):
             starting = self._starting.get(id(member))
             if starting is not None:  # its deployment appeared a moment ago
                 await asyncio.shield(starting)
-            return self._count(model, await member.route(request, raw, body, t0))
+            resp = await member.route(request, raw, body, t0)
+            if (ttft := request.get(TTFT_KEY)) is not None:
+                self.gw_ttft.labels(model).observe(ttft)
+            if (usage := request.get(USAGE_KEY)) is not None:
+                self.gw_tokens.labels(model, "prompt").inc(usage[0])
+                self.gw_tokens.labels(model, "completion").inc(usage[1])
+            return self._count(model, resp)
         finally:
             self._in_flight[id(member)] -= 1
 

@@ -788,6 +788,9 @@ def _payload_error_message(request: web.Request, e: RequestPayloadError) -> str:
 
 
 _STARTED = web.RequestKey("toposerve_started", bool)  # response headers are out (or will be)
+# What the relay saw of one request, for the gateway's per-model metrics (gateway.py)
+TTFT_KEY = web.RequestKey("toposerve_ttft", float)  # seconds to the first response bytes
+USAGE_KEY = web.RequestKey("toposerve_usage", tuple)  # (prompt, completion) tokens the engine reported
 _ERROR_BODY_MAX = 64 * 1024  # of an upstream 5xx body kept to pass on
 _USAGE_BODY_MAX = 4 << 20  # of a non-streamed body kept to learn the usage from
 _USAGE_TAIL = 4096  # of a stream's end kept for its usage event (~250 bytes) and [DONE]
@@ -1810,7 +1813,9 @@ class Router:
             while chunk := await upstream.readany():
                 if first:
                     first = False
-                    self.metrics.child(self.metrics.ttft, strategy).observe(time.perf_counter() - t0)
+                    ttft = time.perf_counter() - t0
+                    self.metrics.child(self.metrics.ttft, strategy).observe(ttft)
+                    request[TTFT_KEY] = ttft
                     self.ledger.first_token(ticket)
                     if parsed.kv_keys and self.kvindex is not None and upstream.status == 200:
                         self.kvindex.expect(ticket.backend, parsed.kv_keys)
@@ -1838,7 +1843,7 @@ class Router:
         except UpstreamError as e:
             if finished:  # the client has every event; only the upstream's framing end broke
                 log.debug("stream from %s broke after [DONE]: %r", ticket.backend, e)
-                self._learn_usage(parsed, b"".join(tail))
+                self._learn_usage(parsed, b"".join(tail), request)
                 return
             self.metrics.errors.labels(ticket.backend, hl.STREAM_BROKEN).inc()
             self._record_failure(ticket.backend, hl.STREAM_BROKEN)
@@ -1862,22 +1867,32 @@ class Router:
             if client is not None:  # a write that raised (the client went) left its stamp
                 writing.pop(client, None)
         await out.write_eof()  # a no-op when the last bytes already carried the end
-        self._learn_usage(parsed, b"".join(tail if parsed.stream else body_parts))
+        self._learn_usage(parsed, b"".join(tail if parsed.stream else body_parts), request)
 
-    def _learn_usage(self, parsed: _Parsed, data: bytes) -> None:
-        """Correct the chars-per-token estimate from the engine's reported prompt tokens."""
-        i = data.rfind(b'"prompt_tokens"')
-        if i < 0:
+    def _learn_usage(self, parsed: _Parsed, data: bytes, request: web.Request | None = None) -> None:
+        """Correct the chars-per-token estimate from the engine's reported prompt tokens, and keep
+        the usage on the request (the gateway counts tokens per model from it)."""
+        prompt = _usage_field(data, b'"prompt_tokens"')
+        if prompt is None:
             return
-        j = i + len(b'"prompt_tokens"')
-        digits = data[j : j + 24].lstrip(b": ")
-        n = 0
-        for ch in digits:
-            if 48 <= ch <= 57:
-                n = n * 10 + ch - 48
-            else:
-                break
-        self.estimator.observe(parsed.text_chars, n)
+        self.estimator.observe(parsed.text_chars, prompt)
+        if request is not None:
+            request[USAGE_KEY] = (prompt, _usage_field(data, b'"completion_tokens"') or 0)
+
+
+def _usage_field(data: bytes, key: bytes) -> int | None:
+    """The integer after the last `key` in a response's bytes (its usage block), or None."""
+    i = data.rfind(key)
+    if i < 0:
+        return None
+    digits = data[i + len(key) : i + len(key) + 24].lstrip(b": ")
+    n = 0
+    for ch in digits:
+        if 48 <= ch <= 57:
+            n = n * 10 + ch - 48
+        else:
+            break
+    return n
 
 
 GC_GEN0_THRESHOLD = 10_000  # Python's default is 700

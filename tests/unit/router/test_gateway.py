@@ -197,6 +197,15 @@ async def test_metrics_count_per_model_and_label_member_series_by_deployment() -
                 if x.name.endswith("_total")
             }
             assert reqs == {(LLAMA, "200"): 2, (QWEN, "200"): 1, ("unknown", "404"): 1}
+            ttft = {x.labels["model"]: x.value for x in fams["toposerve_gateway_ttft_seconds"].samples
+                    if x.name.endswith("_count")}  # fmt: skip
+            assert ttft == {LLAMA: 2, QWEN: 1}
+            tokens = {(x.labels["model"], x.labels["kind"]): x.value
+                      for x in fams["toposerve_gateway_tokens"].samples if x.name.endswith("_total")}  # fmt: skip
+            assert (
+                tokens[(LLAMA, "completion")] == 2 and tokens[(QWEN, "completion")] == 1
+            )  # max_tokens 1 each
+            assert tokens[(LLAMA, "prompt")] > 0 and tokens[(QWEN, "prompt")] > 0
             member = {
                 (x.labels["llmdeployment_namespace"], x.labels["llmdeployment"])
                 for x in fams["toposerve_router_requests"].samples
