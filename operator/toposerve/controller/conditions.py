@@ -111,7 +111,13 @@ def observed(c: PoolCost | None) -> ObservedCost | None:
 def _cond(
     kind: str, ok: bool, reason: str, message: str, gen: int, now: str, previous: dict[str, dict[str, Any]]
 ) -> Condition:
-    status = "True" if ok else "False"
+    return _condition(kind, "True" if ok else "False", reason, message, gen, now, previous)
+
+
+def _condition(
+    kind: str, status: str, reason: str, message: str, gen: int, now: str, previous: dict[str, dict[str, Any]]
+) -> Condition:
+    """A condition whose lastTransitionTime moves only when its status does."""
     prev = previous.get(kind)
     since = prev.get("lastTransitionTime") if prev and prev.get("status") == status else None
     return Condition(
@@ -163,16 +169,7 @@ def scaling_active(
             f"no metrics from {auto.get('source')}: holding spec.replicas (no scale-down; scale-up only on "
             "what the replicas with metrics show)"
         )
-    prior = prev.get("ScalingActive")
-    since = prior.get("lastTransitionTime") if prior and prior.get("status") == status else None
-    return Condition(
-        type="ScalingActive",
-        status=status,
-        reason=reason,
-        message=msg[:32768],
-        last_transition_time=since or now,
-        observed_generation=gen,
-    )
+    return _condition("ScalingActive", status, reason, msg[:32768], gen, now, prev)
 
 
 def adapters_loaded(
@@ -199,16 +196,7 @@ def adapters_loaded(
     else:
         status, reason = "True", "NoLoadFailed"
         msg = f"{len(adapters)} adapters, none failed to load (each is loaded where its requests go; status.gateway)"
-    prior = prev.get("AdaptersLoaded")
-    since = prior.get("lastTransitionTime") if prior and prior.get("status") == status else None
-    return Condition(
-        type="AdaptersLoaded",
-        status=status,
-        reason=reason,
-        message=msg[:32768],
-        last_transition_time=since or now,
-        observed_generation=gen,
-    )
+    return _condition("AdaptersLoaded", status, reason, msg[:32768], gen, now, prev)
 
 
 def compute_status(

@@ -38,7 +38,7 @@ from prometheus_client.registry import Collector
 
 from toposerve.router import endpoints as ep
 from toposerve.router import models as md
-from toposerve.router.proxy import _LATENCY_BUCKETS, TTFT_KEY, USAGE_KEY, Router, RouterConfig, _Held
+from toposerve.router.proxy import _LATENCY_BUCKETS, TTFT_KEY, USAGE_KEY, Router, RouterConfig
 
 log = logging.getLogger("toposerve.router.gateway")
 
@@ -244,14 +244,11 @@ class Gateway(Router):
 
     # ------------------------------------------------------------------------------ handlers
 
-    async def _completion(self, request: web.Request, held: _Held) -> web.StreamResponse:
-        t0 = time.perf_counter()
-        raw = await self._read_body(request, held)
-        if isinstance(raw, web.StreamResponse):
-            return raw
-        body = self._json_object(raw)
-        if isinstance(body, web.Response):
-            return body
+    async def _dispatch(
+        self, request: web.Request, raw: bytes, body: dict[str, Any], t0: float
+    ) -> web.StreamResponse:
+        """The body is read and parsed by the front door (Router._completion): its `model` picks
+        the member router."""
         model = body.get("model")
         if not isinstance(model, str) or not model:
             msg = "the `model` field is required: this endpoint serves several models (GET /v1/models)"

@@ -1568,6 +1568,12 @@ class Router:
         body = self._json_object(raw)
         if isinstance(body, web.Response):
             return body
+        return await self._dispatch(request, raw, body, t0)
+
+    async def _dispatch(
+        self, request: web.Request, raw: bytes, body: dict[str, Any], t0: float
+    ) -> web.StreamResponse:
+        """Where a read, parsed request goes: this router's replicas (the gateway picks a member)."""
         return await self.route(request, raw, body, t0)
 
     def _json_object(self, raw: bytes) -> dict[str, Any] | web.Response:

@@ -161,8 +161,9 @@ async def test_slice_watcher_hands_desired_backends_to_the_loop() -> None:
     w = SliceWatcher(
         "ns", "toposerve.io/llmdeployment=x", lambda d: got.append(dict(d)), asyncio.get_running_loop()
     )
-    slices = ep.apply_event({}, "ADDED", slice_("a", [e("10.0.0.1"), e("10.0.0.2", ready=False)], H100))
-    await asyncio.to_thread(w._emit, slices)  # called from the watch thread in production
+    raw = slice_("a", [e("10.0.0.1"), e("10.0.0.2", ready=False)], H100)
+    slices = ep.apply_event({}, "ADDED", raw)
+    w._listed([raw])  # what the watch thread hands the loop after a list
     for _ in range(100):
         if got:
             break
