@@ -55,6 +55,11 @@ class EvacuationConfig(BaseModel):
         description="A cordoned node (kubectl drain) under a Surge deployment: wait up to 30 minutes for the "
         "replacement (a model load) while the budget holds the drain, then drain anyway.",
     )
+    on_demand_cover: bool = Field(
+        default=True,
+        description="Spot pools: each replica under a termination notice also gets an on-demand replica of "
+        "the same pool and GPU type at once, kept until the spot side is ready again (docs/spot.md).",
+    )
     min_drain_seconds: float = Field(
         default=5,
         ge=0,

@@ -101,6 +101,11 @@ class PoolStatus(_Status):
         "absent when unbounded (no GPUs, or gpuNodeProvisioning on-demand).",
     )
     max_replicas: int | None = Field(default=None, description="pools[].maxReplicas, when set.")
+    on_demand_cover: int | None = Field(
+        default=None,
+        description="On-demand replicas running, beyond the baseline, to cover spot replicas under a "
+        "termination notice until the spot side is ready again (docs/spot.md); absent when none.",
+    )
     decode_step_ms: float | None = Field(
         alias="decodeStepMs",
         default=None,

@@ -58,6 +58,7 @@ class PoolObs:
     order: int | None = None  # place in the growth order (poolOrder tier)
     room: int | None = None  # replicas free capacity lets it hold; None: unbounded
     max_replicas: int | None = None
+    on_demand_cover: int = 0  # on-demand replicas covering spot ones under a notice (spotcover.py)
     decode_step_ms: float | None = None
     startup: Sequence[StartupSample] = ()  # measured start-ups, oldest first (autoscale/startup.py)
     kv_cache_tokens_per_replica: int | None = None  # the plan's, on the preferred GPU type
@@ -263,6 +264,7 @@ def compute_status(
                 order=p.order,
                 room=p.room,
                 max_replicas=p.max_replicas,
+                on_demand_cover=p.on_demand_cover or None,
                 decode_step_ms=p.decode_step_ms,
                 startup=startup_status(p.startup),
                 kv_cache_tokens_per_replica=p.kv_cache_tokens_per_replica,

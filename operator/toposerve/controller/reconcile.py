@@ -41,9 +41,16 @@ from toposerve.controller.conditions import (
     compute_status,
 )
 from toposerve.controller.kube import CHILD_KINDS, LWS_CRD, PLURALS, Kube
-from toposerve.controller.observe import PodFacts, bound_replicas, parse_time, router_readiness, summarize
+from toposerve.controller.observe import (
+    LABEL_GPU_TYPE,
+    PodFacts,
+    bound_replicas,
+    parse_time,
+    router_readiness,
+    summarize,
+)
 from toposerve.controller.throughput import ThroughputSource, deployment_cost
-from toposerve.planner import poolorder
+from toposerve.planner import poolorder, spotcover
 from toposerve.planner.inventory import Inventory, PodShape, inventory_from_nodes, usage_by_node
 from toposerve.planner.memory import GIB
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, assign_replicas, plan_deployment
@@ -52,6 +59,7 @@ from toposerve.render.disruption import disruption_note, in_place_outage
 from toposerve.render.fabric import fabric_for
 from toposerve.render.monitoring import POD_MONITOR, POD_MONITOR_PLURAL, render_monitors
 from toposerve.render.objects import (
+    LABEL_CAPACITY,
     LABEL_COMPONENT,
     LABEL_DEPLOYMENT,
     LABEL_EVACUATING,
@@ -320,6 +328,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     # Which pool grows or shrinks (planner/poolorder.py): from what each pool's workloads run now,
     # within the room free capacity gives it (unbounded without GPUs or with node provisioning).
     running = {p.name: sum(n for (pool, _), n in current.items() if pool == p.name) for p in dplan.pools}
+    noticed = {n.name for n in inv.nodes if n.interruption}
     bounded = gpu_backed(dplan, ctx.config) and ctx.config.gpu_node_provisioning == "static"
     bound = bound_replicas(pods)
     rooms: dict[str, int | None] = {
@@ -361,6 +370,12 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         blocked = None
         messages: list[str] = []
         stuck = 0
+        said: Mapping[str, Any] = next(
+            (x for x in previous.get("pools") or [] if x.get("name") == pool.name), {}
+        )
+        covers = _spot_covers(
+            ctx, pool, plans, alloc.replicas, pods, noticed, int(said.get("onDemandCover") or 0)
+        )
         for p in plans:
             n = alloc.replicas.get(p.gpu_type or "", 0)
             f = facts.get((pool.name, p.gpu_type or ""))
@@ -379,9 +394,10 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                     )
                     continue
             if keep:
+                cover = covers.get(p.gpu_type or "", 0)
                 desired += render_pool(
-                    name, namespace, spec, dplan, p.model_copy(update={"replicas": n}), ctx.config, owner,
-                    inventory=inv,
+                    name, namespace, spec, dplan, p.model_copy(update={"replicas": n, "on_demand_cover": cover}),
+                    ctx.config, owner, inventory=inv,
                 )  # fmt: skip
             placements.append(
                 PlacementObs(
@@ -401,9 +417,12 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         fabric = fabric_for(
             plans[0], dplan.engine, inv, ctx.config.catalog(), workload_name(name, pool.name, order[0])
         )
-        said: Mapping[str, Any] = next(
-            (x for x in previous.get("pools") or [] if x.get("name") == pool.name), {}
-        )
+        covered, was = sum(covers.values()), int(said.get("onDemandCover") or 0)
+        if covered > was:
+            events.append(("SpotCover", _cover_message(pool.name, covers), True))
+        elif was and not covered:
+            events.append(("SpotCoverEnded", f"pool {pool.name}: spot replicas ready again; on-demand cover "
+                           f"of {was} replica(s) removed", False))  # fmt: skip
         if fabric.over_tcp and said.get("fabric") != fabric.name:
             events.append(("MultiNodeOverTCP", f"pool {pool.name}: {fabric.reason}", True))
         # What a rollout or a drain does to the pool; an outage is said once, when it starts to be one.
@@ -427,6 +446,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
                 order=pool.order,
                 room=pool.room,
                 max_replicas=pool.max_replicas,
+                on_demand_cover=covered,
                 decode_step_ms=pool.decode_step_ms,
                 kv_cache_tokens_per_replica=plans[0].kv_cache_tokens_per_replica or None,
                 startup=startup.merge(
@@ -590,6 +610,56 @@ def _pools_scaled(spec: LLMDeploymentSpec, plan: DeploymentPlan, moved: list[tup
         a = spec.autoscaling
         replicas += f" (held to {spec.effective_replicas} by autoscaling {a.min_replicas}-{a.max_replicas})"
     return f"spec.replicas {replicas}{extra} over pools by {rule}: {parts}"
+
+
+def _spot_covers(
+    ctx: Context,
+    pool: PoolPlan,
+    plans: list[PoolPlan],
+    replicas: Mapping[str, int],
+    pods: list[dict[str, Any]],
+    noticed: set[str],
+    previous: int,
+) -> dict[str, int]:
+    """On-demand cover per GPU type of a spot pool (planner/spotcover.py): its engine pods under a
+    termination notice (marked for it, or on a node with one) and how many of its spot replicas are
+    ready. ``previous``: the pool's cover in force (status), shared out over its types in order."""
+    if not ctx.config.evacuation.on_demand_cover:
+        return {}
+    out: dict[str, int] = {}
+    left = previous
+    for p in plans:
+        if not p.spot:
+            continue
+        gpu = p.gpu_type or ""
+        views: list[spotcover.SpotPod] = []
+        for pod in pods:
+            v = evacuation.pod_view(pod)
+            labels = (pod.get("metadata") or {}).get("labels") or {}
+            if v is None or v.pool != pool.name or labels.get(LABEL_GPU_TYPE) != gpu:
+                continue
+            interrupted = v.reason == evacuation.REASON_INTERRUPTED or (v.node in noticed and not v.reason)
+            views.append(
+                spotcover.SpotPod(
+                    ready=v.ready,
+                    on_demand=labels.get(LABEL_CAPACITY) == "on-demand",
+                    interrupted=interrupted and not v.terminating,
+                    leaving=v.terminating or (v.reason is not None and not interrupted),
+                )
+            )
+        c = spotcover.cover(views, replicas.get(gpu, 0), p.on_demand_baseline, left)
+        left -= min(left, c)
+        if c:
+            out[gpu] = c
+    return out
+
+
+def _cover_message(pool: str, covers: Mapping[str, int]) -> str:
+    what = ", ".join(f"{n} x {gpu}" for gpu, n in covers.items())
+    return (
+        f"pool {pool}: spot replica(s) under a termination notice; starting on-demand cover ({what}) "
+        "until the spot replicas are ready again"
+    )
 
 
 def _evacuate(

@@ -83,6 +83,7 @@ class PoolPlan(_Out):
     spot: bool = False
     spot_note: str | None = None  # spot was asked for but the operator does not allow it for this tier
     on_demand_baseline: int = 0  # replicas (per GPU type) kept on on-demand nodes while spot is on
+    on_demand_cover: int = 0  # more on-demand replicas covering spot ones under a notice (spotcover.py)
     replicas: int = 0  # pods the workload runs: serving replicas plus warm standby
     serving_replicas: int = 0  # of those, the pool's share of spec.replicas (in rotation)
     cost_per_hour_per_replica: float = 0.0

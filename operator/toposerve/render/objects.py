@@ -459,14 +459,25 @@ def render_pool(
 
     A spot pool with an on-demand baseline gets a second workload ``<workload>-od`` holding the
     baseline's replicas on on-demand nodes only (its pods and selector carry ``toposerve.io/capacity:
-    on-demand``); the pool's budget and Service select both.
+    on-demand``); the pool's budget and Service select both. ``plan.on_demand_cover`` more replicas
+    go there while spot replicas are under a termination notice (planner/spotcover.py).
     """
     if not plan.fits or plan.gpu_type is None:
         return []
-    if plan.spot and plan.on_demand_baseline > 0:
+    if plan.spot and (plan.on_demand_baseline > 0 or plan.on_demand_cover > 0):
+        # the baseline, plus a cover for spot replicas under a termination notice (planner/spotcover.py)
         od = min(plan.on_demand_baseline, plan.replicas)
-        rest = plan.model_copy(update={"on_demand_baseline": 0, "replicas": plan.replicas - od})
-        od_plan = plan.model_copy(update={"on_demand_baseline": 0, "spot": False, "replicas": od})
+        rest = plan.model_copy(
+            update={"on_demand_baseline": 0, "on_demand_cover": 0, "replicas": plan.replicas - od}
+        )
+        od_plan = plan.model_copy(
+            update={
+                "on_demand_baseline": 0,
+                "on_demand_cover": 0,
+                "spot": False,
+                "replicas": od + plan.on_demand_cover,
+            }
+        )
         # the pool's budget selects both workloads: it counts all of the pool's replicas
         inv = inventory
         objs = render_pool(
