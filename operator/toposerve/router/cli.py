@@ -229,6 +229,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=0.5,
         help="seconds to wait for an engine's /tokenize before scoring on the approximation",
     )
+    e = p.add_argument_group(
+        "Endpoint Picker for Gateway API Inference Extension gateways (docs/gateway-api.md)"
+    )
+    e.add_argument(
+        "--epp-port",
+        type=int,
+        default=int(os.environ.get("TOPOSERVE_ROUTER_EPP_PORT", "0")),
+        help="also serve the Endpoint Picker Protocol (Envoy ext_proc, gRPC) on this port of --host: a "
+        "GIE gateway asks it which engine gets each request (GIE's default: 9002); 0 (default): off",
+    )
+    e.add_argument(
+        "--epp-health-port",
+        type=int,
+        default=int(os.environ.get("TOPOSERVE_ROUTER_EPP_HEALTH_PORT", "0")),
+        help="gRPC health (liveness, readiness, the ext_proc service) on this port too (GIE's "
+        "default: 9003); 0: on --epp-port only",
+    )
     a = p.add_argument_group("LoRA adapters (docs/router.md, 'LoRA adapters')")
     a.add_argument(
         "--adapter",
@@ -256,6 +273,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default=5.0,
         help="seconds between reads of each engine's /v1/models (which adapters it holds)",
     )
+
+
+def check_epp_ports(args: argparse.Namespace) -> str:
+    """What is wrong with the Endpoint Picker's ports ("" when nothing)."""
+    if not 0 <= args.epp_port < 65536 or not 0 <= args.epp_health_port < 65536:
+        return "--epp-port and --epp-health-port must be 0 (off) or a port number"
+    if args.epp_health_port and not args.epp_port:
+        return "--epp-health-port needs --epp-port (the health it reports is the picker's)"
+    if args.epp_port:
+        taken = {"--port": args.port, "--metrics-port": args.metrics_port}
+        for name, port in taken.items():
+            if port and port in (args.epp_port, args.epp_health_port):
+                return f"--epp-port and --epp-health-port must differ from {name} ({port})"
+        if args.epp_port == args.epp_health_port:
+            return "--epp-port and --epp-health-port must differ"
+    return ""
+
+
+async def start_epp(router: Any, args: argparse.Namespace, registry: Any = None) -> Any:
+    """The Endpoint Picker (router/epp/) on --epp-port, or None when off. grpcio is imported
+    only here: a router without the picker does not load it."""
+    if not args.epp_port:
+        return None
+    from toposerve.router.epp.server import EndpointPicker
+
+    epp = EndpointPicker(router, registry)
+    await epp.start(args.host, args.epp_port, args.epp_health_port)
+    return epp
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
@@ -350,6 +395,9 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.gc_gen0_threshold < 0:
         raise SystemExit("toposerve router: error: --gc-gen0-threshold must be 0 (off) or more")
+    epp_error = check_epp_ports(args)
+    if epp_error:
+        raise SystemExit(f"toposerve router: error: {epp_error}")
     selector = args.selector or (engine_selector(args.llmdeployment) if args.llmdeployment else None)
     if not backends and not (selector and args.namespace):
         raise SystemExit(
@@ -366,6 +414,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_runner = (
             await serve_metrics(router, args.host, args.metrics_port) if args.metrics_port else None
         )
+        epp = await start_epp(router, args)
         watcher = None
         if not backends:
             from toposerve.router.discovery import SliceWatcher
@@ -386,6 +435,14 @@ def run(args: argparse.Namespace) -> int:
             cfg.strategy,
             f"{len(backends)} static backends" if backends else f"discovery {args.namespace}/{selector}",
         )
+        if epp is not None:
+            logging.getLogger("toposerve.router").info(
+                "endpoint picker (ext_proc) on port %d, gRPC health on %s",
+                args.epp_port,
+                f"ports {args.epp_port} and {args.epp_health_port}"
+                if args.epp_health_port
+                else "the same port",
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -401,6 +458,8 @@ def run(args: argparse.Namespace) -> int:
         if watcher is not None:
             watcher.stop()
         await runner.cleanup()  # stops listening, closes idle connections, cancels what is left
+        if epp is not None:
+            await epp.stop()
         if metrics_runner is not None:
             await metrics_runner.cleanup()
 

@@ -250,17 +250,10 @@ class Gateway(Router):
         """The body is read and parsed by the front door (Router._completion): its `model` picks
         the member router."""
         model = body.get("model")
-        if not isinstance(model, str) or not model:
-            msg = "the `model` field is required: this endpoint serves several models (GET /v1/models)"
-            return self._count(UNKNOWN_MODEL, self._error(400, msg, "bad_request"))
-        route = self.table.resolve(model)
-        member = self.members.get(route.key) if route is not None else None
-        if route is None or member is None:
-            msg = f"The model `{model[:256]}` does not exist."
-            near = self.table.closest(model)
-            if near:
-                msg += " Did you mean " + ", ".join(f"`{n}`" for n in near) + "?"
-            return self._count(UNKNOWN_MODEL, self._error(404, msg, "unknown_model"))
+        member = self.member_for(model)
+        if isinstance(member, web.Response):
+            return self._count(UNKNOWN_MODEL, member)
+        assert isinstance(model, str)
         self._in_flight[id(member)] = self._in_flight.get(id(member), 0) + 1
         try:
             starting = self._starting.get(id(member))
@@ -275,6 +268,23 @@ class Gateway(Router):
             return self._count(model, resp)
         finally:
             self._in_flight[id(member)] -= 1
+
+    def member_for(self, model: object) -> Router | web.Response:
+        """The member router a request's `model` names (served name, alias or adapter), or the
+        400 (no model) / 404 (unknown, with the closest names) to answer. The HTTP path and the
+        Endpoint Picker (router/epp/) both pick through this."""
+        if not isinstance(model, str) or not model:
+            msg = "the `model` field is required: this endpoint serves several models (GET /v1/models)"
+            return self._error(400, msg, "bad_request")
+        route = self.table.resolve(model)
+        member = self.members.get(route.key) if route is not None else None
+        if route is None or member is None:
+            msg = f"The model `{model[:256]}` does not exist."
+            near = self.table.closest(model)
+            if near:
+                msg += " Did you mean " + ", ".join(f"`{n}`" for n in near) + "?"
+            return self._error(404, msg, "unknown_model")
+        return member
 
     def _count(self, model: str, resp: web.StreamResponse) -> web.StreamResponse:
         self.gw_requests.labels(model, str(resp.status)).inc()

@@ -71,6 +71,9 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "toposerve gateway: error: --drain-timeout and --drain-quiet must be 0 or more seconds"
         )
+    epp_error = router_cli.check_epp_ports(args)
+    if epp_error:
+        raise SystemExit(f"toposerve gateway: error: {epp_error}")
     cfg = router_cli.config_from_args(args)
     scope = args.watch_namespace or None
 
@@ -78,6 +81,7 @@ def run(args: argparse.Namespace) -> int:
         log = logging.getLogger("toposerve.router.gateway")
         gw = Gateway(cfg, scope)
         runner = await serve(gw, args.host, args.port)
+        epp = await router_cli.start_epp(gw, args, gw.gw_registry)  # `model` picks the member
         ws = [] if args.static_config else watches(gw, asyncio.get_running_loop())
         if args.static_config:
             objs, slices = static_config(args.static_config)
@@ -99,6 +103,8 @@ def run(args: argparse.Namespace) -> int:
         for w in ws:
             w.stop()
         await runner.cleanup()
+        if epp is not None:
+            await epp.stop()
 
     try:
         import uvloop

@@ -203,6 +203,20 @@ class _Parsed:
     adapter_retry: bool = False  # an engine's 404 for it: re-place and retry (not relay)
 
 
+@dataclass
+class Pick:
+    """A request picked for another proxy to send (`Router.pick`): its backends in order, primary
+    first, and the load it holds here until `Router.finish_pick`."""
+
+    backends: list[str]
+    strategy: str
+    request: st.Request
+    ticket: st.Ticket
+    pool: str
+    adapter: str | None = None
+    done: bool = False
+
+
 def tokenize_body(path: str, body: Mapping[str, Any]) -> dict[str, Any] | list[int] | None:
     """What to ask an engine's ``POST /tokenize`` so that its ids are the ones the request will be
     served with: the chat fields that change the rendering, or the completion's prompt. A prompt
@@ -1592,27 +1606,11 @@ class Router:
     ) -> web.StreamResponse:
         """Pick a replica for a request whose body is read and parsed, and relay it there. The
         gateway (gateway.py) calls this on the member router of the model the body names."""
-        strategy = request.headers.get(STRATEGY_HEADER) or self.cfg.strategy
-        if strategy not in st.STRATEGIES:
-            return self._error(
-                400,
-                f"unknown strategy {strategy[:64]!r}; known: {', '.join(st.STRATEGIES)}",
-                "bad_request",
-            )
-        adapter: str | None = None
-        if self.lora.active:  # LoRA adapters in play: what does `model` name?
-            kind = self.lora.resolve(body.get("model"))
-            if kind == ad.UNKNOWN:  # removed from the spec: as vLLM answers an unknown model
-                self.metrics.child(self.metrics.lora.requests, "not_found").inc()
-                msg = f"The model `{body.get('model')}` does not exist."
-                return self._error(404, msg, "adapter_not_found", body=error_body(404, msg, "model"))
-            if kind == ad.ADAPTER:
-                adapter = cast(str, body["model"])
-        need_hashes = strategy in (st.PREFIX_AWARE, st.AUTO)
-        parsed = parse_request(request.path, body, request.headers, self.estimator, self.cfg, need_hashes)
-        parsed.adapter = adapter
-        if need_hashes and self.kvindex is not None:
-            await self._kv_parse(request.path, body, parsed)
+        prepared = await self._prepare(request.path, request.headers, body)
+        if isinstance(prepared, web.Response):
+            return prepared
+        strategy, parsed = prepared
+        adapter = parsed.adapter
         skip = hop_by_hop(request.headers)
         if _inflated(request.headers):  # aiohttp inflated the body: forward it as it now is
             skip = skip | {"content-encoding"}
@@ -1669,6 +1667,111 @@ class Router:
             return self._upstream_failed(last)
         finally:
             self._settle(attempts)
+
+    async def _prepare(
+        self, path: str, headers: Mapping[str, str], body: dict[str, Any]
+    ) -> tuple[str, _Parsed] | web.Response:
+        """The strategy and what routing reads of a request (`route` and `pick` alike), or the
+        error to answer: an unknown strategy, an adapter no longer served."""
+        strategy = headers.get(STRATEGY_HEADER) or self.cfg.strategy
+        if strategy not in st.STRATEGIES:
+            return self._error(
+                400,
+                f"unknown strategy {strategy[:64]!r}; known: {', '.join(st.STRATEGIES)}",
+                "bad_request",
+            )
+        adapter: str | None = None
+        if self.lora.active:  # LoRA adapters in play: what does `model` name?
+            kind = self.lora.resolve(body.get("model"))
+            if kind == ad.UNKNOWN:  # removed from the spec: as vLLM answers an unknown model
+                self.metrics.child(self.metrics.lora.requests, "not_found").inc()
+                msg = f"The model `{body.get('model')}` does not exist."
+                return self._error(404, msg, "adapter_not_found", body=error_body(404, msg, "model"))
+            if kind == ad.ADAPTER:
+                adapter = cast(str, body["model"])
+        need_hashes = strategy in (st.PREFIX_AWARE, st.AUTO)
+        parsed = parse_request(path, body, headers, self.estimator, self.cfg, need_hashes)
+        parsed.adapter = adapter
+        if need_hashes and self.kvindex is not None:
+            await self._kv_parse(path, body, parsed)
+        return strategy, parsed
+
+    # ------------------------------------------------------------------ picking for another proxy
+
+    async def pick(
+        self,
+        path: str,
+        headers: Mapping[str, str],
+        body: dict[str, Any],
+        only: Iterable[str] | None = None,
+        fallbacks: int = 2,
+    ) -> Pick | web.Response:
+        """Backends for a request another proxy sends (the Endpoint Picker, router/epp/): the
+        decision `route` makes (strategies, hold at zero, queueing, 429 when saturated), primary
+        first, then up to `fallbacks` more the strategy ranks next (not committed). The request
+        holds load on the primary until `finish_pick`; `only`: the backend URLs allowed (the
+        data plane's subset: none eligible is 503 at once, never a hold)."""
+        prepared = await self._prepare(path, headers, body)
+        if isinstance(prepared, web.Response):
+            return prepared
+        strategy, parsed = prepared
+        if parsed.adapter is not None:  # to a replica holding it, loaded there first if need be
+            placed = await self._place_adapter(parsed.adapter, set(), True)
+            if isinstance(placed, web.Response):
+                return placed
+            only = placed if only is None else [u for u in placed if u in set(only)]
+        req = parsed.request
+        allowed = None if only is None else tuple(only)
+        d = await self._decide(strategy, req, set(), True, parsed.kv_keys, parsed.kv_block_size, allowed)
+        if isinstance(d, web.Response):
+            return d
+        chosen = [d.backend]
+        skip = set() if allowed is None else self.backends.keys() - set(allowed)
+        now = time.monotonic()
+        for _ in range(max(fallbacks, 0)):
+            f = st.choose(
+                strategy, req, self.snapshot(skip | set(chosen)), self.memory, self.cfg.routing, now
+            )
+            if f is None:
+                break
+            chosen.append(f.backend)
+        if parsed.adapter is not None:
+            self.lora.use(d.backend, parsed.adapter)  # pinned there until finish_pick
+        b = self.backends.get(d.backend)
+        p = Pick(chosen, strategy, req, self.ledger.acquire(d.backend, req.prompt_tokens, req.max_tokens),
+                 b.spec.pool if b is not None else "", parsed.adapter)  # fmt: skip
+        self.demand.sent(p.pool, req.cost)
+        self.active += 1
+        self.last_request = time.monotonic()
+        return p
+
+    def served_pick(self, p: Pick, url: str) -> None:
+        """The data plane says `url` served `p` (a fallback, after the primary failed): move its
+        load there and remember the prefix and session there, so both stay true."""
+        if p.done or url == p.ticket.backend or url not in self.backends:
+            return
+        old = p.ticket
+        self.ledger.release(old)
+        p.ticket = self.ledger.acquire(url, old.prompt_left, old.output_left)
+        now = time.monotonic()
+        d = st.Decision(url, "epp_served")
+        st.commit(self.memory, p.strategy, p.request, d, self.cfg.routing, now, self._capacity_blocks(url))
+        self._drop_if_idle(old.backend)
+
+    def finish_pick(self, p: Pick) -> None:
+        """`p`'s response ended, or its stream broke: release its load. Idempotent."""
+        if p.done:
+            return
+        p.done = True
+        url = p.ticket.backend
+        self.ledger.release(p.ticket)
+        self.demand.finished(p.pool, p.request.cost)
+        if p.adapter is not None:
+            self.lora.release(p.backends[0], p.adapter)
+            self._adapter_upkeep(p.backends[0])
+        self.active -= 1
+        self._drop_if_idle(url)
+        self._wake_waiters()
 
     async def _kv_parse(self, path: str, body: Mapping[str, Any], parsed: _Parsed) -> None:
         """Token ids and engine block keys for KV-event routing; on any failure the request is

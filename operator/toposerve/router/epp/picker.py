@@ -1,0 +1,74 @@
+"""The bridge from the protocol's `PickInput` to `Router.pick`: no picking logic of its own.
+
+A subset (`ip:port` strings from the data plane) becomes the backend URLs it names; the
+router's answer (a `Pick`, or the error it would have answered over HTTP) becomes a `Routed` or
+a `Refused`. For the gateway, the body's `model` chooses the member router first, as on its
+HTTP path (`Gateway.member_for`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from toposerve.router.epp.protocol import PickInput, Refused, Routed, endpoint_of, in_subset
+from toposerve.router.proxy import Pick, Router
+
+
+@dataclass
+class Held:
+    """One routed request: the router that picked it and its pick (load held until finish)."""
+
+    router: Router
+    pick: Pick
+
+
+def refused(resp: web.Response) -> Refused:
+    """The router's HTTP error as an ImmediateResponse: same status, body and Retry-After."""
+    body = resp.body if isinstance(resp.body, bytes) else b""
+    keep = ("Content-Type", "Retry-After")
+    return Refused(resp.status, body, tuple((k.lower(), resp.headers[k]) for k in keep if k in resp.headers))
+
+
+class RouterPicker:
+    """Picks with one router (`toposerve router`), or with the gateway's member routers
+    (`toposerve gateway`: the router passed is a `Gateway`, recognised by `member_for`)."""
+
+    def __init__(self, router: Router, fallbacks: int = 2) -> None:
+        self.router = router
+        self.fallbacks = fallbacks
+
+    def ready(self) -> bool:
+        """Ready to pick: discovery has answered and no drain began (gRPC `readiness`)."""
+        return not self.router.discovering and not self.router.draining
+
+    def _member(self, inp: PickInput) -> Router | web.Response:
+        member_for = getattr(self.router, "member_for", None)
+        if member_for is None:
+            return self.router
+        member = member_for(inp.body.get("model"))
+        assert isinstance(member, Router | web.Response)
+        return member
+
+    async def pick(self, inp: PickInput) -> tuple[Routed | Refused, Held | None]:
+        member = self._member(inp)
+        if isinstance(member, web.Response):
+            return refused(member), None
+        only = None
+        if inp.subset is not None:
+            subset = inp.subset
+            only = [u for u in member.backends if in_subset(endpoint_of(u), subset)]
+        p = await member.pick(inp.path, inp.headers, inp.body, only, self.fallbacks)
+        if isinstance(p, web.Response):
+            return refused(p), None
+        return Routed(tuple(endpoint_of(u) for u in p.backends)), Held(member, p)
+
+    def served(self, held: Held, endpoint: str) -> None:
+        """`x-gateway-destination-endpoint-served`: the backend with that `ip:port`, if known."""
+        url = next((u for u in held.router.backends if endpoint_of(u) == endpoint), None)
+        if url is not None:
+            held.router.served_pick(held.pick, url)
+
+    def finish(self, held: Held) -> None:
+        held.router.finish_pick(held.pick)
