@@ -16,7 +16,7 @@ import yaml
 
 from tests.cluster.conftest import ROOT, Cluster, start_health_agent, wait_for
 from tests.cluster.load import Load
-from tests.cluster.operator_harness import Operator, apply, events, install_crd, wait_condition
+from tests.cluster.operator_harness import Operator, apply, events, get_llmd, install_crd, wait_condition
 from tests.cluster.test_router_cluster import ready_ips
 from toposerve.dev import fakenvml
 from toposerve.health.node import CONDITION_TYPE, TAINT_KEY
@@ -201,3 +201,62 @@ def test_a_spot_termination_notice_replaces_first_then_drains(
     assert load.cut == [], load.cut
     said = [m for r, m in _reasons(cluster, namespace) if r == "Evacuating"]
     assert any(f"termination notice (taint {NOTICE})" in m for m in said), said
+
+
+def test_a_spot_termination_notice_pre_scales_on_demand_until_the_spot_side_is_back(
+    cluster: Cluster, namespace: str, evac_operator: Operator
+) -> None:
+    """planner/spotcover.py on the real cluster: the notice adds an on-demand replica of the pool at
+    once (its own -od workload, on a node that is not spot), status and an Event say so, and once the
+    spot replacement is Ready and the noticed pod gone, the on-demand cover is removed again."""
+    pytest.importorskip("openai")
+    url, model = _deploy(cluster, namespace, {"placement": {"tier": "throughput", "spot": {"enabled": True}}})
+    spot_pods = [p for p in _engines(cluster, namespace) if "toposerve.io/capacity" not in p.metadata.labels]
+    victim = spot_pods[0]
+    node = victim.spec.node_name
+    load = Load(url, model).run(4)
+    taint = {"key": NOTICE, "value": "true", "effect": "NoSchedule"}
+
+    def cover() -> int:
+        pools = (get_llmd(cluster, namespace, "quickstart").get("status") or {}).get("pools") or []
+        return int(pools[0].get("onDemandCover") or 0) if pools else 0
+
+    def on_demand() -> list[Any]:
+        return [
+            p
+            for p in _engines(cluster, namespace)
+            if p.metadata.labels.get("toposerve.io/capacity") == "on-demand"
+        ]
+
+    try:
+        wait_for(lambda: load.ok > 5 or None, "load flowing through the router")
+        assert on_demand() == [] and cover() == 0
+        n = cluster.core.read_node(node)
+        taints = [cluster.api.sanitize_for_serialization(t) for t in n.spec.taints or []]
+        cluster.core.patch_node(node, {"spec": {"taints": [*taints, taint]}})
+        wait_for(lambda: cover() == 1 or None, "status.pools[0].onDemandCover 1", timeout=60)
+        (od,) = wait_for(
+            lambda: (ps := [p for p in on_demand() if _ready(p)]) and ps, "a ready on-demand cover"
+        )
+        od_node = cluster.core.read_node(od.spec.node_name).metadata.labels
+        assert od.spec.node_name != node and od_node.get("toposerve.io/capacity-type") != "spot", od_node
+        said = [m for r, m in _reasons(cluster, namespace) if r == "SpotCover"]
+        assert said and "termination notice" in said[0], said
+        # the spot side comes back (replacement Ready, noticed pod evacuated): the cover goes
+        wait_for(
+            lambda: _gone(cluster, namespace, victim.metadata.name), "noticed pod evacuated", timeout=240
+        )
+        wait_for(lambda: cover() == 0 or None, "the cover ended", timeout=120)
+        wait_for(lambda: not [p for p in on_demand() if not p.metadata.deletion_timestamp] or None,
+                 "no on-demand pod left", timeout=120)  # fmt: skip
+        assert [r for r, _ in _reasons(cluster, namespace)].count("SpotCoverEnded") == 1
+        ok_before = load.ok
+        wait_for(lambda: load.ok > ok_before + 5 or None, "requests still served")
+        load.stop.set()
+    finally:
+        load.close()
+        n = cluster.core.read_node(node)
+        rest = [cluster.api.sanitize_for_serialization(t) for t in n.spec.taints or [] if t.key != NOTICE]
+        cluster.core.patch_node(node, {"spec": {"taints": rest}})
+    assert load.failed_before_stream == [], load.failed_before_stream
+    assert load.failed_mid_stream == [], load.failed_mid_stream
