@@ -16,7 +16,7 @@ from pydantic.alias_generators import to_camel
 from toposerve import __version__
 from toposerve.api.gpus import DEFAULT_CATALOG, GPUCatalog, GPUType
 from toposerve.api.nodelabels import LabelSchemes
-from toposerve.api.spec import Tier
+from toposerve.api.spec import FailureMode, Tier
 
 
 class DrainTiming(BaseModel):
@@ -65,6 +65,23 @@ class EvacuationConfig(BaseModel):
         ge=0,
         description="A drained pod goes no sooner than this after draining began, so requests the "
         "router dispatched before it noticed have arrived.",
+    )
+
+
+class InferencePoolDefaults(BaseModel):
+    """Cluster-wide Gateway API Inference Extension settings (docs/gateway-api.md); each
+    LLMDeployment's spec.routing.inferencePool overrides them."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    enabled: bool = Field(
+        default=False,
+        description="Render an InferencePool for every LLMDeployment that has an endpoint picker (routing "
+        "mode dedicated or gateway; mode none ones are skipped) unless its spec says enabled: false.",
+    )
+    failure_mode: FailureMode = Field(
+        default="FailClose",
+        description="endpointPickerRef.failureMode where the spec sets none (GIE's own default).",
     )
 
 
@@ -217,6 +234,17 @@ class OperatorConfig(BaseModel):
         default=None,
         max_length=63,
         description="Namespace of the gateway pods; default: every namespace (the selector alone).",
+    )
+    gateway_service: str = Field(
+        default="toposerve-gateway",
+        max_length=63,
+        pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+        description="Name of the gateway's Service (the chart's <release>-gateway) in gatewayNamespace: the "
+        "endpoint picker of routing mode gateway's InferencePools (port 9002).",
+    )
+    inference_pool: InferencePoolDefaults = Field(
+        default_factory=InferencePoolDefaults,
+        description="Gateway API Inference Extension InferencePools (docs/gateway-api.md).",
     )
     hpa_kv_cache_metric: str = Field(
         alias="hpaKVCacheMetric",

@@ -974,6 +974,35 @@ class AutoscalingSpec(_Model):
 
 
 RoutingMode = Literal["dedicated", "gateway", "none"]
+FailureMode = Literal["FailOpen", "FailClose"]
+
+
+class InferencePoolSpec(_Model):
+    """A Gateway API Inference Extension InferencePool (inference.networking.k8s.io/v1) for this
+    deployment, so a cluster's own Gateway (Istio, kgateway, NGINX Gateway Fabric, GKE) routes to its
+    engines through toposerve's endpoint picker (docs/gateway-api.md)."""
+
+    enabled: bool | None = Field(
+        default=None,
+        description="Render an InferencePool named after the LLMDeployment, selecting its serving engine "
+        "pods, whose endpoint picker is the deployment's router (mode dedicated) or the cluster's gateway "
+        "(mode gateway). Unset: the operator's inferencePool.enabled (off by default). Needs a picker: "
+        "refused with mode none. Needs the InferencePool CRD in the cluster.",
+    )
+    failure_mode: FailureMode | None = Field(
+        default=None,
+        description="What the Gateway does when the picker does not answer: FailClose (drop the request; "
+        "GIE's default) or FailOpen (forward it to an endpoint of its own choosing). Unset: the "
+        "operator's inferencePool.failureMode.",
+    )
+
+
+_POOL_ON = "has(self.inferencePool) && has(self.inferencePool.enabled) && self.inferencePool.enabled"
+INFERENCE_POOL_NEEDS_PICKER = (
+    "inferencePool.enabled needs an endpoint picker, and mode none (or enabled: false) has none: set "
+    "mode dedicated (the deployment's router picks) or gateway (the cluster's gateway picks), or remove "
+    "inferencePool.enabled"
+)
 ROUTING_RULES: tuple[CrossFieldRule, ...] = (
     CrossFieldRule(
         "mode", "mode none contradicts enabled: true (enabled is the older switch: set enabled: false "
@@ -986,6 +1015,11 @@ ROUTING_RULES: tuple[CrossFieldRule, ...] = (
         "remove enabled)",
         "!has(self.mode) || self.mode == 'none' || !has(self.enabled) || self.enabled",
         lambda r: r.mode in ("dedicated", "gateway") and r.router_enabled is False,
+    ),
+    CrossFieldRule(
+        "inferencePool.enabled", INFERENCE_POOL_NEEDS_PICKER,
+        f"!({_POOL_ON}) || (has(self.mode) ? self.mode != 'none' : (!has(self.enabled) || self.enabled))",
+        lambda r: r.inference_pool.enabled is True and r.effective_mode == "none",
     ),
 )  # fmt: skip
 
@@ -1046,6 +1080,12 @@ class RoutingSpec(_Model):
     replicas: int = Field(
         default=2, ge=1, le=50, description="Router pods (2 by default, spread over nodes, with a PDB)."
     )
+    inference_pool: InferencePoolSpec = Field(
+        default_factory=InferencePoolSpec,
+        description="Gateway API Inference Extension: an InferencePool for this deployment, picked by "
+        "toposerve (docs/gateway-api.md).",
+        json_schema_extra={"default": {}},
+    )
 
     model_config = ConfigDict(
         json_schema_extra={"x-kubernetes-validations": [r.validation() for r in ROUTING_RULES]}
@@ -1069,6 +1109,12 @@ class RoutingSpec(_Model):
     def dedicated_router(self) -> bool:
         """Whether this deployment gets its own router (Deployment, Service <name>, PDB, RBAC)."""
         return self.effective_mode == "dedicated"
+
+    def inference_pool_on(self, cluster_default: bool) -> bool:
+        """Whether an InferencePool is rendered: the spec's inferencePool.enabled, else the operator's
+        default, and never without a picker (mode none; an explicit enabled: true there is refused)."""
+        on = self.inference_pool.enabled
+        return self.effective_mode != "none" and (cluster_default if on is None else on)
 
     @property
     def enabled(self) -> bool:

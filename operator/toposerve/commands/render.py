@@ -9,7 +9,9 @@ fabric they offer to multi-node replicas (render/fabric.py).
 
 The output is what the operator applies: the serving objects, PodMonitors (offline only with
 ``prometheusOperator: on``) and, in hpa / keda autoscaling modes, the HorizontalPodAutoscaler or
-KEDA ScaledObject; what stops one (keda without ``prometheusUrl``) is said on stderr.
+KEDA ScaledObject, and with ``spec.routing.inferencePool`` (or the config's ``inferencePool``) the
+Gateway API Inference Extension's InferencePool; what stops one (keda without ``prometheusUrl``, a
+gateway-mode pool outside ``gatewayNamespace``) is said on stderr.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from toposerve.api.errors import SpecError
 from toposerve.commands.common import load_config, load_deployments, load_inventory
 from toposerve.planner.plan import plan_deployment
 from toposerve.render.autoscaling import render_autoscaler
+from toposerve.render.inferencepool import render_inference_pool
 from toposerve.render.monitoring import render_monitors
 from toposerve.render.objects import render_deployment
 
@@ -53,6 +56,11 @@ def run(args: argparse.Namespace) -> int:
         # hpa / keda modes: the HPA or ScaledObject the operator applies (it owns spec.replicas).
         autoscaler, notices = render_autoscaler(d.name, namespace, d.spec, config)
         objs += autoscaler
+        # spec.routing.inferencePool (or the config's default): the Gateway API Inference Extension's
+        # InferencePool (offline, the CRD is taken to be installed); why there is none is said.
+        pool, pool_notices = render_inference_pool(d.name, namespace, d.spec, config)
+        objs += pool
+        notices = [*notices, *pool_notices]
         for reason, message in notices:  # e.g. keda without prometheusUrl: said, not silently dropped
             print(f"toposerve render: {d.name}: {reason}: {message}", file=sys.stderr)
         if server is not None:

@@ -43,6 +43,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobjects",
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
     ("resource.nvidia.com/v1beta1", "ComputeDomain"): "computedomains",
+    ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepools",
 }
 CHILD_KINDS: list[tuple[str, str]] = [
     ("apps/v1", "Deployment"),
@@ -57,6 +58,8 @@ CHILD_KINDS: list[tuple[str, str]] = [
     ("monitoring.coreos.com/v1", "PodMonitor"),  # with the Prometheus Operator (render/monitoring.py)
     # GB200 IMEX with NVIDIA's DRA driver (render/fabric.py: COMPUTE_DOMAIN_API); lists as empty without it
     ("resource.nvidia.com/v1beta1", "ComputeDomain"),
+    # Gateway API Inference Extension (render/inferencepool.py); lists as empty without its CRD
+    ("inference.networking.k8s.io/v1", "InferencePool"),
 ]
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 

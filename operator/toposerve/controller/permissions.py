@@ -68,6 +68,8 @@ PERMISSIONS: tuple[Permission, ...] = (
                "with the Prometheus Operator: the engines' and router's PodMonitors"),
     Permission("resource.nvidia.com", "computedomains", _WRITE_CHILD, "watched",
                "multi-node NVLink (GB200 IMEX) with NVIDIA's DRA driver: one ComputeDomain per workload"),
+    Permission("inference.networking.k8s.io", "inferencepools", _WRITE_CHILD, "watched",
+               "routing.inferencePool: the Gateway API Inference Extension's InferencePool"),
     # Never called by the operator: held so that it may grant them to the router's Role without
     # the `escalate` or `bind` verbs (RBAC only lets a subject grant what it holds itself).
     Permission("discovery.k8s.io", "endpointslices", ("get", "list", "watch"), "watched",

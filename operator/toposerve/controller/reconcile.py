@@ -57,6 +57,7 @@ from toposerve.planner.plan import DeploymentPlan, PoolPlan, assign_replicas, pl
 from toposerve.render.autoscaling import render_autoscaler
 from toposerve.render.disruption import disruption_note, in_place_outage
 from toposerve.render.fabric import fabric_for
+from toposerve.render.inferencepool import INFERENCE_POOL, INFERENCE_POOL_PLURAL, render_inference_pool
 from toposerve.render.monitoring import POD_MONITOR, POD_MONITOR_PLURAL, render_monitors
 from toposerve.render.objects import (
     LABEL_CAPACITY,
@@ -463,6 +464,12 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
     desired += render_monitors(
         name, namespace, spec, ctx.config, owner, served=mode == "auto" and ctx.has_pod_monitors()
     )
+    # The Gateway API Inference Extension's InferencePool; without its CRD, said (Degraded, an Event)
+    # instead of failing the apply of everything else.
+    wants_pool = spec.routing.inference_pool_on(ctx.config.inference_pool.enabled)
+    served = not wants_pool or ctx.serves(INFERENCE_POOL[0], INFERENCE_POOL_PLURAL)
+    inference_pool, pool_notices = render_inference_pool(name, namespace, spec, ctx.config, owner, served)
+    desired += inference_pool
     endpoint = endpoint_url(name, namespace, spec)
     refusal = too_old(ctx, spec, dplan, desired)
     if refusal is not None:
@@ -481,7 +488,13 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         return Result()
     # gateway mode: no router pods of the deployment's own to count (the gateway reports its own health).
     router = router_readiness(pods) if spec.routing.dedicated_router else None
-    notices = _notices(spec, dplan) + autoscaler_notices
+    notices = _notices(spec, dplan) + autoscaler_notices + pool_notices
+    degraded: Mapping[str, Any] = next(
+        (c for c in previous.get("conditions") or [] if c.get("type") == "Degraded"), {}
+    )
+    for reason, msg in pool_notices:  # once, when it starts (the condition keeps saying it)
+        if msg not in str(degraded.get("message") or ""):
+            events.append((reason, msg, True))
     for obj in desired:
         try:
             applied = kube.apply(obj)

@@ -34,6 +34,10 @@ from toposerve.render.placement import router_affinity, serving_affinity, servin
 
 ENGINE_PORT = 8000
 ROUTER_PORT = 8080
+# The endpoint picker (GIE's ext_proc gRPC, docs/gateway-api.md) and its gRPC health service: the
+# ports GIE's own EPP listens on (cmd/epp defaults, v1.6.2), on routers whose deployment has an
+# InferencePool (render/inferencepool.py).
+EPP_PORT, EPP_HEALTH_PORT = 9002, 9003
 LABEL_LONG_CONTEXT = "toposerve.io/long-context"
 MAX_NAME = 42  # children are named <name>-<pool> and must stay valid label values / DNS-1035 names
 LABEL_DEPLOYMENT = "toposerve.io/deployment"
@@ -207,6 +211,7 @@ class _Ctx:
     service_port: int = ENGINE_PORT
     kv_events: bool = False  # the engine publishes KV-cache events: name their ports
     kv_ports: tuple[int, int] = (KV_EVENTS_PORT, KV_REPLAY_PORT)
+    epp_ports: tuple[int, int] | None = None  # the router serves the endpoint picker on these
 
 
 def _render(template: str, ctx: _Ctx) -> dict[str, Any]:
@@ -758,12 +763,19 @@ def router_args(name: str, spec: LLMDeploymentSpec, config: OperatorConfig | Non
         args += ["--adapter", f"{adapter.name}={adapter.engine_source}"]
     if spec.lora is not None:  # adapters an engine keeps registered: its --max-cpu-loras
         args += ["--adapter-slots", str(spec.lora.effective_max_cpu_loras)]
+    if epp_served(spec, config or OperatorConfig()):  # the InferencePool's endpoint picker
+        args += ["--epp-port", str(EPP_PORT), "--epp-health-port", str(EPP_HEALTH_PORT)]
     a = spec.autoscaling
     if a.effective_mode in ("builtin", "keda") and a.min_replicas == 0:
         # Scale from zero: hold requests while the autoscaler starts a replica (as long as one is
         # expected to take to load, within what clients are likely to wait).
         args += ["--hold-at-zero", str(min(a.startup_grace_seconds, MAX_HOLD_SECONDS))]
     return args
+
+
+def epp_served(spec: LLMDeploymentSpec, config: OperatorConfig) -> bool:
+    """Whether the deployment's own router is its InferencePool's endpoint picker."""
+    return spec.routing.dedicated_router and spec.routing.inference_pool_on(config.inference_pool.enabled)
 
 
 def render_router(
@@ -803,6 +815,7 @@ def render_router(
         port=ROUTER_PORT,
         service_name=name,
         service_port=ENGINE_PORT,
+        epp_ports=(EPP_PORT, EPP_HEALTH_PORT) if epp_served(spec, config) else None,
     )
     text, slots = _render_text("router.yaml.j2", ctx)
     return [_fill(d, slots) for d in yaml.load_all(text, Loader=_LOADER) if isinstance(d, dict)]
