@@ -299,7 +299,7 @@ async def start_epp(router: Any, args: argparse.Namespace, registry: Any = None)
     from toposerve.router.epp.server import EndpointPicker
 
     epp = EndpointPicker(router, registry)
-    await epp.start(args.host, args.epp_port, args.epp_health_port)
+    await epp.start(args.host, args.epp_port, args.epp_health_port or None)
     return epp
 
 

@@ -215,6 +215,8 @@ class Pick:
     pool: str
     adapter: str | None = None
     done: bool = False
+    # the prefix blocks the pick added to the primary's memory (taken back if another served it)
+    fresh_blocks: tuple[int, ...] = ()
 
 
 def tokenize_body(path: str, body: Mapping[str, Any]) -> dict[str, Any] | list[int] | None:
@@ -1740,6 +1742,8 @@ class Router:
         b = self.backends.get(d.backend)
         p = Pick(chosen, strategy, req, self.ledger.acquire(d.backend, req.prompt_tokens, req.max_tokens),
                  b.spec.pool if b is not None else "", parsed.adapter)  # fmt: skip
+        if strategy in (st.PREFIX_AWARE, st.AUTO) and parsed.kv_keys is None:
+            p.fresh_blocks = req.block_hashes[d.matched_blocks :]  # matched: held before this pick
         self.demand.sent(p.pool, req.cost)
         self.active += 1
         self.last_request = time.monotonic()
@@ -1753,6 +1757,7 @@ class Router:
         old = p.ticket
         self.ledger.release(old)
         p.ticket = self.ledger.acquire(url, old.prompt_left, old.output_left)
+        self.memory.prefix.retract(p.fresh_blocks, old.backend)  # it never got the prompt
         now = time.monotonic()
         d = st.Decision(url, "epp_served")
         st.commit(self.memory, p.strategy, p.request, d, self.cfg.routing, now, self._capacity_blocks(url))

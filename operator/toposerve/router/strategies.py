@@ -375,6 +375,18 @@ class PrefixIndex:
             result[b] = len(hashes)
         return result
 
+    def retract(self, hashes: Sequence[int], backend: str) -> None:
+        """Take back an `insert` of `hashes` on `backend` that did not happen (the request was
+        served elsewhere: an Endpoint Picker's fallback). Pass only the blocks that insert added."""
+        held = self._held.get(backend)
+        for h in hashes:
+            entry = self._map.get(h)
+            if entry is not None and entry.pop(backend, None) is not None:
+                if held is not None:
+                    held.pop(h, None)
+                if not entry:
+                    del self._map[h]
+
     def forget(self, backend: str) -> None:
         """Drop a backend (removed or restarted: its cache is gone)."""
         for h in self._held.pop(backend, {}):

@@ -40,8 +40,10 @@ class EndpointPicker:
         self.ports: list[int] = []
         self._task: asyncio.Task[None] | None = None
 
-    async def start(self, host: str, port: int, health_port: int = 0, period_s: float = 0.5) -> None:
-        """Listen on `port` (ext_proc + health) and, when given, `health_port` (health only);
+    async def start(
+        self, host: str, port: int, health_port: int | None = None, period_s: float = 0.5
+    ) -> None:
+        """Listen on `port` (ext_proc + health) and, unless None, `health_port` (health only);
         port 0 binds a free port (tests): the bound ones are in `self.ports`."""
         await self._sync()
         main = grpc.aio.server()
@@ -49,7 +51,7 @@ class EndpointPicker:
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
         self.ports = [main.add_insecure_port(_addr(host, port))]
         self.servers = [main]
-        if health_port:
+        if health_port is not None:
             side = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, side)
             self.ports.append(side.add_insecure_port(_addr(host, health_port)))
