@@ -62,6 +62,12 @@ def _cmd_gateway(args: argparse.Namespace) -> int:
     return gateway_cli.run(args)
 
 
+def _cmd_adapter_stage(args: argparse.Namespace) -> int:
+    from toposerve.adapterstage import cli as stage_cli
+
+    return stage_cli.run(args)
+
+
 def _cmd_cost(args: argparse.Namespace) -> int:
     from toposerve.commands import cost
 
@@ -131,6 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     gateway_cli.add_arguments(sg)
     sg.set_defaults(func=_cmd_gateway)
+
+    sa = sub.add_parser(
+        "adapter-stage", help="stage LoRA adapters (https, s3, hf@revision) on an engine pod's cache"
+    )
+    from toposerve.adapterstage import cli as stage_cli
+
+    stage_cli.add_arguments(sa)
+    sa.set_defaults(func=_cmd_adapter_stage)
 
     sk = sub.add_parser("cost", help="cost per hour and per million output tokens of LLMDeployments (live)")
     from toposerve.commands import cost as cost_cmd

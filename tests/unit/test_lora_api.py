@@ -314,3 +314,58 @@ def test_dedicated_mode_is_todays_router() -> None:
         objs = render(s)
         assert any(o["kind"] == "Deployment" and o["metadata"]["name"] == "llm-router" for o in objs)
         assert endpoint_url("llm", "ns1", s) == "http://llm.ns1.svc:8000/v1"
+
+
+def _pods(objs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    out = []
+    for o in objs:
+        if (
+            o["kind"] == "Deployment"
+            and o["spec"]["template"]["metadata"]["labels"].get("app.kubernetes.io/component") == "engine"
+        ):
+            out.append(("pod", o["spec"]["template"]["spec"]))
+        elif o["kind"] == "LeaderWorkerSet":
+            t = o["spec"]["leaderWorkerTemplate"]
+            out += [("leader", t["leaderTemplate"]["spec"]), ("worker", t["workerTemplate"]["spec"])]
+    return out
+
+
+@pytest.mark.parametrize("engine", ["vllm", "mock"])
+def test_engine_pods_with_lora_run_the_adapter_stager_as_a_native_sidecar(engine: str) -> None:
+    """docs/lora.md "Staging": a restartPolicy Always init container of the project's image on the
+    stage port, sharing the model cache, with HF_TOKEN from serving.hfTokenSecret."""
+    from toposerve.adapterstage.cli import add_arguments as stage_arguments
+    from toposerve.adapterstage.sources import STAGE_PORT, STAGE_ROOT
+
+    s = spec(engine=engine, lora=LORA, adapters=ADAPTERS, serving={"hfTokenSecret": "hf"})
+    ((_, pod),) = _pods(render(s))
+    (side,) = pod["initContainers"]
+    assert side["restartPolicy"] == "Always" and side["command"] == ["toposerve", "adapter-stage"]
+    assert side["image"].startswith("ghcr.io/toposerve/toposerve")
+    assert side["ports"] == [{"name": "adapter-stage", "containerPort": STAGE_PORT, "protocol": "TCP"}]
+    assert side["volumeMounts"] == [{"name": "models", "mountPath": "/models"}]
+    assert any(v["name"] == "models" for v in pod["volumes"])
+    assert {
+        "name": "HF_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN", "optional": False}},
+    } in side["env"]
+    assert side["startupProbe"]["httpGet"] == {"path": "/health", "port": "adapter-stage"}
+    if engine == "mock":  # restricted, as the mock engine
+        assert side["securityContext"]["readOnlyRootFilesystem"] is True
+        assert "runAsUser" not in side["securityContext"]
+    import argparse
+
+    p = argparse.ArgumentParser()
+    stage_arguments(p)
+    a = p.parse_args(side["args"])  # the stager's own parser takes what is rendered
+    assert (a.port, a.root) == (STAGE_PORT, STAGE_ROOT)
+
+
+def test_no_stager_without_lora_and_none_on_multinode_workers() -> None:
+    ((_, pod),) = _pods(render(spec(engine="vllm")))
+    assert "initContainers" not in pod
+    s = spec(L405, engine="vllm", lora={"maxLoras": 2}, parallelism={"tensor": 8, "pipeline": 2},
+             placement={"gpuTypes": ["H100"], "topologyKey": "nvidia.com/gpu.clique"})  # fmt: skip
+    pods = dict(_pods(render(s)))
+    assert [c["name"] for c in pods["leader"]["initContainers"]] == ["adapter-stage"]
+    assert "initContainers" not in pods["worker"]

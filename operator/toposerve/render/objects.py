@@ -20,6 +20,7 @@ import jinja2
 import yaml
 
 from toposerve import API_GROUP, API_VERSION
+from toposerve.adapterstage.sources import STAGE_PORT, STAGE_PORT_NAME, STAGE_ROOT
 from toposerve.api.config import OperatorConfig
 from toposerve.api.errors import SpecError
 from toposerve.api.spec import MODEL_CACHE_MOUNT, LLMDeploymentSpec
@@ -211,6 +212,7 @@ class _Ctx:
     service_port: int = ENGINE_PORT
     kv_events: bool = False  # the engine publishes KV-cache events: name their ports
     kv_ports: tuple[int, int] = (KV_EVENTS_PORT, KV_REPLAY_PORT)
+    init_containers: list[dict[str, Any]] = field(default_factory=list)  # the serving pod's (not workers')
     epp_ports: tuple[int, int] | None = None  # the router serves the endpoint picker on these
 
 
@@ -316,6 +318,61 @@ def lora_args(spec: LLMDeploymentSpec) -> list[str]:
 
 def lora_env(spec: LLMDeploymentSpec) -> list[dict[str, Any]]:
     return [{"name": RUNTIME_LORA_ENV, "value": "True"}] if spec.lora is not None else []
+
+
+ADAPTER_STAGE_CONTAINER = "adapter-stage"
+
+
+def adapter_stage_sidecar(spec: LLMDeploymentSpec, image: str, mock: bool) -> list[dict[str, Any]]:
+    """The adapter stager (toposerve/adapterstage, docs/lora.md "Staging") as a native sidecar of
+    the serving pod, none without spec.lora: an init container with ``restartPolicy: Always``,
+    which Kubernetes starts before the engine and keeps running for the pod's life (GA in 1.33;
+    kubernetes.io/docs "Sidecar Containers"). The router asks it, on STAGE_PORT of the pod IP, to
+    download https/s3/pinned-revision adapters onto the model cache the engine reads (/models).
+
+    Always rendered with spec.lora, whatever the adapters' sources: adding a URL adapter then
+    needs no rollout. Same user as the engine, so files it writes on a PVC the engine (or an
+    earlier engine) owns are its own: the project's restricted user beside the mock, root
+    without capabilities beside vLLM (whose image runs as root).
+    """
+    if spec.lora is None:
+        return []
+    env: list[dict[str, Any]] = [
+        {"name": "HF_HOME", "value": f"{MODELS_DIR}/hf"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+    ]
+    if spec.serving.hf_token_secret:  # pinned-revision adapters of gated/private repos
+        ref = {"name": spec.serving.hf_token_secret, "key": "HF_TOKEN", "optional": False}
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+    security = (
+        RESTRICTED_CONTAINER
+        if mock
+        else {**RESTRICTED_CONTAINER, "runAsUser": 0, "runAsGroup": 0, "runAsNonRoot": False}
+    )
+    probe = {
+        "httpGet": {"path": "/health", "port": STAGE_PORT_NAME},
+        "periodSeconds": 10,
+        "timeoutSeconds": 5,
+    }
+    return [
+        {
+            "name": ADAPTER_STAGE_CONTAINER,
+            "image": image,
+            "imagePullPolicy": "IfNotPresent",
+            "restartPolicy": "Always",
+            "command": ["toposerve", "adapter-stage"],
+            "args": ["--host", LISTEN_ALL, "--port", str(STAGE_PORT), "--root", STAGE_ROOT],
+            "env": env,
+            "ports": [{"name": STAGE_PORT_NAME, "containerPort": STAGE_PORT, "protocol": "TCP"}],
+            # started (so the engine starts) once it answers; a sidecar's readiness is the pod's too
+            "startupProbe": {**probe, "periodSeconds": 2, "failureThreshold": 60},
+            "readinessProbe": {**probe, "failureThreshold": 3},
+            "livenessProbe": {**probe, "periodSeconds": 30, "failureThreshold": 5},
+            "securityContext": security,
+            "resources": {"requests": {"cpu": "50m", "memory": "128Mi"}, "limits": {"memory": "1Gi"}},
+            "volumeMounts": [{"name": "models", "mountPath": MODELS_DIR}],
+        }
+    ]
 
 
 def _vllm_commands(
@@ -639,6 +696,7 @@ def render_pool(
         resource_claims=fabric.resource_claims,
         claims=fabric.claims,
         runtime_class_name=None if mock else (spec.serving.runtime_class_name or config.runtime_class_name),
+        init_containers=adapter_stage_sidecar(spec, config.toposerve_image, mock),
         disruption_strategy=spec.disruption.strategy,
         rolling_update=rules.rolling_update,
         # A rollout may take as long as a start, plus time to be scheduled (and a node provisioned).

@@ -22,6 +22,14 @@ running/waiting adapters and ``max_lora`` from ``vllm:lora_requests_info``, load
 this router's requests in flight per adapter, its record of use for the LRU) and runs the
 loads and unloads: one load per (engine, adapter) at a time, requests that need it wait for that
 one; unloads of removed adapters only once no request of this router uses them there.
+
+Sources vLLM cannot fetch (``https://``, ``s3://``, ``hf://org/repo@revision``: docs/lora.md) are
+staged first: the router asks the stager sidecar of that engine's pod (``POST /stage``, port
+STAGE_PORT, toposerve/adapterstage) and loads the directory it answers, which is
+``staged_path(stage_root, source)`` on the pod's model cache. So the path the engine lists for
+such an adapter is known in advance, and placement compares registrations against it as for
+any other path. A staging failure is a load failure (``lastError``, ``AdaptersLoaded``), with the
+stager's message naming the source and the cause.
 """
 
 from __future__ import annotations
@@ -38,11 +46,13 @@ from typing import Any
 import aiohttp
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from toposerve.adapterstage.sources import STAGE_PORT, STAGE_ROOT, needs_staging, staged_path, stager_url
 from toposerve.router import adapters as ad
 
 log = logging.getLogger("toposerve.router.lora")
 
 LOAD_PATH = "/v1/load_lora_adapter"
+STAGE_PATH = "/stage"
 UNLOAD_PATH = "/v1/unload_lora_adapter"
 
 # why a load happened / an unload (metrics labels: small closed sets)
@@ -67,6 +77,10 @@ class Options:
     # load would otherwise cost a load, and a disk read, per request)
     failure_backoff_s: float = 10.0
     placement: ad.Config = field(default_factory=ad.Config)
+    # the engine pods' stager sidecar (render/objects.py renders it with these values)
+    stage_port: int = STAGE_PORT
+    stage_root: str = STAGE_ROOT
+    stage_timeout_s: float = 1800.0  # one staging: a download of up to a few GB
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +133,37 @@ async def load_adapter(
     if not res.ok and res.status == 400 and "has already been loaded" in res.message:
         return CallResult(True, 200, res.message)
     return res
+
+
+async def stage_adapter(
+    session: aiohttp.ClientSession, url: str, source: str, expected: str, port: int, timeout_s: float
+) -> CallResult:
+    """Have the stager in the pod of the engine at `url` put `source` on its cache; ok when it
+    answers the directory `expected` (``staged_path``: what the router will load)."""
+    stager = stager_url(url, port)
+    res = await _post(session, stager, STAGE_PATH, {"source": source}, timeout_s)
+    if not res.ok:
+        where = "" if res.body is not None else f" (stager {stager})"
+        return CallResult(
+            False, res.status, f"staging {source} failed{where}: {res.message}", res.body, f"stage-{res.kind}"
+        )
+    try:
+        doc = json.loads(res.message)
+        path = doc["path"]
+    except (ValueError, KeyError, TypeError):
+        return CallResult(
+            False,
+            502,
+            f"staging {source}: the stager {stager} answered {res.message[:200]!r}",
+            None,
+            "stage-502",
+        )
+    if path != expected:
+        return CallResult(
+            False, 502, f"staging {source}: the stager put it at {path}, the router loads {expected} "
+            f"(its --root must be {expected.rsplit('/', 1)[0]})", None, "stage-502",
+        )  # fmt: skip
+    return CallResult(True, 200, path)
 
 
 async def unload_adapter(session: aiohttp.ClientSession, url: str, name: str, timeout_s: float) -> CallResult:
@@ -211,7 +256,8 @@ class AdapterManager:
     def __init__(self, opts: Options, metrics: LoraMetrics) -> None:
         self.opts = opts
         self.metrics = metrics
-        self.spec: dict[str, str] = {}
+        self.spec: dict[str, str] = {}  # name -> the path the engines load (staged_path for URLs)
+        self.sources: dict[str, str] = {}  # name -> the source as given (--adapter, the gateway)
         self.retired: set[str] = set()  # names this router had in its spec and no longer has
         self.engines: dict[str, EngineAdapters] = {}
         self.last_used: dict[tuple[str, str], float] = {}
@@ -260,11 +306,16 @@ class AdapterManager:
 
     # ------------------------------------------------------------------------------- the spec
 
+    def engine_path(self, source: str) -> str:
+        """What the engines load for `source`: the staged directory for a source to stage."""
+        return staged_path(self.opts.stage_root, source) if needs_staging(source) else source
+
     def set_spec(self, adapters: Mapping[str, str]) -> None:
         new = dict(adapters)
         self.retired |= set(self.spec) - set(new)
         self.retired -= set(new)
-        self.spec = new
+        self.sources = new
+        self.spec = {name: self.engine_path(source) for name, source in new.items()}
         self.notify()
 
     def resolve(self, model: object) -> str:
@@ -362,13 +413,14 @@ class AdapterManager:
         if task is not None:
             return task
         path = self.spec[name]
+        source = self.sources.get(name, path)
         keep: tuple[str, bool] | None = None  # the evictee's path and whether this router placed it
         if evict is not None:  # no request of this router routes to it from now on
             keep = (e.registered.pop(evict, ""), evict in e.placed)
             e.placed.discard(evict)
             e.unloading.add(evict)
         e.changed_at = time.monotonic()
-        task = asyncio.create_task(self._load(url, name, path, evict, reason, keep))
+        task = asyncio.create_task(self._load(url, name, path, evict, reason, keep, source))
         e.loading[name] = task
         return task
 
@@ -397,6 +449,7 @@ class AdapterManager:
         evict: str | None,
         reason: str,
         keep: tuple[str, bool] | None = None,
+        source: str | None = None,
     ) -> CallResult:
         """Load `name`, and only once it loaded unload `evict` (the engine briefly registers one
         more adapter than the router's slots; vLLM's own CPU cache stays bounded by its LRU): an
@@ -406,7 +459,14 @@ class AdapterManager:
         try:
             if self.session is None:
                 return CallResult(False, 503, "the router is not started", None, "unreachable")
-            res = await load_adapter(self.session, url, name, path, self.opts.load_timeout_s)
+            if source is not None and source != path:  # staged first, on that engine's pod
+                res = await stage_adapter(
+                    self.session, url, source, path, self.opts.stage_port, self.opts.stage_timeout_s
+                )
+                if res.ok:
+                    res = await load_adapter(self.session, url, name, path, self.opts.load_timeout_s)
+            else:
+                res = await load_adapter(self.session, url, name, path, self.opts.load_timeout_s)
             if res.ok:
                 self.errors.pop(name, None)
                 self.failed_at.pop(name, None)
