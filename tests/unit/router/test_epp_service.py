@@ -246,8 +246,10 @@ async def test_the_gateway_picks_the_member_router_by_the_body_model() -> None:
             s = p.stream()
             a = await s.request(chat(model=model))
             assert a.kind == "route" and a.endpoints == [f"127.0.0.1:{eng.port}"], model
+            assert gw.active == 1  # the gateway's drain waits for picked requests too
             await s.respond(a.endpoints[0])
             await s.close()
+        await until(lambda: gw.active == 0, "released")
         a = await p.stream().request(chat(model="lama"))
         assert a.kind == "immediate" and a.status == 404 and "llama" in json.loads(a.body)["error"]["message"]
         a = await p.stream().request(b"{}")

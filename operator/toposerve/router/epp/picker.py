@@ -22,6 +22,7 @@ class Held:
 
     router: Router
     pick: Pick
+    front: Router | None = None  # the gateway, when a member picked: its drain waits for this too
 
 
 def refused(resp: web.Response) -> Refused:
@@ -62,7 +63,11 @@ class RouterPicker:
         p = await member.pick(inp.path, inp.headers, inp.body, only, self.fallbacks)
         if isinstance(p, web.Response):
             return refused(p), None
-        return Routed(tuple(endpoint_of(u) for u in p.backends)), Held(member, p)
+        front = None
+        if member is not self.router:
+            front = self.router
+            front.active += 1
+        return Routed(tuple(endpoint_of(u) for u in p.backends)), Held(member, p, front)
 
     def served(self, held: Held, endpoint: str) -> None:
         """`x-gateway-destination-endpoint-served`: the backend with that `ip:port`, if known."""
@@ -71,4 +76,8 @@ class RouterPicker:
             held.router.served_pick(held.pick, url)
 
     def finish(self, held: Held) -> None:
+        if held.pick.done:
+            return
         held.router.finish_pick(held.pick)
+        if held.front is not None:
+            held.front.active -= 1
