@@ -9,6 +9,15 @@ in the ``toposerve.dev/runner-ready`` annotation, which kwok Stages (hack/cluste
 turn into the pod's Ready condition; a failing liveness probe or an exited process restarts the
 process (counted in ``toposerve.dev/runner-restarts``). When the pod goes away the process is stopped and the address removed.
 
+Native sidecars (init containers with ``restartPolicy: Always`` of the project's image, e.g. the
+adapter stager) run as the kubelet runs them (kubernetes.io/docs/concepts/workloads/pods/
+sidecar-containers, and "Init Containers", "Pod startup"): each starts after the sidecars before
+it have *started* (its startupProbe succeeded, or, without one, its process runs), the main
+containers only once every sidecar has; a sidecar is restarted when it exits, its readiness
+counts towards the pod's (the runner's annotation is the AND over the pod's containers), and on
+deletion the main containers stop first, the sidecars after them. Regular (run-to-completion)
+init containers are not run.
+
 What a kubelet gives a container, the runner gives the process: the container's ``env``
 (``valueFrom.fieldRef`` resolved, ``$(VAR)`` expanded like Kubernetes does), in-cluster config
 (``KUBERNETES_SERVICE_HOST``/``PORT``: the API server's address on the pod network) and a real,
@@ -385,6 +394,43 @@ def probe_ok(ip: str, probe: Mapping[str, Any] | None, ports: Mapping[str, int])
     return True  # exec and grpc probes are not simulated: treat as passing
 
 
+def is_sidecar(container: Mapping[str, Any]) -> bool:
+    """An init container that runs for the pod's life (``restartPolicy: Always``)."""
+    return container.get("restartPolicy") == "Always"
+
+
+def runner_containers(spec: Mapping[str, Any]) -> list[tuple[dict[str, Any], bool]]:
+    """(container, is a sidecar) the runner runs for a pod, in the kubelet's start order: the
+    native sidecars of the project's image in their init-container order, then the main ones."""
+    side = [
+        (c, True)
+        for c in spec.get("initContainers") or []
+        if is_sidecar(c) and is_runner_image(c.get("image", ""))
+    ]
+    main = [(c, False) for c in spec.get("containers") or [] if is_runner_image(c.get("image", ""))]
+    return side + main
+
+
+def startable(
+    order: list[tuple[str, bool]], started: Mapping[str, bool], running: Iterable[str]
+) -> list[str]:
+    """The containers to start now, by the kubelet's rule for native sidecars: a sidecar once every
+    sidecar before it has started, every main container once all sidecars have. `order` is
+    (name, is a sidecar) in start order, `started` whether a sidecar has started, `running` the
+    containers already launched (not started again here)."""
+    up = set(running)
+    out: list[str] = []
+    for name, sidecar in order:
+        if sidecar:
+            if name not in up:
+                return [*out, name]  # the next sidecar; what follows waits for it to start
+            if not started.get(name, False):
+                return out
+        elif name not in up:
+            out.append(name)
+    return out
+
+
 def _label_name(key: str) -> str:
     return re.sub(r"[^a-zA-Z0-9_]", "_", key)
 
@@ -465,6 +511,9 @@ class Managed:
     restarts: int = 0
     grace: float = 5.0
     log_path: Path = field(default_factory=Path)
+    sidecar: bool = False  # a native sidecar (restartPolicy: Always init container)
+    started_ok: bool = False  # a sidecar's startupProbe passed (or it has none and runs)
+    waiting: bool = False  # not launched yet: sidecars before it have not started
 
 
 class PodRunner:
@@ -494,6 +543,7 @@ class PodRunner:
         self.ca_data = ca_data
         self.token_refresh: dict[str, float] = {}  # pod uid -> when to renew its token
         self.procs: dict[tuple[str, str], Managed] = {}
+        self.order: dict[str, list[tuple[str, bool]]] = {}  # pod uid -> (container, sidecar) start order
         self.ip_users: dict[str, int] = {}
         self._pods: dict[str, dict[str, Any]] = {}
         self.all_pods: dict[str, dict[str, Any]] = {}
@@ -571,7 +621,13 @@ class PodRunner:
         return data if key is None else data.get(key)
 
     def _annotate(self, m: Managed, ready: bool) -> None:
-        notes = {READY_ANNOTATION: "true" if ready else "false", RESTARTS_ANNOTATION: str(m.restarts)}
+        """The pod's readiness (every container of it the runner runs is ready, sidecars
+        included) and restarts (summed), after `m` became `ready` or not."""
+        with self.lock:
+            mine = [x for k, x in self.procs.items() if k[0] == m.uid] or [m]
+        pod_ready = ready and all(x.ready is True for x in mine)
+        restarts = sum(x.restarts for x in mine)
+        notes = {READY_ANNOTATION: "true" if pod_ready else "false", RESTARTS_ANNOTATION: str(restarts)}
         body = {"metadata": {"annotations": notes}}
         try:
             self.api.patch_namespaced_pod(m.name, m.namespace, body)
@@ -646,6 +702,7 @@ class PodRunner:
 
     def _forget_pod(self, uid: str) -> None:
         self.token_refresh.pop(uid, None)
+        self.order.pop(uid, None)
         if self._pod_dir(uid).exists():
             shutil.rmtree(self._pod_dir(uid), ignore_errors=True)
 
@@ -818,6 +875,7 @@ class PodRunner:
         if grace is None:
             grace = (pod.get("spec") or {}).get("terminationGracePeriodSeconds")
         managed = [self.procs.pop(k) for k in [k for k in self.procs if k[0] == uid]]
+        managed.sort(key=lambda m: m.sidecar)  # main containers stop first, sidecars after them
         for m in managed:
             m.grace = float(30 if grace is None else grace)
         self.dying[uid] = managed
@@ -844,23 +902,20 @@ class PodRunner:
                 self.all_pods.pop(uid, None)
             else:
                 self.all_pods[uid] = pod
-            runs_here = any(is_runner_image(c.get("image", "")) for c in spec.get("containers") or [])
+            runs_here = bool(runner_containers(spec))
             if event != "DELETED" and meta.get("deletionTimestamp") and runs_here:
                 if uid not in self.dying:
                     self._begin_termination(pod)
                 return
+            order = runner_containers(spec)
             wanted = (
-                {}
-                if gone or not ip or not spec.get("nodeName")
-                else {
-                    c["name"]: c for c in spec.get("containers") or [] if is_runner_image(c.get("image", ""))
-                }
+                {} if gone or not ip or not spec.get("nodeName") else {c["name"]: (c, sc) for c, sc in order}
             )
             for key in [k for k in self.procs if k[0] == uid and k[1] not in wanted]:
                 self._stop(key)
             if not wanted and uid not in self.dying:
                 self._forget_pod(uid)
-            for cname, c in wanted.items():
+            for cname, (c, sidecar) in wanted.items():
                 key = (uid, cname)
                 if key in self.procs:
                     continue
@@ -872,20 +927,42 @@ class PodRunner:
                     ip=str(ip),
                     spec=c,
                     grace=min(float(spec.get("terminationGracePeriodSeconds") or 5), 10.0),
+                    sidecar=sidecar,
+                    waiting=True,
                 )
                 self.procs[key] = m
                 self._pods[uid] = pod
                 self._acquire_ip(m.ip)
+            if wanted:
+                self._pods[uid] = pod
+                self.order[uid] = [(c["name"], sc) for c, sc in order]
+                self._launch(uid, pod)
+            else:
+                self._pods.pop(uid, None)
+
+    def _launch(self, uid: str, pod: Mapping[str, Any]) -> None:
+        """Start the pod's containers that may start now (``startable``: sidecars in order, each
+        once the one before has started; then the main containers)."""
+        with self.lock:
+            mine = {k[1]: m for k, m in self.procs.items() if k[0] == uid}
+            started = {n: m.started_ok for n, m in mine.items()}
+            running = [n for n, m in mine.items() if not m.waiting]
+            for cname in startable(self.order.get(uid, []), started, running):
+                m = mine.get(cname)
+                if m is None:
+                    continue
+                m.waiting = False
                 try:
                     self._start(m, pod)
                 except OSError as e:
                     log.error("cannot start %s/%s[%s]: %s", m.namespace, m.name, cname, e)
                     m.proc = None
                     self._annotate(m, False)
-            if wanted:
-                self._pods[uid] = pod
-            else:
-                self._pods.pop(uid, None)
+                    continue
+                if m.sidecar and not m.spec.get("startupProbe"):  # started once its process runs
+                    m.started_ok = True
+                    self._launch(uid, pod)
+                    return
 
     def tick(self) -> None:
         """Renew tokens; probe readiness and liveness; restart exited or unhealthy processes."""
@@ -893,7 +970,10 @@ class PodRunner:
         now = time.monotonic()
         with self.lock:
             items = list(self.procs.values())
+        launch: set[str] = set()
         for m in items:
+            if m.waiting:  # launched by _launch once the sidecars before it have started
+                continue
             if m.proc is not None and m.proc.poll() is not None:
                 log.warning("%s/%s[%s] exited with %s", m.namespace, m.name, m.container, m.proc.returncode)
                 m.proc = None
@@ -915,6 +995,14 @@ class PodRunner:
             if now < m.next_probe:
                 continue
             ports = {p["name"]: p["containerPort"] for p in m.spec.get("ports") or [] if p.get("name")}
+            if m.sidecar and not m.started_ok:  # its startupProbe gates what starts after it
+                sp = m.spec.get("startupProbe")
+                if not probe_ok(m.ip, sp, ports):
+                    m.next_probe = now + min(float((sp or {}).get("periodSeconds", 10)), 1.0)
+                    continue
+                m.started_ok = True
+                launch.add(m.uid)
+                log.info("%s/%s[%s] started", m.namespace, m.name, m.container)
             rp = m.spec.get("readinessProbe")
             ok = probe_ok(m.ip, rp, ports)
             period = float((rp or {}).get("periodSeconds", 10))
@@ -941,6 +1029,11 @@ class PodRunner:
                         continue
             # Poll fast until first ready so tests and the demo do not wait a whole period.
             m.next_probe = now + (min(period, 1.0) if m.ready is not True else min(period, 5.0))
+        for uid in launch:
+            with self.lock:
+                pod = self._pods.get(uid)
+                if pod is not None:
+                    self._launch(uid, pod)
 
     def stop_all(self) -> None:
         with self.lock:
