@@ -350,6 +350,12 @@ def test_engine_pods_with_lora_run_the_adapter_stager_as_a_native_sidecar(engine
         "valueFrom": {"secretKeyRef": {"name": "hf", "key": "HF_TOKEN", "optional": False}},
     } in side["env"]
     assert side["startupProbe"]["httpGet"] == {"path": "/health", "port": "adapter-stage"}
+    assert "envFrom" not in side
+    s2 = spec(engine=engine, lora={**LORA, "stagingSecret": "adapter-creds"}, adapters=ADAPTERS)
+    ((_, pod2),) = _pods(render(s2))
+    assert pod2["initContainers"][0]["envFrom"] == [
+        {"secretRef": {"name": "adapter-creds", "optional": False}}
+    ]
     if engine == "mock":  # restricted, as the mock engine
         assert side["securityContext"]["readOnlyRootFilesystem"] is True
         assert "runAsUser" not in side["securityContext"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import ssl
 import tarfile
 import tempfile
 import time
@@ -118,10 +119,27 @@ def _walk(top: Path) -> Iterator[str]:
 # ------------------------------------------------------------------------------------ http(s)
 
 
+CA_BUNDLE_ENV = "STAGE_CA_BUNDLE"  # PEM text (spec.lora.stagingSecret): also trusted for https
+
+
+def tls_context() -> ssl.SSLContext:
+    """The system's trust store, plus the PEM certificates in STAGE_CA_BUNDLE when set (an
+    in-house artifact server with a private CA)."""
+    ctx = ssl.create_default_context()
+    pem = os.environ.get(CA_BUNDLE_ENV, "").strip()
+    if pem:
+        try:
+            ctx.load_verify_locations(cadata=pem)
+        except (ssl.SSLError, ValueError) as e:
+            raise StageError(500, f"{CA_BUNDLE_ENV} holds no usable PEM certificate: {e}") from None
+    return ctx
+
+
 def _fetch_http(src: Source, dest: Path, archive: Path, limits: Limits, timeout_s: float) -> None:
     req = urllib.request.Request(src.url, headers={"User-Agent": "toposerve-adapter-stage"})
+    ctx = tls_context() if src.url.startswith("https://") else None
     try:
-        with urllib.request.urlopen(req, timeout=timeout_s) as r, open(archive, "wb") as out:
+        with urllib.request.urlopen(req, timeout=timeout_s, context=ctx) as r, open(archive, "wb") as out:
             _copy(r, out, limits.max_bytes, src.raw)
     except urllib.error.HTTPError as e:
         raise StageError(

@@ -299,6 +299,15 @@ class LoraSpec(_Model):
         description="Adapters a replica keeps loaded in CPU memory, >= maxLoras (vLLM --max-cpu-loras; "
         "default: maxLoras). Adapters beyond it are evicted least recently used and reloaded on demand.",
     )
+    staging_secret: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$",
+        description="Secret whose keys become the adapter stager's environment, for adapters it downloads "
+        "(docs/lora.md, 'Staging'): AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN, AWS_REGION, "
+        "AWS_ENDPOINT_URL_S3 for s3:// sources; HF_ENDPOINT for hf:// ones (HF_TOKEN comes from "
+        "serving.hfTokenSecret); STAGE_CA_BUNDLE (PEM) to trust a private CA for https:// ones.",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={

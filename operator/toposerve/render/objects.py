@@ -344,6 +344,13 @@ def adapter_stage_sidecar(spec: LLMDeploymentSpec, image: str, mock: bool) -> li
     if spec.serving.hf_token_secret:  # pinned-revision adapters of gated/private repos
         ref = {"name": spec.serving.hf_token_secret, "key": "HF_TOKEN", "optional": False}
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": ref}})
+    # spec.lora.stagingSecret: S3 keys and endpoint, HF_ENDPOINT, a private CA; not optional, so a
+    # missing Secret is a clear CreateContainerConfigError rather than a 403 at the first load.
+    env_from = (
+        [{"secretRef": {"name": spec.lora.staging_secret, "optional": False}}]
+        if spec.lora.staging_secret
+        else []
+    )
     security = (
         RESTRICTED_CONTAINER
         if mock
@@ -363,6 +370,7 @@ def adapter_stage_sidecar(spec: LLMDeploymentSpec, image: str, mock: bool) -> li
             "command": ["toposerve", "adapter-stage"],
             "args": ["--host", LISTEN_ALL, "--port", str(STAGE_PORT), "--root", STAGE_ROOT],
             "env": env,
+            **({"envFrom": env_from} if env_from else {}),
             "ports": [{"name": STAGE_PORT_NAME, "containerPort": STAGE_PORT, "protocol": "TCP"}],
             # started (so the engine starts) once it answers; a sidecar's readiness is the pod's too
             "startupProbe": {**probe, "periodSeconds": 2, "failureThreshold": 60},

@@ -8,11 +8,14 @@ import contextlib
 import hashlib
 import io
 import json
+import ssl
+import subprocess
 import tarfile
 import threading
 import zipfile
 from collections.abc import Iterator, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
@@ -58,20 +61,39 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
 
+def self_signed(dirpath: Path, host: str) -> tuple[Path, Path]:
+    """(certificate, key) of a self-signed server certificate for `host` (an IP), by openssl."""
+    cert, key = dirpath / "cert.pem", dirpath / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/CN={host}",
+         "-addext", f"subjectAltName=IP:{host}", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
 @contextlib.contextmanager
-def serve(handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1") -> Iterator[str]:
+def serve(
+    handler: type[BaseHTTPRequestHandler], host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None
+) -> Iterator[str]:
     srv = _Server((host, 0), handler)
+    if tls is not None:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(tls[0]), str(tls[1]))
+        srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
     t = threading.Thread(target=srv.serve_forever, daemon=True)
     t.start()
     try:
-        yield f"http://{host}:{srv.server_address[1]}"
+        yield f"{'https' if tls else 'http'}://{host}:{srv.server_address[1]}"
     finally:
         srv.shutdown()
         srv.server_close()
 
 
 @contextlib.contextmanager
-def file_server(files: Mapping[str, bytes], host: str = "127.0.0.1") -> Iterator[tuple[str, list[str]]]:
+def file_server(
+    files: Mapping[str, bytes], host: str = "127.0.0.1", tls: tuple[Path, Path] | None = None
+) -> Iterator[tuple[str, list[str]]]:
     """GET /<path> answers files[path] (404 otherwise); yields (base URL, the paths requested)."""
     hits: list[str] = []
 
@@ -92,7 +114,7 @@ def file_server(files: Mapping[str, bytes], host: str = "127.0.0.1") -> Iterator
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    with serve(H, host) as url:
+    with serve(H, host, tls) as url:
         yield url, hits
 
 

@@ -18,6 +18,7 @@ from tests.unit.adapterstage.loopback import (
     adapter_files,
     fake_hub,
     file_server,
+    self_signed,
     tar_bytes,
     tar_with,
     zip_bytes,
@@ -106,6 +107,19 @@ def test_unreachable_host_is_a_gateway_error(tmp_path: Path) -> None:
     with pytest.raises(fetch.StageError) as e:
         fetch.stage(f"{url}/a.tgz", tmp_path, timeout_s=5)
     assert e.value.status == 502 and "GET failed" in e.value.message
+
+
+def test_https_with_a_private_ca_needs_the_ca_bundle(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tls = self_signed(tmp_path, "127.0.0.1")
+    with file_server({"sql.tgz": tar_bytes(adapter_files())}, tls=tls) as (url, _):
+        source = f"{url}/sql.tgz"
+        assert source.startswith("https://")
+        with pytest.raises(fetch.StageError) as e:
+            fetch.stage(source, tmp_path / "stage")
+        assert e.value.status == 502 and "CERTIFICATE_VERIFY_FAILED" in e.value.message
+        monkeypatch.setenv(fetch.CA_BUNDLE_ENV, tls[0].read_text())
+        path, _ = fetch.stage(source, tmp_path / "stage")
+        assert (path / "adapter_config.json").is_file()
 
 
 # ------------------------------------------------------------------------------------ s3 (moto)
