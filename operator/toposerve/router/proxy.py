@@ -1755,8 +1755,9 @@ class Router:
         if p.done or url == p.ticket.backend or url not in self.backends:
             return
         old = p.ticket
+        left = (old.prompt_left, old.output_left)  # what is still outstanding moves (release zeroes it)
         self.ledger.release(old)
-        p.ticket = self.ledger.acquire(url, old.prompt_left, old.output_left)
+        p.ticket = self.ledger.acquire(url, *left)
         self.memory.prefix.retract(p.fresh_blocks, old.backend)  # it never got the prompt
         now = time.monotonic()
         d = st.Decision(url, "epp_served")

@@ -178,9 +178,12 @@ async def test_endpoint_served_moves_the_load_and_the_prefix_to_the_endpoint_tha
         primary, fallback = a.endpoints
         ip, ifb = [p.ep(0), p.ep(1)].index(primary), [p.ep(0), p.ep(1)].index(fallback)
         assert (p.in_flight(ip), p.in_flight(ifb)) == (1, 0)
+        pending = p.router.ledger.pending(p.url(ip))
+        assert pending > 0
         await s.send(response_headers(fallback))  # Envoy retried on the fallback, which served it
         await s.read(1)
         assert (p.in_flight(ip), p.in_flight(ifb)) == (0, 1)
+        assert (p.router.ledger.pending(p.url(ip)), p.router.ledger.pending(p.url(ifb))) == (0, pending)
         await s.send(response_body(b"", True))
         await s.read(1)
         await until(lambda: p.in_flight(ifb) == 0, "released at the response end")
