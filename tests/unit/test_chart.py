@@ -185,11 +185,24 @@ def test_operator_config_is_rendered_verbatim_and_accepted_by_the_operator(
     default: list[dict[str, Any]], custom: list[dict[str, Any]]
 ) -> None:
     cfg = _config(default)
-    assert cfg == {"toposerveImage": f"ghcr.io/toposerve/toposerve:{__version__}"}
+    # the chart's gateway (on by default) is where the operator looks for it (autoscaler reads,
+    # gateway-mode InferencePools' endpoint picker): its namespace and Service
+    assert cfg == {
+        "toposerveImage": f"ghcr.io/toposerve/toposerve:{__version__}",
+        "gatewayNamespace": "toposerve-system",
+        "gatewayService": "toposerve-gateway",
+    }
     OperatorConfig.model_validate(cfg)
+    other = _config(template({"gateway": {"enabled": True}}, namespace="platform", release="llm"))
+    assert (other["gatewayNamespace"], other["gatewayService"]) == ("platform", "llm-toposerve-gateway")
+    assert "gatewayNamespace" not in _config(template({"gateway": {"enabled": False}}))
+    mine = {"gatewayNamespace": "gw", "gatewayService": "edge"}
+    got = _config(template({"operatorConfig": mine}))
+    assert (got["gatewayNamespace"], got["gatewayService"]) == ("gw", "edge")  # what the user set wins
     cfg = _config(custom)
     assert cfg == {**NON_DEFAULT["operatorConfig"], "toposerveImage": by_kind(custom, "Deployment")[0]["spec"]
-                   ["template"]["spec"]["containers"][0]["image"]}  # fmt: skip
+                   ["template"]["spec"]["containers"][0]["image"],
+                   "gatewayNamespace": "toposerve-system", "gatewayService": "toposerve-gateway"}  # fmt: skip
     loaded = OperatorConfig.model_validate(cfg)
     assert loaded.auto_engine == "mock" and loaded.hourly_per_gpu == {"H100": 2.5}
     # An unknown (say, newer) field passes through untouched: the operator, not the chart, decides.

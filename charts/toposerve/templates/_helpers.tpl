@@ -42,11 +42,21 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- end -}}
 {{- end -}}
 
-{{/* operatorConfig verbatim, with toposerveImage defaulting to this chart's image. */}}
+{{/* operatorConfig verbatim, with toposerveImage defaulting to this chart's image and, with the
+chart's gateway on, gatewayNamespace / gatewayService to where it runs: the autoscaler reads its
+pods there, and gateway-mode InferencePools name its Service as their endpoint picker. */}}
 {{- define "toposerve.operatorConfig" -}}
 {{- $cfg := deepCopy (default (dict) .Values.operatorConfig) -}}
 {{- if not (hasKey $cfg "toposerveImage") -}}
 {{- $_ := set $cfg "toposerveImage" (include "toposerve.image" .) -}}
+{{- end -}}
+{{- if .Values.gateway.enabled -}}
+{{- if not (hasKey $cfg "gatewayNamespace") -}}
+{{- $_ := set $cfg "gatewayNamespace" .Release.Namespace -}}
+{{- end -}}
+{{- if not (hasKey $cfg "gatewayService") -}}
+{{- $_ := set $cfg "gatewayService" (printf "%s-gateway" (include "toposerve.fullname" .)) -}}
+{{- end -}}
 {{- end -}}
 {{- toYaml $cfg -}}
 {{- end -}}
