@@ -120,7 +120,7 @@ def file_server(
 
 @contextlib.contextmanager
 def fake_hub(
-    repos: Mapping[str, Mapping[str, Mapping[str, bytes]]],
+    repos: Mapping[str, Mapping[str, Mapping[str, bytes]]], host: str = "127.0.0.1"
 ) -> Iterator[tuple[str, list[dict[str, str]]]]:
     """The Hub endpoints huggingface_hub 2.5.0's snapshot_download calls, from its sources
     (.venv site-packages/huggingface_hub):
@@ -221,5 +221,5 @@ def fake_hub(
         def log_message(self, format: str, *args: Any) -> None:
             pass
 
-    with serve(H) as url:
+    with serve(H, host) as url:
         yield url, seen
