@@ -194,6 +194,48 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "a local path is read from DIR/ORG/NAME (default: none, every hub id is not found)",
     )
 
+    st = p.add_argument_group(
+        "start-up model (mock: vLLM 0.33.0's phases, startup.py; every one off by default; times are "
+        "multiplied by --time-scale; caches under HF_HOME and VLLM_CACHE_ROOT, as vLLM's)"
+    )
+    st.add_argument(
+        "--startup-weights-gib",
+        type=_non_negative,
+        default=0.0,
+        metavar="GIB",
+        help="the checkpoint's size: what is downloaded and loaded (default: 0, no such phases)",
+    )
+    st.add_argument(
+        "--download-gib-per-s",
+        type=_non_negative,
+        default=0.0,
+        metavar="R",
+        help="download rate when the weights are not in HF_HOME yet (default: 0, not modelled)",
+    )
+    st.add_argument(
+        "--load-gib-per-s",
+        type=_non_negative,
+        default=0.0,
+        metavar="R",
+        help="disk to GPU memory (default: 0, not modelled)",
+    )
+    st.add_argument(
+        "--compile-seconds",
+        type=_non_negative,
+        default=0.0,
+        metavar="S",
+        help="torch.compile without an entry in VLLM_CACHE_ROOT (default: 0, not modelled)",
+    )
+    st.add_argument(
+        "--compile-cached-seconds",
+        type=_non_negative,
+        default=0.0,
+        metavar="S",
+        help="loading the compiled graphs from that cache (default: 0)",
+    )
+    st.add_argument("--graph-capture-seconds", type=_non_negative, default=0.0, metavar="S",
+                    help="CUDA graph capture, at every start (default: 0)")  # fmt: skip
+
     t = p.add_argument_group("timing model (seconds at speed 1.0 = one A100-80GB)")
     t.add_argument(
         "--time-scale",
@@ -296,6 +338,7 @@ def config_from_args(args: argparse.Namespace) -> object:
     from toposerve.mockengine.faults import FaultConfig
     from toposerve.mockengine.lora import LoRAConfig, parse_lora_module
     from toposerve.mockengine.server import EngineConfig
+    from toposerve.mockengine.startup import StartupModel
 
     lo, hi = args.output_len_range
     return EngineConfig(
@@ -334,6 +377,14 @@ def config_from_args(args: argparse.Namespace) -> object:
         shutdown_timeout_s=args.shutdown_timeout,
         admin=args.enable_admin,
         admin_token=args.admin_token,
+        startup=StartupModel(
+            weights_gib=args.startup_weights_gib,
+            download_gib_per_s=args.download_gib_per_s,
+            load_gib_per_s=args.load_gib_per_s,
+            compile_s=args.compile_seconds,
+            compile_cached_s=args.compile_cached_seconds,
+            graph_capture_s=args.graph_capture_seconds,
+        ),
         lora=LoRAConfig(
             enabled=args.enable_lora,
             max_loras=args.max_loras,

@@ -21,6 +21,7 @@ import uuid
 from collections import OrderedDict, defaultdict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -43,6 +44,8 @@ from toposerve.mockengine.protocol import (
     usage,
 )
 from toposerve.mockengine.scheduler import Request, Scheduler, SchedulerConfig, Status
+from toposerve.mockengine.startup import Caches, StartupModel, compile_dir, hub_dir
+from toposerve.mockengine.startup import run as startup_run
 from toposerve.mockengine.timing import TimingModel, default_num_gpu_blocks, gpu_weight_for
 from toposerve.mockengine.tokenizer import MockTokenizer, TextGenerator, render_chat
 
@@ -85,6 +88,12 @@ class EngineConfig:
     admin_token: str | None = None
     # LoRA (vLLM 0.33.0's --enable-lora, --max-loras, ... plus the mock's timing; lora.py)
     lora: LoRAConfig = field(default_factory=LoRAConfig)
+    # start-up phases (download, load, compile, graphs; startup.py): none modelled by default
+    startup: StartupModel = field(default_factory=StartupModel)
+    # where they look for and leave their caches: vLLM's HF_HOME and VLLM_CACHE_ROOT (None: the
+    # environment, with vLLM's defaults ~/.cache/huggingface and ~/.cache/vllm)
+    hf_home: Path | None = None
+    cache_root: Path | None = None
     # VLLM_ALLOW_RUNTIME_LORA_UPDATING: None reads the environment as vLLM's envs.py does
     # ("1" or "true", any case, stripped); tests set it here instead
     allow_runtime_lora_updating: bool | None = None
@@ -98,6 +107,14 @@ class EngineConfig:
     @property
     def names(self) -> list[str]:
         return self.served_model_names or [self.model]
+
+    def startup_caches(self) -> Caches:
+        """Where the weights and the compiled graphs of this configuration are kept (startup.py)."""
+        home = self.hf_home or Path(os.environ.get("HF_HOME") or Path.home() / ".cache/huggingface")
+        root = self.cache_root or Path(os.environ.get("VLLM_CACHE_ROOT") or Path.home() / ".cache/vllm")
+        # what vLLM's key depends on, as far as the mock has it: the model and its compiled shapes
+        factors = f"{self.model}|tp={self.tensor_parallel_size}|gpu={self.gpu_type}|len={self.max_model_len}"
+        return Caches(weights=hub_dir(home, self.model), compiled=compile_dir(root, factors))
 
 
 @dataclass(eq=False)
@@ -1063,6 +1080,10 @@ def build_app(engine: Engine) -> web.Application:
     return app
 
 
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
 class MockServer:
     """A running mock engine on host:port (port 0 picks a free one); used by the CLI and tests."""
 
@@ -1072,7 +1093,8 @@ class MockServer:
         self.port = port
         self.engine: Engine | None = None
         self._runner: web.AppRunner | None = None
-        self._site: web.TCPSite | None = None
+        self._site: web.BaseSite | None = None
+        self.starting = False  # in the modelled start-up: listening, answering nothing
 
     @property
     def url(self) -> str:
@@ -1080,12 +1102,31 @@ class MockServer:
         return f"http://{host}:{self.port}"
 
     async def start(self) -> MockServer:
+        """Bind, go through the modelled start-up (startup.py), then serve: as vLLM's run_server,
+        the port listens from the start and answers nothing until the engine is up."""
+        sock: socket.socket | None = None
+        if self.cfg.startup.modelled:
+            sock = socket.create_server((self.host, self.port), backlog=1024, family=_family(self.host))
+            self.port = int(sock.getsockname()[1])
+            self.starting = True
+            try:
+                await startup_run(self.cfg.startup, self.cfg.startup_caches(), self.cfg.time_scale)
+            except BaseException:
+                sock.close()
+                raise
+            finally:
+                self.starting = False
         self.engine = Engine(self.cfg)
         self._runner = web.AppRunner(build_app(self.engine), access_log=None, shutdown_timeout=1.0)
         await self._runner.setup()
-        self._site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
-        await self._site.start()
-        server = self._site._server
+        site: web.BaseSite
+        if sock is not None:
+            site = web.SockSite(self._runner, sock)
+        else:
+            site = web.TCPSite(self._runner, self.host, self.port, backlog=1024)
+        self._site = site
+        await site.start()
+        server = site._server
         if self.port == 0 and server is not None:
             sockets = getattr(server, "sockets", None) or []
             self.port = int(sockets[0].getsockname()[1])
