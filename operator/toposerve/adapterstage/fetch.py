@@ -80,7 +80,7 @@ def stage(
             elif src.kind == "s3":
                 _fetch_s3(src, files, tmp / "archive", limits)
             else:
-                _fetch_hf(src, files, timeout_s)
+                _fetch_hf(src, files, limits, timeout_s)
             top = adapter_root(_walk(files))
         except ArchiveError as e:
             raise StageError(422, f"{source}: {e}") from None
@@ -335,10 +335,11 @@ def _s3_message(e: Any) -> str:
 # ------------------------------------------------------------------------------------ hugging face
 
 
-def _fetch_hf(src: Source, dest: Path, timeout_s: float) -> None:
+def _fetch_hf(src: Source, dest: Path, limits: Limits, timeout_s: float) -> None:
     """snapshot_download at the revision into `dest` (HF_TOKEN, HF_ENDPOINT from the environment,
-    read by huggingface_hub itself). Its local-dir bookkeeping (``.cache/``) is removed after."""
-    from huggingface_hub import snapshot_download
+    read by huggingface_hub itself), after checking the repo's listing against the limits and the
+    member rules. Its local-dir bookkeeping (``.cache/``) is removed after."""
+    from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -346,9 +347,19 @@ def _fetch_hf(src: Source, dest: Path, timeout_s: float) -> None:
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
+    from huggingface_hub.hf_api import RepoFile
 
     where = f"{src.raw}"
     try:
+        # the listing first: a repo that is no adapter (a whole model) is refused before a download
+        files = [
+            f
+            for f in HfApi().list_repo_tree(src.repo, revision=src.revision, recursive=True)
+            if isinstance(f, RepoFile)
+        ]
+        budget = _Budget(limits)
+        for f in files:
+            budget.add(member_path(f.path, "file") or f.path, int(f.size or 0))
         snapshot_download(src.repo, revision=src.revision, local_dir=str(dest), etag_timeout=timeout_s)
     except RevisionNotFoundError:
         raise StageError(404, f"{where}: no revision {src.revision!r} in {src.repo}") from None

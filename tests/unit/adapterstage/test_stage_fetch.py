@@ -219,6 +219,15 @@ def test_hf_failures(hub: list[dict[str, str]], tmp_path: Path, source: str, sta
     assert e.value.status == status and source in e.value.message and words in e.value.message
 
 
+def test_hf_repo_over_the_limits_is_refused_before_downloading(
+    hub: list[dict[str, str]], tmp_path: Path
+) -> None:
+    with pytest.raises(fetch.StageError) as e:
+        fetch.stage("hf://acme/sql-lora@v2", tmp_path / "stage", Limits(max_bytes=10))
+    assert e.value.status == 422 and "limit of 10 bytes" in e.value.message
+    assert not any("/resolve/" in s["path"] for s in hub)  # nothing fetched
+
+
 # ------------------------------------------------------------------------------------ the endpoint
 
 
