@@ -84,8 +84,8 @@ def stage(
             top = adapter_root(_walk(files))
         except ArchiveError as e:
             raise StageError(422, f"{source}: {e}") from None
-        with contextlib.suppress(FileExistsError, OSError):
-            os.chmod(files / top if top else files, 0o755)  # mkdtemp's 0700 would hide it from the engine
+        with contextlib.suppress(OSError):  # readable by the engine whatever the stager's umask
+            os.chmod(files / top if top else files, 0o755)
         try:
             os.rename(files / top if top else files, final)
         except OSError:
@@ -140,7 +140,7 @@ def _fetch_http(src: Source, dest: Path, archive: Path, limits: Limits, timeout_
     ctx = tls_context() if src.url.startswith("https://") else None
     try:
         with urllib.request.urlopen(req, timeout=timeout_s, context=ctx) as r, open(archive, "wb") as out:
-            _copy(r, out, limits.max_bytes, src.raw)
+            _copy(r, out, limits.max_bytes)
     except urllib.error.HTTPError as e:
         raise StageError(
             _upstream_status(e.code), f"{src.raw}: GET answered HTTP {e.code} {e.reason}"
@@ -148,7 +148,7 @@ def _fetch_http(src: Source, dest: Path, archive: Path, limits: Limits, timeout_
     except (urllib.error.URLError, TimeoutError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise StageError(502, f"{src.raw}: GET failed: {reason}") from None
-    _extract(archive, dest, limits, src.raw)
+    _extract(archive, dest, limits)
 
 
 def _upstream_status(code: int) -> int:
@@ -161,7 +161,7 @@ def _upstream_status(code: int) -> int:
     return 502
 
 
-def _copy(r: IO[bytes], out: IO[bytes], max_bytes: int, source: str) -> int:
+def _copy(r: IO[bytes], out: IO[bytes], max_bytes: int) -> int:
     n = 0
     while chunk := r.read(_CHUNK):
         n += len(chunk)
@@ -174,7 +174,7 @@ def _copy(r: IO[bytes], out: IO[bytes], max_bytes: int, source: str) -> int:
 # ------------------------------------------------------------------------------------ archives
 
 
-def _extract(archive: Path, dest: Path, limits: Limits, source: str) -> None:
+def _extract(archive: Path, dest: Path, limits: Limits) -> None:
     """Unpack `archive` into `dest`, member by member (never extractall): each path checked by
     member_path, the total size and file count bounded; a truncated or corrupt archive is an
     ArchiveError."""
@@ -294,7 +294,7 @@ def _fetch_s3(src: Source, dest: Path, archive: Path, limits: Limits) -> None:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 body = client.get_object(Bucket=src.bucket, Key=obj["Key"])["Body"]
                 with open(path, "xb") as out:
-                    _copy(body, out, limits.max_bytes, src.raw)
+                    _copy(body, out, limits.max_bytes)
         if listed:
             return
         if not src.key:
@@ -309,8 +309,8 @@ def _fetch_s3(src: Source, dest: Path, archive: Path, limits: Limits) -> None:
                 ) from None
             raise
         with open(archive, "wb") as out:
-            _copy(body, out, limits.max_bytes, src.raw)
-        _extract(archive, dest, limits, src.raw)
+            _copy(body, out, limits.max_bytes)
+        _extract(archive, dest, limits)
     except NoCredentialsError:
         raise StageError(
             403, f"{src.raw}: no AWS credentials (AWS_* variables, IRSA or EKS Pod Identity on the pod)"

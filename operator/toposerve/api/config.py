@@ -292,6 +292,14 @@ class OperatorConfig(BaseModel):
         "(one node's worth for a multi-node replica): for a simulated GPU fleet, so placement, "
         "fallback, node health and observed cost act on serving engines. Off: they need no GPUs.",
     )
+    mock_startup_scale: float = Field(
+        default=0.0,
+        ge=0,
+        le=1,
+        description="Mock-engine pods go through vLLM's start-up phases (download unless the weights are on "
+        "the model cache, load, torch.compile or its cached graphs, CUDA graphs; docs/mock-engine.md) at this "
+        "fraction of the estimated real durations: 0.01 turns a 5-minute start into 3 s. 0: instant.",
+    )
 
     def catalog(self) -> GPUCatalog:
         return DEFAULT_CATALOG.extended(self.extra_gpu_types) if self.extra_gpu_types else DEFAULT_CATALOG

@@ -417,12 +417,41 @@ def _vllm_commands(
     return ["vllm", "serve"], leader, ["/bin/sh", "-c", script], []
 
 
+# How the start-up estimate below splits its 300 s of compile + CUDA graphs for the mock's phases
+# (mockengine/startup.py): 4/5 torch.compile, 1/5 graph capture, and a compiled-graph cache hit at
+# a tenth of the compile. The mock's assumption, not a measurement: vLLM logs each phase's real
+# figure ("torch.compile took", "Graph capturing finished in"), docs/mock-engine.md.
+COMPILE_AND_GRAPHS_S = 300.0
+MOCK_COMPILE_SHARE, MOCK_CACHED_COMPILE_SHARE = 0.8, 0.1
+VLLM_LOAD_GBPS = 2.0  # disk to GPU memory, as startup_seconds assumes
+
+
+def _gib_per_s(gbps: float) -> float:
+    return gbps * 1e9 / GIB
+
+
+def mock_startup_args(plan: PoolPlan, config: OperatorConfig) -> list[str]:
+    """The mock's start-up flags at ``config.mock_startup_scale`` of the real estimate; none at 0."""
+    scale = config.mock_startup_scale
+    if scale <= 0:
+        return []
+    compile_s = COMPILE_AND_GRAPHS_S * MOCK_COMPILE_SHARE
+    return [
+        "--startup-weights-gib", f"{plan.weights_gib:g}",
+        "--download-gib-per-s", f"{_gib_per_s(config.model_load_gbps) / scale:.6g}",
+        "--load-gib-per-s", f"{_gib_per_s(VLLM_LOAD_GBPS) / scale:.6g}",
+        "--compile-seconds", f"{compile_s * scale:.6g}",
+        "--compile-cached-seconds", f"{compile_s * MOCK_CACHED_COMPILE_SHARE * scale:.6g}",
+        "--graph-capture-seconds", f"{(COMPILE_AND_GRAPHS_S - compile_s) * scale:.6g}",
+    ]  # fmt: skip
+
+
 def startup_seconds(plan: PoolPlan, spec: LLMDeploymentSpec, config: OperatorConfig) -> int:
     """How long a replica may take to start: fetch the weights at the assumed bandwidth (a model
     image or a warm cache only reads them), load them, compile and capture graphs; 1.5x margin."""
     gb = plan.weights_gib * GIB / 1e9
     fetch = gb / config.model_load_gbps if spec.model.cache.type != "image" else 0.0
-    return math.ceil((fetch + gb / 2.0 + 300) * 1.5)
+    return math.ceil((fetch + gb / VLLM_LOAD_GBPS + COMPILE_AND_GRAPHS_S) * 1.5)
 
 
 def _engine_storage(
@@ -594,10 +623,13 @@ def render_pool(
             [],
         )
         pod_security, container_security = RESTRICTED_POD, RESTRICTED_CONTAINER  # the project's image
-        if spec.lora is not None:
-            # Adapters on the model cache (cache:// sources) are read where vLLM reads them:
-            # the mock mounts the same cache volume at the same path (its weights are simulated).
-            _, store_volumes, store_mounts, _ = _engine_storage(plan, spec)
+        leader_args = [*leader_args, *mock_startup_args(plan, config)]
+        if spec.lora is not None or config.mock_startup_scale > 0:
+            # Adapters on the model cache (cache:// sources) are read where vLLM reads them, and the
+            # modelled start-up finds its weights and compiled graphs where vLLM keeps them: the
+            # mock mounts the same cache volume at the same path (its weights are simulated).
+            store_env, store_volumes, store_mounts, _ = _engine_storage(plan, spec)
+            env += [e for e in store_env if e["name"] in ("HF_HOME", "VLLM_CACHE_ROOT")]
             volumes += store_volumes
             mounts += store_mounts
         requests = {"cpu": config.mock_cpu, "memory": config.mock_memory}
