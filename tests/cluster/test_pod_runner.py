@@ -7,6 +7,7 @@ import ipaddress
 import os
 import signal
 import subprocess
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from tests.cluster.conftest import Cluster, wait_for
 from tests.cluster.mock import PORT, deploy_mock_engine, http_get, http_send, in_node_cidr, ready_pods
 
 pytestmark = pytest.mark.cluster
+_NO_PROXY_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def test_mock_engine_pod_serves_http_on_its_pod_ip(cluster: Cluster, namespace: str) -> None:
@@ -189,3 +191,87 @@ def test_an_exited_process_is_restarted_on_the_same_pod_ip(cluster: Cluster, nam
     assert p.metadata.uid == pod.metadata.uid
     status, _ = http_get(f"http://{ip}:{PORT}/health")
     assert status == 200
+
+
+# The main container of the sidecar test: fails (and would be restarted) unless the sidecar is
+# already serving when it starts; then serves the shared /models volume over HTTP.
+SIDECAR_MAIN = """
+import functools, http.server, urllib.request
+urllib.request.urlopen("http://127.0.0.1:8011/health", timeout=2)
+handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory="/models")
+http.server.ThreadingHTTPServer(("0.0.0.0", 8000), handler).serve_forever()
+"""
+
+
+def test_a_native_sidecar_starts_first_shares_volumes_and_gates_readiness(
+    cluster: Cluster, namespace: str, tmp_path: Path
+) -> None:
+    """kubernetes.io/docs "Sidecar Containers": an init container with restartPolicy Always starts
+    before the main containers (once its startupProbe passes) and runs beside them; here the
+    adapter stager, which stages an archive into the emptyDir the main container serves."""
+    import json
+
+    from tests.unit.adapterstage.loopback import adapter_files, file_server, tar_bytes
+    from toposerve.adapterstage.sources import STAGE_ROOT, stage_name
+
+    probe = {"httpGet": {"path": "/health", "port": "adapter-stage"}, "periodSeconds": 1}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "with-sidecar"},
+        "spec": {
+            "terminationGracePeriodSeconds": 5,
+            "initContainers": [
+                {
+                    "name": "adapter-stage",
+                    "image": "ghcr.io/toposerve/toposerve:dev",
+                    "restartPolicy": "Always",
+                    "command": ["toposerve", "adapter-stage"],
+                    "ports": [{"name": "adapter-stage", "containerPort": 8011}],
+                    "startupProbe": probe,
+                    "readinessProbe": probe,
+                    "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+                }
+            ],
+            "containers": [
+                {
+                    "name": "main",
+                    "image": "ghcr.io/toposerve/toposerve:dev",
+                    "command": ["python", "-c", SIDECAR_MAIN],
+                    "readinessProbe": {"tcpSocket": {"port": 8000}, "periodSeconds": 1},
+                    "volumeMounts": [{"name": "models", "mountPath": "/models"}],
+                }
+            ],
+            "volumes": [{"name": "models", "emptyDir": {}}],
+        },
+    }
+    cluster.core.create_namespaced_pod(namespace, pod)
+
+    def ready() -> Any:
+        p = cluster.core.read_namespaced_pod("with-sidecar", namespace)
+        return p if any(c.type == "Ready" and c.status == "True" for c in p.status.conditions or []) else None
+
+    p = wait_for(ready, "the pod with a sidecar to be Ready")
+    assert p.metadata.annotations["toposerve.dev/runner-restarts"] == "0"  # main never ran before it
+    ip = p.status.pod_ip
+    assert http_get(f"http://{ip}:8011/health")[0] == 200
+    with file_server({"a.tgz": tar_bytes(adapter_files())}, host="10.243.0.1") as (url, _):
+        source = f"{url}/a.tgz"
+        req = urllib.request.Request(
+            f"http://{ip}:8011/stage", data=json.dumps({"source": source}).encode(), method="POST"
+        )
+        with _NO_PROXY_OPENER.open(req, timeout=30) as r:
+            assert json.loads(r.read())["path"] == f"{STAGE_ROOT}/{stage_name(source)}"
+    # what the sidecar wrote is on the volume the main container serves
+    status, body = http_get(f"http://{ip}:8000/.toposerve-adapters/{stage_name(source)}/adapter_config.json")
+    assert status == 200 and json.loads(body)["r"] == 8
+    cluster.core.delete_namespaced_pod("with-sidecar", namespace)
+
+    def gone() -> bool:
+        try:
+            cluster.core.read_namespaced_pod("with-sidecar", namespace)
+        except ApiException as e:
+            return e.status == 404
+        return False
+
+    wait_for(gone, "the pod removed once both processes stopped", timeout=60)
