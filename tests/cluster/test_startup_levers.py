@@ -1,0 +1,115 @@
+"""Issue 25's start-up levers on the real local cluster: mock engines going through vLLM's start-up
+phases (operatorConfig.mockStartupScale, docs/mock-engine.md "Start-up") with a host-path model
+cache. The first replica downloads and compiles; its replacement, on the same cache, neither
+downloads nor compiles (the cached graphs instead), as vLLM does with HF_HOME and VLLM_CACHE_ROOT
+on a kept cache; the operator measures both start-ups (status.pools[].startup)."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.cluster.conftest import ROOT, STATE, Cluster, wait_for
+from tests.cluster.operator_harness import Operator, apply, get_llmd, install_crd, wait_condition
+from toposerve.mockengine.cli import add_arguments, config_from_args
+from toposerve.mockengine.server import EngineConfig
+from toposerve.mockengine.startup import StartupModel
+from toposerve.mockengine.startup import plan as startup_plan
+
+pytestmark = pytest.mark.cluster
+SCALE = 0.02  # an 8B model: ~7 s cold (download 32 s + load 8 s + compile 240 s + graphs 60 s, x 0.02)
+
+
+@pytest.fixture
+def startup_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
+    install_crd(cluster)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({"mockStartupScale": SCALE}))
+    op = Operator(cluster, tmp_path / "operator.log", "--resync", "10", "--config", str(config))
+    op.start()
+    yield op
+    op.stop()
+    print(f"--- operator log (last lines)\n{op.tail(40)}")
+
+
+def _engines(cluster: Cluster, namespace: str) -> list[Any]:
+    pods = cluster.core.list_namespaced_pod(
+        namespace, label_selector="toposerve.io/deployment=quickstart,app.kubernetes.io/component=engine"
+    ).items
+    return [p for p in pods if not p.metadata.deletion_timestamp]
+
+
+def _ready(pod: Any) -> bool:
+    return any(c.type == "Ready" and c.status == "True" for c in pod.status.conditions or [])
+
+
+def _modelled(pod: Any) -> StartupModel:
+    """The start-up the renderer gave this pod's mock (its args, read by the mock's own parser)."""
+    (c,) = [c for c in pod.spec.containers if c.args and "--model" in c.args]
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    cfg = config_from_args(p.parse_args(c.args))
+    assert isinstance(cfg, EngineConfig)
+    return cfg.startup
+
+
+def _log(namespace: str, pod: str) -> str:
+    """The engine's output as the pod runner keeps it (STATE/pods/<ns>_<pod>_<container>.log)."""
+    return "".join(p.read_text(errors="replace") for p in (STATE / "pods").glob(f"{namespace}_{pod}_*.log"))
+
+
+def test_a_kept_model_cache_skips_the_download_and_the_compile_on_the_next_start(
+    cluster: Cluster, namespace: str, startup_operator: Operator, tmp_path: Path
+) -> None:
+    cache = tmp_path / "models"
+    cache.mkdir()
+    manifest = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    manifest["spec"].update(engine="mock", replicas=1)
+    manifest["spec"]["model"]["cache"] = {"type": "host-path", "hostPath": str(cache)}
+    assert apply(cluster, namespace, manifest).returncode == 0
+    wait_condition(cluster, namespace, "quickstart", "Ready", "True", timeout=180)
+    (first,) = _engines(cluster, namespace)
+    cold = _log(namespace, first.metadata.name)
+    assert "Downloaded" in cold and "torch.compile took" in cold and "Graph capturing finished" in cold, cold[
+        -2000:
+    ]
+    assert "from the cache" not in cold
+    # the caches are where vLLM keeps them, on the model cache the pod mounted
+    assert list(cache.glob("hf/hub/models--*")) and list(cache.glob("vllm/torch_compile_cache/*"))
+
+    cluster.core.delete_namespaced_pod(first.metadata.name, namespace, grace_period_seconds=5)
+    second = wait_for(
+        lambda: (
+            (
+                ps := [
+                    p
+                    for p in _engines(cluster, namespace)
+                    if p.metadata.name != first.metadata.name and _ready(p)
+                ]
+            )
+            and ps[0]
+        ),
+        "the replacement Ready",
+        timeout=180,
+    )
+    warm = _log(namespace, second.metadata.name)
+    assert "Directly load the compiled graph(s)" in warm and "Loading weights took" in warm, warm[-2000:]
+    assert "Downloaded" not in warm and "torch.compile took" not in warm
+
+    def measured() -> dict[str, Any] | None:
+        pools = (get_llmd(cluster, namespace, "quickstart").get("status") or {}).get("pools") or []
+        st = (pools[0].get("startup") or {}) if pools else {}
+        return st if st.get("samples", 0) >= 2 else None
+
+    st = wait_for(measured, "two start-ups measured in status.pools[0].startup", timeout=60)
+    # a replica cannot be Ready before its phases are over: the cold one took at least the modelled
+    # download + load + compile + graphs (a lower bound, not a timing race)
+    cold_s = sum(ph.seconds for ph in startup_plan(_modelled(first), False, False))
+    assert cold_s > 1.0
+    assert max(r["loadingSeconds"] for r in st["recent"]) >= cold_s * 0.9, st
+    print("measured start-ups (cold, warm):", [r["loadingSeconds"] for r in st["recent"]])
