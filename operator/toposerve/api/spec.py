@@ -123,6 +123,12 @@ class Architecture(_Model):
 CacheType = Literal["ephemeral", "pvc", "host-path", "image"]
 
 
+PREFETCH_MESSAGE = (
+    "prefetch needs type host-path (node-local weights to put on every node; a pvc is shared, so the first "
+    "replica's download serves all, and an ephemeral or image cache keeps nothing on the node)"
+)
+
+
 class ModelCacheSpec(_Model):
     """Where model weights live on the node, so a restart does not download them again."""
 
@@ -151,6 +157,12 @@ class ModelCacheSpec(_Model):
         le=100000,
         description="Space for the weights in GiB; default: the checkpoint's size plus 10% and 20 GiB.",
     )
+    prefetch: bool = Field(
+        default=False,
+        description="type host-path only: a DaemonSet per pool puts the weights (and the engine image) on "
+        "every node the pool's replicas may land on, before any replica needs them: a new replica there "
+        "only loads (docs/real-clusters.md, 'Warm nodes').",
+    )
 
     model_config = ConfigDict(
         json_schema_extra={
@@ -161,6 +173,8 @@ class ModelCacheSpec(_Model):
                  "message": "type host-path needs hostPath", "fieldPath": ".hostPath"},
                 {"rule": "!has(self.type) || self.type != 'image' || has(self.image)", "message": "type image needs image",
                  "fieldPath": ".image"},
+                {"rule": "!has(self.prefetch) || !self.prefetch || (has(self.type) && self.type == 'host-path')",
+                 "message": PREFETCH_MESSAGE, "fieldPath": ".prefetch"},
             ]
         }
     )  # fmt: skip
@@ -171,6 +185,8 @@ class ModelCacheSpec(_Model):
                 "image": ("image", self.image)}.get(self.type)  # fmt: skip
         if need and not need[1]:
             raise FieldValueError(need[0], f"type {self.type} needs {need[0]}")
+        if self.prefetch and self.type != "host-path":
+            raise FieldValueError("prefetch", PREFETCH_MESSAGE)
         return self
 
 

@@ -44,6 +44,7 @@ PLURALS: dict[tuple[str, str], str] = {
     ("monitoring.coreos.com/v1", "PodMonitor"): "podmonitors",
     ("resource.nvidia.com/v1beta1", "ComputeDomain"): "computedomains",
     ("inference.networking.k8s.io/v1", "InferencePool"): "inferencepools",
+    ("apps/v1", "DaemonSet"): "daemonsets",
 }
 CHILD_KINDS: list[tuple[str, str]] = [
     ("apps/v1", "Deployment"),
@@ -60,6 +61,7 @@ CHILD_KINDS: list[tuple[str, str]] = [
     ("resource.nvidia.com/v1beta1", "ComputeDomain"),
     # Gateway API Inference Extension (render/inferencepool.py); lists as empty without its CRD
     ("inference.networking.k8s.io/v1", "InferencePool"),
+    ("apps/v1", "DaemonSet"),  # model.cache.prefetch (render/prefetch.py)
 ]
 LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
 

@@ -53,6 +53,8 @@ PERMISSIONS: tuple[Permission, ...] = (
                "OwnerReferencesPermissionEnforcement admission plugin check this"),
     # Children (kube.CHILD_KINDS): watched by label, server-side applied, pruned.
     Permission("apps", "deployments", _WRITE_CHILD, "watched", "engine and router Deployments"),
+    Permission("apps", "daemonsets", _WRITE_CHILD, "watched",
+               "model.cache.prefetch: the warm-node DaemonSet of each pool (render/prefetch.py)"),
     Permission("leaderworkerset.x-k8s.io", "leaderworkersets", _WRITE_CHILD, "watched",
                "multi-node engine replicas"),
     Permission("policy", "poddisruptionbudgets", _WRITE_CHILD, "watched", "one PDB per workload"),

@@ -233,6 +233,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="S",
         help="loading the compiled graphs from that cache (default: 0)",
     )
+    st.add_argument(
+        "--prefetch-only",
+        action="store_true",
+        help="download the weights into HF_HOME (the download phase only), then answer /health "
+        "with 200 until SIGTERM: a warm-node prefetch pod (docs/operator.md)",
+    )
     st.add_argument("--graph-capture-seconds", type=_non_negative, default=0.0, metavar="S",
                     help="CUDA graph capture, at every start (default: 0)")  # fmt: skip
 
@@ -417,7 +423,32 @@ def run(args: argparse.Namespace) -> int:
         return 2
     assert isinstance(cfg, EngineConfig)
 
+    async def prefetch_then_wait() -> int:
+        from aiohttp import web
+
+        from toposerve.mockengine.startup import prefetch
+
+        fetched = await prefetch(cfg.startup, cfg.startup_caches(), cfg.time_scale)
+        log.info("prefetch of %s done (%s)", cfg.model, "downloaded" if fetched else "already on the node")
+
+        async def health(_: web.Request) -> web.Response:
+            return web.Response(text="")
+
+        app = web.Application()
+        app.router.add_get("/health", health)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, args.host, args.port).start()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+        return 0
+
     async def serve() -> int:
+        if args.prefetch_only:
+            return await prefetch_then_wait()
         server = MockServer(cfg, args.host, args.port)
         try:
             await server.start()

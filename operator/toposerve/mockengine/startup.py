@@ -161,3 +161,15 @@ async def run(
         elif ph.name == "compile":
             _leave(caches.compiled, COMPILE_MARKER)
     return phases
+
+
+async def prefetch(
+    model: StartupModel,
+    caches: Caches,
+    time_scale: float,
+    sleep: Callable[[float], object] = asyncio.sleep,
+) -> bool:
+    """Only the download (a warm-node prefetch: the weights onto the node's cache before any
+    replica needs them, as ``hf download`` does for vLLM pods); True when it downloaded."""
+    only = StartupModel(weights_gib=model.weights_gib, download_gib_per_s=model.download_gib_per_s)
+    return bool(await run(only, caches, time_scale, sleep))

@@ -32,6 +32,7 @@ from toposerve.render.disruption import EVACUATION_MIN_AVAILABLE, disruption
 from toposerve.render.fabric import NO_FABRIC, fabric_for
 from toposerve.render.multinode import worker_script
 from toposerve.render.placement import router_affinity, serving_affinity, serving_tolerations
+from toposerve.render.prefetch import mock_prefetch_container, render_prefetch, vllm_prefetch_container
 
 ENGINE_PORT = 8000
 ROUTER_PORT = 8080
@@ -762,6 +763,16 @@ def render_pool(
                            **({"ownerReferences": ctx.owner_refs} if ctx.owner_refs else {})}}
         for o in fabric.objects
     ]  # fmt: skip
+    if spec.model.cache.prefetch and not _baseline and not multi:
+        # warm nodes (render/prefetch.py): the weights and the image on every node the pool may use
+        if mock:
+            fetch = mock_prefetch_container(
+                ["--host", LISTEN_ALL, "--port", str(ENGINE_PORT), "--model", dplan.served_name,
+                 *mock_startup_args(plan, config)], ENGINE_PORT,
+            )  # fmt: skip
+        else:
+            fetch = vllm_prefetch_container(plan.checkpoint or spec.model.name)
+        extra.append(render_prefetch(workload, fetch))
     return [workload, _render("pdb.yaml.j2", pdb_ctx), _render("service.yaml.j2", svc_ctx), *extra]
 
 
