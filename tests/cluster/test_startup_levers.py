@@ -113,3 +113,38 @@ def test_a_kept_model_cache_skips_the_download_and_the_compile_on_the_next_start
     assert cold_s > 1.0
     assert max(r["loadingSeconds"] for r in st["recent"]) >= cold_s * 0.9, st
     print("measured start-ups (cold, warm):", [r["loadingSeconds"] for r in st["recent"]])
+
+
+def test_prefetch_warms_the_pools_nodes_so_the_first_replica_downloads_nothing(
+    cluster: Cluster, namespace: str, startup_operator: Operator, tmp_path: Path
+) -> None:
+    """model.cache.prefetch: the DaemonSet's pods (one per node the pool may use: a mock pool may use
+    any) download the weights into the host-path cache before any replica exists; the first replica
+    then only loads, compiles (nothing compiled them yet) and captures graphs."""
+    cache = tmp_path / "models"
+    cache.mkdir()
+    manifest = yaml.safe_load((ROOT / "examples" / "quickstart.yaml").read_text())
+    manifest["spec"].update(engine="mock", replicas=0)
+    manifest["spec"]["model"]["cache"] = {"type": "host-path", "hostPath": str(cache), "prefetch": True}
+    assert apply(cluster, namespace, manifest).returncode == 0
+
+    def warm() -> Any:
+        for ds in cluster.apps.list_namespaced_daemon_set(namespace).items:
+            st = ds.status
+            if st and st.desired_number_scheduled and st.number_ready == st.desired_number_scheduled:
+                return ds
+        return None
+
+    ds = wait_for(warm, "every prefetch pod Ready", timeout=240)
+    assert ds.metadata.name.endswith("-prefetch") and ds.status.desired_number_scheduled >= 1
+    assert list(cache.glob("hf/hub/models--*/.toposerve-mock-weights"))
+    assert not list(cache.glob("vllm/torch_compile_cache/*"))  # compiling needs the engine
+    assert _engines(cluster, namespace) == []  # no replica did it
+
+    manifest["spec"]["replicas"] = 1
+    assert apply(cluster, namespace, manifest).returncode == 0
+    wait_condition(cluster, namespace, "quickstart", "Ready", "True", timeout=180)
+    (first,) = _engines(cluster, namespace)
+    log = _log(namespace, first.metadata.name)
+    assert "Loading weights took" in log and "torch.compile took" in log, log[-2000:]
+    assert "Downloaded" not in log
