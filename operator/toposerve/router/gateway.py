@@ -39,6 +39,7 @@ from prometheus_client.registry import Collector
 from toposerve.router import endpoints as ep
 from toposerve.router import models as md
 from toposerve.router.proxy import _LATENCY_BUCKETS, TTFT_KEY, USAGE_KEY, Router, RouterConfig
+from toposerve.router.tenant_gate import TenantGate
 
 log = logging.getLogger("toposerve.router.gateway")
 
@@ -121,6 +122,8 @@ class Gateway(Router):
             registry=self.gw_registry,
         )
         self.gw_registry.register(_Members(self))
+        # Tenants (docs/tenants.md): admission and flow control; inactive until configured
+        self.tenants = TenantGate(self.gw_registry, lambda m: self._in_flight.get(id(m), 0))
 
     # ------------------------------------------------------------------------------ discovery
 
@@ -249,11 +252,30 @@ class Gateway(Router):
     ) -> web.StreamResponse:
         """The body is read and parsed by the front door (Router._completion): its `model` picks
         the member router."""
+        if self.tenants.active and (unauthenticated := self.tenants.authenticate(request.headers)):
+            return self._count(UNKNOWN_MODEL, unauthenticated)  # 401 before a word about models
         model = body.get("model")
         member = self.member_for(model)
         if isinstance(member, web.Response):
             return self._count(UNKNOWN_MODEL, member)
         assert isinstance(model, str)
+        if self.tenants.active:  # admission, then the flow-control queue while replicas are saturated
+            resp = await self.tenants.serve(
+                request,
+                model,
+                member,
+                body,
+                len(raw),
+                lambda: self._on_member(request, raw, body, t0, model, member),
+            )
+            return self._count(model, resp)
+        return self._count(model, await self._on_member(request, raw, body, t0, model, member))
+
+    async def _on_member(
+        self, request: web.Request, raw: bytes, body: dict[str, Any], t0: float, model: str, member: Router
+    ) -> web.StreamResponse:
+        """Route on the member router, counting what the gateway has on it (for the reaper and
+        for flow control) and the TTFT and tokens per requested model."""
         self._in_flight[id(member)] = self._in_flight.get(id(member), 0) + 1
         try:
             starting = self._starting.get(id(member))
@@ -265,7 +287,7 @@ class Gateway(Router):
             if (usage := request.get(USAGE_KEY)) is not None:
                 self.gw_tokens.labels(model, "prompt").inc(usage[0])
                 self.gw_tokens.labels(model, "completion").inc(usage[1])
-            return self._count(model, resp)
+            return resp
         finally:
             self._in_flight[id(member)] -= 1
 
@@ -329,7 +351,15 @@ class Gateway(Router):
         return web.json_response(body, status=503 if self.draining else 200)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:
-        return web.json_response(md.model_cards(self.table, self.created))
+        """Every model in scope; with tenants, those the caller's tenant may use (401 without a
+        key where keys are required)."""
+        if not self.tenants.active:
+            return web.json_response(md.model_cards(self.table, self.created))
+        if (unauthenticated := self.tenants.authenticate(request.headers)) is not None:
+            return unauthenticated
+        allows = self.tenants.allowed_models(request.headers)
+        names = [n for n in self.table.routes if allows(n)]
+        return web.json_response(md.model_cards(self.table, self.created, names))
 
     async def handle_metrics(self, request: web.Request) -> web.Response:
         return web.Response(body=generate_latest(self.gw_registry), content_type="text/plain")

@@ -28,6 +28,49 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="no Kubernetes: a YAML file with `deployments` (LLMDeployment objects) and `backends` "
         "({namespace/name: [http://IP:PORT, ...]}), for benchmarks and local runs",
     )
+    add_tenant_arguments(p)
+
+
+def add_tenant_arguments(p: argparse.ArgumentParser) -> None:
+    """Tenants, API keys, budgets and flow control (docs/tenants.md)."""
+    g = p.add_argument_group("tenants (docs/tenants.md)")
+    g.add_argument(
+        "--tenants-file",
+        default="",
+        metavar="FILE",
+        help="YAML `tenants: {name: {models, priority, weight, budgets, keySha256}}`; re-read when it "
+        "changes (a bad version is logged and the previous one stays)",
+    )
+    g.add_argument(
+        "--tenant-secrets",
+        action="store_true",
+        help="watch API-key Secrets labelled toposerve.io/tenant=<name> (data key api-keys, one key "
+        "a line) in --tenants-namespace; keys rotate without a restart",
+    )
+    g.add_argument(
+        "--tenants-namespace",
+        default=os.environ.get("POD_NAMESPACE", ""),
+        help="the namespace of the key Secrets (default: $POD_NAMESPACE, the gateway's own)",
+    )
+    g.add_argument(
+        "--require-api-key",
+        action="store_true",
+        help="401 without a known key (default: keys optional; keyless requests are tenant `anonymous`)",
+    )
+    g.add_argument(
+        "--flow-max-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="longest wait in the flow-control queue while replicas are saturated, then 429 (default 30)",
+    )
+    g.add_argument(
+        "--flow-max-bytes",
+        type=int,
+        default=64 * 1024 * 1024,
+        metavar="BYTES",
+        help="request bodies waiting per deployment; past it the lowest band is shed (default 64 MiB)",
+    )
 
 
 def static_config(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -60,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
     import logging
     import signal
 
+    from toposerve.router import tenant_watch
     from toposerve.router.gateway import Gateway
     from toposerve.router.gateway_watch import watches
     from toposerve.router.proxy import serve, tune_gc
@@ -76,6 +120,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"toposerve gateway: error: {epp_error}")
     cfg = router_cli.config_from_args(args)
     scope = args.watch_namespace or None
+    try:
+        policies = tenant_watch.check_args(args)
+    except ValueError as e:
+        raise SystemExit(f"toposerve gateway: error: {e}") from None
 
     async def main() -> None:
         log = logging.getLogger("toposerve.router.gateway")
@@ -83,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         runner = await serve(gw, args.host, args.port)
         epp = await router_cli.start_epp(gw, args, gw.gw_registry)  # `model` picks the member
         ws = [] if args.static_config else watches(gw, asyncio.get_running_loop())
+        ws += tenant_watch.start(gw, args, policies, asyncio.get_running_loop())
         if args.static_config:
             objs, slices = static_config(args.static_config)
             gw.deployments_listed(objs)
