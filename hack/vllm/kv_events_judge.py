@@ -3,7 +3,8 @@
 Why: the router will name the engines' cached blocks by hash and read their events; toposerve's
 copies (operator/toposerve/kvevents/) must match vLLM 0.33.0 exactly. Only vLLM's code can say so.
 
-Input (stdin), JSON: {"hash_cases": [{"tokens": [...], "block_size": 16, "seed": null | "..."}],
+Input (stdin), JSON: {"hash_cases": [{"tokens": [...], "block_size": 16, "seed": null | "...",
+"lora": [name, path] (optional: hashed as that adapter's request)}],
 "batches": [{"ts": 1.5, "events": [<event as {"type": "BlockStored", ...}, bytes as hex>]}],
 "payloads": ["<hex of a toposerve-encoded batch>"]}.
 Output (stdout), JSON: {"hashes": [[hex, ...] per case], "encoded": [hex per batch],
@@ -56,8 +57,25 @@ def main() -> int:
         kcu.init_none_hash(sha256)
         tokens, bs = case["tokens"], case["block_size"]
         out: list[bytes] = []
-        for i in range(len(tokens) // bs):
-            out.append(kcu.hash_block_tokens(sha256, out[-1] if out else None, tokens[i * bs : (i + 1) * bs]))
+        if case.get("lora"):
+            # a LoRA request's hashes as the scheduler computes them: vLLM's own Request and block
+            # hasher (generate_block_hash_extra_keys adds the adapter's name and path)
+            from vllm.lora.request import LoRARequest
+            from vllm.sampling_params import SamplingParams
+            from vllm.v1.request import Request
+
+            name, path = case["lora"]
+            req = Request(
+                "r", tokens, SamplingParams(max_tokens=1), None,
+                lora_request=LoRARequest(lora_name=name, lora_int_id=1, lora_path=path),
+                block_hasher=kcu.get_request_block_hasher(bs, sha256),
+            )  # fmt: skip
+            out = list(req.block_hashes)
+        else:
+            for i in range(len(tokens) // bs):
+                out.append(
+                    kcu.hash_block_tokens(sha256, out[-1] if out else None, tokens[i * bs : (i + 1) * bs])
+                )
         hashes.append([h.hex() for h in out])
     kinds = {
         "BlockStored": ke.BlockStored,

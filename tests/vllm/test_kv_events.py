@@ -74,11 +74,15 @@ def test_block_hashes_are_vllms() -> None:
         {"tokens": [rng.randrange(150_000) for _ in range(100)], "block_size": 32, "seed": "42"},
         {"tokens": [1, 2, 3], "block_size": 16, "seed": None},  # no full block: no hash
     ]
+    lora = ["sql", "/models/adapters/sql"]
+    cases.append({"tokens": list(range(64)), "block_size": 16, "seed": None, "lora": lora})
     got = judge({"hash_cases": cases})["hashes"]
     for case, theirs in zip(cases, got, strict=True):
-        ours = hashing.block_hashes(case["tokens"], case["block_size"], seed=case["seed"])
+        extra = hashing.lora_extra_keys(*case["lora"]) if case.get("lora") else None
+        ours = hashing.block_hashes(case["tokens"], case["block_size"], seed=case["seed"], extra_keys=extra)
         assert [h.hex() for h in ours] == theirs
     assert got[0] and got[3] == []
+    assert got[4] and got[4][0] != got[0][0]  # an adapter's blocks are not the base model's
 
 
 def test_the_mock_engines_events_are_vllms_bytes_both_ways() -> None:

@@ -10,7 +10,8 @@ vLLM 0.33.0, default ``--prefix-caching-hash-algo sha256`` (``vllm/config/cache.
   ``"vllm-none-hash"`` for the cryptographic algorithms (``resolve_none_hash_seed``), so every
   engine of a deployment names the same prefix the same way;
 * only full blocks are hashed; ``extra_keys`` is None for a plain text request (no LoRA, no
-  multi-modal input, no ``cache_salt``).
+  multi-modal input, no ``cache_salt``), ``(("lora", name, path),)`` on every block of a LoRA
+  adapter's request (``lora_extra_keys``).
 
 Events carry the hashes as bytes unless ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`` is set
 (``maybe_convert_block_hash``: the low 64 bits, big-endian); ``as_int`` does that conversion.
@@ -41,14 +42,30 @@ def hash_block(parent: bytes | None, tokens: Sequence[int], root: bytes, extra_k
 
 
 def block_hashes(
-    tokens: Sequence[int], block_size: int, known: Sequence[bytes] = (), seed: str | None = None
+    tokens: Sequence[int],
+    block_size: int,
+    known: Sequence[bytes] = (),
+    seed: str | None = None,
+    extra_keys: Any = None,
 ) -> list[bytes]:
-    """Chained hashes of every full block of ``tokens``, reusing the ``known`` leading ones."""
+    """Chained hashes of every full block of ``tokens``, reusing the ``known`` leading ones.
+
+    ``extra_keys``: the same for every block, as vLLM's LoRA keys are (``lora_extra_keys``).
+    """
     root = none_hash(seed)
     out = list(known)
     for i in range(len(out), len(tokens) // block_size):
-        out.append(hash_block(out[-1] if out else None, tokens[i * block_size : (i + 1) * block_size], root))
+        block = tokens[i * block_size : (i + 1) * block_size]
+        out.append(hash_block(out[-1] if out else None, block, root, extra_keys))
     return out
+
+
+def lora_extra_keys(name: str, path: str) -> tuple[tuple[str, str, str], ...]:
+    """Every block's extra keys for a request of LoRA adapter ``name`` loaded from ``path``
+    (vLLM 0.33.0 ``v1/core/kv_cache_utils.py`` ``_gen_lora_extra_hash_keys``: ``("lora",
+    lora_name, lora_path)``, the path as given to /v1/load_lora_adapter), so an adapter's blocks
+    are named apart from the base model's."""
+    return (("lora", name, path),)
 
 
 def as_int(block_hash: bytes) -> int:

@@ -25,6 +25,7 @@ import logging
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import urlsplit
 
 import zmq
@@ -267,9 +268,11 @@ class KVIndex:
         feed = self.feeds.get(url)
         return feed is None or feed.stale(now)
 
-    def block_keys(self, token_ids: list[int], block_size: int) -> list[int]:
-        """Index keys of a prompt's full blocks, hashed as the engines hash them."""
-        return [key(h) for h in hashing.block_hashes(token_ids, block_size, seed=self.opts.hash_seed)]
+    def block_keys(self, token_ids: list[int], block_size: int, extra_keys: Any = None) -> list[int]:
+        """Index keys of a prompt's full blocks, hashed as the engines hash them (``extra_keys``:
+        hashing.lora_extra_keys for a LoRA adapter's request)."""
+        hashes = hashing.block_hashes(token_ids, block_size, seed=self.opts.hash_seed, extra_keys=extra_keys)
+        return [key(h) for h in hashes]
 
     def score(
         self, keys: list[int], block_size: int, block_sizes: Mapping[str, int], backends: Iterable[str]

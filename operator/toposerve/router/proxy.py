@@ -45,6 +45,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from toposerve.kvevents import hashing
 from toposerve.router import adapters as ad
 from toposerve.router import demand as dm
 from toposerve.router import health as hl
@@ -1792,7 +1793,10 @@ class Router:
             if self.kvindex is not None:
                 self.kvindex.fallbacks["tokenize"] += 1
             return
-        parsed.kv_keys = self.kvindex.block_keys(ids, size)
+        # an adapter's blocks are hashed with its name and the path the engines loaded it from
+        path_ = self.lora.spec.get(parsed.adapter) if parsed.adapter is not None else None
+        extra = hashing.lora_extra_keys(parsed.adapter, path_) if parsed.adapter and path_ else None
+        parsed.kv_keys = self.kvindex.block_keys(ids, size, extra)
         parsed.kv_block_size = size
         if ids:  # the exact prompt length, for load too
             parsed.request = replace(parsed.request, prompt_tokens=len(ids))
