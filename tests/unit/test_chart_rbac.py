@@ -238,8 +238,13 @@ def test_the_chart_grants_nothing_to_anyone_else(values: dict[str, Any]) -> None
         assert b["subjects"][0]["namespace"] == NS
 
 
-def _gateway_grants() -> set[Grant]:
-    return {(p.group, p.resource, v, "") for p in permissions.GATEWAY_PERMISSIONS for v in p.verbs}
+def _gateway_grants(scope: str = "watched") -> set[Grant]:
+    return {
+        (p.group, p.resource, v, "")
+        for p in permissions.GATEWAY_PERMISSIONS
+        if p.scope == scope
+        for v in p.verbs
+    }
 
 
 def test_the_gateway_reads_llmdeployments_and_endpointslices_only_cluster_wide_or_in_its_namespace() -> None:
@@ -250,6 +255,25 @@ def test_the_gateway_reads_llmdeployments_and_endpointslices_only_cluster_wide_o
     assert all(set(p.verbs) <= {"get", "list", "watch"} for p in permissions.GATEWAY_PERMISSIONS)
 
 
+def test_with_tenants_the_gateway_reads_secrets_in_its_own_namespace_only() -> None:
+    """gateway.tenants.enabled adds exactly the "own" GATEWAY_PERMISSIONS, as a Role in the release
+    namespace (tenant_watch.py lists Secrets there); never a ClusterRole on Secrets."""
+    on = {"gateway": {"tenants": {"enabled": True}}}
+    assert chart_grants(template(on), "toposerve-gateway") == {
+        "cluster": _gateway_grants(),
+        NS: _gateway_grants("own"),
+    }
+    scoped = template({"gateway": {"watchNamespace": "team-a", "tenants": {"enabled": True}}})
+    assert chart_grants(scoped, "toposerve-gateway") == {
+        "team-a": _gateway_grants(),
+        NS: _gateway_grants("own"),
+    }
+    assert _gateway_grants("own") == {("", "secrets", v, "") for v in ("get", "list", "watch")}
+    from toposerve.router import tenant_watch
+
+    assert "list_namespaced_secret" in Path(tenant_watch.__file__).read_text()
+
+
 def test_the_gateway_watches_what_it_is_granted() -> None:
     """gateway_watch.py lists and watches exactly the kinds GATEWAY_PERMISSIONS grants."""
     from toposerve.router import gateway_watch
@@ -258,7 +282,7 @@ def test_the_gateway_watches_what_it_is_granted() -> None:
     assert "list_cluster_custom_object" in src and "list_namespaced_custom_object" in src
     assert gateway_watch.PLURAL == "llmdeployments"
     assert "list_endpoint_slice_for_all_namespaces" in src and "list_namespaced_endpoint_slice" in src
-    kinds = {(p.group, p.resource) for p in permissions.GATEWAY_PERMISSIONS}
+    kinds = {(p.group, p.resource) for p in permissions.GATEWAY_PERMISSIONS if p.scope == "watched"}
     assert kinds == {("toposerve.io", "llmdeployments"), ("discovery.k8s.io", "endpointslices")}
 
 

@@ -110,10 +110,12 @@ AGENT_PERMISSIONS: tuple[Permission, ...] = (
 )
 
 # The gateway (`toposerve gateway`, charts/toposerve/templates/gateway.yaml): reads only. Its
-# scope is the cluster, or the one namespace of gateway.watchNamespace (a Role there).
+# "watched" scope is the cluster, or the one namespace of gateway.watchNamespace (a Role there);
+# "own" (only with gateway.tenants.enabled): its release namespace, a Role there.
 GATEWAY_PERMISSIONS: tuple[Permission, ...] = (
     Permission("toposerve.io", "llmdeployments", ("get", "list", "watch"), "watched", "the model table"),
     Permission("discovery.k8s.io", "endpointslices", ("get", "list", "watch"), "watched", "engine endpoints"),
+    Permission("", "secrets", ("get", "list", "watch"), "own", "tenant API keys (docs/tenants.md)"),
 )
 
 
