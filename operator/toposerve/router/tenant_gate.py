@@ -124,8 +124,7 @@ class TenantGate:
         size: int,
         call: Callable[[], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
-        parsed = parse_request(request.path, body, request.headers, member.estimator, member.cfg, False)
-        estimate = parsed.request.prompt_tokens + parsed.request.max_tokens
+        estimate = admission_tokens(request.path, body, request.headers, member)
         d = self.admission.admit(request.headers, model, estimate)
         if not d.allowed or d.ticket is None:
             self.requests.labels(d.tenant or UNAUTHENTICATED, model, str(d.status)).inc()
@@ -223,6 +222,13 @@ class TenantGate:
                 self._launching[key] -= 1  # on its way to the member (or gone): no longer launching
             if not taken and not fut.done():
                 fut.cancel()
+
+
+def admission_tokens(path: str, body: Mapping[str, Any], headers: Mapping[str, str], member: Router) -> int:
+    """What admission reserves for a request: the member router's prompt estimate plus its
+    max_tokens (or the router's default). The endpoint picker uses the same figure."""
+    parsed = parse_request(path, body, headers, member.estimator, member.cfg, False)
+    return parsed.request.prompt_tokens + parsed.request.max_tokens
 
 
 def _answer(d: tn.Decision) -> web.Response:
