@@ -153,7 +153,7 @@ def test_non_default_values_reach_the_objects(custom: list[dict[str, Any]]) -> N
     assert sm["metadata"]["labels"]["release"] == "kps" and sm["spec"]["endpoints"][0]["port"] == "metrics"
     (svc,) = by_kind(custom, "Service")
     assert svc["spec"]["selector"] == sm["spec"]["selector"]["matchLabels"]
-    assert len(by_kind(custom, "PodMonitor")) == 1
+    assert len(by_kind(custom, "PodMonitor")) == 1  # the gateway's: test_chart_gateway.py
     assert {r["metadata"]["namespace"] for r in by_kind(custom, "Role")} == {
         "team-a", "team-b", "toposerve-system"
     }  # fmt: skip

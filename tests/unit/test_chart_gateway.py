@@ -85,3 +85,23 @@ def test_the_gateway_args_parse_with_the_real_cli() -> None:
     (c,) = dep["spec"]["template"]["spec"]["containers"]
     args = build_parser().parse_args(c["args"])
     assert args.watch_namespace == "team-a" and args.hold_at_zero == 300 and args.host == "::"
+
+
+def test_the_gateways_metrics_are_scraped_where_the_chart_scrapes_the_operators() -> None:
+    """With the Prometheus Operator and a monitor enabled, a PodMonitor scrapes the gateway pods'
+    /metrics on their http port (per model and per tenant: `toposerve cost --by tenant` reads them)."""
+    api = ["monitoring.coreos.com/v1"]
+    for metrics in ({"podMonitor": {"enabled": True}}, {"serviceMonitor": {"enabled": True}}):
+        objs = template({"metrics": metrics}, api_versions=api)
+        (pm,) = [o for o in by_kind(objs, "PodMonitor") if o["metadata"]["name"].endswith("-gateway")]
+        (gw,) = [d for d in by_kind(objs, "Deployment") if d["metadata"]["name"].endswith("-gateway")]
+        labels = gw["spec"]["template"]["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in pm["spec"]["selector"]["matchLabels"].items())
+        ends = pm["spec"]["podMetricsEndpoints"]
+        ports = {p["name"] for c in gw["spec"]["template"]["spec"]["containers"] for p in c.get("ports", [])}
+        assert ends[0]["port"] in ports and ends[0]["path"] == "/metrics"
+    assert not [o for o in by_kind(template({"metrics": {"podMonitor": {"enabled": True}}}), "PodMonitor")]
+    off = template(
+        {"metrics": {"podMonitor": {"enabled": True}}, "gateway": {"enabled": False}}, api_versions=api
+    )
+    assert [o["metadata"]["name"] for o in by_kind(off, "PodMonitor")] == ["toposerve"]
