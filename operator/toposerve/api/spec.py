@@ -436,7 +436,8 @@ class AdapterSpec(_Model):
         - ``/models/...``: a directory in the engine pod (a cache source under the model cache mount);
         - ``org/repo``: a Hugging Face repo id (vLLM's /v1/load_lora_adapter downloads it itself);
         - with a scheme (``https://``, ``s3://``, ``hf://org/repo@revision``): files vLLM 0.33.0
-          cannot fetch itself (no URLs, no revision pinning); whoever loads it must stage them first.
+          cannot fetch itself (no URLs, no revision pinning): the router has the engine pod's
+          adapter stager put them on the model cache first (toposerve/adapterstage, docs/lora.md).
         """
         if self.source_kind == "cache":
             if self.source.startswith("cache://"):
