@@ -179,6 +179,10 @@ class Gateway(Router):
             cfg,
             strategy=entry.strategy or cfg.strategy,
             session_header=entry.session_header or cfg.session_header,
+            # as the dedicated router's --adapter-slots: the engines keep maxCpuLoras registered
+            adapters=replace(cfg.adapters, slots=entry.adapter_slots)
+            if entry.adapter_slots
+            else cfg.adapters,
         )
 
     def _rebuild(self) -> None:

@@ -26,7 +26,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from toposerve.api.spec import AdapterSpec
+from toposerve.api.spec import AdapterSpec, LoraSpec
 
 MODE_DEDICATED = "dedicated"
 MODE_GATEWAY = "gateway"
@@ -45,6 +45,9 @@ class Entry:
     strategy: str = ""  # "" : the gateway's default
     session_header: str = ""
     created: str = ""  # RFC 3339: sorts in time order
+    adapter_slots: int = (
+        0  # spec.lora's maxCpuLoras (its default: maxLoras): adapters an engine keeps; 0: no lora
+    )
 
     @property
     def key(self) -> str:
@@ -138,7 +141,18 @@ def entry_from_object(obj: Mapping[str, Any]) -> Entry | None:
         strategy=str(routing.get("strategy") or ""),
         session_header=str(routing.get("sessionHeader") or "").lower(),
         created=str(meta.get("creationTimestamp") or ""),
+        adapter_slots=_adapter_slots(spec.get("lora")),
     )
+
+
+def _adapter_slots(lora: object) -> int:
+    """What a dedicated router gets as --adapter-slots (render: the engines' --max-cpu-loras)."""
+    if not isinstance(lora, Mapping):
+        return 0
+    try:
+        return LoraSpec.model_validate(lora).effective_max_cpu_loras
+    except ValidationError:
+        return 0
 
 
 def build(objects: Iterable[Mapping[str, Any]], namespace: str | None = None) -> Table:

@@ -235,3 +235,17 @@ def test_static_config_builds_the_objects_the_watches_would_deliver(tmp_path: An
     gw.slices_listed(slices)
     assert sorted(gw.members["team-a/llama"].backends) == ["http://127.0.0.1:8001", "http://127.0.0.1:8002"]
     assert gw.table.resolve("l") is not None and not gw.discovering
+
+
+async def test_member_routers_keep_as_many_adapters_per_engine_as_a_dedicated_router() -> None:
+    """A member gets spec.lora's maxCpuLoras as its adapter slots, as the dedicated router's
+    --adapter-slots (render/objects.py): without it, it would fall back to the engine's max_lora
+    and evict adapters the engines still keep."""
+    async with gateway() as (gw, _):
+        gw.deployments_listed([
+            llmd("llama", LLAMA, lora={"maxLoras": 2, "maxCpuLoras": 16}),
+            llmd("small", QWEN, lora={"maxLoras": 4}),
+            llmd("plain", "other/model"),
+        ])  # fmt: skip
+        slots = {k.split("/")[1]: m.cfg.adapters.slots for k, m in gw.members.items()}
+        assert slots == {"llama": 16, "small": 4, "plain": gw.template.adapters.slots}
