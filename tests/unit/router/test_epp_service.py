@@ -6,6 +6,7 @@ are read off the router itself. No assertion depends on timing."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 from collections.abc import AsyncIterator, Callable
@@ -19,11 +20,13 @@ from tests.unit.router.test_gateway import engine_slice, llmd
 
 from toposerve.mockengine.server import EngineConfig, MockServer
 from toposerve.router import strategies as st
+from toposerve.router import tenants as tn
 from toposerve.router.endpoints import BackendSpec
 from toposerve.router.epp import protocol as pr
 from toposerve.router.epp.server import EndpointPicker
 from toposerve.router.gateway import Gateway
 from toposerve.router.proxy import Router, RouterConfig
+from toposerve.router.tenant_watch import TenantSource
 
 
 @dataclass
@@ -257,5 +260,53 @@ async def test_the_gateway_picks_the_member_router_by_the_body_model() -> None:
         assert a.kind == "immediate" and a.status == 404 and "llama" in json.loads(a.body)["error"]["message"]
         a = await p.stream().request(b"{}")
         assert a.kind == "immediate" and a.status == 400
+    for e in (*llama, *qwen):
+        await e.shutdown(0)
+
+
+async def test_the_gateways_picker_admits_tenants_on_the_key_the_data_plane_passes() -> None:
+    """Tenants (docs/tenants.md) through the picker: no key 401, a model the tenant may not use
+    403, a spent budget 429 with Retry-After, all as ImmediateResponses; an admitted request holds
+    its tenant's concurrency until the stream ends."""
+    llama = [await MockServer(EngineConfig(model="llama", time_scale=0.0)).start()]
+    qwen = [await MockServer(EngineConfig(model="qwen", time_scale=0.0)).start()]
+    gw = Gateway(RouterConfig(probe_interval_s=0.05))
+    gw.tenants.admission.require_key = True
+    policy = {"tenants": {"a": {"models": ["llama"], "budgets": {"requestsPerSecond": 0.001}},
+                          "b": {"models": ["*"], "budgets": {"concurrentRequests": 1}}}}  # fmt: skip
+    source = TenantSource(tn.parse_policies(policy, "policy"), gw.tenants.admission.set_table)
+    keys = {"a": "sk-epp-a-0123456789", "b": "sk-epp-b-0123456789"}
+    source.secrets_listed([
+        {"metadata": {"name": f"{t}-keys", "namespace": "x", "labels": {"toposerve.io/tenant": t}},
+         "data": {"api-keys": base64.b64encode(k.encode()).decode()}}
+        for t, k in keys.items()
+    ])  # fmt: skip
+    gw.deployments_listed([llmd("llama", "llama"), llmd("qwen", "qwen")])
+    gw.slices_listed([engine_slice("l-0", "llama", llama), engine_slice("q-0", "qwen", qwen)])
+
+    def auth(tenant: str) -> dict[str, str]:
+        return {"authorization": f"Bearer {keys[tenant]}"}
+
+    async with picker(n=0, router=gw) as p:
+        a = await p.stream().request(chat(model="llama"))
+        assert a.kind == "immediate" and a.status == 401
+        a = await p.stream().request(chat(model="qwen"), headers=auth("a"))
+        assert a.kind == "immediate" and a.status == 403 and "qwen" in json.loads(a.body)["error"]["message"]
+        ok = p.stream()
+        a = await ok.request(chat(model="llama"), headers=auth("a"))
+        assert a.kind == "route", a
+        await ok.respond(a.endpoints[0])
+        await ok.close()
+        a = await p.stream().request(chat(model="llama"), headers=auth("a"))  # one request per 1,000 s
+        assert a.kind == "immediate" and a.status == 429 and int(a.headers["retry-after"]) >= 1
+        held = p.stream()
+        a = await held.request(chat(model="qwen"), headers={"x-api-key": keys["b"]})
+        assert a.kind == "route"
+        assert gw.tenants.admission.in_flight("b") == 1
+        a = await p.stream().request(chat(model="qwen"), headers={"x-api-key": keys["b"]})
+        assert a.kind == "immediate" and a.status == 429  # concurrentRequests 1
+        await held.respond(f"127.0.0.1:{qwen[0].port}")
+        await held.close()
+        await until(lambda: gw.tenants.admission.in_flight("b") == 0, "the stream's end released the slot")
     for e in (*llama, *qwen):
         await e.shutdown(0)

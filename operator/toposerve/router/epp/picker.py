@@ -12,8 +12,10 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from toposerve.router import tenants as tn
 from toposerve.router.epp.protocol import PickInput, Refused, Routed, endpoint_of, in_subset
 from toposerve.router.proxy import Pick, Router
+from toposerve.router.tenant_gate import TenantGate, admission_tokens
 
 
 @dataclass
@@ -23,6 +25,7 @@ class Held:
     router: Router
     pick: Pick
     front: Router | None = None  # the gateway, when a member picked: its drain waits for this too
+    ticket: tn.Ticket | None = None  # its tenant's admission (gateway with tenants), settled at finish
 
 
 def refused(resp: web.Response) -> Refused:
@@ -52,22 +55,43 @@ class RouterPicker:
         assert isinstance(member, Router | web.Response)
         return member
 
+    def _gate(self) -> TenantGate | None:
+        """The gateway's tenants (docs/tenants.md), when configured: the picker admits as the
+        gateway's HTTP path does, on the key header the data plane passes on."""
+        gate = getattr(self.router, "tenants", None)
+        return gate if isinstance(gate, TenantGate) and gate.active else None
+
     async def pick(self, inp: PickInput) -> tuple[Routed | Refused, Held | None]:
+        gate = self._gate()
+        if gate is not None and (unauthenticated := gate.authenticate(inp.headers)) is not None:
+            return refused(unauthenticated), None  # 401 before anything is said about models
         member = self._member(inp)
         if isinstance(member, web.Response):
             return refused(member), None
+        ticket = None
+        if gate is not None:
+            model = str(inp.body.get("model") or "")
+            d = gate.admission.admit(
+                inp.headers, model, admission_tokens(inp.path, inp.body, inp.headers, member)
+            )
+            if not d.allowed:
+                gate.requests.labels(d.tenant or "unauthenticated", model, str(d.status)).inc()
+                return refused(web.json_response(d.body(), status=d.status, headers=d.headers())), None
+            ticket = d.ticket
         only = None
         if inp.subset is not None:
             subset = inp.subset
             only = [u for u in member.backends if in_subset(endpoint_of(u), subset)]
         p = await member.pick(inp.path, inp.headers, inp.body, only, self.fallbacks)
         if isinstance(p, web.Response):
+            if gate is not None and ticket is not None:
+                gate.admission.finish(ticket, 0)  # not routed: nothing used
             return refused(p), None
         front = None
         if member is not self.router:
             front = self.router
             front.active += 1
-        return Routed(tuple(endpoint_of(u) for u in p.backends)), Held(member, p, front)
+        return Routed(tuple(endpoint_of(u) for u in p.backends)), Held(member, p, front, ticket)
 
     def served(self, held: Held, endpoint: str) -> None:
         """`x-gateway-destination-endpoint-served`: the backend with that `ip:port`, if known."""
@@ -81,3 +105,7 @@ class RouterPicker:
         held.router.finish_pick(held.pick)
         if held.front is not None:
             held.front.active -= 1
+        gate = self._gate()
+        if held.ticket is not None and gate is not None:
+            # the picker does not read the response's usage: the reservation stays charged
+            gate.admission.finish(held.ticket, None)
