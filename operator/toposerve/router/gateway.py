@@ -204,6 +204,7 @@ class Gateway(Router):
                 log.info("routing %s as %s", key, ", ".join(entry.names()))
             else:
                 member.cfg = self._member_config(entry)
+                member.lora.opts = member.cfg.adapters  # a changed spec.lora.maxCpuLoras: its slots
             set_adapters = getattr(member, "set_adapters", None)
             if set_adapters is not None:
                 set_adapters(dict(entry.adapters))

@@ -249,3 +249,7 @@ async def test_member_routers_keep_as_many_adapters_per_engine_as_a_dedicated_ro
         ])  # fmt: skip
         slots = {k.split("/")[1]: m.cfg.adapters.slots for k, m in gw.members.items()}
         assert slots == {"llama": 16, "small": 4, "plain": gw.template.adapters.slots}
+        # a spec change reaches the running member's adapter manager
+        gw.deployments_listed([llmd("llama", LLAMA, lora={"maxLoras": 2, "maxCpuLoras": 8})])
+        member = gw.members["team-a/llama"]
+        assert member.cfg.adapters.slots == member.lora.opts.slots == 8
