@@ -115,6 +115,19 @@ class TenantGate:
         t = self.admission.tenant_for(headers)
         return (lambda _m: False) if isinstance(t, tn.Decision) else t.allows
 
+    def admit(
+        self, path: str, headers: Mapping[str, str], body: Mapping[str, Any], model: str, member: Router
+    ) -> tuple[tn.Ticket, int] | web.Response:
+        """Admission of one request for `model` routed by `member` (the HTTP path and the endpoint
+        picker): its ticket and token estimate, or the refusal to answer (counted and logged)."""
+        estimate = admission_tokens(path, body, headers, member)
+        d = self.admission.admit(headers, model, estimate)
+        if not d.allowed or d.ticket is None:
+            self.requests.labels(d.tenant or UNAUTHENTICATED, model, str(d.status)).inc()
+            log.log(logging.DEBUG if d.status == 429 else logging.INFO, "%d: %s", d.status, d.message)
+            return _answer(d)
+        return d.ticket, estimate
+
     async def serve(
         self,
         request: web.Request,
@@ -124,13 +137,10 @@ class TenantGate:
         size: int,
         call: Callable[[], Awaitable[web.StreamResponse]],
     ) -> web.StreamResponse:
-        estimate = admission_tokens(request.path, body, request.headers, member)
-        d = self.admission.admit(request.headers, model, estimate)
-        if not d.allowed or d.ticket is None:
-            self.requests.labels(d.tenant or UNAUTHENTICATED, model, str(d.status)).inc()
-            log.log(logging.DEBUG if d.status == 429 else logging.INFO, "%d: %s", d.status, d.message)
-            return _answer(d)
-        ticket, used = d.ticket, None
+        admitted = self.admit(request.path, request.headers, body, model, member)
+        if isinstance(admitted, web.Response):
+            return admitted
+        (ticket, estimate), used = admitted, None
         try:
             refused = await self._wait(member, ticket, estimate, size)
             if refused is not None:

@@ -15,7 +15,7 @@ from aiohttp import web
 from toposerve.router import tenants as tn
 from toposerve.router.epp.protocol import PickInput, Refused, Routed, endpoint_of, in_subset
 from toposerve.router.proxy import Pick, Router
-from toposerve.router.tenant_gate import TenantGate, admission_tokens
+from toposerve.router.tenant_gate import TenantGate
 
 
 @dataclass
@@ -70,14 +70,10 @@ class RouterPicker:
             return refused(member), None
         ticket = None
         if gate is not None:
-            model = str(inp.body.get("model") or "")
-            d = gate.admission.admit(
-                inp.headers, model, admission_tokens(inp.path, inp.body, inp.headers, member)
-            )
-            if not d.allowed:
-                gate.requests.labels(d.tenant or "unauthenticated", model, str(d.status)).inc()
-                return refused(web.json_response(d.body(), status=d.status, headers=d.headers())), None
-            ticket = d.ticket
+            admitted = gate.admit(inp.path, inp.headers, inp.body, str(inp.body.get("model") or ""), member)
+            if isinstance(admitted, web.Response):
+                return refused(admitted), None
+            ticket = admitted[0]
         only = None
         if inp.subset is not None:
             subset = inp.subset
