@@ -38,13 +38,8 @@ import grpc
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench/router"))
-from run import HOST, PY, Procs, wait_ready  # noqa: E402  (run as a script, beside run.py)
+from run import HOST, PY, Procs, pct, wait_ready  # noqa: E402  (run as a script, beside run.py)
 from tests.unit.router.epp_client import Stream, chat, request_body, request_headers  # noqa: E402
-
-
-def pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 async def open_loop(rate: float, seconds: float, fn: Any) -> tuple[list[float], float]:
@@ -105,7 +100,7 @@ async def main() -> int:
         await open_loop(50, 2, decide)  # warm
         lat, achieved = await open_loop(args.rate, args.seconds, decide)
         results["epp"] = {"n": len(lat), "achieved_per_s": round(achieved, 1),
-                          "p50_ms": round(pct(lat, 0.5) * 1e3, 3), "p99_ms": round(pct(lat, 0.99) * 1e3, 3)}  # fmt: skip
+                          "p50_ms": round(pct(lat, 50) * 1e3, 3), "p99_ms": round(pct(lat, 99) * 1e3, 3)}  # fmt: skip
         print("epp", results["epp"], flush=True)
         await channel.close()
 
@@ -133,7 +128,7 @@ async def main() -> int:
                 await open_loop(50, 2, fn)
                 lat, achieved = await open_loop(args.rate, args.seconds, fn)
                 results[name] = {"n": len(lat), "achieved_per_s": round(achieved, 1),
-                                 "p50_ms": round(pct(lat, 0.5) * 1e3, 3), "p99_ms": round(pct(lat, 0.99) * 1e3, 3)}  # fmt: skip
+                                 "p50_ms": round(pct(lat, 50) * 1e3, 3), "p99_ms": round(pct(lat, 99) * 1e3, 3)}  # fmt: skip
                 print(name, results[name], flush=True)
         results["proxy_added_p50_ms"] = round(results["proxy"]["p50_ms"] - results["direct"]["p50_ms"], 3)
         results["proxy_added_p99_ms"] = round(results["proxy"]["p99_ms"] - results["direct"]["p99_ms"], 3)

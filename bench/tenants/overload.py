@@ -204,13 +204,6 @@ def maxmin(demands: list[float], total: float) -> list[float]:
     return share
 
 
-def pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
-
-
 def summarize(run: Run, slo: float) -> dict[str, Any]:
     out: dict[str, Any] = {"policy": run.policy, "round": run.round, "bands": {}, "tenants": {}}
     for band, ts in BANDS.items():
@@ -220,7 +213,7 @@ def summarize(run: Run, slo: float) -> dict[str, Any]:
             "offered": len(rs), "ok": sum(r.status == 200 for r in rs), "429": sum(r.status == 429 for r in rs),
             "failed": sum(r.status not in (200, 429) for r in rs),
             "codes": {str(c): sum(r.status == c for r in rs) for c in sorted({r.status for r in rs})},
-            "ttft_p50": pct(ttfts, 0.5), "ttft_p99": pct(ttfts, 0.99),
+            "ttft_p50": rb.pct(ttfts, 50) if ttfts else None, "ttft_p99": rb.pct(ttfts, 99) if ttfts else None,
         }  # fmt: skip
     for t in SHARE:
         rs = [r for r in run.results if r.tenant == t]

@@ -140,6 +140,14 @@ def _condition(cluster: Cluster, node: str) -> dict[str, Any] | None:
     return next((c for c in n["status"].get("conditions") or [] if c["type"] == CONDITION_TYPE), None)
 
 
+def _notice(cluster: Cluster, node: str, on: bool) -> None:
+    """Put the termination-notice taint on `node`, or take it off (whatever else it carries stays)."""
+    n = cluster.core.read_node(node)
+    rest = [cluster.api.sanitize_for_serialization(t) for t in n.spec.taints or [] if t.key != NOTICE]
+    notice = [{"key": NOTICE, "value": "true", "effect": "NoSchedule"}] if on else []
+    cluster.core.patch_node(node, {"spec": {"taints": [*rest, *notice]}})
+
+
 def _tainted(cluster: Cluster, node: str, key: str) -> bool:
     return any(t.key == key for t in cluster.core.read_node(node).spec.taints or [])
 
@@ -184,18 +192,13 @@ def test_a_spot_termination_notice_replaces_first_then_drains(
     node = victim.spec.node_name
     assert cluster.core.read_node(node).metadata.labels.get("toposerve.io/capacity-type") == "spot"
     load = Load(url, model).run(8)
-    taint = {"key": NOTICE, "value": "true", "effect": "NoSchedule"}
     try:
         wait_for(lambda: load.ok > 10 or None, "load flowing through the router")
-        n = cluster.core.read_node(node)
-        taints = [cluster.api.sanitize_for_serialization(t) for t in n.spec.taints or []]
-        cluster.core.patch_node(node, {"spec": {"taints": [*taints, taint]}})
+        _notice(cluster, node, True)
         _evacuated_while_serving(cluster, namespace, load, victim, node)
     finally:
         load.close()
-        n = cluster.core.read_node(node)
-        rest = [cluster.api.sanitize_for_serialization(t) for t in n.spec.taints or [] if t.key != NOTICE]
-        cluster.core.patch_node(node, {"spec": {"taints": rest}})
+        _notice(cluster, node, False)
     assert load.failed_before_stream == [], load.failed_before_stream
     assert load.failed_mid_stream == [], load.failed_mid_stream
     assert load.cut == [], load.cut
@@ -215,7 +218,6 @@ def test_a_spot_termination_notice_pre_scales_on_demand_until_the_spot_side_is_b
     victim = spot_pods[0]
     node = victim.spec.node_name
     load = Load(url, model).run(4)
-    taint = {"key": NOTICE, "value": "true", "effect": "NoSchedule"}
 
     def cover() -> int:
         pools = (get_llmd(cluster, namespace, "quickstart").get("status") or {}).get("pools") or []
@@ -231,9 +233,7 @@ def test_a_spot_termination_notice_pre_scales_on_demand_until_the_spot_side_is_b
     try:
         wait_for(lambda: load.ok > 5 or None, "load flowing through the router")
         assert on_demand() == [] and cover() == 0
-        n = cluster.core.read_node(node)
-        taints = [cluster.api.sanitize_for_serialization(t) for t in n.spec.taints or []]
-        cluster.core.patch_node(node, {"spec": {"taints": [*taints, taint]}})
+        _notice(cluster, node, True)
         wait_for(lambda: cover() == 1 or None, "status.pools[0].onDemandCover 1", timeout=60)
         (od,) = wait_for(
             lambda: (ps := [p for p in on_demand() if _ready(p)]) and ps, "a ready on-demand cover"
@@ -255,8 +255,6 @@ def test_a_spot_termination_notice_pre_scales_on_demand_until_the_spot_side_is_b
         load.stop.set()
     finally:
         load.close()
-        n = cluster.core.read_node(node)
-        rest = [cluster.api.sanitize_for_serialization(t) for t in n.spec.taints or [] if t.key != NOTICE]
-        cluster.core.patch_node(node, {"spec": {"taints": rest}})
+        _notice(cluster, node, False)
     assert load.failed_before_stream == [], load.failed_before_stream
     assert load.failed_mid_stream == [], load.failed_mid_stream

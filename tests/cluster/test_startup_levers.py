@@ -6,7 +6,6 @@ on a kept cache; the operator measures both start-ups (status.pools[].startup)."
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,7 @@ import yaml
 
 from tests.cluster.conftest import ROOT, STATE, Cluster, wait_for
 from tests.cluster.operator_harness import Operator, apply, get_llmd, install_crd, wait_condition
-from toposerve.mockengine.cli import add_arguments, config_from_args
-from toposerve.mockengine.server import EngineConfig
+from tests.unit.test_mock_startup_render import mock_config
 from toposerve.mockengine.startup import StartupModel
 from toposerve.mockengine.startup import plan as startup_plan
 
@@ -51,11 +49,7 @@ def _ready(pod: Any) -> bool:
 def _modelled(pod: Any) -> StartupModel:
     """The start-up the renderer gave this pod's mock (its args, read by the mock's own parser)."""
     (c,) = [c for c in pod.spec.containers if c.args and "--model" in c.args]
-    p = argparse.ArgumentParser()
-    add_arguments(p)
-    cfg = config_from_args(p.parse_args(c.args))
-    assert isinstance(cfg, EngineConfig)
-    return cfg.startup
+    return mock_config(c.args).startup
 
 
 def _log(namespace: str, pod: str) -> str:
