@@ -3,17 +3,14 @@ count, the Prometheus answer, status, metrics and `toposerve cost`."""
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 from prometheus_client import REGISTRY
 
 from tests.unit.conftest import make_spec
+from tests.unit.fake_prometheus import FakePrometheus, serve
 from toposerve.api.config import OperatorConfig
 from toposerve.api.gpus import DEFAULT_CATALOG
 from toposerve.commands import cost as cost_cmd
@@ -151,49 +148,20 @@ def test_query_and_parse_of_an_instant_vector() -> None:
     assert rates_by_pod(result) == {"a": 12.5}
 
 
-class _FakePrometheus(BaseHTTPRequestHandler):
-    """GET /api/v1/query as the Prometheus HTTP API documents it
-    (https://prometheus.io/docs/prometheus/latest/querying/api/#instant-queries):
-    {"status": "success", "data": {"resultType": "vector", "result": [...]}}."""
-
-    queries: list[str] = []
-
-    def do_GET(self) -> None:
-        url = urlparse(self.path)
-        if url.path != "/api/v1/query":
-            self.send_error(404)
-            return
-        self.queries.append(parse_qs(url.query)["query"][0])
-        body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
-            {"metric": {"pod": "engine-0"}, "value": [1.7e9, "1999.5"]},
-            {"metric": {"pod": "engine-1"}, "value": [1.7e9, "0.5"]},
-        ]}}).encode()  # fmt: skip
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def prometheus() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakePrometheus)
-    t = threading.Thread(target=srv.serve_forever, daemon=True)
-    t.start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+def prometheus() -> Iterator[FakePrometheus]:
+    with serve([
+        {"metric": {"pod": "engine-0"}, "value": [1.7e9, "1999.5"]},
+        {"metric": {"pod": "engine-1"}, "value": [1.7e9, "0.5"]},
+    ]) as fake:  # fmt: skip
+        yield fake
 
 
-def test_prometheus_source_through_prometheus_api_client(prometheus: str) -> None:
-    _FakePrometheus.queries = []
-    src = PrometheusThroughput(prometheus, window="2m", ttl_s=3600)
+def test_prometheus_source_through_prometheus_api_client(prometheus: FakePrometheus) -> None:
+    src = PrometheusThroughput(prometheus.url, window="2m", ttl_s=3600)
     assert src("ns") == {"engine-0": 1999.5, "engine-1": 0.5}
     assert src("ns") == {"engine-0": 1999.5, "engine-1": 0.5}  # cached: one query
-    assert _FakePrometheus.queries == [throughput_query("ns", "2m")]
+    assert prometheus.queries == [throughput_query("ns", "2m")]
 
 
 def test_prometheus_down_means_unknown_not_a_crash() -> None:

@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import parse_qs, urlparse
 
 import pytest
 
+from tests.unit.fake_prometheus import FakePrometheus, serve
 from tests.unit.test_cost import _node, pod
 from toposerve.api.config import OperatorConfig
 from toposerve.commands import cost as cost_cmd
@@ -34,33 +32,10 @@ RESULT = [  # sum by (tenant, model, kind) (increase(toposerve_tenant_tokens_tot
 ]
 
 
-class _FakePrometheus(BaseHTTPRequestHandler):
-    """GET /api/v1/query as the Prometheus HTTP API documents it
-    (https://prometheus.io/docs/prometheus/latest/querying/api/#instant-queries)."""
-
-    queries: list[str] = []
-
-    def do_GET(self) -> None:
-        url = urlparse(self.path)
-        self.queries.append(parse_qs(url.query)["query"][0])
-        body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": RESULT}}).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture
-def prometheus() -> Iterator[str]:
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), _FakePrometheus)
-    threading.Thread(target=srv.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{srv.server_address[1]}"
-    srv.shutdown()
-    srv.server_close()
+def prometheus() -> Iterator[FakePrometheus]:
+    with serve(RESULT) as fake:
+        yield fake
 
 
 def lister(api_version: str, kind: str, ns: str | None, selector: str | None) -> list[dict[str, Any]]:
@@ -91,12 +66,13 @@ def test_tenant_costs_price_completion_tokens_at_the_deployments_figure() -> Non
     assert f"{3 * per_m:.4f}" in text  # search's total over both names
 
 
-def test_cost_by_tenant_through_prometheus(prometheus: str, capsys: pytest.CaptureFixture[str]) -> None:
-    _FakePrometheus.queries = []
+def test_cost_by_tenant_through_prometheus(
+    prometheus: FakePrometheus, capsys: pytest.CaptureFixture[str]
+) -> None:
     rows = cost_cmd.collect(lister, OperatorConfig(), lambda ns: {"llama-0": 2000.0}, "ns")
     args = argparse.Namespace(output="json")
-    assert cost_cmd._run_by_tenant(args, prometheus, "1h", rows, lister) == 0
-    assert _FakePrometheus.queries == [cost_cmd.tenant_query("1h")]
+    assert cost_cmd._run_by_tenant(args, prometheus.url, "1h", rows, lister) == 0
+    assert prometheus.queries == [cost_cmd.tenant_query("1h")]
     assert cost_cmd.tenant_query("1h") == (
         "sum by (tenant, model, kind) (increase(toposerve_tenant_tokens_total[1h]))"
     )
