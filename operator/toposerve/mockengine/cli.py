@@ -423,6 +423,14 @@ def run(args: argparse.Namespace) -> int:
         return 2
     assert isinstance(cfg, EngineConfig)
 
+    async def until_signal() -> None:
+        """SIGTERM or SIGINT: what ends both modes."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+
     async def prefetch_then_wait() -> int:
         from aiohttp import web
 
@@ -439,10 +447,7 @@ def run(args: argparse.Namespace) -> int:
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         await web.TCPSite(runner, args.host, args.port).start()
-        stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_signal()
         await runner.cleanup()
         return 0
 
@@ -470,11 +475,7 @@ def run(args: argparse.Namespace) -> int:
             e.max_model_len,
             cfg.time_scale,
         )
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
+        await until_signal()
         mode = "abort" if cfg.shutdown_timeout_s == 0 else "drain"
         log.info("[shutdown] mode=%s timeout=%ss, %d in flight", mode, cfg.shutdown_timeout_s, e.inflight)
         left = await server.shutdown()
