@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -61,6 +62,26 @@ def install_crd(cluster: Cluster) -> None:
     kubectl(
         cluster, "wait", "--for=condition=Established", "crd/llmdeployments.toposerve.io", "--timeout=60s"
     )
+
+
+@contextlib.contextmanager
+def running_operator(
+    cluster: Cluster, tmp_path: Path, config: dict[str, Any] | None, *args: str, tail: int = 40
+) -> Iterator[Operator]:
+    """The CRD installed, then `toposerve run` with `config` (the operator config, written to a
+    file) and `args`; stopped at the end, with the last `tail` lines of its log printed."""
+    install_crd(cluster)
+    if config is not None:
+        path = tmp_path / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        args = (*args, "--config", str(path))
+    op = Operator(cluster, tmp_path / "operator.log", *args)
+    op.start()
+    try:
+        yield op
+    finally:
+        op.stop()
+        print(f"--- operator log (last lines)\n{op.tail(tail)}")
 
 
 @pytest.fixture

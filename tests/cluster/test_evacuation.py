@@ -16,7 +16,14 @@ import yaml
 
 from tests.cluster.conftest import ROOT, Cluster, start_health_agent, wait_for
 from tests.cluster.load import Load
-from tests.cluster.operator_harness import Operator, apply, events, get_llmd, install_crd, wait_condition
+from tests.cluster.operator_harness import (
+    Operator,
+    apply,
+    events,
+    get_llmd,
+    running_operator,
+    wait_condition,
+)
 from tests.cluster.test_router_cluster import ready_ips
 from toposerve.dev import fakenvml
 from toposerve.health.node import CONDITION_TYPE, TAINT_KEY
@@ -29,25 +36,16 @@ NOTICE = "cloud.google.com/impending-node-termination"
 
 @pytest.fixture
 def evac_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
-    install_crd(cluster)
-    config = tmp_path / "config.yaml"
     # Deadlines long enough that only a Ready replacement and an idle engine can explain the steps.
-    config.write_text(
-        yaml.safe_dump(
-            {
-                "evacuation": {
-                    "gpuUnhealthy": {"drainAfterSeconds": 300, "drainTimeoutSeconds": 120},
-                    "interruption": {"drainAfterSeconds": 120, "drainTimeoutSeconds": 90},
-                    "minDrainSeconds": 3,
-                }
-            }
-        )
-    )
-    op = Operator(cluster, tmp_path / "operator.log", "--resync", "30", "--config", str(config))
-    op.start()
-    yield op
-    op.stop()
-    print(f"--- operator log (last lines)\n{op.tail(60)}")
+    config = {
+        "evacuation": {
+            "gpuUnhealthy": {"drainAfterSeconds": 300, "drainTimeoutSeconds": 120},
+            "interruption": {"drainAfterSeconds": 120, "drainTimeoutSeconds": 90},
+            "minDrainSeconds": 3,
+        }
+    }
+    with running_operator(cluster, tmp_path, config, "--resync", "30", tail=60) as op:
+        yield op
 
 
 def _deploy(cluster: Cluster, namespace: str, spec: dict[str, Any]) -> tuple[str, str]:

@@ -25,7 +25,15 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import ROOT, Cluster, kubectl, wait_for
-from tests.cluster.operator_harness import Operator, apply, condition, events, install_crd, wait_condition
+from tests.cluster.operator_harness import (
+    Operator,
+    apply,
+    condition,
+    events,
+    install_crd,
+    running_operator,
+    wait_condition,
+)
 from toposerve.api.config import OperatorConfig
 from toposerve.api.spec import LLMDeploymentSpec
 from toposerve.render.inferencepool import CRD_NAME, CRD_URL, render_inference_pool
@@ -65,16 +73,16 @@ def scoped_operator(
 ) -> Iterator[Operator]:
     """The operator watching only this test's namespace, resyncing every 5 s."""
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
-    install_crd(cluster)
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"autoEngine": "mock", "gpuNodeProvisioning": "on-demand"}))
-    op = Operator(
-        cluster, tmp_path / "operator.log", "-n", namespace, "--config", str(config), "--resync", "5"
-    )
-    op.start()
-    yield op
-    op.stop()
-    print(f"--- operator log (last lines)\n{op.tail()}")
+    with running_operator(
+        cluster,
+        tmp_path,
+        {"autoEngine": "mock", "gpuNodeProvisioning": "on-demand"},
+        "-n",
+        namespace,
+        "--resync",
+        "5",
+    ) as op:
+        yield op
 
 
 def manifest(name: str, pool: bool = True) -> dict[str, Any]:

@@ -17,10 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from tests.cluster.conftest import ROOT, Cluster, kubectl, wait_for
-from tests.cluster.operator_harness import Operator, apply, condition, install_crd, wait_condition
+from tests.cluster.operator_harness import (
+    Operator,
+    apply,
+    condition,
+    running_operator,
+    wait_condition,
+)
 
 pytestmark = pytest.mark.cluster
 
@@ -72,16 +77,16 @@ def scoped_operator(
     """The operator watching only this test's namespace, resyncing every 5 s, logging unbuffered
     (the tests read its log while it runs)."""
     monkeypatch.setenv("PYTHONUNBUFFERED", "1")
-    install_crd(cluster)
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"prometheusOperator": "auto", "gpuNodeProvisioning": "on-demand"}))
-    op = Operator(
-        cluster, tmp_path / "operator.log", "-n", namespace, "--config", str(config), "--resync", "5"
-    )
-    op.start()
-    yield op
-    op.stop()
-    print(f"--- operator log (last lines)\n{op.tail()}")
+    with running_operator(
+        cluster,
+        tmp_path,
+        {"prometheusOperator": "auto", "gpuNodeProvisioning": "on-demand"},
+        "-n",
+        namespace,
+        "--resync",
+        "5",
+    ) as op:
+        yield op
 
 
 def manifest(name: str, **spec: Any) -> dict[str, Any]:

@@ -14,7 +14,13 @@ import pytest
 import yaml
 
 from tests.cluster.conftest import ROOT, STATE, Cluster, wait_for
-from tests.cluster.operator_harness import Operator, apply, get_llmd, install_crd, wait_condition
+from tests.cluster.operator_harness import (
+    Operator,
+    apply,
+    get_llmd,
+    running_operator,
+    wait_condition,
+)
 from tests.unit.test_mock_startup_render import mock_config
 from toposerve.mockengine.startup import StartupModel
 from toposerve.mockengine.startup import plan as startup_plan
@@ -25,14 +31,8 @@ SCALE = 0.02  # an 8B model: ~7 s cold (download 32 s + load 8 s + compile 240 s
 
 @pytest.fixture
 def startup_operator(cluster: Cluster, tmp_path: Path) -> Iterator[Operator]:
-    install_crd(cluster)
-    config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({"mockStartupScale": SCALE}))
-    op = Operator(cluster, tmp_path / "operator.log", "--resync", "10", "--config", str(config))
-    op.start()
-    yield op
-    op.stop()
-    print(f"--- operator log (last lines)\n{op.tail(40)}")
+    with running_operator(cluster, tmp_path, {"mockStartupScale": SCALE}, "--resync", "10") as op:
+        yield op
 
 
 def _engines(cluster: Cluster, namespace: str) -> list[Any]:
