@@ -12,10 +12,18 @@ the whole time in system. This module turns the router's figures into replicas:
   flight (prompt + expected decode of requests sent and not finished: the size-biased mean that
   Little's law in tokens needs, long requests stay longer), else from the window's arrivals.
   Load R = resident / (kvCacheTokensPerReplica x target KV utilization): replicas at target.
-* **Leading up, lagging down.** R is computed on the short window (~5 s) and the long one
-  (~60 s), and on what is in flight now (plus held requests: a queue building up); the largest
-  wins. A rise shows in the short window first; a fall shows only when the long window falls, so
-  one quiet 5 s never removes a replica.
+* **Leading up, lagging down.** R is computed on the short window (the routers' 15 s) and the
+  long one (60 s), and on what is in flight now (plus held requests: a queue building up); the
+  largest wins. A rise shows in the short window first; a fall shows only when the long window
+  falls, so one quiet short window never removes a replica.
+* **Only a significant rise leads** (``short_window_significant``). Arrivals are Poisson-like: a
+  15 s window of 3.6 req/s holds 54 +- 7 requests, so taking max(short, long) as it comes scales
+  up on noise, and the down window then holds every such replica for minutes (the benchmark's
+  round 1 paid more GPU-hours for the lead than it saved, docs/benchmarks.md). The short window
+  counts only when its arrivals exceed what the long window's rate predicts for it by more than
+  z x sqrt(that prediction) (``SHORT_WINDOW_Z``): a real step (a 1.6x spike at that rate is about
+  4.4 standard deviations in 15 s) still leads, a noisy window does not. The long window and the
+  in-flight figure are never filtered.
 * **Square-root staffing** (``decision.staffed``): ceil(R + beta x sqrt(R)), room for Poisson
   bursts that shrinks relative to the fleet as the fleet grows.
 
@@ -32,6 +40,15 @@ from dataclasses import dataclass, fields
 from typing import Literal
 
 Window = Literal["short", "long", "in-flight"]
+
+# The routers' windows (router/demand.py LEADING_WINDOW_S and LONG_WINDOW_S; router_figures.py reads
+# the 15 s figure as "short"): what a Demand's rates are averaged over unless it says otherwise.
+SHORT_WINDOW_S = 15.0
+LONG_WINDOW_S = 60.0
+# The short window leads only when its arrivals exceed the long window's prediction by more than
+# this many Poisson standard deviations (z = 3: a one-sided normal tail of about 1 in 740 windows;
+# measured in docs/benchmarks.md "Leading signal, round 2").
+SHORT_WINDOW_Z = 3.0
 
 
 def staffed(load: float, beta: float) -> float:
@@ -64,6 +81,7 @@ class Demand:
     in_flight: float = 0.0  # requests sent to an engine and not finished
     in_flight_tokens: float = 0.0  # prompt + expected decode tokens of those
     held: float = 0.0  # requests the router holds (no replica in rotation)
+    short_window_s: float = SHORT_WINDOW_S  # what the *_short rates are averaged over (> 0)
     # Learned from the engines' counters; None until engines report (and while they are idle).
     decode_tokens_per_replica: float | None = None  # decode tokens/s one replica generated ...
     batch: float | None = None  # ... at this mean running batch (sequences per replica)
@@ -85,7 +103,18 @@ def _valid(d: Demand) -> bool:
             continue
         if not isinstance(v, int | float) or not math.isfinite(v) or v < 0:
             return False
-    return d.kv_tokens_per_replica > 0
+    return d.kv_tokens_per_replica > 0 and d.short_window_s > 0
+
+
+def short_window_significant(d: Demand, z: float | None = SHORT_WINDOW_Z) -> bool:
+    """Whether the short window's arrivals are a rise, not Poisson noise around the long rate:
+    n - mu > z x sqrt(max(mu, 1)), with n the short window's arrivals and mu what the long
+    window's rate predicts for the same span. z None: no filter (any short window may lead)."""
+    if z is None:
+        return True
+    n = d.arrivals_short * d.short_window_s
+    mu = d.arrivals_long * d.short_window_s
+    return n - mu > z * math.sqrt(max(mu, 1.0))
 
 
 def _zero(d: Demand) -> bool:
@@ -109,10 +138,17 @@ def _tokens_per_request(d: Demand, rate: float, prompt: float, decode: float) ->
 
 
 def demand_replicas(
-    d: Demand, target_kv: float, beta: float = 0.0, max_replicas: int | None = None
+    d: Demand,
+    target_kv: float,
+    beta: float = 0.0,
+    max_replicas: int | None = None,
+    z: float | None = SHORT_WINDOW_Z,
 ) -> Proposal | None:
-    """Replicas the router's demand asks for, or None when the inputs cannot say (see module)."""
+    """Replicas the router's demand asks for, or None when the inputs cannot say (see module).
+    ``z``: the short window's significance test (``short_window_significant``; None: off)."""
     if not _valid(d) or not (0 < target_kv <= 1) or not math.isfinite(beta) or beta < 0:
+        return None
+    if z is not None and (not math.isfinite(z) or z < 0):
         return None
     cap = d.kv_tokens_per_replica * target_kv
     if _zero(d):
@@ -135,7 +171,10 @@ def demand_replicas(
     tau_now = _tokens_per_request(d, d.arrivals_long, d.prompt_tokens_long, d.decode_tokens_long)
     loads["in-flight"] = (d.in_flight_tokens + d.held * tau_now) / cap
     detail["in-flight"] = f"{d.in_flight:g} in flight ({d.in_flight_tokens:.0f} tokens) + {d.held:g} held"
-    window = max(loads, key=lambda k: loads[k])
+    significant = short_window_significant(d, z)
+    # a short window within the noise around the long rate may not lead (reported, not used)
+    candidates = {k: v for k, v in loads.items() if significant or k != "short"}
+    window = max(candidates, key=lambda k: candidates[k])
     load = loads[window]
     want = _ceil(staffed(load, beta)) if load > 0 else 0
     if d.held > 0:
@@ -143,7 +182,10 @@ def demand_replicas(
     if max_replicas is not None:
         want = min(want, max(max_replicas, 0))
     headroom = staffed(load, beta) - load
-    windows = f"short {loads['short']:.2f}, long {loads['long']:.2f}, in flight {loads['in-flight']:.2f}"
+    noise = "" if significant else f" within {z:g} sigma of the long rate, not used"
+    windows = (
+        f"short {loads['short']:.2f}{noise}, long {loads['long']:.2f}, in flight {loads['in-flight']:.2f}"
+    )
     explanation = (
         f"router arrivals: {detail[window]} ({window} window; {windows}) "
         f"at {per_seq:.1f} tokens/s per sequence (batch {batch:.1f}) = {load:.2f} replicas at KV "
