@@ -955,12 +955,14 @@ class AutoscalingSpec(_Model):
         description="Predictive pre-warm from Prometheus history (builtin mode with a Prometheus).",
         json_schema_extra={"default": {}},
     )
-    pool_order: Literal["tier", "weight"] | None = Field(
+    pool_order: Literal["tier", "weight", "cost"] | None = Field(
         default=None,
         description="How spec.replicas spreads over spec.pools: tier (grow the fastest pool with room "
         "first for latency-critical and long-context, the cheapest per token first for throughput and "
-        "batch; shrink in reverse) or weight (split by pools[].weight). Default: tier when autoscaling is "
-        "enabled, weight otherwise.",
+        "batch; shrink in reverse), cost (grow the pool whose next replica costs least per output token, "
+        "observed where Prometheus says, among the pools meeting ttftSLO; pools over it last, fastest "
+        "first; shrink the most expensive per token first, keeping the on-demand baseline) or weight "
+        "(split by pools[].weight). Default: tier when autoscaling is enabled, weight otherwise.",
     )
 
     model_config = ConfigDict(
@@ -978,7 +980,7 @@ class AutoscalingSpec(_Model):
         return self
 
     @property
-    def effective_pool_order(self) -> Literal["tier", "weight"]:
+    def effective_pool_order(self) -> Literal["tier", "weight", "cost"]:
         """tier unless set, or unless autoscaling is off (existing deployments keep their weight split)."""
         if self.pool_order is not None:
             return self.pool_order

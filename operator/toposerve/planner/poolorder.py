@@ -17,6 +17,35 @@ change of order (prices, poolOrder) therefore moves nothing until the next scale
 has inventory room for go to the first pools in the order up to their ``maxReplicas`` (they wait
 for capacity there, where the GPU fallback and node provisioning act); ``maxReplicas`` is never
 exceeded, so the total falls short of the request only when every pool is at its maximum.
+
+``poolOrder: cost`` (issue 25, part 3: the cheapest GPU type that meets the SLO) ranks by what the
+next replica of each pool costs per token, on figures the controller observes where it can:
+
+* the pools whose observed TTFT quantile (per pool, over the autoscaler's window) is within
+  ``spec.autoscaling.ttftSLO`` come first, or all pools when no SLO is set or a pool has no reading
+  (no evidence against it); among them the lowest **marginal cost per million output tokens**
+  first: USD/h of one more replica (the spot price where the pool runs spot, is above its
+  on-demand baseline and free spot capacity holds another replica; the on-demand price otherwise)
+  over that replica's output tokens/s at a busy batch, observed where the pool's engines were
+  busy often enough (``throughput_source`` observed), else estimated from the decode step
+  (``REFERENCE_BATCH`` sequences per step, ``estimated``). Ties go to the faster pool, then spec order.
+* pools over the SLO come after them, fastest first (more of a pool that misses is the worst buy).
+
+Shrinking removes from the end of that order (the most expensive per token first), and keeps each
+pool's on-demand baseline while the total allows: the excess is first taken from what pools run
+above their baseline, and only a total below the sum of baselines takes from the baselines.
+
+Flapping: observed throughput moves with the traffic mix, so the raw figure of two pools priced
+within a few percent swaps their order from one reconcile to the next. Since filling is
+incremental a swap moves nothing by itself, but the next scale-up and scale-down would then pick
+opposite ends, adding to one pool and removing from the other: churn with start-ups of minutes.
+So each pool ranks by a *held* figure (kept in status.pools[].costRank): a new figure replaces the
+held one only when it differs by more than ``HYSTERESIS`` (10 %), a dead band that is wider than
+the noise of a 5-minute rate on a busy pool and narrower than any price gap worth acting on (an
+L40S and an H100 differ by 2x, spot and on-demand by 2-3x). A switch between observed and
+estimated is always taken (the source changed, not the noise). A long window alone was rejected:
+it makes the figure slow to react to a real change (a spot price move, a new engine version) and
+still flips on the day two figures cross.
 """
 
 from __future__ import annotations
@@ -27,9 +56,14 @@ from typing import Literal
 
 from toposerve.planner.replicas import distribute
 
-PoolOrder = Literal["tier", "weight"]
+PoolOrder = Literal["tier", "weight", "cost"]
+Source = Literal["observed", "estimated"]
 FASTEST_FIRST = frozenset({"latency-critical", "long-context"})
 GIB_PER_GB = 1.073741824  # GiB of weights over GB/s of bandwidth -> seconds
+HYSTERESIS = 0.10  # a held cost figure is replaced only by one that differs by more than this share
+# Sequences per decode step the estimate assumes: a busy batch of a memory-bound engine (the step
+# costs about the same for 1 or 32 sequences because it streams the weights either way).
+REFERENCE_BATCH = 32
 
 
 @dataclass(frozen=True)
@@ -45,11 +79,53 @@ class PoolView:
     max_replicas: int | None = None  # pools[].maxReplicas: hard bound
     room: int | None = None  # replicas the inventory can hold now (placed + free); None: unbounded
     current: int = 0  # replicas its workloads run now
+    # poolOrder cost (cost_per_hour is then the *marginal* replica's price: spot or on-demand)
+    tokens_per_second: float = 0.0  # one replica's output tokens/s at a busy batch; 0: estimate it
+    throughput_source: Source = "estimated"  # where tokens_per_second came from
+    ttft_seconds: float | None = None  # the pool's observed TTFT quantile; None: no reading
+    slo_seconds: float | None = None  # spec.autoscaling.ttftSLO.seconds; None: no SLO
+    held_cost: float | None = None  # USD per million tokens ranked by last time (status), for hysteresis
+    held_source: Source | None = None  # the source of that held figure
+    on_demand_baseline: int = 0  # replicas shrinking keeps while the total allows
 
     @property
     def cost_per_token(self) -> float:
         """Relative cost per token at an equal batch size (USD/h x ms per step)."""
         return self.cost_per_hour * self.step_ms
+
+    @property
+    def meets_slo(self) -> bool:
+        """Within the TTFT SLO, or no SLO, or no reading (no evidence against the pool)."""
+        return self.slo_seconds is None or self.ttft_seconds is None or self.ttft_seconds <= self.slo_seconds
+
+    @property
+    def replica_tokens_per_second(self) -> float:
+        """Observed when given, else ``REFERENCE_BATCH`` tokens per estimated decode step."""
+        if self.tokens_per_second > 0:
+            return self.tokens_per_second
+        return REFERENCE_BATCH * 1000.0 / self.step_ms if self.step_ms > 0 else 0.0
+
+    @property
+    def source(self) -> Source:
+        return self.throughput_source if self.tokens_per_second > 0 else "estimated"
+
+    @property
+    def raw_cost_per_million(self) -> float | None:
+        """USD per million output tokens of one more replica; None when its throughput is unknown."""
+        tps = self.replica_tokens_per_second
+        if tps <= 0:
+            return None
+        return self.cost_per_hour / (tps * 3600.0) * 1_000_000
+
+    @property
+    def cost_per_million(self) -> float | None:
+        """The figure the cost order ranks by: the held one unless the new one left the dead band
+        (``HYSTERESIS``) or the source changed (see the module doc)."""
+        new = self.raw_cost_per_million
+        held = self.held_cost
+        if new is None or held is None or self.held_source not in (None, self.source):
+            return new
+        return held if abs(new - held) <= HYSTERESIS * held else new
 
 
 def decode_step_ms(weights_gib_per_gpu: float, pipeline_parallel: int, bandwidth_gbps: float) -> float:
@@ -59,10 +135,24 @@ def decode_step_ms(weights_gib_per_gpu: float, pipeline_parallel: int, bandwidth
     return weights_gib_per_gpu * GIB_PER_GB * max(1, pipeline_parallel) / bandwidth_gbps * 1000.0
 
 
-def rank(tier: str, pools: Sequence[PoolView]) -> list[str]:
-    """The names of the pools that fit, in the order they grow (they shrink in reverse)."""
+def rank(tier: str, pools: Sequence[PoolView], how: PoolOrder = "tier") -> list[str]:
+    """The names of the pools that fit, in the order they grow (they shrink in reverse).
+
+    ``how`` tier: by the tier (fastest or cheapest per token at an equal batch); cost: meeting the
+    SLO first, by ``cost_per_million`` (held figure), then those over the SLO, fastest first.
+    """
     indexed = [(i, p) for i, p in enumerate(pools) if p.fits]
-    if tier in FASTEST_FIRST:
+    if how == "cost":
+        inf = float("inf")
+
+        def key(ip: tuple[int, PoolView]) -> tuple[bool, float, float, int, int]:
+            i, p = ip
+            c = p.cost_per_million
+            figure = (inf if c is None else c) if p.meets_slo else 0.0  # over the SLO: speed only
+            return (not p.meets_slo, figure, p.step_ms, -p.generation, i)
+
+        indexed.sort(key=key)
+    elif tier in FASTEST_FIRST:
         indexed.sort(key=lambda ip: (ip[1].step_ms, -ip[1].generation, ip[0]))
     else:
         indexed.sort(key=lambda ip: (ip[1].cost_per_token, ip[1].step_ms, -ip[1].generation, ip[0]))
@@ -83,10 +173,12 @@ def fill(total: int, order: Sequence[str], pools: Sequence[PoolView]) -> dict[st
     have = sum(out.values())
     if have > total:
         excess = have - total
-        for name in reversed(order):
-            take = min(out[name], excess)
-            out[name] -= take
-            excess -= take
+        for keep_baseline in (True, False):  # above the on-demand baselines first
+            for name in reversed(order):
+                floor = min(out[name], max(0, by_name[name].on_demand_baseline)) if keep_baseline else 0
+                take = min(out[name] - floor, excess)
+                out[name] -= take
+                excess -= take
     elif have < total:
         need = total - have
         for soft in (True, False):  # inventory room first, then only maxReplicas
@@ -132,13 +224,41 @@ class Split:
 
 
 def split(total: int, how: PoolOrder, tier: str, pools: Sequence[PoolView]) -> Split:
-    """Replicas per pool for ``total`` by ``how`` (tier order or weight)."""
+    """Replicas per pool for ``total`` by ``how`` (tier order, cost order or weight)."""
     if how == "weight":
         return Split(weight_split(total, pools), {p.name: None for p in pools}, how)
-    order = rank(tier, pools)
+    order = rank(tier, pools, how)
     place: dict[str, int | None] = {p.name: None for p in pools}
     place.update({name: i + 1 for i, name in enumerate(order)})
     return Split(fill(total, order, pools), place, how)
+
+
+@dataclass(frozen=True)
+class CostFigure:
+    """What the cost order ranked one pool by (status.pools[].costRank)."""
+
+    cost_per_million_tokens: float | None  # USD per million output tokens of one more replica (held)
+    source: Source
+    meets_slo: bool
+    marginal_cost_per_hour: float
+    tokens_per_second: float  # one replica's output tokens/s the figure divides by
+    ttft_seconds: float | None
+
+
+def cost_figures(pools: Sequence[PoolView]) -> dict[str, CostFigure]:
+    """The figures ``rank(..., how="cost")`` used, per pool that fits (for status and the Event)."""
+    return {
+        p.name: CostFigure(
+            cost_per_million_tokens=p.cost_per_million,
+            source=p.source,
+            meets_slo=p.meets_slo,
+            marginal_cost_per_hour=p.cost_per_hour,
+            tokens_per_second=p.replica_tokens_per_second,
+            ttft_seconds=p.ttft_seconds,
+        )
+        for p in pools
+        if p.fits
+    }
 
 
 def changes(before: Mapping[str, int], after: Mapping[str, int]) -> list[tuple[str, int, int]]:
