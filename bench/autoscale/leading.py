@@ -25,10 +25,12 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from daytrace import DAY, TraceConfig, generate
-from fleetsim import EngineModel, Fleet, Policy
+from azuretrace import load as load_azure
+from daytrace import DAY, Trace, TraceConfig, generate
+from fleetsim import RECORD_S, EngineModel, Fleet, Policy
 from run import HPA_BEHAVIOUR, summarize
 from scalers import KVHpa, RequestCount, Toposerve, ToposerveLeading
+from startup_phases import startup_seconds
 
 GRID = (0.3, 0.35, 0.4, 0.45, 0.5, 0.6, 0.7)
 COMPETITORS = ("hpa-kv", "request-count")
@@ -44,13 +46,25 @@ def base_spec(target: float, max_replicas: int, grace: float) -> dict[str, Any]:
     }
 
 
+def engine_for(name: str, args: argparse.Namespace) -> EngineModel:
+    """The replica model a policy runs on. ``--startup-model phases``: the product's phase model
+    (startup_phases.py), cold for the competitors and for toposerve unless its lever says
+    ``"startup": "warm"`` (model.cache host-path + model.cache.prefetch); else log-normal around
+    ``--startup`` for every policy."""
+    median = args.startup
+    if args.startup_model == "phases":
+        warm = name.startswith("toposerve") and json.loads(args.leading).get("startup") == "warm"
+        median = startup_seconds(warm)
+    return EngineModel.for_gpu("L4", startup_s=median, startup_sigma=args.startup_sigma)
+
+
 def make(
     name: str, target: float, args: argparse.Namespace, engine: EngineModel, per_replica: float
 ) -> Policy:
     # toposerve plans with the measured start-up: p90 x 1.5 (docs/autoscaling.md "Measured start-up")
     grace = 1.5 * engine.startup_quantile(0.9)
     if name == "hpa-kv":
-        return KVHpa(1, args.max_replicas, target)
+        return KVHpa(1, args.max_replicas, target, down_window_s=args.hpa_down)
     if name == "request-count":
         return RequestCount(1, args.max_replicas, round(target * per_replica, 2))
     if name == "toposerve":
@@ -62,25 +76,52 @@ def make(
             "syncPeriodSeconds": 5,
             **lever.get("spec", {}),
         }
+        if "down_s" in lever:  # the HPA's default scale-down with a shorter window
+            spec["scaleDown"] = {**HPA_BEHAVIOUR["scaleDown"], "stabilizationWindowSeconds": lever["down_s"]}
+        z = lever.get("z", "default")
         return ToposerveLeading(
-            spec, engine.kv_tokens, short_s=lever.get("short_s", 5.0), demand_headroom=lever.get("beta")
+            spec,
+            engine.kv_tokens,
+            short_s=lever.get("short_s", 5.0),
+            demand_headroom=lever.get("beta"),
+            z=None if z == "off" else z,
         )
     raise ValueError(f"unknown policy {name!r}")
 
 
+def trace_for(args: argparse.Namespace) -> tuple[Trace, float, float]:
+    """(trace, start, end) of the measured span: days after the warm-up, or the Azure hour's
+    second copy (azuretrace.py)."""
+    if args.trace == "day":
+        trace = generate(TraceConfig(days=args.days, seed=args.seed))
+        return trace, args.warmup_days * DAY, trace.duration
+    trace, period = load_azure(args.trace.removeprefix("azure-"), args.seed)
+    return trace, period, 2 * period
+
+
+def gpu_hours_between(timeline: dict[str, list[float]], start: float, end: float) -> float:
+    """GPU-hours of the pods in [start, end) from the per-minute pod means (any span, not whole days)."""
+    pods = timeline["pods"][int(start // RECORD_S) : math.ceil(end / RECORD_S)]
+    return round(sum(pods) * RECORD_S / 3600.0, 2)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
-    trace = generate(TraceConfig(days=args.days, seed=args.seed))
-    engine = EngineModel.for_gpu("L4", startup_s=args.startup, startup_sigma=args.startup_sigma)
+    trace, start, end = trace_for(args)
     mean_tokens = sum(trace.prompt[i] + trace.output[i] for i in range(len(trace))) / max(1, len(trace))
-    per_replica = engine.kv_tokens / mean_tokens
     for name in args.policies.split(","):
+        engine = engine_for(name, args)
+        per_replica = engine.kv_tokens / mean_tokens
         for target in [float(x) for x in args.targets.split(",")]:
             p = make(name, target, args, engine, per_replica)
             t = time.monotonic()
-            res = Fleet(trace, engine, p, timeout_s=120.0, seed=args.seed).run()
-            s = summarize(trace, res, 2.0, args.warmup_days * DAY, trace.duration)
-            row = {"seed": args.seed, "days": args.days, "policy": name, "label": args.label or name,
-                   "target": target, "lever": json.loads(args.leading) if name == "toposerve-leading" else {},
+            res = Fleet(trace, engine, p, timeout_s=120.0, seed=args.seed, until=end).run()
+            s = summarize(trace, res, 2.0, start, end)
+            if args.trace != "day":
+                s["gpu_hours"] = gpu_hours_between(res.timeline, start, end)
+            row = {"seed": args.seed, "days": args.days, "trace": args.trace, "policy": name,
+                   "label": args.label or name, "target": target, "startup_median_s": round(engine.startup_s, 1),
+                   "hpa_down_s": args.hpa_down if name == "hpa-kv" else None,
+                   "lever": json.loads(args.leading) if name == "toposerve-leading" else {},
                    "requests": s["requests"], "missed": round((1 - s["slo_attainment"]) * s["requests"]),
                    "slo_attainment": s["slo_attainment"], "gpu_hours": s["gpu_hours"],
                    "ttft_p99_s": s["ttft_p99_s"], "scale_events": s["scale_events"],
@@ -141,13 +182,11 @@ def cmd_report(args: argparse.Namespace) -> int:
                 continue
             need = gpu_hours_at(comp, r["missed"])
             miss = missed_at(comp, r["gpu_hours"])
-            hpa = next((h for h in rs if h["policy"] == "hpa-kv" and h["target"] == r["target"]), None)
-            absorb = sum(r["spike_absorb_s"]) / len(r["spike_absorb_s"]) if r["spike_absorb_s"] else None
-            hpa_absorb = (
-                sum(hpa["spike_absorb_s"]) / len(hpa["spike_absorb_s"])
-                if hpa and hpa["spike_absorb_s"]
-                else None
-            )
+            hpas = [h for h in rs if h["label"] == args.hpa_label]
+            hpa = next((h for h in hpas if h["target"] == r["target"]), None)
+            near = min(hpas, key=lambda h: abs(h["gpu_hours"] - r["gpu_hours"]), default=None)
+            absorb = _mean(r["spike_absorb_s"])
+            hpa_absorb = _mean(hpa["spike_absorb_s"]) if hpa else None
             out.append({
                 "seed": seed, "target": r["target"], "missed": r["missed"], "requests": r["requests"],
                 "gpu_hours": r["gpu_hours"],
@@ -156,10 +195,22 @@ def cmd_report(args: argparse.Namespace) -> int:
                 "competitor_missed_at_equal_gpu_hours": round(miss, 1) if miss is not None else None,
                 "missed_reduction": round(1 - r["missed"] / miss, 4) if miss else None,
                 "absorb_mean_s": absorb, "hpa_same_target_absorb_mean_s": hpa_absorb,
+                "hpa_nearest_gpu_hours": {"target": near["target"], "gpu_hours": near["gpu_hours"],
+                                          "missed": near["missed"], "absorb_mean_s": _mean(near["spike_absorb_s"])}
+                if near else None,
             })  # fmt: skip
     for o in out:
         print(json.dumps(o))
+    for key in ("gpu_hours_saving", "missed_reduction"):
+        vals = [o[key] for o in out if o[key] is not None]
+        if vals:
+            print(json.dumps({"summary": key, "n": len(vals), "of": len(out), "min": min(vals),
+                              "max": max(vals), "mean": round(sum(vals) / len(vals), 4)}))  # fmt: skip
     return 0
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(sum(xs) / len(xs), 1) if xs else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,13 +225,33 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--max-replicas", type=int, default=12)
     r.add_argument("--targets", default=",".join(f"{t:g}" for t in GRID))
     r.add_argument("--policies", default="hpa-kv,request-count,toposerve,toposerve-leading")
-    r.add_argument("--leading", default="{}", help='levers: {"short_s": 5, "beta": 1, "spec": {...}}')
+    r.add_argument(
+        "--leading",
+        default="{}",
+        help='levers: {"short_s": 5, "beta": 1, "z": 3 or "off", '
+        '"down_s": 120, "startup": "warm", "spec": {...}}',
+    )
     r.add_argument("--label", default="", help="the row's label (default: the policy's name)")
+    r.add_argument(
+        "--trace",
+        choices=("day", "azure-conv", "azure-code"),
+        default="day",
+        help="the synthetic day (daytrace.py) or an Azure 2023 hour (azuretrace.py)",
+    )
+    r.add_argument(
+        "--startup-model",
+        choices=("lognormal", "phases"),
+        default="lognormal",
+        help="phases: the product's start-up phases, cold, or warm with the lever "
+        '"startup": "warm" (startup_phases.py)',
+    )
+    r.add_argument("--hpa-down", type=float, default=300.0, help="hpa-kv's scale-down window, s")
     r.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("report")
     p.add_argument("files", type=Path, nargs="+")
     p.add_argument("--policy", default="toposerve-leading", help="the label to report")
     p.add_argument("--target", type=float, default=None, help="only this grid point")
+    p.add_argument("--hpa-label", default="hpa-kv", help="the HPA rows for spike absorption (target c)")
     args = ap.parse_args(argv)
     if args.cmd == "run" and not 0 <= args.warmup_days < args.days:
         ap.error("--warmup-days must be >= 0 and < --days")

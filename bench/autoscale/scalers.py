@@ -23,6 +23,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from dataclasses import replace
@@ -32,6 +33,8 @@ from typing import Any
 from fleetsim import FleetHistory, Observation
 
 from toposerve.api.spec import AutoscalingSpec
+from toposerve.autoscale import decision as _decision
+from toposerve.autoscale import queueing as _queueing
 from toposerve.autoscale.decision import (
     DEFAULT_DOWN_POLICIES,
     DEFAULT_UP_POLICIES,
@@ -128,7 +131,12 @@ def hpa_metric_replicas(
 
 class KVHpa:
     def __init__(
-        self, min_replicas: int, max_replicas: int, target_kv: float, tolerance: float = 0.1
+        self,
+        min_replicas: int,
+        max_replicas: int,
+        target_kv: float,
+        tolerance: float = 0.1,
+        down_window_s: float = 300.0,
     ) -> None:
         if not 0 < target_kv <= 1:
             raise ValueError(f"target_kv must be in (0, 1], got {target_kv}")
@@ -142,7 +150,7 @@ class KVHpa:
             target_waiting=math.inf,
             tolerance=tolerance,
             up=Rules(0.0, DEFAULT_UP_POLICIES),
-            down=Rules(300.0, DEFAULT_DOWN_POLICIES),
+            down=Rules(down_window_s, DEFAULT_DOWN_POLICIES),  # the HPA's default 300 s
             startup_grace=0.0,
         )
         self.history = History()
@@ -241,8 +249,12 @@ class ToposerveLeading(Toposerve):
         long_s: float = 60.0,
         demand_headroom: float | None = None,
         name: str = "toposerve-leading",
+        z: float | str | None = "default",
     ) -> None:
         super().__init__(spec, name=name)
+        # the short window's significance test (queueing.SHORT_WINDOW_Z); anything but "default"
+        # replaces the product's z for this policy's decisions (a tuning hook; None: no filter)
+        self.z = z
         if not 0 < short_s <= long_s:
             raise ValueError("need 0 < short_s <= long_s")
         self.router_windows = (short_s, long_s)
@@ -273,6 +285,7 @@ class ToposerveLeading(Toposerve):
             in_flight=float(r.in_flight),
             in_flight_tokens=r.in_flight_prompt + r.in_flight * r.expected_decode,
             held=float(r.held),
+            short_window_s=short,
             decode_tokens_per_replica=self._service[0] if self._service else None,
             batch=self._service[1] if self._service else None,
         )
@@ -283,3 +296,15 @@ class ToposerveLeading(Toposerve):
             held_requests=obs.router.held if obs.router else 0,
             demand=self.demand(obs),
         )
+
+    def decide(self, obs: Observation, history: FleetHistory) -> int:
+        if self.z == "default":
+            return super().decide(obs, history)
+        # decide() calls decision.demand_replicas with the product's default z: swap in the tuned
+        # one around this call only (the simulation is single-threaded)
+        orig = _decision.demand_replicas
+        _decision.demand_replicas = functools.partial(_queueing.demand_replicas, z=self.z)  # type: ignore[assignment]
+        try:
+            return super().decide(obs, history)
+        finally:
+            _decision.demand_replicas = orig
