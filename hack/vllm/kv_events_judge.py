@@ -4,7 +4,8 @@ Why: the router will name the engines' cached blocks by hash and read their even
 copies (operator/toposerve/kvevents/) must match vLLM 0.33.0 exactly. Only vLLM's code can say so.
 
 Input (stdin), JSON: {"hash_cases": [{"tokens": [...], "block_size": 16, "seed": null | "...",
-"lora": [name, path] (optional: hashed as that adapter's request)}],
+"lora": [name, path] (optional: hashed as that adapter's request),
+"cache_salt": "..." (optional: the request's cache_salt)}],
 "batches": [{"ts": 1.5, "events": [<event as {"type": "BlockStored", ...}, bytes as hex>]}],
 "payloads": ["<hex of a toposerve-encoded batch>"]}.
 Output (stdout), JSON: {"hashes": [[hex, ...] per case], "encoded": [hex per batch],
@@ -57,18 +58,21 @@ def main() -> int:
         kcu.init_none_hash(sha256)
         tokens, bs = case["tokens"], case["block_size"]
         out: list[bytes] = []
-        if case.get("lora"):
-            # a LoRA request's hashes as the scheduler computes them: vLLM's own Request and block
-            # hasher (generate_block_hash_extra_keys adds the adapter's name and path)
+        if case.get("lora") or case.get("cache_salt"):
+            # a LoRA or salted request's hashes as the scheduler computes them: vLLM's own Request
+            # and block hasher (generate_block_hash_extra_keys adds the adapter's name and path to
+            # every block, the cache_salt to the first)
             from vllm.lora.request import LoRARequest
             from vllm.sampling_params import SamplingParams
             from vllm.v1.request import Request
 
-            name, path = case["lora"]
+            lora = None
+            if case.get("lora"):
+                name, path = case["lora"]
+                lora = LoRARequest(lora_name=name, lora_int_id=1, lora_path=path)
             req = Request(
-                "r", tokens, SamplingParams(max_tokens=1), None,
-                lora_request=LoRARequest(lora_name=name, lora_int_id=1, lora_path=path),
-                block_hasher=kcu.get_request_block_hasher(bs, sha256),
+                "r", tokens, SamplingParams(max_tokens=1), None, lora_request=lora,
+                cache_salt=case.get("cache_salt"), block_hasher=kcu.get_request_block_hasher(bs, sha256),
             )  # fmt: skip
             out = list(req.block_hashes)
         else:

@@ -76,13 +76,25 @@ def test_block_hashes_are_vllms() -> None:
     ]
     lora = ["sql", "/models/adapters/sql"]
     cases.append({"tokens": list(range(64)), "block_size": 16, "seed": None, "lora": lora})
+    cases.append({"tokens": list(range(64)), "block_size": 16, "seed": None, "cache_salt": "tenant-a"})
+    cases.append(
+        {"tokens": list(range(64)), "block_size": 16, "seed": None, "lora": lora, "cache_salt": "sql"}
+    )
     got = judge({"hash_cases": cases})["hashes"]
     for case, theirs in zip(cases, got, strict=True):
         extra = hashing.lora_extra_keys(*case["lora"]) if case.get("lora") else None
-        ours = hashing.block_hashes(case["tokens"], case["block_size"], seed=case["seed"], extra_keys=extra)
+        ours = hashing.block_hashes(
+            case["tokens"],
+            case["block_size"],
+            seed=case["seed"],
+            extra_keys=extra,
+            cache_salt=case.get("cache_salt"),
+        )
         assert [h.hex() for h in ours] == theirs
     assert got[0] and got[3] == []
     assert got[4] and got[4][0] != got[0][0]  # an adapter's blocks are not the base model's
+    assert not set(got[5]) & set(got[0])  # a salted chain differs from its first block on
+    assert got[6][0] != got[4][0] and got[6][0] not in got[5]  # an adapter named like a salt: apart
 
 
 def test_the_mock_engines_events_are_vllms_bytes_both_ways() -> None:

@@ -11,7 +11,12 @@ vLLM 0.33.0, default ``--prefix-caching-hash-algo sha256`` (``vllm/config/cache.
   engine of a deployment names the same prefix the same way;
 * only full blocks are hashed; ``extra_keys`` is None for a plain text request (no LoRA, no
   multi-modal input, no ``cache_salt``), ``(("lora", name, path),)`` on every block of a LoRA
-  adapter's request (``lora_extra_keys``).
+  adapter's request (``lora_extra_keys``); a request's ``cache_salt`` adds
+  ``("cache_salt", salt)`` to the **first** block's keys only (``generate_block_hash_extra_keys``:
+  ``lora + mm + salt + prompt_embeds``, each source-tagged since vLLM 0.31, the salt ``if
+  start_token_idx == 0``; ``salt_extra_key``), so a salted prompt's whole chain differs from the
+  unsalted one. Multi-modal and prompt-embeds keys are not computed here (they need the
+  engine's processed inputs): the router scores such requests on its approximation.
 
 Events carry the hashes as bytes unless ``VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES`` is set
 (``maybe_convert_block_hash``: the low 64 bits, big-endian); ``as_int`` does that conversion.
@@ -47,16 +52,21 @@ def block_hashes(
     known: Sequence[bytes] = (),
     seed: str | None = None,
     extra_keys: Any = None,
+    cache_salt: str | None = None,
 ) -> list[bytes]:
     """Chained hashes of every full block of ``tokens``, reusing the ``known`` leading ones.
 
-    ``extra_keys``: the same for every block, as vLLM's LoRA keys are (``lora_extra_keys``).
+    ``extra_keys``: the same for every block, as vLLM's LoRA keys are (``lora_extra_keys``);
+    ``cache_salt``: the request's salt, added after them on the first block only.
     """
     root = none_hash(seed)
     out = list(known)
     for i in range(len(out), len(tokens) // block_size):
         block = tokens[i * block_size : (i + 1) * block_size]
-        out.append(hash_block(out[-1] if out else None, block, root, extra_keys))
+        keys = extra_keys
+        if i == 0 and cache_salt:
+            keys = (*(extra_keys or ()), salt_extra_key(cache_salt))
+        out.append(hash_block(out[-1] if out else None, block, root, keys))
     return out
 
 
@@ -66,6 +76,12 @@ def lora_extra_keys(name: str, path: str) -> tuple[tuple[str, str, str], ...]:
     lora_name, lora_path)``, the path as given to /v1/load_lora_adapter), so an adapter's blocks
     are named apart from the base model's."""
     return (("lora", name, path),)
+
+
+def salt_extra_key(salt: str) -> tuple[str, str]:
+    """The first block's key for a request's ``cache_salt`` (vLLM 0.33.0, source-tagged as the
+    LoRA key is, so no salt can collide with an adapter's name)."""
+    return ("cache_salt", salt)
 
 
 def as_int(block_hash: bytes) -> int:

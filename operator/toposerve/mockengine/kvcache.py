@@ -37,6 +37,11 @@ def chain_hash(
     return hashing.hash_block(parent, tokens, root, extra_keys)
 
 
+def _event_keys(lora: tuple[int, str] | None, salt: str | None) -> tuple[str, ...] | None:
+    keys = ((lora[1],) if lora else ()) + ((salt,) if salt else ())
+    return keys or None
+
+
 def block_hashes(
     tokens: Sequence[int], block_size: int, known: Sequence[BlockHash] = (), seed: str | None = None
 ) -> list[BlockHash]:
@@ -137,11 +142,13 @@ class BlockManager:
         parent: BlockHash | None = None,
         tokens: Sequence[int] = (),
         lora: tuple[int, str] | None = None,
+        salt: str | None = None,
     ) -> None:
         """Publish the hashes of full blocks so later requests can hit them. ``parent``: the hash
         of the block before ``owned[0]`` (None at the start of the sequence); ``tokens``: the
         token ids of these blocks, for the KV event (vLLM's ``BlockPool.cache_full_blocks``
-        emits one BlockStored for the newly cached blocks of a request, with their token ids)."""
+        emits one BlockStored for the newly cached blocks of a request, with their token ids);
+        ``salt``: the request's cache_salt, in the event's keys of the sequence's first block."""
         if not self.enable_prefix_caching:
             return
         new: list[tuple[int, BlockHash]] = []
@@ -165,7 +172,10 @@ class BlockManager:
                     lora_name=lora[1] if lora else None,
                     # v1/core/kv_cache_utils.py to_event_extra_keys: None per block for a plain
                     # text request, the bare adapter name per block for a LoRA one
-                    extra_keys=[(lora[1],) if lora else None for _ in new],
+                    # (the untagged pre-0.31 shapes: the adapter's name, the salt on block 0)
+                    extra_keys=[
+                        _event_keys(lora, salt if parent is None and i == 0 else None) for i, _ in new
+                    ],
                     group_idx=0,
                 )
             )

@@ -75,6 +75,7 @@ class GenerationParams:
     seed: int | None
     prompt_text: str | None  # completions with a string prompt, or a rendered chat
     prompt_ids: list[int] | None  # completions with a token-id prompt
+    cache_salt: str | None = None  # salts the prefix cache's first block (isolates tenants)
 
 
 def _opt_int(body: Mapping[str, Any], *names: str) -> int | None:
@@ -115,6 +116,17 @@ def _common(body: Mapping[str, Any]) -> tuple[str | None, bool, bool, int | None
     )
 
 
+def _cache_salt(body: Mapping[str, Any]) -> str | None:
+    """vLLM 0.33.0's request models check it the same way (entrypoints/openai protocol,
+    ``check_cache_salt_support``), 400 naming the parameter."""
+    salt = body.get("cache_salt")
+    if salt is None:
+        return None
+    if not isinstance(salt, str) or not salt:
+        raise APIError(400, "Parameter 'cache_salt' must be a non-empty string if provided.", "cache_salt")
+    return salt
+
+
 def parse_completion(body: object) -> GenerationParams:
     if not isinstance(body, Mapping):
         raise APIError(400, "request body must be a JSON object")
@@ -123,13 +135,13 @@ def parse_completion(body: object) -> GenerationParams:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        return GenerationParams(model, stream, usage, max_tokens, seed, prompt, None)
+        return GenerationParams(model, stream, usage, max_tokens, seed, prompt, None, _cache_salt(body))
     if (
         isinstance(prompt, list)
         and prompt
         and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
-        return GenerationParams(model, stream, usage, max_tokens, seed, None, list(prompt))
+        return GenerationParams(model, stream, usage, max_tokens, seed, None, list(prompt), _cache_salt(body))
     if prompt is None:
         raise APIError(400, "prompt is required", param="prompt")
     raise APIError(400, "prompt must be a string or a list of token ids (one prompt per request)", "prompt")
@@ -169,7 +181,7 @@ def parse_chat(body: object, render: Any) -> GenerationParams:
         if not isinstance(m, Mapping) or not isinstance(m.get("role"), str):
             raise APIError(400, "each message must be an object with a string role", param="messages")
         _check_content(i, m.get("content"))
-    return GenerationParams(model, stream, usage, max_tokens, seed, render(messages), None)
+    return GenerationParams(model, stream, usage, max_tokens, seed, render(messages), None, _cache_salt(body))
 
 
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:

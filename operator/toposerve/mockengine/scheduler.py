@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from toposerve.kvevents.hashing import none_hash
+from toposerve.kvevents.hashing import none_hash, salt_extra_key
 from toposerve.mockengine.kvcache import BlockManager, chain_hash
 from toposerve.mockengine.lora import Adapter, LoRASlots
 from toposerve.mockengine.timing import TimingModel
@@ -63,6 +63,7 @@ class Request:
     finish_reason: str | None = None
     num_preemptions: int = 0
     lora: Adapter | None = None  # the adapter it names (model = adapter name), else the base
+    cache_salt: str | None = None  # the request's cache_salt: part of the first block's hash
 
     @property
     def num_tokens(self) -> int:
@@ -89,7 +90,9 @@ class Request:
         extra = self.lora.hash_extra if self.lora is not None else None
         for i in range(len(self.hashes), self.num_tokens // block_size):
             block = self.tokens(i * block_size, (i + 1) * block_size)
-            self.hashes.append(chain_hash(self.hashes[-1] if self.hashes else None, block, root, extra))
+            # vLLM 0.33.0 generate_block_hash_extra_keys: lora keys, then the salt on block 0 only
+            keys = (*(extra or ()), salt_extra_key(self.cache_salt)) if i == 0 and self.cache_salt else extra
+            self.hashes.append(chain_hash(self.hashes[-1] if self.hashes else None, block, root, keys))
 
     @property
     def finished(self) -> bool:
@@ -288,6 +291,7 @@ class Scheduler:
                     req.hashes[start - 1] if start else None,
                     req.tokens(start * bs, full * bs) if self.blocks.kv_events else (),
                     (req.lora.int_id, req.lora.name) if req.lora is not None else None,
+                    req.cache_salt,
                 )
                 req.num_published = full
             if req.num_computed < req.num_tokens:

@@ -411,6 +411,7 @@ class Engine:
             req_id, ids, params.max_tokens, self.generator, params.seed, self.cfg.default_output_range
         )
         req.lora = lora
+        req.cache_salt = params.cache_salt
         if self.draining:
             # vLLM 0.33.0 EngineCore._reject_add_in_shutdown: a request that arrives while the engine
             # shuts down (either mode) is finished at once with finish_reason "abort" and no tokens;

@@ -244,7 +244,7 @@ class KVIndex:
         self.feeds: dict[str, EngineFeed] = {}
         self._stopping: set[asyncio.Task[None]] = set()
         # requests scored on the approximation, by why: some candidate stale, no token ids, no block size
-        self.fallbacks: dict[str, int] = {"stale": 0, "tokenize": 0, "block_size": 0}
+        self.fallbacks: dict[str, int] = {"stale": 0, "tokenize": 0, "block_size": 0, "multimodal": 0}
 
     def sync(self, backends: Mapping[str, BackendSpec]) -> None:
         """Subscribe to new backends, unsubscribe from gone ones (needs a running loop)."""
@@ -268,10 +268,14 @@ class KVIndex:
         feed = self.feeds.get(url)
         return feed is None or feed.stale(now)
 
-    def block_keys(self, token_ids: list[int], block_size: int, extra_keys: Any = None) -> list[int]:
+    def block_keys(
+        self, token_ids: list[int], block_size: int, extra_keys: Any = None, cache_salt: str | None = None
+    ) -> list[int]:
         """Index keys of a prompt's full blocks, hashed as the engines hash them (``extra_keys``:
-        hashing.lora_extra_keys for a LoRA adapter's request)."""
-        hashes = hashing.block_hashes(token_ids, block_size, seed=self.opts.hash_seed, extra_keys=extra_keys)
+        hashing.lora_extra_keys for a LoRA adapter's request; ``cache_salt``: the request's salt)."""
+        hashes = hashing.block_hashes(
+            token_ids, block_size, seed=self.opts.hash_seed, extra_keys=extra_keys, cache_salt=cache_salt
+        )
         return [key(h) for h in hashes]
 
     def score(
@@ -297,3 +301,21 @@ class KVIndex:
         feed = self.feeds.get(url)
         if feed is not None and keys and feed.index.longest_prefix(keys) < len(keys):
             feed.expect(time.monotonic())
+
+
+def hashed_apart(path: str, body: Mapping[str, Any]) -> bool:
+    """Whether vLLM 0.33.0 hashes the request's blocks with keys the router cannot compute:
+    multi-modal parts (``_gen_mm_extra_hash_keys``: each item's content hash) or prompt embeddings
+    (``_gen_prompt_embeds_extra_hash_keys``). Such a request is scored on the approximation."""
+    if "prompt_embeds" in body:
+        return True
+    if not path.endswith("/chat/completions"):
+        return False
+    for m in body.get("messages") or ():
+        content = m.get("content") if isinstance(m, Mapping) else None
+        if isinstance(content, list) and any(
+            isinstance(part, Mapping) and part.get("type", "text") not in ("text", "input_text")
+            for part in content
+        ):
+            return True
+    return False

@@ -54,7 +54,7 @@ from toposerve.router import strategies as st
 from toposerve.router.endpoints import BackendSpec
 from toposerve.router.errors import error_body
 from toposerve.router.frontdoor import BodyBudget, Gate, GuardedRunner, Limits
-from toposerve.router.kvindex import KVEventsOptions, KVIndex
+from toposerve.router.kvindex import KVEventsOptions, KVIndex, hashed_apart
 from toposerve.router.upstream import (
     ConnectFailed,
     ReadTimeout,
@@ -1788,6 +1788,9 @@ class Router:
         if size <= 0:
             self.kvindex.fallbacks["block_size"] += 1
             return
+        if hashed_apart(path, body):  # images, audio, prompt embeddings: keys only the engine knows
+            self.kvindex.fallbacks["multimodal"] += 1
+            return
         ids = await self._token_ids(path, body, set())
         if ids is None or self.kvindex is None:
             if self.kvindex is not None:
@@ -1796,7 +1799,10 @@ class Router:
         # an adapter's blocks are hashed with its name and the path the engines loaded it from
         path_ = self.lora.spec.get(parsed.adapter) if parsed.adapter is not None else None
         extra = hashing.lora_extra_keys(parsed.adapter, path_) if parsed.adapter and path_ else None
-        parsed.kv_keys = self.kvindex.block_keys(ids, size, extra)
+        salt = body.get("cache_salt")  # vLLM salts the first block: another chain entirely
+        parsed.kv_keys = self.kvindex.block_keys(
+            ids, size, extra, salt if isinstance(salt, str) and salt else None
+        )
         parsed.kv_block_size = size
         if ids:  # the exact prompt length, for load too
             parsed.request = replace(parsed.request, prompt_tokens=len(ids))
