@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -65,7 +66,7 @@ def test_without_observations_the_estimate_ranks_and_says_so() -> None:
     b = pool("b", 2.0, step_ms=40)  # 800 tok/s at half the price: twice the cost per token
     assert rank("batch", [b, a], "cost") == ["a", "b"]
     f = cost_figures([a])["a"]
-    assert f.source == "estimated" and f.tokens_per_second == REFERENCE_BATCH * 100
+    assert f.source == "estimated" and f.tokens_per_second == pytest.approx(REFERENCE_BATCH * 100)
 
 
 def test_spot_price_of_the_marginal_replica_decides() -> None:

@@ -57,6 +57,39 @@ class ObservedCost(_Status):
     )
 
 
+class CostRank(_Status):
+    """What poolOrder cost ranked the pool by (planner/poolorder.py, docs/autoscaling.md)."""
+
+    cost_per_million_tokens: float | None = Field(
+        default=None,
+        description="USD per million output tokens of one more replica: marginalCostPerHour over "
+        "tokensPerSecondPerReplica, held while new figures stay within 10 % (no reordering on noise); "
+        "absent when the throughput is unknown.",
+    )
+    source: Literal["observed", "estimated"] = Field(
+        default="estimated",
+        description="observed: the pool's engines' output tokens/s in the minutes they had requests "
+        "waiting (Prometheus); estimated: 32 sequences per estimated decode step.",
+    )
+    meets_slo: bool = Field(
+        alias="meetsSLO",
+        default=True,
+        description="The pool's own TTFT quantile is within spec.autoscaling.ttftSLO, or there is no SLO "
+        "or no reading; false: it grows only after every pool that meets it.",
+    )
+    marginal_cost_per_hour: float | None = Field(
+        default=None,
+        description="USD per hour of one more replica: spot when the pool runs spot above its on-demand "
+        "baseline and spot capacity is free, on-demand otherwise.",
+    )
+    tokens_per_second_per_replica: float | None = Field(
+        default=None, description="The output tokens/s of one replica the figure divides by."
+    )
+    ttft_seconds: float | None = Field(
+        default=None, description="The pool's observed TTFT quantile over the metrics window, when read."
+    )
+
+
 class PoolStatus(_Status):
     """What one pool was planned to and how far it got."""
 
@@ -92,8 +125,8 @@ class PoolStatus(_Status):
     cost_per_hour: float | None = Field(default=None, description="USD per hour for the desired replicas.")
     order: int | None = Field(
         default=None,
-        description="Place in the growth order (poolOrder tier; 1 grows first, the last shrinks first); "
-        "absent with poolOrder weight or when the pool does not fit.",
+        description="Place in the growth order (poolOrder tier or cost; 1 grows first, the last shrinks "
+        "first); absent with poolOrder weight or when the pool does not fit.",
     )
     room: int | None = Field(
         default=None,
@@ -111,6 +144,9 @@ class PoolStatus(_Status):
         default=None,
         description="Estimated decode step of one replica (weights per GPU x pipeline stages / memory "
         "bandwidth): the speed the tier order ranks by.",
+    )
+    cost_rank: CostRank | None = Field(
+        default=None, description="poolOrder cost: the figure and SLO verdict the pool was ranked by."
     )
     placements: list[Placement] = Field(
         default_factory=list, description="Replicas per GPU type, preferred first (fallback splits a pool)."
@@ -317,7 +353,7 @@ class LLMDeploymentStatus(_Status):
     pools: list[PoolStatus] = Field(default_factory=list, description="Per-pool plan and progress.")
     pool_order: str | None = Field(
         default=None,
-        description="How spec.replicas spreads over pools: tier or weight (autoscaling.poolOrder).",
+        description="How spec.replicas spreads over pools: tier, cost or weight (autoscaling.poolOrder).",
     )
     cost_per_hour: float | None = Field(default=None, description="USD per hour for all desired replicas.")
     observed_cost: ObservedCost | None = Field(

@@ -49,8 +49,9 @@ from toposerve.controller.observe import (
     router_readiness,
     summarize,
 )
+from toposerve.controller.pool_signals import PoolSignalsSource, PrometheusPoolSignals
 from toposerve.controller.throughput import ThroughputSource, deployment_cost
-from toposerve.planner import poolorder, spotcover
+from toposerve.planner import costorder, poolorder, spotcover
 from toposerve.planner.inventory import Inventory, PodShape, inventory_from_nodes, usage_by_node
 from toposerve.planner.memory import GIB
 from toposerve.planner.plan import DeploymentPlan, PoolPlan, assign_replicas, plan_deployment
@@ -104,6 +105,9 @@ class Context:
     # The newest LLMDeployment bodies from the operator's watch; without one, a reconcile GETs.
     bodies: dict[tuple[str, str], dict[str, Any]] | None = None
     throughput: ThroughputSource | None = None  # observed tokens/s (config prometheusUrl); None: unknown
+    # Per-pool TTFT and busy throughput for poolOrder cost; built from config prometheusUrl on first
+    # use (pool_signals_source); None without a Prometheus: every pool ranks on the estimate.
+    pool_signals: PoolSignalsSource | None = None
     # Requests an engine (by pod IP) has running or waiting; None: could not ask. Draining pods only.
     engine_in_flight: Callable[[str], int | None] = engineprobe.in_flight
     _inventory: tuple[float, Inventory] | None = None
@@ -129,6 +133,15 @@ class Context:
         )
         self._inventory = (now, inv)
         return inv
+
+    def pool_signals_source(self) -> PoolSignalsSource | None:
+        if self.pool_signals is None and self.config.prometheus_url:
+            self.pool_signals = PrometheusPoolSignals(
+                self.config.prometheus_url,
+                self.config.prometheus_selector,
+                self.config.prometheus_timeout_seconds,
+            )
+        return self.pool_signals
 
     def invalidate_inventory(self) -> None:
         """Forget the listed inventory (the watch-fed one is never stale for longer than an event)."""
@@ -336,11 +349,17 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         k: poolorder.room([(bound.get((k, gpu), 0), t.capacity) for gpu, t in w.items()]) if bounded else None
         for k, w in worlds.items()
     }
-    dplan = assign_replicas(dplan, spec, ctx.config.catalog(), running, rooms)
+    figures: Mapping[str, poolorder.CostFigure] = {}
+    if spec.autoscaling.effective_pool_order == "cost":
+        dplan, figures = _assign_by_cost(
+            ctx, namespace, name, spec, dplan, previous, running, rooms, worlds, bounded
+        )
+    else:
+        dplan = assign_replicas(dplan, spec, ctx.config.catalog(), running, rooms)
     if any(running.values()) and (
         moved := poolorder.changes(running, {p.name: p.replicas for p in dplan.pools})
     ):
-        events.append(("PoolsScaled", _pools_scaled(spec, dplan, moved), False))
+        events.append(("PoolsScaled", _pools_scaled(spec, dplan, moved, figures), False))
     for pool in dplan.pools:
         plans = type_plans[pool.name]
         if not plans:
@@ -550,7 +569,7 @@ def reconcile(ctx: Context, namespace: str, name: str) -> Result:
         gateway=previous.get("gateway"),
         adapters=[a.name for a in spec.adapters],
     )
-    status = _write_status(ctx, body, obs, previous, now)
+    status = _write_status(ctx, body, obs, previous, now, _cost_ranks(figures))
     pending = any(f.pending for f in facts.values())
     starting = status.get("readyReplicas", 0) < status.get("replicas", 0)
     fallback_active = any(sum(pl.replicas for pl in p.placements[1:]) > 0 for p in pool_obs)
@@ -606,11 +625,80 @@ def _world(
     return world
 
 
-def _pools_scaled(spec: LLMDeploymentSpec, plan: DeploymentPlan, moved: list[tuple[str, int, int]]) -> str:
+def _assign_by_cost(
+    ctx: Context,
+    namespace: str,
+    name: str,
+    spec: LLMDeploymentSpec,
+    dplan: DeploymentPlan,
+    previous: Mapping[str, Any],
+    running: Mapping[str, int],
+    rooms: Mapping[str, int | None],
+    worlds: Mapping[str, Mapping[str, TypeState]],
+    bounded: bool,
+) -> tuple[DeploymentPlan, Mapping[str, poolorder.CostFigure]]:
+    """poolOrder cost (planner/costorder.py): the pools' observed TTFT and busy throughput when
+    Prometheus answers (None: estimates, never an error), the figures held in status for the dead
+    band, and whether free spot capacity could place the next replica of each pool."""
+    source = ctx.pool_signals_source()
+    slo = spec.autoscaling.ttft_slo
+    signals = (
+        source(namespace, name, slo.quantile if slo else None, spec.autoscaling.metrics_window_seconds)
+        if source is not None
+        else None
+    )
+    spot_free = {k: not bounded or any(t.capacity > 0 for t in w.values()) for k, w in worlds.items()}
+    held = costorder.held_figures(previous.get("pools") or [])
+    out = costorder.assign_by_cost(
+        dplan, spec, ctx.config.catalog(), running, rooms, signals, held, spot_free
+    )
+    return out.plan, out.figures
+
+
+def _cost_ranks(figures: Mapping[str, poolorder.CostFigure]) -> dict[str, dict[str, Any]]:
+    """status.pools[].costRank per pool (api/status.py CostRank), rounded so noise writes nothing:
+    the held figure only moves beyond the dead band anyway."""
+
+    def r(x: float | None, digits: int = 6) -> float | None:
+        return None if x is None else float(f"{x:.{digits}g}")
+
+    return {
+        n: {
+            "costPerMillionTokens": r(f.cost_per_million_tokens),
+            "source": f.source,
+            "meetsSLO": f.meets_slo,
+            "marginalCostPerHour": r(f.marginal_cost_per_hour),
+            "tokensPerSecondPerReplica": r(f.tokens_per_second, 4),
+            "ttftSeconds": r(f.ttft_seconds, 2),
+        }
+        for n, f in figures.items()
+    }
+
+
+def _pools_scaled(
+    spec: LLMDeploymentSpec,
+    plan: DeploymentPlan,
+    moved: list[tuple[str, int, int]],
+    figures: Mapping[str, poolorder.CostFigure] | None = None,
+) -> str:
     """The Event text for a change of the pools' replicas: which pools, and by which rule."""
     how = spec.autoscaling.effective_pool_order
     if how == "weight":
         rule = "split by pools[].weight"
+    elif how == "cost":
+        ranked = sorted((p for p in plan.pools if p.order is not None), key=lambda p: p.order or 0)
+        said = []
+        for p in ranked:
+            f = (figures or {}).get(p.name)
+            if f is None:
+                said.append(p.name)
+            elif not f.meets_slo:
+                said.append(f"{p.name} (over the TTFT SLO)")
+            elif f.cost_per_million_tokens is None:
+                said.append(f"{p.name} (throughput unknown)")
+            else:
+                said.append(f"{p.name} ${f.cost_per_million_tokens:.3g}/M tokens {f.source}")
+        rule = f"cost: cheapest per token meeting the SLO first: {', '.join(said)}"
     else:
         first = "fastest" if spec.placement.tier in poolorder.FASTEST_FIRST else "cheapest per token"
         ranked = sorted((p for p in plan.pools if p.order is not None), key=lambda p: p.order or 0)
@@ -848,12 +936,23 @@ def status_changed(new: Mapping[str, Any], old: Mapping[str, Any]) -> bool:
 
 
 def _write_status(
-    ctx: Context, body: Mapping[str, Any], obs: Observation, previous: Mapping[str, Any], now: datetime
+    ctx: Context,
+    body: Mapping[str, Any],
+    obs: Observation,
+    previous: Mapping[str, Any],
+    now: datetime,
+    cost_ranks: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Write status only when it differs; emit an Event when Ready flips or its reason changes."""
+    """Write status only when it differs; emit an Event when Ready flips or its reason changes.
+
+    ``cost_ranks``: status.pools[].costRank by pool (poolOrder cost); added here rather than in
+    conditions.compute_status, which builds the rest of each pool's status."""
     meta = body["metadata"]
     status = compute_status(obs, previous.get("conditions") or [], _rfc3339(now))
     new = status.model_dump(by_alias=True, mode="json", exclude=set(WRITTEN_ELSEWHERE))
+    for p in new.get("pools") or []:
+        if cost_ranks and p.get("name") in cost_ranks:
+            p["costRank"] = dict(cost_ranks[p["name"]])
     if status_changed(new, _status_view(previous)):
         # Top-level nulls delete fields in a merge patch; nested ones would only be noise.
         patch = {k: (strip_none(v) if v is not None else None) for k, v in new.items()}

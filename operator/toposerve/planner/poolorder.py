@@ -241,24 +241,22 @@ class CostFigure:
     source: Source
     meets_slo: bool
     marginal_cost_per_hour: float
-    tokens_per_second: float  # one replica's output tokens/s the figure divides by
+    tokens_per_second: float  # one replica's output tokens/s the (held) figure stands for
     ttft_seconds: float | None
 
 
 def cost_figures(pools: Sequence[PoolView]) -> dict[str, CostFigure]:
     """The figures ``rank(..., how="cost")`` used, per pool that fits (for status and the Event)."""
-    return {
-        p.name: CostFigure(
-            cost_per_million_tokens=p.cost_per_million,
-            source=p.source,
-            meets_slo=p.meets_slo,
-            marginal_cost_per_hour=p.cost_per_hour,
-            tokens_per_second=p.replica_tokens_per_second,
-            ttft_seconds=p.ttft_seconds,
-        )
-        for p in pools
-        if p.fits
-    }
+    out = {}
+    for p in pools:
+        if not p.fits:
+            continue
+        c = p.cost_per_million
+        # The throughput the (held) figure stands for, so status agrees with itself and a figure
+        # held in the dead band writes no new throughput either.
+        tps = p.cost_per_hour / (c * 3600.0) * 1_000_000 if c else p.replica_tokens_per_second
+        out[p.name] = CostFigure(c, p.source, p.meets_slo, p.cost_per_hour, tps, p.ttft_seconds)
+    return out
 
 
 def changes(before: Mapping[str, int], after: Mapping[str, int]) -> list[tuple[str, int, int]]:
