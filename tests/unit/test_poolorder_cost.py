@@ -229,3 +229,14 @@ def test_changes_inside_the_dead_band_never_reorder(
                     held_source=f.source)
         )  # fmt: skip
     assert rank(tier, moved, "cost") == rank(tier, pools, "cost")
+
+
+def test_the_slo_verdict_has_the_same_dead_band() -> None:
+    slo = 1.0
+    p = pool("a", 1.0, 1000, ttft_seconds=0.95, slo_seconds=slo)
+    assert p.meets_slo  # within the SLO, never over it before
+    was_over = replace(p, held_meets_slo=False)
+    assert not was_over.meets_slo  # found over it last time: 0.95 is not 10 % under the SLO yet
+    assert replace(was_over, ttft_seconds=0.89).meets_slo
+    assert replace(was_over, ttft_seconds=None).meets_slo  # idle: no evidence against it
+    assert not replace(p, ttft_seconds=1.01, held_meets_slo=True).meets_slo

@@ -103,14 +103,28 @@ class PoolSignals:
         return total / n
 
 
-def held_figures(previous_pools: Iterable[Mapping[str, Any]]) -> dict[str, tuple[float, str]]:
-    """The figure each pool ranked by last time, from status.pools[].costRank."""
-    out: dict[str, tuple[float, str]] = {}
+@dataclass(frozen=True)
+class Held:
+    """What a pool was ranked by last time (status.pools[].costRank)."""
+
+    cost: float | None
+    source: str | None
+    meets_slo: bool | None
+
+
+def held_figures(previous_pools: Iterable[Mapping[str, Any]]) -> dict[str, Held]:
+    """The figure and SLO verdict each pool ranked by last time, from status.pools[].costRank."""
+    out: dict[str, Held] = {}
     for p in previous_pools:
         rank = p.get("costRank") or {}
-        c, src = rank.get("costPerMillionTokens"), rank.get("source")
-        if isinstance(c, int | float) and src in ("observed", "estimated") and p.get("name"):
-            out[str(p["name"])] = (float(c), str(src))
+        if not rank or not p.get("name"):
+            continue
+        c, src, meets = rank.get("costPerMillionTokens"), rank.get("source"), rank.get("meetsSLO")
+        out[str(p["name"])] = Held(
+            float(c) if isinstance(c, int | float) else None,
+            str(src) if src in ("observed", "estimated") else None,
+            meets if isinstance(meets, bool) else None,
+        )
     return out
 
 
@@ -129,7 +143,7 @@ def views(
     current: Mapping[str, int],
     room: Mapping[str, int | None],
     signals: PoolSignals | None,
-    held: Mapping[str, tuple[float, str]],
+    held: Mapping[str, Held],
     spot_free: Mapping[str, bool],
 ) -> list[poolorder.PoolView]:
     """The cost order's view of each pool; ``signals`` None (no Prometheus, or it failed): every
@@ -155,8 +169,11 @@ def views(
                 throughput_source="observed" if tps else "estimated",
                 ttft_seconds=signals.ttft_seconds.get(p.name) if signals is not None else None,
                 slo_seconds=slo.seconds if slo is not None else None,
-                held_cost=h[0] if h else None,
-                held_source="observed" if h and h[1] == "observed" else ("estimated" if h else None),
+                held_cost=h.cost if h and h.source else None,
+                held_source="observed"
+                if h and h.source == "observed"
+                else ("estimated" if h and h.source else None),
+                held_meets_slo=h.meets_slo if h else None,
                 on_demand_baseline=p.on_demand_baseline if p.spot else 0,
             )
         )
@@ -177,7 +194,7 @@ def assign_by_cost(
     current: Mapping[str, int] | None = None,
     room: Mapping[str, int | None] | None = None,
     signals: PoolSignals | None = None,
-    held: Mapping[str, tuple[float, str]] | None = None,
+    held: Mapping[str, Held] | None = None,
     spot_free: Mapping[str, bool] | None = None,
 ) -> CostSplit:
     """``plan.assign_replicas`` for poolOrder cost: spec.replicas (plus warm standby) over the pools

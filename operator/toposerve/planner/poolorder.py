@@ -43,7 +43,8 @@ So each pool ranks by a *held* figure (kept in status.pools[].costRank): a new f
 held one only when it differs by more than ``HYSTERESIS`` (10 %), a dead band that is wider than
 the noise of a 5-minute rate on a busy pool and narrower than any price gap worth acting on (an
 L40S and an H100 differ by 2x, spot and on-demand by 2-3x). A switch between observed and
-estimated is always taken (the source changed, not the noise). A long window alone was rejected:
+estimated is always taken (the source changed, not the noise). The SLO verdict has the same band:
+a pool found over the SLO meets it again once its TTFT is 10 % under it (or it has no reading). A long window alone was rejected:
 it makes the figure slow to react to a real change (a spot price move, a new engine version) and
 still flips on the day two figures cross.
 """
@@ -86,6 +87,7 @@ class PoolView:
     slo_seconds: float | None = None  # spec.autoscaling.ttftSLO.seconds; None: no SLO
     held_cost: float | None = None  # USD per million tokens ranked by last time (status), for hysteresis
     held_source: Source | None = None  # the source of that held figure
+    held_meets_slo: bool | None = None  # the SLO verdict last time (status), for its dead band
     on_demand_baseline: int = 0  # replicas shrinking keeps while the total allows
 
     @property
@@ -95,8 +97,12 @@ class PoolView:
 
     @property
     def meets_slo(self) -> bool:
-        """Within the TTFT SLO, or no SLO, or no reading (no evidence against the pool)."""
-        return self.slo_seconds is None or self.ttft_seconds is None or self.ttft_seconds <= self.slo_seconds
+        """Within the TTFT SLO, or no SLO, or no reading (no evidence against the pool). A pool
+        found over it last time meets it again only ``HYSTERESIS`` below it (the same dead band)."""
+        if self.slo_seconds is None or self.ttft_seconds is None:
+            return True
+        bound = self.slo_seconds * (1 - HYSTERESIS) if self.held_meets_slo is False else self.slo_seconds
+        return self.ttft_seconds <= bound
 
     @property
     def replica_tokens_per_second(self) -> float:

@@ -165,3 +165,17 @@ def test_the_prometheus_source_parses_per_pool_answers_and_fails_soft() -> None:
     assert src("ns", "llm", 0.9, 60) is got and len(client.queries) == n  # kept for ttl_s
     down = PrometheusPoolSignals("http://p", "x", client=FakeClient(ConnectionError("refused")))
     assert down("ns", "llm", None, 60) is None
+
+
+def test_the_slo_verdict_is_held_through_status() -> None:
+    kube = FakeKube(cost_body(1), NODES)
+    sig = Signals(busy({"h100": 400.0, "a100": 2500.0}, ttft={"a100": 1.2}))
+    ctx = Context(kube=kube, config=OperatorConfig(), pool_signals=sig)  # type: ignore[arg-type]
+    reconcile(ctx, "ns", "llm")
+    assert ranks(kube)["a100"]["meetsSLO"] is False
+    sig.answer = busy({"h100": 400.0, "a100": 2500.0}, ttft={"a100": 0.95})  # under, not by 10 %
+    reconcile(ctx, "ns", "llm")
+    assert ranks(kube)["a100"]["meetsSLO"] is False
+    sig.answer = busy({"h100": 400.0, "a100": 2500.0}, ttft={"a100": 0.8})
+    reconcile(ctx, "ns", "llm")
+    assert ranks(kube)["a100"]["meetsSLO"] is True
