@@ -179,3 +179,18 @@ def test_the_slo_verdict_is_held_through_status() -> None:
     sig.answer = busy({"h100": 400.0, "a100": 2500.0}, ttft={"a100": 0.8})
     reconcile(ctx, "ns", "llm")
     assert ranks(kube)["a100"]["meetsSLO"] is True
+
+
+def test_the_marginal_replica_is_priced_spot_only_above_the_baseline_with_spot_room() -> None:
+    from toposerve.planner.costorder import marginal_price
+    from toposerve.planner.plan import PoolPlan
+
+    p = PoolPlan.model_validate(
+        {"name": "l40s", "gpuType": "L40S", "fits": True, "spot": True, "onDemandBaseline": 1,
+         "costPerHourPerReplica": 1.0, "onDemandCostPerHourPerReplica": 2.5}
+    )  # fmt: skip
+    assert marginal_price(p, current=0, spot_free=True) == 2.5  # the baseline comes first
+    assert marginal_price(p, current=1, spot_free=True) == 1.0
+    assert marginal_price(p, current=3, spot_free=False) == 2.5  # no spot room: on-demand
+    on_demand = p.model_copy(update={"spot": False, "cost_per_hour_per_replica": 2.5})
+    assert marginal_price(on_demand, current=5, spot_free=True) == 2.5
