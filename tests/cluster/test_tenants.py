@@ -1,12 +1,17 @@
 """Tenants on the chart's gateway on the local cluster (docs/tenants.md): API keys in Secrets
 labelled toposerve.io/tenant in the release namespace, read under the chart's Role; a key rotated
 under load through both gateway replicas without a failed request; an over-budget tenant gets
-429 with Retry-After while another tenant is unaffected."""
+429 with Retry-After while another tenant is unaffected; a tenant's budget holds across both
+replicas (budgets shared, router/peer_sync.py: they find each other through the Service's
+EndpointSlices and exchange usage on the peer port)."""
 
 from __future__ import annotations
 
 import concurrent.futures as cf
+import json
 import threading
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +31,8 @@ __all__ = ["release"]
 OLD_KEY = "sk-search-old-0123456789abcdef"
 NEW_KEY = "sk-search-new-0123456789abcdef"
 BATCH_KEY = "sk-batch-0123456789abcdef0123"
+CAPPED_KEY = "sk-capped-0123456789abcdef012"
+CAPPED_TPM = 600
 
 
 def key_secret(cluster: Cluster, namespace: str, name: str, tenant: str, *keys: str) -> None:
@@ -63,12 +70,15 @@ def test_keys_rotate_under_load_and_an_over_budget_tenant_does_not_hurt_another(
                     "search": {"models": ["small-*"], "priority": "critical"},
                     # one request per 100 s per gateway replica: the next ones are over budget
                     "batch": {"models": ["small-a"], "budgets": {"requestsPerSecond": 0.01}},
+                    # one budget across the two replicas (shareBudgets, the chart's default)
+                    "capped": {"models": ["small-a"], "budgets": {"tokensPerMinute": CAPPED_TPM}},
                 },
             },
         },
     }
     key_secret(cluster, namespace, "search-keys", "search", OLD_KEY)
     key_secret(cluster, namespace, "batch-keys", "batch", BATCH_KEY)
+    key_secret(cluster, namespace, "capped-keys", "capped", CAPPED_KEY)
     helm(cluster, "install", release, str(CHART), "-n", namespace, "-f", values_file(tmp_path, values),
          "--wait", "--timeout", "4m")  # fmt: skip
     gateway_svc = f"{release}-toposerve-gateway"
@@ -143,3 +153,37 @@ def test_keys_rotate_under_load_and_an_over_budget_tenant_does_not_hurt_another(
     logs = [p.read_text() for p in (ROOT / ".cluster/pods").glob(f"{namespace}_{gateway_svc}-*_gateway.log")]
     assert len(logs) == 2 and all("tenants: 2 in the policy" in text for text in logs)
     assert not any(OLD_KEY in text or NEW_KEY in text or BATCH_KEY in text for text in logs)
+
+    # One budget across both replicas: a fixed number of requests, alternating between the two
+    # pods, admitted tokens within one budget (+ its refill over the run + one request per
+    # replica per exchange); unshared, each replica would admit a whole budget (2x).
+    def health(ip: str) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://{ip}:8080/health", timeout=10) as r:
+            doc: dict[str, Any] = json.load(r)
+            return doc
+
+    for ip in ips:
+        wait_for(lambda ip=ip: health(ip).get("budgets", {}).get("mode") == "shared" or None,
+                 f"gateway {ip} shares budgets with its peer")  # fmt: skip
+    codes: list[int] = []
+    used, per_ip = 0, {ip: 0 for ip in ips}
+    t0 = time.monotonic()
+    for i in range(40):
+        ip = ips[i % 2]
+        c = openai.OpenAI(base_url=f"http://{ip}:8080/v1", api_key=CAPPED_KEY, max_retries=0, timeout=30)
+        try:
+            r = c.completions.create(model="small-a", prompt="x", max_tokens=50)
+            assert r.usage is not None
+            used += r.usage.total_tokens
+            per_ip[ip] += 1
+            codes.append(200)
+        except openai.RateLimitError as e:
+            codes.append(429)
+            assert "tokensPerMinute" in str(e)
+    elapsed = time.monotonic() - t0  # only to size the refill in the bound, never asserted on
+    admitted = codes.count(200)
+    per_request = used / max(1, admitted)
+    bound = CAPPED_TPM * (1 + elapsed / 60) + 3 * per_request
+    assert used <= bound, (used, bound, codes, per_ip)
+    assert codes.count(429) >= 40 - admitted and codes.count(429) > 0
+    assert all(n > 0 for n in per_ip.values()), per_ip  # both replicas admitted some

@@ -268,7 +268,16 @@ def test_with_tenants_the_gateway_reads_secrets_in_its_own_namespace_only() -> N
         "team-a": _gateway_grants(),
         NS: _gateway_grants("own"),
     }
-    assert _gateway_grants("own") == {("", "secrets", v, "") for v in ("get", "list", "watch")}
+    assert _gateway_grants("own") == {("", "secrets", v, "") for v in ("get", "list", "watch")} | {
+        ("discovery.k8s.io", "endpointslices", v, "") for v in ("list", "watch")
+    }  # the gateway's own replicas (peer_sync.py: budgets shared across them)
+    unshared = template({"gateway": {"tenants": {"enabled": True, "shareBudgets": False}}})
+    assert chart_grants(unshared, "toposerve-gateway")[NS] == {
+        ("", "secrets", v, "") for v in ("get", "list", "watch")
+    }
+    from toposerve.router import peer_sync
+
+    assert "list_namespaced_endpoint_slice" in Path(peer_sync.__file__).read_text()
     from toposerve.router import tenant_watch
 
     assert "list_namespaced_secret" in Path(tenant_watch.__file__).read_text()

@@ -116,6 +116,13 @@ GATEWAY_PERMISSIONS: tuple[Permission, ...] = (
     Permission("toposerve.io", "llmdeployments", ("get", "list", "watch"), "watched", "the model table"),
     Permission("discovery.k8s.io", "endpointslices", ("get", "list", "watch"), "watched", "engine endpoints"),
     Permission("", "secrets", ("get", "list", "watch"), "own", "tenant API keys (docs/tenants.md)"),
+    Permission(
+        "discovery.k8s.io",
+        "endpointslices",
+        ("list", "watch"),
+        "own",
+        "the gateway's replicas, from its Service's slices (tenant budgets shared, docs/tenants.md)",
+    ),
 )
 
 

@@ -353,6 +353,8 @@ class Gateway(Router):
             "deployments": self.by_deployment(),
             "conflicts": [c.model for c in self.table.conflicts],
         }
+        if self.tenants.sharing is not None:  # tenant budgets across replicas (docs/tenants.md)
+            body["budgets"] = self.tenants.sharing.status()
         return web.json_response(body, status=503 if self.draining else 200)
 
     async def handle_models(self, request: web.Request) -> web.StreamResponse:

@@ -71,6 +71,34 @@ def add_tenant_arguments(p: argparse.ArgumentParser) -> None:
         metavar="BYTES",
         help="request bodies waiting per deployment; past it the lowest band is shed (default 64 MiB)",
     )
+    g.add_argument(
+        "--peer-port",
+        type=int,
+        default=0,
+        metavar="PORT",
+        help="share tenant budgets with the other gateway replicas: serve this replica's usage on "
+        "this internal port and fetch theirs (default 0: off, each replica enforces whole budgets)",
+    )
+    g.add_argument(
+        "--peer-service",
+        default="",
+        metavar="NAME",
+        help="the gateway's Service in --tenants-namespace: its EndpointSlices list the replicas "
+        "(list + watch on endpointslices there)",
+    )
+    g.add_argument(
+        "--peers",
+        default="",
+        metavar="HOST:PORT,...",
+        help="the other replicas' peer addresses, without Kubernetes (benchmarks, local runs)",
+    )
+    g.add_argument(
+        "--peer-interval",
+        type=float,
+        default=1.0,
+        metavar="SECONDS",
+        help="how often usage is exchanged; a report lives 3 intervals (default 1)",
+    )
 
 
 def static_config(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -98,6 +126,39 @@ def static_config(path: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     return objs, slices
 
 
+def check_peer_args(args: argparse.Namespace) -> str:
+    """An error message for inconsistent budget-sharing flags, or ""."""
+    if not 0 <= args.peer_port < 65536:
+        return "--peer-port must be 0 (off) or a port number"
+    if args.peer_port and args.peer_port in (args.port, getattr(args, "epp_port", 0)):
+        return "--peer-port must differ from --port and --epp-port"
+    if (args.peer_service or args.peers) and not args.peer_port:
+        return "--peer-service and --peers need --peer-port"
+    if args.peer_service and not args.tenants_namespace:
+        return "--peer-service needs --tenants-namespace (or $POD_NAMESPACE): the Service's namespace"
+    if not args.peer_interval > 0:
+        return "--peer-interval must be more than 0 seconds"
+    return ""
+
+
+async def start_peer_sync(gw: Any, args: argparse.Namespace, loop: Any, ws: list[Any]) -> Any:
+    """Budgets shared across replicas (docs/tenants.md), or None when --peer-port is 0."""
+    if not args.peer_port:
+        return None
+    from toposerve.router.budget_share import SharedBudgets
+    from toposerve.router.peer_sync import PeerSync
+
+    shared = SharedBudgets(ttl_s=3 * args.peer_interval, interval_s=args.peer_interval)
+    gw.tenants.admission.shared = shared
+    sync = PeerSync(shared, args.peer_port, os.environ.get("POD_IP", ""), gw.gw_registry)
+    gw.tenants.sharing = sync
+    sync.set_static(args.peers.split(",") if args.peers else [])
+    if args.peer_service:
+        ws.append(sync.watch(args.tenants_namespace, args.peer_service, loop))
+    await sync.start(args.host)
+    return sync
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -118,6 +179,9 @@ def run(args: argparse.Namespace) -> int:
     epp_error = router_cli.check_epp_ports(args)
     if epp_error:
         raise SystemExit(f"toposerve gateway: error: {epp_error}")
+    peer_error = check_peer_args(args)
+    if peer_error:
+        raise SystemExit(f"toposerve gateway: error: {peer_error}")
     cfg = router_cli.config_from_args(args)
     scope = args.watch_namespace or None
     try:
@@ -132,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
         epp = await router_cli.start_epp(gw, args, gw.gw_registry)  # `model` picks the member
         ws = [] if args.static_config else watches(gw, asyncio.get_running_loop())
         ws += tenant_watch.start(gw, args, policies, asyncio.get_running_loop())
+        sharing = await start_peer_sync(gw, args, asyncio.get_running_loop(), ws)
         if args.static_config:
             objs, slices = static_config(args.static_config)
             gw.deployments_listed(objs)
@@ -152,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         for w in ws:
             w.stop()
         await runner.cleanup()
+        if sharing is not None:
+            await sharing.stop()
         if epp is not None:
             await epp.stop()
 

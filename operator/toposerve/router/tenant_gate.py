@@ -85,6 +85,7 @@ class TenantGate:
         self._launching: dict[int, int] = {}  # id(member) -> let go, not yet on the member
         self._ids = itertools.count(1)
         self.source: Any = None  # tenant_watch.TenantSource, when keys and policy are watched
+        self.sharing: Any = None  # peer_sync.PeerSync, when budgets are shared across replicas
         self.requests = Counter(
             "toposerve_tenant_requests",
             "Requests by tenant, requested model and answer code (401s as tenant=unauthenticated).",

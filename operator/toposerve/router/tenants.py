@@ -13,7 +13,9 @@ each request's key is hashed before lookup, so plaintext is never held or logged
 dict on the digest, then `hmac.compare_digest` on the match: timing can reveal at most something
 about a digest, which does not help to find a key (SHA-256 is preimage-resistant).
 
-Budgets are per tenant and per gateway replica (each replica keeps its own buckets):
+Budgets are per tenant; each gateway replica keeps its own buckets, and with `shared`
+(budget_share.py: the replicas exchange their usage) a request must also fit the budget across
+the replicas:
 - requests per second: a token bucket of capacity max(1, rate) (one second's burst);
 - concurrent requests: a count, released when the request ends;
 - prompt + completion tokens per minute: a token bucket of capacity `tokens_per_minute`, refilled
@@ -33,9 +35,12 @@ import re
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from toposerve.router.errors import error_body
+
+if TYPE_CHECKING:
+    from toposerve.router.budget_share import SharedBudgets
 
 # Priority bands, highest first. The names follow the Gateway API Inference Extension's
 # criticality (Critical / Standard / Sheddable, InferenceModel v1alpha2) and map onto
@@ -315,10 +320,12 @@ class Admission:
         table: Table = EMPTY,
         require_key: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        shared: SharedBudgets | None = None,
     ) -> None:
         self.table = table
         self.require_key = require_key
         self.clock = clock
+        self.shared = shared  # budgets across gateway replicas (budget_share.py), when configured
         self._state: dict[str, _State] = {}
 
     def set_table(self, table: Table) -> None:
@@ -386,7 +393,16 @@ class Admission:
                     f"this request needs about {reserve}, {max(0, int(st.tpm.level))} are left."
                 )
                 return Decision(429, t.name, msg, "tokensPerMinute", _retry(st.tpm.wait_for(reserve)))
+        if self.shared is not None and (r := self.shared.check(t.name, b, reserve, now)) is not None:
+            msg = (
+                f"tenant `{t.name}` is over its {r.param} across the {r.replicas} gateway replicas "
+                f"(budgets shared, {r.mode})."
+            )
+            return Decision(429, t.name, msg, r.param, r.retry_after_s)
+        if st.tpm is not None:
             st.tpm.level -= reserve
+        if self.shared is not None:
+            self.shared.charge(t.name, b, reserve, now)
         if st.rps is not None:
             st.rps.level -= 1
         st.concurrent += 1
@@ -395,6 +411,9 @@ class Admission:
     def finish(self, ticket: Ticket, used_tokens: int | None) -> None:
         """The request ended: release its concurrency slot and settle its tokens with the real
         usage (None: unknown, e.g. a stream without usage: the reservation stays charged)."""
+        if self.shared is not None:
+            delta = used_tokens - ticket.reserved if ticket.reserved and used_tokens is not None else 0
+            self.shared.finish(ticket.tenant, delta, self.clock())
         st = self._state.get(ticket.tenant)
         if st is None:
             return
