@@ -4,7 +4,9 @@ A thin shell: per request it asks `Admission.admit` (401 / 403 / 429 + Retry-Aft
 and when the deployment's replicas are saturated it waits in that deployment's `FlowQueue`
 (priority band, then weighted fair queuing on tokens) until the pump lets it go, it is shed
 for a higher band (429), or it waits past the bound (429 with Retry-After). Then the member
-router routes it as before, and the ticket is settled with the engine's usage.
+router routes it as before, and the ticket is settled with the engine's usage. The endpoint
+picker's requests wait in the same queues (`wait`) and settle from the response it saw
+(`settle`).
 
 "Saturated" is the member router's own rule, seen from the gateway: at least one replica is
 eligible (healthy, not draining) and either none of them can take a request now
@@ -143,7 +145,7 @@ class TenantGate:
             return admitted
         (ticket, estimate), used = admitted, None
         try:
-            refused = await self._wait(member, ticket, estimate, size)
+            refused = await self.wait(member, ticket, estimate, size)
             if refused is not None:
                 self.requests.labels(ticket.tenant, model, str(refused.status)).inc()
                 return refused
@@ -162,6 +164,23 @@ class TenantGate:
             self.pump(member)
 
     # ------------------------------------------------------------------------------ flow control
+
+    def settle(
+        self, ticket: tn.Ticket, model: str, status: int | None, usage: tuple[int, int] | None
+    ) -> None:
+        """The end of a request the endpoint picker routed: tokens counted and settled from the
+        response's usage as on the HTTP path (`serve`); no usage: an error status settles 0,
+        otherwise the reservation stays charged."""
+        used = None
+        if usage is not None:
+            used = usage[0] + usage[1]
+            self.tokens.labels(ticket.tenant, model, "prompt").inc(usage[0])
+            self.tokens.labels(ticket.tenant, model, "completion").inc(usage[1])
+        elif status is not None and status >= 400:
+            used = 0
+        if status is not None:
+            self.requests.labels(ticket.tenant, model, str(status)).inc()
+        self.admission.finish(ticket, used)
 
     def saturated(self, member: Router) -> bool:
         snap = member.snapshot()
@@ -185,7 +204,10 @@ class TenantGate:
         if q is not None and not len(q):
             del self.queues[key]
 
-    async def _wait(self, member: Router, ticket: tn.Ticket, estimate: int, size: int) -> web.Response | None:
+    async def wait(self, member: Router, ticket: tn.Ticket, estimate: int, size: int) -> web.Response | None:
+        """Wait in `member`'s flow-control queue while its replicas are saturated (the HTTP path
+        and the endpoint picker): None once it may go, or the 429 to answer (shed, or waited
+        past the bound)."""
         key = id(member)
         if key not in self.queues and not self.saturated(member):
             return None

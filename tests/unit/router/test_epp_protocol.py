@@ -215,3 +215,19 @@ def test_retract_takes_back_only_the_blocks_a_pick_added(prompt: list[int], held
     idx.retract(hashes[matched:], "a")  # served elsewhere
     assert idx.match(hashes, ["a", "other"]) == {"a": held_before, "other": len(hashes)}
     assert idx.held("a") == held_before
+
+
+def test_the_response_status_and_the_end_of_its_body_are_kept_for_the_usage() -> None:
+    """The picker settles tokens from the response (the usage block is at its end): the
+    `:status` and the last RESPONSE_TAIL bytes of a routed request's response are kept."""
+    ex = pr.Exchange()
+    ex.request_headers([(":path", "/v1/completions")], False, {})
+    r = ex.request_body(b'{"model": "m"}', True)
+    assert r.pick is not None and r.pick.size == len(b'{"model": "m"}')
+    ex.decided(pr.Routed(("10.0.0.1:8000",)))
+    ex.response_headers(False, {}, 200)
+    ex.response_body(b"x" * (pr.RESPONSE_TAIL + 10), False)
+    ex.response_body(b'{"usage": {"prompt_tokens": 3}}', True)
+    seen = ex.response()
+    assert seen.status == 200 and len(seen.tail) == pr.RESPONSE_TAIL
+    assert seen.tail.endswith(b'{"usage": {"prompt_tokens": 3}}')

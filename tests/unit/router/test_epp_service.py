@@ -310,3 +310,64 @@ async def test_the_gateways_picker_admits_tenants_on_the_key_the_data_plane_pass
         await until(lambda: gw.tenants.admission.in_flight("b") == 0, "the stream's end released the slot")
     for e in (*llama, *qwen):
         await e.shutdown(0)
+
+
+async def test_the_gateways_picker_queues_by_band_while_saturated_and_settles_from_the_response() -> None:
+    """With tenants the picker waits in the same flow-control queue as the HTTP path (the
+    critical band goes before the sheddable one that came first) instead of refusing, and
+    settles tokens per minute from the usage in the response body Envoy streams through."""
+    llama = [await MockServer(EngineConfig(model="llama", time_scale=0.0)).start()]
+    gw = Gateway(RouterConfig(probe_interval_s=0.05, routing=st.Config(max_in_flight=1)))
+    policy = {"tenants": {"b": {"priority": "critical"}, "c": {"priority": "sheddable"},
+                          "a": {"budgets": {"tokensPerMinute": 1000}}}}  # fmt: skip
+    source = TenantSource(tn.parse_policies(policy, "policy"), gw.tenants.admission.set_table)
+    keys = {t: f"sk-epp-{t}-0123456789" for t in "abc"}
+    source.secrets_listed([
+        {"metadata": {"name": f"{t}-keys", "namespace": "x", "labels": {"toposerve.io/tenant": t}},
+         "data": {"api-keys": base64.b64encode(k.encode()).decode()}}
+        for t, k in keys.items()
+    ])  # fmt: skip
+    gw.deployments_listed([llmd("llama", "llama")])
+    gw.slices_listed([engine_slice("l-0", "llama", llama)])
+    ep = f"127.0.0.1:{llama[0].port}"
+
+    def key(t: str) -> dict[str, str]:
+        return {"x-api-key": keys[t]}
+
+    async with picker(n=0, router=gw) as p:
+        await until(lambda: gw.routable().get("llama", 0) > 0, "llama routable")
+        member = gw.members["x/llama"] if "x/llama" in gw.members else next(iter(gw.members.values()))
+        holder = p.stream()
+        assert (await holder.request(chat(model="llama"), headers=key("b"))).kind == "route"
+        shed, crit = p.stream(), p.stream()
+        shed_answer = asyncio.create_task(shed.request(chat(model="llama"), headers=key("c")))
+        await until(lambda: member.queued == 1, "the sheddable request waits")
+        crit_answer = asyncio.create_task(crit.request(chat(model="llama"), headers=key("b")))
+        await until(lambda: member.queued == 2, "the critical one waits too")
+        assert not shed_answer.done() and not crit_answer.done()  # waiting, not refused
+        await holder.respond(ep)
+        await holder.close()
+        a = await crit_answer
+        assert a.kind == "route" and a.endpoints == [ep]
+        assert member.queued == 1 and not shed_answer.done()  # the critical band went first
+        await crit.respond(ep)
+        await crit.close()
+        assert (await shed_answer).kind == "route"
+        await shed.respond(ep)
+        await shed.close()
+        await until(lambda: member.queued == 0 and not gw.tenants.queues, "the queue is empty")
+
+        # usage settled from the response body: 12 tokens used of the ~70 reserved
+        s = p.stream()
+        assert (await s.request(chat(model="llama", max_tokens=64), headers=key("a"))).kind == "route"
+        bucket = gw.tenants.admission._state["a"].tpm
+        assert bucket is not None and bucket.level < 1000 - 60
+        body = json.dumps({"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 7}}).encode()
+        await s.respond(ep, body)
+        await s.close()
+        await until(lambda: gw.tenants.admission.in_flight("a") == 0, "finished")
+        assert 1000 - 12 - 1e-6 <= bucket.level <= 1000  # refunded down to the 12 used (refill: up to full)
+        assert gw.tenants.tokens.labels("a", "llama", "prompt")._value.get() == 5
+        assert gw.tenants.tokens.labels("a", "llama", "completion")._value.get() == 7
+        assert gw.tenants.requests.labels("a", "llama", "200")._value.get() == 1
+    await llama[0].shutdown(0)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from toposerve.router import tenants as tn
-from toposerve.router.epp.protocol import PickInput, Refused, Routed, endpoint_of, in_subset
-from toposerve.router.proxy import Pick, Router
+from toposerve.router.epp.protocol import PickInput, Refused, ResponseSeen, Routed, endpoint_of, in_subset
+from toposerve.router.proxy import Pick, Router, _usage_field
 from toposerve.router.tenant_gate import TenantGate
 
 
@@ -26,6 +26,7 @@ class Held:
     pick: Pick
     front: Router | None = None  # the gateway, when a member picked: its drain waits for this too
     ticket: tn.Ticket | None = None  # its tenant's admission (gateway with tenants), settled at finish
+    model: str = ""
 
 
 def refused(resp: web.Response) -> Refused:
@@ -69,11 +70,22 @@ class RouterPicker:
         if isinstance(member, web.Response):
             return refused(member), None
         ticket = None
+        model = str(inp.body.get("model") or "")
         if gate is not None:
-            admitted = gate.admit(inp.path, inp.headers, inp.body, str(inp.body.get("model") or ""), member)
+            admitted = gate.admit(inp.path, inp.headers, inp.body, model, member)
             if isinstance(admitted, web.Response):
                 return refused(admitted), None
-            ticket = admitted[0]
+            ticket, estimate = admitted
+            # replicas saturated: wait in the flow-control queue as the HTTP path does (band,
+            # then fair share on tokens; bounded in bytes and time: 429 when shed or too long)
+            try:
+                waited = await gate.wait(member, ticket, estimate, inp.size)
+            except BaseException:  # the stream went away while waiting
+                gate.admission.finish(ticket, 0)
+                raise
+            if waited is not None:
+                gate.settle(ticket, model, waited.status, None)
+                return refused(waited), None
         only = None
         if inp.subset is not None:
             subset = inp.subset
@@ -82,12 +94,13 @@ class RouterPicker:
         if isinstance(p, web.Response):
             if gate is not None and ticket is not None:
                 gate.admission.finish(ticket, 0)  # not routed: nothing used
+                gate.pump(member)
             return refused(p), None
         front = None
         if member is not self.router:
             front = self.router
             front.active += 1
-        return Routed(tuple(endpoint_of(u) for u in p.backends)), Held(member, p, front, ticket)
+        return Routed(tuple(endpoint_of(u) for u in p.backends)), Held(member, p, front, ticket, model)
 
     def served(self, held: Held, endpoint: str) -> None:
         """`x-gateway-destination-endpoint-served`: the backend with that `ip:port`, if known."""
@@ -95,7 +108,7 @@ class RouterPicker:
         if url is not None:
             held.router.served_pick(held.pick, url)
 
-    def finish(self, held: Held) -> None:
+    def finish(self, held: Held, response: ResponseSeen | None = None) -> None:
         if held.pick.done:
             return
         held.router.finish_pick(held.pick)
@@ -103,5 +116,14 @@ class RouterPicker:
             held.front.active -= 1
         gate = self._gate()
         if held.ticket is not None and gate is not None:
-            # the picker does not read the response's usage: the reservation stays charged
-            gate.admission.finish(held.ticket, None)
+            # settled from the usage in the response body Envoy streamed through (the end of a
+            # JSON answer, a stream's usage event), as on the HTTP path; none: stays charged
+            status = response.status if response is not None else None
+            usage = None
+            if (
+                response is not None
+                and (prompt := _usage_field(response.tail, b'"prompt_tokens"')) is not None
+            ):
+                usage = (prompt, _usage_field(response.tail, b'"completion_tokens"') or 0)
+            gate.settle(held.ticket, held.model, status, usage)
+            gate.pump(held.router)  # its slot is free: the next waiter may go

@@ -34,6 +34,7 @@ LIVENESS = "liveness"
 READINESS = "readiness"
 LWEPP_HEALTH = "inference-extension"
 BODY_CHUNK = 62_000  # pkg/common/envoy/chunking.go BodyByteLimit
+RESPONSE_TAIL = 8192  # response bytes kept for the usage block
 
 REQUEST = "request"
 RESPONSE = "response"
@@ -51,6 +52,17 @@ class PickInput:
     headers: Mapping[str, str]
     body: dict[str, Any]
     subset: frozenset[str] | None
+    size: int = 0  # the body's bytes (what a flow-control queue holds)
+
+
+@dataclass(frozen=True)
+class ResponseSeen:
+    """What the picker saw of the response: its `:status` (None: no response headers came) and
+    the last RESPONSE_TAIL bytes of its body, where the engine's `usage` block is (the end of a
+    JSON answer, or a stream's last events with `stream_options.include_usage`)."""
+
+    status: int | None
+    tail: bytes
 
 
 @dataclass(frozen=True)
@@ -222,6 +234,8 @@ class Exchange:
     routed: bool = False  # a pick holds load until `done`
     refused: bool = False
     finished: bool = False
+    response_status: int | None = None
+    response_tail: bytearray = field(default_factory=bytearray)
 
     # -------------------------------------------------------------- request path
 
@@ -277,7 +291,7 @@ class Exchange:
             body = doc
         self.awaiting_pick = True
         path = self.headers.get(":path", "").split("?", 1)[0]
-        return Reaction(pick=PickInput(path, dict(self.headers), body, self.subset))
+        return Reaction(pick=PickInput(path, dict(self.headers), body, self.subset, len(self.body)))
 
     def decided(self, outcome: Outcome) -> Reaction:
         """The picker's answer to `Reaction.pick`: the headers answer and the held-back body, or
@@ -302,11 +316,17 @@ class Exchange:
 
     # -------------------------------------------------------------- response path
 
-    def response_headers(self, end_of_stream: bool, metadata: Mapping[str, Any]) -> Reaction:
+    def response_headers(
+        self, end_of_stream: bool, metadata: Mapping[str, Any], status: int | None = None
+    ) -> Reaction:
+        self.response_status = status
         served = served_endpoint(metadata)
         return Reaction((HeadersPassed(RESPONSE),), served=served, done=self._end(end_of_stream))
 
     def response_body(self, data: bytes, end_of_stream: bool) -> Reaction:
+        if self.routed:
+            self.response_tail += data[-RESPONSE_TAIL:]
+            del self.response_tail[:-RESPONSE_TAIL]
         return Reaction(tuple(chunks(RESPONSE, data, end_of_stream)), done=self._end(end_of_stream))
 
     def trailers(self, phase: str) -> Reaction:
@@ -315,6 +335,9 @@ class Exchange:
     def broken(self) -> Reaction:
         """The stream ended or broke (Envoy gone, client gone): release what was held."""
         return Reaction(done=self._end(True))
+
+    def response(self) -> ResponseSeen:
+        return ResponseSeen(self.response_status, bytes(self.response_tail))
 
     def _end(self, end: bool) -> bool:
         """True exactly once, when a routed request's response ends."""

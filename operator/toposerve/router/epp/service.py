@@ -32,7 +32,7 @@ class Picker(Protocol):
     def ready(self) -> bool: ...
     async def pick(self, inp: pr.PickInput) -> tuple[pr.Routed | pr.Refused, Any]: ...
     def served(self, held: Any, endpoint: str) -> None: ...
-    def finish(self, held: Any) -> None: ...
+    def finish(self, held: Any, response: pr.ResponseSeen | None = None) -> None: ...
 
 
 class EppMetrics:
@@ -152,11 +152,11 @@ class ExtProc(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gener
                 for out in r.out:
                     yield to_proto(out)
                 if r.done and held is not None:
-                    self.picker.finish(held)
+                    self.picker.finish(held, ex.response())
             end = "completed"
         finally:  # the stream ended, broke or was cancelled: never leave load behind
             if ex.broken().done and held is not None:
-                self.picker.finish(held)
+                self.picker.finish(held, ex.response())
             self.metrics.streams.labels(end).inc()
 
     @staticmethod
@@ -169,7 +169,10 @@ class ExtProc(pb_grpc.ExternalProcessorServicer):  # type: ignore[misc]  # gener
         if kind == "request_body":
             return ex.request_body(msg.request_body.body, msg.request_body.end_of_stream)
         if kind == "response_headers":
-            return ex.response_headers(msg.response_headers.end_of_stream, _metadata(msg))
+            h = msg.response_headers
+            status = next((_header_value(x) for x in h.headers.headers if x.key == ":status"), "")
+            code = int(status) if status.isdigit() else None
+            return ex.response_headers(h.end_of_stream, _metadata(msg), code)
         if kind == "response_body":
             return ex.response_body(msg.response_body.body, msg.response_body.end_of_stream)
         if kind == "request_trailers":
