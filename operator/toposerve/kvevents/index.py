@@ -130,16 +130,28 @@ class EngineIndex:
         """Where to ask a replay from: the last applied batch (to prove continuity), else 0."""
         return max(self.applied, 0)
 
-    def catch_up(self, batches: Sequence[tuple[int, bytes]]) -> bool:
-        """Apply a replay answer asked from ``replay_start()``. False (nothing applied) when it
-        does not continue this index: the caller clears and replays from 0 (``rebuild``)."""
-        if self.applied >= 0:
-            if not batches or batches[0][0] != self.applied or digest(batches[0][1]) != self.applied_digest:
-                return False
-            batches = batches[1:]
+    def continuation(self, batches: Sequence[tuple[int, bytes]]) -> Sequence[tuple[int, bytes]] | None:
+        """What of a replay answer asked from ``replay_start()`` is new to this index, or None when
+        the answer does not continue it (it must start with the last applied batch, same payload)."""
+        if self.applied < 0:
+            return batches
+        if not batches or batches[0][0] != self.applied or digest(batches[0][1]) != self.applied_digest:
+            return None
+        return batches[1:]
+
+    def apply_new(self, batches: Sequence[tuple[int, bytes]]) -> None:
+        """Apply the batches past the last applied one, in order (a replay answer, or part of one)."""
         for seq, payload in batches:
             if seq > self.applied:
                 self.apply(seq, payload)
+
+    def catch_up(self, batches: Sequence[tuple[int, bytes]]) -> bool:
+        """Apply a replay answer asked from ``replay_start()``. False (nothing applied) when it
+        does not continue this index: the caller clears and replays from 0 (``rebuild``)."""
+        new = self.continuation(batches)
+        if new is None:
+            return False
+        self.apply_new(new)
         return True
 
     def rebuild(self, batches: Sequence[tuple[int, bytes]]) -> None:

@@ -147,3 +147,43 @@ def test_exact_matches_replace_the_approximation_only_where_fresh() -> None:
     got, n = st.prefix_matches(dataclasses.replace(req, kv=kv), mem, ["a", "b", "c"])
     assert n == 8 and got == {"a": 6, "b": 8, "c": 0}
     assert st.prefix_matches(req, mem, ["a", "b"]) == ({"a": 0, "b": 4}, 4)  # off: as before
+
+
+async def test_a_long_replay_is_applied_in_slices_that_let_other_tasks_run() -> None:
+    """A router catching up on an engine's whole buffer (10,000 steps by default) must keep
+    answering meanwhile: the feed yields to the event loop between slices of the replay."""
+    import asyncio
+
+    import zmq.asyncio
+
+    from toposerve.router import kvindex as kvi
+
+    ctx = zmq.asyncio.Context()
+    feed = kvi.EngineFeed(ctx, "tcp://127.0.0.1:1", None, kvi.KVEventsOptions(enabled=True))
+    n = kvi.REPLAY_SLICE * 5 + 3
+    batches = [(i, batch(stored(hashing.sha256(("replay", i))), ts=float(i))) for i in range(n)]
+    ticks = 0
+    seen: list[int] = []
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    original = feed.index.apply_new
+
+    def record(part: list[tuple[int, bytes]]) -> None:
+        seen.append(ticks)
+        original(part)
+
+    feed.index.apply_new = record  # type: ignore[method-assign]
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)
+    try:
+        await feed._apply_in_slices(batches)
+    finally:
+        task.cancel()
+        ctx.term()
+    assert len(feed.index) == n and feed.index.applied == n - 1
+    assert len(seen) == 6 and seen == sorted(seen) and len(set(seen)) == 6  # the ticker ran between slices
