@@ -29,6 +29,50 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "({namespace/name: [http://IP:PORT, ...]}), for benchmarks and local runs",
     )
     add_tenant_arguments(p)
+    add_epp_tls_arguments(p)
+
+
+def add_epp_tls_arguments(p: argparse.ArgumentParser) -> None:
+    """TLS on --epp-port (router/epp/tls.py, docs/gateway-api.md "TLS")."""
+    g = p.add_argument_group("Endpoint Picker TLS (docs/gateway-api.md)")
+    g.add_argument(
+        "--epp-tls-cert",
+        default="",
+        metavar="FILE",
+        help="serve ext_proc over TLS with this PEM certificate (with --epp-tls-key; a renewed "
+        "pair is taken without a restart)",
+    )
+    g.add_argument("--epp-tls-key", default="", metavar="FILE", help="the PEM key of --epp-tls-cert")
+    g.add_argument(
+        "--epp-secure-serving",
+        action="store_true",
+        help="serve ext_proc over TLS with a self-signed certificate made at start (the reference "
+        "picker's --secure-serving; needs the `cryptography` package); default: plaintext (h2c)",
+    )
+
+
+def epp_tls(args: argparse.Namespace) -> Any:
+    """The ext_proc port's TLS credentials from the flags, or None (plaintext); SystemExit with
+    the reason when they cannot be had."""
+    cert, key = getattr(args, "epp_tls_cert", ""), getattr(args, "epp_tls_key", "")
+    secure = getattr(args, "epp_secure_serving", False)
+    if not (cert or key or secure):
+        return None
+    if not args.epp_port:
+        raise SystemExit(
+            "toposerve gateway: error: --epp-tls-cert/--epp-tls-key/--epp-secure-serving need --epp-port"
+        )
+    if secure and (cert or key):
+        raise SystemExit(
+            "toposerve gateway: error: --epp-secure-serving or --epp-tls-cert/--epp-tls-key, not both"
+        )
+    from toposerve.router.epp import tls
+
+    try:
+        hosts = [h for h in (os.environ.get("POD_IP", ""), args.host) if h and h not in ("::", "0.0.0.0")]
+        return tls.server_credentials(cert, key, hosts if secure else None)[0]
+    except tls.TlsError as e:
+        raise SystemExit(f"toposerve gateway: error: {e}") from None
 
 
 def add_tenant_arguments(p: argparse.ArgumentParser) -> None:
@@ -159,6 +203,17 @@ async def start_peer_sync(gw: Any, args: argparse.Namespace, loop: Any, ws: list
     return sync
 
 
+async def start_epp(gw: Any, args: argparse.Namespace, credentials: Any) -> Any:
+    """The Endpoint Picker on --epp-port (router_cli.start_epp's, with TLS when asked)."""
+    if credentials is None:
+        return await router_cli.start_epp(gw, args, gw.gw_registry)
+    from toposerve.router.epp.server import EndpointPicker
+
+    epp = EndpointPicker(gw, gw.gw_registry)
+    await epp.start(args.host, args.epp_port, args.epp_health_port or None, tls=credentials)
+    return epp
+
+
 def run(args: argparse.Namespace) -> int:
     import asyncio
     import logging
@@ -182,6 +237,7 @@ def run(args: argparse.Namespace) -> int:
     peer_error = check_peer_args(args)
     if peer_error:
         raise SystemExit(f"toposerve gateway: error: {peer_error}")
+    credentials = epp_tls(args)
     cfg = router_cli.config_from_args(args)
     scope = args.watch_namespace or None
     try:
@@ -193,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
         log = logging.getLogger("toposerve.router.gateway")
         gw = Gateway(cfg, scope)
         runner = await serve(gw, args.host, args.port)
-        epp = await router_cli.start_epp(gw, args, gw.gw_registry)  # `model` picks the member
+        epp = await start_epp(gw, args, credentials)  # `model` picks the member
         ws = [] if args.static_config else watches(gw, asyncio.get_running_loop())
         ws += tenant_watch.start(gw, args, policies, asyncio.get_running_loop())
         sharing = await start_peer_sync(gw, args, asyncio.get_running_loop(), ws)

@@ -41,15 +41,22 @@ class EndpointPicker:
         self._task: asyncio.Task[None] | None = None
 
     async def start(
-        self, host: str, port: int, health_port: int | None = None, period_s: float = 0.5
+        self,
+        host: str,
+        port: int,
+        health_port: int | None = None,
+        period_s: float = 0.5,
+        tls: grpc.ServerCredentials | None = None,
     ) -> None:
-        """Listen on `port` (ext_proc + health) and, unless None, `health_port` (health only);
-        port 0 binds a free port (tests): the bound ones are in `self.ports`."""
+        """Listen on `port` (ext_proc + health; with `tls`, TLS only: epp/tls.py) and, unless
+        None, `health_port` (health only, plaintext: kubelet gRPC probes speak no TLS); port 0
+        binds a free port (tests): the bound ones are in `self.ports`."""
         await self._sync()
         main = grpc.aio.server()
         pb_grpc.add_ExternalProcessorServicer_to_server(self.servicer, main)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, main)
-        self.ports = [main.add_insecure_port(_addr(host, port))]
+        addr = _addr(host, port)
+        self.ports = [main.add_secure_port(addr, tls) if tls is not None else main.add_insecure_port(addr)]
         self.servers = [main]
         if health_port is not None:
             side = grpc.aio.server()
