@@ -56,6 +56,18 @@ def test_policy_configmap_mounted_and_flags_the_gateway_parses(tmp_path: Any) ->
         True,
     )
     assert (args.flow_max_wait, args.flow_max_bytes) == (30.0, 67108864)
+    # budgets shared across the replicas (the default): the peer port and the Service to list
+    assert (args.peer_port, args.peer_service) == (8082, "toposerve-gateway")
+    args.tenants_namespace = "toposerve-system"  # $POD_NAMESPACE in the pod (its env, above)
+    assert gateway_cli.check_peer_args(args) == ""
+    assert {"name": "peers", "containerPort": 8082, "protocol": "TCP"} in c["ports"]
+    assert {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}} in c["env"]
+    objectives = template(tenants_on(objectives={"batch": "sheddable", "chat": 10}))
+    (cm,) = [
+        c for c in by_kind(objectives, "ConfigMap") if c["metadata"]["name"] == "toposerve-gateway-tenants"
+    ]
+    f.write_text(cm["data"]["tenants.yaml"])
+    assert tenant_watch.load_policy_file(str(f)).objectives == {"batch": "sheddable", "chat": "critical"}
     off = template(tenants_on(requireApiKey=False))
     (dep,) = [d for d in by_kind(off, "Deployment") if d["metadata"]["name"] == "toposerve-gateway"]
     assert "--require-api-key" not in dep["spec"]["template"]["spec"]["containers"][0]["args"]
@@ -72,3 +84,4 @@ def test_schema_refuses_bad_tenant_values() -> None:
     assert "rps" in template_error({"gateway": {"tenants": {"policies": {"a": {"budgets": {"rps": 1}}}}}})
     assert template_error({"gateway": {"tenants": {"policies": {"Team A": {}}}}})
     assert "weight" in template_error({"gateway": {"tenants": {"policies": {"a": {"weight": 0}}}}})
+    assert template_error({"gateway": {"tenants": {"objectives": {"batch": "low"}}}})

@@ -41,7 +41,7 @@ TENANT_LABEL = "toposerve.io/tenant"
 KEYS_FIELD = "api-keys"
 
 
-def load_policy_file(path: str) -> dict[str, tn.Tenant]:
+def load_policy_file(path: str) -> tn.Policies:
     """The tenants file; TenantConfigError naming the file and field when it is bad."""
     import yaml
 
@@ -82,6 +82,7 @@ class TenantSource:
 
     def __init__(self, policies: Mapping[str, tn.Tenant], on_table: Callable[[tn.Table], None]) -> None:
         self.policies = dict(policies)
+        self.objectives: Mapping[str, str] = getattr(policies, "objectives", {})  # tn.Policies
         self.on_table = on_table
         self.secrets: dict[str, tuple[str, frozenset[bytes]]] = {}  # last good parse per Secret
         self.errors: dict[str, str] = {}  # Secret or file -> its current error
@@ -89,6 +90,7 @@ class TenantSource:
 
     def set_policies(self, policies: Mapping[str, tn.Tenant]) -> None:
         self.policies = dict(policies)
+        self.objectives = getattr(policies, "objectives", {})
         self._publish()
 
     def policy_error(self, where: str, message: str) -> None:
@@ -142,7 +144,7 @@ class TenantSource:
         tenants = [
             replace(t, key_hashes=t.key_hashes | frozenset(keys.get(n, ()))) for n, t in self.policies.items()
         ]
-        return tn.build_table(tenants)
+        return tn.build_table(tenants, self.objectives)
 
     def _publish(self) -> None:
         table = self.table()
@@ -194,7 +196,7 @@ def _mtime(path: str) -> float | None:
     return None
 
 
-def check_args(args: argparse.Namespace) -> dict[str, tn.Tenant] | None:
+def check_args(args: argparse.Namespace) -> tn.Policies | None:
     """The tenant policy the flags name (None: tenants off); ValueError naming what is wrong."""
     if args.flow_max_wait <= 0 or args.flow_max_bytes <= 0:
         raise ValueError("--flow-max-wait and --flow-max-bytes must be more than 0")
@@ -205,7 +207,7 @@ def check_args(args: argparse.Namespace) -> dict[str, tn.Tenant] | None:
             "--tenant-secrets needs --tenants-file: the policy of the tenants the keys belong to"
         )
     if not args.tenants_file:
-        return {} if args.require_api_key else None
+        return tn.Policies({}) if args.require_api_key else None
     return load_policy_file(args.tenants_file)
 
 

@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 CRITICAL, STANDARD, SHEDDABLE = "critical", "standard", "sheddable"
 BANDS: tuple[str, ...] = (CRITICAL, STANDARD, SHEDDABLE)
 ANONYMOUS = "anonymous"  # requests without a (known) key where keys are optional
+# GIE's header naming a request's InferenceObjective (pkg/epp/metadata/consts.go ObjectiveKey, v1.6.2)
+OBJECTIVE_HEADER = "x-gateway-inference-objective"
 TENANT_NAME = re.compile(r"^[a-z0-9]([-a-z0-9_.]{0,61}[a-z0-9])?$")
 
 
@@ -174,16 +176,54 @@ def parse_policy(name: str, doc: Any, where: str) -> Tenant:
     return Tenant(name, tuple(models), prio, weight, budgets, digests)
 
 
-def parse_policies(doc: Any, where: str) -> dict[str, Tenant]:
-    """The tenants file: `{tenants: {name: policy}}` (see docs/tenants.md)."""
+class Policies(dict[str, Tenant]):
+    """The tenants by name, and the InferenceObjective names mapped to bands (`objectives`)."""
+
+    objectives: Mapping[str, str]
+
+    def __init__(self, tenants: Mapping[str, Tenant], objectives: Mapping[str, str] | None = None) -> None:
+        super().__init__(tenants)
+        self.objectives = dict(objectives or {})
+
+
+def parse_objectives(doc: Any, where: str) -> dict[str, str]:
+    """`objectives: {InferenceObjective name: band or integer priority}`: the band a request
+    naming that objective in `x-gateway-inference-objective` asks for."""
     if doc is None:
         return {}
     if not isinstance(doc, Mapping):
+        raise TenantConfigError(f"{where}: must be a mapping of InferenceObjective name to priority")
+    out = {}
+    for name, prio in doc.items():
+        if not isinstance(name, str) or not name:
+            raise TenantConfigError(f"{where}: {name!r} is not an InferenceObjective name")
+        if isinstance(prio, int) and not isinstance(prio, bool):
+            prio = band_of_priority(prio)
+        if prio not in BANDS:
+            raise TenantConfigError(
+                f"{where}.{name}: must be one of {', '.join(BANDS)} or an integer, got {prio!r}"
+            )
+        out[name] = prio
+    return out
+
+
+def parse_policies(doc: Any, where: str) -> Policies:
+    """The tenants file: `{tenants: {name: policy}, objectives: {name: priority}}` (see
+    docs/tenants.md)."""
+    if doc is None:
+        return Policies({})
+    if not isinstance(doc, Mapping):
         raise TenantConfigError(f"{where}: must be a mapping with `tenants`")
+    for k in doc:
+        if k not in ("tenants", "objectives"):
+            raise TenantConfigError(f"{where}.{k}: unknown field (known: objectives, tenants)")
     tenants = doc.get("tenants") or {}
     if not isinstance(tenants, Mapping):
         raise TenantConfigError(f"{where}.tenants: must be a mapping of tenant name to policy")
-    return {str(n): parse_policy(n, p, f"{where}.tenants.{n}") for n, p in tenants.items()}
+    return Policies(
+        {str(n): parse_policy(n, p, f"{where}.tenants.{n}") for n, p in tenants.items()},
+        parse_objectives(doc.get("objectives"), f"{where}.objectives"),
+    )
 
 
 @dataclass(frozen=True)
@@ -194,6 +234,18 @@ class Table:
     tenants: Mapping[str, Tenant]
     by_hash: Mapping[bytes, str]
     conflicts: tuple[str, ...] = ()
+    objectives: Mapping[str, str] = field(default_factory=dict)  # InferenceObjective name -> band
+
+    def band(self, tenant: Tenant, headers: Mapping[str, str]) -> str:
+        """The band of a request: the one its `x-gateway-inference-objective` maps to, but never
+        above its tenant's own (a tenant's priority is its ceiling: a batch job may mark itself
+        sheddable, no one may make itself critical); an unknown or absent objective: the
+        tenant's."""
+        name = next((v for k, v in headers.items() if k.lower() == OBJECTIVE_HEADER), None)
+        asked = self.objectives.get(name.strip()) if name else None
+        if asked is None:
+            return tenant.priority
+        return max(asked, tenant.priority, key=BANDS.index)
 
     def resolve(self, key: str) -> Tenant | None:
         digest = hash_key(key)
@@ -208,7 +260,7 @@ class Table:
         return bool(self.by_hash)
 
 
-def build_table(tenants: Iterable[Tenant]) -> Table:
+def build_table(tenants: Iterable[Tenant], objectives: Mapping[str, str] | None = None) -> Table:
     by_name = {t.name: t for t in tenants}
     owners: dict[bytes, set[str]] = {}
     for t in by_name.values():
@@ -216,7 +268,7 @@ def build_table(tenants: Iterable[Tenant]) -> Table:
             owners.setdefault(h, set()).add(t.name)
     by_hash = {h: next(iter(n)) for h, n in owners.items() if len(n) == 1}
     conflicts = tuple(sorted({"/".join(sorted(n)) for n in owners.values() if len(n) > 1}))
-    return Table(by_name, by_hash, conflicts)
+    return Table(by_name, by_hash, conflicts, dict(objectives or {}))
 
 
 EMPTY = build_table([])
@@ -406,7 +458,8 @@ class Admission:
         if st.rps is not None:
             st.rps.level -= 1
         st.concurrent += 1
-        return Decision(200, t.name, ticket=Ticket(t.name, reserve, t.priority, t.weight))
+        band = self.table.band(t, headers)
+        return Decision(200, t.name, ticket=Ticket(t.name, reserve, band, t.weight))
 
     def finish(self, ticket: Ticket, used_tokens: int | None) -> None:
         """The request ended: release its concurrency slot and settle its tokens with the real

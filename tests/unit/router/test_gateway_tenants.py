@@ -305,3 +305,32 @@ async def test_a_bad_policy_edit_keeps_the_previous_policy(tmp_path: Any) -> Non
         assert tables[-1].tenants["search"].models == ("b",) and str(f) not in source.errors
     finally:
         follow.cancel()
+
+
+async def test_an_inference_objective_header_lowers_a_requests_band() -> None:
+    """GIE's `x-gateway-inference-objective` naming an objective mapped to `sheddable`: the
+    critical tenant's request waits behind a standard one (the policy's `objectives`)."""
+    async with tenant_gateway(_one_slot()) as (gw, base, source):
+        source.set_policies(tn.parse_policies(
+            {"tenants": {**POLICY["tenants"], "team-a": {"priority": "standard"}},
+             "objectives": {"batch": "sheddable"}}, "policy"
+        ))  # fmt: skip
+        s, holder = await _holder(base)
+        order: list[str] = []
+
+        async def ask(name: str, key: str, headers: dict[str, str]) -> None:
+            c = openai.AsyncOpenAI(base_url=base + "/v1", api_key=key, max_retries=0, default_headers=headers)
+            await c.completions.create(model=LLAMA, prompt="x", max_tokens=2)
+            order.append(name)
+
+        member = gw.members["team-a/llama"]
+        tasks = [asyncio.create_task(ask("b-batch", KEY_B, {"x-gateway-inference-objective": "batch"}))]
+        await until(lambda: member.queued == 1, "the critical tenant's batch request queued")
+        tasks.append(asyncio.create_task(ask("a", KEY_A, {})))
+        await until(lambda: member.queued == 2, "a standard one queued")
+        m = await metrics(base)
+        assert m[("toposerve_gateway_flow_queued_requests", frozenset({("band", "sheddable")}))] == 1
+        holder.close()
+        await s.close()
+        await asyncio.gather(*tasks)
+        assert order == ["a", "b-batch"]

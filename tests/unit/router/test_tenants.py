@@ -304,3 +304,45 @@ def test_only_the_right_key_resolves(key: str) -> None:
     assert t.resolve(key).name == "a"  # type: ignore[union-attr]
     assert t.resolve(key + "x") is None
     assert t.resolve(key[:-1]) is None
+
+
+# ------------------------------------------------------------------------------ objectives
+
+
+def test_objective_header_maps_to_a_band_never_above_the_tenants() -> None:
+    """`x-gateway-inference-objective` (GIE's InferenceObjective name) picks the band through
+    the policy's `objectives`; the tenant's own priority is the ceiling."""
+    pol = tn.parse_policies(
+        {
+            "tenants": {"team-a": {"priority": "standard", "keySha256": [tn.hash_key(KEY_A).hex()]}},
+            "objectives": {"batch": "sheddable", "chat": 10, "default": 0},
+        },
+        "f",
+    )
+    assert pol.objectives == {"batch": "sheddable", "chat": "critical", "default": "standard"}
+    adm = tn.Admission(tn.build_table(pol.values(), pol.objectives), True)
+
+    def band(objective: str | None) -> str:
+        h = {**bearer(KEY_A), **({"X-Gateway-Inference-Objective": objective} if objective else {})}
+        d = adm.admit(h, "m", 1)
+        assert d.ticket is not None
+        adm.finish(d.ticket, 0)
+        return d.ticket.band
+
+    assert band(None) == "standard"
+    assert band("batch") == "sheddable"  # asks for less: granted
+    assert band("chat") == "standard"  # asks for more than its tenant's: the tenant's
+    assert band("nope") == "standard"  # an objective the policy does not name: the tenant's
+
+
+@pytest.mark.parametrize(
+    ("doc", "field"),
+    [
+        ({"objectives": {"batch": "low"}}, "f.objectives.batch"),
+        ({"objectives": ["batch"]}, "f.objectives"),
+        ({"objective": {}}, "f.objective"),
+    ],
+)
+def test_bad_objectives_name_the_field(doc: dict, field: str) -> None:
+    with pytest.raises(tn.TenantConfigError, match=field.replace(".", r"\.")):
+        tn.parse_policies(doc, "f")
