@@ -53,7 +53,9 @@ def engine_for(name: str, args: argparse.Namespace) -> EngineModel:
     ``--startup`` for every policy."""
     median = args.startup
     if args.startup_model == "phases":
-        warm = name.startswith("toposerve") and json.loads(args.leading).get("startup") == "warm"
+        warm = args.warm_all or (
+            name.startswith("toposerve") and json.loads(args.leading).get("startup") == "warm"
+        )
         median = startup_seconds(warm)
     return EngineModel.for_gpu("L4", startup_s=median, startup_sigma=args.startup_sigma)
 
@@ -246,6 +248,12 @@ def main(argv: list[str] | None = None) -> int:
         '"startup": "warm" (startup_phases.py)',
     )
     r.add_argument("--hpa-down", type=float, default=300.0, help="hpa-kv's scale-down window, s")
+    r.add_argument(
+        "--warm-all",
+        action="store_true",
+        help="with phases: every policy starts warm (what the start-up levers give an HPA "
+        "on the same pods; keep these rows out of the competitors' file)",
+    )
     r.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("report")
     p.add_argument("files", type=Path, nargs="+")

@@ -45,7 +45,7 @@ def test_cold_and_warm_start_up_follow_the_mock_engines_phases() -> None:
 
 def _args(**kw: object) -> argparse.Namespace:
     base: dict[str, object] = dict(startup=300.0, startup_sigma=0.25, startup_model="phases", leading="{}",
-                                   max_replicas=12, hpa_down=300.0)  # fmt: skip
+                                   max_replicas=12, hpa_down=300.0, warm_all=False)  # fmt: skip
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -59,6 +59,7 @@ def test_only_toposerve_with_the_lever_starts_warm() -> None:
         92.1, abs=0.1
     )
     assert leading.engine_for("hpa-kv", _args(startup_model="lognormal")).startup_s == 300.0
+    assert leading.engine_for("hpa-kv", _args(warm_all=True)).startup_s == pytest.approx(92.1, abs=0.1)
 
 
 def test_azure_trace_is_stretched_to_the_plateau_and_played_twice() -> None:
