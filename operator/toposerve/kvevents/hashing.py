@@ -70,18 +70,28 @@ def block_hashes(
     return out
 
 
+def _own(text: str) -> str:
+    """``text`` as a string object of its own. The hash pickles the keys, and pickle writes a
+    string it has already written as a back-reference, so equal strings hash differently when
+    they are one object than when they are two. In an engine the adapter's name (from its load
+    request) and a request's cache_salt (from the request's JSON) are always two objects, so the
+    router must not let them be one (found by vLLM's own hasher: tests/vllm/test_kv_events.py).
+    One-character strings stay shared singletons here as in the engine (CPython caches them)."""
+    return "".join(list(text))
+
+
 def lora_extra_keys(name: str, path: str) -> tuple[tuple[str, str, str], ...]:
     """Every block's extra keys for a request of LoRA adapter ``name`` loaded from ``path``
     (vLLM 0.33.0 ``v1/core/kv_cache_utils.py`` ``_gen_lora_extra_hash_keys``: ``("lora",
     lora_name, lora_path)``, the path as given to /v1/load_lora_adapter), so an adapter's blocks
     are named apart from the base model's."""
-    return (("lora", name, path),)
+    return (("lora", _own(name), _own(path)),)
 
 
 def salt_extra_key(salt: str) -> tuple[str, str]:
     """The first block's key for a request's ``cache_salt`` (vLLM 0.33.0, source-tagged as the
     LoRA key is, so no salt can collide with an adapter's name)."""
-    return ("cache_salt", salt)
+    return ("cache_salt", _own(salt))
 
 
 def as_int(block_hash: bytes) -> int:

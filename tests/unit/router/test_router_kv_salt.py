@@ -144,3 +144,20 @@ async def test_the_mock_refuses_an_empty_or_non_string_salt_as_vllm_does() -> No
                     assert "non-empty string" in doc["error"]["message"]
     finally:
         await a.stop()
+
+
+def test_an_adapter_name_equal_to_the_salt_hashes_as_in_the_engine_where_they_are_two_objects() -> None:
+    """Pickle back-references a string object it already wrote: one object used as both the
+    adapter's name and the salt would hash differently from the engine's two (vLLM's own hasher
+    found it: tests/vllm/test_kv_events.py)."""
+    tokens = list(range(32))
+    same = "".join(["tenant", "-x"])
+    one_object = hashing.block_hashes(
+        tokens, BLOCK, extra_keys=hashing.lora_extra_keys(same, "/a"), cache_salt=same
+    )
+    a, b = "".join(["tenant", "-x"]), "".join(["tenant-", "x"])
+    assert a is not b
+    two_objects = hashing.block_hashes(
+        tokens, BLOCK, extra_keys=hashing.lora_extra_keys(a, "/a"), cache_salt=b
+    )
+    assert one_object == two_objects
