@@ -96,6 +96,7 @@ class Gateway(Router):
         self._slices_known = False
         self._running = False
         self._retired: dict[str, Router] = {}  # left the table: stopped once idle
+        self._toggles: set[asyncio.Task[None]] = set()  # members turning KV events on or off
         self._in_flight: dict[int, int] = {}  # id(member) -> requests the gateway has on it
         self._reaper: asyncio.Task[None] | None = None
         self.reap_period_s = reap_period_s
@@ -183,6 +184,9 @@ class Gateway(Router):
             adapters=replace(cfg.adapters, slots=entry.adapter_slots)
             if entry.adapter_slots
             else cfg.adapters,
+            # the deployment's engines publish KV events only with spec.routing.kvEvents (render);
+            # the gateway's own --kv-events turns it on for every deployment (static configs)
+            kv_events=replace(cfg.kv_events, enabled=cfg.kv_events.enabled or entry.kv_events),
         )
 
     def _rebuild(self) -> None:
@@ -203,7 +207,12 @@ class Gateway(Router):
                 self._feed(key)
                 log.info("routing %s as %s", key, ", ".join(entry.names()))
             else:
-                member.cfg = self._member_config(entry)
+                cfg = self._member_config(entry)
+                if cfg.kv_events.enabled != member.cfg.kv_events.enabled and self._running:
+                    task = asyncio.get_running_loop().create_task(member.set_kv_events(cfg.kv_events.enabled))
+                    self._toggles.add(task)
+                    task.add_done_callback(self._toggles.discard)
+                member.cfg = cfg
                 member.lora.opts = member.cfg.adapters  # a changed spec.lora.maxCpuLoras: its slots
             set_adapters = getattr(member, "set_adapters", None)
             if set_adapters is not None:

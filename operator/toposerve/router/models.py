@@ -48,6 +48,7 @@ class Entry:
     adapter_slots: int = (
         0  # spec.lora's maxCpuLoras (its default: maxLoras): adapters an engine keeps; 0: no lora
     )
+    kv_events: bool = False  # spec.routing.kvEvents: the engines publish KV-cache events
 
     @property
     def key(self) -> str:
@@ -142,6 +143,7 @@ def entry_from_object(obj: Mapping[str, Any]) -> Entry | None:
         session_header=str(routing.get("sessionHeader") or "").lower(),
         created=str(meta.get("creationTimestamp") or ""),
         adapter_slots=_adapter_slots(spec.get("lora")),
+        kv_events=routing.get("kvEvents") is True,
     )
 
 

@@ -1025,6 +1025,18 @@ class Router:
             self.service.forget(url)
             self._sync_kv()
 
+    async def set_kv_events(self, enabled: bool) -> None:
+        """Turn routing on the engines' KV events on or off while running (a gateway member whose
+        deployment's spec.routing.kvEvents changed): a new index subscribes to every backend and
+        catches up by replay; turning it off closes the subscriptions and scores as before."""
+        self.cfg = replace(self.cfg, kv_events=replace(self.cfg.kv_events, enabled=enabled))
+        if enabled and self.kvindex is None and self._session is not None:
+            self.kvindex = KVIndex(self.cfg.kv_events)
+            self._sync_kv()
+        elif not enabled and self.kvindex is not None:
+            kvindex, self.kvindex = self.kvindex, None
+            await kvindex.close()
+
     def _sync_kv(self) -> None:
         """Subscribe to every backend's KV events, and only to those (once started)."""
         if self.kvindex is not None:

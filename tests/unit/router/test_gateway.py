@@ -253,3 +253,49 @@ async def test_member_routers_keep_as_many_adapters_per_engine_as_a_dedicated_ro
         gw.deployments_listed([llmd("llama", LLAMA, lora={"maxLoras": 2, "maxCpuLoras": 8})])
         member = gw.members["team-a/llama"]
         assert member.cfg.adapters.slots == member.lora.opts.slots == 8
+
+
+async def test_a_member_routes_on_kv_events_exactly_when_its_deployment_renders_them() -> None:
+    """spec.routing.kvEvents makes the engines publish (render); the gateway's member for that
+    deployment subscribes (catching up by replay) and indexes what the engine caches, a member of
+    a deployment without it does not, and a spec change turns it on or off in the running member."""
+    from toposerve.kvevents.index import key
+    from toposerve.kvevents.publisher import KVEventsConfig
+    from toposerve.router.kvindex import KVEventsOptions
+
+    pub_cfg = KVEventsConfig(
+        enable_kv_cache_events=True, endpoint="tcp://127.0.0.1:*", replay_endpoint="tcp://127.0.0.1:*"
+    )
+    srv = await MockServer(EngineConfig(model=LLAMA, time_scale=0.0, kv_events=pub_cfg)).start()
+    pub = srv.engine.kv_publisher
+    assert pub is not None and pub.replay_endpoint
+    # under discovery a backend is a pod IP: the member finds the engine's sockets on the
+    # convention ports, here the test engine's
+    opts = KVEventsOptions(
+        port=int(pub.endpoint.rsplit(":", 1)[1]), replay_port=int(pub.replay_endpoint.rsplit(":", 1)[1])
+    )
+    cfg = RouterConfig(expose_backend=True, probe_interval_s=0.05, kv_events=opts)
+    try:
+        async with gateway(cfg) as (gw, base):
+            gw.deployments_listed([llmd("llama", LLAMA, routing={"kvEvents": True}), llmd("qwen", QWEN)])
+            gw.slices_listed([engine_slice("llama-x", "llama", [srv])])
+            await until(lambda: healthy(gw, LLAMA), "llama healthy")
+            member = gw.members["team-a/llama"]
+            assert gw.members["team-a/qwen"].kvindex is None
+            client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0)
+            await client.completions.create(model=LLAMA, prompt="one two three " * 40, max_tokens=2)
+            cached = {key(h) for h in srv.engine.scheduler.blocks._cached}
+
+            def indexed() -> set[int]:
+                kv = member.kvindex
+                return kv.feeds[srv.url].index.keys() if kv is not None and srv.url in kv.feeds else set()
+
+            await until(
+                lambda: cached != set() and indexed() == cached, "the member indexes the engine's blocks"
+            )
+            gw.deployments_listed([llmd("llama", LLAMA), llmd("qwen", QWEN)])  # kvEvents removed
+            await until(lambda: gw.members["team-a/llama"].kvindex is None, "subscriptions closed")
+            gw.deployments_listed([llmd("llama", LLAMA, routing={"kvEvents": True}), llmd("qwen", QWEN)])
+            await until(lambda: indexed() == cached, "on again: caught up by replay")
+    finally:
+        await srv.stop()
