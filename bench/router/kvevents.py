@@ -301,8 +301,34 @@ def distinct_prompts(n: int, seed: int) -> Workload:
                     prompts=[(f"Request {seed}-{i}. " + words(rng, 200), 32) for i in range(n)])  # fmt: skip
 
 
+def apply_cost(n: int = 20_000) -> dict[str, float]:
+    """The index's own cost per event, in this process: decode + apply of ``n`` batches shaped like
+    the volume run's (a BlockStored of 2 hashes, then a BlockRemoved of one, per batch), so the
+    router's per-event cost can be told from its per-request cost (/tokenize, hashing)."""
+    from toposerve.kvevents import hashing, wire
+    from toposerve.kvevents.index import EngineIndex
+
+    payloads = []
+    for i in range(n):
+        stored = wire.BlockStored(block_hashes=[hashing.sha256((i, 0)), hashing.sha256((i, 1))], parent_block_hash=None,
+                                  token_ids=list(range(32)), block_size=16, lora_id=None, medium="GPU", lora_name=None)  # fmt: skip
+        gone = wire.BlockRemoved(block_hashes=[hashing.sha256((i - 100, 0))], medium="GPU")
+        payloads.append(wire.encode(wire.KVEventBatch(ts=float(i), events=[stored, gone])))
+    idx = EngineIndex()
+    t0 = time.process_time()
+    for seq, p in enumerate(payloads):
+        idx.apply(seq, p)
+    cpu = time.process_time() - t0
+    return {
+        "us_per_batch": cpu / n * 1e6,
+        "us_per_event": cpu / (2 * n) * 1e6,
+        "us_per_hash": cpu / (3 * n) * 1e6,
+    }
+
+
 async def volume(args: argparse.Namespace, procs: Procs, urls: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
+    out: dict[str, Any] = {"index_apply": apply_cost()}
+    print("index apply cost: " + json.dumps(out["index_apply"]), flush=True)
     for rnd in range(args.rounds):
         for kv in (True, False) if rnd % 2 == 0 else (False, True):
             port = 27980
