@@ -6,6 +6,8 @@ checked is the pool choice, not the autoscaler. Nothing is timed."""
 from __future__ import annotations
 
 import json
+import urllib.parse
+import urllib.request
 from typing import Any
 
 import pytest
@@ -14,8 +16,12 @@ from tests.cluster.conftest import Cluster, kubectl, wait_for
 from tests.cluster.operator_harness import Operator, apply, events, get_llmd, wait_condition
 from tests.cluster.test_autoscale import Load, ips, manifest, pool_replicas
 from tests.cluster.test_autoscale import scaling_operator as scaling_operator  # the fixture
+from toposerve.api.config import OperatorConfig
+from toposerve.autoscale import promql
+from toposerve.planner.costorder import busy_count_query, busy_sum_query, by_pool
 
 pytestmark = pytest.mark.cluster
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 def cost_rank(cluster: Cluster, namespace: str, name: str) -> dict[str, dict[str, Any]]:
@@ -73,3 +79,41 @@ def test_cost_order_grows_the_cheapest_pool_and_skips_one_over_the_ttft_slo(
     scale(cluster, namespace, name, 1)
     wait_for(lambda: pool_replicas(cluster, namespace, name) == {"l40s": 1, "l4": 0},
              "the dearer per token (l4) removed first", timeout=60)  # fmt: skip
+
+
+def test_the_busy_throughput_query_finds_the_minutes_a_pool_queued(
+    cluster: Cluster, namespace: str, scaling_operator: Operator
+) -> None:
+    """The observed figure's PromQL (planner/costorder.py) on the real Prometheus: long requests
+    fill a small KV cache so requests wait; the per-pool busy query then counts pod-minutes with
+    a positive output rate under that pool's label. (The operator switches to the observed figure
+    after MIN_BUSY_MINUTES such minutes, longer than a test should hold the cluster.)"""
+    name = "busypool"
+    m = manifest(name)
+    m["spec"]["pools"] = [{"name": "l4", "gpuTypes": ["L4"]}]
+    m["spec"]["placement"] = {"tier": "throughput"}
+    m["spec"]["autoscaling"] = {"enabled": False, "poolOrder": "cost"}
+    assert apply(cluster, namespace, m).returncode == 0
+    wait_condition(cluster, namespace, name, "Ready", "True", timeout=180)
+    sel = promql.selector(OperatorConfig().prometheus_selector, namespace, name)
+    router = wait_for(lambda: (r := ips(cluster, namespace, name)) and r[0], "a ready router")
+    with Load(f"http://{router}:8080", workers=24, prompt_tokens=2000, max_tokens=300) as load:
+
+        def busy() -> tuple[dict[str, float], dict[str, float]] | None:
+            count = by_pool(prom(cluster, busy_count_query(sel)))
+            total = by_pool(prom(cluster, busy_sum_query(sel)))
+            return (count, total) if count.get("l4", 0) >= 1 and total.get("l4", 0) > 0 else None
+
+        count, total = wait_for(busy, "a busy pod-minute of pool l4", timeout=240, every=5)
+    assert load.ok > 0, (load.ok, load.failed)
+    assert set(count) == {"l4"}, count
+    assert total["l4"] / count["l4"] > 0  # output tokens/s of one busy replica
+    print(f"busy pod-minutes {count['l4']:g}, mean output tokens/s when busy {total['l4'] / count['l4']:.1f}")
+
+
+def prom(cluster: Cluster, query: str) -> list[dict[str, Any]]:
+    url = f"{cluster.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": query})
+    with _NO_PROXY.open(url, timeout=10) as r:
+        data = json.loads(r.read().decode())
+    assert data["status"] == "success", data
+    return list(data["data"]["result"])
