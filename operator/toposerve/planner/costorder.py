@@ -25,13 +25,13 @@ the usual kubernetes_sd ``labelmap`` relabelling, and copied by the PodMonitor's
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 from toposerve.api.gpus import GPUCatalog
 from toposerve.api.spec import LLMDeploymentSpec
 from toposerve.planner import poolorder
-from toposerve.planner.plan import DeploymentPlan, PoolPlan, _pools, planned_cost
+from toposerve.planner.plan import DeploymentPlan, PoolPlan, _pools, assign_replicas
 
 POOL_LABEL = "toposerve_io_pool"
 TTFT = "vllm:time_to_first_token_seconds"
@@ -202,28 +202,5 @@ def assign_by_cost(
     pool's total."""
     current, room = current or {}, room or {}
     vs = views(plan, spec, catalog, current, room, signals, held or {}, spot_free or {})
-    replicas = spec.effective_replicas
-    standby = spec.autoscaling.standby_for(replicas) if spec.autoscaling.effective_mode == "builtin" else 0
-    tier = spec.placement.tier
-    totals = poolorder.split(replicas + standby, "cost", tier, vs)
-    order = poolorder.rank(tier, vs, "cost")
-    bounded = [
-        replace(v, max_replicas=totals.replicas[v.name], room=None, current=0, on_demand_baseline=0)
-        for v in vs
-    ]
-    serving = poolorder.fill(replicas, order, bounded)
-    specs = {s.name: s for s in _pools(spec)}
-    pools = [
-        p.model_copy(
-            update={
-                "replicas": totals.replicas[p.name],
-                "serving_replicas": serving[p.name],
-                "cost_per_hour": planned_cost(p, totals.replicas[p.name]),
-                "order": totals.place[p.name],
-                "room": room.get(p.name),
-                "max_replicas": specs[p.name].max_replicas,
-            }
-        )
-        for p in plan.pools
-    ]
-    return CostSplit(plan.model_copy(update={"pools": pools}), poolorder.cost_figures(vs), order)
+    split = assign_replicas(plan, spec, catalog, current, room, views=vs)
+    return CostSplit(split, poolorder.cost_figures(vs), poolorder.rank(spec.placement.tier, vs, "cost"))

@@ -647,29 +647,36 @@ def assign_replicas(
     catalog: GPUCatalog,
     current: Mapping[str, int] | None = None,
     room: Mapping[str, int | None] | None = None,
+    views: Sequence[poolorder.PoolView] | None = None,
 ) -> DeploymentPlan:
     """Spread spec.replicas (plus warm standby) over the pools by ``autoscaling.poolOrder``; while an
     autoscaler owns spec.replicas, within its [minReplicas, maxReplicas].
 
     ``current``: replicas each pool's workloads run now (tier order grows and shrinks from there);
-    ``room``: replicas each pool's free capacity can hold now (the controller knows; None: unbounded).
+    ``room``: replicas each pool's free capacity can hold now (the controller knows; None: unbounded);
+    ``views``: the pools as the order sees them, when the caller knows more than the plan (poolOrder
+    cost: observed figures, marginal prices; ``planner/costorder.py``); None: from the plan.
     """
     current, room = current or {}, room or {}
     specs = {s.name: s for s in _pools(spec)}
-    views = [
-        poolorder.PoolView(
-            name=p.name,
-            fits=p.fits,
-            step_ms=p.decode_step_ms,
-            generation=catalog.get(p.gpu_type).generation if p.gpu_type and p.gpu_type in catalog else 0,
-            cost_per_hour=p.cost_per_hour_per_replica,
-            weight=specs[p.name].weight,
-            max_replicas=specs[p.name].max_replicas,
-            room=room.get(p.name),
-            current=current.get(p.name, 0),
-        )
-        for p in plan.pools
-    ]
+    views = (
+        list(views)
+        if views is not None
+        else [
+            poolorder.PoolView(
+                name=p.name,
+                fits=p.fits,
+                step_ms=p.decode_step_ms,
+                generation=catalog.get(p.gpu_type).generation if p.gpu_type and p.gpu_type in catalog else 0,
+                cost_per_hour=p.cost_per_hour_per_replica,
+                weight=specs[p.name].weight,
+                max_replicas=specs[p.name].max_replicas,
+                room=room.get(p.name),
+                current=current.get(p.name, 0),
+            )
+            for p in plan.pools
+        ]
+    )
     # Warm standby (builtin autoscaling): loaded pods beyond spec.replicas, kept out of rotation by the
     # autoscaler (autoscale/standby.py); they run, and cost, like serving ones.
     replicas = spec.effective_replicas  # within the autoscaler's bounds while it owns spec.replicas
@@ -680,8 +687,11 @@ def assign_replicas(
     if how == "weight":
         serving = poolorder.split(replicas, how, tier, views).replicas
     else:  # the serving share fills the same order from scratch within each pool's total
-        bounded = [replace(v, max_replicas=totals.replicas[v.name], room=None, current=0) for v in views]
-        serving = poolorder.fill(replicas, poolorder.rank(tier, views), bounded)
+        bounded = [
+            replace(v, max_replicas=totals.replicas[v.name], room=None, current=0, on_demand_baseline=0)
+            for v in views
+        ]
+        serving = poolorder.fill(replicas, poolorder.rank(tier, views, how), bounded)
     pools = [
         p.model_copy(
             update={
