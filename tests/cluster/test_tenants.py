@@ -32,7 +32,7 @@ OLD_KEY = "sk-search-old-0123456789abcdef"
 NEW_KEY = "sk-search-new-0123456789abcdef"
 BATCH_KEY = "sk-batch-0123456789abcdef0123"
 CAPPED_KEY = "sk-capped-0123456789abcdef012"
-CAPPED_TPM = 600
+CAPPED_TPM = 3000
 
 
 def key_secret(cluster: Cluster, namespace: str, name: str, tenant: str, *keys: str) -> None:
@@ -151,12 +151,13 @@ def test_keys_rotate_under_load_and_an_over_budget_tenant_does_not_hurt_another(
     assert sum(1 for k, code in results if k == OLD_KEY and code != 200) <= 4  # one per client at most
     # the gateways log the rotation, never a key (pod logs: docs/local-cluster.md, .cluster/pods/)
     logs = [p.read_text() for p in (ROOT / ".cluster/pods").glob(f"{namespace}_{gateway_svc}-*_gateway.log")]
-    assert len(logs) == 2 and all("tenants: 2 in the policy" in text for text in logs)
+    assert len(logs) == 2 and all("tenants: 3 in the policy" in text for text in logs)
     assert not any(OLD_KEY in text or NEW_KEY in text or BATCH_KEY in text for text in logs)
 
-    # One budget across both replicas: a fixed number of requests, alternating between the two
-    # pods, admitted tokens within one budget (+ its refill over the run + one request per
-    # replica per exchange); unshared, each replica would admit a whole budget (2x).
+    # One budget across both replicas: a fixed number of requests (large prompts, 2 tokens out:
+    # each reserves ~500 tokens of 3,000 a minute, and the run is short against the minute),
+    # alternating between the two pods; the tokens admitted stay within one budget (+ its refill
+    # over the run + one request per replica); unshared, each replica would admit a whole one.
     def health(ip: str) -> dict[str, Any]:
         with urllib.request.urlopen(f"http://{ip}:8080/health", timeout=10) as r:
             doc: dict[str, Any] = json.load(r)
@@ -166,13 +167,13 @@ def test_keys_rotate_under_load_and_an_over_budget_tenant_does_not_hurt_another(
         wait_for(lambda ip=ip: health(ip).get("budgets", {}).get("mode") == "shared" or None,
                  f"gateway {ip} shares budgets with its peer")  # fmt: skip
     codes: list[int] = []
-    used, per_ip = 0, {ip: 0 for ip in ips}
+    used, per_ip, shared_refusals = 0, {ip: 0 for ip in ips}, 0
     t0 = time.monotonic()
     for i in range(40):
         ip = ips[i % 2]
         c = openai.OpenAI(base_url=f"http://{ip}:8080/v1", api_key=CAPPED_KEY, max_retries=0, timeout=30)
         try:
-            r = c.completions.create(model="small-a", prompt="x", max_tokens=50)
+            r = c.completions.create(model="small-a", prompt="word " * 400, max_tokens=2)
             assert r.usage is not None
             used += r.usage.total_tokens
             per_ip[ip] += 1
@@ -180,10 +181,13 @@ def test_keys_rotate_under_load_and_an_over_budget_tenant_does_not_hurt_another(
         except openai.RateLimitError as e:
             codes.append(429)
             assert "tokensPerMinute" in str(e)
+            shared_refusals += "across the 2 gateway replicas" in str(e)
     elapsed = time.monotonic() - t0  # only to size the refill in the bound, never asserted on
     admitted = codes.count(200)
     per_request = used / max(1, admitted)
-    bound = CAPPED_TPM * (1 + elapsed / 60) + 3 * per_request
+    bound = CAPPED_TPM * (1 + elapsed / 60) + 2 * per_request
     assert used <= bound, (used, bound, codes, per_ip)
     assert codes.count(429) >= 40 - admitted and codes.count(429) > 0
-    assert all(n > 0 for n in per_ip.values()), per_ip  # both replicas admitted some
+    # refused for the usage of both: a replica that admitted none (its peer took the budget
+    # first: usage, not a fixed split) or few still said no on the combined figure
+    assert shared_refusals > 0, (codes, per_ip)
