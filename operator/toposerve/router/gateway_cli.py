@@ -174,8 +174,14 @@ def check_peer_args(args: argparse.Namespace) -> str:
     """An error message for inconsistent budget-sharing flags, or ""."""
     if not 0 <= args.peer_port < 65536:
         return "--peer-port must be 0 (off) or a port number"
-    if args.peer_port and args.peer_port in (args.port, getattr(args, "epp_port", 0)):
-        return "--peer-port must differ from --port and --epp-port"
+    taken = (
+        args.port,
+        getattr(args, "epp_port", 0),
+        getattr(args, "epp_health_port", 0),
+        getattr(args, "metrics_port", 0),
+    )
+    if args.peer_port and args.peer_port in taken:
+        return "--peer-port must differ from --port, --epp-port, --epp-health-port and --metrics-port"
     if (args.peer_service or args.peers) and not args.peer_port:
         return "--peer-service and --peers need --peer-port"
     if args.peer_service and not args.tenants_namespace:

@@ -135,3 +135,23 @@ def test_peers_from_the_services_endpointslices() -> None:
     assert sync.shared.known == {"10.0.0.2:8082", "[fd00::4]:8082"}
     sync.slice_event("DELETED", sl)
     assert sync.shared.known == frozenset()
+
+
+def test_peer_flags() -> None:
+    import argparse
+
+    from toposerve.router import gateway_cli
+
+    p = argparse.ArgumentParser()
+    gateway_cli.add_arguments(p)
+    ok = p.parse_args(["--peer-port=8082", "--peer-service=gw", "--tenants-namespace=ns"])
+    assert gateway_cli.check_peer_args(ok) == ""
+    assert gateway_cli.check_peer_args(p.parse_args([])) == ""  # off by default
+    assert "differ" in gateway_cli.check_peer_args(p.parse_args(["--peer-port=8080"]))
+    assert "need --peer-port" in gateway_cli.check_peer_args(p.parse_args(["--peers=a:1"]))
+    assert "--tenants-namespace" in gateway_cli.check_peer_args(
+        p.parse_args(["--peer-port=8082", "--peer-service=gw", "--tenants-namespace="])
+    )
+    assert "more than 0" in gateway_cli.check_peer_args(
+        p.parse_args(["--peer-port=8082", "--peer-interval=0"])
+    )
