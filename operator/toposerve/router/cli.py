@@ -246,6 +246,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="gRPC health (liveness, readiness, the ext_proc service) on this port too (GIE's "
         "default: 9003); 0: on --epp-port only",
     )
+    e.add_argument(
+        "--epp-tls-cert",
+        default="",
+        metavar="FILE",
+        help="serve ext_proc over TLS with this PEM certificate (with --epp-tls-key; a renewed "
+        "pair is taken without a restart)",
+    )
+    e.add_argument("--epp-tls-key", default="", metavar="FILE", help="the PEM key of --epp-tls-cert")
+    e.add_argument(
+        "--epp-secure-serving",
+        action="store_true",
+        help="serve ext_proc over TLS with a self-signed certificate made at start (the reference "
+        "picker's --secure-serving; needs the `cryptography` package); default: plaintext (h2c)",
+    )
     a = p.add_argument_group("LoRA adapters (docs/router.md, 'LoRA adapters')")
     a.add_argument(
         "--adapter",
@@ -291,15 +305,36 @@ def check_epp_ports(args: argparse.Namespace) -> str:
     return ""
 
 
-async def start_epp(router: Any, args: argparse.Namespace, registry: Any = None) -> Any:
-    """The Endpoint Picker (router/epp/) on --epp-port, or None when off. grpcio is imported
-    only here: a router without the picker does not load it."""
+def epp_tls(args: argparse.Namespace, prog: str = "toposerve router") -> Any:
+    """The ext_proc port's TLS credentials from the flags (router/epp/tls.py, docs/gateway-api.md
+    "TLS"), or None (plaintext); SystemExit with the reason when they cannot be had."""
+    cert, key = getattr(args, "epp_tls_cert", ""), getattr(args, "epp_tls_key", "")
+    secure = getattr(args, "epp_secure_serving", False)
+    if not (cert or key or secure):
+        return None
+    if not args.epp_port:
+        raise SystemExit(f"{prog}: error: --epp-tls-cert/--epp-tls-key/--epp-secure-serving need --epp-port")
+    if secure and (cert or key):
+        raise SystemExit(f"{prog}: error: --epp-secure-serving or --epp-tls-cert/--epp-tls-key, not both")
+    from toposerve.router.epp import tls
+
+    try:
+        hosts = [h for h in (os.environ.get("POD_IP", ""), args.host) if h and h not in ("::", "0.0.0.0")]
+        return tls.server_credentials(cert, key, hosts if secure else None)[0]
+    except tls.TlsError as e:
+        raise SystemExit(f"{prog}: error: {e}") from None
+
+
+async def start_epp(router: Any, args: argparse.Namespace, registry: Any = None, tls: Any = None) -> Any:
+    """The Endpoint Picker (router/epp/) on --epp-port, or None when off; ``tls``: server
+    credentials (``epp_tls``), None: plaintext. grpcio is imported only here: a router without the
+    picker does not load it."""
     if not args.epp_port:
         return None
     from toposerve.router.epp.server import EndpointPicker
 
     epp = EndpointPicker(router, registry)
-    await epp.start(args.host, args.epp_port, args.epp_health_port or None)
+    await epp.start(args.host, args.epp_port, args.epp_health_port or None, tls=tls)
     return epp
 
 
@@ -398,6 +433,7 @@ def run(args: argparse.Namespace) -> int:
     epp_error = check_epp_ports(args)
     if epp_error:
         raise SystemExit(f"toposerve router: error: {epp_error}")
+    credentials = epp_tls(args)
     selector = args.selector or (engine_selector(args.llmdeployment) if args.llmdeployment else None)
     if not backends and not (selector and args.namespace):
         raise SystemExit(
@@ -414,7 +450,7 @@ def run(args: argparse.Namespace) -> int:
         metrics_runner = (
             await serve_metrics(router, args.host, args.metrics_port) if args.metrics_port else None
         )
-        epp = await start_epp(router, args)
+        epp = await start_epp(router, args, tls=credentials)
         watcher = None
         if not backends:
             from toposerve.router.discovery import SliceWatcher

@@ -29,50 +29,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "({namespace/name: [http://IP:PORT, ...]}), for benchmarks and local runs",
     )
     add_tenant_arguments(p)
-    add_epp_tls_arguments(p)
-
-
-def add_epp_tls_arguments(p: argparse.ArgumentParser) -> None:
-    """TLS on --epp-port (router/epp/tls.py, docs/gateway-api.md "TLS")."""
-    g = p.add_argument_group("Endpoint Picker TLS (docs/gateway-api.md)")
-    g.add_argument(
-        "--epp-tls-cert",
-        default="",
-        metavar="FILE",
-        help="serve ext_proc over TLS with this PEM certificate (with --epp-tls-key; a renewed "
-        "pair is taken without a restart)",
-    )
-    g.add_argument("--epp-tls-key", default="", metavar="FILE", help="the PEM key of --epp-tls-cert")
-    g.add_argument(
-        "--epp-secure-serving",
-        action="store_true",
-        help="serve ext_proc over TLS with a self-signed certificate made at start (the reference "
-        "picker's --secure-serving; needs the `cryptography` package); default: plaintext (h2c)",
-    )
-
-
-def epp_tls(args: argparse.Namespace) -> Any:
-    """The ext_proc port's TLS credentials from the flags, or None (plaintext); SystemExit with
-    the reason when they cannot be had."""
-    cert, key = getattr(args, "epp_tls_cert", ""), getattr(args, "epp_tls_key", "")
-    secure = getattr(args, "epp_secure_serving", False)
-    if not (cert or key or secure):
-        return None
-    if not args.epp_port:
-        raise SystemExit(
-            "toposerve gateway: error: --epp-tls-cert/--epp-tls-key/--epp-secure-serving need --epp-port"
-        )
-    if secure and (cert or key):
-        raise SystemExit(
-            "toposerve gateway: error: --epp-secure-serving or --epp-tls-cert/--epp-tls-key, not both"
-        )
-    from toposerve.router.epp import tls
-
-    try:
-        hosts = [h for h in (os.environ.get("POD_IP", ""), args.host) if h and h not in ("::", "0.0.0.0")]
-        return tls.server_credentials(cert, key, hosts if secure else None)[0]
-    except tls.TlsError as e:
-        raise SystemExit(f"toposerve gateway: error: {e}") from None
 
 
 def add_tenant_arguments(p: argparse.ArgumentParser) -> None:
@@ -210,14 +166,8 @@ async def start_peer_sync(gw: Any, args: argparse.Namespace, loop: Any, ws: list
 
 
 async def start_epp(gw: Any, args: argparse.Namespace, credentials: Any) -> Any:
-    """The Endpoint Picker on --epp-port (router_cli.start_epp's, with TLS when asked)."""
-    if credentials is None:
-        return await router_cli.start_epp(gw, args, gw.gw_registry)
-    from toposerve.router.epp.server import EndpointPicker
-
-    epp = EndpointPicker(gw, gw.gw_registry)
-    await epp.start(args.host, args.epp_port, args.epp_health_port or None, tls=credentials)
-    return epp
+    """The Endpoint Picker on --epp-port, with the gateway's registry (and TLS when asked)."""
+    return await router_cli.start_epp(gw, args, gw.gw_registry, credentials)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -243,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     peer_error = check_peer_args(args)
     if peer_error:
         raise SystemExit(f"toposerve gateway: error: {peer_error}")
-    credentials = epp_tls(args)
+    credentials = router_cli.epp_tls(args, "toposerve gateway")
     cfg = router_cli.config_from_args(args)
     scope = args.watch_namespace or None
     try:

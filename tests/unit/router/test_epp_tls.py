@@ -15,6 +15,7 @@ import pytest
 from tests.unit.router.epp_client import Stream, chat, health
 
 from toposerve.mockengine.server import EngineConfig, MockServer
+from toposerve.router import cli as router_cli
 from toposerve.router import gateway_cli
 from toposerve.router.endpoints import BackendSpec
 from toposerve.router.epp import tls
@@ -88,9 +89,16 @@ def test_bad_files_and_flags_are_start_up_errors(tmp_path: Path) -> None:
         tls.server_credentials(str(tmp_path / "x.crt"), "")
     p = argparse.ArgumentParser()
     gateway_cli.add_arguments(p)
-    assert gateway_cli.epp_tls(p.parse_args([])) is None  # default: plaintext
+    assert router_cli.epp_tls(p.parse_args([])) is None  # default: plaintext
     with pytest.raises(SystemExit, match="need --epp-port"):
-        gateway_cli.epp_tls(p.parse_args(["--epp-secure-serving"]))
+        router_cli.epp_tls(p.parse_args(["--epp-secure-serving"]))
     with pytest.raises(SystemExit, match="not both"):
-        gateway_cli.epp_tls(p.parse_args(["--epp-port=9002", "--epp-secure-serving", "--epp-tls-cert=a"]))
-    assert gateway_cli.epp_tls(p.parse_args(["--epp-port=9002", "--epp-secure-serving"])) is not None
+        router_cli.epp_tls(p.parse_args(["--epp-port=9002", "--epp-secure-serving", "--epp-tls-cert=a"]))
+    assert router_cli.epp_tls(p.parse_args(["--epp-port=9002", "--epp-secure-serving"])) is not None
+    # the dedicated router's picker takes the same flags (an InferencePool in dedicated mode
+    # points at the router's Service)
+    r = argparse.ArgumentParser()
+    router_cli.add_arguments(r)
+    assert router_cli.epp_tls(r.parse_args(["--epp-port=9002", "--epp-secure-serving"])) is not None
+    with pytest.raises(SystemExit, match=r"toposerve router: error: .*need --epp-port"):
+        router_cli.epp_tls(r.parse_args(["--epp-secure-serving"]))
