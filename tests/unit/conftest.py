@@ -6,10 +6,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import settings
 
 from toposerve.api.spec import LLMDeploymentSpec
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# No per-example deadline (hypothesis' default is 200 ms): a deadline is a timed assertion, and on
+# a loaded 2-core CI machine property tests that run a validator or a real parser per example went
+# past it (test_inferencepool's validator/API-server property, during a benchmark). Tests that set
+# their own settings keep them.
+settings.register_profile("toposerve", deadline=None)
+settings.load_profile("toposerve")
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
 
