@@ -164,6 +164,9 @@ class Engine:
         default_factory=deque
     )  # (t, kv, waiting, running, gen)
     gen: float = 0.0  # decode tokens generated, cumulative (vllm:generation_tokens_total)
+    # heterogeneous fleets (hetero.py): this pod's replica model and USD/h; None/0: the fleet's
+    model: EngineModel | None = None
+    price: float = 0.0
 
     def ready(self, now: float) -> bool:
         return now >= self.ready_at
@@ -218,6 +221,7 @@ class Result:
     pod_starts: int  # model loads (pods created after t=0)
     promotions: int
     timeline: dict[str, list[float]]  # per RECORD_S: pods, serving, ready_serving, kv_mean, waiting
+    usd_by_day: list[float] = field(default_factory=list)  # GPU-dollars (Engine.price), per day
 
 
 class Fleet:
@@ -303,9 +307,22 @@ class Fleet:
         self._relabel(now, serving, standby)
 
     # ---- requests -----------------------------------------------------------------------------
+    def _m(self, e: Engine) -> EngineModel:
+        return e.model or self.model
+
+    def _tick_hook(self, t0: float) -> None:
+        """Called at the start of every tick before the decision (hetero.py: spot reclaims)."""
+
+    def _start_pods(self, n: int) -> None:
+        """The serving pods at t=0, loaded (hetero.py places them in pools)."""
+        for _ in range(n):
+            self._new_engine(0.0, loaded=True)
+        self.current = n
+
     def _fits(self, e: Engine, rid: int) -> bool:
         need = self.trace.prompt[rid] + self.trace.output[rid]
-        return e.running < self.model.max_num_seqs and e.reserved + need <= self.model.kv_tokens
+        m = self._m(e)
+        return e.running < m.max_num_seqs and e.reserved + need <= m.kv_tokens
 
     def _admit(self, e: Engine, rid: int, t: float, d_at: float) -> None:
         p, o = self.trace.prompt[rid], self.trace.output[rid]
@@ -315,7 +332,7 @@ class Fleet:
         e.sum_start += d_at
         self.dstart[rid] = d_at
         start = max(t, e.pf_free)
-        pf = self._prefill(p)
+        pf = self._prefill(p) if e.model is None else e.model.timing.prefill_time(p)
         e.pf_free = start + pf
         e.debt += pf
         self.ttft[rid] = e.pf_free - self.trace.arrival[rid]
@@ -343,8 +360,7 @@ class Fleet:
             self.dropped[q.popleft()] = True
 
     def _route(self, rotation: Sequence[Engine]) -> Engine:
-        cap = self.model.kv_tokens
-        return min(rotation, key=lambda e: (len(e.waiting), e.reserved / cap))
+        return min(rotation, key=lambda e: (len(e.waiting), e.reserved / self._m(e).kv_tokens))
 
     # ---- observation --------------------------------------------------------------------------
     def observe(self, now: float) -> Observation:
@@ -389,9 +405,7 @@ class Fleet:
     def run(self) -> Result:
         tr, dt, cap = self.trace, self.dt, self.model.kv_tokens
         arrival, n = tr.arrival, len(tr)
-        for _ in range(self.policy.initial()):
-            self._new_engine(0.0, loaded=True)
-        self.current = self.policy.initial()
+        self._start_pods(self.policy.initial())
         for _ in range(self.policy.standby):
             self._new_engine(0.0, loaded=True).standby = True
         next_decide = self.policy.period
@@ -404,11 +418,13 @@ class Fleet:
         tl_n = 0
         gpu_s = 0.0
         by_day = [0.0] * (math.ceil(self.until / DAY) or 1)
+        usd_by_day = [0.0] * len(by_day)
         i = 0
         ticks = math.ceil(self.until / dt)
         for k in range(ticks):
             t0 = k * dt
             t1 = t0 + dt
+            self._tick_hook(t0)
             if t0 >= next_decide:
                 obs = self.observe(t0)
                 serving = self.policy.decide(obs, self.history)
@@ -430,7 +446,7 @@ class Fleet:
                 used = min(e.debt, dt)
                 e.debt -= used
                 if e.running:
-                    step = self.model.timing.decode_step_time(e.running, int(e.context()))
+                    step = self._m(e).timing.decode_step_time(e.running, int(e.context()))
                     rate[e.name] = (dt - used) / step
                     e.gen += e.running * rate[e.name]  # sequences finishing mid-tick: a slight over-count
                 else:
@@ -471,21 +487,28 @@ class Fleet:
             self.engines = [e for e in self.engines if not (e.draining and not e.running and not e.waiting)]
             gpu_s += len(self.engines) * dt
             by_day[min(len(by_day) - 1, int(t0 // DAY))] += len(self.engines) * dt
+            usd_by_day[min(len(by_day) - 1, int(t0 // DAY))] += (
+                sum(e.price for e in self.engines) * dt / 3600.0
+            )
             if t1 >= next_scrape:
                 next_scrape += SCRAPE_S
                 for e in self.engines:
                     if e.ready(t1):
-                        s = (t1, e.context() / cap, len(e.waiting), e.running, e.gen)
+                        s = (t1, e.context() / self._m(e).kv_tokens, len(e.waiting), e.running, e.gen)
                         e.samples.append(s)
                         while e.samples and e.samples[0][0] <= t1 - self.window:
                             e.samples.popleft()
                 serving = [e for e in self.engines if not e.draining and not e.standby and e.ready(t1)]
-                acc_kv += sum(e.context() / cap for e in serving)
+                acc_kv += sum(e.context() / self._m(e).kv_tokens for e in serving)
                 acc_wait += sum(len(e.waiting) for e in serving)
                 acc_n += 1
                 tl_acc[0] += len(self.engines)
                 tl_acc[1] += len(serving)
-                tl_acc[2] += sum(e.context() / cap for e in serving) / len(serving) if serving else 0.0
+                tl_acc[2] += (
+                    sum(e.context() / self._m(e).kv_tokens for e in serving) / len(serving)
+                    if serving
+                    else 0.0
+                )
                 tl_acc[3] += sum(len(e.waiting) for e in self.engines) + len(self.held)
                 tl_n += 1
             if t1 >= next_record:
@@ -512,4 +535,5 @@ class Fleet:
             pod_starts=self.pod_starts,
             promotions=self.promotions,
             timeline=timeline,
+            usd_by_day=usd_by_day,
         )
