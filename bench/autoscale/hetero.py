@@ -276,11 +276,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "reclaims_per_day": max(0.0, args.reclaims_per_day),
                 }
             else:
+                gpu, _, capacity = gpu.partition(":")  # "L40S:spot": the competitor on spot, no cover
                 m = fast if gpu == args.fast else cheap
                 if gpu not in (args.fast, args.cheap):
                     raise SystemExit(f"unknown GPU {gpu!r}")
                 mx = args.fast_max if gpu == args.fast else args.cheap_max + args.fast_max
-                pools = [PoolSpec.for_gpu(gpu, gpu, m)]
+                pools = [PoolSpec.for_gpu(gpu, gpu, m, spot=capacity == "spot")]
+                if capacity == "spot":
+                    kw = {"reclaims_per_day": max(0.0, args.reclaims_per_day)}
                 if name == "hpa-kv":
                     p = KVHpa(1, mx, target)
                 elif name == "request-count":
@@ -294,7 +297,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             res = fleet.run()
             s = summarize(trace, res, 2.0, start, end)
             first, last = int(start // DAY), math.ceil(end / DAY)
-            row = {"seed": args.seed, "days": args.days, "load": args.load, "policy": name, "gpu": gpu or "mixed",
+            row = {"seed": args.seed, "days": args.days, "load": args.load, "policy": name, "gpu": spec.partition("@")[2] or "mixed",
                    "label": args.label or spec, "target": target, "reclaims_per_day": kw.get("reclaims_per_day", 0.0),
                    "cover": kw.get("cover", False), "requests": s["requests"],
                    "missed": round((1 - s["slo_attainment"]) * s["requests"]), "slo_attainment": s["slo_attainment"],
@@ -316,7 +319,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         for gpu in sorted({r["gpu"] for r in rs if r["policy"] in COMPETITORS}):
             curves[gpu] = frontier([(r["gpu_dollars"], r["missed"]) for r in rs
                                     if r["policy"] in COMPETITORS and r["gpu"] == gpu])  # fmt: skip
-        both = frontier([pt for c in curves.values() for pt in c])
+        # the headline curve: the competitors on demand (a spot competitor, "GPU:spot", is reported apart)
+        both = frontier([pt for g, c in curves.items() if not g.endswith(":spot") for pt in c])
         for r in rs:
             if r["label"] != args.policy:
                 continue
