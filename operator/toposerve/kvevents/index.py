@@ -69,6 +69,9 @@ class EngineIndex:
         self.live_last = -1  # the last number seen on the live stream
         self.overflowed = 0  # blocks dropped at max_blocks
         self.events = 0  # events applied
+        # Blocks of prompts routed here whose BlockStored has not come yet: key -> until when it
+        # counts (see ``note_routed``).
+        self._pending: dict[int, float] = {}
 
     def __len__(self) -> int:
         return len(self._blocks)
@@ -86,6 +89,7 @@ class EngineIndex:
     def clear(self) -> None:
         """Forget the cache (AllBlocksCleared, or a new publisher) and the sequence."""
         self._blocks.clear()
+        self._pending.clear()
         self.applied, self.applied_digest, self.live_last = -1, b"", -1
 
     # -- events ------------------------------------------------------------------------------
@@ -98,14 +102,17 @@ class EngineIndex:
                     k = key(h)
                     blocks.pop(k, None)  # re-stored: now the newest
                     blocks[k] = None
+                    self._pending.pop(k, None)
                 while len(blocks) > self.max_blocks:
                     del blocks[next(iter(blocks))]
                     self.overflowed += 1
             elif isinstance(ev, wire.BlockRemoved):
                 for h in ev.block_hashes:
                     blocks.pop(key(h), None)
+                    self._pending.pop(key(h), None)
             elif isinstance(ev, wire.AllBlocksCleared):
                 blocks.clear()
+                self._pending.clear()
 
     def apply(self, seq: int, payload: bytes) -> None:
         """Apply one batch (raises ValueError on a payload that is not one; nothing changes then)."""
@@ -169,3 +176,36 @@ class EngineIndex:
             if k not in blocks:
                 return i
         return len(keys)
+
+    def note_routed(self, keys: Sequence[int], now: float, hold_s: float) -> None:
+        """A prompt with these blocks was just sent here: count its blocks the engine does not hold
+        yet as on their way for ``hold_s`` (until the BlockStored that prefill brings, or an
+        eviction, settles them). Events only report a prefix once its prefill is done, so without
+        this a burst of one tenant's requests would all see "cached nowhere" and be spread over
+        every engine, each prefilling the same prefix and evicting the others' (measured on
+        bench/router/grid.py's cache-pressure cells)."""
+        if hold_s <= 0:
+            return
+        until = now + hold_s
+        pending, blocks = self._pending, self._blocks
+        for k in keys:
+            if k not in blocks:
+                pending.pop(k, None)  # the newest last, so the oldest go first at the bound
+                pending[k] = until
+        if len(pending) > self.max_blocks:
+            for k in [k for k, t in pending.items() if t <= now]:
+                del pending[k]
+            while len(pending) > self.max_blocks:
+                del pending[next(iter(pending))]
+
+    def longest_routed_prefix(self, keys: Sequence[int], now: float) -> int:
+        """Leading blocks this engine caches or will have cached once the prompts routed here in
+        the last moments are prefilled (``note_routed``): what routing scores by."""
+        blocks, pending = self._blocks, self._pending
+        for i, k in enumerate(keys):
+            if k not in blocks and pending.get(k, 0.0) <= now:
+                return i
+        return len(keys)
+
+    def pending_count(self, now: float) -> int:
+        return sum(1 for t in self._pending.values() if t > now)

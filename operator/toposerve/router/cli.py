@@ -217,6 +217,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="most blocks indexed per engine (~128 bytes each)",
     )
     k.add_argument(
+        "--kv-events-pending",
+        type=float,
+        default=10.0,
+        help="seconds a prompt's blocks count as on their way to the engine it was routed to, until "
+        "the engine's events say it stored them (0: score on stored blocks only)",
+    )
+    k.add_argument(
         "--kv-events-silence",
         type=float,
         default=5.0,
@@ -383,6 +390,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
             hash_seed=args.kv_events_hash_seed,
             max_blocks=max(args.kv_events_max_blocks, 1),
             silence_s=args.kv_events_silence,
+            pending_s=args.kv_events_pending,
             tokenize_timeout_s=args.kv_tokenize_timeout,
         ),
         adapters=AdapterOptions(

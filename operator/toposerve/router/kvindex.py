@@ -53,6 +53,7 @@ class KVEventsOptions:
     hash_seed: str | None = None  # PYTHONHASHSEED when the engines set it (vLLM's NONE_HASH seed)
     max_blocks: int = DEFAULT_MAX_BLOCKS  # per engine
     silence_s: float = 5.0  # no batch this long after one was due: stale
+    pending_s: float = 10.0  # a routed prompt's blocks count as on their way for this long (0: off)
     tokenize_timeout_s: float = 0.5
     replay_timeout_s: float = 2.0
 
@@ -305,8 +306,14 @@ class KVIndex:
             if feed is None or size != block_size or feed.stale(now):
                 stale.append(url)
             else:
-                matched[url] = feed.index.longest_prefix(keys)
+                matched[url] = feed.index.longest_routed_prefix(keys, now)
         return Scored(len(keys), matched, tuple(stale))
+
+    def routed(self, url: str, keys: list[int]) -> None:
+        """A request with these engine blocks was routed to ``url`` (see ``EngineIndex.note_routed``)."""
+        feed = self.feeds.get(url)
+        if feed is not None and keys:
+            feed.index.note_routed(keys, time.monotonic(), self.opts.pending_s)
 
     def expect(self, url: str, keys: list[int]) -> None:
         """Called at a request's first token on ``url``: a batch is due when its prompt had full

@@ -1417,6 +1417,8 @@ class Router:
                 st.commit(
                     self.memory, strategy, req, d, self.cfg.routing, now, self._capacity_blocks(d.backend)
                 )
+                if kv_keys and self.kvindex is not None:
+                    self.kvindex.routed(d.backend, kv_keys)
                 self.metrics.child(self.metrics.decisions, strategy, d.reason).inc()
                 return d
             left = deadline - now

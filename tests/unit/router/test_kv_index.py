@@ -187,3 +187,57 @@ async def test_a_long_replay_is_applied_in_slices_that_let_other_tasks_run() -> 
         ctx.term()
     assert len(feed.index) == n and feed.index.applied == n - 1
     assert len(seen) == 6 and seen == sorted(seen) and len(set(seen)) == 6  # the ticker ran between slices
+
+
+def test_routed_blocks_count_until_stored_evicted_cleared_or_expired() -> None:
+    """A prompt routed to an engine counts as on its way there (``note_routed``) until the
+    engine's events settle it: stored (then it is simply cached), evicted, or cleared; or until
+    the hold runs out. ``longest_prefix`` (what events say) never counts them."""
+    idx = EngineIndex()
+    idx.apply(0, batch(stored(H[0])))
+    keys = [key(h) for h in H[:4]]
+    assert idx.longest_routed_prefix(keys, 0.0) == 1
+    idx.note_routed(keys, now=0.0, hold_s=10.0)
+    assert idx.longest_routed_prefix(keys, 5.0) == 4 and idx.longest_prefix(keys) == 1
+    assert idx.longest_routed_prefix(keys, 10.5) == 1  # the hold ran out
+    idx.note_routed(keys, now=20.0, hold_s=10.0)
+    idx.apply(1, batch(stored(H[1]), removed(H[2])))  # block 1 stored, block 2 evicted on its way
+    assert idx.longest_routed_prefix(keys, 21.0) == 2 and idx.longest_prefix(keys) == 2
+    idx.note_routed(keys, now=22.0, hold_s=10.0)
+    idx.apply(2, batch(wire.AllBlocksCleared()))
+    assert idx.longest_routed_prefix(keys, 23.0) == 0
+    idx.note_routed(keys, now=30.0, hold_s=0.0)  # off
+    assert idx.longest_routed_prefix(keys, 30.0) == 0
+
+
+@given(hs.lists(hs.integers(0, 63), min_size=1, max_size=40), hs.integers(1, 16))
+@settings(max_examples=200, deadline=None)
+def test_routed_blocks_stay_within_the_bound(ids: list[int], bound: int) -> None:
+    idx = EngineIndex(max_blocks=bound)
+    for n, i in enumerate(ids):
+        idx.note_routed([key(H[i])], now=float(n), hold_s=1000.0)
+        assert idx.pending_count(float(n)) <= bound
+
+
+def test_the_router_scores_a_prefix_routed_a_moment_ago_on_the_engine_it_went_to() -> None:
+    """KVIndex.routed + score: before any event arrives, the next request of the same prefix
+    finds it on the engine the first one went to (and only there)."""
+    import zmq.asyncio
+
+    from toposerve.router import kvindex as kvi
+
+    ctx = zmq.asyncio.Context()
+    kv = kvi.KVIndex(kvi.KVEventsOptions(enabled=True, block_size=16))
+    for url in ("http://a", "http://b"):
+        feed = kvi.EngineFeed(ctx, f"tcp://{url[7:]}:1", None, kv.opts)
+        feed.connected = feed.synced = True
+        kv.feeds[url] = feed
+    keys = [key(h) for h in H[:6]]
+    assert kv.score(keys, 16, {}, ["http://a", "http://b"]).matched == {"http://a": 0, "http://b": 0}
+    kv.routed("http://b", keys)
+    assert kv.score(keys, 16, {}, ["http://a", "http://b"]).matched == {"http://a": 0, "http://b": 6}
+    off = kvi.KVIndex(kvi.KVEventsOptions(enabled=True, block_size=16, pending_s=0))
+    off.feeds = kv.feeds
+    off.routed("http://a", keys)
+    assert off.score(keys, 16, {}, ["http://a"]).matched == {"http://a": 0}
+    ctx.term()
