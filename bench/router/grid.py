@@ -190,9 +190,11 @@ async def calibrate(procs: Procs, urls: list[str], arrivals: list[Arrival], port
     return len(done) / wall
 
 
-def policies(rvenv: Path) -> list[tuple[str, str, str]]:
+def policies(rvenv: Path, stored_only: bool = False) -> list[tuple[str, str, str]]:
     out = [("round-robin", "toposerve", "round-robin"), ("auto", "toposerve", "auto"),
            ("auto kv", "toposerve-kv", "auto")]  # fmt: skip
+    if stored_only:  # KV events without the blocks-on-their-way overlay (--kv-events-pending 0)
+        out.append(("auto kv, stored only", "toposerve-kv0", "auto"))
     for kind in ("sglang-router", "vllm-router"):
         if (rvenv / "bin" / kind).exists():
             out.append((f"{kind} cache_aware", kind, "cache_aware"))
@@ -205,7 +207,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     procs = Procs(logdir)
     rvenv = Path(args.rvenv)
     cells = [c for c in GRID if not args.cells or c.name in args.cells]
-    pols = policies(rvenv)
+    pols = policies(rvenv, args.stored_only)
     report: dict[str, Any] = {"grid": [asdict(c) for c in cells], "policies": [p[0] for p in pols],
                               "argv": sys.argv[1:], "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                               "runs": {}, "pace": {}}  # fmt: skip
@@ -232,7 +234,9 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 for name, kind, strategy in pols[k:] + pols[:k]:
                     port = 28100 + (port - 28100 + 2) % 400
                     if kind.startswith("toposerve"):
-                        argv = toposerve_argv(strategy, kind == "toposerve-kv", port)
+                        argv = toposerve_argv(strategy, kind.startswith("toposerve-kv"), port)
+                        if kind == "toposerve-kv0":
+                            argv += ["--kv-events-pending", "0"]
                     else:
                         argv = router_argv(Policy(name, kind, strategy), engines, port, rvenv)
                     proc = procs.start(f"g-{port}", argv)
@@ -291,6 +295,9 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--cells", type=lambda s: set(s.split(",")), default=set())
     ap.add_argument("--deadline", type=float, default=90.0, help="max seconds per cell and policy")
+    ap.add_argument(
+        "--stored-only", action="store_true", help="also auto on KV events with --kv-events-pending 0"
+    )
     args = ap.parse_args()
     report = asyncio.run(main_async(args))
     out = Path(args.out)
