@@ -258,6 +258,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cheap = engine(args.cheap, startup, 0.25)
     for spec in args.policies.split(","):
         name, _, gpu = spec.partition("@")
+        gpu, _, capacity = gpu.partition(":")  # "L40S:spot": the competitor on spot, no cover
         for target in [float(x) for x in args.targets.split(",")]:
             kw: dict[str, Any] = {}
             if name == "toposerve-hetero":
@@ -276,7 +277,6 @@ def cmd_run(args: argparse.Namespace) -> int:
                     "reclaims_per_day": max(0.0, args.reclaims_per_day),
                 }
             else:
-                gpu, _, capacity = gpu.partition(":")  # "L40S:spot": the competitor on spot, no cover
                 m = fast if gpu == args.fast else cheap
                 if gpu not in (args.fast, args.cheap):
                     raise SystemExit(f"unknown GPU {gpu!r}")
