@@ -37,3 +37,12 @@ keda-bin:
 ## cluster and KEDA (hack/keda/up.sh, from the test's fixture) and runs the `keda` tests.
 test-keda: venv cluster-deps keda-bin
 	@$(CLUSTER_ENV) PYTEST_MARK=keda bash $(CLUSTER_SCRIPTS)/test.sh
+
+## hpa mode end to end with the real prometheus-adapter (tests/cluster/test_hpa_adapter.py): builds
+## it from the Go module (hack/prometheus-adapter/build.sh), starts the cluster and the adapter
+## (hack/prometheus-adapter/up.sh, from the test's fixture, which stops it again) and runs the
+## `hpa_adapter` tests.
+.PHONY: test-hpa
+test-hpa: venv cluster-deps
+	@bash hack/prometheus-adapter/build.sh
+	@$(CLUSTER_ENV) PYTEST_MARK=hpa_adapter bash $(CLUSTER_SCRIPTS)/test.sh
