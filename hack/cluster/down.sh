@@ -10,6 +10,7 @@ stop_pidfile "$STATE/lws.pid" 10
 # KEDA (hack/keda/up.sh), when it was started.
 stop_pidfile "$STATE/keda/adapter.pid" 10
 stop_pidfile "$STATE/keda/operator.pid" 10
+stop_pidfile "$STATE/prometheus-adapter/adapter.pid" 10
 # The runner stops its pods' processes and removes their addresses on SIGTERM.
 stop_pidfile "$STATE/podrunner.pid" 30
 if [[ -x "$CLUSTER_BIN/kwokctl" && -d "$KWOK_WORKDIR/clusters/$CLUSTER_NAME" ]]; then
