@@ -114,7 +114,10 @@ def test_adapters_behind_the_gateway_added_removed_under_load_and_reloaded_after
     assert (
         getattr(cards["sql"], "parent", None) == "base-a" and getattr(cards["base-b"], "parent", None) is None
     )
-    engines = ready_ips(cluster, namespace, "lora-engine")
+    # the EndpointSlice controller marks the pods ready a moment after the pods (and so the Ready
+    # condition) are: wait for the slice rather than read it once (a full-suite run saw 1 of 2)
+    engines = wait_for(lambda: (x := ready_ips(cluster, namespace, "lora-engine")) and len(x) == 2 and x,
+                       "both lora engines ready in the EndpointSlice")  # fmt: skip
     assert len(engines) == 2
     for model in ("sql", "support", "legal", "base-a", "base-b"):
         raw = client.chat.completions.with_raw_response.create(
