@@ -21,6 +21,7 @@ import pytest
 from tests.cluster.conftest import Cluster, kubectl, wait_for
 from tests.cluster.operator_harness import Operator, apply, get_llmd, wait_condition
 from tests.cluster.test_autoscale import Load, ips, manifest, scale_writers, scaling_operator, served
+from tests.cluster.test_keda import workload_replicas
 
 pytestmark = [pytest.mark.cluster, pytest.mark.hpa_adapter]
 ROOT = Path(__file__).resolve().parents[2]
@@ -66,12 +67,6 @@ def hpa_events(cluster: Cluster, namespace: str, name: str) -> list[dict[str, An
     out = kubectl(cluster, "get", "events", "-n", namespace, "-o", "json", "--field-selector",
                   f"involvedObject.kind=HorizontalPodAutoscaler,involvedObject.name={name}")  # fmt: skip
     return list(json.loads(out.stdout)["items"])
-
-
-def workload_replicas(cluster: Cluster, namespace: str, name: str) -> int:
-    out = kubectl(cluster, "get", "deployments", "-n", namespace, "-l",
-                  f"toposerve.io/deployment={name},app.kubernetes.io/component!=router", "-o", "json")  # fmt: skip
-    return sum(d["spec"]["replicas"] for d in json.loads(out.stdout)["items"])
 
 
 def test_hpa_scales_on_kv_cache_through_prometheus_adapter(
